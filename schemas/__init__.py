@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The wire contract: messages, codec, topic names and the error tree."""
+
+from schemas.codec import WIRE_VERSION, decode, encode, peek_type
+from schemas.errors import (
+    BrokerError,
+    ConfigError,
+    DecodeError,
+    KernelError,
+    ParkpoolError,
+    PolicyError,
+    Reject,
+    Retry,
+    ValidationError,
+)
+from schemas.messages import (
+    Assignment,
+    AttemptRecord,
+    Capabilities,
+    DeadLetter,
+    GatewayState,
+    GatewayStatus,
+    Nack,
+    NackReason,
+    Priority,
+    PullRequest,
+    Result,
+    TaskChunk,
+    VehicleState,
+    VehicleStatus,
+)
+from schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "WIRE_VERSION",
+    "Assignment",
+    "AttemptRecord",
+    "BrokerError",
+    "Capabilities",
+    "ConfigError",
+    "DeadLetter",
+    "DecodeError",
+    "GatewayState",
+    "GatewayStatus",
+    "KafkaTopics",
+    "KernelError",
+    "MqttTopics",
+    "Nack",
+    "NackReason",
+    "ParkpoolError",
+    "PolicyError",
+    "Priority",
+    "PullRequest",
+    "Reject",
+    "Result",
+    "Retry",
+    "TaskChunk",
+    "ValidationError",
+    "VehicleState",
+    "VehicleStatus",
+    "decode",
+    "encode",
+    "peek_type",
+]

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The msgpack codec for every parkpool message.
+
+Envelope: a msgpack map ``{"v": WIRE_VERSION, "type": <tag>, ...fields}``.
+
+NumPy arrays travel as msgpack ext type ``ARRAY_EXT`` whose payload is::
+
+    u8  header length H (multiple of 16, so the data is aligned for any dtype)
+    u8  ndim
+    u8  len(dtype string)
+    ... dtype string (numpy ``dtype.str``, e.g. "<f4"), shape as ndim little-endian u64
+    ... zero padding up to H
+    raw C-order bytes
+
+Decoding makes the array with ``np.frombuffer`` over the ext payload: no copy beyond the
+one msgpack itself makes when it slices the payload out of the message. Decoded arrays
+are read-only views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+
+from schemas.errors import DecodeError, ValidationError
+from schemas.messages import MESSAGE_TYPES, NESTED_TYPES
+
+WIRE_VERSION = 1
+ARRAY_EXT = 1
+MAX_NDIM = 8
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Only plain numeric dtypes: object, string and structured dtypes could smuggle pickles or
+# make a reader interpret bytes in surprising ways.
+ALLOWED_DTYPES = frozenset(
+    np.dtype(name).newbyteorder(order).str
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+    for order in ("<", ">")
+)  # fmt: skip
+
+M = TypeVar("M")
+_BY_TAG: Mapping[str, type] = {cls.TYPE: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]
+_HEADER = struct.Struct("<BBB")
+
+
+def encode(message: object) -> bytes:
+    """Encode one message dataclass to bytes."""
+    tag = getattr(type(message), "TYPE", None)
+    if tag not in _BY_TAG:
+        raise TypeError(f"{type(message).__name__} is not a parkpool message")
+    body = {"v": WIRE_VERSION, "type": tag, **_fields_of(message)}
+    return msgpack.packb(body, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(data: bytes | bytearray | memoryview, expect: type[M]) -> M:
+    """Decode bytes into a message of type ``expect``; any defect raises DecodeError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("wrong_type", f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise DecodeError("too_large", f"{len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    body = _unpack(data)
+    if not isinstance(body, dict):
+        raise DecodeError("not_a_map", f"message is a msgpack {type(body).__name__}, not a map")
+    version = body.pop("v", None)
+    if version != WIRE_VERSION:
+        raise DecodeError("unknown_version", f"wire version {version!r}; this build reads 1")
+    tag = body.pop("type", None)
+    expected_tag = getattr(expect, "TYPE", None)
+    if tag != expected_tag:
+        raise DecodeError("wrong_message_type", f"got {tag!r}, expected {expected_tag!r}")
+    return _build(expect, body)
+
+
+def peek_type(data: bytes) -> str | None:
+    """The type tag of an encoded message, or None when it is not one."""
+    try:
+        body = _unpack(data)
+    except DecodeError:
+        return None
+    tag = body.get("type") if isinstance(body, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def _unpack(data: bytes | bytearray | memoryview) -> Any:
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        # msgpack raises ValueError subclasses (ExtraData, FormatError, StackError, truncated
+        # input) and UnicodeDecodeError; all mean the bytes are not a message.
+        detail = str(exc) or "not valid msgpack"
+        raise DecodeError("malformed", f"{type(exc).__name__}: {detail}") from None
+
+
+def _fields_of(message: object) -> dict[str, Any]:
+    return {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}  # type: ignore[arg-type]
+
+
+def _default(obj: object) -> Any:
+    if isinstance(obj, np.ndarray):
+        return _pack_array(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _fields_of(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _pack_array(array: np.ndarray) -> msgpack.ExtType:
+    if array.dtype.str not in ALLOWED_DTYPES:
+        raise TypeError(f"dtype {array.dtype} cannot travel; use a plain numeric dtype")
+    if array.ndim > MAX_NDIM:
+        raise TypeError(f"arrays of more than {MAX_NDIM} dimensions cannot travel")
+    dtype = array.dtype.str.encode()
+    head = _HEADER.pack(0, array.ndim, len(dtype)) + dtype + struct.pack(
+        f"<{array.ndim}Q", *array.shape
+    )
+    size = -(-len(head) // 16) * 16
+    head = bytes([size]) + head[1:] + bytes(size - len(head))
+    return msgpack.ExtType(ARRAY_EXT, head + np.ascontiguousarray(array).tobytes())
+
+
+def _ext_hook(code: int, payload: bytes) -> np.ndarray:
+    if code != ARRAY_EXT:
+        raise DecodeError("unknown_ext", f"msgpack ext type {code} is not part of the contract")
+    if len(payload) < _HEADER.size:
+        raise DecodeError("bad_array", "array header is truncated")
+    size, ndim, dtype_len = _HEADER.unpack_from(payload)
+    shape_at = _HEADER.size + dtype_len
+    if ndim > MAX_NDIM or size % 16 or size < shape_at + 8 * ndim or size > len(payload):
+        raise DecodeError("bad_array", "array header is inconsistent")
+    dtype_str = payload[_HEADER.size : shape_at].decode("ascii", "replace")
+    if dtype_str not in ALLOWED_DTYPES:
+        raise DecodeError("bad_array", f"dtype {dtype_str!r} is not allowed")
+    dtype = np.dtype(dtype_str)
+    shape = struct.unpack_from(f"<{ndim}Q", payload, shape_at)
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != len(payload) - size:
+        raise DecodeError(
+            "bad_array", f"shape {shape} of {dtype_str} needs {count * dtype.itemsize} bytes, "
+            f"message has {len(payload) - size}"
+        )  # fmt: skip
+    return np.frombuffer(payload, dtype=dtype, count=count, offset=size).reshape(shape)
+
+
+def _build(cls: type[M], body: dict[str, Any]) -> M:
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in body:
+            kwargs[f.name] = _nested(f.name, hints[f.name], body[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValidationError("missing_field", f"{cls.__name__} needs field {f.name!r}")
+    # Unknown fields are ignored on purpose: a newer minor writer may add optional fields.
+    try:
+        return cls(**kwargs)
+    except ValidationError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("bad_value", f"{cls.__name__}: {exc}") from None
+
+
+def _nested(name: str, hint: object, value: Any) -> Any:
+    record = NESTED_TYPES.get(name)
+    if record is None:
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise ValidationError("wrong_type", f"{name} must be a list")
+        return tuple(_record(record, name, item) for item in value)
+    return _record(record, name, value)
+
+
+def _record(record: type, name: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValidationError("wrong_type", f"{name} must be a map")
+    return _build(record, value)

@@ -1,0 +1,372 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The wire messages: frozen dataclasses that validate on construction.
+
+A message that exists is a valid message. Decoding bytes from Kafka or MQTT goes
+through the same constructors (see ``schemas.codec``), so hostile input is refused by
+exactly the checks that protect locally built messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from schemas.errors import ValidationError
+from schemas.validate import (
+    require_arrays,
+    require_bool,
+    require_bytes,
+    require_float,
+    require_int,
+    require_name,
+    require_params,
+    require_str,
+)
+
+MAX_CHUNKS = 1_000_000
+MAX_CREDITS = 1024
+MAX_ATTEMPTS_RECORDED = 64
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's own topic-name rule
+
+
+def _vehicle(name: str, value: object) -> str:
+    # Vehicle and gateway ids become MQTT topic levels: no '/', '+', '#' or spaces.
+    return require_str(name, value, pattern=_ID)
+
+
+def _frozen_map(obj: object, name: str, value: Mapping[str, Any]) -> None:
+    # A frozen dataclass holding a dict could still be mutated through the dict.
+    object.__setattr__(obj, name, MappingProxyType(dict(value)))
+
+
+class Priority(enum.StrEnum):
+    HIGH = "high"
+    BATCH = "batch"
+
+
+class NackReason(enum.StrEnum):
+    """Why a vehicle handed a task back. The table below decides what happens next."""
+
+    RELEASED = "released"  # the worker is stopping or was preempted by its owner
+    KERNEL_ERROR = "kernel_error"  # the kernel raised: maybe this task, maybe this car
+    INVALID_TASK = "invalid_task"  # the task can never run (bad params, unknown kernel)
+    EXPIRED = "expired"  # the lease deadline passed before the task could start
+    BUSY = "busy"  # the vehicle got more than it asked for
+
+    @property
+    def terminal(self) -> bool:
+        """True when retrying elsewhere cannot help: dead-letter at once."""
+        return self is NackReason.INVALID_TASK
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """True when the attempt counts towards the task's maximum attempts."""
+        return self in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK)
+
+
+class VehicleState(enum.StrEnum):
+    ONLINE = "online"  # connected and willing to take work
+    SUSPENDED = "suspended"  # connected, but a policy (owner, battery, heat) forbids work
+    DRAINING = "draining"  # finishing what it holds, taking nothing new
+    OFFLINE = "offline"  # gone: sent as the MQTT last will or on clean shutdown
+
+
+class GatewayState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class TaskChunk:
+    """One chunk of a job, as produced to the tasks topic (keyed by job id)."""
+
+    TYPE: ClassVar[str] = "task"
+    job_id: str
+    chunk_id: int
+    n_chunks: int
+    kernel: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, np.ndarray]
+    reply_topic: str
+    deadline: float  # unix seconds; after it the result is of no use to the caller
+    created_at: float
+    attempt: int = 0  # 0 on first submit; a DLQ replay starts again at 0
+    priority: Priority = Priority.BATCH
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_int("n_chunks", self.n_chunks, 1, MAX_CHUNKS)
+        require_int("chunk_id", self.chunk_id, 0, self.n_chunks - 1)
+        require_name("kernel", self.kernel)
+        _frozen_map(self, "params", require_params("params", self.params))
+        _frozen_map(self, "inputs", require_arrays("inputs", self.inputs))
+        require_str("reply_topic", self.reply_topic, pattern=_TOPIC)
+        require_float("deadline", self.deadline)
+        require_float("created_at", self.created_at)
+        require_int("attempt", self.attempt, 0, 1_000_000)
+        object.__setattr__(self, "priority", Priority(self.priority))
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.chunk_id)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A leased task on its way from a gateway to one vehicle over MQTT.
+
+    ``task`` is the encoded TaskChunk exactly as it was read from Kafka, so the gateway
+    never re-encodes input arrays.
+    """
+
+    TYPE: ClassVar[str] = "assignment"
+    gateway_id: str
+    vehicle_id: str
+    epoch: int  # unique per lease; results must quote it (fencing)
+    dispatch_seq: int  # per (gateway, vehicle) counter, for credit accounting
+    attempt: int
+    lease_deadline: float
+    task: bytes
+
+    def __post_init__(self) -> None:
+        _vehicle("gateway_id", self.gateway_id)
+        _vehicle("vehicle_id", self.vehicle_id)
+        require_int("epoch", self.epoch, 1)
+        require_int("dispatch_seq", self.dispatch_seq, 1)
+        require_int("attempt", self.attempt, 1, 1_000_000)
+        require_float("lease_deadline", self.lease_deadline)
+        require_bytes("task", self.task)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished chunk: from the vehicle to its gateway, then to the reply topic."""
+
+    TYPE: ClassVar[str] = "result"
+    job_id: str
+    chunk_id: int
+    n_chunks: int
+    vehicle_id: str
+    gateway_id: str
+    epoch: int
+    attempt: int
+    outputs: Mapping[str, np.ndarray]
+    exec_seconds: float
+    finished_at: float
+    task_created_at: float  # copied from the task, so callers can measure end-to-end latency
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_int("n_chunks", self.n_chunks, 1, MAX_CHUNKS)
+        require_int("chunk_id", self.chunk_id, 0, self.n_chunks - 1)
+        _vehicle("vehicle_id", self.vehicle_id)
+        _vehicle("gateway_id", self.gateway_id)
+        require_int("epoch", self.epoch, 1)
+        require_int("attempt", self.attempt, 1, 1_000_000)
+        _frozen_map(self, "outputs", require_arrays("outputs", self.outputs))
+        require_float("exec_seconds", self.exec_seconds)
+        require_float("finished_at", self.finished_at)
+        require_float("task_created_at", self.task_created_at)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.chunk_id)
+
+
+@dataclass(frozen=True)
+class Nack:
+    """A vehicle hands a leased task back, with the reason."""
+
+    TYPE: ClassVar[str] = "nack"
+    job_id: str
+    chunk_id: int
+    vehicle_id: str
+    gateway_id: str
+    epoch: int
+    reason: NackReason
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_int("chunk_id", self.chunk_id, 0, MAX_CHUNKS - 1)
+        _vehicle("vehicle_id", self.vehicle_id)
+        _vehicle("gateway_id", self.gateway_id)
+        require_int("epoch", self.epoch, 1)
+        object.__setattr__(self, "reason", _enum(NackReason, "reason", self.reason))
+        require_str("detail", self.detail)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a vehicle can run; sent with every pull so a gateway needs no registry."""
+
+    backend: str
+    kernels: tuple[str, ...]
+    device_memory_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        require_name("backend", self.backend)
+        if not isinstance(self.kernels, list | tuple) or len(self.kernels) > 256:
+            raise _wrong("kernels must be a list of at most 256 names")
+        object.__setattr__(self, "kernels", tuple(require_name("kernel", k) for k in self.kernels))
+        require_int("device_memory_bytes", self.device_memory_bytes, 0)
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """A vehicle asks for work: it can take ``credits`` more tasks *right now*.
+
+    Credits are absolute, not additive, so a duplicated pull grants nothing extra.
+    ``seen`` maps each gateway id to the last dispatch_seq the vehicle has received from
+    it; the gateway subtracts what it sent after that (still in transit) from the credits.
+    """
+
+    TYPE: ClassVar[str] = "pull"
+    vehicle_id: str
+    credits: int
+    capabilities: Capabilities
+    seen: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _vehicle("vehicle_id", self.vehicle_id)
+        require_int("credits", self.credits, 0, MAX_CREDITS)
+        if not isinstance(self.capabilities, Capabilities):
+            raise _wrong("capabilities must be a Capabilities record")
+        if not isinstance(self.seen, Mapping) or len(self.seen) > 64:
+            raise _wrong("seen must be a map of at most 64 gateway ids")
+        for gateway_id, seq in self.seen.items():
+            _vehicle("seen gateway id", gateway_id)
+            require_int("seen dispatch_seq", seq, 0)
+        _frozen_map(self, "seen", self.seen)
+
+
+@dataclass(frozen=True)
+class VehicleStatus:
+    """Heartbeat and state change of a vehicle; also its MQTT last will (OFFLINE)."""
+
+    TYPE: ClassVar[str] = "vehicle_status"
+    vehicle_id: str
+    state: VehicleState
+    sent_at: float
+    reason: str = ""
+    held: int = 0  # tasks the vehicle holds right now
+
+    def __post_init__(self) -> None:
+        _vehicle("vehicle_id", self.vehicle_id)
+        object.__setattr__(self, "state", _enum(VehicleState, "state", self.state))
+        require_float("sent_at", self.sent_at)
+        require_str("reason", self.reason)
+        require_int("held", self.held, 0, MAX_CREDITS)
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """Retained announcement of a gateway; a vehicle re-pulls when one comes online."""
+
+    TYPE: ClassVar[str] = "gateway_status"
+    gateway_id: str
+    state: GatewayState
+    sent_at: float
+
+    def __post_init__(self) -> None:
+        _vehicle("gateway_id", self.gateway_id)
+        object.__setattr__(self, "state", _enum(GatewayState, "state", self.state))
+        require_float("sent_at", self.sent_at)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One failed or abandoned attempt of a task, kept for the dead-letter record."""
+
+    vehicle_id: str
+    reason: str
+    at: float
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        require_str("vehicle_id", self.vehicle_id)
+        require_name("reason", self.reason)
+        require_float("at", self.at)
+        require_str("detail", self.detail)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record that could not be completed, with everything needed to replay it.
+
+    ``original`` holds the record's bytes exactly as read, even when they did not decode.
+    """
+
+    TYPE: ClassVar[str] = "dead_letter"
+    reason: str
+    detail: str
+    source_topic: str
+    partition: int
+    offset: int
+    original: bytes
+    dead_at: float
+    gateway_id: str
+    job_id: str = ""
+    chunk_id: int = -1
+    attempts: tuple[AttemptRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        require_name("reason", self.reason)
+        require_str("detail", self.detail)
+        require_str("source_topic", self.source_topic, pattern=_TOPIC)
+        require_int("partition", self.partition, 0, 1_000_000)
+        require_int("offset", self.offset, 0)
+        require_bytes("original", self.original)
+        require_float("dead_at", self.dead_at)
+        _vehicle("gateway_id", self.gateway_id)
+        require_str("job_id", self.job_id)
+        require_int("chunk_id", self.chunk_id, -1, MAX_CHUNKS - 1)
+        if not isinstance(self.attempts, list | tuple):
+            raise _wrong("attempts must be a list")
+        if len(self.attempts) > MAX_ATTEMPTS_RECORDED:
+            raise _wrong(f"attempts holds more than {MAX_ATTEMPTS_RECORDED} records")
+        if not all(isinstance(a, AttemptRecord) for a in self.attempts):
+            raise _wrong("attempts must hold AttemptRecord records")
+        object.__setattr__(self, "attempts", tuple(self.attempts))
+
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    TaskChunk,
+    Assignment,
+    Result,
+    Nack,
+    PullRequest,
+    VehicleStatus,
+    GatewayStatus,
+    DeadLetter,
+)
+# Records nested inside messages; they travel as maps without a type tag.
+NESTED_TYPES: Mapping[str, type] = MappingProxyType(
+    {"capabilities": Capabilities, "attempts": AttemptRecord}
+)
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _enum(kind: type[E], name: str, value: object) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise _bad(f"{name} {value!r} is not one of: {allowed}") from None
+
+
+def _wrong(detail: str) -> ValidationError:
+    return ValidationError("wrong_type", detail)
+
+
+def _bad(detail: str) -> ValidationError:
+    return ValidationError("bad_value", detail)

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every Kafka topic name and MQTT topic pattern parkpool uses.
+
+A *namespace* separates deployments (and tests) sharing one broker pair: Kafka topics
+are ``<namespace>.<name>``, MQTT topics start with ``<namespace>/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "parkpool"
+_NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_namespace(namespace: str) -> str:
+    if not _NAMESPACE_RE.match(namespace):
+        raise ValueError(f"namespace {namespace!r} must match {_NAMESPACE_RE.pattern}")
+    return namespace
+
+
+def check_id(kind: str, value: str) -> str:
+    """Vehicle and gateway ids become MQTT topic levels, so no '/', '+', '#' or spaces."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ValueError(f"{kind} {value!r} must match {_ID_RE.pattern}")
+    return value
+
+
+@dataclass(frozen=True)
+class KafkaTopics:
+    """Names of the Kafka topics of one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+
+    @property
+    def tasks(self) -> str:
+        """Task chunks, keyed by job id; produced by the SDK, consumed by gateways."""
+        return f"{self.namespace}.tasks"
+
+    @property
+    def results(self) -> str:
+        """Default reply topic: results keyed by job id; produced by gateways."""
+        return f"{self.namespace}.results"
+
+    @property
+    def dead_letter(self) -> str:
+        """Tasks and records that could not be completed, with reason and history."""
+        return f"{self.namespace}.deadletter"
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.tasks, self.results, self.dead_letter)
+
+
+@dataclass(frozen=True)
+class MqttTopics:
+    """MQTT topics of one namespace.
+
+    Vehicle-scoped topics put the vehicle id at a fixed level so that broker ACLs can pin
+    each vehicle to its own topics (``%c``/``%u`` pattern substitution).
+    """
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+
+    # vehicle -> gateway
+    def pull(self, vehicle_id: str) -> str:
+        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/pull"
+
+    def status(self, vehicle_id: str) -> str:
+        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/status"
+
+    def result(self, vehicle_id: str) -> str:
+        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/result"
+
+    def nack(self, vehicle_id: str) -> str:
+        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/nack"
+
+    # gateway -> vehicle
+    def task(self, vehicle_id: str) -> str:
+        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/task"
+
+    def gateway_status(self, gateway_id: str) -> str:
+        """Retained online/offline announcement; a vehicle re-pulls when a gateway appears."""
+        return f"{self.namespace}/gw/{check_id('gateway id', gateway_id)}/status"
+
+    # subscriptions (wildcards)
+    @property
+    def all_pulls(self) -> str:
+        return f"{self.namespace}/v/+/pull"
+
+    @property
+    def all_statuses(self) -> str:
+        return f"{self.namespace}/v/+/status"
+
+    @property
+    def all_results(self) -> str:
+        return f"{self.namespace}/v/+/result"
+
+    @property
+    def all_nacks(self) -> str:
+        return f"{self.namespace}/v/+/nack"
+
+    @property
+    def all_gateway_statuses(self) -> str:
+        return f"{self.namespace}/gw/+/status"
+
+    def vehicle_of(self, topic: str) -> str | None:
+        """The vehicle id in a vehicle-scoped topic, or None if the topic is not one."""
+        parts = topic.split("/")
+        if len(parts) == 4 and parts[0] == self.namespace and parts[1] == "v":
+            return parts[2] if _ID_RE.match(parts[2]) else None
+        return None
+
+    def kind_of(self, topic: str) -> str | None:
+        """The last level (pull, status, result, nack, task) of a vehicle-scoped topic."""
+        return topic.rsplit("/", 1)[-1] if self.vehicle_of(topic) else None
