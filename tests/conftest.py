@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: one pair of real brokers per session, one namespace per test.
+
+The brokers are real (Tansu and Mosquitto on free loopback ports). If they cannot
+start, every test that needs them fails: a missing broker must never pass as a skip.
+Each test gets its own namespace, so its Kafka topics and MQTT topics are its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from broker_config.launcher import EmbeddedBrokers
+from broker_config.topics import TopicSpec, bootstrap, load_specs
+from gateway.gateway import Gateway, GatewaySettings
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient, ProducerSettings
+from schemas.topics import KafkaTopics, MqttTopics
+from worker.fleet import Fleet
+from worker.worker import WorkerSettings
+
+# Fewer partitions than production: creating them is cheap either way, but tests
+# that read a whole topic finish sooner with fewer partitions to drain.
+_TEST_PARTITIONS = {"tasks": 3, "results": 3, "dead_letter": 1}
+TEST_TOPIC_SPECS: tuple[TopicSpec, ...] = tuple(
+    spec.with_partitions(_TEST_PARTITIONS[spec.name]) for spec in load_specs()
+)
+
+
+# --- brokers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrokers]:
+    """Tansu and Mosquitto for the whole session; logs stay in pytest's tmp dir."""
+    with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("brokers")) as running:
+        yield running
+
+
+# --- namespaces and topics -----------------------------------------------------------
+
+
+@pytest.fixture
+def namespace(brokers: EmbeddedBrokers) -> str:
+    """A namespace no other test uses, with its Kafka topics already created."""
+    name = "t" + uuid.uuid4().hex[:12]
+    bootstrap(brokers.kafka_bootstrap, name, specs=TEST_TOPIC_SPECS)
+    return name
+
+
+@pytest.fixture
+def kafka_topics(namespace: str) -> KafkaTopics:
+    return KafkaTopics(namespace)
+
+
+@pytest.fixture
+def mqtt_topics(namespace: str) -> MqttTopics:
+    return MqttTopics(namespace)
+
+
+# --- connections ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def kafka_conn(brokers: EmbeddedBrokers) -> KafkaConnection:
+    return KafkaConnection(brokers.kafka_bootstrap)
+
+
+@pytest.fixture
+def mqtt_conn(brokers: EmbeddedBrokers) -> MqttConnection:
+    return MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+
+
+# --- roles -----------------------------------------------------------------------------
+
+# A short session timeout: a new group member waits about half of it to join on Tansu
+# (see FIELD_NOTES), and tests start and kill gateways often.
+TEST_SESSION_TIMEOUT_MS = 3000
+
+
+class RunningGateway:
+    """A gateway on a thread of the test process; any crash of its loop fails the test."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.gateway = Gateway(settings)
+        self.error: BaseException | None = None
+        self.gateway.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.gateway.run()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.gateway.metrics.value(name, **labels)
+
+    def stop(self) -> None:
+        self.gateway.stopping.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "gateway did not stop within 30 s"
+        assert self.error is None, f"gateway loop crashed: {self.error!r}"
+
+
+@pytest.fixture
+def gateway_factory(
+    namespace: str, kafka_conn: KafkaConnection, mqtt_conn: MqttConnection
+) -> Iterator[Callable[..., RunningGateway]]:
+    running: list[RunningGateway] = []
+
+    def make(gateway_id: str = "gw1", **overrides: Any) -> RunningGateway:
+        overrides.setdefault("session_timeout_ms", TEST_SESSION_TIMEOUT_MS)
+        settings = GatewaySettings(gateway_id, kafka_conn, mqtt_conn, namespace, **overrides)
+        gateway = RunningGateway(settings)
+        running.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in running:
+        gateway.stop()
+
+
+@pytest.fixture
+def fleet_factory(namespace: str, mqtt_conn: MqttConnection) -> Iterator[Callable[..., Fleet]]:
+    fleets: list[Fleet] = []
+
+    def make(count: int, prefix: str = "car", **overrides: Any) -> Fleet:
+        overrides.setdefault("heartbeat_s", 1.0)
+        template = WorkerSettings("template", mqtt_conn, namespace, backend="numpy", **overrides)
+        fleet = Fleet(template, prefix=prefix)
+        fleet.add(count)
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        fleet.stop_all()
+
+
+@pytest.fixture
+def client(namespace: str, kafka_conn: KafkaConnection) -> Iterator[ParkpoolClient]:
+    with ParkpoolClient(ProducerSettings(kafka_conn, namespace)) as sdk:
+        yield sdk

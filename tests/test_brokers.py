@@ -1,0 +1,370 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The embedded brokers and topic bootstrap, exercised against the real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker_config.launcher import EmbeddedBrokers
+from broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
+from broker_config.topics import bootstrap, load_specs
+from schemas.errors import BrokerError
+from schemas.topics import KafkaTopics, MqttTopics
+
+TIMEOUT = 10.0
+
+
+def fresh_namespace() -> str:
+    """A namespace whose topics do not exist yet (the namespace fixture creates them)."""
+    return "b" + uuid.uuid4().hex[:12]
+
+
+def partition_counts(brokers: EmbeddedBrokers, topics: KafkaTopics) -> dict[str, int]:
+    metadata = AdminClient({"bootstrap.servers": brokers.kafka_bootstrap}).list_topics(
+        timeout=TIMEOUT
+    )
+    return {t: len(metadata.topics[t].partitions) for t in topics.all()}
+
+
+class MqttProbe:
+    """A connected MQTT 5 client that queues every message it receives."""
+
+    def __init__(
+        self, brokers: EmbeddedBrokers, client_id: str, *, session_expiry: int = 0
+    ) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.session_present: bool | None = None
+        self.connect_reason: ReasonCode | None = None
+        self._acks: dict[int, threading.Event] = {}
+        self._connected = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda _c, _u, mid, *_: self._ack(mid).set()
+        self.client.on_message = lambda _c, _u, message: self.messages.put(message)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry
+        # clean_start=False: resume the session this client id left behind, if any.
+        self.client.connect(
+            brokers.mqtt_host, brokers.mqtt_port, clean_start=False, properties=properties
+        )
+        self.client.loop_start()
+        assert self._connected.wait(TIMEOUT), "no CONNACK"
+        reason = self.connect_reason
+        assert reason is not None and not reason.is_failure, f"CONNACK refused: {reason}"
+
+    def subscribe(self, topic: str) -> None:
+        _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None and self._ack(mid).wait(TIMEOUT), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(TIMEOUT)
+        assert info.is_published(), "no PUBACK"
+
+    def receive(self) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
+        # No assert here: it would be raised in paho's network thread, not the test.
+        self.connect_reason = reason
+        self.session_present = flags.session_present
+        self._connected.set()
+
+    def _ack(self, mid: int) -> threading.Event:
+        return self._acks.setdefault(mid, threading.Event())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def children_named(name: str) -> set[int]:
+    """Pids of this process's children running ``name`` (zombies count: not reaped)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:
+            continue
+        comm, fields = rest.rsplit(") ", 1)
+        if comm == name and int(fields.split()[1]) == os.getpid():
+            found.add(int(pid))
+    return found
+
+
+def python_process(tmp_path: Path, code: str, port: int = 0) -> BrokerProcess:
+    """A stand-in broker: a Python interpreter running ``code``."""
+    return BrokerProcess("stand-in", [sys.executable, "-c", code], port, (tmp_path / "out.log",))
+
+
+@pytest.mark.integration
+class TestTopicBootstrap:
+    """bootstrap() creates each namespace's topics once, as specified, and never shrinks them."""
+
+    def test_second_run_changes_nothing(self, brokers: EmbeddedBrokers) -> None:
+        # Given a namespace without topics
+        namespace = fresh_namespace()
+        topics = KafkaTopics(namespace)
+        # When bootstrap runs twice
+        first = bootstrap(brokers.kafka_bootstrap, namespace)
+        second = bootstrap(brokers.kafka_bootstrap, namespace)
+        # Then the first run created all topics, the second nothing
+        assert sorted(first) == sorted(topics.all())
+        assert second == []
+        # And the partition counts are those of kafka_topics.toml
+        expected = {topics.tasks: 6, topics.results: 6, topics.dead_letter: 3}
+        assert partition_counts(brokers, topics) == expected
+
+    def test_topic_config_is_applied(self, brokers: EmbeddedBrokers) -> None:
+        # Given a freshly bootstrapped namespace
+        namespace = fresh_namespace()
+        bootstrap(brokers.kafka_bootstrap, namespace)
+        admin = AdminClient({"bootstrap.servers": brokers.kafka_bootstrap})
+        for spec in load_specs():
+            # When its topic config is described
+            resource = ConfigResource(ResourceType.TOPIC, spec.topic_name(namespace))
+            configs = admin.describe_configs([resource])[resource].result(timeout=TIMEOUT)
+            # Then cleanup.policy and retention.ms are those of the spec
+            for key in ("cleanup.policy", "retention.ms"):
+                assert configs[key].value == spec.config[key]
+
+    def test_smaller_spec_does_not_shrink(self, brokers: EmbeddedBrokers) -> None:
+        # Given a namespace bootstrapped with the packaged specs
+        namespace = fresh_namespace()
+        bootstrap(brokers.kafka_bootstrap, namespace)
+        before = partition_counts(brokers, KafkaTopics(namespace))
+        # When bootstrap runs again with one partition per topic
+        smaller = [spec.with_partitions(1) for spec in load_specs()]
+        changed = bootstrap(brokers.kafka_bootstrap, namespace, specs=smaller)
+        # Then nothing changed
+        assert changed == []
+        assert partition_counts(brokers, KafkaTopics(namespace)) == before
+
+    def test_growing_on_tansu_fails_loudly(self, brokers: EmbeddedBrokers) -> None:
+        # Given topics created with one partition each
+        namespace = fresh_namespace()
+        smaller = [spec.with_partitions(1) for spec in load_specs()]
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=smaller)
+        # When bootstrap asks for more, on Tansu 0.6 which lacks CreatePartitions
+        # Then it is a BrokerError, not a silently under-partitioned topic
+        with pytest.raises(BrokerError, match="cannot grow"):
+            bootstrap(brokers.kafka_bootstrap, namespace)
+
+
+@pytest.mark.integration
+class TestKafkaRoundTrip:
+    """A record produced idempotently with acks=all is consumed back unchanged."""
+
+    def test_idempotent_produce_then_assigned_consume(
+        self, brokers: EmbeddedBrokers, kafka_topics: KafkaTopics
+    ) -> None:
+        # Given an idempotent producer
+        producer = Producer(
+            {
+                "bootstrap.servers": brokers.kafka_bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+            }
+        )
+        reports: list[tuple[KafkaError | None, Message]] = []
+        # When it produces one record and flushes
+        producer.produce(
+            kafka_topics.tasks,
+            b"payload",
+            key=b"job-1",
+            headers=[("v", b"1")],
+            on_delivery=lambda err, msg: reports.append((err, msg)),
+        )
+        assert producer.flush(TIMEOUT) == 0
+        # Then the delivery report is clean
+        [(error, delivered)] = reports
+        partition = delivered.partition()
+        assert error is None and partition is not None
+        # And a consumer assigned to that partition (no slow group join) reads it back
+        consumer = Consumer(
+            {
+                "bootstrap.servers": brokers.kafka_bootstrap,
+                "group.id": f"{kafka_topics.namespace}-reader",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            consumer.assign([TopicPartition(kafka_topics.tasks, partition, OFFSET_BEGINNING)])
+            message = consumer.poll(TIMEOUT)
+        finally:
+            consumer.close()
+        assert message is not None and message.error() is None
+        assert (message.key(), message.value()) == (b"job-1", b"payload")
+        assert message.headers() == [("v", b"1")]
+
+
+@pytest.mark.integration
+class TestMqttRoundTrip:
+    """QoS 1 messages pass through our Mosquitto, including task-sized ones."""
+
+    @pytest.mark.parametrize("size", [1536 * 1024, 16 * 1024 * 1024], ids=["1.5MiB", "16MiB"])
+    def test_large_qos1_message_arrives(
+        self, brokers: EmbeddedBrokers, mqtt_topics: MqttTopics, size: int
+    ) -> None:
+        # Given a subscriber on a vehicle's task topic
+        topic = mqtt_topics.task("car-1")
+        subscriber = MqttProbe(brokers, f"{mqtt_topics.namespace}-sub")
+        publisher = MqttProbe(brokers, f"{mqtt_topics.namespace}-pub")
+        try:
+            subscriber.subscribe(topic)
+            payload = os.urandom(size)
+            # When a payload bigger than 1 MiB is published with QoS 1
+            publisher.publish(topic, payload)
+            # Then it arrives intact, at QoS 1
+            message = subscriber.receive()
+        finally:
+            subscriber.close()
+            publisher.close()
+        assert (message.topic, message.qos, message.payload) == (topic, 1, payload)
+
+
+@pytest.mark.integration
+class TestMosquittoRestart:
+    """restart_mosquitto() keeps the port and the queued messages of persistent sessions."""
+
+    def test_queued_message_survives_restart(
+        self, brokers: EmbeddedBrokers, mqtt_topics: MqttTopics
+    ) -> None:
+        # Given a persistent session that subscribed and went offline
+        topic, client_id = mqtt_topics.task("car-2"), f"{mqtt_topics.namespace}-car-2"
+        vehicle = MqttProbe(brokers, client_id, session_expiry=300)
+        vehicle.subscribe(topic)
+        vehicle.close()
+        # And a QoS 1 message queued for it by the broker
+        gateway = MqttProbe(brokers, f"{mqtt_topics.namespace}-gw")
+        gateway.publish(topic, b"task while parked")
+        gateway.close()
+        port, pid = brokers.mqtt_port, brokers.pids["mosquitto"]
+        # When Mosquitto restarts
+        brokers.restart_mosquitto()
+        # Then it is a new process on the same port
+        assert (brokers.mqtt_port, pid_alive(pid)) == (port, False)
+        # And the vehicle resumes its session and gets the message without resubscribing
+        vehicle = MqttProbe(brokers, client_id, session_expiry=300)
+        try:
+            assert vehicle.session_present is True
+            assert vehicle.receive().payload == b"task while parked"
+        finally:
+            vehicle.close()
+
+
+@pytest.mark.integration
+class TestLifecycle:
+    """Stopping, or failing to start, leaves no broker process behind."""
+
+    def test_stop_leaves_no_process(self, tmp_path: Path) -> None:
+        # Given brokers that started
+        brokers = EmbeddedBrokers(run_dir=tmp_path).start()
+        pids = brokers.pids
+        assert set(pids) == {"tansu", "mosquitto"}
+        # When they stop
+        brokers.stop()
+        # Then both processes are gone and the pid record is empty
+        assert not [pid for pid in pids.values() if pid_alive(pid)]
+        assert (tmp_path / "pids.json").read_text() == "{}"
+
+    def test_failed_start_leaves_no_process(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Given a Mosquitto "binary" that exits at once
+        monkeypatch.setenv("PARKPOOL_MOSQUITTO_BIN", "/bin/false")
+        tansus_before = children_named("tansu")
+        # When the brokers start
+        with pytest.raises(BrokerError, match=r"mosquitto .* exited with status 1"):
+            EmbeddedBrokers(run_dir=tmp_path).start()
+        # Then the Tansu that did start has been stopped again
+        assert children_named("tansu") == tansus_before
+
+
+class TestBrokerProcess:
+    """Broker processes are stopped even when they resist, and strays are found by pid file."""
+
+    def test_process_ignoring_sigterm_is_killed(self, tmp_path: Path) -> None:
+        # Given a listening process that ignores SIGTERM
+        port = free_port()
+        code = (
+            "import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"s = socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+        )
+        process = python_process(tmp_path, code, port)
+        process.spawn()
+        assert process.popen is not None
+        popen = process.popen
+        process.wait_ready(deadline=time.monotonic() + TIMEOUT)
+        # When it is stopped with a short grace period
+        process.stop(grace=0.2)
+        # Then it was killed and reaped
+        assert popen.returncode == -signal.SIGKILL
+
+    def test_kill_stray_kills_recorded_process(self, tmp_path: Path) -> None:
+        # Given a process recorded in a run dir's pid file, as a crashed run leaves it
+        process = python_process(tmp_path, "import time; time.sleep(60)")
+        process.spawn()
+        assert process.popen is not None
+        record = {"stand-in": {"pid": process.popen.pid, "argv": process.argv}}
+        (tmp_path / PIDS_FILE).write_text(json.dumps(record))
+        # When the run dir is cleaned up
+        killed = kill_stray(tmp_path)
+        # Then that process was terminated
+        assert killed == [process.popen.pid]
+        assert process.popen.wait(TIMEOUT) == -signal.SIGTERM
+
+    def test_kill_stray_spares_recycled_pid(self, tmp_path: Path) -> None:
+        # Given a pid file whose pid now belongs to a different program
+        process = python_process(tmp_path, "import time; time.sleep(60)")
+        process.spawn()
+        assert process.popen is not None
+        record = {"tansu": {"pid": process.popen.pid, "argv": ["/opt/not/tansu"]}}
+        (tmp_path / PIDS_FILE).write_text(json.dumps(record))
+        try:
+            # When the run dir is cleaned up
+            killed = kill_stray(tmp_path)
+            # Then the unrelated process is left alone
+            assert killed == []
+            assert process.popen.poll() is None
+        finally:
+            process.stop(grace=TIMEOUT)
