@@ -71,7 +71,7 @@ def decode(data: bytes | bytearray | memoryview, expect: type[M]) -> M:
     if not isinstance(body, dict):
         raise DecodeError("not_a_map", f"message is a msgpack {type(body).__name__}, not a map")
     version = body.pop("v", None)
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:  # True == 1 in Python
         raise DecodeError("unknown_version", f"wire version {version!r}; this build reads 1")
     tag = body.pop("type", None)
     expected_tag = getattr(expect, "TYPE", None)
@@ -126,8 +126,10 @@ def _pack_array(array: np.ndarray) -> msgpack.ExtType:
     if array.ndim > MAX_NDIM:
         raise TypeError(f"arrays of more than {MAX_NDIM} dimensions cannot travel")
     dtype = array.dtype.str.encode()
-    head = _HEADER.pack(0, array.ndim, len(dtype)) + dtype + struct.pack(
-        f"<{array.ndim}Q", *array.shape
+    head = (
+        _HEADER.pack(0, array.ndim, len(dtype))
+        + dtype
+        + struct.pack(f"<{array.ndim}Q", *array.shape)
     )
     size = -(-len(head) // 16) * 16
     head = bytes([size]) + head[1:] + bytes(size - len(head))
@@ -156,7 +158,11 @@ def _ext_hook(code: int, payload: bytes) -> np.ndarray:
             "bad_array", f"shape {shape} of {dtype_str} needs {count * dtype.itemsize} bytes, "
             f"message has {len(payload) - size}"
         )  # fmt: skip
-    return np.frombuffer(payload, dtype=dtype, count=count, offset=size).reshape(shape)
+    try:
+        array = np.frombuffer(payload, dtype=dtype, count=count, offset=size)
+        return array.reshape(shape)
+    except ValueError as exc:  # e.g. shape (0, 2**63): no bytes, but numpy refuses the dims
+        raise DecodeError("bad_array", f"shape {shape}: {exc}") from None
 
 
 def _build(cls: type[M], body: dict[str, Any]) -> M:

@@ -20,7 +20,6 @@ import numpy as np
 from schemas.errors import ValidationError
 from schemas.validate import (
     require_arrays,
-    require_bool,
     require_bytes,
     require_float,
     require_int,
@@ -111,7 +110,7 @@ class TaskChunk:
         require_float("deadline", self.deadline)
         require_float("created_at", self.created_at)
         require_int("attempt", self.attempt, 0, 1_000_000)
-        object.__setattr__(self, "priority", Priority(self.priority))
+        object.__setattr__(self, "priority", _enum(Priority, "priority", self.priority))
 
     @property
     def key(self) -> tuple[str, int]:
@@ -129,8 +128,9 @@ class Assignment:
     TYPE: ClassVar[str] = "assignment"
     gateway_id: str
     vehicle_id: str
-    epoch: int  # unique per lease; results must quote it (fencing)
-    dispatch_seq: int  # per (gateway, vehicle) counter, for credit accounting
+    # Unique per lease and increasing per gateway: results must quote it (fencing), and
+    # vehicles report the highest they have seen so credits in transit can be counted.
+    epoch: int
     attempt: int
     lease_deadline: float
     task: bytes
@@ -139,7 +139,6 @@ class Assignment:
         _vehicle("gateway_id", self.gateway_id)
         _vehicle("vehicle_id", self.vehicle_id)
         require_int("epoch", self.epoch, 1)
-        require_int("dispatch_seq", self.dispatch_seq, 1)
         require_int("attempt", self.attempt, 1, 1_000_000)
         require_float("lease_deadline", self.lease_deadline)
         require_bytes("task", self.task)
@@ -224,7 +223,7 @@ class PullRequest:
     """A vehicle asks for work: it can take ``credits`` more tasks *right now*.
 
     Credits are absolute, not additive, so a duplicated pull grants nothing extra.
-    ``seen`` maps each gateway id to the last dispatch_seq the vehicle has received from
+    ``seen`` maps each gateway id to the highest lease epoch the vehicle has received from
     it; the gateway subtracts what it sent after that (still in transit) from the credits.
     """
 
@@ -243,7 +242,7 @@ class PullRequest:
             raise _wrong("seen must be a map of at most 64 gateway ids")
         for gateway_id, seq in self.seen.items():
             _vehicle("seen gateway id", gateway_id)
-            require_int("seen dispatch_seq", seq, 0)
+            require_int("seen epoch", seq, 0)
         _frozen_map(self, "seen", self.seen)
 
 

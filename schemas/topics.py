@@ -16,14 +16,14 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def check_namespace(namespace: str) -> str:
-    if not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(f"namespace {namespace!r} must match {_NAMESPACE_RE.pattern}")
     return namespace
 
 
 def check_id(kind: str, value: str) -> str:
     """Vehicle and gateway ids become MQTT topic levels, so no '/', '+', '#' or spaces."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(f"{kind} {value!r} must match {_ID_RE.pattern}")
     return value
 
@@ -115,7 +115,7 @@ class MqttTopics:
         """The vehicle id in a vehicle-scoped topic, or None if the topic is not one."""
         parts = topic.split("/")
         if len(parts) == 4 and parts[0] == self.namespace and parts[1] == "v":
-            return parts[2] if _ID_RE.match(parts[2]) else None
+            return parts[2] if _ID_RE.fullmatch(parts[2]) else None
         return None
 
     def kind_of(self, topic: str) -> str | None:

@@ -28,7 +28,7 @@ def require_str(name: str, value: object, *, pattern: re.Pattern[str] | None = N
         raise ValidationError("wrong_type", f"{name} must be a string, got {type(value).__name__}")
     if len(value) > MAX_TEXT:
         raise ValidationError("too_large", f"{name} is longer than {MAX_TEXT} characters")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise ValidationError("bad_value", f"{name} {value[:80]!r} must match {pattern.pattern}")
     return value
 
@@ -40,7 +40,9 @@ def require_name(name: str, value: object) -> str:
 def require_int(name: str, value: object, lo: int = 0, hi: int = 2**63 - 1) -> int:
     # bool is an int subclass; a True where a count belongs is a bug on the sender's side.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError("wrong_type", f"{name} must be an integer, got {type(value).__name__}")
+        raise ValidationError(
+            "wrong_type", f"{name} must be an integer, got {type(value).__name__}"
+        )
     if not lo <= value <= hi:
         raise ValidationError("out_of_range", f"{name}={value} is outside [{lo}, {hi}]")
     return value

@@ -1,0 +1,389 @@
+# SPDX-License-Identifier: Apache-2.0
+"""schemas/asyncapi.yaml describes exactly the messages, topics and enums the code has."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import yaml
+
+import schemas
+from schemas import codec, topics
+from schemas import messages as m
+from schemas.errors import DecodeError
+from schemas.validate import NAME_RE
+
+SPEC: dict[str, Any] = yaml.safe_load(
+    (Path(schemas.__file__).parent / "asyncapi.yaml").read_text(encoding="utf-8")
+)
+BY_TAG: dict[str, type] = {cls.TYPE: cls for cls in m.MESSAGE_TYPES}  # type: ignore[attr-defined]
+SAMPLE = {"namespace": "acme", "vehicleId": "car-1", "gatewayId": "gw-1"}
+KAFKA, MQTT = topics.KafkaTopics("acme"), topics.MqttTopics("acme")
+# channel address -> (message type it carries, what the gateway does with it)
+EXPECTED_CHANNELS: dict[str, tuple[type, str]] = {
+    KAFKA.tasks: (m.TaskChunk, "receive"),
+    KAFKA.results: (m.Result, "send"),
+    KAFKA.dead_letter: (m.DeadLetter, "send"),
+    MQTT.pull("car-1"): (m.PullRequest, "receive"),
+    MQTT.status("car-1"): (m.VehicleStatus, "receive"),
+    MQTT.result("car-1"): (m.Result, "receive"),
+    MQTT.nack("car-1"): (m.Nack, "receive"),
+    MQTT.task("car-1"): (m.Assignment, "send"),
+    MQTT.gateway_status("gw-1"): (m.GatewayStatus, "send"),
+}
+
+
+def resolve(node: Any) -> Any:
+    while isinstance(node, dict) and "$ref" in node:
+        assert node["$ref"].startswith("#/"), node["$ref"]
+        target: Any = SPEC
+        for part in node["$ref"][2:].split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def flatten(schema: Any) -> dict[str, Any]:
+    """A schema with its $ref and allOf parts merged into one dict."""
+    schema = dict(resolve(schema))
+    for part in schema.pop("allOf", []):
+        schema = flatten(part) | schema
+    return schema
+
+
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def component_messages() -> dict[str, dict[str, Any]]:
+    return SPEC["components"]["messages"]  # type: ignore[no-any-return]
+
+
+def message_spec(cls: type) -> dict[str, Any]:
+    return component_messages()[cls.__name__]
+
+
+def payload_schema(cls: type) -> dict[str, Any]:
+    return flatten(message_spec(cls)["payload"])
+
+
+def example_of(cls: type) -> dict[str, Any]:
+    (example,) = message_spec(cls)["examples"]
+    return example["payload"]  # type: ignore[no-any-return]
+
+
+def required_fields(cls: type) -> set[str]:
+    return {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    return plain(value)
+
+
+def plain(value: Any) -> Any:
+    """A comparable, YAML-like form of a message, record, array or field value."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+def from_example(schema: Any, value: Any) -> Any:
+    """Turn an example value into what goes on the wire: arrays and bytes become real."""
+    schema = flatten(schema)
+    if schema.get("x-msgpack-ext") == codec.ARRAY_EXT:
+        data = [complex(*x) if isinstance(x, list) else x for x in value["data"]]
+        return np.array(data, dtype=value["dtype"]).reshape(value["shape"])
+    if schema.get("contentEncoding") == "base64":
+        return base64.b64decode(value, validate=True)
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", {})
+        return {k: from_example(props.get(k, extra if isinstance(extra, dict) else {}), v)
+                for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [from_example(schema.get("items", {}), item) for item in value]
+    return value
+
+
+def wire_bytes(cls: type) -> bytes:
+    body = from_example(message_spec(cls)["payload"], example_of(cls))
+    return msgpack.packb(body, default=codec._default, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+}
+
+
+def is_base64(value: Any) -> bool:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, TypeError):
+        return False
+    return True
+
+
+# JSON Schema keyword -> does ``value`` pass it, given the keyword's argument
+KEYWORDS: dict[str, Callable[[Any, Any], bool]] = {
+    "const": lambda value, arg: value == arg,
+    "enum": lambda value, arg: value in arg,
+    "pattern": lambda value, arg: re.search(arg, value) is not None,
+    "maxLength": lambda value, arg: len(value) <= arg,
+    "minimum": lambda value, arg: value >= arg,
+    "maximum": lambda value, arg: value <= arg,
+    "minItems": lambda value, arg: len(value) >= arg,
+    "maxItems": lambda value, arg: len(value) <= arg,
+    "maxProperties": lambda value, arg: len(value) <= arg,
+    "contentEncoding": lambda value, arg: arg == "base64" and is_base64(value),
+}
+
+
+def conforms(schema: Any, value: Any, path: str = "$") -> list[str]:
+    """Errors of ``value`` against the JSON Schema subset this document uses."""
+    s = flatten(schema)
+    kinds = [s["type"]] if isinstance(s.get("type"), str) else s.get("type", [])
+    if kinds and not any(JSON_TYPES[kind](value) for kind in kinds):
+        return [f"{path}: {value!r} is not {kinds}"]
+    errors = [
+        f"{path}: {value!r} fails {key}={arg!r}"
+        for key, arg in s.items()
+        if key in KEYWORDS and not KEYWORDS[key](value, arg)
+    ]
+    if "oneOf" in s and sum(not conforms(o, value, path) for o in s["oneOf"]) != 1:
+        errors.append(f"{path}: not exactly one of oneOf")
+    if isinstance(value, dict):
+        errors += object_errors(s, value, path)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            errors += conforms(s.get("items", {}), item, f"{path}[{i}]")
+    return errors
+
+
+def object_errors(s: dict[str, Any], value: dict[str, Any], path: str) -> list[str]:
+    errors = [f"{path}: missing {key}" for key in s.get("required", []) if key not in value]
+    extra = s.get("additionalProperties", True)
+    for key, item in value.items():
+        errors += conforms(s.get("propertyNames", {}), key, f"{path}.<key {key}>")
+        sub = s.get("properties", {}).get(key, extra)
+        if sub is False:
+            errors.append(f"{path}.{key}: not allowed")
+        elif isinstance(sub, dict):
+            errors += conforms(sub, item, f"{path}.{key}")
+    return errors
+
+
+class TestDocument:
+    """The document is AsyncAPI 3.0.0, its references resolve and its servers are right."""
+
+    def test_version(self) -> None:
+        assert SPEC["asyncapi"] == "3.0.0"
+        assert SPEC["info"]["version"] == str(codec.WIRE_VERSION)
+        assert SPEC["defaultContentType"] == "application/msgpack"
+        assert flatten({"$ref": "#/components/schemas/Version"})["const"] == codec.WIRE_VERSION
+
+    def test_every_ref_resolves(self) -> None:
+        for node in walk(SPEC):
+            if "$ref" in node:
+                assert isinstance(resolve(node), dict), node["$ref"]
+
+    def test_servers(self) -> None:
+        servers = SPEC["servers"]
+        assert servers["kafka"]["protocol"] == "kafka"
+        assert (servers["mqtt"]["protocol"], servers["mqtt"]["protocolVersion"]) == ("mqtt", "5")
+
+    def test_parameter_patterns_match_topics(self) -> None:
+        params = SPEC["components"]["parameters"]
+        assert params["namespace"]["x-pattern"] == topics._NAMESPACE_RE.pattern
+        assert params["vehicleId"]["x-pattern"] == topics._ID_RE.pattern
+        assert params["gatewayId"]["x-pattern"] == topics._ID_RE.pattern
+
+    def test_every_pattern_is_one_the_code_uses(self) -> None:
+        known = {m._ID.pattern, m._TOPIC.pattern, NAME_RE.pattern}
+        assert {n["pattern"] for n in walk(SPEC) if "pattern" in n} == known
+
+
+class TestChannels:
+    """Every topic of the code is a channel with its message and the gateway's operation."""
+
+    @staticmethod
+    def address(channel: dict[str, Any]) -> str:
+        return re.sub(r"\{(\w+)\}", lambda match: SAMPLE[match[1]], channel["address"])
+
+    def test_addresses_are_the_code_topics(self) -> None:
+        channels = SPEC["channels"].values()
+        assert sorted(self.address(c) for c in channels) == sorted(EXPECTED_CHANNELS)
+
+    @pytest.mark.parametrize("name", sorted(SPEC["channels"]))
+    def test_channel(self, name: str) -> None:
+        channel = SPEC["channels"][name]
+        cls, action = EXPECTED_CHANNELS[self.address(channel)]
+        # Its parameters are exactly its address's placeholders,
+        assert set(channel["parameters"]) == set(re.findall(r"\{(\w+)\}", channel["address"]))
+        # it carries exactly the one message type,
+        (message,) = channel["messages"].values()
+        assert resolve(message) is message_spec(cls)
+        # and exactly one gateway operation uses it, in the expected direction.
+        ref = f"#/channels/{name}"
+        (operation,) = [o for o in SPEC["operations"].values() if o["channel"]["$ref"] == ref]
+        assert operation["action"] == action
+        assert [r["$ref"] for r in operation["messages"]] == [
+            f"{ref}/messages/{key}" for key in channel["messages"]
+        ]
+        (server,) = channel["servers"]
+        is_mqtt = "/" in channel["address"]
+        assert server["$ref"] == ("#/servers/mqtt" if is_mqtt else "#/servers/kafka")
+        if is_mqtt:
+            assert operation["bindings"]["mqtt"]["qos"] == 1
+
+    def test_mqtt_specifics(self) -> None:
+        ops = SPEC["operations"]
+        assert ops["announceGateway"]["bindings"]["mqtt"]["retain"] is True
+        assert "messageExpiryInterval" in ops["sendAssignments"]["bindings"]["mqtt"]
+
+
+class TestMessages:
+    """Each message type has one component message whose payload lists exactly its fields."""
+
+    def test_one_component_per_type(self) -> None:
+        specs = component_messages()
+        tags = [spec["x-parkpool-type"] for spec in specs.values()]
+        assert sorted(tags) == sorted(BY_TAG)
+        for key, spec in specs.items():
+            cls = BY_TAG[spec["x-parkpool-type"]]
+            assert (key, spec["name"], spec["title"]) == (cls.__name__, cls.TYPE, cls.__name__)  # type: ignore[attr-defined]
+            assert spec["contentType"] == "application/msgpack"
+
+    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+    def test_payload_fields(self, cls: type) -> None:
+        schema = payload_schema(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(schema["properties"]) == fields | {"v", "type"}
+        assert set(schema["required"]) == required_fields(cls) | {"v", "type"}
+        assert flatten(schema["properties"]["type"])["const"] == cls.TYPE  # type: ignore[attr-defined]
+        assert flatten(schema["properties"]["v"])["const"] == codec.WIRE_VERSION
+
+    @pytest.mark.parametrize("cls", [*m.MESSAGE_TYPES, *m.NESTED_TYPES.values()])
+    def test_defaults(self, cls: type) -> None:
+        record = {s.get("x-parkpool-record"): s for s in SPEC["components"]["schemas"].values()}
+        schema = record[cls.__name__] if cls in m.NESTED_TYPES.values() else payload_schema(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in required_fields(cls):
+                assert flatten(schema["properties"][f.name])["default"] == default_of(f), f.name
+
+    @pytest.mark.parametrize(("field", "record"), list(m.NESTED_TYPES.items()))
+    def test_nested_records(self, field: str, record: type) -> None:
+        # Given the message that holds the record under ``field``,
+        (holder,) = [c for c in m.MESSAGE_TYPES if field in {f.name for f in dataclasses.fields(c)}]
+        schema = flatten(payload_schema(holder)["properties"][field])
+        schema = flatten(schema["items"]) if schema.get("type") == "array" else schema
+        # then the record is described with exactly its fields.
+        assert schema["x-parkpool-record"] == record.__name__
+        assert set(schema["properties"]) == {f.name for f in dataclasses.fields(record)}
+        assert set(schema["required"]) == required_fields(record)
+
+    def test_enums_are_the_code_enums(self) -> None:
+        described = set()
+        for node in (n for n in walk(SPEC) if "enum" in n):
+            name = node["x-parkpool-enum"]
+            if name == "codec.ALLOWED_DTYPES":
+                assert sorted(node["enum"]) == sorted(codec.ALLOWED_DTYPES)
+            else:
+                assert node["enum"] == [member.value for member in getattr(m, name)]
+            described.add(name)
+        code = {n for n, v in vars(m).items() if isinstance(v, type) and issubclass(v, enum.Enum)}
+        assert described == code | {"codec.ALLOWED_DTYPES"}
+
+    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+    def test_bounds_are_the_code_bounds(self, cls: type) -> None:
+        # Given the example, with room for any chunk_id,
+        body = from_example(message_spec(cls)["payload"], example_of(cls))
+        room = {"chunk_id": 0, "n_chunks": m.MAX_CHUNKS}
+        body |= {key: value for key, value in room.items() if key in body}
+        for name, prop in payload_schema(cls)["properties"].items():
+            schema = flatten(prop)
+            step = 1 if schema.get("type") == "integer" else 0.5
+            # when a field is set to a declared bound, the code accepts it,
+            for bound, delta in (("minimum", -step), ("maximum", step)):
+                if bound in schema:
+                    self.decode(cls, body | {name: schema[bound]})
+                    # and just outside it, the code refuses it.
+                    with pytest.raises(DecodeError, match=r"^out_of_range"):
+                        self.decode(cls, body | {name: schema[bound] + delta})
+            if "maxLength" in schema:
+                self.decode(cls, body | {name: "x" * schema["maxLength"]})
+                with pytest.raises(DecodeError, match=r"^too_large"):
+                    self.decode(cls, body | {name: "x" * (schema["maxLength"] + 1)})
+
+    @staticmethod
+    def decode(message_type: type, body: dict[str, Any]) -> Any:
+        data = msgpack.packb(body, default=codec._default, use_bin_type=True)
+        return codec.decode(data, message_type)
+
+
+class TestExamples:
+    """Each message has one example, valid by its schema, that round-trips through the codec."""
+
+    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+    def test_example_conforms_to_schema(self, cls: type) -> None:
+        assert conforms(message_spec(cls)["payload"], example_of(cls)) == []
+        assert set(example_of(cls)) <= set(payload_schema(cls)["properties"])
+
+    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+    def test_example_round_trips(self, cls: type) -> None:
+        # Given the example packed the way a peer would pack it,
+        example = from_example(message_spec(cls)["payload"], example_of(cls))
+        # when it is decoded, re-encoded and decoded again,
+        first = codec.decode(wire_bytes(cls), cls)
+        second = codec.decode(codec.encode(first), cls)
+        # then nothing changed on the way, and every field says what the example says.
+        assert plain(second) == plain(first)
+        assert codec.encode(second) == codec.encode(first)
+        for f in dataclasses.fields(cls):
+            expected = plain(example[f.name]) if f.name in example else default_of(f)
+            assert plain(getattr(first, f.name)) == expected, f.name
+
+    def test_arrays_in_examples_are_consistent(self) -> None:
+        for node in walk(component_messages()):
+            if {"dtype", "shape", "data"} <= set(node):
+                assert math.prod(node["shape"]) == len(node["data"])
+
+    def test_example_task_bytes_are_the_example_task(self) -> None:
+        task = plain(codec.decode(wire_bytes(m.TaskChunk), m.TaskChunk))
+        for cls, field in ((m.Assignment, "task"), (m.DeadLetter, "original")):
+            carried = getattr(codec.decode(wire_bytes(cls), cls), field)
+            assert plain(codec.decode(carried, m.TaskChunk)) == task
