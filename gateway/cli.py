@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``parkpool gateway``: run one edge gateway until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from gateway.gateway import Gateway, GatewaySettings
+from parkpool import logs
+from parkpool.settings import (
+    add_kafka_options,
+    add_mqtt_options,
+    add_namespace_option,
+    add_option,
+    kafka_from_args,
+    mqtt_from_args,
+)
+from parkpool.signals import stop_event
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("gateway", help="run an edge gateway (Kafka <-> MQTT)")
+    add_kafka_options(p)
+    add_mqtt_options(p)
+    add_namespace_option(p)
+    add_option(p, "--gateway-id", "PARKPOOL_GATEWAY_ID", socket.gethostname().split(".")[0],
+               "this gateway's id; also its MQTT client id and session")  # fmt: skip
+    add_option(p, "--group-id", "PARKPOOL_GROUP_ID", "",
+               "Kafka consumer group (default <namespace>.gateways)")  # fmt: skip
+    add_option(p, "--lease-seconds", "PARKPOOL_LEASE_SECONDS", 30.0,
+               "how long a vehicle may hold a task before it goes to another", float)  # fmt: skip
+    add_option(p, "--max-attempts", "PARKPOOL_MAX_ATTEMPTS", 5,
+               "failed attempts before a task is dead-lettered", int)  # fmt: skip
+    add_option(p, "--window", "PARKPOOL_WINDOW", 512,
+               "unfinished records per partition before it is paused", int)  # fmt: skip
+    add_option(p, "--session-timeout-ms", "PARKPOOL_SESSION_TIMEOUT_MS", 6000,
+               "Kafka group session timeout; also bounds how fast a restart rejoins", int)  # fmt: skip
+    add_option(p, "--metrics-port", "PARKPOOL_METRICS_PORT", 0,
+               "serve Prometheus metrics on this port (0: off)", int)  # fmt: skip
+    add_option(p, "--metrics-addr", "PARKPOOL_METRICS_ADDR", "127.0.0.1",
+               "address the metrics port binds to")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
+        gateway_id=args.gateway_id,
+        kafka=kafka_from_args(args),
+        mqtt=mqtt_from_args(args),
+        namespace=args.namespace,
+        group_id=args.group_id,
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+        window=args.window,
+        session_timeout_ms=args.session_timeout_ms,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure()
+    gateway = Gateway(settings_from_args(args))
+    if args.metrics_port:
+        start_http_server(args.metrics_port, args.metrics_addr, registry=gateway.metrics.registry)
+    gateway.stopping = stop_event()
+    gateway.start()
+    gateway.run()
+    return 0

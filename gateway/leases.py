@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Leases: which vehicle holds which task, until when, under which epoch.
+
+An epoch is unique per lease. Epochs start from the wall clock in microseconds, so a
+restarted gateway never reissues an epoch that an old result could still quote.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from gateway.tasks import PendingTask
+
+
+@dataclass(slots=True)
+class Lease:
+    epoch: int
+    vehicle_id: str
+    task: PendingTask
+    deadline: float  # monotonic clock
+    dispatched_at: float = field(default_factory=time.monotonic)
+
+
+class LeaseTable:
+    """Active leases by epoch and by vehicle, with a deadline heap for expiry."""
+
+    def __init__(self) -> None:
+        self._epochs = itertools.count(time.time_ns() // 1000)
+        self._by_epoch: dict[int, Lease] = {}
+        self._by_vehicle: defaultdict[str, set[int]] = defaultdict(set)
+        self._deadlines: list[tuple[float, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._by_epoch)
+
+    def grant(self, vehicle_id: str, task: PendingTask, duration: float) -> Lease:
+        lease = Lease(next(self._epochs), vehicle_id, task, time.monotonic() + duration)
+        self._by_epoch[lease.epoch] = lease
+        self._by_vehicle[vehicle_id].add(lease.epoch)
+        heapq.heappush(self._deadlines, (lease.deadline, lease.epoch))
+        return lease
+
+    def get(self, epoch: int) -> Lease | None:
+        return self._by_epoch.get(epoch)
+
+    def end(self, epoch: int) -> Lease | None:
+        """Remove a lease; its heap entry is skipped lazily when it surfaces."""
+        lease = self._by_epoch.pop(epoch, None)
+        if lease is not None:
+            held = self._by_vehicle[lease.vehicle_id]
+            held.discard(epoch)
+            if not held:
+                del self._by_vehicle[lease.vehicle_id]
+        return lease
+
+    def of_vehicle(self, vehicle_id: str) -> list[Lease]:
+        return [self._by_epoch[e] for e in sorted(self._by_vehicle.get(vehicle_id, ()))]
+
+    def count_after(self, vehicle_id: str, epoch: int) -> int:
+        """Leases of a vehicle newer than ``epoch``: sent, but not yet seen by it."""
+        return sum(1 for e in self._by_vehicle.get(vehicle_id, ()) if e > epoch)
+
+    def pop_expired(self, now: float | None = None) -> Iterator[Lease]:
+        now = time.monotonic() if now is None else now
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, epoch = heapq.heappop(self._deadlines)
+            lease = self._by_epoch.get(epoch)
+            if lease is not None and lease.deadline <= now:
+                self.end(epoch)
+                yield lease
+
+    def all(self) -> list[Lease]:
+        return list(self._by_epoch.values())

@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateway's Prometheus series, on one explicit registry per process.
+
+No per-vehicle or per-task labels: a fleet of millions would explode cardinality.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tasks = Counter(
+            "parkpool_gateway_tasks_total",
+            "Task lifecycle events at the gateway",
+            ["status"],  # consumed, dispatched, completed, failed, dead_lettered
+            registry=r,
+        )
+        self.redelivered = Counter(
+            "parkpool_gateway_redelivered_total",
+            "Tasks put back for another vehicle",
+            ["cause"],  # lease_expired, nack, vehicle_offline
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "parkpool_gateway_dead_lettered_total",
+            "Records sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "parkpool_gateway_dropped_total",
+            "Messages dropped after being read, by reason (stale, fenced, malformed)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.delivery_errors = Counter(
+            "parkpool_gateway_kafka_delivery_errors_total",
+            "Kafka delivery reports that failed",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.leases = Gauge("parkpool_gateway_leases", "Leases in flight", registry=r)
+        self.queued = Gauge("parkpool_gateway_queued_tasks", "Tasks waiting for a vehicle", registry=r)
+        self.paused = Gauge(
+            "parkpool_gateway_paused_partitions", "Partitions paused by backpressure", registry=r
+        )
+        self.execution = Histogram(
+            "parkpool_gateway_task_dispatch_to_result_seconds",
+            "From dispatch to a durable result",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (0 when absent); for summaries and tests."""
+        return self.registry.get_sample_value(name, labels) or 0.0

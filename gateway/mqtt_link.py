@@ -1,0 +1,129 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateway's MQTT side: one persistent session, events handed to the main loop.
+
+paho calls back on its network thread; the gateway's state lives on the main thread.
+So callbacks only enqueue, and nothing is acknowledged here: with ``manual_ack`` the
+broker keeps each message until the main loop says it is safely handled, and redelivers
+it to this session after a crash.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from parkpool.mqtt import Will, connect_and_wait, new_client, publish_properties
+from parkpool.settings import MqttConnection
+from schemas import GatewayState, GatewayStatus, MqttTopics, encode
+
+log = structlog.get_logger("parkpool.gateway.mqtt")
+SESSION_EXPIRY_S = 600
+
+
+@dataclass(frozen=True)
+class MqttEvent:
+    kind: str  # pull, status, result, nack (last topic level)
+    vehicle_id: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class MqttLink:
+    def __init__(self, gateway_id: str, conn: MqttConnection, topics: MqttTopics) -> None:
+        self.gateway_id = gateway_id
+        self.topics = topics
+        self.conn = conn
+        self.events: queue.SimpleQueue[MqttEvent] = queue.SimpleQueue()
+        self.subscribed = threading.Event()
+        self.bad_topics = 0
+        self.reconnects = 0
+        self._connected = threading.Event()
+        offline = GatewayStatus(gateway_id, GatewayState.OFFLINE, time.time())
+        self.client = new_client(
+            f"gw-{topics.namespace}-{gateway_id}",
+            conn,
+            manual_ack=True,
+            will=Will(topics.gateway_status(gateway_id), encode(offline), retain=True),
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Connect, subscribe, and return only once every subscription is acknowledged."""
+        connect_and_wait(
+            self.client,
+            self.conn,
+            connected=self._connected,
+            clean_start=False,
+            session_expiry_s=SESSION_EXPIRY_S,
+            timeout=timeout,
+        )
+        if not self.subscribed.wait(timeout):
+            raise TimeoutError("MQTT subscriptions were not acknowledged")
+        self.announce(GatewayState.ONLINE)
+
+    def announce(self, state: GatewayState) -> None:
+        status = GatewayStatus(self.gateway_id, state, time.time())
+        topic = self.topics.gateway_status(self.gateway_id)
+        self.client.publish(topic, encode(status), qos=1, retain=True)
+
+    def send_assignment(self, vehicle_id: str, payload: bytes, expiry_s: float) -> None:
+        self.client.publish(
+            self.topics.task(vehicle_id), payload, qos=1, properties=publish_properties(expiry_s)
+        )
+
+    def ack(self, event: MqttEvent) -> None:
+        if event.qos > 0:
+            self.client.ack(event.mid, event.qos)
+
+    def stop(self) -> None:
+        info = self.client.publish(
+            self.topics.gateway_status(self.gateway_id),
+            encode(GatewayStatus(self.gateway_id, GatewayState.OFFLINE, time.time())),
+            qos=1,
+            retain=True,
+        )
+        info.wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("mqtt_connect_refused", reason=str(rc))
+            return
+        if self._connected.is_set():
+            self.reconnects += 1
+        self._connected.set()
+        t = self.topics
+        subs = [(t.all_pulls, 1), (t.all_statuses, 1), (t.all_results, 1), (t.all_nacks, 1)]
+        client.subscribe(subs)
+        log.info("mqtt_connected", gateway_id=self.gateway_id)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        if any(code.is_failure for code in codes):
+            log.error("mqtt_subscribe_refused", codes=[str(c) for c in codes])
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        log.warning("mqtt_disconnected", reason=str(rc))
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        vehicle_id = self.topics.vehicle_of(msg.topic)
+        kind = self.topics.kind_of(msg.topic)
+        if vehicle_id is None or kind is None:
+            # Not ours to interpret; acknowledge so that it cannot block the session.
+            self.bad_topics += 1
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
+        self.events.put(MqttEvent(kind, vehicle_id, msg.payload, msg.mid, msg.qos))

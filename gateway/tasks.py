@@ -1,0 +1,74 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tasks the gateway has consumed and not finished, and the queue of those ready to go."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from schemas import AttemptRecord, Priority, TaskChunk
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"  # waiting for a vehicle with credit
+    LEASED = "leased"  # on a vehicle
+    FINISHING = "finishing"  # result or dead letter produced, waiting for Kafka's report
+    DONE = "done"  # durable; its offset may be committed
+
+
+@dataclass(slots=True, eq=False)
+class PendingTask:
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes  # the record value exactly as read; forwarded to vehicles untouched
+    task: TaskChunk
+    dispatches: int = 0  # how many times it was sent to a vehicle
+    failures: int = 0  # attempts that count towards the maximum
+    history: list[AttemptRecord] = field(default_factory=list)
+    state: TaskState = TaskState.QUEUED
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+
+class ReadyQueue:
+    """Tasks waiting for a vehicle: high priority first, redeliveries ahead of new work.
+
+    Batch is never starved completely: after ``high_burst`` high tasks in a row, one
+    batch task goes out if any is waiting.
+    """
+
+    def __init__(self, high_burst: int = 8) -> None:
+        self._queues: dict[Priority, deque[PendingTask]] = {p: deque() for p in Priority}
+        self._high_burst = high_burst
+        self._high_streak = 0
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def push(self, task: PendingTask) -> None:
+        self._queues[task.task.priority].append(task)
+
+    def push_front(self, task: PendingTask) -> None:
+        """Redeliveries go first: they have waited longest."""
+        self._queues[task.task.priority].appendleft(task)
+
+    def pop(self) -> PendingTask | None:
+        high, batch = self._queues[Priority.HIGH], self._queues[Priority.BATCH]
+        if high and not (batch and self._high_streak >= self._high_burst):
+            self._high_streak += 1
+            return high.popleft()
+        self._high_streak = 0
+        return batch.popleft() if batch else None
+
+    def remove_where(self, predicate: object) -> list[PendingTask]:
+        """Take out every queued task for which ``predicate(task)`` is true."""
+        removed: list[PendingTask] = []
+        for priority, queue in self._queues.items():
+            keep = deque(t for t in queue if not predicate(t))  # type: ignore[operator]
+            removed.extend(t for t in queue if predicate(t))  # type: ignore[operator]
+            self._queues[priority] = keep
+        return removed

@@ -1,0 +1,40 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``parkpool``: one command line, one subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from broker_config import cli as brokers_cli
+from gateway import cli as gateway_cli
+from producer import cli as producer_cli
+from schemas import ParkpoolError
+from worker import cli as worker_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parkpool",
+        description="Turn idle, parked electric cars into a GPU worker pool.",
+        epilog="Every option can also be set through the environment variable shown.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    brokers_cli.add_parser(commands)
+    gateway_cli.add_parser(commands)
+    worker_cli.add_parser(commands)
+    producer_cli.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ParkpoolError as exc:
+        print(f"parkpool {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

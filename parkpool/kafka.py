@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kafka client settings that every role must get right, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parkpool.settings import KafkaConnection
+
+# Tasks carry NumPy arrays; a 256-row float32 panel of a 4096-wide matrix is 4 MiB.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
+    """Idempotent producer: acks from all replicas, no duplicates from its own retries."""
+    return conn.client_config(
+        **{
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+            **overrides,
+        }
+    )
+
+
+def consumer_config(
+    conn: KafkaConnection, group_id: str, session_timeout_ms: int, **overrides: Any
+) -> dict[str, Any]:
+    """At-least-once consumer: offsets are stored by the application after the work is durable.
+
+    The session timeout also sets how long a new member waits to join (about half of it on
+    Tansu), so it decides how fast a restarted gateway is back; see docs/ARCHITECTURE.md.
+    """
+    return conn.client_config(
+        **{
+            "group.id": group_id,
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.commit.interval.ms": 1000,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
+            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            # Bounds the prefetch buffer per partition; backpressure does the rest.
+            "queued.max.messages.kbytes": 16384,
+            **overrides,
+        }
+    )
+
+
+def reader_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
+    """A consumer that uses assign(), never a group: no join delay, nothing committed."""
+    return conn.client_config(
+        **{
+            "group.id": "parkpool-reader",  # required by librdkafka, unused with assign()
+            "enable.auto.commit": False,
+            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            "queued.max.messages.kbytes": 16384,
+            **overrides,
+        }
+    )

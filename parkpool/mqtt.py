@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Building MQTT 5 clients the same way in the gateway, the worker and the tools."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from parkpool.settings import MqttConnection
+from schemas.errors import BrokerError
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+def new_client(
+    client_id: str,
+    conn: MqttConnection,
+    *,
+    manual_ack: bool = False,
+    will: Will | None = None,
+) -> mqtt.Client:
+    client = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if conn.username:
+        client.username_pw_set(conn.username, conn.password.value or None)
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+    # Short retry delays: a vehicle or gateway that lost the broker should be back at once.
+    client.reconnect_delay_set(min_delay=1, max_delay=5)
+    return client
+
+
+def connect_properties(session_expiry_s: int) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    return props
+
+
+def publish_properties(expiry_s: float | None = None) -> Properties | None:
+    if expiry_s is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    # MQTT expiry is whole seconds; round up so a lease never expires early on the wire.
+    props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+    return props
+
+
+def connect_and_wait(
+    client: mqtt.Client,
+    conn: MqttConnection,
+    *,
+    connected: threading.Event,
+    clean_start: bool = True,
+    session_expiry_s: int = 0,
+    timeout: float = 15.0,
+) -> None:
+    """Connect, start the network loop and wait until ``connected`` is set by on_connect."""
+    try:
+        client.connect(
+            conn.host,
+            conn.port,
+            keepalive=conn.keepalive,
+            clean_start=clean_start,
+            properties=connect_properties(session_expiry_s),
+        )
+    except OSError as exc:
+        raise BrokerError(f"cannot reach MQTT broker {conn.host}:{conn.port}: {exc}") from exc
+    client.loop_start()
+    if not connected.wait(timeout):
+        client.loop_stop()
+        raise BrokerError(f"MQTT broker {conn.host}:{conn.port} did not accept us in {timeout}s")

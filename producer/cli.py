@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``parkpool submit`` and ``parkpool status``: the command line for backend services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+
+from parkpool import logs
+from parkpool.kafka import reader_config
+from parkpool.settings import add_kafka_options, add_namespace_option, add_option, kafka_from_args
+from producer.client import ParkpoolClient, ProducerSettings
+from producer.jobs import JobFailed, JobHandle
+from producer.splitters import PLANNERS, JobPlan
+from schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
+
+
+def add_parser(subparsers: Any) -> None:
+    submit = subparsers.add_parser("submit", help="submit a job and follow it to the end")
+    _connection(submit)
+    submit.add_argument("kernel", choices=sorted(PLANNERS))
+    submit.add_argument("--size", type=int, default=1024, help="matrix side or array length")
+    submit.add_argument("--tile", type=int, default=256, help="gemm tile side")
+    submit.add_argument("--samples", type=int, default=10_000_000, help="monte_carlo_pi samples")
+    submit.add_argument("--chunk", type=int, default=1 << 20, help="elements/samples per chunk")
+    submit.add_argument("--coeffs", default="1,0,-2,1", help="poly coefficients, highest first")
+    submit.add_argument("--op", default="sum", help="reduce operation")
+    submit.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
+    submit.add_argument("--verify", action="store_true", help="check the answer against NumPy")
+    submit.set_defaults(func=run_submit)
+    status = subparsers.add_parser("status", help="report a job's progress from the topics")
+    _connection(status)
+    status.add_argument("job_id")
+    status.set_defaults(func=run_status)
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    add_kafka_options(p)
+    add_namespace_option(p)
+    add_option(p, "--reply-topic", "PARKPOOL_REPLY_TOPIC", "",
+               "Kafka topic for results (default <namespace>.results)")  # fmt: skip
+
+
+def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
+    """Generated inputs for a kernel, and the NumPy answer to check against."""
+    rng = np.random.default_rng(args.seed)
+    if args.kernel == "gemm":
+        a = rng.standard_normal((args.size, args.size), dtype=np.float32)
+        b = rng.standard_normal((args.size, args.size), dtype=np.float32)
+        return PLANNERS["gemm"](a, b, tile=args.tile), lambda: a @ b
+    if args.kernel == "monte_carlo_pi":
+        plan = PLANNERS["monte_carlo_pi"](args.samples, chunk_samples=args.chunk, seed=args.seed)
+        return plan, lambda: np.pi
+    x = rng.standard_normal(args.size)
+    if args.kernel == "poly":
+        coeffs = [float(c) for c in args.coeffs.split(",")]
+        return PLANNERS["poly"](x, coeffs, chunk_elems=args.chunk), lambda: np.polyval(coeffs, x)
+    ops = {"sum": np.sum, "sumsq": lambda v: np.sum(v * v), "min": np.min, "max": np.max}
+    plan = PLANNERS["reduce"](x, args.op, chunk_elems=args.chunk)
+    return plan, lambda: ops[args.op](x)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    logs.configure()
+    plan, expected = example_plan(args)
+    settings = ProducerSettings(kafka_from_args(args), args.namespace, args.reply_topic)
+    with ParkpoolClient(settings) as client:
+        started = time.monotonic()
+        handle = client.submit_plan(plan)
+        if args.no_wait:
+            print(handle.job_id)
+            return 0
+        try:
+            answer = follow(handle, args.timeout)
+        except (JobFailed, TimeoutError) as exc:
+            print(f"job {handle.job_id} did not complete: {exc}", file=sys.stderr)
+            return 1
+        summary = {"job_id": handle.job_id, "chunks": handle.n_chunks,
+                   "duplicates": handle.progress.duplicates,
+                   "wall_s": round(time.monotonic() - started, 3)}  # fmt: skip
+        if args.verify:
+            summary["verified"] = _close(answer, expected(), args.kernel)
+        print(json.dumps(summary))
+        return 0 if summary.get("verified", True) else 1
+
+
+def _close(answer: Any, expected: Any, kernel: str) -> bool:
+    if kernel == "monte_carlo_pi":
+        return abs(float(answer) - float(expected)) < 0.01
+    return bool(np.allclose(answer, expected, rtol=1e-4, atol=1e-3))
+
+
+def follow(handle: JobHandle, timeout: float) -> Any:
+    """Wait for the job, drawing a progress bar on a terminal (stderr)."""
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    while True:
+        try:
+            answer = handle.wait(timeout=0.25)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            _draw(handle, tty)
+    _draw(handle, tty)
+    if tty:
+        sys.stderr.write("\n")
+    return answer
+
+
+def _draw(handle: JobHandle, tty: bool) -> None:
+    p = handle.progress
+    filled = int(30 * p.fraction)
+    line = f"[{'#' * filled}{'.' * (30 - filled)}] {p.done}/{p.total} chunks"
+    if p.dead_lettered:
+        line += f", {p.dead_lettered} dead-lettered"
+    sys.stderr.write(f"\r{line}" if tty else "")
+    sys.stderr.flush()
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Scan the reply and dead-letter topics for one job; print its progress as JSON."""
+    topics = KafkaTopics(args.namespace)
+    status = scan_job(kafka_from_args(args), [args.reply_topic or topics.results,
+                                              topics.dead_letter], args.job_id)  # fmt: skip
+    print(json.dumps(status))
+    return 0 if status["total"] else 1
+
+
+def scan_job(conn: Any, topics: list[str], job_id: str) -> dict[str, Any]:
+    consumer = Consumer(reader_config(conn))
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        ends: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            for partition in metadata.topics[topic].partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+                if high > 0:
+                    ends[(topic, partition)] = high
+        consumer.assign([TopicPartition(t, p, 0) for t, p in ends])
+        return _collect(consumer, ends, job_id, topics[0])
+    finally:
+        consumer.close()
+
+
+def _collect(consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str,
+             reply_topic: str) -> dict[str, Any]:  # fmt: skip
+    done: set[int] = set()
+    dead: dict[int, str] = {}
+    total = 0
+    key = job_id.encode()
+    while ends:
+        for record in consumer.consume(500, timeout=1.0):
+            if record.error() is not None:
+                continue
+            tp = (record.topic(), record.partition())
+            if record.offset() + 1 >= ends.get(tp, 0):
+                ends.pop(tp, None)
+            if record.key() != key:
+                continue
+            try:
+                if record.topic() == reply_topic:
+                    result = decode(record.value() or b"", Result)
+                    done.add(result.chunk_id)
+                    total = result.n_chunks
+                else:
+                    letter = decode(record.value() or b"", DeadLetter)
+                    dead[letter.chunk_id] = letter.reason
+            except DecodeError:
+                continue
+    state = "done" if total and len(done) == total else "running"
+    if dead and len(done) + len(dead.keys() - done) == total:
+        state = "failed"
+    return {"job_id": job_id, "state": state, "done": len(done), "total": total,
+            "dead_lettered": len(dead.keys() - done)}  # fmt: skip

@@ -1,0 +1,219 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The SDK backend services use: submit a job, follow it, get each chunk once.
+
+Publishing uses the idempotent producer (acks=all) and waits for every delivery report:
+``submit`` returns only when every chunk is durable in Kafka, or raises.
+
+Results are read with ``assign()`` from the reply topic's end as it was when the client
+started, never through a consumer group: no group join delay, and any number of clients
+can share one reply topic. Duplicates (the gateway may write a result twice after a
+crash) are dropped per job by chunk id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from parkpool.kafka import producer_config, reader_config
+from parkpool.settings import KafkaConnection
+from producer.jobs import JobHandle
+from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
+from schemas import (
+    BrokerError,
+    DeadLetter,
+    DecodeError,
+    KafkaTopics,
+    Priority,
+    Result,
+    TaskChunk,
+    ValidationError,
+    decode,
+    encode,
+)
+
+log = structlog.get_logger("parkpool.producer")
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
+    kafka: KafkaConnection
+    namespace: str = "parkpool"
+    reply_topic: str = ""  # empty: the namespace's results topic
+    deadline_s: float = 3600.0
+    publish_timeout_s: float = 60.0
+
+
+class ParkpoolClient:
+    def __init__(self, settings: ProducerSettings) -> None:
+        self.settings = settings
+        self.topics = KafkaTopics(settings.namespace)
+        self.reply_topic = settings.reply_topic or self.topics.results
+        self.decode_errors = 0
+        self._producer = Producer(producer_config(settings.kafka))
+        self._handles: dict[str, JobHandle] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
+        self._reader.start()
+
+    def __enter__(self) -> ParkpoolClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join(timeout=10)
+        self._reader.client = None  # break the cycle so the Kafka clients are freed now
+        self._producer.flush(10)
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit(
+        self,
+        kernel: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        priority: Priority | str = Priority.BATCH,
+        deadline_s: float | None = None,
+        job_id: str | None = None,
+        **split_options: Any,
+    ) -> JobHandle:
+        """Split a job with the kernel's planner and publish it; see producer.splitters."""
+        planner = PLANNERS.get(kernel)
+        if planner is None:
+            known = ", ".join(sorted(PLANNERS))
+            raise ValidationError("unknown_kernel", f"no planner for {kernel!r}; known: {known}")
+        plan = planner(**dict(inputs or {}), **split_options)
+        return self.submit_plan(plan, priority=priority, deadline_s=deadline_s, job_id=job_id)
+
+    def submit_plan(
+        self,
+        plan: JobPlan,
+        *,
+        priority: Priority | str = Priority.BATCH,
+        deadline_s: float | None = None,
+        job_id: str | None = None,
+    ) -> JobHandle:
+        return self.publish(plan.kernel, plan.chunks, plan.make_assembler(), priority=priority,
+                            deadline_s=deadline_s, job_id=job_id)  # fmt: skip
+
+    def publish(
+        self,
+        kernel: str,
+        chunks: Sequence[ChunkSpec],
+        assembler: Assembler | None = None,
+        *,
+        priority: Priority | str = Priority.BATCH,
+        deadline_s: float | None = None,
+        job_id: str | None = None,
+    ) -> JobHandle:
+        """Publish prepared chunks as one job; every chunk is durable when this returns."""
+        job_id = job_id or uuid.uuid4().hex
+        now = time.time()
+        deadline = now + (deadline_s or self.settings.deadline_s)
+        tasks = [
+            TaskChunk(job_id, i, len(chunks), kernel, spec.params, spec.inputs, self.reply_topic,
+                      deadline, now, priority=Priority(priority))  # fmt: skip
+            for i, spec in enumerate(chunks)
+        ]
+        handle = JobHandle(job_id, len(tasks), assembler)
+        with self._lock:
+            self._handles[job_id] = handle  # before publishing: results may come back fast
+        try:
+            self._publish_all(tasks)
+        except BrokerError:
+            with self._lock:
+                self._handles.pop(job_id, None)
+            raise
+        log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
+        return handle
+
+    def _publish_all(self, tasks: list[TaskChunk]) -> None:
+        failures: list[str] = []
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for task in tasks:
+            # Key by chunk, not job: one big job then spreads over partitions and gateways.
+            key = f"{task.job_id}:{task.chunk_id}"
+            self._produce(self.topics.tasks, encode(task), key, report)
+        remaining = self._producer.flush(self.settings.publish_timeout_s)
+        if remaining or failures:
+            raise BrokerError(
+                f"{len(failures) + remaining} of {len(tasks)} chunks not confirmed by Kafka: "
+                f"{failures[:3]}"
+            )
+
+    def _produce(self, topic: str, value: bytes, key: str, report: Any) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, key=key, on_delivery=report)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    # ---------------------------------------------------------------- results
+
+    def handle(self, job_id: str) -> JobHandle | None:
+        with self._lock:
+            return self._handles.get(job_id)
+
+    def _route(self, record: Message) -> None:
+        key = (record.key() or b"").decode("utf-8", "replace")
+        handle = self.handle(key)
+        if handle is None:
+            return  # another caller's job, or one we stopped following
+        try:
+            if record.topic() == self.reply_topic:
+                handle.deliver(decode(record.value() or b"", Result), time.time())
+            else:
+                handle.dead_lettered(decode(record.value() or b"", DeadLetter))
+        except DecodeError as exc:
+            self.decode_errors += 1
+            log.warning("result_malformed", job_id=key, topic=record.topic(), reason=str(exc))
+
+
+class _ResultReader(threading.Thread):
+    """Reads the reply and dead-letter topics from their current ends, for one client."""
+
+    def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
+        super().__init__(name="parkpool-results", daemon=True)
+        self.client: ParkpoolClient | None = client
+        self.consumer = Consumer(reader_config(client.settings.kafka))
+        self.consumer.assign(self._ends(topics))
+
+    def _ends(self, topics: list[str]) -> list[TopicPartition]:
+        metadata = self.consumer.list_topics(timeout=10)
+        ends = []
+        for topic in topics:
+            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                raise BrokerError(f"topic {topic} does not exist; run `parkpool brokers bootstrap`")
+            for partition in metadata.topics[topic].partitions:
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
+                ends.append(TopicPartition(topic, partition, high))
+        return ends
+
+    def run(self) -> None:
+        client = self.client
+        assert client is not None
+        try:
+            while not client._closed.is_set():
+                for record in self.consumer.consume(500, timeout=0.05):
+                    if record.error() is None:
+                        client._route(record)
+        finally:
+            self.consumer.close()

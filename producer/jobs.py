@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A submitted job as the caller sees it: progress, each chunk once, the assembled answer."""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from producer.splitters import Assembler
+from schemas import DeadLetter, ParkpoolError, Result, ValidationError
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # a chunk was dead-lettered; the answer cannot be assembled
+    CANCELLED = "cancelled"
+
+
+class JobFailed(ParkpoolError):
+    """A job cannot complete: some chunks were dead-lettered."""
+
+    def __init__(self, job_id: str, reasons: Mapping[int, str]) -> None:
+        self.job_id = job_id
+        self.reasons = dict(reasons)
+        shown = ", ".join(f"chunk {c}: {r}" for c, r in sorted(self.reasons.items())[:5])
+        super().__init__(f"job {job_id} failed: {shown}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    state: JobState
+    done: int
+    total: int
+    duplicates: int
+    dead_lettered: int
+    rejected: int  # results that did not fit the job (wrong shape), counted and dropped
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    chunk_id: int
+    outputs: Mapping[str, np.ndarray]
+    vehicle_id: str
+    latency_s: float  # from the chunk's submission to its arrival here
+
+
+class JobHandle:
+    """Tracks one job. Thread-safe: the client's reader thread feeds it."""
+
+    def __init__(self, job_id: str, n_chunks: int, assembler: Assembler | None) -> None:
+        self.job_id = job_id
+        self.n_chunks = n_chunks
+        self.submitted_at = time.time()
+        self._assembler = assembler
+        self._seen = bytearray(n_chunks)
+        self._done = 0
+        self._duplicates = 0
+        self._rejected = 0
+        self._dead: dict[int, str] = {}
+        self._state = JobState.RUNNING
+        self._latencies: list[float] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._chunks: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
+
+    # ---------------------------------------------------------------- caller side
+
+    @property
+    def progress(self) -> Progress:
+        with self._lock:
+            return Progress(self._state, self._done, self.n_chunks, self._duplicates,
+                            len(self._dead), self._rejected)  # fmt: skip
+
+    @property
+    def state(self) -> JobState:
+        with self._lock:
+            return self._state
+
+    @property
+    def latencies(self) -> list[float]:
+        with self._lock:
+            return list(self._latencies)
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the job ends; return the assembled answer (None without assembler)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._state is JobState.RUNNING:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {self.job_id}: {self._done}/{self.n_chunks} chunks")
+                self._changed.wait(left)
+            if self._state is JobState.FAILED:
+                raise JobFailed(self.job_id, self._dead)
+            if self._state is JobState.CANCELLED or self._assembler is None:
+                return None
+        return self._assembler.result()
+
+    def chunks(self, timeout: float | None = None) -> Iterator[ChunkResult]:
+        """Each chunk's outputs as they arrive, each exactly once, until the job ends."""
+        while True:
+            item = self._chunks.get(timeout=timeout)
+            if item is None:
+                return
+            yield item
+
+    def cancel(self) -> Progress:
+        """Stop waiting for this job. Chunks already queued at a gateway may still run."""
+        with self._lock:
+            if self._state is JobState.RUNNING:
+                self._end(JobState.CANCELLED)
+        return self.progress
+
+    # ---------------------------------------------------------------- reader side
+
+    def deliver(self, result: Result, received_at: float) -> bool:
+        """Take a result; False when it is a duplicate or does not fit the job."""
+        with self._lock:
+            if self._state is not JobState.RUNNING or result.n_chunks != self.n_chunks:
+                return False
+            if self._seen[result.chunk_id]:
+                self._duplicates += 1
+                return False
+            if not self._assemble(result):
+                return False
+            self._seen[result.chunk_id] = 1
+            self._done += 1
+            latency = max(0.0, received_at - result.task_created_at)
+            self._latencies.append(latency)
+            self._chunks.put(ChunkResult(result.chunk_id, result.outputs, result.vehicle_id,
+                                         latency))  # fmt: skip
+            if self._done == self.n_chunks:
+                self._end(JobState.DONE)
+            elif self._dead and self._done + len(self._dead) == self.n_chunks:
+                self._end(JobState.FAILED)
+            self._changed.notify_all()
+            return True
+
+    def dead_lettered(self, letter: DeadLetter) -> None:
+        with self._lock:
+            chunk = letter.chunk_id
+            if self._state is not JobState.RUNNING or not 0 <= chunk < self.n_chunks:
+                return
+            if self._seen[chunk] or chunk in self._dead:
+                return  # an earlier attempt's result already came back: that one counts
+            self._dead[chunk] = letter.reason
+            if self._done + len(self._dead) == self.n_chunks:
+                self._end(JobState.FAILED)
+            self._changed.notify_all()
+
+    def _assemble(self, result: Result) -> bool:
+        if self._assembler is None:
+            return True
+        try:
+            self._assembler.add(result.chunk_id, result.outputs)
+        except ValidationError:
+            self._rejected += 1
+            return False
+        return True
+
+    def _end(self, state: JobState) -> None:
+        self._state = state
+        self._chunks.put(None)
+        self._changed.notify_all()

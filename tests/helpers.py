@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Small tools the integration tests share: read a topic, wait for a condition, talk raw MQTT."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from parkpool.kafka import reader_config
+from parkpool.mqtt import connect_and_wait, new_client
+from parkpool.settings import KafkaConnection, MqttConnection
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until ``condition()`` is truthy; fail the test with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_topic(conn: KafkaConnection, topic: str, expect: int, timeout: float = 30.0) -> list[Message]:
+    """Read a topic from the start until ``expect`` records arrived (or fail)."""
+    consumer = Consumer(reader_config(conn))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        records: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expect and time.monotonic() < deadline:
+            records += [r for r in consumer.consume(100, timeout=0.2) if r.error() is None]
+        assert len(records) >= expect, f"{topic}: {len(records)} records, expected {expect}"
+        return records
+    finally:
+        consumer.close()
+
+
+def committed(conn: KafkaConnection, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition (-1001 when none)."""
+    consumer = Consumer(reader_config(conn, **{"group.id": group}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        offsets = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in offsets}
+    finally:
+        consumer.close()
+
+
+def end_offsets(conn: KafkaConnection, topic: str) -> dict[int, int]:
+    consumer = Consumer(reader_config(conn))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+                for p in partitions}  # fmt: skip
+    finally:
+        consumer.close()
+
+
+class RawMqtt:
+    """A bare MQTT 5 client, to speak the protocol by hand as a scripted or hostile peer."""
+
+    def __init__(self, conn: MqttConnection, client_id: str) -> None:
+        self.received: list[mqtt.MQTTMessage] = []
+        self._connected = threading.Event()
+        self.client = new_client(client_id, conn)
+        self.client.on_connect = lambda *_a: self._connected.set()
+        self.client.on_message = lambda _c, _u, msg: self.received.append(msg)
+        connect_and_wait(self.client, conn, connected=self._connected)
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_a: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(10), f"subscription to {topic} not acknowledged"
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

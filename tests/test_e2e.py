@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The whole path on real brokers: SDK -> Kafka -> gateway -> MQTT -> vehicles -> back.
+
+Every test runs against the session's real Tansu and Mosquitto, in its own namespace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from producer.client import ParkpoolClient
+from producer.jobs import JobFailed, JobState
+from producer.splitters import ChunkSpec
+from schemas import (
+    Assignment,
+    Capabilities,
+    MqttTopics,
+    Nack,
+    NackReason,
+    PullRequest,
+    TaskChunk,
+    decode,
+    encode,
+)
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, wait_for
+from worker.fleet import Fleet
+from worker.kernels import REGISTRY, reference
+
+pytestmark = pytest.mark.integration
+
+GatewayFactory = Callable[..., RunningGateway]
+FleetFactory = Callable[..., Fleet]
+REDELIVERED = "parkpool_gateway_redelivered_total"
+
+
+def _jobs(rng: np.random.Generator) -> dict[str, tuple[dict[str, Any], dict[str, Any], Any]]:
+    """kernel -> (inputs, split options, expected answer)."""
+    a = rng.standard_normal((300, 200), dtype=np.float32)
+    b = rng.standard_normal((200, 260), dtype=np.float32)
+    x = rng.standard_normal(100_000)
+    mc_samples, mc_chunk = 2_000_000, 250_000
+    return {
+        "gemm": ({"a": a, "b": b}, {"tile": 128}, a.astype(np.float64) @ b),
+        "monte_carlo_pi": ({}, {"samples": mc_samples, "chunk_samples": mc_chunk, "seed": 3},
+                           None),  # fmt: skip
+        "poly": ({"x": x, "coeffs": [0.5, -2.0, 1.0]}, {"chunk_elems": 16_384},
+                 np.polyval([0.5, -2.0, 1.0], x)),  # fmt: skip
+        "reduce": ({"x": x, "op": "sumsq"}, {"chunk_elems": 16_384}, float(np.sum(x * x))),
+    }
+
+
+class TestEveryChunkOnce:
+    """Each chunk of a job reaches the caller exactly once, and the answer is right."""
+
+    @pytest.mark.parametrize("kernel", ["gemm", "monte_carlo_pi", "poly", "reduce"])
+    def test_job_round_trip(
+        self,
+        kernel: str,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a gateway and four vehicles
+        gateway_factory()
+        fleet_factory(4)
+        inputs, options, expected = _jobs(np.random.default_rng(11))[kernel]
+        # When a job is submitted through the SDK
+        handle = client.submit(kernel, inputs, **options)
+        answer = handle.wait(timeout=60)
+        # Then every chunk id came back once, and the assembled answer is right
+        ids = sorted(chunk.chunk_id for chunk in handle.chunks(timeout=1))
+        assert ids == list(range(handle.n_chunks))
+        assert handle.n_chunks > 1
+        assert handle.progress.done == handle.n_chunks
+        if kernel == "monte_carlo_pi":
+            expected = _pi_by_reference(options)
+            assert answer == expected
+        else:
+            np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
+
+
+def _pi_by_reference(options: dict[str, Any]) -> float:
+    from producer.splitters import plan_monte_carlo_pi
+
+    plan = plan_monte_carlo_pi(**options)
+    hits = sum(int(reference(plan.kernel, c.params, c.inputs)["hits"]) for c in plan.chunks)
+    return 4.0 * hits / options["samples"]
+
+
+class TestVehicleLoss:
+    """A vehicle that vanishes or gives work back does not lose the work."""
+
+    def test_killed_vehicle_task_is_redone_elsewhere(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a gateway with long leases, so only the last will can explain a fast redo
+        gateway = gateway_factory(lease_seconds=300)
+        slow = fleet_factory(1, prefix="slow", simulated_delay_s=30.0)
+        x = np.arange(1000, dtype=np.float64)
+        handle = client.submit("poly", {"x": x, "coeffs": [2.0, 1.0]}, chunk_elems=1000)
+        wait_for(lambda: list(slow.busy()), 30, "the slow vehicle to hold the task")
+        # When that vehicle dies without a clean disconnect, and another one is there
+        slow.kill(next(iter(slow.vehicles)))
+        fleet_factory(1, prefix="spare")
+        # Then the job completes on the spare vehicle
+        np.testing.assert_allclose(handle.wait(timeout=60), 2 * x + 1)
+        chunk = next(handle.chunks(timeout=1))
+        assert chunk.vehicle_id.startswith("spare")
+        assert gateway.metric(REDELIVERED, cause="vehicle_offline") == 1
+
+    def test_nacked_task_is_redispatched_at_once(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+        mqtt_conn: Any,
+        namespace: str,
+    ) -> None:
+        # Given a scripted vehicle that asks for one task and holds it
+        gateway = gateway_factory(lease_seconds=300)
+        topics = MqttTopics(namespace)
+        scripted = RawMqtt(mqtt_conn, f"scripted-{namespace}")
+        scripted.subscribe(topics.task("scripted"))
+        caps = Capabilities("numpy", tuple(REGISTRY))
+        handle = client.submit("reduce", {"x": np.ones(10), "op": "sum"}, chunk_elems=10)
+        assignment = _pull_until_assigned(scripted, topics, caps, handle.job_id)
+        # When it nacks the task while a real vehicle is waiting for work
+        fleet_factory(1)
+        task = decode(assignment.task, TaskChunk)
+        nack = Nack(task.job_id, task.chunk_id, "scripted", assignment.gateway_id,
+                    assignment.epoch, NackReason.RELEASED, "owner is back")  # fmt: skip
+        scripted.publish(topics.nack("scripted"), encode(nack))
+        # Then another vehicle finishes it long before the 300 s lease could expire
+        assert handle.wait(timeout=30) == 10.0
+        assert gateway.metric(REDELIVERED, cause="nack") == 1
+        scripted.close()
+
+
+def _pull_until_assigned(
+    raw: RawMqtt, topics: MqttTopics, caps: Any, job_id: str, timeout: float = 30.0
+) -> Assignment:
+    deadline = time.monotonic() + timeout
+    raw.publish(topics.pull("scripted"), encode(PullRequest("scripted", 1, caps)))
+    while time.monotonic() < deadline:
+        for msg in list(raw.received):
+            assignment = decode(msg.payload, Assignment)
+            if decode(assignment.task, TaskChunk).job_id == job_id:
+                return assignment
+        time.sleep(0.2)
+    pytest.fail("the scripted vehicle never got the task")
+
+
+def test_job_state_after_poison_is_failed_not_hung(
+    gateway_factory: GatewayFactory, fleet_factory: FleetFactory, client: ParkpoolClient
+) -> None:
+    """A job whose kernel is unknown to every vehicle is dead-lettered at once (terminal)."""
+    # Given a running fleet
+    gateway_factory()
+    fleet_factory(2)
+    # When a chunk names a kernel no vehicle has
+    handle = client.publish("no_such_kernel", [ChunkSpec({}, {})])
+    # Then the job fails with the reason, instead of hanging
+    with pytest.raises(JobFailed, match="invalid_task"):
+        handle.wait(timeout=30)
+    assert handle.state is JobState.FAILED
+    assert handle.progress.dead_lettered == 1

@@ -1,0 +1,310 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The stateless vehicle worker: pull work when there is room, run it, publish the result.
+
+Nothing here survives a restart, and nothing needs to: a task the worker loses is
+redone elsewhere when its lease ends, so the worker can always just stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from parkpool.mqtt import Will, connect_and_wait, new_client
+from parkpool.settings import MqttConnection
+from schemas import (
+    Assignment,
+    Capabilities,
+    DecodeError,
+    GatewayState,
+    GatewayStatus,
+    KernelError,
+    MqttTopics,
+    Nack,
+    NackReason,
+    PullRequest,
+    Reject,
+    Result,
+    Retry,
+    TaskChunk,
+    ValidationError,
+    VehicleState,
+    VehicleStatus,
+    decode,
+    encode,
+)
+from worker.backend import Backend, select_backend
+from worker.kernels import REGISTRY, execute
+
+log = structlog.get_logger("parkpool.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    vehicle_id: str
+    mqtt: MqttConnection = field(default_factory=MqttConnection)
+    namespace: str = "parkpool"
+    concurrency: int = 1  # kernels running at once; one GPU runs one stream well
+    prefetch: int = 1  # extra tasks held so the next is already here when one finishes
+    heartbeat_s: float = 5.0
+    pull_refresh_s: float = 3.0  # re-send an unanswered pull: a gateway may have restarted
+    backend: str = "auto"
+    simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
+
+    @property
+    def capacity(self) -> int:
+        return self.concurrency + self.prefetch
+
+
+@dataclass(slots=True)
+class Held:
+    assignment: Assignment
+    task: TaskChunk
+    received_at: float = field(default_factory=time.time)
+
+
+class VehicleWorker:
+    def __init__(self, settings: WorkerSettings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.vehicle_id = settings.vehicle_id
+        self.topics = MqttTopics(settings.namespace)
+        self.backend = backend or select_backend(settings.backend)
+        self.capabilities = Capabilities(self.backend.name, tuple(REGISTRY))
+        self.completed = 0
+        self._held: dict[int, Held] = {}
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._last_pull = (0, 0.0)  # credits, monotonic time
+        self._pool = ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
+        self._log = log.bind(vehicle_id=self.vehicle_id)
+        will = VehicleStatus(self.vehicle_id, VehicleState.OFFLINE, time.time(), "connection_lost")
+        self._client = new_client(
+            f"veh-{settings.namespace}-{self.vehicle_id}",
+            settings.mqtt,
+            will=Will(self.topics.status(self.vehicle_id), encode(will)),
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
+
+    # ---------------------------------------------------------------- life cycle
+
+    def start(self, timeout: float = 15.0) -> None:
+        connect_and_wait(self._client, self.settings.mqtt, connected=self._connected,
+                         timeout=timeout)  # fmt: skip
+        if not self._subscribed.wait(timeout):
+            raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
+        self._status(VehicleState.ONLINE)
+        self.pull(force=True)
+        self._ticker.start()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Owner-first stop: hand every held task back at once, then leave cleanly."""
+        self._stopping.set()
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for item in held:
+            self._nack(item.assignment, NackReason.RELEASED, reason, item.task)
+        self._status(VehicleState.OFFLINE, reason).wait_for_publish(timeout=5)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.free_memory()
+
+    def kill(self) -> None:
+        """Vanish without a DISCONNECT, as a car driving out of coverage does.
+
+        The broker then publishes our last will, which is what the gateway must handle.
+        """
+        self._stopping.set()
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    # ---------------------------------------------------------------- pulling
+
+    def pull(self, *, force: bool = False) -> None:
+        """Ask for as many tasks as there is room for; absolute, so repeating it is safe."""
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            credits = self.settings.capacity - len(self._held)
+            seen = dict(self._seen)
+            last_credits, last_at = self._last_pull
+            due = time.monotonic() - last_at >= self.settings.pull_refresh_s
+            if credits <= 0 or not (force or due or credits != last_credits):
+                return
+            self._last_pull = (credits, time.monotonic())
+        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen)
+        self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=1)
+
+    def _tick_loop(self) -> None:
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+        while not self._stopping.wait(0.5):
+            self.pull()
+            if time.monotonic() >= next_heartbeat:
+                self._status(VehicleState.ONLINE)
+                next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+
+    # ---------------------------------------------------------------- receiving tasks
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            self._log.error("mqtt_connect_refused", reason=str(rc))
+            return
+        self._connected.set()
+        client.subscribe([(self.topics.task(self.vehicle_id), 1),
+                          (self.topics.all_gateway_statuses, 1)])  # fmt: skip
+        if self._subscribed.is_set():  # a reconnect: say we are here again
+            self._status(VehicleState.ONLINE)
+            self.pull(force=True)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _m: int, codes: Any, _p: Any) -> None:
+        if not any(code.is_failure for code in codes):
+            self._subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.task(self.vehicle_id):
+            self._on_assignment(msg.payload)
+        else:
+            self._on_gateway_status(msg.payload)
+
+    def _on_gateway_status(self, payload: bytes) -> None:
+        try:
+            status = decode(payload, GatewayStatus)
+        except DecodeError:
+            return
+        if status.state is GatewayState.ONLINE:
+            self.pull(force=True)  # a (re)started gateway knows nothing of our last pull
+
+    def _on_assignment(self, payload: bytes) -> None:
+        try:
+            assignment = decode(payload, Assignment)
+        except DecodeError as exc:
+            # Without a readable epoch there is nothing to nack; the lease will expire.
+            self._log.warning("assignment_malformed", reason=str(exc))
+            return
+        with self._lock:
+            last = self._seen.get(assignment.gateway_id, 0)
+            self._seen[assignment.gateway_id] = max(last, assignment.epoch)
+        refusal = self._refusal(assignment)
+        if refusal is not None:
+            self._nack(assignment, *refusal)
+            return
+        try:
+            task = decode(assignment.task, TaskChunk)
+        except DecodeError as exc:
+            self._nack(assignment, NackReason.INVALID_TASK, str(exc))
+            return
+        with self._lock:
+            self._held[assignment.epoch] = Held(assignment, task)
+        self._pool.submit(self._run, assignment.epoch)
+
+    def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
+        if self._stopping.is_set():
+            return NackReason.RELEASED, "worker stopping"
+        if assignment.vehicle_id != self.vehicle_id:
+            return NackReason.INVALID_TASK, "assignment addressed to another vehicle"
+        if assignment.lease_deadline < time.time():
+            return NackReason.EXPIRED, "lease deadline passed before the task could start"
+        if self.held >= self.settings.capacity:
+            return NackReason.BUSY, "more tasks than credits given"
+        return None
+
+    # ---------------------------------------------------------------- running tasks
+
+    def _run(self, epoch: int) -> None:
+        with self._lock:
+            item = self._held.get(epoch)
+        if item is None or self._stopping.is_set():
+            return  # released meanwhile
+        started = time.perf_counter()
+        try:
+            self._simulated_delay()
+            outputs = execute(item.task.kernel, item.task.params, item.task.inputs, self.backend)
+        except (ValidationError, Reject) as exc:
+            self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
+            return
+        except (KernelError, Retry) as exc:
+            self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
+            return
+        result = self._result(item, outputs, time.perf_counter() - started)
+        self._finish(epoch, result=result)
+
+    def _simulated_delay(self) -> None:
+        if self.settings.simulated_delay_s > 0:
+            self._stopping.wait(self.settings.simulated_delay_s)
+
+    def _result(self, item: Held, outputs: dict[str, Any], seconds: float) -> Result:
+        a, t = item.assignment, item.task
+        return Result(
+            job_id=t.job_id,
+            chunk_id=t.chunk_id,
+            n_chunks=t.n_chunks,
+            vehicle_id=self.vehicle_id,
+            gateway_id=a.gateway_id,
+            epoch=a.epoch,
+            attempt=a.attempt,
+            outputs=outputs,
+            exec_seconds=seconds,
+            finished_at=time.time(),
+            task_created_at=t.created_at,
+        )
+
+    def _finish(
+        self,
+        epoch: int,
+        result: Result | None = None,
+        nack: tuple[NackReason, str] | None = None,
+    ) -> None:
+        with self._lock:
+            item = self._held.pop(epoch, None)
+        if item is None or self._stopping.is_set():
+            return  # already released by stop(): the gateway has our nack
+        if result is not None:
+            self._client.publish(self.topics.result(self.vehicle_id), encode(result), qos=1)
+            self.completed += 1
+        elif nack is not None:
+            self._log.warning("task_failed", job_id=item.task.job_id,
+                              chunk_id=item.task.chunk_id, reason=nack[0].value, detail=nack[1])  # fmt: skip
+            self._nack(item.assignment, *nack, item.task)
+        self.pull()
+
+    def _nack(
+        self,
+        assignment: Assignment,
+        reason: NackReason,
+        detail: str,
+        task: TaskChunk | None = None,
+    ) -> None:
+        if task is None:
+            try:
+                task = decode(assignment.task, TaskChunk)
+            except DecodeError:
+                pass  # the gateway cannot match this nack; the lease expiry covers it
+        job_id, chunk_id = (task.job_id, task.chunk_id) if task else ("unreadable", 0)
+        nack = Nack(job_id, chunk_id, self.vehicle_id, assignment.gateway_id, assignment.epoch,
+                    reason, detail[:1024])  # fmt: skip
+        self._client.publish(self.topics.nack(self.vehicle_id), encode(nack), qos=1)
+
+    def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
+        status = VehicleStatus(self.vehicle_id, state, time.time(), reason, held=self.held)
+        return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)
