@@ -169,7 +169,7 @@ class Gateway:
         except DecodeError as exc:
             self.metrics.dropped.labels("kafka_tasks", exc.reason).inc()
             self._log.warning("task_malformed", partition=tp[1], offset=offset, reason=str(exc))
-            self._dead_letter(tp, offset, raw, f"malformed_{exc.reason}", str(exc))
+            self._dead_letter(tp, offset, raw, f"decode_{exc.reason}", str(exc))
             return
         task = PendingTask(tp[0], tp[1], offset, raw, chunk)
         self.pending[tp][offset] = task
