@@ -27,22 +27,67 @@ def add_parser(subparsers: Any) -> None:
     add_kafka_options(p)
     add_mqtt_options(p)
     add_namespace_option(p)
-    add_option(p, "--gateway-id", "PARKPOOL_GATEWAY_ID", socket.gethostname().split(".")[0],
-               "this gateway's id; also its MQTT client id and session")  # fmt: skip
-    add_option(p, "--group-id", "PARKPOOL_GROUP_ID", "",
-               "Kafka consumer group (default <namespace>.gateways)")  # fmt: skip
-    add_option(p, "--lease-seconds", "PARKPOOL_LEASE_SECONDS", 30.0,
-               "how long a vehicle may hold a task before it goes to another", float)  # fmt: skip
-    add_option(p, "--max-attempts", "PARKPOOL_MAX_ATTEMPTS", 5,
-               "failed attempts before a task is dead-lettered", int)  # fmt: skip
-    add_option(p, "--window", "PARKPOOL_WINDOW", 512,
-               "unfinished records per partition before it is paused", int)  # fmt: skip
-    add_option(p, "--session-timeout-ms", "PARKPOOL_SESSION_TIMEOUT_MS", 6000,
-               "Kafka group session timeout; also bounds how fast a restart rejoins", int)  # fmt: skip
-    add_option(p, "--metrics-port", "PARKPOOL_METRICS_PORT", 0,
-               "serve Prometheus metrics on this port (0: off)", int)  # fmt: skip
-    add_option(p, "--metrics-addr", "PARKPOOL_METRICS_ADDR", "127.0.0.1",
-               "address the metrics port binds to")  # fmt: skip
+    add_option(
+        p,
+        "--gateway-id",
+        "PARKPOOL_GATEWAY_ID",
+        socket.gethostname().split(".")[0],
+        "this gateway's id; also its MQTT client id and session",
+    )
+    add_option(
+        p,
+        "--group-id",
+        "PARKPOOL_GROUP_ID",
+        "",
+        "Kafka consumer group (default <namespace>.gateways)",
+    )
+    add_option(
+        p,
+        "--lease-seconds",
+        "PARKPOOL_LEASE_SECONDS",
+        30.0,
+        "how long a vehicle may hold a task before it goes to another",
+        float,
+    )
+    add_option(
+        p,
+        "--max-attempts",
+        "PARKPOOL_MAX_ATTEMPTS",
+        5,
+        "failed attempts before a task is dead-lettered",
+        int,
+    )
+    add_option(
+        p,
+        "--window",
+        "PARKPOOL_WINDOW",
+        512,
+        "unfinished records per partition before it is paused",
+        int,
+    )
+    add_option(
+        p,
+        "--session-timeout-ms",
+        "PARKPOOL_SESSION_TIMEOUT_MS",
+        6000,
+        "Kafka group session timeout; also bounds how fast a restart rejoins",
+        int,
+    )
+    add_option(
+        p,
+        "--metrics-port",
+        "PARKPOOL_METRICS_PORT",
+        0,
+        "serve Prometheus metrics on this port (0: off)",
+        int,
+    )
+    add_option(
+        p,
+        "--metrics-addr",
+        "PARKPOOL_METRICS_ADDR",
+        "127.0.0.1",
+        "address the metrics port binds to",
+    )
     p.set_defaults(func=run)
 
 

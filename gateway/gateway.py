@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -30,7 +30,7 @@ from gateway.mqtt_link import MqttEvent, MqttLink
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook
 from gateway.window import OffsetWindow
-from parkpool.kafka import consumer_config, producer_config
+from parkpool.kafka import consumer_config, coordinates, produce, producer_config
 from parkpool.settings import KafkaConnection, MqttConnection
 from schemas import (
     Assignment,
@@ -129,7 +129,19 @@ class Gateway:
         self._producer.poll(0)
         self._update_gauges()
         if not busy:
-            time.sleep(0.002)
+            self._idle(0.005)
+
+    def _idle(self, timeout: float) -> None:
+        """Sleep until an MQTT message arrives or ``timeout`` passes, then handle it.
+
+        Kafka records are prefetched by librdkafka's own threads, so the next step picks
+        them up without blocking; MQTT is what the loop would otherwise react to late.
+        """
+        try:
+            event = self.mqtt.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._handle(event)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop taking work, make what is done durable, commit it, and leave."""
@@ -147,21 +159,23 @@ class Gateway:
 
     def _consume(self) -> bool:
         assert self._consumer is not None
-        records = self._consumer.consume(self.settings.batch, timeout=0.01)
+        records = self._consumer.consume(self.settings.batch, timeout=0)
         for record in records:
             self._on_record(record)
         return bool(records)
 
     def _on_record(self, record: Message) -> None:
-        if record.error():
-            if record.error().code() != KafkaError._PARTITION_EOF:
-                self._log.warning("kafka_consume_error", error=str(record.error()))
+        error = record.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                self._log.warning("kafka_consume_error", error=str(error))
             return
-        tp: TP = (record.topic(), record.partition())
+        topic, partition, offset = coordinates(record)
+        tp: TP = (topic, partition)
         window = self.windows.get(tp)
         if window is None:  # a record of a partition revoked since it was fetched
             return
-        offset, raw = record.offset(), record.value() or b""
+        raw = record.value() or b""
         window.add(offset)
         self.metrics.tasks.labels("consumed").inc()
         try:
@@ -255,13 +269,10 @@ class Gateway:
         self._consumer.resume([TopicPartition(*tp)])
         self.paused.discard(tp)
 
-    def _produce(self, topic: str, value: bytes, key: str | None, done: Callable[..., None]) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value, key=key, on_delivery=done)
-                return
-            except BufferError:
-                self._producer.poll(0.05)  # local queue full: let reports drain first
+    def _produce(
+        self, topic: str, value: bytes, key: str | None, done: Callable[..., None]
+    ) -> None:
+        produce(self._producer, topic, value, key, done)
 
     # ---------------------------------------------------------------- MQTT side
 
@@ -273,13 +284,16 @@ class Gateway:
             except queue.Empty:
                 break
             handled += 1
-            handler = self._handlers.get(event.kind)
-            if handler is None:
-                self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
-                self.mqtt.ack(event)
-                continue
-            handler(self, event)
+            self._handle(event)
         return handled > 0
+
+    def _handle(self, event: MqttEvent) -> None:
+        handler = self._handlers.get(event.kind)
+        if handler is None:
+            self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
+            self.mqtt.ack(event)
+            return
+        handler(self, event)
 
     def _on_pull(self, event: MqttEvent) -> None:
         pull = self._decode(event, PullRequest)
@@ -347,7 +361,7 @@ class Gateway:
             terminal=nack.reason.terminal,
         )
 
-    _handlers: dict[str, Callable[[Gateway, MqttEvent], None]] = {
+    _handlers: ClassVar[dict[str, Callable[[Gateway, MqttEvent], None]]] = {
         "pull": _on_pull,
         "status": _on_status,
         "result": _on_result,
@@ -359,8 +373,9 @@ class Gateway:
             return decode(event.payload, kind)
         except DecodeError as exc:
             self.metrics.dropped.labels(f"mqtt_{event.kind}", exc.reason).inc()
-            self._log.warning("mqtt_malformed", kind=event.kind, vehicle_id=event.vehicle_id,
-                              reason=str(exc))  # fmt: skip
+            self._log.warning(
+                "mqtt_malformed", kind=event.kind, vehicle_id=event.vehicle_id, reason=str(exc)
+            )
             return None
 
     def _lease_for(self, event: MqttEvent, message: Result | Nack | None) -> Lease | None:
@@ -375,8 +390,14 @@ class Gateway:
         )
         if not valid:
             self.metrics.dropped.labels(f"mqtt_{event.kind}", "stale_or_fenced").inc()
-            self._log.info("stale_message_dropped", kind=event.kind, vehicle_id=event.vehicle_id,
-                           epoch=message.epoch, job_id=message.job_id, chunk_id=message.chunk_id)  # fmt: skip
+            self._log.info(
+                "stale_message_dropped",
+                kind=event.kind,
+                vehicle_id=event.vehicle_id,
+                epoch=message.epoch,
+                job_id=message.job_id,
+                chunk_id=message.chunk_id,
+            )
             return None
         return lease
 
@@ -486,12 +507,20 @@ class Gateway:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 self.metrics.delivery_errors.labels("dead_letter").inc()
-                self._produce(self.kafka_topics.dead_letter, payload, letter.job_id or None, delivered)
+                self._produce(
+                    self.kafka_topics.dead_letter, payload, letter.job_id or None, delivered
+                )
                 return
             self.metrics.dead_lettered.labels(reason).inc()
             self.metrics.tasks.labels("dead_lettered").inc()
-            self._log.warning("dead_lettered", reason=reason, job_id=letter.job_id,
-                              chunk_id=letter.chunk_id, partition=tp[1], offset=offset)  # fmt: skip
+            self._log.warning(
+                "dead_lettered",
+                reason=reason,
+                job_id=letter.job_id,
+                chunk_id=letter.chunk_id,
+                partition=tp[1],
+                offset=offset,
+            )
             self._finish_offset(tp, offset)
 
         self._produce(self.kafka_topics.dead_letter, payload, letter.job_id or None, delivered)

@@ -46,7 +46,9 @@ class GatewayMetrics:
             registry=r,
         )
         self.leases = Gauge("parkpool_gateway_leases", "Leases in flight", registry=r)
-        self.queued = Gauge("parkpool_gateway_queued_tasks", "Tasks waiting for a vehicle", registry=r)
+        self.queued = Gauge(
+            "parkpool_gateway_queued_tasks", "Tasks waiting for a vehicle", registry=r
+        )
         self.paused = Gauge(
             "parkpool_gateway_paused_partitions", "Partitions paused by backpressure", registry=r
         )

@@ -126,4 +126,4 @@ class MqttLink:
             if msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
             return
-        self.events.put(MqttEvent(kind, vehicle_id, msg.payload, msg.mid, msg.qos))
+        self.events.put(MqttEvent(kind, vehicle_id, bytes(msg.payload), msg.mid, msg.qos))

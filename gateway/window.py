@@ -19,6 +19,7 @@ class OffsetWindow:
             raise ValueError("window capacity must be at least 1")
         self.capacity = capacity
         self._order: deque[int] = deque()  # consumed offsets, ascending
+        self._members: set[int] = set()  # the same offsets, for O(1) membership
         self._done: set[int] = set()  # finished offsets not yet at the low end
         self._next: int | None = None  # one past the highest offset seen
 
@@ -26,16 +27,21 @@ class OffsetWindow:
         if self._next is not None and offset < self._next:
             raise ValueError(f"offset {offset} arrived after {self._next - 1}")
         self._order.append(offset)
+        self._members.add(offset)
         self._next = offset + 1
 
     def finish(self, offset: int) -> bool:
         """Mark ``offset`` done; True when the commit point moved."""
-        if not self._order or offset < self._order[0] or offset in self._done:
+        # Unknown offsets are ignored: a late callback for a revoked-and-reassigned
+        # partition must not finish a record this window never handed out.
+        if offset not in self._members or offset in self._done:
             return False
         self._done.add(offset)
         moved = False
         while self._order and self._order[0] in self._done:
-            self._done.discard(self._order.popleft())
+            low = self._order.popleft()
+            self._done.discard(low)
+            self._members.discard(low)
             moved = True
         return moved
 

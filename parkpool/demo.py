@@ -9,14 +9,9 @@ shuts everything down. Exits non-zero when anything fails or the answer is wrong
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,7 @@ import numpy as np
 from broker_config.launcher import EmbeddedBrokers, free_port
 from broker_config.topics import bootstrap
 from parkpool import logs
+from parkpool.children import role, role_env
 from parkpool.settings import KafkaConnection
 from producer.cli import follow
 from producer.client import ParkpoolClient, ProducerSettings
@@ -38,28 +34,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vehicles", type=int, default=16, help="simulated vehicles")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
     return p.parse_args(argv)
-
-
-@contextmanager
-def role(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Iterator[None]:
-    """Run one ``parkpool`` role as a child process; SIGTERM it (then SIGKILL) on exit."""
-    log = (log_dir / f"{name}.log").open("wb")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "parkpool.cli", *args], env=env, stdout=log, stderr=log
-    )
-    try:
-        yield
-        if child.poll() is not None:
-            raise RuntimeError(f"{name} exited early with {child.returncode}; see {log.name}")
-    finally:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        log.close()
 
 
 def scrape(port: int, name: str) -> float:
@@ -81,15 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedBrokers(run_dir=run_dir) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         metrics_port = free_port()
-        env = {
-            **os.environ,
-            "PARKPOOL_KAFKA_BOOTSTRAP": brokers.kafka_bootstrap,
-            "PARKPOOL_MQTT_HOST": brokers.mqtt_host,
-            "PARKPOOL_MQTT_PORT": str(brokers.mqtt_port),
-            "PARKPOOL_NAMESPACE": NAMESPACE,
-            "PARKPOOL_LOG_JSON": "1",
-            "OPENBLAS_NUM_THREADS": "1",  # 16 vehicles share 2 cores: no BLAS oversubscription
-        }
+        env = role_env(brokers, NAMESPACE)
         gateway_args = ["gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)]
         sim_args = ["sim", "--vehicles", str(args.vehicles)]
         with role("gateway", gateway_args, env, run_dir), role("fleet", sim_args, env, run_dir):
@@ -107,8 +73,10 @@ def run_job(args: argparse.Namespace, bootstrap_servers: str, metrics_port: int)
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
         handle = client.submit("gemm", {"a": a, "b": b}, tile=args.tile)
-        print(f"submitted job {handle.job_id}: {args.size}x{args.size} matmul "
-              f"in {handle.n_chunks} tiles of {args.tile}x{args.tile}")  # fmt: skip
+        print(
+            f"submitted job {handle.job_id}: {args.size}x{args.size} matmul "
+            f"in {handle.n_chunks} tiles of {args.tile}x{args.tile}"
+        )
         answer = follow(handle, args.timeout)
         wall = time.monotonic() - started
     expected = a.astype(np.float64) @ b.astype(np.float64)
@@ -118,8 +86,10 @@ def run_job(args: argparse.Namespace, bootstrap_servers: str, metrics_port: int)
     print(f"CHECK {'PASSED' if ok else 'FAILED'}: answer matches NumPy (max abs error {worst:.2e})")
     redelivered = scrape(metrics_port, "parkpool_gateway_redelivered_total")
     p = handle.progress
-    print(f"summary: tasks={p.total} completed={p.done} duplicates_dropped={p.duplicates} "
-          f"redeliveries={redelivered:.0f} wall={wall:.2f}s throughput={p.total / wall:.1f} tasks/s")  # fmt: skip
+    print(
+        f"summary: tasks={p.total} completed={p.done} duplicates_dropped={p.duplicates} "
+        f"redeliveries={redelivered:.0f} wall={wall:.2f}s throughput={p.total / wall:.1f} tasks/s"
+    )
     return ok
 
 

@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from confluent_kafka import Message, Producer
 
 from parkpool.settings import KafkaConnection
 
 # Tasks carry NumPy arrays; a 256-row float32 panel of a 4096-wide matrix is 4 MiB.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# Tansu holds an empty fetch for the full wait even when records arrive meanwhile, so the
+# default 500 ms would add up to half a second to every hop. Short waits cost a few
+# idle fetch requests per second per broker.
+FETCH_WAIT_MS = 20
 
 
 def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
@@ -43,6 +50,7 @@ def consumer_config(
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             # Bounds the prefetch buffer per partition; backpressure does the rest.
             "queued.max.messages.kbytes": 16384,
             **overrides,
@@ -57,7 +65,36 @@ def reader_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
             "group.id": "parkpool-reader",  # required by librdkafka, unused with assign()
             "enable.auto.commit": False,
             "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "queued.max.messages.kbytes": 16384,
             **overrides,
         }
     )
+
+
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: str | None,
+    on_delivery: Callable[..., None],
+) -> None:
+    """Produce, waiting for room when librdkafka's local queue is full.
+
+    BufferError only means "too much not yet sent"; serving delivery reports frees room.
+    """
+    while True:
+        try:
+            producer.produce(topic, value, key=key, on_delivery=on_delivery)
+        except BufferError:
+            producer.poll(0.05)
+        else:
+            return
+
+
+def coordinates(record: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed record (always set when it has no error)."""
+    topic, partition, offset = record.topic(), record.partition(), record.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError("a consumed record without topic, partition or offset")
+    return topic, partition, offset

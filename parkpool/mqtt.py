@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -30,7 +32,7 @@ def new_client(
     will: Will | None = None,
 ) -> mqtt.Client:
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5,
         manual_ack=manual_ack,
@@ -41,11 +43,19 @@ def new_client(
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     # Short retry delays: a vehicle or gateway that lost the broker should be back at once.
     client.reconnect_delay_set(min_delay=1, max_delay=5)
+    client.on_socket_open = _no_delay
     return client
 
 
+def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    # paho leaves Nagle on: a PUBLISH written right after a PUBACK then waits for the
+    # peer's delayed ACK, adding tens of milliseconds to every hop.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def connect_properties(session_expiry_s: int) -> Properties:
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry_s
     return props
 
@@ -53,7 +63,7 @@ def connect_properties(session_expiry_s: int) -> Properties:
 def publish_properties(expiry_s: float | None = None) -> Properties | None:
     if expiry_s is None:
         return None
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     # MQTT expiry is whole seconds; round up so a lease never expires early on the wire.
     props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
     return props

@@ -96,11 +96,21 @@ class MqttConnection:
 
 
 def add_kafka_options(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--kafka-bootstrap", "PARKPOOL_KAFKA_BOOTSTRAP", "127.0.0.1:9092",
-               "Kafka bootstrap servers")  # fmt: skip
-    add_option(parser, "--kafka-config", "PARKPOOL_KAFKA_CONFIG", {},
-               "extra librdkafka settings as key=value,key=value (SASL/TLS go here)",
-               parse_kafka_config)  # fmt: skip
+    add_option(
+        parser,
+        "--kafka-bootstrap",
+        "PARKPOOL_KAFKA_BOOTSTRAP",
+        "127.0.0.1:9092",
+        "Kafka bootstrap servers",
+    )
+    add_option(
+        parser,
+        "--kafka-config",
+        "PARKPOOL_KAFKA_CONFIG",
+        {},
+        "extra librdkafka settings as key=value,key=value (SASL/TLS go here)",
+        parse_kafka_config,
+    )
 
 
 def add_mqtt_options(parser: argparse.ArgumentParser) -> None:
@@ -111,8 +121,13 @@ def add_mqtt_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_namespace_option(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--namespace", "PARKPOOL_NAMESPACE", "parkpool",
-               "namespace of the Kafka and MQTT topics")  # fmt: skip
+    add_option(
+        parser,
+        "--namespace",
+        "PARKPOOL_NAMESPACE",
+        "parkpool",
+        "namespace of the Kafka and MQTT topics",
+    )
 
 
 def kafka_from_args(args: argparse.Namespace) -> KafkaConnection:

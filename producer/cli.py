@@ -7,13 +7,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
 from parkpool import logs
-from parkpool.kafka import reader_config
+from parkpool.kafka import coordinates, reader_config
 from parkpool.settings import add_kafka_options, add_namespace_option, add_option, kafka_from_args
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.jobs import JobFailed, JobHandle
@@ -45,8 +46,13 @@ def add_parser(subparsers: Any) -> None:
 def _connection(p: argparse.ArgumentParser) -> None:
     add_kafka_options(p)
     add_namespace_option(p)
-    add_option(p, "--reply-topic", "PARKPOOL_REPLY_TOPIC", "",
-               "Kafka topic for results (default <namespace>.results)")  # fmt: skip
+    add_option(
+        p,
+        "--reply-topic",
+        "PARKPOOL_REPLY_TOPIC",
+        "",
+        "Kafka topic for results (default <namespace>.results)",
+    )
 
 
 def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
@@ -63,7 +69,12 @@ def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
     if args.kernel == "poly":
         coeffs = [float(c) for c in args.coeffs.split(",")]
         return PLANNERS["poly"](x, coeffs, chunk_elems=args.chunk), lambda: np.polyval(coeffs, x)
-    ops = {"sum": np.sum, "sumsq": lambda v: np.sum(v * v), "min": np.min, "max": np.max}
+    ops: dict[str, Callable[[Any], Any]] = {
+        "sum": np.sum,
+        "sumsq": lambda v: np.sum(v * v),
+        "min": np.min,
+        "max": np.max,
+    }
     plan = PLANNERS["reduce"](x, args.op, chunk_elems=args.chunk)
     return plan, lambda: ops[args.op](x)
 
@@ -83,9 +94,12 @@ def run_submit(args: argparse.Namespace) -> int:
         except (JobFailed, TimeoutError) as exc:
             print(f"job {handle.job_id} did not complete: {exc}", file=sys.stderr)
             return 1
-        summary = {"job_id": handle.job_id, "chunks": handle.n_chunks,
-                   "duplicates": handle.progress.duplicates,
-                   "wall_s": round(time.monotonic() - started, 3)}  # fmt: skip
+        summary = {
+            "job_id": handle.job_id,
+            "chunks": handle.n_chunks,
+            "duplicates": handle.progress.duplicates,
+            "wall_s": round(time.monotonic() - started, 3),
+        }
         if args.verify:
             summary["verified"] = _close(answer, expected(), args.kernel)
         print(json.dumps(summary))
@@ -129,8 +143,9 @@ def _draw(handle: JobHandle, tty: bool) -> None:
 def run_status(args: argparse.Namespace) -> int:
     """Scan the reply and dead-letter topics for one job; print its progress as JSON."""
     topics = KafkaTopics(args.namespace)
-    status = scan_job(kafka_from_args(args), [args.reply_topic or topics.results,
-                                              topics.dead_letter], args.job_id)  # fmt: skip
+    status = scan_job(
+        kafka_from_args(args), [args.reply_topic or topics.results, topics.dead_letter], args.job_id
+    )
     print(json.dumps(status))
     return 0 if status["total"] else 1
 
@@ -151,8 +166,9 @@ def scan_job(conn: Any, topics: list[str], job_id: str) -> dict[str, Any]:
         consumer.close()
 
 
-def _collect(consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str,
-             reply_topic: str) -> dict[str, Any]:  # fmt: skip
+def _collect(
+    consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str, reply_topic: str
+) -> dict[str, Any]:
     done: set[int] = set()
     dead: dict[int, str] = {}
     total = 0
@@ -161,8 +177,9 @@ def _collect(consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str,
         for record in consumer.consume(500, timeout=1.0):
             if record.error() is not None:
                 continue
-            tp = (record.topic(), record.partition())
-            if record.offset() + 1 >= ends.get(tp, 0):
+            topic, partition, offset = coordinates(record)
+            tp = (topic, partition)
+            if offset + 1 >= ends.get(tp, 0):
                 ends.pop(tp, None)
             if record.key() != key:
                 continue
@@ -179,5 +196,10 @@ def _collect(consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str,
     state = "done" if total and len(done) == total else "running"
     if dead and len(done) + len(dead.keys() - done) == total:
         state = "failed"
-    return {"job_id": job_id, "state": state, "done": len(done), "total": total,
-            "dead_lettered": len(dead.keys() - done)}  # fmt: skip
+    return {
+        "job_id": job_id,
+        "state": state,
+        "done": len(done),
+        "total": total,
+        "dead_lettered": len(dead.keys() - done),
+    }

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from parkpool.kafka import producer_config, reader_config
+from parkpool.kafka import produce, producer_config, reader_config
 from parkpool.settings import KafkaConnection
 from producer.jobs import JobHandle
 from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
@@ -104,8 +104,14 @@ class ParkpoolClient:
         deadline_s: float | None = None,
         job_id: str | None = None,
     ) -> JobHandle:
-        return self.publish(plan.kernel, plan.chunks, plan.make_assembler(), priority=priority,
-                            deadline_s=deadline_s, job_id=job_id)  # fmt: skip
+        return self.publish(
+            plan.kernel,
+            plan.chunks,
+            plan.make_assembler(),
+            priority=priority,
+            deadline_s=deadline_s,
+            job_id=job_id,
+        )
 
     def publish(
         self,
@@ -122,8 +128,18 @@ class ParkpoolClient:
         now = time.time()
         deadline = now + (deadline_s or self.settings.deadline_s)
         tasks = [
-            TaskChunk(job_id, i, len(chunks), kernel, spec.params, spec.inputs, self.reply_topic,
-                      deadline, now, priority=Priority(priority))  # fmt: skip
+            TaskChunk(
+                job_id,
+                i,
+                len(chunks),
+                kernel,
+                spec.params,
+                spec.inputs,
+                self.reply_topic,
+                deadline,
+                now,
+                priority=Priority(priority),
+            )
             for i, spec in enumerate(chunks)
         ]
         handle = JobHandle(job_id, len(tasks), assembler)
@@ -148,21 +164,13 @@ class ParkpoolClient:
         for task in tasks:
             # Key by chunk, not job: one big job then spreads over partitions and gateways.
             key = f"{task.job_id}:{task.chunk_id}"
-            self._produce(self.topics.tasks, encode(task), key, report)
+            produce(self._producer, self.topics.tasks, encode(task), key, report)
         remaining = self._producer.flush(self.settings.publish_timeout_s)
         if remaining or failures:
             raise BrokerError(
                 f"{len(failures) + remaining} of {len(tasks)} chunks not confirmed by Kafka: "
                 f"{failures[:3]}"
             )
-
-    def _produce(self, topic: str, value: bytes, key: str, report: Any) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value, key=key, on_delivery=report)
-                return
-            except BufferError:
-                self._producer.poll(0.1)
 
     # ---------------------------------------------------------------- results
 
@@ -212,7 +220,12 @@ class _ResultReader(threading.Thread):
         assert client is not None
         try:
             while not client._closed.is_set():
-                for record in self.consumer.consume(500, timeout=0.05):
+                # poll() returns on the first record; consume(timeout=0) then takes the
+                # rest already fetched. consume() alone would wait out its whole timeout.
+                first = self.consumer.poll(0.05)
+                if first is None:
+                    continue
+                for record in [first, *self.consumer.consume(500, timeout=0)]:
                     if record.error() is None:
                         client._route(record)
         finally:

@@ -24,7 +24,7 @@ class JobState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class JobFailed(ParkpoolError):
+class JobFailed(ParkpoolError):  # noqa: N818 - reads as what happened, like Retry/Reject
     """A job cannot complete: some chunks were dead-lettered."""
 
     def __init__(self, job_id: str, reasons: Mapping[int, str]) -> None:
@@ -80,8 +80,14 @@ class JobHandle:
     @property
     def progress(self) -> Progress:
         with self._lock:
-            return Progress(self._state, self._done, self.n_chunks, self._duplicates,
-                            len(self._dead), self._rejected)  # fmt: skip
+            return Progress(
+                self._state,
+                self._done,
+                self.n_chunks,
+                self._duplicates,
+                len(self._dead),
+                self._rejected,
+            )
 
     @property
     def state(self) -> JobState:
@@ -136,11 +142,15 @@ class JobHandle:
             if not self._assemble(result):
                 return False
             self._seen[result.chunk_id] = 1
+            # A result beats a dead letter: another gateway may have redone the chunk
+            # after the one that gave up on it crashed before committing.
+            self._dead.pop(result.chunk_id, None)
             self._done += 1
             latency = max(0.0, received_at - result.task_created_at)
             self._latencies.append(latency)
-            self._chunks.put(ChunkResult(result.chunk_id, result.outputs, result.vehicle_id,
-                                         latency))  # fmt: skip
+            self._chunks.put(
+                ChunkResult(result.chunk_id, result.outputs, result.vehicle_id, latency)
+            )
             if self._done == self.n_chunks:
                 self._end(JobState.DONE)
             elif self._dead and self._done + len(self._dead) == self.n_chunks:

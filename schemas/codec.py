@@ -41,11 +41,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 ALLOWED_DTYPES = frozenset(
     np.dtype(name).newbyteorder(order).str
     for name in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
     )
     for order in ("<", ">")
-)  # fmt: skip
+)
 
 M = TypeVar("M")
 _BY_TAG: Mapping[str, type] = {cls.TYPE: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]
@@ -155,9 +167,10 @@ def _ext_hook(code: int, payload: bytes) -> np.ndarray:
         count *= dim
     if count * dtype.itemsize != len(payload) - size:
         raise DecodeError(
-            "bad_array", f"shape {shape} of {dtype_str} needs {count * dtype.itemsize} bytes, "
-            f"message has {len(payload) - size}"
-        )  # fmt: skip
+            "bad_array",
+            f"shape {shape} of {dtype_str} needs {count * dtype.itemsize} bytes, "
+            f"message has {len(payload) - size}",
+        )
     try:
         array = np.frombuffer(payload, dtype=dtype, count=count, offset=size)
         return array.reshape(shape)

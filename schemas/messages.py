@@ -356,6 +356,8 @@ E = TypeVar("E", bound=enum.StrEnum)
 
 
 def _enum(kind: type[E], name: str, value: object) -> E:
+    if not isinstance(value, str):
+        raise _wrong(f"{name} must be a string, got {type(value).__name__}")
     try:
         return kind(value)
     except ValueError:

@@ -27,7 +27,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def read_topic(conn: KafkaConnection, topic: str, expect: int, timeout: float = 30.0) -> list[Message]:
+def read_topic(
+    conn: KafkaConnection, topic: str, expect: int, timeout: float = 30.0
+) -> list[Message]:
     """Read a topic from the start until ``expect`` records arrived (or fail)."""
     consumer = Consumer(reader_config(conn))
     try:

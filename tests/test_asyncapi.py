@@ -127,8 +127,10 @@ def from_example(schema: Any, value: Any) -> Any:
         return base64.b64decode(value, validate=True)
     if isinstance(value, dict):
         props, extra = schema.get("properties", {}), schema.get("additionalProperties", {})
-        return {k: from_example(props.get(k, extra if isinstance(extra, dict) else {}), v)
-                for k, v in value.items()}  # fmt: skip
+        return {
+            k: from_example(props.get(k, extra if isinstance(extra, dict) else {}), v)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [from_example(schema.get("items", {}), item) for item in value]
     return value

@@ -398,7 +398,7 @@ class TestFieldErrors:
             (m.TaskChunk, "reply_topic", "a topic", "bad_value"),
             (m.Assignment, "task", "not bytes", "wrong_type"),
             (m.Nack, "reason", "bored", "bad_value"),
-            (m.Nack, "reason", 1, "bad_value"),
+            (m.Nack, "reason", 1, "wrong_type"),
             (m.PullRequest, "credits", 10_000, "out_of_range"),
             (m.PullRequest, "capabilities", "cuda", "wrong_type"),
             (m.PullRequest, "capabilities", {"kernels": []}, "missing_field"),

@@ -47,10 +47,12 @@ def _jobs(rng: np.random.Generator) -> dict[str, tuple[dict[str, Any], dict[str,
     mc_samples, mc_chunk = 2_000_000, 250_000
     return {
         "gemm": ({"a": a, "b": b}, {"tile": 128}, a.astype(np.float64) @ b),
-        "monte_carlo_pi": ({}, {"samples": mc_samples, "chunk_samples": mc_chunk, "seed": 3},
-                           None),  # fmt: skip
-        "poly": ({"x": x, "coeffs": [0.5, -2.0, 1.0]}, {"chunk_elems": 16_384},
-                 np.polyval([0.5, -2.0, 1.0], x)),  # fmt: skip
+        "monte_carlo_pi": ({}, {"samples": mc_samples, "chunk_samples": mc_chunk, "seed": 3}, None),
+        "poly": (
+            {"x": x, "coeffs": [0.5, -2.0, 1.0]},
+            {"chunk_elems": 16_384},
+            np.polyval([0.5, -2.0, 1.0], x),
+        ),
         "reduce": ({"x": x, "op": "sumsq"}, {"chunk_elems": 16_384}, float(np.sum(x * x))),
     }
 
@@ -136,8 +138,15 @@ class TestVehicleLoss:
         # When it nacks the task while a real vehicle is waiting for work
         fleet_factory(1)
         task = decode(assignment.task, TaskChunk)
-        nack = Nack(task.job_id, task.chunk_id, "scripted", assignment.gateway_id,
-                    assignment.epoch, NackReason.RELEASED, "owner is back")  # fmt: skip
+        nack = Nack(
+            task.job_id,
+            task.chunk_id,
+            "scripted",
+            assignment.gateway_id,
+            assignment.epoch,
+            NackReason.RELEASED,
+            "owner is back",
+        )
         scripted.publish(topics.nack("scripted"), encode(nack))
         # Then another vehicle finishes it long before the 300 s lease could expire
         assert handle.wait(timeout=30) == 10.0

@@ -47,8 +47,9 @@ def _explode(_xp: Any, _params: Any, _inputs: Any) -> dict[str, Any]:
 def poison_kernel() -> str:
     """A kernel that passes validation and then fails at run time, every time."""
     if POISON not in REGISTRY:
-        register(Kernel(POISON, _explode, Tolerance(0, 0), (), lambda _p, _i: None,
-                        lambda _p, _i: {}))  # fmt: skip
+        register(
+            Kernel(POISON, _explode, Tolerance(0, 0), (), lambda _p, _i: None, lambda _p, _i: {})
+        )
     return POISON
 
 
@@ -76,8 +77,7 @@ class TestPoisonTask:
         with pytest.raises(JobFailed, match="kernel_error"):
             poison.wait(timeout=60)
         # And the dead letter carries the reason and all three attempts
-        letter = decode(read_topic(kafka_conn, client.topics.dead_letter, 1)[0].value(),
-                        DeadLetter)  # fmt: skip
+        letter = decode(read_topic(kafka_conn, client.topics.dead_letter, 1)[0].value(), DeadLetter)
         assert (letter.job_id, letter.chunk_id, letter.reason) == (poison.job_id, 0, "kernel_error")
         assert [a.reason for a in letter.attempts] == ["kernel_error"] * 3
         assert all("fails on every vehicle" in a.detail for a in letter.attempts)
@@ -85,8 +85,11 @@ class TestPoisonTask:
         # And every task partition is committed to its end: nothing stalls behind the poison
         topic = client.topics.tasks
         ends = end_offsets(kafka_conn, topic)
-        wait_for(lambda: committed(kafka_conn, f"{namespace}.gateways", topic) == ends, 20,
-                 "commits to reach the end of every partition")  # fmt: skip
+        wait_for(
+            lambda: committed(kafka_conn, f"{namespace}.gateways", topic) == ends,
+            20,
+            "commits to reach the end of every partition",
+        )
 
 
 class TestMalformedInput:
@@ -137,13 +140,17 @@ class TestMalformedInput:
         # When a peer publishes garbage, and a well-formed result for a lease it never held
         hostile.publish(topics.result("evil"), b"\xc1\xc1\xc1")
         hostile.publish(topics.pull("evil"), b"")
-        forged = Result("job1", 0, 1, "evil", "gw1", 12345, 1, {"value": np.zeros(())},
-                        0.1, 1.0, 1.0)  # fmt: skip
+        forged = Result(
+            "job1", 0, 1, "evil", "gw1", 12345, 1, {"value": np.zeros(())}, 0.1, 1.0, 1.0
+        )
         hostile.publish(topics.result("evil"), encode(forged))
         hostile.close()
         # Then each is dropped and counted by reason
-        wait_for(lambda: gateway.metric(DROPPED, source="mqtt_result", reason="stale_or_fenced"),
-                 10, "the forged result to be fenced")  # fmt: skip
+        wait_for(
+            lambda: gateway.metric(DROPPED, source="mqtt_result", reason="stale_or_fenced"),
+            10,
+            "the forged result to be fenced",
+        )
         assert gateway.metric(DROPPED, source="mqtt_result", reason="malformed") == 1
         assert gateway.metric(DROPPED, source="mqtt_pull", reason="malformed") == 1
         # And the gateway still completes real work
@@ -170,8 +177,9 @@ def gateway_process(
 
     def start() -> subprocess.Popen[bytes]:
         log = (tmp_path / f"gateway-{len(children)}.log").open("wb")
-        child = subprocess.Popen([sys.executable, "-m", "parkpool.cli", "gateway"], env=env,
-                                 stdout=log, stderr=log)  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+        )
         children.append(child)
         return child
 

@@ -21,8 +21,13 @@ log = structlog.get_logger("parkpool.worker")
 def add_parser(subparsers: Any) -> None:
     worker = subparsers.add_parser("worker", help="run one vehicle worker")
     _common(worker)
-    add_option(worker, "--vehicle-id", "PARKPOOL_VEHICLE_ID", socket.gethostname().split(".")[0],
-               "this vehicle's id")  # fmt: skip
+    add_option(
+        worker,
+        "--vehicle-id",
+        "PARKPOOL_VEHICLE_ID",
+        socket.gethostname().split(".")[0],
+        "this vehicle's id",
+    )
     worker.set_defaults(func=run_worker)
     sim = subparsers.add_parser("sim", help="run a simulated fleet of vehicles in one process")
     _common(sim)
@@ -35,12 +40,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_mqtt_options(p)
     add_namespace_option(p)
     add_option(p, "--concurrency", "PARKPOOL_CONCURRENCY", 1, "kernels run at once", int)
-    add_option(p, "--prefetch", "PARKPOOL_PREFETCH", 1,
-               "extra tasks held so the next one is ready", int)  # fmt: skip
+    add_option(
+        p, "--prefetch", "PARKPOOL_PREFETCH", 1, "extra tasks held so the next one is ready", int
+    )
     add_option(p, "--backend", "PARKPOOL_BACKEND", "auto", "auto, cupy or numpy")
     add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 5.0, "status heartbeat period", float)
-    add_option(p, "--simulated-delay-s", "PARKPOOL_SIMULATED_DELAY_S", 0.0,
-               "extra seconds per task, to simulate a slower car", float)  # fmt: skip
+    add_option(
+        p,
+        "--simulated-delay-s",
+        "PARKPOOL_SIMULATED_DELAY_S",
+        0.0,
+        "extra seconds per task, to simulate a slower car",
+        float,
+    )
 
 
 def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:

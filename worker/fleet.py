@@ -16,8 +16,9 @@ from worker.worker import VehicleWorker, WorkerSettings
 class Fleet:
     """Start, stop, kill and replace vehicles; ids are ``<prefix>-<n>``."""
 
-    def __init__(self, template: WorkerSettings, prefix: str = "car",
-                 backend: Backend | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, template: WorkerSettings, prefix: str = "car", backend: Backend | None = None
+    ) -> None:
         self.template = template
         self.prefix = prefix
         self.backend = backend or select_backend(template.backend)

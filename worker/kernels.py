@@ -303,6 +303,7 @@ _KERNELS = (
     Kernel("reduce", _reduce, Tolerance(1e-9, 0.0), ("x",), _check_reduce, _reduce_reference),
 )
 _KERNELS_BY_NAME: dict[str, Kernel] = {k.name: k for k in _KERNELS}
+BUILTIN: tuple[str, ...] = tuple(_KERNELS_BY_NAME)
 REGISTRY: Mapping[str, Kernel] = MappingProxyType(_KERNELS_BY_NAME)
 
 

@@ -7,6 +7,7 @@ redone elsewhere when its lease ends, so the worker can always just stop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +84,7 @@ class VehicleWorker:
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._last_pull = (0, 0.0)  # credits, monotonic time
+        self._last_pull = 0.0  # monotonic time of the last pull sent
         self._pool = ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
         self._log = log.bind(vehicle_id=self.vehicle_id)
         will = VehicleStatus(self.vehicle_id, VehicleState.OFFLINE, time.time(), "connection_lost")
@@ -100,8 +101,9 @@ class VehicleWorker:
     # ---------------------------------------------------------------- life cycle
 
     def start(self, timeout: float = 15.0) -> None:
-        connect_and_wait(self._client, self.settings.mqtt, connected=self._connected,
-                         timeout=timeout)  # fmt: skip
+        connect_and_wait(
+            self._client, self.settings.mqtt, connected=self._connected, timeout=timeout
+        )
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
         self._status(VehicleState.ONLINE)
@@ -142,17 +144,20 @@ class VehicleWorker:
     # ---------------------------------------------------------------- pulling
 
     def pull(self, *, force: bool = False) -> None:
-        """Ask for as many tasks as there is room for; absolute, so repeating it is safe."""
+        """Ask for as many tasks as there is room for; absolute, so repeating it is safe.
+
+        Sent whenever room frees up (``force``), and again every ``pull_refresh_s`` while
+        there is room, because a gateway that restarted has forgotten the last one.
+        """
         if self._stopping.is_set():
             return
         with self._lock:
             credits = self.settings.capacity - len(self._held)
             seen = dict(self._seen)
-            last_credits, last_at = self._last_pull
-            due = time.monotonic() - last_at >= self.settings.pull_refresh_s
-            if credits <= 0 or not (force or due or credits != last_credits):
+            due = time.monotonic() - self._last_pull >= self.settings.pull_refresh_s
+            if credits <= 0 or not (force or due):
                 return
-            self._last_pull = (credits, time.monotonic())
+            self._last_pull = time.monotonic()
         pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen)
         self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=1)
 
@@ -171,8 +176,9 @@ class VehicleWorker:
             self._log.error("mqtt_connect_refused", reason=str(rc))
             return
         self._connected.set()
-        client.subscribe([(self.topics.task(self.vehicle_id), 1),
-                          (self.topics.all_gateway_statuses, 1)])  # fmt: skip
+        client.subscribe(
+            [(self.topics.task(self.vehicle_id), 1), (self.topics.all_gateway_statuses, 1)]
+        )
         if self._subscribed.is_set():  # a reconnect: say we are here again
             self._status(VehicleState.ONLINE)
             self.pull(force=True)
@@ -183,9 +189,9 @@ class VehicleWorker:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.task(self.vehicle_id):
-            self._on_assignment(msg.payload)
+            self._on_assignment(bytes(msg.payload))
         else:
-            self._on_gateway_status(msg.payload)
+            self._on_gateway_status(bytes(msg.payload))
 
     def _on_gateway_status(self, payload: bytes) -> None:
         try:
@@ -283,10 +289,15 @@ class VehicleWorker:
             self._client.publish(self.topics.result(self.vehicle_id), encode(result), qos=1)
             self.completed += 1
         elif nack is not None:
-            self._log.warning("task_failed", job_id=item.task.job_id,
-                              chunk_id=item.task.chunk_id, reason=nack[0].value, detail=nack[1])  # fmt: skip
+            self._log.warning(
+                "task_failed",
+                job_id=item.task.job_id,
+                chunk_id=item.task.chunk_id,
+                reason=nack[0].value,
+                detail=nack[1],
+            )
             self._nack(item.assignment, *nack, item.task)
-        self.pull()
+        self.pull(force=True)
 
     def _nack(
         self,
@@ -296,13 +307,19 @@ class VehicleWorker:
         task: TaskChunk | None = None,
     ) -> None:
         if task is None:
-            try:
+            # Unreadable: the gateway cannot match this nack, and the lease expiry covers it.
+            with contextlib.suppress(DecodeError):
                 task = decode(assignment.task, TaskChunk)
-            except DecodeError:
-                pass  # the gateway cannot match this nack; the lease expiry covers it
         job_id, chunk_id = (task.job_id, task.chunk_id) if task else ("unreadable", 0)
-        nack = Nack(job_id, chunk_id, self.vehicle_id, assignment.gateway_id, assignment.epoch,
-                    reason, detail[:1024])  # fmt: skip
+        nack = Nack(
+            job_id,
+            chunk_id,
+            self.vehicle_id,
+            assignment.gateway_id,
+            assignment.epoch,
+            reason,
+            detail[:1024],
+        )
         self._client.publish(self.topics.nack(self.vehicle_id), encode(nack), qos=1)
 
     def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:

@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Running parkpool roles as child processes, for the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from broker_config.launcher import EmbeddedBrokers
+
+
+def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
+    """Environment that points every role at the embedded brokers."""
+    return {
+        **os.environ,
+        "PARKPOOL_KAFKA_BOOTSTRAP": brokers.kafka_bootstrap,
+        "PARKPOOL_MQTT_HOST": brokers.mqtt_host,
+        "PARKPOOL_MQTT_PORT": str(brokers.mqtt_port),
+        "PARKPOOL_NAMESPACE": namespace,
+        "PARKPOOL_LOG_JSON": "1",
+        # Many simulated vehicles share few cores: one BLAS thread each, no oversubscription.
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+
+
+@contextmanager
+def role(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Iterator[None]:
+    """Run one ``parkpool`` role as a child process; SIGTERM it (then SIGKILL) on exit."""
+    log = (log_dir / f"{name}.log").open("wb")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "parkpool.cli", *args], env=env, stdout=log, stderr=log
+    )
+    try:
+        yield
+        if child.poll() is not None:
+            raise RuntimeError(f"{name} exited early with {child.returncode}; see {log.name}")
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        log.close()

@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``make bench``: throughput and latency of the whole path, as JSON lines.
+
+Each line is one JSON object with a ``"name"``. Figures depend on the machine; record
+them with the machine in docs/BENCHMARKS.md. This is a benchmark, not a test: it
+asserts nothing about speed.
+
+Lines:
+- ``mqtt_baseline``: bare paho QoS 1 publisher -> subscriber on the same Mosquitto.
+- ``e2e_small_tasks``: small tasks through SDK -> Kafka -> gateway -> MQTT -> vehicles
+  -> MQTT -> gateway -> Kafka -> SDK, with the gateway and the fleet in their own
+  processes. ``tasks_per_s`` comes from one large job; ``p50_ms``/``p99_ms`` are per
+  chunk from submission to delivery to the caller, for single-chunk jobs sent one at a
+  time (no queueing), and ``batch_p50_ms``/``batch_p99_ms`` for the large job (queueing
+  included).
+- ``codec``: encode and decode rate of a 1 MiB task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_config.launcher import EmbeddedBrokers
+from broker_config.topics import bootstrap
+from parkpool import logs
+from parkpool.children import role, role_env
+from parkpool.mqtt import connect_and_wait, new_client
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient, ProducerSettings
+from producer.splitters import ChunkSpec
+from schemas import TaskChunk, decode, encode
+
+NAMESPACE = "bench"
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def mqtt_baseline(conn: MqttConnection, count: int, size: int = 512) -> float:
+    """Messages per second for one QoS 1 publisher and one subscriber in this process."""
+    got = threading.Event()
+    received = 0
+
+    def on_message(*_args: Any) -> None:
+        nonlocal received
+        received += 1
+        if received == count:
+            got.set()
+
+    sub_ready, pub_ready, subscribed = threading.Event(), threading.Event(), threading.Event()
+    sub, pub = new_client("bench-sub", conn), new_client("bench-pub", conn)
+    sub.on_connect = lambda *_a: sub_ready.set()
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.on_message = on_message
+    pub.on_connect = lambda *_a: pub_ready.set()
+    pub.max_inflight_messages_set(100)
+    connect_and_wait(sub, conn, connected=sub_ready)
+    sub.subscribe("bench/baseline", qos=1)
+    subscribed.wait(10)
+    connect_and_wait(pub, conn, connected=pub_ready)
+    payload = os.urandom(size)
+    started = time.perf_counter()
+    for _ in range(count):
+        pub.publish("bench/baseline", payload, qos=1)
+    got.wait(120)
+    rate = received / (time.perf_counter() - started)
+    for client in (sub, pub):
+        client.disconnect()
+        client.loop_stop()
+    return rate
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 99])
+    return round(float(p50), 2), round(float(p99), 2)
+
+
+def small_task_chunks(count: int) -> list[ChunkSpec]:
+    x = np.arange(16, dtype=np.float64)
+    return [ChunkSpec({"op": "sum"}, {"x": x}) for _ in range(count)]
+
+
+def e2e(client: ParkpoolClient, tasks: int, probes: int) -> dict[str, Any]:
+    # Warm-up: the gateway's group join and every vehicle's first pull happen here.
+    client.publish("reduce", small_task_chunks(50)).wait(timeout=120)
+    latencies: list[float] = []
+    for _ in range(probes):
+        probe = client.publish("reduce", small_task_chunks(1))
+        probe.wait(timeout=30)
+        latencies += probe.latencies
+    started = time.perf_counter()
+    handle = client.publish("reduce", small_task_chunks(tasks))
+    handle.wait(timeout=600)
+    elapsed = time.perf_counter() - started
+    p50, p99 = percentiles(latencies)
+    b50, b99 = percentiles(handle.latencies)
+    return {
+        "tasks": tasks,
+        "tasks_per_s": round(tasks / elapsed, 1),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "batch_p50_ms": b50,
+        "batch_p99_ms": b99,
+        "duplicates": handle.progress.duplicates,
+    }
+
+
+def codec(repeat: int = 50) -> dict[str, Any]:
+    chunk = TaskChunk(
+        "bench",
+        0,
+        1,
+        "gemm",
+        {},
+        {"a": np.ones((512, 512), np.float32)},
+        "bench.results",
+        time.time() + 60,
+        time.time(),
+    )
+    started = time.perf_counter()
+    for _ in range(repeat):
+        data = encode(chunk)
+    encoded = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(repeat):
+        decode(data, TaskChunk)
+    decoded = time.perf_counter() - started
+    mib = len(data) / 2**20 * repeat
+    return {
+        "name": "codec",
+        "message_mib": round(len(data) / 2**20, 3),
+        "encode_mib_per_s": round(mib / encoded, 1),
+        "decode_mib_per_s": round(mib / decoded, 1),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--vehicles", type=int, default=32)
+    p.add_argument("--tasks", type=int, default=3000)
+    p.add_argument("--probes", type=int, default=200)
+    p.add_argument("--baseline-messages", type=int, default=20_000)
+    args = p.parse_args()
+    logs.configure("error")
+    run_dir = Path(".run/bench")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    emit(codec())
+    with EmbeddedBrokers(run_dir=run_dir) as brokers:
+        bootstrap(brokers.kafka_bootstrap, NAMESPACE)
+        mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+        baseline = mqtt_baseline(mqtt, args.baseline_messages)
+        emit(
+            {
+                "name": "mqtt_baseline",
+                "qos": 1,
+                "payload_bytes": 512,
+                "msgs_per_s": round(baseline, 1),
+            }
+        )
+        env = role_env(brokers, NAMESPACE)
+        sim = ["sim", "--vehicles", str(args.vehicles), "--backend", "numpy"]
+        with (
+            role("gateway", ["gateway", "--gateway-id", "bench-gw"], env, run_dir),
+            role("fleet", sim, env, run_dir),
+        ):
+            settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), NAMESPACE)
+            with ParkpoolClient(settings) as client:
+                result = e2e(client, args.tasks, args.probes)
+        emit(
+            {
+                "name": "e2e_small_tasks",
+                "vehicles": args.vehicles,
+                **result,
+                "baseline_mqtt_msgs_per_s": round(baseline, 1),
+                "ratio": round(result["tasks_per_s"] / baseline, 4),
+                "machine": machine(),
+            }
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The lease table: unique increasing epochs, lookups by vehicle, and lazy expiry."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gateway.leases import LeaseTable
+from gateway.tasks import PendingTask
+from schemas import TaskChunk
+
+
+def pending_task(chunk_id: int = 0, n_chunks: int = 8, offset: int = 0) -> PendingTask:
+    chunk = TaskChunk(
+        job_id="job-1",
+        chunk_id=chunk_id,
+        n_chunks=n_chunks,
+        kernel="reduce",
+        params={"op": "sum"},
+        inputs={"x": np.arange(4, dtype=np.float64)},
+        reply_topic="parkpool.results",
+        deadline=time.time() + 60,
+        created_at=time.time(),
+    )
+    return PendingTask("parkpool.tasks", 0, offset, b"raw", chunk)
+
+
+class TestEpochs:
+    """Every lease gets a new, larger epoch, also from a table created after a restart."""
+
+    def test_epochs_are_unique_and_increasing(self) -> None:
+        table = LeaseTable()
+        epochs = [table.grant(f"car{i % 3}", pending_task(i), 30).epoch for i in range(8)]
+        assert epochs == sorted(epochs)
+        assert len(set(epochs)) == len(epochs)
+
+    def test_epochs_start_from_the_wall_clock(self) -> None:
+        before_us = time.time_ns() // 1000
+        epoch = LeaseTable().grant("car1", pending_task(), 30).epoch
+        assert before_us <= epoch <= time.time_ns() // 1000
+
+    def test_restarted_table_never_reuses_epochs(self) -> None:
+        # Given an old gateway that granted some leases
+        old = LeaseTable()
+        old_epochs = [old.grant("car1", pending_task(i), 30).epoch for i in range(5)]
+        time.sleep(0.002)  # a restart takes far longer than this
+        # When a new gateway starts and grants leases
+        new = LeaseTable()
+        new_epochs = [new.grant("car1", pending_task(i), 30).epoch for i in range(5)]
+        # Then all its epochs are above the old ones, so an old result cannot match
+        assert min(new_epochs) > max(old_epochs)
+
+    def test_ended_epoch_is_not_reissued(self) -> None:
+        table = LeaseTable()
+        first = table.grant("car1", pending_task(), 30)
+        table.end(first.epoch)
+        second = table.grant("car1", pending_task(), 30)
+        assert second.epoch > first.epoch
+
+
+class TestLookups:
+    """Leases are found by epoch and by vehicle until they end."""
+
+    def test_get_and_end(self) -> None:
+        table = LeaseTable()
+        task = pending_task()
+        lease = table.grant("car1", task, 30)
+        assert table.get(lease.epoch) is lease
+        assert lease.task is task
+        assert lease.vehicle_id == "car1"
+        assert len(table) == 1
+        # When the lease ends
+        assert table.end(lease.epoch) is lease
+        # Then it is gone everywhere
+        assert table.get(lease.epoch) is None
+        assert table.of_vehicle("car1") == []
+        assert len(table) == 0
+        assert table.all() == []
+
+    def test_end_unknown_epoch_returns_none(self) -> None:
+        table = LeaseTable()
+        lease = table.grant("car1", pending_task(), 30)
+        assert table.end(lease.epoch + 1000) is None
+        assert table.end(lease.epoch) is lease
+        assert table.end(lease.epoch) is None
+
+    def test_of_vehicle_lists_only_that_vehicles_leases_in_epoch_order(self) -> None:
+        table = LeaseTable()
+        a1 = table.grant("car-a", pending_task(0), 30)
+        b1 = table.grant("car-b", pending_task(1), 30)
+        a2 = table.grant("car-a", pending_task(2), 30)
+        assert table.of_vehicle("car-a") == [a1, a2]
+        assert table.of_vehicle("car-b") == [b1]
+        assert table.of_vehicle("car-c") == []
+        # When one of car-a's leases ends, only the other remains
+        table.end(a1.epoch)
+        assert table.of_vehicle("car-a") == [a2]
+        assert {lease.epoch for lease in table.all()} == {b1.epoch, a2.epoch}
+
+    def test_count_after_counts_only_newer_leases_of_that_vehicle(self) -> None:
+        # Given three leases to car-a and one to car-b
+        table = LeaseTable()
+        a = [table.grant("car-a", pending_task(i), 30) for i in range(3)]
+        table.grant("car-b", pending_task(3), 30)
+        # Then leases the vehicle has not seen yet are those after its seen epoch
+        assert table.count_after("car-a", 0) == 3
+        assert table.count_after("car-a", a[0].epoch) == 2
+        assert table.count_after("car-a", a[2].epoch) == 0
+        assert table.count_after("car-c", 0) == 0
+        # When a newer lease ends, it no longer counts
+        table.end(a[2].epoch)
+        assert table.count_after("car-a", a[0].epoch) == 1
+
+
+class TestExpiry:
+    """pop_expired yields each expired lease once and skips leases that already ended."""
+
+    def test_yields_only_expired_in_deadline_order(self) -> None:
+        table = LeaseTable()
+        late = table.grant("car1", pending_task(0), 300)
+        early = table.grant("car2", pending_task(1), 10)
+        middle = table.grant("car1", pending_task(2), 20)
+        # When the clock reaches the middle deadline
+        expired = list(table.pop_expired(middle.deadline))
+        # Then the two earliest expire, soonest first, and are removed
+        assert expired == [early, middle]
+        assert table.all() == [late]
+        assert table.of_vehicle("car2") == []
+
+    def test_nothing_expires_before_its_deadline(self) -> None:
+        table = LeaseTable()
+        lease = table.grant("car1", pending_task(), 10)
+        assert list(table.pop_expired(lease.deadline - 0.001)) == []
+        assert table.get(lease.epoch) is lease
+
+    def test_ended_leases_are_skipped(self) -> None:
+        table = LeaseTable()
+        ended = table.grant("car1", pending_task(0), 10)
+        kept = table.grant("car1", pending_task(1), 10)
+        table.end(ended.epoch)
+        assert list(table.pop_expired(kept.deadline + 1)) == [kept]
+        assert len(table) == 0
+
+    def test_never_yields_a_lease_twice(self) -> None:
+        table = LeaseTable()
+        leases = [table.grant("car1", pending_task(i), 10 + i) for i in range(4)]
+        later = leases[-1].deadline + 1
+        first = list(table.pop_expired(later))
+        second = list(table.pop_expired(later))
+        assert first == leases
+        assert second == []
+
+    def test_default_now_is_the_monotonic_clock(self) -> None:
+        table = LeaseTable()
+        due = table.grant("car1", pending_task(0), 0)
+        table.grant("car1", pending_task(1), 3600)
+        assert list(table.pop_expired()) == [due]
+        assert len(table) == 1

@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ready queue: high priority first, batch never starved, redeliveries ahead."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from gateway.tasks import PendingTask, ReadyQueue
+from schemas import Priority, TaskChunk
+
+
+def pending_task(priority: Priority, offset: int, partition: int = 0) -> PendingTask:
+    chunk = TaskChunk(
+        job_id=f"job-{priority.value}",
+        chunk_id=offset % 1000,
+        n_chunks=1000,
+        kernel="reduce",
+        params={"op": "sum"},
+        inputs={"x": np.zeros(2, dtype=np.float32)},
+        reply_topic="parkpool.results",
+        deadline=time.time() + 60,
+        created_at=time.time(),
+        priority=priority,
+    )
+    return PendingTask("parkpool.tasks", partition, offset, b"raw", chunk)
+
+
+def high(offset: int) -> PendingTask:
+    return pending_task(Priority.HIGH, offset)
+
+
+def batch(offset: int) -> PendingTask:
+    return pending_task(Priority.BATCH, offset)
+
+
+def drain(queue: ReadyQueue) -> list[PendingTask]:
+    out = []
+    while (task := queue.pop()) is not None:
+        out.append(task)
+    return out
+
+
+def priorities(tasks: list[PendingTask]) -> str:
+    return "".join("H" if t.task.priority is Priority.HIGH else "B" for t in tasks)
+
+
+class TestOrder:
+    """High priority goes first; within a priority, first in first out."""
+
+    def test_empty_queue_pops_none(self) -> None:
+        queue = ReadyQueue()
+        assert queue.pop() is None
+        assert len(queue) == 0
+
+    def test_high_before_batch(self) -> None:
+        queue = ReadyQueue()
+        tasks = [batch(0), high(1), batch(2), high(3)]
+        for task in tasks:
+            queue.push(task)
+        assert len(queue) == 4
+        out = drain(queue)
+        assert [t.offset for t in out] == [1, 3, 0, 2]
+        assert len(queue) == 0
+
+    def test_push_front_puts_redeliveries_first(self) -> None:
+        queue = ReadyQueue()
+        queue.push(batch(0))
+        queue.push(batch(1))
+        # When a redelivered task comes back
+        queue.push_front(batch(9))
+        # Then it goes ahead of new work of its priority, but not ahead of high
+        queue.push(high(5))
+        assert [t.offset for t in drain(queue)] == [5, 9, 0, 1]
+
+
+class TestStarvation:
+    """After high_burst high tasks in a row, one waiting batch task goes out."""
+
+    @pytest.mark.parametrize("burst", [1, 3, 8])
+    def test_exact_bound(self, burst: int) -> None:
+        # Given many high and many batch tasks waiting
+        queue = ReadyQueue(high_burst=burst)
+        for i in range(4 * burst):
+            queue.push(high(i))
+        for i in range(100, 103):
+            queue.push(batch(i))
+        # When the queue is drained
+        order = priorities(drain(queue))
+        # Then every run of high tasks is exactly burst long, each followed by one batch
+        assert order == ("H" * burst + "B") * 3 + "H" * burst
+
+    def test_default_burst_is_eight(self) -> None:
+        queue = ReadyQueue()
+        for i in range(20):
+            queue.push(high(i))
+        queue.push(batch(100))
+        assert priorities(drain(queue)) == "H" * 8 + "B" + "H" * 12
+
+    def test_streak_without_waiting_batch_does_not_block_high(self) -> None:
+        # Given a long run of high tasks while no batch waits
+        queue = ReadyQueue(high_burst=2)
+        for i in range(5):
+            queue.push(high(i))
+        first = [queue.pop() for _ in range(4)]
+        assert [t.offset for t in first if t is not None] == [0, 1, 2, 3]
+        # When a batch task arrives, it goes out next: the streak is already over the bound
+        queue.push(batch(100))
+        queue.push(high(6))
+        assert priorities(drain(queue)) == "BHH"
+
+    def test_zero_burst_alternates_batch_first(self) -> None:
+        queue = ReadyQueue(high_burst=0)
+        for i in range(2):
+            queue.push(high(i))
+            queue.push(batch(100 + i))
+        assert priorities(drain(queue)) == "BBHH"
+
+
+class TestRemoveWhere:
+    """remove_where takes out exactly the matching tasks and keeps the others in order."""
+
+    def test_removes_matching_tasks_from_both_priorities(self) -> None:
+        queue = ReadyQueue()
+        tasks = [
+            pending_task(Priority.HIGH, 0, partition=1),
+            pending_task(Priority.HIGH, 1, partition=2),
+            pending_task(Priority.BATCH, 2, partition=1),
+            pending_task(Priority.BATCH, 3, partition=2),
+            pending_task(Priority.BATCH, 4, partition=1),
+        ]
+        for task in tasks:
+            queue.push(task)
+        # When the tasks of partition 1 are taken out (it was revoked)
+        removed = queue.remove_where(lambda t: t.partition == 1)
+        # Then they come back, and the rest stays in order
+        assert sorted(t.offset for t in removed) == [0, 2, 4]
+        assert len(queue) == 2
+        assert [t.offset for t in drain(queue)] == [1, 3]
+
+    def test_no_match_removes_nothing(self) -> None:
+        queue = ReadyQueue()
+        queue.push(batch(0))
+        assert queue.remove_where(lambda t: False) == []
+        assert len(queue) == 1

@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Settings come from flags or the environment, and secrets never show in reprs or logs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from parkpool.settings import (
+    KafkaConnection,
+    MqttConnection,
+    Secret,
+    add_kafka_options,
+    add_mqtt_options,
+    add_option,
+    kafka_from_args,
+    mqtt_from_args,
+    parse_kafka_config,
+    redact,
+)
+
+PASSWORD = "hunter2-s3cr3t"
+
+
+class TestSecret:
+    """A Secret keeps its value but never prints it."""
+
+    def test_value_never_shows(self) -> None:
+        secret = Secret(PASSWORD)
+        shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", format(secret)]
+        assert all(PASSWORD not in text for text in shown)
+        assert str(secret) == "***"
+        assert secret.value == PASSWORD
+        assert secret
+
+    def test_empty_secret_is_falsy_and_prints_empty(self) -> None:
+        secret = Secret("")
+        assert not secret
+        assert str(secret) == ""
+        assert repr(secret) == "Secret('')"
+
+    def test_secret_inside_a_dataclass_repr(self) -> None:
+        conn = MqttConnection(username="fleet", password=Secret(PASSWORD))
+        assert PASSWORD not in repr(conn)
+        assert "fleet" in repr(conn)
+
+
+class TestRedact:
+    """redact() hides every password and secret of a librdkafka config."""
+
+    def test_hides_secret_keys_and_keeps_others(self) -> None:
+        config = {
+            "bootstrap.servers": "kafka:9093",
+            "security.protocol": "SASL_SSL",
+            "sasl.username": "fleet",
+            "sasl.password": PASSWORD,
+            "ssl.key.password": PASSWORD,
+            "ssl.key.pem": PASSWORD,
+            "sasl.oauthbearer.client.secret": PASSWORD,
+            "SASL.PASSWORD": PASSWORD,
+        }
+        safe = redact(config)
+        assert PASSWORD not in repr(safe)
+        assert safe["sasl.password"] == "***"
+        assert safe["SASL.PASSWORD"] == "***"
+        assert safe["sasl.username"] == "fleet"
+        assert safe["bootstrap.servers"] == "kafka:9093"
+        assert safe.keys() == config.keys()
+        # And the original is untouched
+        assert config["sasl.password"] == PASSWORD
+
+    def test_kafka_connection_repr_hides_the_password(self) -> None:
+        conn = KafkaConnection("kafka:9093", {"sasl.password": PASSWORD, "sasl.username": "u"})
+        assert PASSWORD not in repr(conn)
+        assert PASSWORD not in str(conn)
+        assert PASSWORD not in f"{conn}"
+        assert "kafka:9093" in repr(conn)
+        # But the client still gets the real value
+        assert conn.client_config()["sasl.password"] == PASSWORD
+
+
+class TestParseKafkaConfig:
+    """--kafka-config takes key=value pairs separated by commas."""
+
+    def test_parses_pairs(self) -> None:
+        assert parse_kafka_config("a=b,c=d") == {"a": "b", "c": "d"}
+
+    def test_strips_spaces_and_skips_empty_items(self) -> None:
+        assert parse_kafka_config(" a = b ,, c=d=e ,") == {"a": "b", "c": "d=e"}
+        assert parse_kafka_config("") == {}
+
+    def test_rejects_item_without_equals(self) -> None:
+        with pytest.raises(argparse.ArgumentTypeError, match="'oops' is not key=value"):
+            parse_kafka_config("a=b,oops")
+
+
+class TestAddOption:
+    """add_option takes its default from an environment variable and names it in --help."""
+
+    def test_default_when_variable_unset(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("PARKPOOL_TEST_PORT", raising=False)
+        parser = argparse.ArgumentParser()
+        add_option(parser, "--port", "PARKPOOL_TEST_PORT", 1883, "broker port", int)
+        assert parser.parse_args([]).port == 1883
+
+    def test_default_from_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PARKPOOL_TEST_PORT", "8883")
+        parser = argparse.ArgumentParser()
+        add_option(parser, "--port", "PARKPOOL_TEST_PORT", 1883, "broker port", int)
+        assert parser.parse_args([]).port == 8883
+        # And a flag still wins over the variable
+        assert parser.parse_args(["--port", "1999"]).port == 1999
+
+    def test_empty_variable_means_unset(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PARKPOOL_TEST_HOST", "")
+        parser = argparse.ArgumentParser()
+        add_option(parser, "--host", "PARKPOOL_TEST_HOST", "127.0.0.1", "broker host")
+        assert parser.parse_args([]).host == "127.0.0.1"
+
+    def test_help_names_the_variable_and_default(self) -> None:
+        parser = argparse.ArgumentParser()
+        add_option(parser, "--host", "PARKPOOL_TEST_HOST", "127.0.0.1", "broker host")
+        text = parser.format_help()
+        assert "PARKPOOL_TEST_HOST" in text
+        assert "'127.0.0.1'" in text
+
+    def test_help_hides_a_password_taken_from_the_environment(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("PARKPOOL_MQTT_PASSWORD", PASSWORD)
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        text = parser.format_help()
+        assert "PARKPOOL_MQTT_PASSWORD" in text
+        assert PASSWORD not in text
+        # When the settings are built, the password is wrapped as a Secret
+        conn = mqtt_from_args(parser.parse_args([]))
+        assert conn.password.value == PASSWORD
+        assert PASSWORD not in repr(conn)
+
+    def test_kafka_config_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PARKPOOL_KAFKA_BOOTSTRAP", "kafka:9093")
+        monkeypatch.setenv("PARKPOOL_KAFKA_CONFIG", f"sasl.password={PASSWORD},acks=all")
+        parser = argparse.ArgumentParser()
+        add_kafka_options(parser)
+        conn = kafka_from_args(parser.parse_args([]))
+        assert conn.bootstrap == "kafka:9093"
+        assert conn.extra == {"sasl.password": PASSWORD, "acks": "all"}
+        assert PASSWORD not in repr(conn)
+        assert PASSWORD not in parser.format_help()

@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The vehicle book: absolute credits, round-robin hunger, states and liveness."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gateway.vehicles import VehicleBook
+from schemas import Capabilities, PullRequest, VehicleState
+
+CAPS = Capabilities("numpy", ("reduce", "poly"))
+
+
+def pull(vehicle_id: str, credits: int, seen: dict[str, int] | None = None) -> PullRequest:
+    return PullRequest(vehicle_id, credits, CAPS, seen or {})
+
+
+class TestPulls:
+    """A pull sets a vehicle's credits to what it says, never adding to them."""
+
+    def test_pull_registers_the_vehicle(self) -> None:
+        book = VehicleBook("gw1")
+        view = book.on_pull(pull("car1", 3, {"gw1": 42, "gw2": 7}))
+        assert book.get("car1") is view
+        assert len(book) == 1
+        assert view.credits == 3
+        assert view.seen_epoch == 42  # only this gateway's entry counts
+        assert view.capabilities == CAPS
+        assert view.state is VehicleState.ONLINE
+        assert book.hungry() == ["car1"]
+
+    def test_duplicated_pull_grants_nothing_extra(self) -> None:
+        book = VehicleBook("gw1")
+        # When the same pull arrives twice (MQTT QoS 1 may redeliver)
+        book.on_pull(pull("car1", 2))
+        view = book.on_pull(pull("car1", 2))
+        # Then the credits are what the vehicle said, not twice that
+        assert view.credits == 2
+        assert book.hungry() == ["car1"]
+
+    def test_later_pull_replaces_credits_and_seen_epoch(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car1", 5, {"gw1": 10}))
+        view = book.on_pull(pull("car1", 1))
+        assert view.credits == 1
+        assert view.seen_epoch == 0  # no entry for this gateway: it has seen nothing
+
+    def test_pull_without_credits_does_not_make_a_vehicle_hungry(self) -> None:
+        book = VehicleBook("gw1")
+        view = book.on_pull(pull("car1", 0))
+        assert view.credits == 0
+        assert book.hungry() == []
+
+    def test_pull_brings_a_suspended_vehicle_back_online(self) -> None:
+        book = VehicleBook("gw1")
+        book.set_state("car1", VehicleState.SUSPENDED)
+        view = book.on_pull(pull("car1", 2))
+        assert view.state is VehicleState.ONLINE
+        assert book.hungry() == ["car1"]
+
+
+class TestRoundRobin:
+    """Hungry vehicles are served longest-waiting first, then rotate to the back."""
+
+    def test_served_vehicle_rotates_to_the_back(self) -> None:
+        book = VehicleBook("gw1")
+        for vehicle_id in ("car-a", "car-b", "car-c"):
+            book.on_pull(pull(vehicle_id, 2))
+        assert book.hungry() == ["car-a", "car-b", "car-c"]
+        # When car-a gets a task and still has credit
+        book.served("car-a", still_hungry=True)
+        # Then it waits behind the others
+        assert book.hungry() == ["car-b", "car-c", "car-a"]
+
+    def test_full_vehicle_leaves_the_hungry_list(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 1))
+        book.on_pull(pull("car-b", 1))
+        book.served("car-a", still_hungry=False)
+        assert book.hungry() == ["car-b"]
+        # And it comes back at the end when it pulls again
+        book.on_pull(pull("car-a", 1))
+        assert book.hungry() == ["car-b", "car-a"]
+
+    def test_repeated_pull_keeps_a_waiting_vehicles_place(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 1))
+        book.on_pull(pull("car-b", 1))
+        book.on_pull(pull("car-a", 3))
+        assert book.hungry() == ["car-a", "car-b"]
+
+    def test_fair_turns_over_several_rounds(self) -> None:
+        # Given three hungry vehicles with plenty of credit
+        book = VehicleBook("gw1")
+        for vehicle_id in ("car-a", "car-b", "car-c"):
+            book.on_pull(pull(vehicle_id, 100))
+        # When six tasks go out, each to the head of the hungry list
+        turns = []
+        for _ in range(6):
+            head = book.hungry()[0]
+            turns.append(head)
+            book.served(head, still_hungry=True)
+        # Then every vehicle got exactly two, in turn
+        assert turns == ["car-a", "car-b", "car-c"] * 2
+
+
+class TestStates:
+    """A vehicle that is not ONLINE has no credit and is never hungry."""
+
+    @pytest.mark.parametrize(
+        "state", [VehicleState.SUSPENDED, VehicleState.DRAINING, VehicleState.OFFLINE]
+    )
+    def test_non_online_state_drops_hunger_and_credits(self, state: VehicleState) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 4))
+        book.on_pull(pull("car-b", 4))
+        view = book.set_state("car-a", state)
+        assert view.state is state
+        assert view.credits == 0
+        assert book.hungry() == ["car-b"]
+
+    def test_online_state_keeps_credits(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 4))
+        view = book.set_state("car-a", VehicleState.ONLINE)
+        assert view.credits == 4
+        assert book.hungry() == ["car-a"]
+
+    def test_set_state_registers_an_unknown_vehicle(self) -> None:
+        book = VehicleBook("gw1")
+        view = book.set_state("car-x", VehicleState.DRAINING)
+        assert book.get("car-x") is view
+        assert view.credits == 0
+        assert book.hungry() == []
+
+    def test_forget_removes_everywhere(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 4))
+        book.forget("car-a")
+        book.forget("car-never-seen")
+        assert book.get("car-a") is None
+        assert book.hungry() == []
+        assert len(book) == 0
+
+    def test_by_state_counts_vehicles(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 1))
+        book.on_pull(pull("car-b", 1))
+        book.set_state("car-c", VehicleState.SUSPENDED)
+        book.set_state("car-d", VehicleState.OFFLINE)
+        book.set_state("car-e", VehicleState.OFFLINE)
+        assert book.by_state() == {"online": 2, "suspended": 1, "offline": 2}
+        assert VehicleBook("gw1").by_state() == {}
+
+
+class TestLiveness:
+    """silent_since lists vehicles not heard from since a cutoff."""
+
+    def test_silent_since(self) -> None:
+        book = VehicleBook("gw1")
+        now = time.monotonic()
+        book.heard("car-old").last_heard = now - 60
+        book.heard("car-new").last_heard = now - 1
+        assert book.silent_since(now - 30) == ["car-old"]
+        assert sorted(book.silent_since(now)) == ["car-new", "car-old"]
+        assert book.silent_since(now - 120) == []
+
+    def test_hearing_a_vehicle_refreshes_it(self) -> None:
+        book = VehicleBook("gw1")
+        book.heard("car1").last_heard = time.monotonic() - 60
+        cutoff = time.monotonic() - 30
+        assert book.silent_since(cutoff) == ["car1"]
+        # When any message arrives from it
+        book.heard("car1")
+        # Then it is no longer silent
+        assert book.silent_since(cutoff) == []
