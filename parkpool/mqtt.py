@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ def connect_properties(session_expiry_s: int) -> Properties:
     return props
 
 
+@functools.lru_cache(maxsize=64)
 def publish_properties(expiry_s: float | None = None) -> Properties | None:
+    """PUBLISH properties with a Message Expiry; cached, as leases mostly share one length."""
     if expiry_s is None:
         return None
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import struct
 import typing
 from collections.abc import Mapping
@@ -178,14 +179,27 @@ def _ext_hook(code: int, payload: bytes) -> np.ndarray:
         raise DecodeError("bad_array", f"shape {shape}: {exc}") from None
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[str, object, bool], ...]:
+    """(name, type hint, required) per field; resolving hints is slow, so once per class."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            f.name,
+            hints[f.name],
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    )
+
+
 def _build(cls: type[M], body: dict[str, Any]) -> M:
     kwargs: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in body:
-            kwargs[f.name] = _nested(f.name, hints[f.name], body[f.name])
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValidationError("missing_field", f"{cls.__name__} needs field {f.name!r}")
+    for name, hint, required in _schema(cls):  # type: ignore[arg-type]
+        if name in body:
+            kwargs[name] = _nested(name, hint, body[name])
+        elif required:
+            raise ValidationError("missing_field", f"{cls.__name__} needs field {name!r}")
     # Unknown fields are ignored on purpose: a newer minor writer may add optional fields.
     try:
         return cls(**kwargs)

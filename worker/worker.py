@@ -159,7 +159,9 @@ class VehicleWorker:
                 return
             self._last_pull = time.monotonic()
         pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen)
-        self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=1)
+        # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
+        # delays work briefly, while QoS 1 would double the packets on the busiest topic.
+        self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=0)
 
     def _tick_loop(self) -> None:
         next_heartbeat = time.monotonic() + self.settings.heartbeat_s
