@@ -113,9 +113,9 @@ def _close(answer: Any, expected: Any, kernel: str) -> bool:
 
 
 def follow(handle: JobHandle, timeout: float) -> Any:
-    """Wait for the job, drawing a progress bar on a terminal (stderr)."""
+    """Wait for the job, showing progress on stderr: a bar on a terminal, lines elsewhere."""
     deadline = time.monotonic() + timeout
-    tty = sys.stderr.isatty()
+    bar = _ProgressBar(sys.stderr.isatty())
     while True:
         try:
             answer = handle.wait(timeout=0.25)
@@ -123,21 +123,35 @@ def follow(handle: JobHandle, timeout: float) -> Any:
         except TimeoutError:
             if time.monotonic() > deadline:
                 raise
-            _draw(handle, tty)
-    _draw(handle, tty)
-    if tty:
-        sys.stderr.write("\n")
+            bar.draw(handle)
+    bar.draw(handle)
+    bar.close()
     return answer
 
 
-def _draw(handle: JobHandle, tty: bool) -> None:
-    p = handle.progress
-    filled = int(30 * p.fraction)
-    line = f"[{'#' * filled}{'.' * (30 - filled)}] {p.done}/{p.total} chunks"
-    if p.dead_lettered:
-        line += f", {p.dead_lettered} dead-lettered"
-    sys.stderr.write(f"\r{line}" if tty else "")
-    sys.stderr.flush()
+class _ProgressBar:
+    """A redrawn bar on a terminal; elsewhere (logs, CI) a line at every quarter."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.last_quarter = -1
+
+    def draw(self, handle: JobHandle) -> None:
+        p = handle.progress
+        filled = int(30 * p.fraction)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {p.done}/{p.total} chunks"
+        if p.dead_lettered:
+            line += f", {p.dead_lettered} dead-lettered"
+        if self.tty:
+            sys.stderr.write(f"\r{line}")
+        elif int(p.fraction * 4) > self.last_quarter:
+            self.last_quarter = int(p.fraction * 4)
+            sys.stderr.write(f"{line}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
 
 
 def run_status(args: argparse.Namespace) -> int:
