@@ -146,8 +146,9 @@ class Gateway:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop taking work, make what is done durable, commit it, and leave."""
         self._log.info("gateway_stopping", leases=len(self.leases))
+        # Delivery reports fire inside flush and finish their offsets, so the commit
+        # below includes every result that became durable.
         self._producer.flush(timeout)
-        self._drain_mqtt()
         if self._consumer is not None:
             self._commit_all()
             self._consumer.close()  # runs on_revoke for whatever is still assigned
@@ -307,8 +308,11 @@ class Gateway:
         if status is None:
             return
         self.vehicles.set_state(status.vehicle_id, status.state)
-        if status.state in (VehicleState.OFFLINE, VehicleState.SUSPENDED):
+        if status.state is VehicleState.OFFLINE:
             self._release_vehicle(status.vehicle_id, "vehicle_offline", status.reason)
+        elif status.state is VehicleState.SUSPENDED:
+            # A policy stopped the car (owner, battery, heat): not the task's fault.
+            self._release_vehicle(status.vehicle_id, "vehicle_offline", status.reason, counts=False)
 
     def _on_result(self, event: MqttEvent) -> None:
         result = self._decode(event, Result)
@@ -448,11 +452,13 @@ class Gateway:
             self._release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
 
-    def _release_vehicle(self, vehicle_id: str, cause: str, detail: str) -> None:
+    def _release_vehicle(
+        self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
+    ) -> None:
         for lease in self.leases.of_vehicle(vehicle_id):
             self.leases.end(lease.epoch)
             self.metrics.redelivered.labels(cause).inc()
-            self._requeue(lease.task, cause, vehicle_id, detail, counts=True)
+            self._requeue(lease.task, cause, vehicle_id, detail, counts=counts)
 
     def _requeue(
         self,

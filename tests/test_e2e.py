@@ -6,6 +6,10 @@ Every test runs against the session's real Tansu and Mosquitto, in its own names
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -182,3 +186,54 @@ def test_job_state_after_poison_is_failed_not_hung(
         handle.wait(timeout=30)
     assert handle.state is JobState.FAILED
     assert handle.progress.dead_lettered == 1
+
+
+class TestCommandLine:
+    """`parkpool submit` and `parkpool status` work against the running system."""
+
+    def test_submit_then_status(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        brokers: Any,
+        namespace: str,
+    ) -> None:
+        # Given a gateway and vehicles
+        gateway_factory()
+        fleet_factory(2)
+        env = {
+            **os.environ,
+            "PARKPOOL_KAFKA_BOOTSTRAP": brokers.kafka_bootstrap,
+            "PARKPOOL_NAMESPACE": namespace,
+        }
+        cli = [sys.executable, "-m", "parkpool.cli"]
+        # When a job is submitted from the command line with verification
+        submit = subprocess.run(
+            [*cli, "submit", "poly", "--size", "5000", "--chunk", "1000", "--verify"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        # Then it completes and checks out against NumPy
+        assert submit.returncode == 0, submit.stderr
+        summary = json.loads(submit.stdout.strip().splitlines()[-1])
+        assert (summary["chunks"], summary["verified"]) == (5, True)
+        # And `status` finds all its chunks in the results topic
+        status = subprocess.run(
+            [*cli, "status", summary["job_id"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout) == {
+            "job_id": summary["job_id"],
+            "state": "done",
+            "done": 5,
+            "total": 5,
+            "dead_lettered": 0,
+        }
