@@ -7,7 +7,6 @@ counted, and that the rest of the work still completes.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from confluent_kafka import Producer
 
 from broker_config.launcher import EmbeddedBrokers
+from parkpool.children import role_env
 from parkpool.kafka import producer_config
 from parkpool.settings import KafkaConnection, MqttConnection
 from producer.client import ParkpoolClient
@@ -165,14 +165,9 @@ def gateway_process(
     """Start ``parkpool gateway`` as a real child process, the way production runs it."""
     children: list[subprocess.Popen[bytes]] = []
     env = {
-        **os.environ,
-        "PARKPOOL_KAFKA_BOOTSTRAP": brokers.kafka_bootstrap,
-        "PARKPOOL_MQTT_HOST": brokers.mqtt_host,
-        "PARKPOOL_MQTT_PORT": str(brokers.mqtt_port),
-        "PARKPOOL_NAMESPACE": namespace,
+        **role_env(brokers, namespace),
         "PARKPOOL_GATEWAY_ID": "gwproc",
         "PARKPOOL_SESSION_TIMEOUT_MS": str(TEST_SESSION_TIMEOUT_MS),
-        "PARKPOOL_LOG_JSON": "1",
     }
 
     def start() -> subprocess.Popen[bytes]:
