@@ -7,9 +7,8 @@ import argparse
 import socket
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from gateway.gateway import Gateway, GatewaySettings
+from gateway.http import StatusServer, request_counter
 from parkpool import logs
 from parkpool.settings import (
     add_kafka_options,
@@ -78,8 +77,16 @@ def add_parser(subparsers: Any) -> None:
         "--metrics-port",
         "PARKPOOL_METRICS_PORT",
         0,
-        "serve Prometheus metrics on this port (0: off)",
+        "serve /metrics, /healthz and /readyz on this port (0: off)",
         int,
+    )
+    add_option(
+        p,
+        "--drain-seconds",
+        "PARKPOOL_DRAIN_SECONDS",
+        20.0,
+        "on SIGTERM, how long running leases may finish before they are revoked",
+        float,
     )
     add_option(
         p,
@@ -102,15 +109,27 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_attempts=args.max_attempts,
         window=args.window,
         session_timeout_ms=args.session_timeout_ms,
+        drain_seconds=args.drain_seconds,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     logs.configure()
     gateway = Gateway(settings_from_args(args))
+    status: StatusServer | None = None
     if args.metrics_port:
-        start_http_server(args.metrics_port, args.metrics_addr, registry=gateway.metrics.registry)
+        registry = gateway.metrics.registry
+        probes = (gateway.health, gateway.readiness)
+        counter = request_counter(registry)
+        server = StatusServer(
+            args.metrics_addr, args.metrics_port, registry, *probes, requests=counter
+        )
+        status = server.start()
     gateway.stopping = stop_event()
-    gateway.start()
-    gateway.run()
+    try:
+        gateway.start()
+        gateway.run()
+    finally:
+        if status is not None:
+            status.close()
     return 0

@@ -17,32 +17,34 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError
 
+from gateway.cancels import CancelledJobs
 from gateway.leases import Lease, LeaseTable
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt_link import MqttEvent, MqttLink
+from gateway.retry import DelayQueue, compute_backoff
+from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook
-from gateway.window import OffsetWindow
-from parkpool.kafka import consumer_config, coordinates, produce, producer_config
 from parkpool.settings import KafkaConnection, MqttConnection
 from schemas import (
     Assignment,
     AttemptRecord,
-    DeadLetter,
     DecodeError,
+    GatewayState,
     KafkaTopics,
+    LeaseHeartbeat,
     MqttTopics,
     Nack,
+    NackReason,
     PullRequest,
     Result,
-    TaskChunk,
     VehicleState,
     VehicleStatus,
     decode,
@@ -50,7 +52,6 @@ from schemas import (
 )
 
 log = structlog.get_logger("parkpool.gateway")
-TP = tuple[str, int]
 M = TypeVar("M")
 
 
@@ -66,6 +67,7 @@ class GatewaySettings:
     window: int = 512
     session_timeout_ms: int = 6000
     vehicle_silence_s: float = 45.0
+    drain_seconds: float = 20.0  # on SIGTERM, how long leases may finish before revoking
     batch: int = 256
     kafka_overrides: dict[str, object] = field(default_factory=dict)
 
@@ -78,18 +80,26 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
-        self.kafka_topics = KafkaTopics(settings.namespace)
         self.mqtt = MqttLink(settings.gateway_id, settings.mqtt, MqttTopics(settings.namespace))
+        self.log = TaskLog(
+            settings.kafka,
+            KafkaTopics(settings.namespace),
+            settings.group,
+            gateway_id=settings.gateway_id,
+            window=settings.window,
+            session_timeout_ms=settings.session_timeout_ms,
+            metrics=self.metrics,
+            on_revoked=self._drop_partitions,
+            overrides=dict(settings.kafka_overrides),
+        )
         self.leases = LeaseTable()
         self.vehicles = VehicleBook(settings.gateway_id)
         self.ready = ReadyQueue()
-        self.windows: dict[TP, OffsetWindow] = {}
-        self.pending: dict[TP, dict[int, PendingTask]] = {}
-        self.paused: set[TP] = set()
+        self.delayed = DelayQueue()
+        self.cancelled = CancelledJobs()
         self.stopping = threading.Event()
-        self.is_ready = False
-        self._consumer: Consumer | None = None
-        self._producer = Producer(producer_config(settings.kafka))
+        self.last_step = time.monotonic()
+        self._draining = False
         self._last_sweep = 0.0
         self._log = log.bind(gateway_id=settings.gateway_id)
 
@@ -98,38 +108,112 @@ class Gateway:
     def start(self) -> None:
         """Subscribe on MQTT first: no task is consumed before results can come back."""
         self.mqtt.start()
-        config = consumer_config(
-            self.settings.kafka,
-            self.settings.group,
-            self.settings.session_timeout_ms,
-            **self.settings.kafka_overrides,
-        )
-        self._consumer = Consumer(config)
-        self._consumer.subscribe(
-            [self.kafka_topics.tasks],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self.log.open()
         self._log.info("gateway_started", group=self.settings.group)
 
     def run(self) -> None:
-        """Loop until ``stopping`` is set, then shut down cleanly."""
+        """Loop until ``stopping`` is set, then drain and shut down."""
         try:
             while not self.stopping.is_set():
                 self.step()
+            self.drain()
         finally:
             self.shutdown()
 
     def step(self) -> None:
+        self.last_step = time.monotonic()
         busy = self._consume()
         busy |= self._drain_mqtt()
         self._sweep()
-        self._dispatch()
-        self._producer.poll(0)
+        if not self._draining:
+            self._dispatch()
+        self.log.flow(starving=self._starving())
         self._update_gauges()
         if not busy:
             self._idle(0.005)
+
+    def drain(self) -> None:
+        """Stop taking work; let running leases finish for a bounded time, revoke the rest."""
+        self._draining = True
+        self.log.pause_all()
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while len(self.leases) and time.monotonic() < deadline:
+            self.step()
+        for lease in self.leases.all():
+            self.leases.end(lease.epoch)
+            self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "gateway_shutdown")
+        self._log.info("gateway_drained", revoked=len(self.leases))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._log.info("gateway_stopping", leases=len(self.leases))
+        self.log.close(timeout)
+        self.mqtt.stop()
+        self._log.info("gateway_stopped")
+
+    def health(self) -> tuple[bool, Mapping[str, Any]]:
+        """Alive while the loop keeps turning."""
+        stalled = time.monotonic() - self.last_step
+        return stalled < 10.0, {"loop_stalled_s": round(stalled, 3)}
+
+    def readiness(self) -> tuple[bool, Mapping[str, Any]]:
+        """Ready when MQTT is subscribed and Kafka partitions are assigned."""
+        details = {
+            "mqtt_subscribed": self.mqtt.subscribed.is_set() and self.mqtt.connected,
+            "partitions": len(self.log.windows),
+            "draining": self._draining,
+        }
+        ok = bool(details["mqtt_subscribed"]) and bool(details["partitions"])
+        return ok and not self._draining, details
+
+    # ---------------------------------------------------------------- Kafka side
+
+    def _consume(self) -> bool:
+        items = self.log.poll(self.settings.batch)
+        for item in items:
+            if isinstance(item, CancelRecord):
+                self._cancel(item)
+            elif item.task.job_id in self.cancelled:
+                self._skip_cancelled(item)
+            else:
+                self.ready.push(item)
+        return bool(items)
+
+    def _drop_partitions(self, gone: set[TP]) -> None:
+        """Partitions revoked or lost: their tasks and leases belong to the next owner."""
+        self.ready.remove_where(lambda t: t.tp in gone)
+        self.delayed.remove_where(lambda t: t.tp in gone)
+        for lease in self.leases.where(lambda lease: lease.task.tp in gone):
+            self.leases.end(lease.epoch)
+
+    def _finish(self, task: PendingTask) -> None:
+        task.state = TaskState.DONE
+        self.log.finish(task.tp, task.offset)
+
+    def _starving(self) -> bool:
+        """Work is piling up and nobody asks for it: stop reading more."""
+        return len(self.ready) >= 64 and not self.vehicles.any_hungry()
+
+    # ---------------------------------------------------------------- cancel
+
+    def _cancel(self, record: CancelRecord) -> None:
+        job_id = record.cancel.job_id
+        self.cancelled.add(job_id)
+        for task in self.ready.remove_where(lambda t: t.task.job_id == job_id):
+            self._skip_cancelled(task)
+        for task in self.delayed.remove_where(lambda t: t.task.job_id == job_id):
+            self._skip_cancelled(task)
+        for lease in self.leases.where(lambda lease: lease.task.task.job_id == job_id):
+            self.leases.end(lease.epoch)
+            self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "job_cancelled")
+            self._skip_cancelled(lease.task)
+        self.log.finish(record.tp, record.offset)
+        self._log.info("job_cancelled", job_id=job_id, partition=record.tp[1])
+
+    def _skip_cancelled(self, task: PendingTask) -> None:
+        self.metrics.tasks.labels("cancelled").inc()
+        self._finish(task)
+
+    # ---------------------------------------------------------------- MQTT side
 
     def _idle(self, timeout: float) -> None:
         """Sleep until an MQTT message arrives or ``timeout`` passes, then handle it.
@@ -142,140 +226,6 @@ class Gateway:
         except queue.Empty:
             return
         self._handle(event)
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop taking work, make what is done durable, commit it, and leave."""
-        self._log.info("gateway_stopping", leases=len(self.leases))
-        # Delivery reports fire inside flush and finish their offsets, so the commit
-        # below includes every result that became durable.
-        self._producer.flush(timeout)
-        if self._consumer is not None:
-            self._commit_all()
-            self._consumer.close()  # runs on_revoke for whatever is still assigned
-            self._consumer = None
-        self.mqtt.stop()
-        self._log.info("gateway_stopped")
-
-    # ---------------------------------------------------------------- Kafka side
-
-    def _consume(self) -> bool:
-        assert self._consumer is not None
-        records = self._consumer.consume(self.settings.batch, timeout=0)
-        for record in records:
-            self._on_record(record)
-        return bool(records)
-
-    def _on_record(self, record: Message) -> None:
-        error = record.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                self._log.warning("kafka_consume_error", error=str(error))
-            return
-        topic, partition, offset = coordinates(record)
-        tp: TP = (topic, partition)
-        window = self.windows.get(tp)
-        if window is None:  # a record of a partition revoked since it was fetched
-            return
-        raw = record.value() or b""
-        window.add(offset)
-        self.metrics.tasks.labels("consumed").inc()
-        try:
-            chunk = decode(raw, TaskChunk)
-        except DecodeError as exc:
-            self.metrics.dropped.labels("kafka_tasks", exc.reason).inc()
-            self._log.warning("task_malformed", partition=tp[1], offset=offset, reason=str(exc))
-            self._dead_letter(tp, offset, raw, f"decode_{exc.reason}", str(exc))
-            return
-        task = PendingTask(tp[0], tp[1], offset, raw, chunk)
-        self.pending[tp][offset] = task
-        self.ready.push(task)
-        if window.full:
-            self._pause(tp)
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self.windows[(p.topic, p.partition)] = OffsetWindow(self.settings.window)
-            self.pending[(p.topic, p.partition)] = {}
-        self.is_ready = bool(self.windows) and self.mqtt.subscribed.is_set()
-        self._log.info("partitions_assigned", partitions=[p.partition for p in partitions])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is done for these partitions, then forget them and their leases."""
-        offsets = self._commit_points(partitions)
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self._log.warning("commit_on_revoke_failed", error=str(exc))
-        self._drop_partitions(partitions)
-        self._log.info("partitions_revoked", partitions=[p.partition for p in partitions])
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Someone else owns these now: committing would overwrite their progress."""
-        self._drop_partitions(partitions)
-        self._log.warning("partitions_lost", partitions=[p.partition for p in partitions])
-
-    def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
-        gone = {(p.topic, p.partition) for p in partitions}
-        self.ready.remove_where(lambda t: t.tp in gone)
-        for lease in self.leases.all():
-            if lease.task.tp in gone:
-                self.leases.end(lease.epoch)
-        for tp in gone:
-            self.windows.pop(tp, None)
-            self.pending.pop(tp, None)
-            self.paused.discard(tp)
-        self.is_ready = bool(self.windows)
-
-    def _commit_points(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        points = []
-        for p in partitions:
-            window = self.windows.get((p.topic, p.partition))
-            point = window.commit_point if window else None
-            if point is not None:
-                points.append(TopicPartition(p.topic, p.partition, point))
-        return points
-
-    def _commit_all(self) -> None:
-        assert self._consumer is not None
-        offsets = self._commit_points([TopicPartition(t, p) for t, p in self.windows])
-        if offsets:
-            try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self._log.warning("final_commit_failed", error=str(exc))
-
-    def _finish_offset(self, tp: TP, offset: int) -> None:
-        window = self.windows.get(tp)
-        pending = self.pending.get(tp)
-        if window is None or pending is None:
-            return  # revoked meanwhile; the new owner redoes it, the SDK drops the duplicate
-        pending.pop(offset, None)
-        if window.finish(offset) and window.commit_point is not None:
-            assert self._consumer is not None
-            try:
-                self._consumer.store_offsets(offsets=[TopicPartition(*tp, window.commit_point)])
-            except KafkaException as exc:
-                self._log.warning("store_offsets_failed", partition=tp[1], error=str(exc))
-        if tp in self.paused and not window.full:
-            self._resume(tp)
-
-    def _pause(self, tp: TP) -> None:
-        assert self._consumer is not None
-        self._consumer.pause([TopicPartition(*tp)])
-        self.paused.add(tp)
-
-    def _resume(self, tp: TP) -> None:
-        assert self._consumer is not None
-        self._consumer.resume([TopicPartition(*tp)])
-        self.paused.discard(tp)
-
-    def _produce(
-        self, topic: str, value: bytes, key: str | None, done: Callable[..., None]
-    ) -> None:
-        produce(self._producer, topic, value, key, done)
-
-    # ---------------------------------------------------------------- MQTT side
 
     def _drain_mqtt(self, limit: int = 512) -> bool:
         handled = 0
@@ -299,13 +249,13 @@ class Gateway:
     def _on_pull(self, event: MqttEvent) -> None:
         pull = self._decode(event, PullRequest)
         self.mqtt.ack(event)
-        if pull is not None:
+        if pull is not None and pull.vehicle_id == event.vehicle_id:
             self.vehicles.on_pull(pull)
 
     def _on_status(self, event: MqttEvent) -> None:
         status = self._decode(event, VehicleStatus)
         self.mqtt.ack(event)
-        if status is None:
+        if status is None or status.vehicle_id != event.vehicle_id:
             return
         self.vehicles.set_state(status.vehicle_id, status.state)
         if status.state is VehicleState.OFFLINE:
@@ -317,34 +267,32 @@ class Gateway:
     def _on_result(self, event: MqttEvent) -> None:
         result = self._decode(event, Result)
         lease = self._lease_for(event, result)
-        if result is None or lease is None:
+        if lease is None:
             self.mqtt.ack(event)
             return
         self.leases.end(lease.epoch)
-        task = lease.task
-        task.state = TaskState.FINISHING
+        lease.task.state = TaskState.FINISHING
         self.vehicles.heard(event.vehicle_id)
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            self._result_delivered(err, lease, event)
-
-        self._produce(task.task.reply_topic, event.payload, task.task.job_id, delivered)
+        chunk = lease.task.task
+        self.log.produce(
+            chunk.reply_topic,
+            event.payload,
+            chunk.job_id,
+            lambda err: self._result_delivered(err, lease, event),
+        )
 
     def _result_delivered(self, err: KafkaError | None, lease: Lease, event: MqttEvent) -> None:
         task = lease.task
+        self.mqtt.ack(event)
         if err is not None:
-            # Not durable: put the task back, then release the MQTT message. Redoing
-            # the task is the way to get its result into Kafka.
+            # Not durable: redoing the task is the way to get its result into Kafka.
             self.metrics.delivery_errors.labels("results").inc()
             self._log.error("result_not_durable", job_id=task.task.job_id, error=str(err))
-            self.mqtt.ack(event)
             self._requeue(task, "delivery_failed", lease.vehicle_id, str(err), counts=False)
             return
-        self.mqtt.ack(event)
-        task.state = TaskState.DONE
         self.metrics.tasks.labels("completed").inc()
         self.metrics.execution.observe(time.monotonic() - lease.dispatched_at)
-        self._finish_offset(task.tp, task.offset)
+        self._finish(task)
 
     def _on_nack(self, event: MqttEvent) -> None:
         nack = self._decode(event, Nack)
@@ -363,13 +311,23 @@ class Gateway:
             nack.detail,
             counts=nack.reason.counts_as_failure,
             terminal=nack.reason.terminal,
+            backoff=nack.reason is NackReason.KERNEL_ERROR,
         )
+
+    def _on_heartbeat(self, event: MqttEvent) -> None:
+        beat = self._decode(event, LeaseHeartbeat)
+        lease = self._lease_for(event, beat)
+        self.mqtt.ack(event)
+        if lease is not None:
+            self.leases.extend(lease.epoch, self.settings.lease_seconds)
+            self.vehicles.heard(event.vehicle_id)
 
     _handlers: ClassVar[dict[str, Callable[[Gateway, MqttEvent], None]]] = {
         "pull": _on_pull,
         "status": _on_status,
         "result": _on_result,
         "nack": _on_nack,
+        "heartbeat": _on_heartbeat,
     }
 
     def _decode(self, event: MqttEvent, kind: type[M]) -> M | None:
@@ -382,14 +340,17 @@ class Gateway:
             )
             return None
 
-    def _lease_for(self, event: MqttEvent, message: Result | Nack | None) -> Lease | None:
-        """The lease a result or nack speaks for, or None when it is stale or forged."""
+    def _lease_for(
+        self, event: MqttEvent, message: Result | Nack | LeaseHeartbeat | None
+    ) -> Lease | None:
+        """The lease a message speaks for, or None when it is stale or forged (fencing)."""
         if message is None:
             return None
         lease = self.leases.get(message.epoch)
         valid = (
             lease is not None
             and message.vehicle_id == event.vehicle_id == lease.vehicle_id
+            and message.gateway_id == self.settings.gateway_id
             and lease.task.task.key == (message.job_id, message.chunk_id)
         )
         if not valid:
@@ -419,10 +380,7 @@ class Gateway:
             self.vehicles.served(vehicle_id, available > 0)
 
     def _send_one(self, vehicle_id: str) -> bool:
-        while (task := self.ready.pop()) is not None:
-            if task.task.deadline >= time.time():
-                break
-            self._dead_letter_task(task, "deadline_passed", "the job's deadline passed in queue")
+        task = self._next_dispatchable()
         if task is None:
             return False
         lease = self.leases.grant(vehicle_id, task, self.settings.lease_seconds)
@@ -440,14 +398,36 @@ class Gateway:
         self.metrics.tasks.labels("dispatched").inc()
         return True
 
+    def _next_dispatchable(self) -> PendingTask | None:
+        """The next ready task, checking cancellation and deadline at dispatch time."""
+        while (task := self.ready.pop()) is not None:
+            if task.task.job_id in self.cancelled:
+                self._skip_cancelled(task)
+            elif task.task.deadline < time.time():
+                self.log.dead_letter(
+                    task.tp,
+                    task.offset,
+                    task.raw,
+                    "deadline_passed",
+                    "the job's deadline passed in the queue",
+                    task,
+                )
+            else:
+                return task
+        return None
+
     def _sweep(self) -> None:
         now = time.monotonic()
         for lease in self.leases.pop_expired(now):
             self.metrics.redelivered.labels("lease_expired").inc()
             self._requeue(lease.task, "lease_expired", lease.vehicle_id, "", counts=True)
+        for task in self.delayed.pop_due(now):
+            if self.log.owns(task.tp):
+                self.ready.push_front(task)
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
+        self.mqtt.announce(GatewayState.ONLINE, queued=len(self.ready) + len(self.delayed))
         for vehicle_id in self.vehicles.silent_since(now - self.settings.vehicle_silence_s):
             self._release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
@@ -469,71 +449,32 @@ class Gateway:
         *,
         counts: bool,
         terminal: bool = False,
+        backoff: bool = False,
     ) -> None:
-        if task.tp not in self.windows:
+        if not self.log.owns(task.tp):
             return  # partition revoked: its new owner has the task
         task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:512]))
         task.failures += int(counts)
         if terminal or task.failures >= self.settings.max_attempts:
-            self._dead_letter_task(task, reason, detail or f"failed {task.failures} times")
+            task.state = TaskState.FINISHING
+            self.log.dead_letter(
+                task.tp,
+                task.offset,
+                task.raw,
+                reason,
+                detail or f"failed {task.failures} times",
+                task,
+            )
             return
         task.state = TaskState.QUEUED
-        self.ready.push_front(task)
-
-    # ---------------------------------------------------------------- dead letters
-
-    def _dead_letter_task(self, task: PendingTask, reason: str, detail: str) -> None:
-        task.state = TaskState.FINISHING
-        self._dead_letter(task.tp, task.offset, task.raw, reason, detail, task)
-
-    def _dead_letter(
-        self,
-        tp: TP,
-        offset: int,
-        raw: bytes,
-        reason: str,
-        detail: str,
-        task: PendingTask | None = None,
-    ) -> None:
-        letter = DeadLetter(
-            reason=reason,
-            detail=detail[:2048],
-            source_topic=tp[0],
-            partition=tp[1],
-            offset=offset,
-            original=raw,
-            dead_at=time.time(),
-            gateway_id=self.settings.gateway_id,
-            job_id=task.task.job_id if task else "",
-            chunk_id=task.task.chunk_id if task else -1,
-            attempts=tuple(task.history[-64:]) if task else (),
-        )
-        payload = encode(letter)
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                self.metrics.delivery_errors.labels("dead_letter").inc()
-                self._produce(
-                    self.kafka_topics.dead_letter, payload, letter.job_id or None, delivered
-                )
-                return
-            self.metrics.dead_lettered.labels(reason).inc()
-            self.metrics.tasks.labels("dead_lettered").inc()
-            self._log.warning(
-                "dead_lettered",
-                reason=reason,
-                job_id=letter.job_id,
-                chunk_id=letter.chunk_id,
-                partition=tp[1],
-                offset=offset,
-            )
-            self._finish_offset(tp, offset)
-
-        self._produce(self.kafka_topics.dead_letter, payload, letter.job_id or None, delivered)
+        if backoff:
+            self.delayed.push(task, compute_backoff(task.failures))
+        else:
+            self.ready.push_front(task)
 
     # ---------------------------------------------------------------- observability
 
     def _update_gauges(self) -> None:
         self.metrics.leases.set(len(self.leases))
-        self.metrics.queued.set(len(self.ready))
-        self.metrics.paused.set(len(self.paused))
+        self.metrics.queued.set(len(self.ready) + len(self.delayed))
+        self.metrics.paused.set(len(self.log.paused))

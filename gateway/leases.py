@@ -11,7 +11,7 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.tasks import PendingTask
@@ -58,6 +58,14 @@ class LeaseTable:
                 del self._by_vehicle[lease.vehicle_id]
         return lease
 
+    def extend(self, epoch: int, duration: float) -> Lease | None:
+        """Move a lease's deadline to ``duration`` from now (a vehicle's heartbeat)."""
+        lease = self._by_epoch.get(epoch)
+        if lease is not None:
+            lease.deadline = time.monotonic() + duration
+            heapq.heappush(self._deadlines, (lease.deadline, epoch))
+        return lease
+
     def of_vehicle(self, vehicle_id: str) -> list[Lease]:
         return [self._by_epoch[e] for e in sorted(self._by_vehicle.get(vehicle_id, ()))]
 
@@ -76,3 +84,6 @@ class LeaseTable:
 
     def all(self) -> list[Lease]:
         return list(self._by_epoch.values())
+
+    def where(self, predicate: Callable[[Lease], bool]) -> list[Lease]:
+        return [lease for lease in self._by_epoch.values() if predicate(lease)]

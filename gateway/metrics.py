@@ -18,7 +18,7 @@ class GatewayMetrics:
         self.tasks = Counter(
             "parkpool_gateway_tasks_total",
             "Task lifecycle events at the gateway",
-            ["status"],  # consumed, dispatched, completed, failed, dead_lettered
+            ["status"],  # consumed, dispatched, completed, failed, dead_lettered, cancelled
             registry=r,
         )
         self.redelivered = Counter(
@@ -43,6 +43,12 @@ class GatewayMetrics:
             "parkpool_gateway_kafka_delivery_errors_total",
             "Kafka delivery reports that failed",
             ["topic_kind"],
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "parkpool_gateway_rebalances_total",
+            "Consumer-group rebalance events",
+            ["event"],  # assigned, revoked, lost
             registry=r,
         )
         self.leases = Gauge("parkpool_gateway_leases", "Leases in flight", registry=r)

@@ -20,7 +20,7 @@ import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client, publish_properties
 from parkpool.settings import MqttConnection
-from schemas import GatewayState, GatewayStatus, MqttTopics, encode
+from schemas import GatewayState, GatewayStatus, MqttTopics, Revoke, encode
 
 log = structlog.get_logger("parkpool.gateway.mqtt")
 SESSION_EXPIRY_S = 600
@@ -44,6 +44,8 @@ class MqttLink:
         self.subscribed = threading.Event()
         self.bad_topics = 0
         self.reconnects = 0
+        self._announced: tuple[GatewayState, int] | None = None
+        self._announced_at = 0.0
         self._connected = threading.Event()
         offline = GatewayStatus(gateway_id, GatewayState.OFFLINE, time.time())
         self.client = new_client(
@@ -71,10 +73,27 @@ class MqttLink:
             raise TimeoutError("MQTT subscriptions were not acknowledged")
         self.announce(GatewayState.ONLINE)
 
-    def announce(self, state: GatewayState) -> None:
-        status = GatewayStatus(self.gateway_id, state, time.time())
+    def announce(self, state: GatewayState, queued: int = 0) -> None:
+        """Publish the retained status, but only when the backlog changed in scale.
+
+        Every vehicle receives it, so a status per second from every gateway would cost a
+        large fleet more than the work itself; its order of magnitude is what vehicles use.
+        """
+        scale = (state, queued.bit_length())
+        if scale == self._announced and time.monotonic() - self._announced_at < 10.0:
+            return
+        self._announced, self._announced_at = scale, time.monotonic()
+        status = GatewayStatus(self.gateway_id, state, time.time(), queued)
         topic = self.topics.gateway_status(self.gateway_id)
         self.client.publish(topic, encode(status), qos=1, retain=True)
+
+    def send_revoke(self, vehicle_id: str, epoch: int, reason: str) -> None:
+        revoke = Revoke(self.gateway_id, vehicle_id, epoch, reason)
+        self.client.publish(self.topics.task(vehicle_id), encode(revoke), qos=1)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected()
 
     def send_assignment(self, vehicle_id: str, payload: bytes, expiry_s: float) -> None:
         self.client.publish(
@@ -103,8 +122,16 @@ class MqttLink:
         if self._connected.is_set():
             self.reconnects += 1
         self._connected.set()
+        self._announced = None  # a restarted broker may have lost the retained status
         t = self.topics
-        subs = [(t.all_pulls, 1), (t.all_statuses, 1), (t.all_results, 1), (t.all_nacks, 1)]
+        me = self.gateway_id
+        subs = [
+            (t.all_pulls, 1),
+            (t.all_statuses, 1),
+            (t.results_for(me), 1),
+            (t.nacks_for(me), 1),
+            (t.heartbeats_for(me), 1),
+        ]
         client.subscribe(subs)
         log.info("mqtt_connected", gateway_id=self.gateway_id)
 

@@ -48,12 +48,15 @@ class VehicleBook:
 
     def on_pull(self, pull: PullRequest) -> VehicleView:
         view = self.heard(pull.vehicle_id)
-        view.credits = pull.credits
+        # Only what this gateway was granted: other gateways see the same pull.
+        view.credits = pull.grants.get(self.gateway_id, 0)
         view.seen_epoch = pull.seen.get(self.gateway_id, 0)
         view.capabilities = pull.capabilities
         view.state = VehicleState.ONLINE
-        if pull.credits > 0:
+        if view.credits > 0:
             self._hungry[pull.vehicle_id] = None
+        else:
+            self._hungry.pop(pull.vehicle_id, None)
         return view
 
     def set_state(self, vehicle_id: str, state: VehicleState) -> VehicleView:
@@ -67,6 +70,9 @@ class VehicleBook:
     def forget(self, vehicle_id: str) -> None:
         self._vehicles.pop(vehicle_id, None)
         self._hungry.pop(vehicle_id, None)
+
+    def any_hungry(self) -> bool:
+        return bool(self._hungry)
 
     def hungry(self) -> list[str]:
         """Vehicles that asked for work, longest-waiting first."""

@@ -9,6 +9,7 @@ import sys
 from broker_config import cli as brokers_cli
 from gateway import cli as gateway_cli
 from producer import cli as producer_cli
+from producer import dlq_cli
 from schemas import ParkpoolError
 from worker import cli as worker_cli
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.add_parser(commands)
     worker_cli.add_parser(commands)
     producer_cli.add_parser(commands)
+    dlq_cli.add_parser(commands)
     return parser
 
 

@@ -28,6 +28,7 @@ from producer.jobs import JobHandle
 from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
 from schemas import (
     BrokerError,
+    CancelJob,
     DeadLetter,
     DecodeError,
     KafkaTopics,
@@ -142,7 +143,7 @@ class ParkpoolClient:
             )
             for i, spec in enumerate(chunks)
         ]
-        handle = JobHandle(job_id, len(tasks), assembler)
+        handle = JobHandle(job_id, len(tasks), assembler, canceller=self.cancel)
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
@@ -171,6 +172,28 @@ class ParkpoolClient:
                 f"{len(failures) + remaining} of {len(tasks)} chunks not confirmed by Kafka: "
                 f"{failures[:3]}"
             )
+
+    def cancel(self, job_id: str, reason: str = "cancelled_by_caller") -> None:
+        """Tell every gateway to drop the job: one CancelJob record on each task partition.
+
+        A job's chunks are spread over partitions, and each partition's owner sees the
+        cancel after the job's own records there, so no chunk can slip past it.
+        """
+        record = encode(CancelJob(job_id, time.time(), reason))
+        partitions = self._producer.list_topics(self.topics.tasks, timeout=10)
+        failures: list[str] = []
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for partition in partitions.topics[self.topics.tasks].partitions:
+            self._producer.produce(
+                self.topics.tasks, record, key=job_id, partition=partition, on_delivery=report
+            )
+        if self._producer.flush(self.settings.publish_timeout_s) or failures:
+            raise BrokerError(f"cancel of job {job_id} not confirmed by Kafka: {failures[:3]}")
+        log.info("job_cancel_sent", job_id=job_id)
 
     # ---------------------------------------------------------------- results
 

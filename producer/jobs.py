@@ -7,7 +7,7 @@ import enum
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,15 @@ class ChunkResult:
 class JobHandle:
     """Tracks one job. Thread-safe: the client's reader thread feeds it."""
 
-    def __init__(self, job_id: str, n_chunks: int, assembler: Assembler | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        n_chunks: int,
+        assembler: Assembler | None,
+        canceller: Callable[[str], None] | None = None,
+    ) -> None:
         self.job_id = job_id
+        self._canceller = canceller
         self.n_chunks = n_chunks
         self.submitted_at = time.time()
         self._assembler = assembler
@@ -80,14 +87,17 @@ class JobHandle:
     @property
     def progress(self) -> Progress:
         with self._lock:
-            return Progress(
-                self._state,
-                self._done,
-                self.n_chunks,
-                self._duplicates,
-                len(self._dead),
-                self._rejected,
-            )
+            return self._progress()
+
+    def _progress(self) -> Progress:
+        return Progress(
+            self._state,
+            self._done,
+            self.n_chunks,
+            self._duplicates,
+            len(self._dead),
+            self._rejected,
+        )
 
     @property
     def state(self) -> JobState:
@@ -123,10 +133,17 @@ class JobHandle:
             yield item
 
     def cancel(self) -> Progress:
-        """Stop waiting for this job. Chunks already queued at a gateway may still run."""
+        """Cancel the job: gateways skip its queued chunks and stop vehicles running them.
+
+        Returns the final progress, whose ``done`` says how many chunks had completed.
+        Results still in flight are ignored once the job is cancelled.
+        """
         with self._lock:
-            if self._state is JobState.RUNNING:
-                self._end(JobState.CANCELLED)
+            if self._state is not JobState.RUNNING:
+                return self._progress()
+            self._end(JobState.CANCELLED)
+        if self._canceller is not None:
+            self._canceller(self.job_id)
         return self.progress
 
     # ---------------------------------------------------------------- reader side

@@ -223,8 +223,10 @@ class PullRequest:
     """A vehicle asks for work: it can take ``credits`` more tasks *right now*.
 
     Credits are absolute, not additive, so a duplicated pull grants nothing extra.
+    ``grants`` splits them between gateways (every gateway sees every pull, and each may
+    send only what it was granted), so several gateways can never over-fill a vehicle.
     ``seen`` maps each gateway id to the highest lease epoch the vehicle has received from
-    it; the gateway subtracts what it sent after that (still in transit) from the credits.
+    it; the gateway subtracts what it sent after that (still in transit) from its grant.
     """
 
     TYPE: ClassVar[str] = "pull"
@@ -232,6 +234,7 @@ class PullRequest:
     credits: int
     capabilities: Capabilities
     seen: Mapping[str, int] = field(default_factory=dict)
+    grants: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _vehicle("vehicle_id", self.vehicle_id)
@@ -244,6 +247,14 @@ class PullRequest:
             _vehicle("seen gateway id", gateway_id)
             require_int("seen epoch", seq, 0)
         _frozen_map(self, "seen", self.seen)
+        if not isinstance(self.grants, Mapping) or len(self.grants) > 64:
+            raise _wrong("grants must be a map of at most 64 gateway ids")
+        for gateway_id, granted in self.grants.items():
+            _vehicle("grant gateway id", gateway_id)
+            require_int("grant", granted, 0, MAX_CREDITS)
+        if sum(self.grants.values()) > self.credits:
+            raise _bad(f"grants {dict(self.grants)} exceed the {self.credits} credits")
+        _frozen_map(self, "grants", self.grants)
 
 
 @dataclass(frozen=True)
@@ -273,11 +284,13 @@ class GatewayStatus:
     gateway_id: str
     state: GatewayState
     sent_at: float
+    queued: int = 0  # tasks waiting for a vehicle: vehicles grant credits where work is
 
     def __post_init__(self) -> None:
         _vehicle("gateway_id", self.gateway_id)
         object.__setattr__(self, "state", _enum(GatewayState, "state", self.state))
         require_float("sent_at", self.sent_at)
+        require_int("queued", self.queued, 0)
 
 
 @dataclass(frozen=True)
@@ -336,6 +349,93 @@ class DeadLetter:
         object.__setattr__(self, "attempts", tuple(self.attempts))
 
 
+@dataclass(frozen=True)
+class LeaseHeartbeat:
+    """A vehicle still working on a leased task: the gateway extends the lease."""
+
+    TYPE: ClassVar[str] = "lease_heartbeat"
+    job_id: str
+    chunk_id: int
+    vehicle_id: str
+    gateway_id: str
+    epoch: int
+    sent_at: float
+    progress: float = 0.0  # 0..1, as far as the kernel can tell
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_int("chunk_id", self.chunk_id, 0, MAX_CHUNKS - 1)
+        _vehicle("vehicle_id", self.vehicle_id)
+        _vehicle("gateway_id", self.gateway_id)
+        require_int("epoch", self.epoch, 1)
+        require_float("sent_at", self.sent_at)
+        require_float("progress", self.progress, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """The gateway takes a lease back (job cancelled): stop it and send nothing for it."""
+
+    TYPE: ClassVar[str] = "revoke"
+    gateway_id: str
+    vehicle_id: str
+    epoch: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        _vehicle("gateway_id", self.gateway_id)
+        _vehicle("vehicle_id", self.vehicle_id)
+        require_int("epoch", self.epoch, 1)
+        require_name("reason", self.reason)
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Produced to every partition of the tasks topic: skip and stop the job's tasks.
+
+    Keys put it after the job's own tasks in each partition, so the gateway that owns a
+    partition has seen every task it cancels.
+    """
+
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
+    requested_at: float
+    reason: str = "cancelled_by_caller"
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_float("requested_at", self.requested_at)
+        require_name("reason", self.reason)
+
+
+class DlqActionKind(enum.StrEnum):
+    REPLAYED = "replayed"
+    PURGED = "purged"
+
+
+@dataclass(frozen=True)
+class DlqAction:
+    """A note on the dead-letter topic that one dead letter was replayed or purged.
+
+    Kafka cannot delete single records, so the tools fold these notes over the topic;
+    they make ``replay`` safe to run twice.
+    """
+
+    TYPE: ClassVar[str] = "dlq_action"
+    action: DlqActionKind
+    partition: int
+    offset: int
+    at: float
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "action", _enum(DlqActionKind, "action", self.action))
+        require_int("partition", self.partition, 0, 1_000_000)
+        require_int("offset", self.offset, 0)
+        require_float("at", self.at)
+        require_str("note", self.note)
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     TaskChunk,
     Assignment,
@@ -345,6 +445,10 @@ MESSAGE_TYPES: tuple[type, ...] = (
     VehicleStatus,
     GatewayStatus,
     DeadLetter,
+    LeaseHeartbeat,
+    Revoke,
+    CancelJob,
+    DlqAction,
 )
 # Records nested inside messages; they travel as maps without a type tag.
 NESTED_TYPES: Mapping[str, type] = MappingProxyType(

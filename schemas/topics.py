@@ -13,6 +13,7 @@ from dataclasses import dataclass
 DEFAULT_NAMESPACE = "parkpool"
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TO_GATEWAY = frozenset({"result", "nack", "heartbeat"})  # kinds with a gateway level
 
 
 def check_namespace(namespace: str) -> str:
@@ -69,25 +70,33 @@ class MqttTopics:
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
 
-    # vehicle -> gateway
+    # vehicle -> every gateway
     def pull(self, vehicle_id: str) -> str:
         return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/pull"
 
     def status(self, vehicle_id: str) -> str:
         return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/status"
 
-    def result(self, vehicle_id: str) -> str:
-        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/result"
+    # vehicle -> the gateway that holds the lease (one level more: that gateway's id)
+    def result(self, vehicle_id: str, gateway_id: str) -> str:
+        return self._to_gateway(vehicle_id, "result", gateway_id)
 
-    def nack(self, vehicle_id: str) -> str:
-        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/nack"
+    def nack(self, vehicle_id: str, gateway_id: str) -> str:
+        return self._to_gateway(vehicle_id, "nack", gateway_id)
 
-    # gateway -> vehicle
+    def heartbeat(self, vehicle_id: str, gateway_id: str) -> str:
+        return self._to_gateway(vehicle_id, "heartbeat", gateway_id)
+
+    def _to_gateway(self, vehicle_id: str, kind: str, gateway_id: str) -> str:
+        vehicle = check_id("vehicle id", vehicle_id)
+        return f"{self.namespace}/v/{vehicle}/{kind}/{check_id('gateway id', gateway_id)}"
+
+    # gateway -> vehicle (assignments and revocations)
     def task(self, vehicle_id: str) -> str:
         return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/task"
 
     def gateway_status(self, gateway_id: str) -> str:
-        """Retained online/offline announcement; a vehicle re-pulls when a gateway appears."""
+        """Retained announcement with the gateway's backlog; vehicles grant credits by it."""
         return f"{self.namespace}/gw/{check_id('gateway id', gateway_id)}/status"
 
     # subscriptions (wildcards)
@@ -99,13 +108,14 @@ class MqttTopics:
     def all_statuses(self) -> str:
         return f"{self.namespace}/v/+/status"
 
-    @property
-    def all_results(self) -> str:
-        return f"{self.namespace}/v/+/result"
+    def results_for(self, gateway_id: str) -> str:
+        return f"{self.namespace}/v/+/result/{check_id('gateway id', gateway_id)}"
 
-    @property
-    def all_nacks(self) -> str:
-        return f"{self.namespace}/v/+/nack"
+    def nacks_for(self, gateway_id: str) -> str:
+        return f"{self.namespace}/v/+/nack/{check_id('gateway id', gateway_id)}"
+
+    def heartbeats_for(self, gateway_id: str) -> str:
+        return f"{self.namespace}/v/+/heartbeat/{check_id('gateway id', gateway_id)}"
 
     @property
     def all_gateway_statuses(self) -> str:
@@ -114,10 +124,12 @@ class MqttTopics:
     def vehicle_of(self, topic: str) -> str | None:
         """The vehicle id in a vehicle-scoped topic, or None if the topic is not one."""
         parts = topic.split("/")
-        if len(parts) == 4 and parts[0] == self.namespace and parts[1] == "v":
+        # A fifth level exists only on topics to one gateway, and must be its id.
+        to_gateway = len(parts) == 5 and parts[3] in _TO_GATEWAY and _ID_RE.fullmatch(parts[4])
+        if (len(parts) == 4 or to_gateway) and parts[0] == self.namespace and parts[1] == "v":
             return parts[2] if _ID_RE.fullmatch(parts[2]) else None
         return None
 
     def kind_of(self, topic: str) -> str | None:
-        """The last level (pull, status, result, nack, task) of a vehicle-scoped topic."""
-        return topic.rsplit("/", 1)[-1] if self.vehicle_of(topic) else None
+        """The kind level (pull, status, result, nack, heartbeat, task) of a vehicle topic."""
+        return topic.split("/")[3] if self.vehicle_of(topic) else None

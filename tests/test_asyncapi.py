@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -30,17 +30,42 @@ SPEC: dict[str, Any] = yaml.safe_load(
 BY_TAG: dict[str, type] = {cls.TYPE: cls for cls in m.MESSAGE_TYPES}  # type: ignore[attr-defined]
 SAMPLE = {"namespace": "acme", "vehicleId": "car-1", "gatewayId": "gw-1"}
 KAFKA, MQTT = topics.KafkaTopics("acme"), topics.MqttTopics("acme")
-# channel address -> (message type it carries, what the gateway does with it)
-EXPECTED_CHANNELS: dict[str, tuple[type, str]] = {
-    KAFKA.tasks: (m.TaskChunk, "receive"),
-    KAFKA.results: (m.Result, "send"),
-    KAFKA.dead_letter: (m.DeadLetter, "send"),
-    MQTT.pull("car-1"): (m.PullRequest, "receive"),
-    MQTT.status("car-1"): (m.VehicleStatus, "receive"),
-    MQTT.result("car-1"): (m.Result, "receive"),
-    MQTT.nack("car-1"): (m.Nack, "receive"),
-    MQTT.task("car-1"): (m.Assignment, "send"),
-    MQTT.gateway_status("gw-1"): (m.GatewayStatus, "send"),
+
+
+class Channel(NamedTuple):
+    """What a channel carries, and what the gateway does with which of those messages."""
+
+    carries: tuple[type, ...]
+    action: str
+    gateway_uses: tuple[type, ...]
+    qos: int | None = None  # MQTT channels only
+
+
+def both_ways(action: str, *carries: type, qos: int | None = None) -> Channel:
+    """A channel whose every message type the gateway handles."""
+    return Channel(carries, action, carries, qos)
+
+
+EXPECTED_CHANNELS: dict[str, Channel] = {
+    KAFKA.tasks: both_ways("receive", m.TaskChunk, m.CancelJob),
+    KAFKA.results: both_ways("send", m.Result),
+    # The dead-letter tools, not gateways, write the DlqAction notes.
+    KAFKA.dead_letter: Channel((m.DeadLetter, m.DlqAction), "send", (m.DeadLetter,)),
+    MQTT.pull("car-1"): both_ways("receive", m.PullRequest, qos=0),
+    MQTT.status("car-1"): both_ways("receive", m.VehicleStatus, qos=1),
+    MQTT.result("car-1", "gw-1"): both_ways("receive", m.Result, qos=1),
+    MQTT.nack("car-1", "gw-1"): both_ways("receive", m.Nack, qos=1),
+    MQTT.heartbeat("car-1", "gw-1"): both_ways("receive", m.LeaseHeartbeat, qos=1),
+    MQTT.task("car-1"): both_ways("send", m.Assignment, m.Revoke, qos=1),
+    MQTT.gateway_status("gw-1"): both_ways("send", m.GatewayStatus, qos=1),
+}
+# What the gateway subscribes to: every vehicle ('+'), but only what is addressed to it.
+GATEWAY_SUBSCRIPTIONS = {
+    MQTT.all_pulls,
+    MQTT.all_statuses,
+    MQTT.results_for("gw-1"),
+    MQTT.nacks_for("gw-1"),
+    MQTT.heartbeats_for("gw-1"),
 }
 
 
@@ -243,34 +268,66 @@ class TestChannels:
     """Every topic of the code is a channel with its message and the gateway's operation."""
 
     @staticmethod
-    def address(channel: dict[str, Any]) -> str:
-        return re.sub(r"\{(\w+)\}", lambda match: SAMPLE[match[1]], channel["address"])
+    def address(channel: dict[str, Any], **override: str) -> str:
+        values = SAMPLE | override
+        return re.sub(r"\{(\w+)\}", lambda match: values[match[1]], channel["address"])
+
+    @staticmethod
+    def operations_on(name: str) -> list[dict[str, Any]]:
+        ref = f"#/channels/{name}"
+        return [o for o in SPEC["operations"].values() if o["channel"]["$ref"] == ref]
 
     def test_addresses_are_the_code_topics(self) -> None:
         channels = SPEC["channels"].values()
         assert sorted(self.address(c) for c in channels) == sorted(EXPECTED_CHANNELS)
 
+    def test_every_message_type_travels_somewhere(self) -> None:
+        carried = {cls for channel in EXPECTED_CHANNELS.values() for cls in channel.carries}
+        assert carried == set(m.MESSAGE_TYPES)
+
     @pytest.mark.parametrize("name", sorted(SPEC["channels"]))
     def test_channel(self, name: str) -> None:
         channel = SPEC["channels"][name]
-        cls, action = EXPECTED_CHANNELS[self.address(channel)]
+        expected = EXPECTED_CHANNELS[self.address(channel)]
         # Its parameters are exactly its address's placeholders,
         assert set(channel["parameters"]) == set(re.findall(r"\{(\w+)\}", channel["address"]))
-        # it carries exactly the one message type,
-        (message,) = channel["messages"].values()
-        assert resolve(message) is message_spec(cls)
-        # and exactly one gateway operation uses it, in the expected direction.
-        ref = f"#/channels/{name}"
-        (operation,) = [o for o in SPEC["operations"].values() if o["channel"]["$ref"] == ref]
-        assert operation["action"] == action
-        assert [r["$ref"] for r in operation["messages"]] == [
-            f"{ref}/messages/{key}" for key in channel["messages"]
-        ]
+        # it lists every message type it carries, each once,
+        assert len(channel["messages"]) == len(expected.carries)
+        for message, cls in zip(channel["messages"].values(), expected.carries, strict=True):
+            assert resolve(message) is message_spec(cls)
+        # and the gateway's operations on it go the expected way, each message in one of
+        # them, and each operation names messages of this very channel.
+        operations = self.operations_on(name)
+        assert {o["action"] for o in operations} == {expected.action}
+        used = [r["$ref"] for o in operations for r in o["messages"]]
+        assert all(ref.startswith(f"#/channels/{name}/messages/") for ref in used)
+        used_titles = sorted(resolve({"$ref": ref})["title"] for ref in used)
+        assert used_titles == sorted(cls.__name__ for cls in expected.gateway_uses)
         (server,) = channel["servers"]
         is_mqtt = "/" in channel["address"]
         assert server["$ref"] == ("#/servers/mqtt" if is_mqtt else "#/servers/kafka")
-        if is_mqtt:
-            assert operation["bindings"]["mqtt"]["qos"] == 1
+        qos = {o["bindings"]["mqtt"]["qos"] for o in operations if is_mqtt}
+        assert qos == ({expected.qos} if is_mqtt else set())
+
+    def test_gateway_subscriptions_are_the_channels_it_receives(self) -> None:
+        # Given every MQTT channel the gateway receives on, with '+' for the vehicle,
+        received = {
+            self.address(channel, vehicleId="+")
+            for name, channel in SPEC["channels"].items()
+            if "/" in channel["address"]
+            and any(o["action"] == "receive" for o in self.operations_on(name))
+        }
+        # then they are exactly what the code subscribes to.
+        assert received == GATEWAY_SUBSCRIPTIONS
+
+    @pytest.mark.parametrize("name", sorted(SPEC["channels"]))
+    def test_vehicle_topics_parse(self, name: str) -> None:
+        # A vehicle topic yields its vehicle and its kind, the level after the vehicle id.
+        address = SPEC["channels"][name]["address"]
+        if "/v/{vehicleId}/" in address:
+            topic = self.address(SPEC["channels"][name])
+            assert MQTT.vehicle_of(topic) == "car-1"
+            assert MQTT.kind_of(topic) == address.split("/")[3]
 
     def test_mqtt_specifics(self) -> None:
         ops = SPEC["operations"]
@@ -332,9 +389,9 @@ class TestMessages:
 
     @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
     def test_bounds_are_the_code_bounds(self, cls: type) -> None:
-        # Given the example, with room for any chunk_id,
+        # Given the example, with room for any chunk_id and no grants to exceed the credits,
         body = from_example(message_spec(cls)["payload"], example_of(cls))
-        room = {"chunk_id": 0, "n_chunks": m.MAX_CHUNKS}
+        room = {"chunk_id": 0, "n_chunks": m.MAX_CHUNKS, "grants": {}}
         body |= {key: value for key, value in room.items() if key in body}
         for name, prop in payload_schema(cls)["properties"].items():
             schema = flatten(prop)
@@ -350,6 +407,23 @@ class TestMessages:
                 self.decode(cls, body | {name: "x" * schema["maxLength"]})
                 with pytest.raises(DecodeError, match=r"^too_large"):
                     self.decode(cls, body | {name: "x" * (schema["maxLength"] + 1)})
+
+    def test_sum_limit_is_the_code_limit(self) -> None:
+        # Given the one map whose values the document caps by another field's value,
+        ((cls, name, limit),) = [
+            (cls, name, flatten(prop)["x-parkpool-sum-at-most"])
+            for cls in m.MESSAGE_TYPES
+            for name, prop in payload_schema(cls)["properties"].items()
+            if "x-parkpool-sum-at-most" in flatten(prop)
+        ]
+        assert (cls, name, limit) == (m.PullRequest, "grants", "credits")
+        body = from_example(message_spec(cls)["payload"], example_of(cls))
+        total = body[limit]
+        # when its values add up to the limit, the code accepts it,
+        self.decode(cls, body | {name: {"gw-a": total - 1, "gw-b": 1}})
+        # and one more is refused.
+        with pytest.raises(DecodeError, match=r"^bad_value"):
+            self.decode(cls, body | {name: {"gw-a": total, "gw-b": 1}})
 
     @staticmethod
     def decode(message_type: type, body: dict[str, Any]) -> Any:

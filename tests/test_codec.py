@@ -75,13 +75,17 @@ def example_messages() -> dict[type, Any]:
             detail="CUDA error: out of memory",
         ),
         m.PullRequest: m.PullRequest(
-            vehicle_id="car-7", credits=2, capabilities=caps, seen={"gw-1": 3, "gw-2": 0}
+            vehicle_id="car-7",
+            credits=3,
+            capabilities=caps,
+            seen={"gw-1": 3, "gw-2": 0},
+            grants={"gw-1": 2, "gw-2": 1},
         ),
         m.VehicleStatus: m.VehicleStatus(
             vehicle_id="car-7", state=m.VehicleState.DRAINING, sent_at=1.5, reason="owner", held=1
         ),
         m.GatewayStatus: m.GatewayStatus(
-            gateway_id="gw-1", state=m.GatewayState.ONLINE, sent_at=2.0
+            gateway_id="gw-1", state=m.GatewayState.ONLINE, sent_at=2.0, queued=17
         ),
         m.DeadLetter: m.DeadLetter(
             reason="max_attempts",
@@ -95,6 +99,20 @@ def example_messages() -> dict[type, Any]:
             job_id="job-1",
             chunk_id=2,
             attempts=(m.AttemptRecord(vehicle_id="car-7", reason="kernel_error", at=2.5),),
+        ),
+        m.LeaseHeartbeat: m.LeaseHeartbeat(
+            job_id="job-1",
+            chunk_id=2,
+            vehicle_id="car-7",
+            gateway_id="gw-1",
+            epoch=9,
+            sent_at=1_700_000_005.0,
+            progress=0.75,
+        ),
+        m.Revoke: m.Revoke(gateway_id="gw-1", vehicle_id="car-7", epoch=9, reason="job_cancelled"),
+        m.CancelJob: m.CancelJob(job_id="job-1", requested_at=1_700_000_004.0, reason="timeout"),
+        m.DlqAction: m.DlqAction(
+            action=m.DlqActionKind.PURGED, partition=1, offset=42, at=4.0, note="bad input"
         ),
     }
 
@@ -283,6 +301,36 @@ class TestMessageRoundTrip:
         body = body_of(RESULT) | {"added_in_a_minor_version": [1, 2]}
         assert_same_message(decode(pack(body), m.Result), RESULT)
 
+    @pytest.mark.parametrize(
+        ("cls", "field", "default"),
+        [(m.PullRequest, "grants", {}), (m.GatewayStatus, "queued", 0)],
+    )
+    def test_fields_added_later_are_optional(self, cls: type, field: str, default: Any) -> None:
+        # Given a message from a writer that predates the field, when it is decoded,
+        body = body_of(EXAMPLES[cls])
+        del body[field]
+        # then the field holds its default.
+        assert getattr(decode(pack(body), cls), field) == default
+
+
+class TestSharedTopics:
+    """Topics that carry two message types are told apart by the type tag alone."""
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [(m.TaskChunk, m.CancelJob), (m.Assignment, m.Revoke), (m.DeadLetter, m.DlqAction)],
+        ids=["tasks", "vehicle-task", "deadletter"],
+    )
+    def test_peek_then_decode(self, first: type, second: type) -> None:
+        for cls, other in ((first, second), (second, first)):
+            # Given a record of one type on the shared topic,
+            data = encode(EXAMPLES[cls])
+            # then its tag names its type, it decodes as that type,
+            assert peek_type(data) == cls.TYPE  # type: ignore[attr-defined]
+            assert_same_message(decode(data, cls), EXAMPLES[cls])
+            # and a reader expecting the other type refuses it.
+            assert reason_of(data, other) == "wrong_message_type"
+
 
 class TestEnvelopeErrors:
     """A defective envelope raises DecodeError with a stable reason."""
@@ -405,9 +453,35 @@ class TestFieldErrors:
             (m.PullRequest, "capabilities", {"backend": "x", "kernels": "abc"}, "wrong_type"),
             (m.PullRequest, "seen", [1], "wrong_type"),
             (m.PullRequest, "seen", {"gw-1": -1}, "out_of_range"),
+            (m.PullRequest, "grants", {"gw-1": 3, "gw-2": 1}, "bad_value"),  # 4 > 3 credits
+            (m.PullRequest, "credits", 2, "bad_value"),  # below the grants' sum of 3
+            (m.PullRequest, "grants", [1], "wrong_type"),
+            (m.PullRequest, "grants", {"gw/1": 1}, "bad_value"),
+            (m.PullRequest, "grants", {"gw-1": -1}, "out_of_range"),
+            (m.PullRequest, "grants", {"gw-1": 1.0}, "wrong_type"),
+            (m.PullRequest, "grants", {"gw-1": True}, "wrong_type"),
             (m.VehicleStatus, "state", "asleep", "bad_value"),
             (m.VehicleStatus, "reason", "x" * 5000, "too_large"),
             (m.GatewayStatus, "sent_at", None, "wrong_type"),
+            (m.GatewayStatus, "queued", -1, "out_of_range"),
+            (m.GatewayStatus, "queued", "many", "wrong_type"),
+            (m.LeaseHeartbeat, "progress", 1.5, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", -0.01, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", math.nan, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", "half", "wrong_type"),
+            (m.LeaseHeartbeat, "epoch", 0, "out_of_range"),
+            (m.LeaseHeartbeat, "gateway_id", "gw+1", "bad_value"),
+            (m.Revoke, "epoch", 0, "out_of_range"),
+            (m.Revoke, "reason", "job cancelled", "bad_value"),
+            (m.Revoke, "vehicle_id", None, "wrong_type"),
+            (m.CancelJob, "job_id", "job/1", "bad_value"),
+            (m.CancelJob, "requested_at", math.inf, "out_of_range"),
+            (m.CancelJob, "reason", "", "bad_value"),
+            (m.DlqAction, "action", "deleted", "bad_value"),
+            (m.DlqAction, "action", 1, "wrong_type"),
+            (m.DlqAction, "partition", -1, "out_of_range"),
+            (m.DlqAction, "offset", 1.5, "wrong_type"),
+            (m.DlqAction, "note", None, "wrong_type"),
             (m.DeadLetter, "attempts", {"a": 1}, "wrong_type"),
             (m.DeadLetter, "attempts", [1], "wrong_type"),
             (m.DeadLetter, "attempts", [{"vehicle_id": "v", "reason": "r"}], "missing_field"),

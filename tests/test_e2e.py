@@ -151,7 +151,7 @@ class TestVehicleLoss:
             NackReason.RELEASED,
             "owner is back",
         )
-        scripted.publish(topics.nack("scripted"), encode(nack))
+        scripted.publish(topics.nack("scripted", assignment.gateway_id), encode(nack))
         # Then another vehicle finishes it long before the 300 s lease could expire
         assert handle.wait(timeout=30) == 10.0
         assert gateway.metric(REDELIVERED, cause="nack") == 1
@@ -162,7 +162,7 @@ def _pull_until_assigned(
     raw: RawMqtt, topics: MqttTopics, caps: Any, job_id: str, timeout: float = 30.0
 ) -> Assignment:
     deadline = time.monotonic() + timeout
-    raw.publish(topics.pull("scripted"), encode(PullRequest("scripted", 1, caps)))
+    raw.publish(topics.pull("scripted"), encode(PullRequest("scripted", 1, caps, {}, {"gw1": 1})))
     while time.monotonic() < deadline:
         for msg in list(raw.received):
             assignment = decode(msg.payload, Assignment)

@@ -138,12 +138,12 @@ class TestMalformedInput:
         topics = MqttTopics(namespace)
         hostile = RawMqtt(mqtt_conn, f"hostile-{namespace}")
         # When a peer publishes garbage, and a well-formed result for a lease it never held
-        hostile.publish(topics.result("evil"), b"\xc1\xc1\xc1")
+        hostile.publish(topics.result("evil", "gw1"), b"\xc1\xc1\xc1")
         hostile.publish(topics.pull("evil"), b"")
         forged = Result(
             "job1", 0, 1, "evil", "gw1", 12345, 1, {"value": np.zeros(())}, 0.1, 1.0, 1.0
         )
-        hostile.publish(topics.result("evil"), encode(forged))
+        hostile.publish(topics.result("evil", "gw1"), encode(forged))
         hostile.close()
         # Then each is dropped and counted by reason
         wait_for(

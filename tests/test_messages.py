@@ -57,7 +57,7 @@ VALID: dict[type, dict[str, Any]] = {
         "epoch": 1,
         "reason": "expired",
     },
-    m.PullRequest: {"vehicle_id": "car-1", "credits": 1, "capabilities": CAPS},
+    m.PullRequest: {"vehicle_id": "car-1", "credits": 2, "capabilities": CAPS},
     m.VehicleStatus: {"vehicle_id": "car-1", "state": "online", "sent_at": 1.0},
     m.GatewayStatus: {"gateway_id": "gw-1", "state": "online", "sent_at": 1.0},
     m.DeadLetter: {
@@ -70,6 +70,17 @@ VALID: dict[type, dict[str, Any]] = {
         "dead_at": 3.0,
         "gateway_id": "gw-1",
     },
+    m.LeaseHeartbeat: {
+        "job_id": "job-1",
+        "chunk_id": 0,
+        "vehicle_id": "car-1",
+        "gateway_id": "gw-1",
+        "epoch": 1,
+        "sent_at": 5.0,
+    },
+    m.Revoke: {"gateway_id": "gw-1", "vehicle_id": "car-1", "epoch": 1, "reason": "job_cancelled"},
+    m.CancelJob: {"job_id": "job-1", "requested_at": 4.0},
+    m.DlqAction: {"action": "replayed", "partition": 0, "offset": 3, "at": 6.0},
     m.Capabilities: {"backend": "cuda", "kernels": ["matmul", "saxpy"]},
     m.AttemptRecord: {"vehicle_id": "car-1", "reason": "kernel_error", "at": 2.0},
 }
@@ -78,7 +89,11 @@ MAPPING_FIELDS = [
     (m.TaskChunk, "inputs"),
     (m.Result, "outputs"),
     (m.PullRequest, "seen"),
+    (m.PullRequest, "grants"),
 ]
+
+VEHICLE_KINDS = ["pull", "status", "task"]  # one level per vehicle: no gateway id in them
+TO_GATEWAY_KINDS = ["result", "nack", "heartbeat"]  # topics to the lease's gateway only
 
 NACK_TABLE = {  # reason: (terminal, counts_as_failure)
     m.NackReason.RELEASED: (False, False),
@@ -109,12 +124,30 @@ class TestConstruction:
     def test_valid(self, cls: type) -> None:
         assert isinstance(make(cls), cls)
 
+    def test_every_message_type_has_a_valid_example(self) -> None:
+        assert set(m.MESSAGE_TYPES) <= set(VALID)
+
+    @pytest.mark.parametrize(
+        "grants", [{}, {"gw-1": 2}, {"gw-1": 1, "gw-2": 1}, {"gw-1": 0, "gw-2": 1}]
+    )
+    def test_grants_up_to_the_credits(self, grants: dict[str, int]) -> None:
+        # Given 2 credits, any split that adds up to at most 2 is a valid pull.
+        assert make(m.PullRequest, grants=grants).grants == grants
+
+    def test_defaults_of_new_fields(self) -> None:
+        assert make(m.PullRequest).grants == {}
+        assert make(m.GatewayStatus).queued == 0
+        assert make(m.LeaseHeartbeat).progress == 0.0
+        assert make(m.CancelJob).reason == "cancelled_by_caller"
+        assert make(m.DlqAction).note == ""
+
     def test_enums_and_sequences_are_normalised(self) -> None:
         # Given plain strings and lists, when the messages are built, then they hold
         # enum members and tuples.
         assert make(m.TaskChunk, priority="high").priority is m.Priority.HIGH
         assert make(m.Nack).reason is m.NackReason.EXPIRED
         assert make(m.VehicleStatus).state is m.VehicleState.ONLINE
+        assert make(m.DlqAction).action is m.DlqActionKind.REPLAYED
         assert make(m.Capabilities).kernels == ("matmul", "saxpy")
         record = make(m.AttemptRecord)
         assert make(m.DeadLetter, attempts=[record]).attempts == (record,)
@@ -162,7 +195,33 @@ class TestConstruction:
             (m.PullRequest, "seen", {f"gw{i}": 0 for i in range(65)}, "wrong_type"),
             (m.VehicleStatus, "state", "asleep", "bad_value"),
             (m.VehicleStatus, "held", -1, "out_of_range"),
+            (m.PullRequest, "grants", {"gw-1": 2, "gw-2": 1}, "bad_value"),  # 3 > 2 credits
+            (m.PullRequest, "grants", {"gw-1": m.MAX_CREDITS + 1}, "out_of_range"),
+            (m.PullRequest, "grants", {"gw-1": -1}, "out_of_range"),
+            (m.PullRequest, "grants", {"gw#1": 1}, "bad_value"),
+            (m.PullRequest, "grants", {f"gw{i}": 0 for i in range(65)}, "wrong_type"),
+            (m.PullRequest, "grants", [("gw-1", 1)], "wrong_type"),
             (m.GatewayStatus, "state", "draining", "bad_value"),
+            (m.GatewayStatus, "queued", -1, "out_of_range"),
+            (m.GatewayStatus, "queued", 2.0, "wrong_type"),
+            (m.LeaseHeartbeat, "progress", 1.01, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", -0.01, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", math.inf, "out_of_range"),
+            (m.LeaseHeartbeat, "progress", True, "wrong_type"),
+            (m.LeaseHeartbeat, "chunk_id", m.MAX_CHUNKS, "out_of_range"),
+            (m.LeaseHeartbeat, "vehicle_id", "car 1", "bad_value"),
+            (m.LeaseHeartbeat, "epoch", 0, "out_of_range"),
+            (m.Revoke, "gateway_id", "gw/1", "bad_value"),
+            (m.Revoke, "epoch", 0, "out_of_range"),
+            (m.Revoke, "reason", "", "bad_value"),
+            (m.CancelJob, "job_id", "", "bad_value"),
+            (m.CancelJob, "requested_at", -1.0, "out_of_range"),
+            (m.CancelJob, "reason", "not a name", "bad_value"),
+            (m.DlqAction, "action", "deleted", "bad_value"),
+            (m.DlqAction, "action", None, "wrong_type"),
+            (m.DlqAction, "partition", 1_000_001, "out_of_range"),
+            (m.DlqAction, "offset", -1, "out_of_range"),
+            (m.DlqAction, "at", math.nan, "out_of_range"),
             (m.DeadLetter, "reason", "no spaces allowed", "bad_value"),
             (m.DeadLetter, "partition", -1, "out_of_range"),
             (m.DeadLetter, "chunk_id", -2, "out_of_range"),
@@ -234,19 +293,33 @@ class TestTopics:
 
     def test_mqtt_names(self) -> None:
         topics = MqttTopics("acme")
-        for kind in ("pull", "status", "result", "nack", "task"):
+        # Vehicle-level topics, seen by every gateway,
+        for kind in VEHICLE_KINDS:
             assert getattr(topics, kind)("car-1") == f"acme/v/car-1/{kind}"
+        # and topics to the one gateway that holds the lease.
+        for kind in TO_GATEWAY_KINDS:
+            assert getattr(topics, kind)("car-1", "gw-1") == f"acme/v/car-1/{kind}/gw-1"
         assert topics.gateway_status("gw_1") == "acme/gw/gw_1/status"
         assert topics.all_pulls == "acme/v/+/pull"
         assert topics.all_statuses == "acme/v/+/status"
-        assert topics.all_results == "acme/v/+/result"
-        assert topics.all_nacks == "acme/v/+/nack"
+        assert topics.results_for("gw-1") == "acme/v/+/result/gw-1"
+        assert topics.nacks_for("gw-1") == "acme/v/+/nack/gw-1"
+        assert topics.heartbeats_for("gw-1") == "acme/v/+/heartbeat/gw-1"
         assert topics.all_gateway_statuses == "acme/gw/+/status"
 
-    @pytest.mark.parametrize("kind", ["pull", "status", "result", "nack", "task"])
+    @pytest.mark.parametrize("kind", VEHICLE_KINDS)
     def test_parse_vehicle_topic(self, kind: str) -> None:
         topics = MqttTopics("acme")
         topic = getattr(topics, kind)("car-1")
+        assert topics.vehicle_of(topic) == "car-1"
+        assert topics.kind_of(topic) == kind
+
+    @pytest.mark.parametrize("kind", TO_GATEWAY_KINDS)
+    def test_parse_topic_to_a_gateway(self, kind: str) -> None:
+        # Given a topic with the gateway's id as its last level, then the vehicle and the
+        # kind come out, not the gateway id.
+        topics = MqttTopics("acme")
+        topic = getattr(topics, kind)("car-1", "gw-1")
         assert topics.vehicle_of(topic) == "car-1"
         assert topics.kind_of(topic) == kind
 
@@ -257,6 +330,12 @@ class TestTopics:
             "acme/gw/gw-1/status",
             "acme/v/car-1",
             "acme/v/car-1/pull/extra",
+            "acme/v/car-1/task/gw-1",
+            "acme/v/car-1/result/",
+            "acme/v/car-1/result/+",
+            "acme/v/car-1/nack/gw 1",
+            "acme/v/car-1/heartbeat/gw-1/extra",
+            "acme/v/+/result/gw-1",
             "acme/v/+/pull",
             "acme/v//pull",
             "acme/v/car\n/pull",
@@ -284,3 +363,10 @@ class TestTopics:
             topics.pull(vehicle_id)
         with pytest.raises(ValueError, match="gateway id"):
             topics.gateway_status(vehicle_id)
+        for kind in TO_GATEWAY_KINDS:
+            with pytest.raises(ValueError, match="vehicle id"):
+                getattr(topics, kind)(vehicle_id, "gw-1")
+            with pytest.raises(ValueError, match="gateway id"):
+                getattr(topics, kind)("car-1", vehicle_id)
+        with pytest.raises(ValueError, match="gateway id"):
+            topics.results_for(vehicle_id)

@@ -14,7 +14,8 @@ CAPS = Capabilities("numpy", ("reduce", "poly"))
 
 
 def pull(vehicle_id: str, credits: int, seen: dict[str, int] | None = None) -> PullRequest:
-    return PullRequest(vehicle_id, credits, CAPS, seen or {})
+    """A pull that grants all its credits to gw1, the gateway under test."""
+    return PullRequest(vehicle_id, credits, CAPS, seen or {}, {"gw1": credits} if credits else {})
 
 
 class TestPulls:
@@ -176,3 +177,24 @@ class TestLiveness:
         book.heard("car1")
         # Then it is no longer silent
         assert book.silent_since(cutoff) == []
+
+
+class TestGrants:
+    """A gateway takes only the credits granted to it, so gateways never over-fill a car."""
+
+    def test_credits_granted_to_another_gateway_are_not_ours(self) -> None:
+        # Given a vehicle with 3 free slots that grants 1 to us and 2 to gw2
+        book = VehicleBook("gw1")
+        view = book.on_pull(PullRequest("car1", 3, CAPS, {}, {"gw1": 1, "gw2": 2}))
+        # Then we may send it exactly one task
+        assert view.credits == 1
+        assert book.hungry() == ["car1"]
+
+    def test_no_grant_means_not_hungry(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(PullRequest("car1", 2, CAPS, {}, {"gw1": 2}))
+        # When the next pull grants everything to gw2
+        view = book.on_pull(PullRequest("car1", 2, CAPS, {}, {"gw2": 2}))
+        # Then this gateway stops sending to it
+        assert view.credits == 0
+        assert book.hungry() == []

@@ -26,6 +26,7 @@ from schemas import (
     GatewayState,
     GatewayStatus,
     KernelError,
+    LeaseHeartbeat,
     MqttTopics,
     Nack,
     NackReason,
@@ -33,6 +34,7 @@ from schemas import (
     Reject,
     Result,
     Retry,
+    Revoke,
     TaskChunk,
     ValidationError,
     VehicleState,
@@ -40,7 +42,9 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.codec import peek_type
 from worker.backend import Backend, select_backend
+from worker.grants import allocate
 from worker.kernels import REGISTRY, execute
 
 log = structlog.get_logger("parkpool.worker")
@@ -68,6 +72,13 @@ class Held:
     assignment: Assignment
     task: TaskChunk
     received_at: float = field(default_factory=time.time)
+    running: bool = False
+    next_beat: float = 0.0  # wall clock of the next lease heartbeat while running
+
+    @property
+    def beat_every(self) -> float:
+        """A third of the lease, so two heartbeats may be lost before it expires."""
+        return max(0.5, (self.assignment.lease_deadline - self.received_at) / 3)
 
 
 class VehicleWorker:
@@ -80,6 +91,8 @@ class VehicleWorker:
         self.completed = 0
         self._held: dict[int, Held] = {}
         self._seen: dict[str, int] = {}
+        self._gateways: dict[str, int] = {}  # online gateway id -> announced backlog
+        self._rotation = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -155,10 +168,12 @@ class VehicleWorker:
             credits = self.settings.capacity - len(self._held)
             seen = dict(self._seen)
             due = time.monotonic() - self._last_pull >= self.settings.pull_refresh_s
-            if credits <= 0 or not (force or due):
+            if credits <= 0 or not self._gateways or not (force or due):
                 return
             self._last_pull = time.monotonic()
-        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen)
+            self._rotation += 1
+            grants = allocate(credits, self._gateways, self._rotation)
+        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants)
         # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
         # delays work briefly, while QoS 1 would double the packets on the busiest topic.
         self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=0)
@@ -167,9 +182,24 @@ class VehicleWorker:
         next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         while not self._stopping.wait(0.5):
             self.pull()
+            self._beat_leases()
             if time.monotonic() >= next_heartbeat:
                 self._status(VehicleState.ONLINE)
                 next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+
+    def _beat_leases(self) -> None:
+        """Keep the leases of running tasks alive, however long the kernel takes."""
+        now = time.time()
+        with self._lock:
+            due = [h for h in self._held.values() if h.running and h.next_beat <= now]
+            for held in due:
+                held.next_beat = now + held.beat_every
+        for held in due:
+            a, t = held.assignment, held.task
+            beat = LeaseHeartbeat(t.job_id, t.chunk_id, self.vehicle_id, a.gateway_id, a.epoch, now)
+            self._client.publish(
+                self.topics.heartbeat(self.vehicle_id, a.gateway_id), encode(beat), qos=1
+            )
 
     # ---------------------------------------------------------------- receiving tasks
 
@@ -190,18 +220,43 @@ class VehicleWorker:
             self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.topics.task(self.vehicle_id):
-            self._on_assignment(bytes(msg.payload))
+        payload = bytes(msg.payload)
+        if msg.topic != self.topics.task(self.vehicle_id):
+            self._on_gateway_status(payload)
+        elif peek_type(payload) == Revoke.TYPE:
+            self._on_revoke(payload)
         else:
-            self._on_gateway_status(bytes(msg.payload))
+            self._on_assignment(payload)
 
     def _on_gateway_status(self, payload: bytes) -> None:
         try:
             status = decode(payload, GatewayStatus)
         except DecodeError:
             return
-        if status.state is GatewayState.ONLINE:
-            self.pull(force=True)  # a (re)started gateway knows nothing of our last pull
+        with self._lock:
+            before = self._gateways.get(status.gateway_id)
+            if status.state is GatewayState.ONLINE:
+                self._gateways[status.gateway_id] = status.queued
+            else:
+                self._gateways.pop(status.gateway_id, None)
+        # A gateway that (re)appeared knows nothing of our last pull, and one whose backlog
+        # just appeared has none of our credits yet: ask again at once.
+        if status.state is GatewayState.ONLINE and (
+            before is None or (not before and status.queued)
+        ):
+            self.pull(force=True)
+
+    def _on_revoke(self, payload: bytes) -> None:
+        try:
+            revoke = decode(payload, Revoke)
+        except DecodeError as exc:
+            self._log.warning("revoke_malformed", reason=str(exc))
+            return
+        with self._lock:
+            held = self._held.pop(revoke.epoch, None)
+        if held is not None:
+            self._log.info("lease_revoked", job_id=held.task.job_id, reason=revoke.reason)
+            self.pull(force=True)
 
     def _on_assignment(self, payload: bytes) -> None:
         try:
@@ -243,7 +298,10 @@ class VehicleWorker:
         with self._lock:
             item = self._held.get(epoch)
         if item is None or self._stopping.is_set():
-            return  # released meanwhile
+            return  # released or revoked meanwhile
+        with self._lock:
+            item.running = True
+            item.next_beat = time.time() + item.beat_every
         started = time.perf_counter()
         try:
             self._simulated_delay()
@@ -288,7 +346,8 @@ class VehicleWorker:
         if item is None or self._stopping.is_set():
             return  # already released by stop(): the gateway has our nack
         if result is not None:
-            self._client.publish(self.topics.result(self.vehicle_id), encode(result), qos=1)
+            topic = self.topics.result(self.vehicle_id, result.gateway_id)
+            self._client.publish(topic, encode(result), qos=1)
             self.completed += 1
         elif nack is not None:
             self._log.warning(
@@ -322,7 +381,9 @@ class VehicleWorker:
             reason,
             detail[:1024],
         )
-        self._client.publish(self.topics.nack(self.vehicle_id), encode(nack), qos=1)
+        self._client.publish(
+            self.topics.nack(self.vehicle_id, assignment.gateway_id), encode(nack), qos=1
+        )
 
     def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
         status = VehicleStatus(self.vehicle_id, state, time.time(), reason, held=self.held)

@@ -1,0 +1,242 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateway's Kafka side: the tasks it reads, the records it writes, the offsets it commits.
+
+Offsets are stored (and auto-committed) only up to the lowest unfinished record of each
+partition, so a crash at any point leads to records being read again, never skipped.
+A partition is paused when its window is full or no vehicle is asking for work, and
+``poll`` keeps running meanwhile so the consumer stays in its group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from gateway.metrics import GatewayMetrics
+from gateway.tasks import PendingTask
+from gateway.window import OffsetWindow
+from parkpool.kafka import consumer_config, coordinates, produce, producer_config
+from parkpool.settings import KafkaConnection
+from schemas import CancelJob, DeadLetter, DecodeError, KafkaTopics, TaskChunk, decode, encode
+from schemas.codec import peek_type
+
+TP = tuple[str, int]
+Delivered = Callable[[KafkaError | None], None]
+
+
+@dataclass(frozen=True)
+class CancelRecord:
+    tp: TP
+    offset: int
+    cancel: CancelJob
+
+
+class TaskLog:
+    def __init__(
+        self,
+        kafka: KafkaConnection,
+        topics: KafkaTopics,
+        group: str,
+        *,
+        gateway_id: str,
+        window: int,
+        session_timeout_ms: int,
+        metrics: GatewayMetrics,
+        on_revoked: Callable[[set[TP]], None],
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.topics = topics
+        self.gateway_id = gateway_id
+        self.metrics = metrics
+        self.windows: dict[TP, OffsetWindow] = {}
+        self.paused: set[TP] = set()
+        self._window = window
+        self._on_revoked = on_revoked
+        self._config = consumer_config(kafka, group, session_timeout_ms, **(overrides or {}))
+        self._consumer: Consumer | None = None
+        self._producer = Producer(producer_config(kafka))
+        self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
+
+    # ---------------------------------------------------------------- life cycle
+
+    def open(self) -> None:
+        self._consumer = Consumer(self._config)
+        self._consumer.subscribe(
+            [self.topics.tasks],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def close(self, timeout: float) -> None:
+        """Make produced records durable, commit finished offsets, leave the group."""
+        self._producer.flush(timeout)  # delivery reports fire here and finish offsets
+        if self._consumer is not None:
+            self._commit(list(self.windows))
+            self._consumer.close()  # on_revoke runs for whatever is still assigned
+            self._consumer = None
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("the task log is not open")
+        return self._consumer
+
+    # ---------------------------------------------------------------- reading
+
+    def poll(self, batch: int) -> list[PendingTask | CancelRecord]:
+        """Records fetched so far (never blocks): tasks, cancels; bad ones dead-lettered."""
+        items: list[PendingTask | CancelRecord] = []
+        for record in self.consumer.consume(batch, timeout=0):
+            item = self._accept(record)
+            if item is not None:
+                items.append(item)
+        self._producer.poll(0)
+        return items
+
+    def _accept(self, record: Message) -> PendingTask | CancelRecord | None:
+        error = record.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                self._log.warning("kafka_consume_error", error=str(error))
+            return None
+        topic, partition, offset = coordinates(record)
+        tp = (topic, partition)
+        window = self.windows.get(tp)
+        if window is None:  # fetched before its partition was revoked
+            return None
+        window.add(offset)
+        raw = record.value() or b""
+        try:
+            if peek_type(raw) == CancelJob.TYPE:
+                return CancelRecord(tp, offset, decode(raw, CancelJob))
+            task = PendingTask(topic, partition, offset, raw, decode(raw, TaskChunk))
+        except DecodeError as exc:
+            self.metrics.dropped.labels("kafka_tasks", exc.reason).inc()
+            self._log.warning("task_malformed", partition=partition, offset=offset, reason=str(exc))
+            self.dead_letter(tp, offset, raw, f"decode_{exc.reason}", str(exc))
+            return None
+        self.metrics.tasks.labels("consumed").inc()
+        return task
+
+    # ---------------------------------------------------------------- writing
+
+    def produce(self, topic: str, value: bytes, key: str | None, done: Delivered) -> None:
+        produce(self._producer, topic, value, key, lambda err, _msg: done(err))
+
+    def dead_letter(
+        self,
+        tp: TP,
+        offset: int,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        task: PendingTask | None = None,
+    ) -> None:
+        """Write a dead letter; its offset counts as finished once Kafka has it."""
+        letter = DeadLetter(
+            reason=reason,
+            detail=detail[:2048],
+            source_topic=tp[0],
+            partition=tp[1],
+            offset=offset,
+            original=raw,
+            dead_at=time.time(),
+            gateway_id=self.gateway_id,
+            job_id=task.task.job_id if task else "",
+            chunk_id=task.task.chunk_id if task else -1,
+            attempts=tuple(task.history[-64:]) if task else (),
+        )
+        payload = encode(letter)
+
+        def delivered(err: KafkaError | None) -> None:
+            if err is not None:
+                self.metrics.delivery_errors.labels("dead_letter").inc()
+                self.produce(self.topics.dead_letter, payload, letter.job_id or None, delivered)
+                return
+            self.metrics.dead_lettered.labels(reason).inc()
+            self.metrics.tasks.labels("dead_lettered").inc()
+            self._log.warning(
+                "dead_lettered",
+                reason=reason,
+                job_id=letter.job_id,
+                chunk_id=letter.chunk_id,
+                partition=tp[1],
+                offset=offset,
+            )
+            self.finish(tp, offset)
+
+        self.produce(self.topics.dead_letter, payload, letter.job_id or None, delivered)
+
+    # ---------------------------------------------------------------- offsets and flow
+
+    def owns(self, tp: TP) -> bool:
+        return tp in self.windows
+
+    def finish(self, tp: TP, offset: int) -> None:
+        window = self.windows.get(tp)
+        if window is None:
+            return  # revoked meanwhile: the new owner redoes it, the SDK drops the copy
+        if window.finish(offset) and window.commit_point is not None:
+            try:
+                self.consumer.store_offsets(offsets=[TopicPartition(*tp, window.commit_point)])
+            except KafkaException as exc:
+                self._log.warning("store_offsets_failed", partition=tp[1], error=str(exc))
+
+    def flow(self, starving: bool) -> None:
+        """Pause full partitions, or all of them when no vehicle asks for work."""
+        wanted = {tp for tp, w in self.windows.items() if starving or w.full}
+        if to_pause := wanted - self.paused:
+            self.consumer.pause([TopicPartition(*tp) for tp in to_pause])
+        if to_resume := self.paused - wanted:
+            self.consumer.resume([TopicPartition(*tp) for tp in to_resume])
+        self.paused = wanted
+
+    def pause_all(self) -> None:
+        self.flow(starving=True)
+
+    # ---------------------------------------------------------------- rebalance
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.windows[(p.topic, p.partition)] = OffsetWindow(self._window)
+        self.metrics.rebalances.labels("assigned").inc()
+        self._log.info("partitions_assigned", partitions=[p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is done for these partitions, then forget them and their leases."""
+        gone = [(p.topic, p.partition) for p in partitions]
+        self._commit(gone, consumer)
+        self._forget(set(gone))
+        self.metrics.rebalances.labels("revoked").inc()
+        self._log.info("partitions_revoked", partitions=[tp[1] for tp in gone])
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Someone else owns these now: committing would overwrite their progress."""
+        self._forget({(p.topic, p.partition) for p in partitions})
+        self.metrics.rebalances.labels("lost").inc()
+        self._log.warning("partitions_lost", partitions=[p.partition for p in partitions])
+
+    def _forget(self, gone: set[TP]) -> None:
+        for tp in gone:
+            self.windows.pop(tp, None)
+            self.paused.discard(tp)
+        self._on_revoked(gone)
+
+    def _commit(self, tps: list[TP], consumer: Consumer | None = None) -> None:
+        offsets = [
+            TopicPartition(*tp, point)
+            for tp in tps
+            if (window := self.windows.get(tp)) and (point := window.commit_point) is not None
+        ]
+        if not offsets:
+            return
+        try:
+            (consumer or self.consumer).commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            self._log.warning("commit_failed", error=str(exc))
