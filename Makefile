@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-packages demo test bench lint format mypy clean
+.PHONY: all setup system-packages demo test bench chaos lint format mypy clean
 
 all: lint mypy test
 
@@ -32,6 +32,9 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+chaos: setup
+	$(PY) -m tests.chaos
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -123,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a collector that raises must not take the server down
             log.warning("status_request_failed", path=path, exc_info=True)
             response = _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(exc).__name__})
+        # Count before answering: a client that reads the counter next must see this request.
+        self.endpoints.count(path, response.status)
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -130,7 +132,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self.wfile.write(response.body)
-        self.endpoints.count(path, response.status)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the per-request stderr line; requests are counted instead."""

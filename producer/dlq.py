@@ -2,7 +2,7 @@
 """Dead-letter tools: read, replay and purge the ``<ns>.deadletter`` topic.
 
 Kafka cannot delete one record, so replay and purge append a ``DlqAction`` note (key
-``dlq-action``) naming the dead letter's partition and offset, and readers fold the notes
+``dlq:action``) naming the dead letter's partition and offset, and readers fold the notes
 over the topic: the latest note about an entry decides its state. A replay waits for the
 task's delivery report *before* it writes its note, so a crash in between can only
 enqueue a task twice (the SDK drops duplicate chunks), never lose one; a second replay
@@ -34,9 +34,9 @@ from schemas import (
     encode,
     peek_type,
 )
+from schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER
 
-ACTION_KEY = b"dlq-action"
-REPLAY_HEADER = "parkpool-replay-of"
+ACTION_KEY = DLQ_ACTION_KEY
 DEFAULT_DEADLINE_S = 3600.0
 DEFAULT_IDLE_S = 1.0
 DELIVERY_TIMEOUT_S = 30.0

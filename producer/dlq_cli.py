@@ -161,8 +161,9 @@ def _act(args: argparse.Namespace, act: Callable[[list[DeadLetterEntry]], Action
         chosen = dlq.pending(entries, args.reason, args.job)
     else:
         chosen, missing = dlq.find(entries, args.positions)
-    report = act(chosen)
-    report = ActionReport((*missing, *report.outcomes))
+    done = act(chosen).outcomes
+    order = {position: i for i, position in enumerate(args.positions)}  # as the user gave them
+    report = ActionReport(tuple(sorted((*missing, *done), key=lambda o: order.get(o.position, 0))))
     _print_report(report, args.json, args.dlq_command)
     return 0 if report.ok else REFUSED
 
@@ -267,9 +268,9 @@ def _row_text(entry: DeadLetterEntry) -> str:
     head = f"{r['position']:<9} {r['state']:<8}"
     if not r["decodes"]:
         return f"{head} undecodable record: {r['error']}"
-    job = r["job_id"] or "-"
+    job, chunk = r["job_id"] or "-", r["chunk_id"] if r["chunk_id"] >= 0 else "-"
     return (
-        f"{head} job={job} chunk={r['chunk_id']} reason={r['reason']} "
+        f"{head} job={job} chunk={chunk} reason={r['reason']} "
         f"attempts={r['attempts']} dead_at={r['dead_at']}"
     )
 
@@ -283,7 +284,9 @@ def _record_text(details: dict[str, Any]) -> str:
         lines += [
             f"  reason:    {details['reason']}",
             f"  detail:    {details['detail']}",
-            f"  job:       {details['job_id'] or '-'} chunk {details['chunk_id']}",
+            f"  job:       {details['job_id'] or '-'} chunk {max(details['chunk_id'], 0)}"
+            if details["job_id"]
+            else "  job:       - (the original did not decode at the gateway)",
             f"  source:    {source['topic']} partition {source['partition']} "
             f"offset {source['offset']}",
             f"  gateway:   {details['gateway_id']}",

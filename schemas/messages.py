@@ -84,7 +84,7 @@ class GatewayState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class TaskChunk:
-    """One chunk of a job, as produced to the tasks topic (keyed by job id)."""
+    """One chunk of a job, as produced to the tasks topic (keyed ``job:chunk``)."""
 
     TYPE: ClassVar[str] = "task"
     job_id: str

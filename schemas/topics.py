@@ -11,6 +11,11 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "parkpool"
+# Key of the DlqAction notes on the dead-letter topic. Dead letters are keyed by job id,
+# and a job id can never contain ":", so the two cannot be confused.
+DLQ_ACTION_KEY = b"dlq:action"
+# Kafka header on a task re-enqueued by `parkpool dlq replay`: "<partition>:<offset>".
+REPLAY_HEADER = "parkpool-replay-of"
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TO_GATEWAY = frozenset({"result", "nack", "heartbeat"})  # kinds with a gateway level
@@ -40,7 +45,7 @@ class KafkaTopics:
 
     @property
     def tasks(self) -> str:
-        """Task chunks, keyed by job id; produced by the SDK, consumed by gateways."""
+        """Task chunks (keyed ``job:chunk``) and job cancels; from the SDK to the gateways."""
         return f"{self.namespace}.tasks"
 
     @property

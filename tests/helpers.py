@@ -56,25 +56,38 @@ def committed(conn: KafkaConnection, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def end_offsets(conn: KafkaConnection, topic: str, idle: float = 1.0) -> dict[int, int]:
-    """One past the last offset of each partition, found by reading the records.
+def read_all(conn: KafkaConnection, topic: str, idle: float = 1.0) -> list[Message]:
+    """Every record of a topic, read from the start until nothing arrives for ``idle`` s.
 
     Tansu 0.6.0 answers ListOffsets(latest) with the last *batch's* base offset + 1, which
     under-counts whenever the last batch holds several records, so the watermark API
-    cannot be trusted for this.
+    cannot tell when a topic has been read to its end.
     """
     consumer = Consumer(reader_config(conn))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        ends = dict.fromkeys(partitions, 0)
-        while records := consumer.consume(500, timeout=idle):
-            for record in records:
-                if record.error() is None:
-                    ends[record.partition()] = record.offset() + 1
-        return ends
+        records: list[Message] = []
+        while batch := consumer.consume(500, timeout=idle):
+            records += [r for r in batch if r.error() is None]
+        return records
     finally:
         consumer.close()
+
+
+def end_offsets(conn: KafkaConnection, topic: str) -> dict[int, int]:
+    """One past the last offset of each partition, found by reading the records."""
+    consumer = Consumer(reader_config(conn))
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    finally:
+        consumer.close()
+    ends = dict.fromkeys(partitions, 0)
+    for record in read_all(conn, topic):
+        partition, offset = record.partition(), record.offset()
+        if partition is not None and offset is not None:
+            ends[partition] = max(ends[partition], offset + 1)
+    return ends
 
 
 class RawMqtt:

@@ -12,16 +12,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
 from broker_config.launcher import EmbeddedBrokers
-from parkpool import cli
+from parkpool import cli, logs
 from parkpool.kafka import producer_config
 from parkpool.settings import KafkaConnection
 from producer import dlq
@@ -29,10 +30,18 @@ from producer.client import ParkpoolClient
 from producer.dlq import EntryState, OutcomeKind, Position
 from producer.jobs import JobFailed
 from producer.splitters import ChunkSpec
-from schemas import AttemptRecord, DeadLetter, KafkaTopics, Priority, Result, TaskChunk
-from schemas import decode, encode
+from schemas import (
+    AttemptRecord,
+    DeadLetter,
+    KafkaTopics,
+    Priority,
+    Result,
+    TaskChunk,
+    decode,
+    encode,
+)
 from tests.conftest import RunningGateway
-from tests.helpers import end_offsets, read_topic, wait_for
+from tests.helpers import read_topic, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, Kernel, Tolerance, register
 
@@ -130,19 +139,56 @@ def _read(conn: KafkaConnection, namespace: str) -> dict[Position, dlq.DeadLette
 
 
 def _task_count(conn: KafkaConnection, namespace: str) -> int:
-    return sum(end_offsets(conn, KafkaTopics(namespace).tasks, idle=0.5).values())
+    return len(dlq.read_records(conn, KafkaTopics(namespace).tasks, idle_s=0.5))
 
 
 def _dlq_count(conn: KafkaConnection, namespace: str) -> int:
-    return sum(end_offsets(conn, KafkaTopics(namespace).dead_letter, idle=0.5).values())
+    return len(dlq.read_records(conn, KafkaTopics(namespace).dead_letter, idle_s=0.5))
 
 
-def _run_cli(
-    capsys: pytest.CaptureFixture[str], brokers: EmbeddedBrokers, namespace: str, *argv: str
-) -> tuple[int, list[Any]]:
+@dataclass(frozen=True)
+class CliRun:
+    """What one in-process `parkpool dlq` run returned, printed and logged."""
+
+    code: int
+    out: str
+    err: str
+    events: list[MutableMapping[str, Any]]
+
+    @property
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+RunCli = Callable[..., CliRun]
+
+
+@pytest.fixture
+def run_cli(
+    brokers: EmbeddedBrokers,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> RunCli:
+    """`parkpool dlq ACTION ... --json` in this process, against the test's namespace.
+
+    Global logging is left alone (configuring it here would bind it to this test's
+    captured stderr, closed after the test); the command's log events are captured.
+    """
+    monkeypatch.setattr(logs, "configure", lambda *_a, **_k: None)
     connection = ["--kafka-bootstrap", brokers.kafka_bootstrap, "--namespace", namespace]
-    code = cli.main(["dlq", *argv, *connection, "--idle-s", "0.5", "--json"])
-    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    def run(action: str, *argv: str) -> CliRun:
+        capsys.readouterr()  # drop what the test printed before the command
+        with structlog.testing.capture_logs() as events:
+            try:
+                code = cli.main(["dlq", action, *connection, "--idle-s", "0.5", *argv, "--json"])
+            except SystemExit as exc:  # argparse's own refusals
+                code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err, events)
+
+    return run
 
 
 # ---------------------------------------------------------------- list and show
@@ -177,19 +223,19 @@ class TestList:
     def test_cli_rows_filter_by_job_and_show_states(
         self,
         seeded: Seeded,
-        brokers: EmbeddedBrokers,
         namespace: str,
         kafka_conn: KafkaConnection,
-        capsys: pytest.CaptureFixture[str],
+        run_cli: RunCli,
     ) -> None:
         # Given one dead letter purged
         first = seeded.replayable[0]
         dlq.purge(kafka_conn, namespace, [_read(kafka_conn, namespace)[first]])
         # When listing pending ones of job-a, then all of job-a
-        code, rows = _run_cli(capsys, brokers, namespace, "list", "--job", "job-a")
-        code_all, rows_all = _run_cli(capsys, brokers, namespace, "list", "--all", "--job", "job-a")
+        pending_run = run_cli("list", "--job", "job-a")
+        all_run = run_cli("list", "--all", "--job", "job-a")
         # Then the purged one only shows with --all, with its state
-        assert (code, code_all) == (0, 0)
+        assert (pending_run.code, all_run.code) == (0, 0)
+        rows, rows_all = pending_run.lines, all_run.lines
         assert [r["position"] for r in rows] == [str(seeded.replayable[1])]
         assert {r["position"]: r["state"] for r in rows_all} == {
             str(first): "purged",
@@ -206,16 +252,15 @@ class TestShow:
     def test_show_returns_attempts_and_the_task(
         self,
         seeded: Seeded,
-        brokers: EmbeddedBrokers,
-        namespace: str,
-        capsys: pytest.CaptureFixture[str],
+        run_cli: RunCli,
     ) -> None:
         # Given the seeded topic
         position = seeded.replayable[1]
         # When one replayable dead letter is shown
-        code, [shown] = _run_cli(capsys, brokers, namespace, "show", str(position))
+        run = run_cli("show", str(position))
         # Then it has each attempt, the source, and the task its original holds
-        assert code == 0
+        assert run.code == 0
+        [shown] = run.lines
         assert [(a["vehicle_id"], a["detail"]) for a in shown["attempt_history"]] == [
             ("car-0", "boom 0"),
             ("car-1", "boom 1"),
@@ -228,19 +273,19 @@ class TestShow:
     def test_show_undecodable_original_and_missing_position(
         self,
         seeded: Seeded,
-        brokers: EmbeddedBrokers,
-        namespace: str,
-        capsys: pytest.CaptureFixture[str],
+        run_cli: RunCli,
     ) -> None:
         # Given the seeded topic
         # When the dead letter with a garbage original, then a position past the end, are shown
-        code, [shown] = _run_cli(capsys, brokers, namespace, "show", str(seeded.bad_original))
-        missing, _ = _run_cli(capsys, brokers, namespace, "show", "0:999")
+        run = run_cli("show", str(seeded.bad_original))
+        missing = run_cli("show", "0:999")
         # Then the first says its original is not a task, the second is refused
-        assert code == 0
+        assert run.code == 0
+        [shown] = run.lines
         assert shown["original"]["is_task"] is False
         assert shown["original"]["bytes"] == len(GARBAGE)
-        assert missing == 1
+        assert (missing.code, missing.out) == (1, "")
+        assert "no dead letter" in missing.err
 
 
 # ---------------------------------------------------------------- replay
@@ -269,12 +314,14 @@ class TestReplay:
         records = read_topic(kafka_conn, KafkaTopics(namespace).tasks, 2)
         assert _task_count(kafka_conn, namespace) == 2
         for record in records:
-            origin = Position.parse(dict(record.headers() or [])[dlq.REPLAY_HEADER].decode())
+            header = dict(record.headers() or [])[dlq.REPLAY_HEADER]
+            assert isinstance(header, bytes)
+            origin = Position.parse(header.decode())
             task, was = decode(record.value() or b"", TaskChunk), seeded.tasks[origin]
             assert record.key() == f"{was.job_id}:{was.chunk_id}".encode()
             assert task.attempt == 0
             assert before + 600 <= task.deadline <= time.time() + 600
-            assert (task.job_id, task.chunk_id, task.n_chunks) == was.key + (was.n_chunks,)
+            assert (task.job_id, task.chunk_id, task.n_chunks) == (*was.key, was.n_chunks)
             assert (task.kernel, dict(task.params), task.reply_topic, task.priority) == (
                 was.kernel,
                 dict(was.params),
@@ -323,17 +370,17 @@ class TestReplay:
     def test_cli_replay_exits_1_when_something_was_refused(
         self,
         seeded: Seeded,
-        brokers: EmbeddedBrokers,
         namespace: str,
         kafka_conn: KafkaConnection,
-        capsys: pytest.CaptureFixture[str],
+        run_cli: RunCli,
     ) -> None:
         # Given the seeded topic
         # When one good and one undecodable dead letter are replayed from the command line
         positions = [str(seeded.replayable[0]), str(seeded.bad_original)]
-        code, lines = _run_cli(capsys, brokers, namespace, "replay", *positions)
+        run = run_cli("replay", *positions)
         # Then the good one is replayed, the other refused, and the exit code says so
-        assert code == 1
+        assert run.code == 1
+        lines = run.lines
         assert [line.get("outcome") for line in lines[:2]] == ["replayed", "refused"]
         assert lines[-1] == {"summary": {"replayed": 1, "refused": 1}}
         assert _task_count(kafka_conn, namespace) == 1
@@ -366,19 +413,17 @@ class TestPurge:
     def test_cli_purges_garbage_by_reason(
         self,
         seeded: Seeded,
-        brokers: EmbeddedBrokers,
         namespace: str,
         kafka_conn: KafkaConnection,
-        capsys: pytest.CaptureFixture[str],
+        run_cli: RunCli,
     ) -> None:
         # Given the seeded topic
         # When every pending decode_malformed dead letter is purged from the command line
-        code, lines = _run_cli(
-            capsys, brokers, namespace, "purge", "--all-pending", "--reason", "decode_malformed"
-        )
-        # Then exactly that one is purged
-        assert code == 0
-        assert lines == [
+        run = run_cli("purge", "--all-pending", "--reason", "decode_malformed")
+        # Then exactly that one is purged, and the command logged it
+        assert run.code == 0
+        assert [e["event"] for e in run.events] == ["dlq_purged"]
+        assert run.lines == [
             {"position": str(seeded.bad_original), "outcome": "purged", "detail": ""},
             {"summary": {"purged": 1}},
         ]
@@ -451,18 +496,14 @@ class TestCommandLine:
             ["list", "--namespace", "Not A Namespace"],
         ],
     )
-    def test_bad_arguments_exit_2(
-        self, argv: list[str], brokers: EmbeddedBrokers, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_bad_arguments_exit_2(self, argv: list[str], run_cli: RunCli) -> None:
         # Given bad arguments
         # When the command runs
-        try:
-            code = cli.main(["dlq", *argv, "--kafka-bootstrap", brokers.kafka_bootstrap])
-        except SystemExit as exc:  # argparse's own refusals
-            code = int(exc.code or 0)
-        # Then it exits 2 with a reason on stderr
-        assert code == 2
-        assert capsys.readouterr().err
+        run = run_cli(*argv)
+        # Then it exits 2 with a reason on stderr, and prints nothing else
+        assert run.code == 2
+        assert run.err
+        assert not run.out
 
 
 # ---------------------------------------------------------------- end to end

@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``make chaos``: a sustained workload while gateways, vehicles and the broker fail.
+
+Runs on its own embedded brokers: gateways as real child processes (SIGKILLed and
+restarted), a simulated fleet in this process (vehicles killed without a clean
+disconnect and replaced), Mosquitto restarted with persistence on, and an extra gateway
+joining and leaving to force rebalances. Prints one JSON line and exits non-zero unless
+``lost == 0`` and ``duplicates_to_caller == 0`` and every fault was injected.
+
+``run_chaos`` is also what the reduced scenario in ``tests/test_chaos.py`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_config.launcher import EmbeddedBrokers
+from broker_config.topics import bootstrap
+from parkpool import logs
+from parkpool.children import role_env
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient, ProducerSettings
+from producer.jobs import JobHandle
+from producer.splitters import ChunkSpec
+from schemas import KafkaTopics, Result, decode
+from tests.helpers import read_all
+from worker.fleet import Fleet
+from worker.worker import WorkerSettings
+
+NAMESPACE = "chaos"
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    tasks: int = 2000
+    vehicles: int = 50
+    gateways: int = 2
+    gateway_kills: int = 3
+    vehicle_waves: int = 3  # each wave kills vehicle_kill_fraction / waves of the fleet
+    vehicle_kill_fraction: float = 0.3
+    broker_restarts: int = 1
+    rebalances: int = 1
+    task_seconds: float = 1.0  # simulated compute per task
+    fault_every_s: float = 4.0
+    lease_seconds: float = 5.0
+    session_timeout_ms: int = 3000
+    timeout_s: float = 900.0
+    seed: int = 1
+
+
+@dataclass
+class ChaosReport:
+    tasks: int = 0
+    completed: int = 0
+    lost: int = 0
+    duplicates_to_caller: int = 0
+    duplicates_on_results_topic: int = 0
+    wrong_values: int = 0
+    gateway_kills: int = 0
+    vehicle_kills: int = 0
+    broker_restarts: int = 0
+    rebalances: int = 0
+    wall_s: float = 0.0
+
+    def ok(self, plan: ChaosPlan) -> bool:
+        injected = (
+            self.gateway_kills >= plan.gateway_kills
+            and self.vehicle_kills >= int(plan.vehicles * plan.vehicle_kill_fraction)
+            and self.broker_restarts >= plan.broker_restarts
+            and self.rebalances >= plan.rebalances
+        )
+        return (
+            injected and self.lost == 0 and self.duplicates_to_caller == 0 and not self.wrong_values
+        )
+
+
+class Gateways:
+    """Gateway child processes, killable and restartable by id."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._starts = Counter[str]()
+
+    def start(self, gateway_id: str) -> None:
+        self._starts[gateway_id] += 1
+        log = (self.log_dir / f"{gateway_id}-{self._starts[gateway_id]}.log").open("wb")
+        env = {**self.env, "PARKPOOL_GATEWAY_ID": gateway_id}
+        self.children[gateway_id] = subprocess.Popen(
+            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+        )
+        log.close()
+
+    def kill(self, gateway_id: str) -> None:
+        child = self.children.pop(gateway_id)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+
+    def stop(self, gateway_id: str) -> None:
+        child = self.children.pop(gateway_id)
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    def stop_all(self) -> None:
+        for gateway_id in list(self.children):
+            self.stop(gateway_id)
+
+
+def chunks(count: int) -> list[ChunkSpec]:
+    """Chunk i sums [i], so every result says which chunk it belongs to."""
+    return [ChunkSpec({"op": "sum"}, {"x": np.array([float(i)])}) for i in range(count)]
+
+
+def fault_schedule(plan: ChaosPlan) -> list[str]:
+    """Faults interleaved so that each kind hits a different phase of the run."""
+    kinds = (
+        ["gateway"] * plan.gateway_kills
+        + ["vehicles"] * plan.vehicle_waves
+        + ["broker"] * plan.broker_restarts
+        + ["rebalance"] * plan.rebalances
+    )
+    order = sorted(range(len(kinds)), key=lambda i: (i % max(1, plan.gateway_kills), i))
+    return [kinds[i] for i in order]
+
+
+@contextmanager
+def chaos_system(plan: ChaosPlan, run_dir: Path) -> Iterator[tuple[Any, Gateways, Fleet]]:
+    with EmbeddedBrokers(run_dir=run_dir) as brokers:
+        bootstrap(brokers.kafka_bootstrap, NAMESPACE)
+        env = {
+            **role_env(brokers, NAMESPACE),
+            "PARKPOOL_SESSION_TIMEOUT_MS": str(plan.session_timeout_ms),
+            "PARKPOOL_LEASE_SECONDS": str(plan.lease_seconds),
+            "PARKPOOL_MAX_ATTEMPTS": "1000",  # chaos kills many cars; no task is poison here
+            "PARKPOOL_DRAIN_SECONDS": "5",
+        }
+        gateways = Gateways(env, run_dir)
+        mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+        template = WorkerSettings(
+            "template",
+            mqtt,
+            NAMESPACE,
+            backend="numpy",
+            heartbeat_s=1.0,
+            simulated_delay_s=plan.task_seconds,
+        )
+        fleet = Fleet(template, prefix="car")
+        try:
+            for i in range(plan.gateways):
+                gateways.start(f"gw{i}")
+            fleet.add(plan.vehicles)
+            yield brokers, gateways, fleet
+        finally:
+            fleet.stop_all()
+            gateways.stop_all()
+
+
+def run_chaos(plan: ChaosPlan, run_dir: Path) -> ChaosReport:
+    rng = random.Random(plan.seed)
+    report = ChaosReport(tasks=plan.tasks)
+    started = time.monotonic()
+    with chaos_system(plan, run_dir) as (brokers, gateways, fleet):
+        kafka = KafkaConnection(brokers.kafka_bootstrap)
+        with ParkpoolClient(ProducerSettings(kafka, NAMESPACE)) as client:
+            handle = client.publish("reduce", chunks(plan.tasks))
+            faults = fault_schedule(plan)
+            inject = _injector(plan, rng, report, brokers, gateways, fleet)
+            _drive(handle, faults, inject, plan)
+            _account(handle, report)
+        report.duplicates_on_results_topic = _results_topic_duplicates(kafka, report.completed)
+    report.wall_s = round(time.monotonic() - started, 1)
+    return report
+
+
+def _injector(
+    plan: ChaosPlan,
+    rng: random.Random,
+    report: ChaosReport,
+    brokers: Any,
+    gateways: Gateways,
+    fleet: Fleet,
+) -> Callable[[str], None]:
+    per_wave = max(1, round(plan.vehicles * plan.vehicle_kill_fraction / plan.vehicle_waves))
+
+    def inject(kind: str) -> None:
+        if kind == "gateway":
+            victim = f"gw{report.gateway_kills % plan.gateways}"
+            gateways.kill(victim)
+            gateways.start(victim)
+            report.gateway_kills += 1
+        elif kind == "vehicles":
+            victims = rng.sample(sorted(fleet.vehicles), min(per_wave, len(fleet.vehicles)))
+            for vehicle_id in victims:
+                fleet.kill(vehicle_id)
+            fleet.add(len(victims))
+            report.vehicle_kills += len(victims)
+        elif kind == "broker":
+            brokers.restart_mosquitto()
+            report.broker_restarts += 1
+        else:  # rebalance: a gateway joins the group, takes partitions, and leaves again
+            gateways.start("gw-extra")
+            time.sleep(plan.session_timeout_ms / 1000 + 2)
+            gateways.stop("gw-extra")
+            report.rebalances += 1
+
+    return inject
+
+
+def _drive(
+    handle: JobHandle, faults: list[str], inject: Callable[[str], None], plan: ChaosPlan
+) -> None:
+    deadline = time.monotonic() + plan.timeout_s
+    next_fault = time.monotonic() + plan.fault_every_s
+    while True:
+        with suppress(TimeoutError):
+            handle.wait(timeout=0.2)
+            return  # done; ChaosReport.ok() fails the run if faults were left un-injected
+        if time.monotonic() > deadline:
+            return
+        if faults and time.monotonic() >= next_fault:
+            inject(faults.pop(0))
+            next_fault = time.monotonic() + plan.fault_every_s
+
+
+def _account(handle: JobHandle, report: ChaosReport) -> None:
+    seen = Counter[int]()
+    for chunk in handle.chunks(timeout=1):
+        seen[chunk.chunk_id] += 1
+        if float(chunk.outputs["value"]) != float(chunk.chunk_id):
+            report.wrong_values += 1
+    report.completed = len(seen)
+    report.lost = report.tasks - len(seen)
+    report.duplicates_to_caller = sum(n - 1 for n in seen.values())
+
+
+def _results_topic_duplicates(kafka: KafkaConnection, completed: int) -> int:
+    """Records on the results topic beyond one per chunk (allowed; the SDK drops them)."""
+    topic = KafkaTopics(NAMESPACE).results
+    records = read_all(kafka, topic)
+    assert len(records) >= completed, f"{topic} holds {len(records)} results for {completed}"
+    keys = Counter(
+        (r.job_id, r.chunk_id) for r in (decode(m.value() or b"", Result) for m in records)
+    )
+    return sum(n - 1 for n in keys.values())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tasks", type=int, default=ChaosPlan.tasks)
+    p.add_argument("--vehicles", type=int, default=ChaosPlan.vehicles)
+    p.add_argument("--seed", type=int, default=ChaosPlan.seed)
+    args = p.parse_args()
+    logs.configure("error")
+    plan = ChaosPlan(tasks=args.tasks, vehicles=args.vehicles, seed=args.seed)
+    run_dir = Path(".run/chaos")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = run_chaos(plan, run_dir)
+    print(json.dumps({"name": "chaos", **asdict(report), "plan": asdict(plan)}), flush=True)
+    return 0 if report.ok(plan) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
