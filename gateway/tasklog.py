@@ -55,6 +55,7 @@ class TaskLog:
         self.metrics = metrics
         self.windows: dict[TP, OffsetWindow] = {}
         self.paused: set[TP] = set()
+        self._rewound: set[TP] = set()  # paused partitions already sought back
         self._window = window
         self._on_revoked = on_revoked
         self._config = consumer_config(kafka, group, session_timeout_ms, **(overrides or {}))
@@ -110,6 +111,9 @@ class TaskLog:
         window = self.windows.get(tp)
         if window is None:  # fetched before its partition was revoked
             return None
+        if window.full or tp in self.paused:
+            self._hold_back(tp, offset)
+            return None
         window.add(offset)
         raw = record.value() or b""
         try:
@@ -123,6 +127,19 @@ class TaskLog:
             return None
         self.metrics.tasks.labels("consumed").inc()
         return task
+
+    def _hold_back(self, tp: TP, offset: int) -> None:
+        """A record arrived for a full (or paused) window: read it again after resuming.
+
+        librdkafka prefetches well beyond the window, so a consume() batch can carry more
+        than the window allows; rewinding keeps memory bounded by the window alone.
+        """
+        if tp not in self.paused:
+            self.consumer.pause([TopicPartition(*tp)])
+            self.paused.add(tp)
+        if tp not in self._rewound:
+            self.consumer.seek(TopicPartition(*tp, offset))
+            self._rewound.add(tp)
 
     # ---------------------------------------------------------------- writing
 
@@ -195,6 +212,7 @@ class TaskLog:
             self.consumer.pause([TopicPartition(*tp) for tp in to_pause])
         if to_resume := self.paused - wanted:
             self.consumer.resume([TopicPartition(*tp) for tp in to_resume])
+            self._rewound -= to_resume
         self.paused = wanted
 
     def pause_all(self) -> None:
@@ -226,6 +244,7 @@ class TaskLog:
         for tp in gone:
             self.windows.pop(tp, None)
             self.paused.discard(tp)
+            self._rewound.discard(tp)
         self._on_revoked(gone)
 
     def _commit(self, tps: list[TP], consumer: Consumer | None = None) -> None:

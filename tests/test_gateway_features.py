@@ -1,0 +1,336 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Gateway behaviour under pressure, on real brokers: cancel, priorities, fencing,
+lease heartbeats, backpressure, scale-out, graceful shutdown and the status endpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.children import role_env
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient
+from producer.jobs import JobState
+from producer.splitters import ChunkSpec
+from schemas import (
+    Assignment,
+    Capabilities,
+    LeaseHeartbeat,
+    MqttTopics,
+    PullRequest,
+    Result,
+    TaskChunk,
+    decode,
+    encode,
+)
+from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
+from tests.helpers import RawMqtt, committed, end_offsets, wait_for
+from worker.fleet import Fleet
+from worker.kernels import REGISTRY
+
+pytestmark = pytest.mark.integration
+
+GatewayFactory = Callable[..., RunningGateway]
+FleetFactory = Callable[..., Fleet]
+TASKS = "parkpool_gateway_tasks_total"
+DROPPED = "parkpool_gateway_dropped_total"
+REDELIVERED = "parkpool_gateway_redelivered_total"
+
+
+def small_chunks(count: int) -> list[ChunkSpec]:
+    return [ChunkSpec({"op": "sum"}, {"x": np.array([float(i)])}) for i in range(count)]
+
+
+class TestCancel:
+    """Cancelling skips queued chunks at dispatch time and stops running ones."""
+
+    def test_cancel_mid_job(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+        kafka_conn: KafkaConnection,
+        namespace: str,
+    ) -> None:
+        # Given two slow vehicles working through a 30-chunk job
+        gateway = gateway_factory()
+        fleet = fleet_factory(2, simulated_delay_s=1.0, prefetch=0)
+        handle = client.publish("reduce", small_chunks(30))
+        wait_for(lambda: handle.progress.done >= 2, 30, "the first chunks")
+        # When the caller cancels it
+        progress = handle.cancel()
+        # Then the handle ends cancelled and reports what was done
+        assert progress.state is JobState.CANCELLED
+        assert 2 <= progress.done < 30
+        # And the gateway skips the rest instead of dispatching it
+        wait_for(
+            lambda: gateway.metric(TASKS, status="cancelled") >= 30 - progress.done - 2,
+            20,
+            "queued chunks to be skipped",
+        )
+        assert gateway.metric(TASKS, status="dispatched") < 30
+        # And the vehicles are told to stop what they hold
+        wait_for(lambda: not list(fleet.busy()), 10, "vehicles to drop the revoked tasks")
+        # And every task record, cancels included, is committed: nothing is left behind
+        topic = client.topics.tasks
+        ends = end_offsets(kafka_conn, topic)
+        wait_for(
+            lambda: committed(kafka_conn, f"{namespace}.gateways", topic) == ends,
+            20,
+            "commits to reach the end of every partition",
+        )
+
+
+class TestPriorities:
+    """High-priority work drains before batch work that was queued earlier."""
+
+    def test_high_before_batch(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a batch job and then a high job, both queued before any vehicle exists
+        gateway = gateway_factory()
+        batch = client.publish("reduce", small_chunks(12), priority="batch")
+        high = client.publish("reduce", small_chunks(4), priority="high")
+        wait_for(lambda: gateway.metric(TASKS, status="consumed") == 16, 30, "both jobs queued")
+        # When a single one-slot vehicle starts pulling
+        fleet_factory(1, prefetch=0)
+        # Then the high job finishes before any batch chunk is done
+        high.wait(timeout=60)
+        assert batch.progress.done == 0
+        batch.wait(timeout=60)
+
+
+class TestFencing:
+    """Results and heartbeats from anyone but the lease holder are dropped and counted."""
+
+    def test_impostor_result_and_stale_heartbeat_are_fenced(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a scripted vehicle holding a lease
+        gateway = gateway_factory(lease_seconds=300)
+        topics = MqttTopics(namespace)
+        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
+        holder.subscribe(topics.task("holder"))
+        handle = client.publish("reduce", small_chunks(1))
+        caps = Capabilities("numpy", tuple(REGISTRY))
+        holder.publish(
+            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
+        )
+        msg = wait_for(lambda: holder.received and holder.received[0], 30, "the assignment")
+        assignment = decode(msg.payload, Assignment)
+        task = decode(assignment.task, TaskChunk)
+        impostor = RawMqtt(mqtt_conn, f"impostor-{namespace}")
+        # When another vehicle sends a result quoting the holder's epoch
+        forged = Result(
+            task.job_id,
+            0,
+            1,
+            "impostor",
+            "gw1",
+            assignment.epoch,
+            1,
+            {"value": np.array(99.0)},
+            0.1,
+            time.time(),
+            task.created_at,
+        )
+        impostor.publish(topics.result("impostor", "gw1"), encode(forged))
+        # And a heartbeat for a lease epoch that does not exist
+        stale = LeaseHeartbeat(task.job_id, 0, "holder", "gw1", assignment.epoch - 1, time.time())
+        holder.publish(topics.heartbeat("holder", "gw1"), encode(stale))
+        # Then both are dropped and counted
+        wait_for(
+            lambda: gateway.metric(DROPPED, source="mqtt_result", reason="stale_or_fenced"),
+            10,
+            "the impostor's result to be fenced",
+        )
+        wait_for(
+            lambda: gateway.metric(DROPPED, source="mqtt_heartbeat", reason="stale_or_fenced"),
+            10,
+            "the stale heartbeat to be fenced",
+        )
+        # And the real holder's result is the one the caller gets
+        real = Result(
+            task.job_id,
+            0,
+            1,
+            "holder",
+            "gw1",
+            assignment.epoch,
+            1,
+            {"value": np.array(0.0)},
+            0.1,
+            time.time(),
+            task.created_at,
+        )
+        holder.publish(topics.result("holder", "gw1"), encode(real))
+        handle.wait(timeout=30)
+        chunk = next(handle.chunks(timeout=1))
+        assert (chunk.vehicle_id, float(chunk.outputs["value"])) == ("holder", 0.0)
+        holder.close()
+        impostor.close()
+
+
+class TestLeaseHeartbeats:
+    """A task longer than its lease survives, because the vehicle keeps the lease alive."""
+
+    def test_long_task_is_not_redelivered(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given 2-second leases and a vehicle that needs 5 seconds per task
+        gateway = gateway_factory(lease_seconds=2.0)
+        fleet_factory(1, simulated_delay_s=5.0, prefetch=0)
+        # When it runs one task
+        handle = client.publish("reduce", small_chunks(1))
+        # Then the task completes on the first dispatch, its lease extended by heartbeats
+        handle.wait(timeout=30)
+        assert handle.progress.done == 1
+        assert gateway.metric(REDELIVERED, cause="lease_expired") == 0
+        assert gateway.metric(TASKS, status="dispatched") == 1
+
+
+class TestBackpressure:
+    """With no vehicle to take work, the gateway stops reading instead of buffering."""
+
+    def test_partitions_pause_when_windows_fill(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a gateway whose windows hold 4 records per partition, and no vehicles
+        gateway = gateway_factory(window=4)
+        handle = client.publish("reduce", small_chunks(60))
+        # When the job is submitted
+        # Then it reads at most a window per partition and pauses every partition
+        wait_for(
+            lambda: gateway.metric("parkpool_gateway_paused_partitions") == 3,
+            30,
+            "all three partitions to pause",
+        )
+        time.sleep(1.0)
+        assert gateway.metric(TASKS, status="consumed") <= 3 * 4
+        # And once vehicles arrive, everything still completes
+        fleet_factory(3)
+        assert handle.wait(timeout=60) is None
+        assert handle.progress.done == 60
+
+
+@pytest.fixture
+def gateway_procs(
+    brokers: EmbeddedBrokers, namespace: str, tmp_path: Path
+) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
+    """Start `parkpool gateway` processes; each gets its own status port."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(gateway_id: str, **env_extra: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        env = {
+            **role_env(brokers, namespace),
+            "PARKPOOL_GATEWAY_ID": gateway_id,
+            "PARKPOOL_SESSION_TIMEOUT_MS": str(TEST_SESSION_TIMEOUT_MS),
+            "PARKPOOL_METRICS_PORT": str(port),
+            **env_extra,
+        }
+        log = (tmp_path / f"{gateway_id}-{len(children)}.log").open("wb")
+        child = subprocess.Popen(
+            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+        )
+        children.append(child)
+        return child, port
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    except OSError:
+        return 0, {}
+
+
+def scrape(port: int, sample: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample)
+    )
+
+
+class TestScaleOutAndShutdown:
+    """Two gateways share the work; one leaving (gracefully or killed) loses nothing."""
+
+    def test_two_gateways_share_work_and_survive_a_kill(
+        self,
+        gateway_procs: Callable[..., tuple[subprocess.Popen[bytes], int]],
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given two gateways in one group, both ready, and a fleet
+        (first, port_a), (_second, port_b) = gateway_procs("gwa"), gateway_procs("gwb")
+        for port in (port_a, port_b):
+            wait_for(lambda p=port: probe(p, "/readyz")[0] == 200, 30, "both gateways ready")
+        assert probe(port_a, "/healthz")[0] == 200
+        fleet_factory(6, simulated_delay_s=0.1)
+        # When a job runs and one gateway is SIGKILLed halfway
+        handle = client.publish("reduce", small_chunks(120))
+        wait_for(lambda: handle.progress.done >= 40, 60, "a third of the job")
+        done_a = scrape(port_a, 'parkpool_gateway_tasks_total{status="completed"}')
+        done_b = scrape(port_b, 'parkpool_gateway_tasks_total{status="completed"}')
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        # Then both had taken part, and the survivor finishes every chunk exactly once
+        assert done_a > 0 and done_b > 0
+        handle.wait(timeout=120)
+        ids = [c.chunk_id for c in handle.chunks(timeout=1)]
+        assert sorted(ids) == list(range(120))
+
+    def test_sigterm_drains_and_exits_in_bounded_time(
+        self,
+        gateway_procs: Callable[..., tuple[subprocess.Popen[bytes], int]],
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a gateway with a 3-second drain, and vehicles in the middle of tasks
+        gateway, port = gateway_procs("gwdrain", PARKPOOL_DRAIN_SECONDS="3")
+        wait_for(lambda: probe(port, "/readyz")[0] == 200, 30, "the gateway to be ready")
+        fleet_factory(2, simulated_delay_s=1.0)
+        handle = client.publish("reduce", small_chunks(20))
+        wait_for(lambda: handle.progress.done >= 2, 30, "the first results")
+        # When it gets SIGTERM
+        started = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        # Then it exits cleanly within the bound
+        assert gateway.wait(timeout=30) == 0
+        assert time.monotonic() - started < 20
+        # And a replacement gateway finishes the job with no chunk missing
+        gateway_procs("gwdrain2")
+        handle.wait(timeout=120)
+        assert handle.progress.done == 20
