@@ -9,6 +9,7 @@ A partition is paused when its window is full or no vehicle is asking for work, 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,10 +56,11 @@ class TaskLog:
         self.metrics = metrics
         self.windows: dict[TP, OffsetWindow] = {}
         self.paused: set[TP] = set()
-        self._rewound: set[TP] = set()  # paused partitions already sought back
+        self._overflow: dict[TP, collections.deque[Message]] = {}
         self._window = window
         self._on_revoked = on_revoked
         self._config = consumer_config(kafka, group, session_timeout_ms, **(overrides or {}))
+        self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
         self._producer = Producer(producer_config(kafka))
         self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
@@ -91,30 +93,45 @@ class TaskLog:
     # ---------------------------------------------------------------- reading
 
     def poll(self, batch: int) -> list[PendingTask | CancelRecord]:
-        """Records fetched so far (never blocks): tasks, cancels; bad ones dead-lettered."""
-        items: list[PendingTask | CancelRecord] = []
-        for record in self.consumer.consume(batch, timeout=0):
-            item = self._accept(record)
-            if item is not None:
-                items.append(item)
-        self._producer.poll(0)
-        return items
+        """Records fetched so far (never blocks): tasks, cancels; bad ones dead-lettered.
 
-    def _accept(self, record: Message) -> PendingTask | CancelRecord | None:
+        librdkafka hands over a whole batch before a pause takes effect, so records for a
+        full window wait in a per-partition overflow (at most one batch) until it drains.
+        """
+        accepted = [self._accept(record) for record in self._from_overflow()]
+        for record in self.consumer.consume(batch, timeout=0):
+            if not self._ours(record):
+                continue
+            tp = (record.topic() or "", record.partition() or 0)
+            if self._overflow[tp] or self.windows[tp].full:
+                self._overflow[tp].append(record)  # keeps the partition's order
+            else:
+                accepted.append(self._accept(record))
+        self._producer.poll(0)
+        return [item for item in accepted if item is not None]
+
+    def _ours(self, record: Message) -> bool:
         error = record.error()
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
                 self._log.warning("kafka_consume_error", error=str(error))
-            return None
+            return False
+        # A record fetched before its partition was revoked belongs to the new owner.
+        return (record.topic(), record.partition()) in self.windows
+
+    def _from_overflow(self) -> list[Message]:
+        ready: list[Message] = []
+        for tp, overflow in self._overflow.items():
+            room = self.windows[tp].room
+            while overflow and room > 0:
+                ready.append(overflow.popleft())
+                room -= 1
+        return ready
+
+    def _accept(self, record: Message) -> PendingTask | CancelRecord | None:
         topic, partition, offset = coordinates(record)
         tp = (topic, partition)
-        window = self.windows.get(tp)
-        if window is None:  # fetched before its partition was revoked
-            return None
-        if window.full or tp in self.paused:
-            self._hold_back(tp, offset)
-            return None
-        window.add(offset)
+        self.windows[tp].add(offset)
         raw = record.value() or b""
         try:
             if peek_type(raw) == CancelJob.TYPE:
@@ -127,19 +144,6 @@ class TaskLog:
             return None
         self.metrics.tasks.labels("consumed").inc()
         return task
-
-    def _hold_back(self, tp: TP, offset: int) -> None:
-        """A record arrived for a full (or paused) window: read it again after resuming.
-
-        librdkafka prefetches well beyond the window, so a consume() batch can carry more
-        than the window allows; rewinding keeps memory bounded by the window alone.
-        """
-        if tp not in self.paused:
-            self.consumer.pause([TopicPartition(*tp)])
-            self.paused.add(tp)
-        if tp not in self._rewound:
-            self.consumer.seek(TopicPartition(*tp, offset))
-            self._rewound.add(tp)
 
     # ---------------------------------------------------------------- writing
 
@@ -207,12 +211,11 @@ class TaskLog:
 
     def flow(self, starving: bool) -> None:
         """Pause full partitions, or all of them when no vehicle asks for work."""
-        wanted = {tp for tp, w in self.windows.items() if starving or w.full}
+        wanted = {tp for tp, w in self.windows.items() if starving or w.full or self._overflow[tp]}
         if to_pause := wanted - self.paused:
             self.consumer.pause([TopicPartition(*tp) for tp in to_pause])
         if to_resume := self.paused - wanted:
             self.consumer.resume([TopicPartition(*tp) for tp in to_resume])
-            self._rewound -= to_resume
         self.paused = wanted
 
     def pause_all(self) -> None:
@@ -220,9 +223,22 @@ class TaskLog:
 
     # ---------------------------------------------------------------- rebalance
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start every new partition at the group's committed offset.
+
+        A partition revoked and later assigned back to this same consumer would otherwise
+        resume at librdkafka's old fetch position, past records this gateway dropped on
+        revoke; they would be skipped until the next restart.
+        """
         for p in partitions:
             self.windows[(p.topic, p.partition)] = OffsetWindow(self._window)
+            self._overflow[(p.topic, p.partition)] = collections.deque()
+        if partitions:
+            starts = consumer.committed(partitions, timeout=10)  # -1001: use offset reset
+            if self.eager:
+                consumer.assign(starts)
+            else:
+                consumer.incremental_assign(starts)
         self.metrics.rebalances.labels("assigned").inc()
         self._log.info("partitions_assigned", partitions=[p.partition for p in partitions])
 
@@ -244,7 +260,7 @@ class TaskLog:
         for tp in gone:
             self.windows.pop(tp, None)
             self.paused.discard(tp)
-            self._rewound.discard(tp)
+            self._overflow.pop(tp, None)
         self._on_revoked(gone)
 
     def _commit(self, tps: list[TP], consumer: Consumer | None = None) -> None:

@@ -57,6 +57,11 @@ class OffsetWindow:
         return len(self._order) - len(self._done)
 
     @property
+    def room(self) -> int:
+        """How many more offsets fit before the window is full."""
+        return max(0, self.capacity - len(self._order))
+
+    @property
     def full(self) -> bool:
         # Finished-but-blocked offsets count too: they hold memory until the low end moves.
         return len(self._order) >= self.capacity

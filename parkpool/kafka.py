@@ -53,6 +53,7 @@ def consumer_config(
             "fetch.wait.max.ms": FETCH_WAIT_MS,
             # Bounds the prefetch buffer per partition; backpressure does the rest.
             "queued.max.messages.kbytes": 16384,
+            "queued.min.messages": 1000,
             **overrides,
         }
     )

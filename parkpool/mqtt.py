@@ -80,8 +80,10 @@ def connect_and_wait(
     clean_start: bool = True,
     session_expiry_s: int = 0,
     timeout: float = 15.0,
+    start_loop: bool = True,
 ) -> None:
-    """Connect, start the network loop and wait until ``connected`` is set by on_connect."""
+    """Connect, start the network loop (unless an external one drives the client) and
+    wait until ``connected`` is set by on_connect."""
     try:
         client.connect(
             conn.host,
@@ -92,7 +94,8 @@ def connect_and_wait(
         )
     except OSError as exc:
         raise BrokerError(f"cannot reach MQTT broker {conn.host}:{conn.port}: {exc}") from exc
-    client.loop_start()
+    if start_loop:
+        client.loop_start()
     if not connected.wait(timeout):
         client.loop_stop()
         raise BrokerError(f"MQTT broker {conn.host}:{conn.port} did not accept us in {timeout}s")

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from broker_config.launcher import EmbeddedBrokers
+from broker_config.launcher import EmbeddedBrokers, free_port
 from broker_config.topics import bootstrap
 from parkpool import logs
 from parkpool.children import role_env
@@ -95,12 +96,18 @@ class Gateways:
         self.env = env
         self.log_dir = log_dir
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
         self._starts = Counter[str]()
 
     def start(self, gateway_id: str) -> None:
         self._starts[gateway_id] += 1
         log = (self.log_dir / f"{gateway_id}-{self._starts[gateway_id]}.log").open("wb")
-        env = {**self.env, "PARKPOOL_GATEWAY_ID": gateway_id}
+        self.ports[gateway_id] = free_port()
+        env = {
+            **self.env,
+            "PARKPOOL_GATEWAY_ID": gateway_id,
+            "PARKPOOL_METRICS_PORT": str(self.ports[gateway_id]),
+        }
         self.children[gateway_id] = subprocess.Popen(
             [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
         )
@@ -124,6 +131,26 @@ class Gateways:
         for gateway_id in list(self.children):
             self.stop(gateway_id)
 
+    def snapshot(self) -> str:
+        """Key gauges and counters of every live gateway, to explain a stall."""
+        wanted = (
+            "parkpool_gateway_leases ",
+            "parkpool_gateway_queued_tasks ",
+            "parkpool_gateway_paused_partitions ",
+            "parkpool_gateway_tasks_total",
+        )
+        parts = []
+        for gateway_id in self.children:
+            url = f"http://127.0.0.1:{self.ports[gateway_id]}/metrics"
+            try:
+                text = urllib.request.urlopen(url, timeout=2).read().decode()
+            except OSError as exc:
+                parts.append(f"{gateway_id}: unreachable ({exc})")
+                continue
+            lines = [line for line in text.splitlines() if line.startswith(wanted)]
+            parts.append(f"{gateway_id}: " + "; ".join(lines))
+        return "\n".join(parts)
+
 
 def chunks(count: int) -> list[ChunkSpec]:
     """Chunk i sums [i], so every result says which chunk it belongs to."""
@@ -131,15 +158,17 @@ def chunks(count: int) -> list[ChunkSpec]:
 
 
 def fault_schedule(plan: ChaosPlan) -> list[str]:
-    """Faults interleaved so that each kind hits a different phase of the run."""
-    kinds = (
-        ["gateway"] * plan.gateway_kills
-        + ["vehicles"] * plan.vehicle_waves
-        + ["broker"] * plan.broker_restarts
-        + ["rebalance"] * plan.rebalances
-    )
-    order = sorted(range(len(kinds)), key=lambda i: (i % max(1, plan.gateway_kills), i))
-    return [kinds[i] for i in order]
+    """Faults taken round-robin by kind, so that each kind hits several phases of the run."""
+    queues = [
+        ["gateway"] * plan.gateway_kills,
+        ["vehicles"] * plan.vehicle_waves,
+        ["rebalance"] * plan.rebalances,
+        ["broker"] * plan.broker_restarts,
+    ]
+    order: list[str] = []
+    while any(queues):
+        order += [queue.pop() for queue in queues if queue]
+    return order
 
 
 @contextmanager
@@ -174,7 +203,10 @@ def chaos_system(plan: ChaosPlan, run_dir: Path) -> Iterator[tuple[Any, Gateways
             gateways.stop_all()
 
 
-def run_chaos(plan: ChaosPlan, run_dir: Path) -> ChaosReport:
+def run_chaos(
+    plan: ChaosPlan, run_dir: Path, say: Callable[[str], None] = lambda _line: None
+) -> ChaosReport:
+    """Run the plan on fresh embedded brokers in ``run_dir``; ``say`` gets progress lines."""
     rng = random.Random(plan.seed)
     report = ChaosReport(tasks=plan.tasks)
     started = time.monotonic()
@@ -184,7 +216,7 @@ def run_chaos(plan: ChaosPlan, run_dir: Path) -> ChaosReport:
             handle = client.publish("reduce", chunks(plan.tasks))
             faults = fault_schedule(plan)
             inject = _injector(plan, rng, report, brokers, gateways, fleet)
-            _drive(handle, faults, inject, plan)
+            _drive(handle, faults, inject, plan, say, gateways.snapshot)
             _account(handle, report)
         report.duplicates_on_results_topic = _results_topic_duplicates(kafka, report.completed)
     report.wall_s = round(time.monotonic() - started, 1)
@@ -216,27 +248,48 @@ def _injector(
         elif kind == "broker":
             brokers.restart_mosquitto()
             report.broker_restarts += 1
-        else:  # rebalance: a gateway joins the group, takes partitions, and leaves again
-            gateways.start("gw-extra")
-            time.sleep(plan.session_timeout_ms / 1000 + 2)
-            gateways.stop("gw-extra")
+        else:
+            # Rebalance: one gateway leaves the group cleanly (SIGTERM) with leases in
+            # flight, the other takes its partitions, then it rejoins and takes some back.
+            # (A brand-new member joining while both stay stalls Tansu 0.6.0's cooperative
+            # rebalance; see docs/DECISIONS.md.)
+            victim = f"gw{(report.rebalances + 1) % plan.gateways}"
+            gateways.stop(victim)
+            time.sleep(plan.session_timeout_ms / 1000)
+            gateways.start(victim)
             report.rebalances += 1
 
     return inject
 
 
 def _drive(
-    handle: JobHandle, faults: list[str], inject: Callable[[str], None], plan: ChaosPlan
+    handle: JobHandle,
+    faults: list[str],
+    inject: Callable[[str], None],
+    plan: ChaosPlan,
+    say: Callable[[str], None],
+    snapshot: Callable[[], str],
 ) -> None:
-    deadline = time.monotonic() + plan.timeout_s
-    next_fault = time.monotonic() + plan.fault_every_s
+    started = time.monotonic()
+    last_done = -1
+    deadline = started + plan.timeout_s
+    next_fault = started + plan.fault_every_s
+    next_report = started + 5.0
     while True:
         with suppress(TimeoutError):
             handle.wait(timeout=0.2)
             return  # done; ChaosReport.ok() fails the run if faults were left un-injected
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             return
-        if faults and time.monotonic() >= next_fault:
+        if now >= next_report:
+            done = handle.progress.done
+            say(f"t={now - started:.0f}s done={done}/{handle.n_chunks}")
+            if done == last_done:
+                say(f"no progress for 5 s:\n{snapshot()}")
+            last_done, next_report = done, now + 5.0
+        if faults and now >= next_fault:
+            say(f"t={now - started:.0f}s inject {faults[0]}")
             inject(faults.pop(0))
             next_fault = time.monotonic() + plan.fault_every_s
 
@@ -273,7 +326,7 @@ def main() -> int:
     plan = ChaosPlan(tasks=args.tasks, vehicles=args.vehicles, seed=args.seed)
     run_dir = Path(".run/chaos")
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = run_chaos(plan, run_dir)
+    report = run_chaos(plan, run_dir, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps({"name": "chaos", **asdict(report), "plan": asdict(plan)}), flush=True)
     return 0 if report.ok(plan) else 1
 

@@ -17,15 +17,15 @@ from tests.chaos import ChaosPlan, run_chaos
 pytestmark = pytest.mark.integration
 
 REDUCED = ChaosPlan(
-    tasks=300,
+    tasks=480,
     vehicles=12,
     gateways=2,
     gateway_kills=1,
     vehicle_waves=1,
     broker_restarts=1,
     rebalances=1,
-    task_seconds=0.4,
-    fault_every_s=2.5,
+    task_seconds=0.6,  # long enough that every fault lands while the job still runs
+    fault_every_s=2.0,
 )
 
 
@@ -34,7 +34,7 @@ class TestReducedChaos:
 
     def test_nothing_lost_nothing_doubled(self, tmp_path: Path) -> None:
         # Given the reduced plan, When it runs with faults injected while work flows
-        report = run_chaos(REDUCED, tmp_path)
+        report = run_chaos(REDUCED, tmp_path, say=print)
         # Then every fault happened while the job was running
         assert report.gateway_kills >= REDUCED.gateway_kills
         assert report.vehicle_kills >= int(REDUCED.vehicles * REDUCED.vehicle_kill_fraction)

@@ -1,52 +1,77 @@
 # SPDX-License-Identifier: Apache-2.0
 """A simulated fleet: many virtual vehicles in one process, each a real MQTT client
-running the real worker code against the real broker."""
+running the real worker code against the real broker.
+
+The vehicles share one network loop, one kernel pool and one ticker, so a fleet costs
+a few threads however many cars it has.
+"""
 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from worker.backend import Backend, select_backend
+from worker.netloop import NetworkLoop
 from worker.worker import VehicleWorker, WorkerSettings
+
+TICK_S = 0.5
 
 
 class Fleet:
     """Start, stop, kill and replace vehicles; ids are ``<prefix>-<n>``."""
 
     def __init__(
-        self, template: WorkerSettings, prefix: str = "car", backend: Backend | None = None
+        self,
+        template: WorkerSettings,
+        prefix: str = "car",
+        backend: Backend | None = None,
+        kernel_threads: int = 1024,  # threads start only as tasks run concurrently
     ) -> None:
         self.template = template
         self.prefix = prefix
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
+        self._network = NetworkLoop().start()
+        self._pool = ThreadPoolExecutor(kernel_threads, thread_name_prefix=f"{prefix}-kernels")
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._ticker = threading.Thread(
+            target=self._tick_loop, name=f"{prefix}-ticker", daemon=True
+        )
+        self._ticker.start()
 
     def __len__(self) -> int:
         return len(self.vehicles)
 
-    def add(self, count: int) -> list[VehicleWorker]:
-        """Start ``count`` new vehicles, connecting them in parallel."""
+    def add(self, count: int, parallel: int = 16) -> list[VehicleWorker]:
+        """Start ``count`` new vehicles, connecting up to ``parallel`` at a time."""
         new = [self._make() for _ in range(count)]
-        with ThreadPoolExecutor(max(1, min(16, count))) as pool:
-            list(pool.map(lambda v: v.start(), new))
-        for vehicle in new:
-            self.vehicles[vehicle.vehicle_id] = vehicle
+        with ThreadPoolExecutor(max(1, min(parallel, count))) as starter:
+            list(starter.map(lambda v: v.start(), new))
+        with self._lock:
+            for vehicle in new:
+                self.vehicles[vehicle.vehicle_id] = vehicle
         return new
 
     def _make(self) -> VehicleWorker:
         self._serial += 1
-        settings = replace(self.template, vehicle_id=f"{self.prefix}-{self._serial:04d}")
-        return VehicleWorker(settings, backend=self.backend)
+        settings = replace(self.template, vehicle_id=f"{self.prefix}-{self._serial:05d}")
+        return VehicleWorker(settings, self.backend, network=self._network, pool=self._pool)
+
+    def _take(self, vehicle_id: str) -> VehicleWorker:
+        with self._lock:
+            return self.vehicles.pop(vehicle_id)
 
     def stop(self, vehicle_id: str, reason: str = "stopped") -> None:
-        self.vehicles.pop(vehicle_id).stop(reason)
+        self._take(vehicle_id).stop(reason)
 
     def kill(self, vehicle_id: str) -> None:
-        self.vehicles.pop(vehicle_id).kill()
+        self._take(vehicle_id).kill()
 
     def kill_random(self, fraction: float, rng: random.Random | None = None) -> list[str]:
         rng = rng or random.Random()
@@ -56,14 +81,26 @@ class Fleet:
         return chosen
 
     def busy(self) -> Iterable[str]:
-        return [v.vehicle_id for v in self.vehicles.values() if v.held]
+        return [v.vehicle_id for v in list(self.vehicles.values()) if v.held]
 
     def completed(self) -> int:
-        return sum(v.completed for v in self.vehicles.values())
+        return sum(v.completed for v in list(self.vehicles.values()))
 
     def stop_all(self) -> None:
-        vehicles = list(self.vehicles.values())
-        self.vehicles.clear()
+        with self._lock:
+            vehicles = list(self.vehicles.values())
+            self.vehicles.clear()
         if vehicles:
-            with ThreadPoolExecutor(min(16, len(vehicles))) as pool:
-                list(pool.map(lambda v: v.stop("fleet_shutdown"), vehicles))
+            with ThreadPoolExecutor(min(16, len(vehicles))) as stopper:
+                list(stopper.map(lambda v: v.stop("fleet_shutdown"), vehicles))
+        self._closed.set()
+        self._ticker.join(5)
+        self._network.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _tick_loop(self) -> None:
+        while not self._closed.wait(TICK_S):
+            with self._lock:
+                vehicles = list(self.vehicles.values())
+            for vehicle in vehicles:
+                vehicle.tick()

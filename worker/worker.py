@@ -8,9 +8,10 @@ redone elsewhere when its lease ends, so the worker can always just stop.
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ from schemas.codec import peek_type
 from worker.backend import Backend, select_backend
 from worker.grants import allocate
 from worker.kernels import REGISTRY, execute
+from worker.netloop import NetworkLoop
 
 log = structlog.get_logger("parkpool.worker")
 
@@ -57,8 +59,10 @@ class WorkerSettings:
     namespace: str = "parkpool"
     concurrency: int = 1  # kernels running at once; one GPU runs one stream well
     prefetch: int = 1  # extra tasks held so the next is already here when one finishes
-    heartbeat_s: float = 5.0
-    pull_refresh_s: float = 3.0  # re-send an unanswered pull: a gateway may have restarted
+    heartbeat_s: float = 15.0
+    # Re-send a pull while there is room: a gateway may have restarted and forgotten it.
+    # Jittered per vehicle, so a large fleet does not refresh in lockstep.
+    pull_refresh_s: float = 10.0
     backend: str = "auto"
     simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
 
@@ -82,7 +86,18 @@ class Held:
 
 
 class VehicleWorker:
-    def __init__(self, settings: WorkerSettings, backend: Backend | None = None) -> None:
+    """One vehicle. Standalone it runs its own MQTT loop, ticker and kernel pool; in a
+    simulated fleet the fleet passes a shared ``network`` loop and ``pool`` and calls
+    ``tick()`` itself, so thousands of vehicles fit in one process."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        backend: Backend | None = None,
+        *,
+        network: NetworkLoop | None = None,
+        pool: Executor | None = None,
+    ) -> None:
         self.settings = settings
         self.vehicle_id = settings.vehicle_id
         self.topics = MqttTopics(settings.namespace)
@@ -98,7 +113,11 @@ class VehicleWorker:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._last_pull = 0.0  # monotonic time of the last pull sent
-        self._pool = ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
+        self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
+        self._next_heartbeat = 0.0
+        self._network = network
+        self._owns_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
         self._log = log.bind(vehicle_id=self.vehicle_id)
         will = VehicleStatus(self.vehicle_id, VehicleState.OFFLINE, time.time(), "connection_lost")
         self._client = new_client(
@@ -114,14 +133,22 @@ class VehicleWorker:
     # ---------------------------------------------------------------- life cycle
 
     def start(self, timeout: float = 15.0) -> None:
+        if self._network is not None:
+            self._network.attach(self._client)
         connect_and_wait(
-            self._client, self.settings.mqtt, connected=self._connected, timeout=timeout
+            self._client,
+            self.settings.mqtt,
+            connected=self._connected,
+            timeout=timeout,
+            start_loop=self._network is None,
         )
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
         self._status(VehicleState.ONLINE)
+        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         self.pull(force=True)
-        self._ticker.start()
+        if self._network is None:
+            self._ticker.start()
 
     def stop(self, reason: str = "stopped") -> None:
         """Owner-first stop: hand every held task back at once, then leave cleanly."""
@@ -131,10 +158,17 @@ class VehicleWorker:
             self._held.clear()
         for item in held:
             self._nack(item.assignment, NackReason.RELEASED, reason, item.task)
-        self._status(VehicleState.OFFLINE, reason).wait_for_publish(timeout=5)
+        # Not connected (the broker is restarting, say): the gateway learns it from the
+        # last will or the missing heartbeats instead, and the nacks wait in paho's queue.
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._status(VehicleState.OFFLINE, reason).wait_for_publish(timeout=5)
+        if self._network is not None:
+            self._network.detach(self._client)
         self._client.disconnect()
-        self._client.loop_stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._network is None:
+            self._client.loop_stop()
+        if self._owns_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self.backend.free_memory()
 
     def kill(self) -> None:
@@ -143,6 +177,9 @@ class VehicleWorker:
         The broker then publishes our last will, which is what the gateway must handle.
         """
         self._stopping.set()
+        if self._network is not None:
+            self._network.kill(self._client)
+            return
         self._client.loop_stop()
         sock = self._client.socket()
         if sock is not None:
@@ -167,7 +204,7 @@ class VehicleWorker:
         with self._lock:
             credits = self.settings.capacity - len(self._held)
             seen = dict(self._seen)
-            due = time.monotonic() - self._last_pull >= self.settings.pull_refresh_s
+            due = time.monotonic() - self._last_pull >= self._refresh_s
             if credits <= 0 or not self._gateways or not (force or due):
                 return
             self._last_pull = time.monotonic()
@@ -179,13 +216,18 @@ class VehicleWorker:
         self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=0)
 
     def _tick_loop(self) -> None:
-        next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         while not self._stopping.wait(0.5):
-            self.pull()
-            self._beat_leases()
-            if time.monotonic() >= next_heartbeat:
-                self._status(VehicleState.ONLINE)
-                next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+            self.tick()
+
+    def tick(self) -> None:
+        """Periodic duties: refresh the pull, keep leases alive, send the heartbeat."""
+        if self._stopping.is_set():
+            return
+        self.pull()
+        self._beat_leases()
+        if time.monotonic() >= self._next_heartbeat:
+            self._status(VehicleState.ONLINE)
+            self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
 
     def _beat_leases(self) -> None:
         """Keep the leases of running tasks alive, however long the kernel takes."""

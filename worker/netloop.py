@@ -1,0 +1,171 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One thread driving the MQTT sockets of many simulated vehicles.
+
+paho's own ``loop_start`` costs a thread per client; a fleet of thousands of vehicles
+in one process needs one selector instead. paho supports this through its socket
+callbacks; they may fire on any thread, so they only queue an operation and wake the
+loop, which alone touches the selector and calls ``loop_read``/``loop_write``.
+Clients that lose their connection are reconnected here, as ``loop_start`` would.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import selectors
+import socket
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+log = structlog.get_logger("parkpool.worker.netloop")
+Op = tuple[str, mqtt.Client, Any]
+MISC_EVERY_S = 1.0  # keepalive pings and retries; paho wants this about once a second
+
+
+class NetworkLoop:
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ops: collections.deque[Op] = collections.deque()
+        self._clients: dict[int, mqtt.Client] = {}
+        self._fds: dict[int, int] = {}  # id(client) -> registered fd
+        self._lost: dict[int, float] = {}  # id(client) -> when to try reconnecting
+        self._closing: set[int] = set()  # ids of clients leaving on purpose
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-netloop", daemon=True)
+
+    def start(self) -> NetworkLoop:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(10)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ---------------------------------------------------------------- clients
+
+    def attach(self, client: mqtt.Client) -> None:
+        self._clients[id(client)] = client
+        client.on_socket_open = lambda c, _u, s: self._queue("open", c, s)
+        client.on_socket_close = lambda c, _u, s: self._queue("close", c, s)
+        client.on_socket_register_write = lambda c, _u, s: self._queue("write", c, s)
+        client.on_socket_unregister_write = lambda c, _u, s: self._queue("unwrite", c, s)
+
+    def detach(self, client: mqtt.Client) -> None:
+        """Forget a client once its socket closes (after a clean DISCONNECT): no reconnect."""
+        self._closing.add(id(client))
+
+    def kill(self, client: mqtt.Client) -> None:
+        """Drop a client's connection without DISCONNECT, as a car leaving coverage would."""
+        self._queue("kill", client, None)
+
+    def _queue(self, op: str, client: mqtt.Client, sock: Any) -> None:
+        self._ops.append((op, client, sock))
+        self._wake()
+
+    def _wake(self) -> None:
+        # A full pipe means the loop is already awake; a closed one means it is closing.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    # ---------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + MISC_EVERY_S
+        while not self._stop.is_set():
+            self._apply_ops()
+            for key, mask in self._selector.select(timeout=0.05):
+                try:
+                    self._ready(key, mask)
+                except (OSError, ValueError) as exc:
+                    log.debug("socket_io_failed", error=str(exc))
+            if time.monotonic() >= next_misc:
+                self._misc()
+                next_misc = time.monotonic() + MISC_EVERY_S
+
+    def _ready(self, key: selectors.SelectorKey, mask: int) -> None:
+        client = key.data
+        if client is None:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(65536)
+            return
+        if mask & selectors.EVENT_READ:
+            client.loop_read()
+        if mask & selectors.EVENT_WRITE:
+            client.loop_write()
+
+    def _apply_ops(self) -> None:
+        while self._ops:
+            op, client, sock = self._ops.popleft()
+            handler = getattr(self, f"_op_{op}")
+            # Operations are applied after the fact: the socket may be closed by now, and
+            # one vehicle's stale socket must not stop the loop that serves all the others.
+            try:
+                handler(client, sock)
+            except (OSError, KeyError, ValueError) as exc:
+                log.debug("socket_op_skipped", op=op, error=str(exc))
+
+    def _op_open(self, client: mqtt.Client, sock: Any) -> None:
+        if id(client) not in self._clients:
+            return
+        fd = sock.fileno()
+        self._fds[id(client)] = fd
+        self._selector.register(fd, selectors.EVENT_READ, client)
+        self._lost.pop(id(client), None)
+
+    def _op_close(self, client: mqtt.Client, _sock: Any) -> None:
+        self._forget_fd(client)
+        if id(client) in self._closing:
+            self._closing.discard(id(client))
+            self._clients.pop(id(client), None)
+        elif id(client) in self._clients:
+            self._lost[id(client)] = time.monotonic() + 1.0  # reconnect, as loop_start would
+
+    def _op_write(self, client: mqtt.Client, _sock: Any) -> None:
+        fd = self._fds.get(id(client))
+        if fd is not None:
+            self._selector.modify(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def _op_unwrite(self, client: mqtt.Client, _sock: Any) -> None:
+        fd = self._fds.get(id(client))
+        if fd is not None:
+            self._selector.modify(fd, selectors.EVENT_READ, client)
+
+    def _op_kill(self, client: mqtt.Client, _sock: Any) -> None:
+        self._clients.pop(id(client), None)
+        self._lost.pop(id(client), None)
+        self._forget_fd(client)
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _forget_fd(self, client: mqtt.Client) -> None:
+        fd = self._fds.pop(id(client), None)
+        # A failed modify() already unregistered it, and a closed fd may be gone too.
+        if fd is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(fd)
+
+    def _misc(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            client.loop_misc()
+        for key, due in list(self._lost.items()):
+            lost = self._clients.get(key)
+            if lost is None or due > now:
+                continue
+            try:
+                lost.reconnect()
+            except OSError as exc:
+                self._lost[key] = now + 2.0
+                log.debug("reconnect_failed", error=str(exc))
