@@ -12,6 +12,7 @@ contract, and a planner checks only what it needs to split and fail early.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ def _output(outputs: Mapping[str, Array], key: str, shape: tuple[int, ...]) -> A
     return value
 
 
-class _ChunkAssembler:
+class _ChunkAssembler(abc.ABC):
     """Bookkeeping shared by assemblers: expected ids, arrivals, completeness."""
 
     def __init__(self, n_chunks: int) -> None:
@@ -121,12 +122,13 @@ class _ChunkAssembler:
             raise ValidationError("incomplete", f"{missing} of {self._n_chunks} chunks missing")
         return self._finish()
 
+    @abc.abstractmethod
     def _merge(self, chunk_id: int, outputs: Mapping[str, Array]) -> None:
         """Validate, then fold one chunk's outputs in (validate before any mutation)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _finish(self) -> Any:
-        raise NotImplementedError
+        """The assembled answer; called once every chunk is in."""
 
 
 # --- gemm ---------------------------------------------------------------------------
