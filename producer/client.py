@@ -74,8 +74,12 @@ class ParkpoolClient:
     def close(self) -> None:
         self._closed.set()
         self._reader.join(timeout=10)
-        self._reader.client = None  # break the cycle so the Kafka clients are freed now
         self._producer.flush(10)
+        # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
+        # are freed now, not at some later garbage collection while brokers may be gone.
+        self._reader.client = None
+        with self._lock:
+            self._handles.clear()
 
     # ---------------------------------------------------------------- submitting
 

@@ -40,6 +40,15 @@ def _vehicle(name: str, value: object) -> str:
     return require_str(name, value, pattern=_ID)
 
 
+def _check_lease_reference(message: Nack | LeaseHeartbeat) -> None:
+    """The fields by which a vehicle's message names the lease it speaks for."""
+    require_str("job_id", message.job_id, pattern=_ID)
+    require_int("chunk_id", message.chunk_id, 0, MAX_CHUNKS - 1)
+    _vehicle("vehicle_id", message.vehicle_id)
+    _vehicle("gateway_id", message.gateway_id)
+    require_int("epoch", message.epoch, 1)
+
+
 def _frozen_map(obj: object, name: str, value: Mapping[str, Any]) -> None:
     # A frozen dataclass holding a dict could still be mutated through the dict.
     object.__setattr__(obj, name, MappingProxyType(dict(value)))
@@ -193,11 +202,7 @@ class Nack:
     detail: str = ""
 
     def __post_init__(self) -> None:
-        require_str("job_id", self.job_id, pattern=_ID)
-        require_int("chunk_id", self.chunk_id, 0, MAX_CHUNKS - 1)
-        _vehicle("vehicle_id", self.vehicle_id)
-        _vehicle("gateway_id", self.gateway_id)
-        require_int("epoch", self.epoch, 1)
+        _check_lease_reference(self)
         object.__setattr__(self, "reason", _enum(NackReason, "reason", self.reason))
         require_str("detail", self.detail)
 
@@ -363,11 +368,7 @@ class LeaseHeartbeat:
     progress: float = 0.0  # 0..1, as far as the kernel can tell
 
     def __post_init__(self) -> None:
-        require_str("job_id", self.job_id, pattern=_ID)
-        require_int("chunk_id", self.chunk_id, 0, MAX_CHUNKS - 1)
-        _vehicle("vehicle_id", self.vehicle_id)
-        _vehicle("gateway_id", self.gateway_id)
-        require_int("epoch", self.epoch, 1)
+        _check_lease_reference(self)
         require_float("sent_at", self.sent_at)
         require_float("progress", self.progress, 0.0, 1.0)
 
