@@ -90,6 +90,16 @@ def end_offsets(conn: KafkaConnection, topic: str) -> dict[int, int]:
     return ends
 
 
+def wait_committed_to_end(conn: KafkaConnection, group: str, topic: str) -> None:
+    """Wait until the group has committed every partition of ``topic`` to its end."""
+    ends = end_offsets(conn, topic)
+    wait_for(
+        lambda: committed(conn, group, topic) == ends,
+        20,
+        "commits to reach the end of every partition",
+    )
+
+
 class RawMqtt:
     """A bare MQTT 5 client, to speak the protocol by hand as a scripted or hostile peer."""
 

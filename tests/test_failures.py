@@ -27,7 +27,7 @@ from producer.jobs import JobFailed
 from producer.splitters import ChunkSpec
 from schemas import DeadLetter, MqttTopics, Result, decode, encode
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, committed, end_offsets, read_topic, wait_for
+from tests.helpers import RawMqtt, end_offsets, read_topic, wait_committed_to_end, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, Kernel, Tolerance, register
 
@@ -83,13 +83,7 @@ class TestPoisonTask:
         assert all("fails on every vehicle" in a.detail for a in letter.attempts)
         assert gateway.metric("parkpool_gateway_dead_lettered_total", reason="kernel_error") == 1
         # And every task partition is committed to its end: nothing stalls behind the poison
-        topic = client.topics.tasks
-        ends = end_offsets(kafka_conn, topic)
-        wait_for(
-            lambda: committed(kafka_conn, f"{namespace}.gateways", topic) == ends,
-            20,
-            "commits to reach the end of every partition",
-        )
+        wait_committed_to_end(kafka_conn, f"{namespace}.gateways", client.topics.tasks)
 
 
 class TestMalformedInput:

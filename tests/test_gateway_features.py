@@ -35,7 +35,7 @@ from schemas import (
     encode,
 )
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, committed, end_offsets, wait_for
+from tests.helpers import RawMqtt, wait_committed_to_end, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY
 
@@ -83,13 +83,7 @@ class TestCancel:
         # And the vehicles are told to stop what they hold
         wait_for(lambda: not list(fleet.busy()), 10, "vehicles to drop the revoked tasks")
         # And every task record, cancels included, is committed: nothing is left behind
-        topic = client.topics.tasks
-        ends = end_offsets(kafka_conn, topic)
-        wait_for(
-            lambda: committed(kafka_conn, f"{namespace}.gateways", topic) == ends,
-            20,
-            "commits to reach the end of every partition",
-        )
+        wait_committed_to_end(kafka_conn, f"{namespace}.gateways", client.topics.tasks)
 
 
 class TestPriorities:
