@@ -56,7 +56,14 @@ class NetworkLoop:
 
     def attach(self, client: mqtt.Client) -> None:
         self._clients[id(client)] = client
-        client.on_socket_open = lambda c, _u, s: self._queue("open", c, s)
+        opened = client.on_socket_open  # new_client's TCP_NODELAY hook: keep it
+
+        def on_open(c: mqtt.Client, userdata: Any, sock: Any) -> None:
+            if opened is not None:
+                opened(c, userdata, sock)
+            self._queue("open", c, sock)
+
+        client.on_socket_open = on_open
         client.on_socket_close = lambda c, _u, s: self._queue("close", c, s)
         client.on_socket_register_write = lambda c, _u, s: self._queue("write", c, s)
         client.on_socket_unregister_write = lambda c, _u, s: self._queue("unwrite", c, s)

@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fleet's shared network loop, against the real Mosquitto."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import paho.mqtt.client as mqtt
+
+from parkpool.mqtt import connect_and_wait, new_client
+from parkpool.settings import MqttConnection
+from tests.helpers import wait_for
+from worker.netloop import NetworkLoop
+
+
+def _attached(loop: NetworkLoop, conn: MqttConnection, name: str) -> mqtt.Client:
+    client = new_client(name, conn)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    loop.attach(client)
+    connect_and_wait(client, conn, connected=connected, timeout=10, start_loop=False)
+    return client
+
+
+def test_attached_client_keeps_nagle_off(mqtt_conn: MqttConnection) -> None:
+    # Nagle on a vehicle's socket put a delayed-ACK wait (about 40 ms) on every task.
+    loop = NetworkLoop().start()
+    try:
+        client = _attached(loop, mqtt_conn, "netloop-nodelay")
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        loop.close()
+
+
+def test_messages_flow_both_ways_through_the_loop(mqtt_conn: MqttConnection) -> None:
+    loop = NetworkLoop().start()
+    got: list[bytes] = []
+    try:
+        client = _attached(loop, mqtt_conn, "netloop-echo")
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *_a: subscribed.set()
+        client.on_message = lambda _c, _u, msg: got.append(bytes(msg.payload))
+        client.subscribe("netloop/echo", qos=1)
+        assert subscribed.wait(10)
+        for i in range(20):
+            client.publish("netloop/echo", str(i).encode(), qos=1)
+        wait_for(lambda: len(got) == 20, timeout=10, what="20 echoes")
+        assert got == [str(i).encode() for i in range(20)]
+    finally:
+        loop.close()
+
+
+def test_lost_connection_is_reconnected(mqtt_conn: MqttConnection) -> None:
+    loop = NetworkLoop().start()
+    try:
+        client = _attached(loop, mqtt_conn, "netloop-reconnect")
+        connects: list[int] = []
+        client.on_connect = lambda *_a: connects.append(1)
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # the network drops; the client did not ask to leave
+        wait_for(lambda: connects and client.is_connected(), timeout=15, what="reconnect")
+    finally:
+        loop.close()
