@@ -6,6 +6,11 @@ in one process needs one selector instead. paho supports this through its socket
 callbacks; they may fire on any thread, so they only queue an operation and wake the
 loop, which alone touches the selector and calls ``loop_read``/``loop_write``.
 Clients that lose their connection are reconnected here, as ``loop_start`` would.
+
+paho's write-registration flag is not guarded against publishes from other threads, so
+the register/unregister callbacks can arrive out of order. They are therefore only
+hints: the loop watches a socket for writing exactly while paho has bytes queued for it,
+and re-checks every client once a second, so no queued packet waits longer than that.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ class NetworkLoop:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # Never block on a wake: a full buffer already means the loop will wake, and the
+        # loop thread blocking on its own wake socket would freeze every vehicle.
+        self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._ops: collections.deque[Op] = collections.deque()
         self._clients: dict[int, mqtt.Client] = {}
         self._fds: dict[int, int] = {}  # id(client) -> registered fd
+        self._writing: set[int] = set()  # ids of clients whose socket is watched for writes
         self._lost: dict[int, float] = {}  # id(client) -> when to try reconnecting
         self._closing: set[int] = set()  # ids of clients leaving on purpose
         self._stop = threading.Event()
@@ -81,7 +90,9 @@ class NetworkLoop:
         self._wake()
 
     def _wake(self) -> None:
-        # A full pipe means the loop is already awake; a closed one means it is closing.
+        if threading.current_thread() is self._thread:
+            return  # the loop applies queued operations before it next waits
+        # A full buffer means the loop is already due to wake; a closed one that it closed.
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -110,6 +121,7 @@ class NetworkLoop:
             client.loop_read()
         if mask & selectors.EVENT_WRITE:
             client.loop_write()
+            self._sync_write(client)
 
     def _apply_ops(self) -> None:
         while self._ops:
@@ -127,8 +139,10 @@ class NetworkLoop:
             return
         fd = sock.fileno()
         self._fds[id(client)] = fd
+        self._writing.discard(id(client))
         self._selector.register(fd, selectors.EVENT_READ, client)
         self._lost.pop(id(client), None)
+        self._sync_write(client)
 
     def _op_close(self, client: mqtt.Client, _sock: Any) -> None:
         self._forget_fd(client)
@@ -139,14 +153,25 @@ class NetworkLoop:
             self._lost[id(client)] = time.monotonic() + 1.0  # reconnect, as loop_start would
 
     def _op_write(self, client: mqtt.Client, _sock: Any) -> None:
-        fd = self._fds.get(id(client))
-        if fd is not None:
-            self._selector.modify(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+        self._sync_write(client)
 
     def _op_unwrite(self, client: mqtt.Client, _sock: Any) -> None:
+        self._sync_write(client)
+
+    def _sync_write(self, client: mqtt.Client) -> None:
+        """Watch the socket for writing exactly while paho has something to send."""
         fd = self._fds.get(id(client))
-        if fd is not None:
-            self._selector.modify(fd, selectors.EVENT_READ, client)
+        if fd is None:
+            return
+        want = client.want_write()
+        if want == (id(client) in self._writing):
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+        self._selector.modify(fd, events, client)
+        if want:
+            self._writing.add(id(client))
+        else:
+            self._writing.discard(id(client))
 
     def _op_kill(self, client: mqtt.Client, _sock: Any) -> None:
         self._clients.pop(id(client), None)
@@ -157,6 +182,7 @@ class NetworkLoop:
             sock.close()
 
     def _forget_fd(self, client: mqtt.Client) -> None:
+        self._writing.discard(id(client))
         fd = self._fds.pop(id(client), None)
         # A failed modify() already unregistered it, and a closed fd may be gone too.
         if fd is not None:
@@ -167,6 +193,10 @@ class NetworkLoop:
         now = time.monotonic()
         for client in list(self._clients.values()):
             client.loop_misc()
+            try:
+                self._sync_write(client)
+            except (OSError, KeyError, ValueError) as exc:
+                log.debug("socket_sync_skipped", error=str(exc))
         for key, due in list(self._lost.items()):
             lost = self._clients.get(key)
             if lost is None or due > now:
