@@ -56,7 +56,10 @@ class ChaosPlan:
     broker_restarts: int = 1
     rebalances: int = 1
     task_seconds: float = 1.0  # simulated compute per task
-    fault_every_s: float = 4.0
+    # Faults are spread over this span of the job's progress, so they all land while work
+    # flows however fast the system runs; min_fault_gap_s lets each one take hold first.
+    fault_span: tuple[float, float] = (0.05, 0.7)
+    min_fault_gap_s: float = 2.0
     lease_seconds: float = 5.0
     session_timeout_ms: int = 3000
     timeout_s: float = 900.0
@@ -155,6 +158,13 @@ class Gateways:
 def chunks(count: int) -> list[ChunkSpec]:
     """Chunk i sums [i], so every result says which chunk it belongs to."""
     return [ChunkSpec({"op": "sum"}, {"x": np.array([float(i)])}) for i in range(count)]
+
+
+def fault_thresholds(plan: ChaosPlan, faults: int) -> list[int]:
+    """How many chunks must be done before each fault: evenly over ``fault_span``."""
+    low, high = plan.fault_span
+    step = (high - low) / max(1, faults - 1)
+    return [int(plan.tasks * (low + step * i)) for i in range(faults)]
 
 
 def fault_schedule(plan: ChaosPlan) -> list[str]:
@@ -271,9 +281,10 @@ def _drive(
     snapshot: Callable[[], str],
 ) -> None:
     started = time.monotonic()
+    thresholds = fault_thresholds(plan, len(faults))
     last_done = -1
     deadline = started + plan.timeout_s
-    next_fault = started + plan.fault_every_s
+    last_fault = started
     next_report = started + 5.0
     while True:
         with suppress(TimeoutError):
@@ -282,16 +293,17 @@ def _drive(
         now = time.monotonic()
         if now > deadline:
             return
+        done = handle.progress.done
         if now >= next_report:
-            done = handle.progress.done
             say(f"t={now - started:.0f}s done={done}/{handle.n_chunks}")
             if done == last_done:
                 say(f"no progress for 5 s:\n{snapshot()}")
             last_done, next_report = done, now + 5.0
-        if faults and now >= next_fault:
-            say(f"t={now - started:.0f}s inject {faults[0]}")
+        if faults and done >= thresholds[0] and now - last_fault >= plan.min_fault_gap_s:
+            say(f"t={now - started:.0f}s done={done} inject {faults[0]}")
+            thresholds.pop(0)
             inject(faults.pop(0))
-            next_fault = time.monotonic() + plan.fault_every_s
+            last_fault = time.monotonic()
 
 
 def _account(handle: JobHandle, report: ChaosReport) -> None:
@@ -321,10 +333,13 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=ChaosPlan.tasks)
     p.add_argument("--vehicles", type=int, default=ChaosPlan.vehicles)
     p.add_argument("--seed", type=int, default=ChaosPlan.seed)
+    p.add_argument(
+        "--run-dir", type=Path, default=Path(".run/chaos"), help="brokers' and gateways' logs"
+    )
     args = p.parse_args()
     logs.configure("error")
     plan = ChaosPlan(tasks=args.tasks, vehicles=args.vehicles, seed=args.seed)
-    run_dir = Path(".run/chaos")
+    run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     report = run_chaos(plan, run_dir, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps({"name": "chaos", **asdict(report), "plan": asdict(plan)}), flush=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos import ChaosPlan, run_chaos
+from tests.chaos import ChaosPlan, fault_schedule, fault_thresholds, run_chaos
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,7 @@ REDUCED = ChaosPlan(
     vehicle_waves=1,
     broker_restarts=1,
     rebalances=1,
-    task_seconds=0.6,  # long enough that every fault lands while the job still runs
-    fault_every_s=2.0,
+    task_seconds=0.6,
 )
 
 
@@ -45,3 +44,17 @@ class TestReducedChaos:
         assert report.duplicates_to_caller == 0
         assert report.wrong_values == 0
         assert report.ok(REDUCED)
+
+
+class TestFaultPlan:
+    def test_faults_spread_over_the_progress_span(self) -> None:
+        plan = ChaosPlan(tasks=2000, fault_span=(0.05, 0.7))
+        assert fault_thresholds(plan, 8) == [100, 285, 471, 657, 842, 1028, 1214, 1400]
+        assert fault_thresholds(plan, 1) == [100]
+
+    def test_every_fault_kind_is_scheduled_as_planned(self) -> None:
+        plan = ChaosPlan(gateway_kills=3, vehicle_waves=3, broker_restarts=1, rebalances=1)
+        order = fault_schedule(plan)
+        assert sorted(order) == sorted(["gateway"] * 3 + ["vehicles"] * 3 + ["rebalance", "broker"])
+        # Round-robin: each kind appears before any kind repeats.
+        assert set(order[:4]) == {"gateway", "vehicles", "rebalance", "broker"}
