@@ -31,7 +31,7 @@ from gateway.mqtt_link import MqttEvent, MqttLink
 from gateway.retry import DelayQueue, compute_backoff
 from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
-from gateway.vehicles import VehicleBook
+from gateway.vehicles import VehicleBook, VehicleView
 from parkpool.settings import KafkaConnection, MqttConnection
 from schemas import (
     Assignment,
@@ -369,20 +369,22 @@ class Gateway:
     # ---------------------------------------------------------------- dispatch and leases
 
     def _dispatch(self) -> None:
-        for vehicle_id in self.vehicles.hungry():
+        # One task per hungry vehicle per turn, longest-waiting first; bounded by the
+        # hungry count, so an empty queue costs nothing however large the fleet is.
+        for _ in range(self.vehicles.hungry_count()):
             if not len(self.ready):
                 return
-            view = self.vehicles.get(vehicle_id)
-            assert view is not None
-            available = view.credits - self.leases.count_after(vehicle_id, view.seen_epoch)
-            if available > 0 and self._send_one(vehicle_id):
+            view = self.vehicles.first_hungry()
+            available = view.credits - self.leases.count_after(view.vehicle_id, view.seen_epoch)
+            if available > 0 and self._send_one(view):
                 available -= 1
-            self.vehicles.served(vehicle_id, available > 0)
+            self.vehicles.served(view.vehicle_id, available > 0)
 
-    def _send_one(self, vehicle_id: str) -> bool:
+    def _send_one(self, view: VehicleView) -> bool:
         task = self._next_dispatchable()
         if task is None:
             return False
+        vehicle_id = view.vehicle_id
         lease = self.leases.grant(vehicle_id, task, self.settings.lease_seconds)
         task.dispatches += 1
         task.state = TaskState.LEASED
@@ -396,6 +398,8 @@ class Gateway:
         )
         self.mqtt.send_assignment(vehicle_id, encode(assignment), self.settings.lease_seconds)
         self.metrics.tasks.labels("dispatched").inc()
+        self.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
+        self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
         return True
 
     def _next_dispatchable(self) -> PendingTask | None:
@@ -431,6 +435,7 @@ class Gateway:
         for vehicle_id in self.vehicles.silent_since(now - self.settings.vehicle_silence_s):
             self._release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
+        self._update_fleet_gauges()
 
     def _release_vehicle(
         self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
@@ -473,6 +478,13 @@ class Gateway:
             self.ready.push_front(task)
 
     # ---------------------------------------------------------------- observability
+
+    def _update_fleet_gauges(self) -> None:
+        """Once a second, not every step: counting a large fleet costs a full pass."""
+        counts = self.vehicles.by_state()
+        for state in VehicleState:
+            self.metrics.vehicles.labels(state.value).set(counts.get(state.value, 0))
+        self.metrics.vehicles_known.set(len(self.vehicles))
 
     def _update_gauges(self) -> None:
         self.metrics.leases.set(len(self.leases))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# The gateway's own hand-off is sub-millisecond when idle; finer buckets show it.
+DISPATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class GatewayMetrics:
@@ -57,6 +59,28 @@ class GatewayMetrics:
         )
         self.paused = Gauge(
             "parkpool_gateway_paused_partitions", "Partitions paused by backpressure", registry=r
+        )
+        self.vehicles = Gauge(
+            "parkpool_gateway_vehicles",
+            "Vehicles this gateway has heard from recently, by their last reported state",
+            ["state"],
+            registry=r,
+        )
+        self.vehicles_known = Gauge(
+            "parkpool_gateway_vehicles_known", "Vehicles this gateway keeps a view of", registry=r
+        )
+        self.queue_wait = Histogram(
+            "parkpool_gateway_queue_wait_seconds",
+            "From a task becoming ready at the gateway to its assignment being sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dispatch = Histogram(
+            "parkpool_gateway_dispatch_seconds",
+            "From the moment a ready task and a vehicle's credit are both at hand to the "
+            "assignment being sent: the gateway's own dispatch delay",
+            buckets=DISPATCH_BUCKETS,
+            registry=r,
         )
         self.execution = Histogram(
             "parkpool_gateway_task_dispatch_to_result_seconds",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class PendingTask:
     failures: int = 0  # attempts that count towards the maximum
     history: list[AttemptRecord] = field(default_factory=list)
     state: TaskState = TaskState.QUEUED
+    queued_at: float = 0.0  # monotonic; when it last became ready, for queue-wait latency
 
     @property
     def tp(self) -> tuple[str, int]:
@@ -50,10 +52,12 @@ class ReadyQueue:
         return sum(len(q) for q in self._queues.values())
 
     def push(self, task: PendingTask) -> None:
+        task.queued_at = time.monotonic()
         self._queues[task.task.priority].append(task)
 
     def push_front(self, task: PendingTask) -> None:
         """Redeliveries go first: they have waited longest."""
+        task.queued_at = time.monotonic()
         self._queues[task.task.priority].appendleft(task)
 
     def pop(self) -> PendingTask | None:

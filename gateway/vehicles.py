@@ -23,6 +23,7 @@ class VehicleView:
     capabilities: Capabilities | None = None
     state: VehicleState = VehicleState.ONLINE
     last_heard: float = field(default_factory=time.monotonic)
+    asked_at: float = 0.0  # monotonic; when it last went from no credit to some
 
 
 class VehicleBook:
@@ -54,6 +55,8 @@ class VehicleBook:
         view.capabilities = pull.capabilities
         view.state = VehicleState.ONLINE
         if view.credits > 0:
+            if pull.vehicle_id not in self._hungry:
+                view.asked_at = view.last_heard
             self._hungry[pull.vehicle_id] = None
         else:
             self._hungry.pop(pull.vehicle_id, None)
@@ -77,6 +80,13 @@ class VehicleBook:
     def hungry(self) -> list[str]:
         """Vehicles that asked for work, longest-waiting first."""
         return list(self._hungry)
+
+    def hungry_count(self) -> int:
+        return len(self._hungry)
+
+    def first_hungry(self) -> VehicleView:
+        """The vehicle that has waited longest for work; only while ``any_hungry()``."""
+        return self._vehicles[next(iter(self._hungry))]
 
     def served(self, vehicle_id: str, still_hungry: bool) -> None:
         """Rotate a vehicle to the back after it got a task, or drop it when it is full."""

@@ -91,6 +91,28 @@ class TestEveryChunkOnce:
             np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
 
 
+class TestLatencyHistograms:
+    """Each dispatch is timed once: waiting in the queue, and the gateway's own hand-off."""
+
+    def test_every_dispatch_is_observed(
+        self, gateway_factory: GatewayFactory, fleet_factory: FleetFactory, client: ParkpoolClient
+    ) -> None:
+        gateway = gateway_factory()
+        fleet_factory(3)
+        x = np.arange(4000, dtype=np.float64)
+        handle = client.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=500)
+        assert handle.wait(timeout=60) == float(x.sum())
+        n = handle.n_chunks
+        wait_for(lambda: gateway.metric("parkpool_gateway_tasks_total", status="completed") == n)
+        assert gateway.metric("parkpool_gateway_tasks_total", status="dispatched") == n
+        assert gateway.metric("parkpool_gateway_queue_wait_seconds_count") == n
+        assert gateway.metric("parkpool_gateway_dispatch_seconds_count") == n
+        assert gateway.metric("parkpool_gateway_task_dispatch_to_result_seconds_count") == n
+        # The hand-off starts no earlier than the task was queued, so it is never longer
+        queue_wait = gateway.metric("parkpool_gateway_queue_wait_seconds_sum")
+        assert 0 <= gateway.metric("parkpool_gateway_dispatch_seconds_sum") <= queue_wait
+
+
 def _pi_by_reference(options: dict[str, Any]) -> float:
     from producer.splitters import plan_monte_carlo_pi
 

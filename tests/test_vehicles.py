@@ -62,8 +62,35 @@ class TestPulls:
         assert book.hungry() == ["car1"]
 
 
+class TestAskedAt:
+    """When a vehicle started waiting for work: the start of its dispatch latency."""
+
+    def test_refreshed_pull_keeps_the_first_ask(self) -> None:
+        book = VehicleBook("gw1")
+        first = book.on_pull(pull("car1", 2)).asked_at
+        time.sleep(0.01)
+        # A refresh while still hungry must not hide how long the vehicle has waited
+        assert book.on_pull(pull("car1", 2)).asked_at == first
+
+    def test_ask_after_being_full_starts_a_new_wait(self) -> None:
+        book = VehicleBook("gw1")
+        first = book.on_pull(pull("car1", 1)).asked_at
+        book.served("car1", still_hungry=False)
+        time.sleep(0.01)
+        assert book.on_pull(pull("car1", 1)).asked_at > first
+
+
 class TestRoundRobin:
     """Hungry vehicles are served longest-waiting first, then rotate to the back."""
+
+    def test_first_hungry_is_the_longest_waiting(self) -> None:
+        book = VehicleBook("gw1")
+        for vehicle_id in ("car-a", "car-b"):
+            book.on_pull(pull(vehicle_id, 1))
+        assert book.hungry_count() == 2
+        assert book.first_hungry().vehicle_id == "car-a"
+        book.served("car-a", still_hungry=True)
+        assert book.first_hungry().vehicle_id == "car-b"
 
     def test_served_vehicle_rotates_to_the_back(self) -> None:
         book = VehicleBook("gw1")
