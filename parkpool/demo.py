@@ -21,6 +21,7 @@ from broker_config.topics import bootstrap
 from parkpool import logs
 from parkpool.children import role, role_env
 from parkpool.settings import KafkaConnection
+from parkpool.signals import exit_on_sigterm
 from producer.cli import follow
 from producer.client import ParkpoolClient, ProducerSettings
 
@@ -49,6 +50,7 @@ def scrape(port: int, name: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logs.configure("warning")
+    exit_on_sigterm()
     run_dir = Path(".run/demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"starting embedded Tansu and Mosquitto (logs in {run_dir}/)")

@@ -19,3 +19,16 @@ def stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return event
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop child brokers.
+
+    Python's default SIGTERM ends the process at once, which leaves the embedded brokers
+    of a killed ``make bench`` or ``make chaos`` running with no parent.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -318,6 +319,29 @@ class TestLifecycle:
             EmbeddedBrokers(run_dir=tmp_path).start()
         # Then the Tansu that did start has been stopped again
         assert children_named("tansu") == tansus_before
+
+    def test_sigterm_to_a_harness_stops_its_brokers(self, tmp_path: Path) -> None:
+        # Given a harness process (as make bench or make chaos) running embedded brokers
+        code = (
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from broker_config.launcher import EmbeddedBrokers\n"
+            "from parkpool.signals import exit_on_sigterm\n"
+            "exit_on_sigterm()\n"
+            f"with EmbeddedBrokers(run_dir=Path({str(tmp_path)!r})):\n"
+            "    print('up', flush=True)\n"
+            "    time.sleep(120)\n"
+        )
+        harness = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert harness.stdout is not None
+        assert harness.stdout.readline() == b"up\n"
+        pids = [entry["pid"] for entry in json.loads((tmp_path / "pids.json").read_text()).values()]
+        assert len(pids) == 2
+        # When it is sent SIGTERM
+        harness.send_signal(signal.SIGTERM)
+        # Then it exits through its finally blocks, and no broker outlives it
+        assert harness.wait(30) == 128 + signal.SIGTERM
+        assert not [pid for pid in pids if pid_alive(pid)]
 
 
 class TestBrokerProcess:
