@@ -29,14 +29,16 @@ def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
 
 
 @contextmanager
-def role(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Iterator[None]:
+def role(
+    name: str, args: list[str], env: dict[str, str], log_dir: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run one ``parkpool`` role as a child process; SIGTERM it (then SIGKILL) on exit."""
     log = (log_dir / f"{name}.log").open("wb")
     child = subprocess.Popen(
         [sys.executable, "-m", "parkpool.cli", *args], env=env, stdout=log, stderr=log
     )
     try:
-        yield
+        yield child
         if child.poll() is not None:
             raise RuntimeError(f"{name} exited early with {child.returncode}; see {log.name}")
     finally:

@@ -14,6 +14,7 @@ Lines:
   time (no queueing), and ``batch_p50_ms``/``batch_p99_ms`` for the large job (queueing
   included).
 - ``codec``: encode and decode rate of a 1 MiB task.
+- ``fleet_scale`` and ``backlog_memory``: see ``tests/bench_scale.py``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from parkpool import logs
 from parkpool.children import role, role_env
 from parkpool.mqtt import connect_and_wait, new_client
 from parkpool.settings import KafkaConnection, MqttConnection
+from parkpool.signals import exit_on_sigterm
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.splitters import ChunkSpec
 from schemas import TaskChunk, decode, encode
+from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
 
 NAMESPACE = "bench"
 
@@ -154,8 +157,17 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=3000)
     p.add_argument("--probes", type=int, default=200)
     p.add_argument("--baseline-messages", type=int, default=20_000)
+    p.add_argument(
+        "--fleet-targets",
+        default="2000,10000",
+        help="comma-separated fleet sizes for fleet_scale; empty skips it",
+    )
+    p.add_argument("--fleet-tasks", type=int, default=2000)
+    p.add_argument("--backlog-records", type=int, default=1_000_000, help="0 skips backlog_memory")
     args = p.parse_args()
     logs.configure("error")
+    exit_on_sigterm()
+    raise_fd_limit()
     run_dir = Path(".run/bench")
     run_dir.mkdir(parents=True, exist_ok=True)
     emit(codec())
@@ -190,6 +202,11 @@ def main() -> int:
                 "machine": machine(),
             }
         )
+        targets = [int(t) for t in args.fleet_targets.split(",") if t.strip()]
+        for line in fleet_scale(brokers, run_dir, targets, args.fleet_tasks):
+            emit({**line, "machine": machine()})
+        if args.backlog_records:
+            emit({**backlog_memory(brokers, run_dir, args.backlog_records), "machine": machine()})
     return 0
 
 

@@ -34,6 +34,7 @@ from broker_config.topics import bootstrap
 from parkpool import logs
 from parkpool.children import role_env
 from parkpool.settings import KafkaConnection, MqttConnection
+from parkpool.signals import exit_on_sigterm
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.jobs import JobHandle
 from producer.splitters import ChunkSpec
@@ -338,6 +339,7 @@ def main() -> int:
     )
     args = p.parse_args()
     logs.configure("error")
+    exit_on_sigterm()
     plan = ChaosPlan(tasks=args.tasks, vehicles=args.vehicles, seed=args.seed)
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from schemas import ParkpoolError
 from worker.backend import Backend, select_backend
 from worker.netloop import NetworkLoop
 from worker.worker import VehicleWorker, WorkerSettings
@@ -49,14 +50,31 @@ class Fleet:
         return len(self.vehicles)
 
     def add(self, count: int, parallel: int = 16) -> list[VehicleWorker]:
-        """Start ``count`` new vehicles, connecting up to ``parallel`` at a time."""
+        """Start ``count`` new vehicles, connecting up to ``parallel`` at a time.
+
+        Vehicles that did start stay in the fleet even when others fail, so that
+        ``stop_all`` still stops them; the first failure is then raised.
+        """
         new = [self._make() for _ in range(count)]
         with ThreadPoolExecutor(max(1, min(parallel, count))) as starter:
-            list(starter.map(lambda v: v.start(), new))
+            errors = list(starter.map(self._start, new))
+        started = [v for v, error in zip(new, errors, strict=True) if error is None]
         with self._lock:
-            for vehicle in new:
+            for vehicle in started:
                 self.vehicles[vehicle.vehicle_id] = vehicle
-        return new
+        failures = [error for error in errors if error is not None]
+        if failures:
+            raise failures[0]
+        return started
+
+    @staticmethod
+    def _start(vehicle: VehicleWorker) -> Exception | None:
+        try:
+            vehicle.start()
+        except (TimeoutError, OSError, ParkpoolError) as exc:
+            vehicle.kill()  # drop its half-open connection; it must not retry on its own
+            return exc
+        return None
 
     def _make(self) -> VehicleWorker:
         self._serial += 1
