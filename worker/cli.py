@@ -45,7 +45,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         p, "--prefetch", "PARKPOOL_PREFETCH", 1, "extra tasks held so the next one is ready", int
     )
     add_option(p, "--backend", "PARKPOOL_BACKEND", "auto", "auto, cupy or numpy")
-    add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 5.0, "status heartbeat period", float)
+    add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 15.0, "status heartbeat period", float)
     add_option(
         p,
         "--simulated-delay-s",
