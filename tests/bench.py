@@ -203,10 +203,12 @@ def main() -> int:
             }
         )
         targets = [int(t) for t in args.fleet_targets.split(",") if t.strip()]
-        for line in fleet_scale(brokers, run_dir, targets, args.fleet_tasks):
-            emit({**line, "machine": machine()})
+        if targets:
+            for line in fleet_scale(brokers, run_dir, targets, args.fleet_tasks):
+                emit({**line, "machine": machine()})
         if args.backlog_records:
-            emit({**backlog_memory(brokers, run_dir, args.backlog_records), "machine": machine()})
+            for line in backlog_memory(brokers, run_dir, args.backlog_records):
+                emit({**line, "machine": machine()})
     return 0
 
 

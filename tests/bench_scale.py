@@ -233,8 +233,12 @@ def _vanish(
     }
 
 
-def backlog_memory(brokers: EmbeddedBrokers, run_dir: Path, records: int) -> dict[str, Any]:
-    """Gateway memory with ``records`` tasks waiting in Kafka and no vehicle at all."""
+def backlog_memory(
+    brokers: EmbeddedBrokers, run_dir: Path, records: int
+) -> Iterator[dict[str, Any]]:
+    """Gateway memory with ``records`` tasks waiting in Kafka: first with no vehicle at
+    all (the gateway stops reading: nobody asks), then with 2,000 slow vehicles asking
+    for more than the windows hold (it reads until every partition's window is full)."""
     namespace = "benchbacklog"
     bootstrap(brokers.kafka_bootstrap, namespace)
     settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
@@ -249,17 +253,32 @@ def backlog_memory(brokers: EmbeddedBrokers, run_dir: Path, records: int) -> dic
         "PARKPOOL_GATEWAY_ID": "backlog-gw",
         "PARKPOOL_METRICS_PORT": str(port),
     }
+    mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+    slow = WorkerSettings("template", mqtt, namespace, backend="numpy", simulated_delay_s=60)
     with role("backlog-gateway", ["gateway"], env, run_dir) as gateway:
         _wait_ready(port)
-        samples = _settle(port)
-        rss, peak = rss_mb(gateway.pid)
+        yield _backlog_line("no_vehicles", records, produce_s, _settle(port), gateway.pid)
+        fleet = Fleet(slow, prefix="slow")
+        try:
+            fleet.add(2000, parallel=32)
+            yield _backlog_line("slow_fleet_2000", records, produce_s, _settle(port), gateway.pid)
+        finally:
+            fleet.stop_all()
+
+
+def _backlog_line(
+    phase: str, records: int, produce_s: float, samples: dict[str, Any], pid: int
+) -> dict[str, Any]:
+    rss, peak = rss_mb(pid)
     return {
         "name": "backlog_memory",
+        "phase": phase,
         "records": records,
         "produce_s": round(produce_s, 1),
         "gateway_consumed": int(
             samples.get(("parkpool_gateway_tasks_total", (("status", "consumed"),)), 0)
         ),
+        "gateway_leases": int(gauge(samples, "parkpool_gateway_leases")),
         "gateway_queued": int(gauge(samples, "parkpool_gateway_queued_tasks")),
         "paused_partitions": int(gauge(samples, "parkpool_gateway_paused_partitions")),
         "gateway_rss_mb": rss,
