@@ -56,6 +56,17 @@ class PolicyError(ParkpoolError):
     """An action was refused by a policy."""
 
 
+class Preempted(ParkpoolError):  # noqa: N818 - control flow, named for what happened
+    """The car's owner (or its policy) took it back: stop the kernel between launches.
+
+    Raised by a kernel's checkpoint; the worker hands the task back as ``released``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class Retry(ParkpoolError):  # noqa: N818 - control flow, named for what it asks for
     """Ask for the task to be tried again, optionally after ``delay`` seconds."""
 

@@ -31,6 +31,9 @@ from schemas.validate import (
 MAX_CHUNKS = 1_000_000
 MAX_CREDITS = 1024
 MAX_ATTEMPTS_RECORDED = 64
+MAX_GFLOP = 1e9  # 10^18 flops: far above any one task; rejects garbage, not real values
+MAX_GFLOPS_PER_S = 1e7  # 10 PFLOP/s: far above any one car's accelerator
+MAX_DWELL_S = 30 * 86400.0  # a month parked is already beyond any useful prediction
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's own topic-name rule
 
@@ -107,6 +110,7 @@ class TaskChunk:
     created_at: float
     attempt: int = 0  # 0 on first submit; a DLQ replay starts again at 0
     priority: Priority = Priority.BATCH
+    cost_gflop: float = 0.0  # the kernel's cost model's estimate, in 10^9 flops; 0 = unknown
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -120,6 +124,7 @@ class TaskChunk:
         require_float("created_at", self.created_at)
         require_int("attempt", self.attempt, 0, 1_000_000)
         object.__setattr__(self, "priority", _enum(Priority, "priority", self.priority))
+        require_float("cost_gflop", self.cost_gflop, 0.0, MAX_GFLOP)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -214,9 +219,11 @@ class Capabilities:
     backend: str
     kernels: tuple[str, ...]
     device_memory_bytes: int = 0
+    gflops_per_s: float = 0.0  # sustained rate the vehicle expects of itself; 0 = unknown
 
     def __post_init__(self) -> None:
         require_name("backend", self.backend)
+        require_float("gflops_per_s", self.gflops_per_s, 0.0, MAX_GFLOPS_PER_S)
         if not isinstance(self.kernels, list | tuple) or len(self.kernels) > 256:
             raise _wrong("kernels must be a list of at most 256 names")
         object.__setattr__(self, "kernels", tuple(require_name("kernel", k) for k in self.kernels))
@@ -240,10 +247,12 @@ class PullRequest:
     capabilities: Capabilities
     seen: Mapping[str, int] = field(default_factory=dict)
     grants: Mapping[str, int] = field(default_factory=dict)
+    dwell_s: float = 0.0  # predicted seconds the car stays available; 0 = no prediction
 
     def __post_init__(self) -> None:
         _vehicle("vehicle_id", self.vehicle_id)
         require_int("credits", self.credits, 0, MAX_CREDITS)
+        require_float("dwell_s", self.dwell_s, 0.0, MAX_DWELL_S)
         if not isinstance(self.capabilities, Capabilities):
             raise _wrong("capabilities must be a Capabilities record")
         if not isinstance(self.seen, Mapping) or len(self.seen) > 64:
