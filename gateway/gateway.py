@@ -381,8 +381,10 @@ class Gateway:
             self.vehicles.served(view.vehicle_id, available > 0)
 
     def _send_one(self, view: VehicleView) -> bool:
-        task = self._next_dispatchable()
+        task = self._next_dispatchable(self._fit_for(view))
         if task is None:
+            if len(self.ready):
+                self.metrics.dispatch_skipped.labels("dwell").inc()
             return False
         vehicle_id = view.vehicle_id
         lease = self.leases.grant(vehicle_id, task, self.settings.lease_seconds)
@@ -402,9 +404,19 @@ class Gateway:
         self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
         return True
 
-    def _next_dispatchable(self) -> PendingTask | None:
+    @staticmethod
+    def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool] | None:
+        """Only tasks that should finish before the car leaves; None when it stays."""
+        if view.dwell_s <= 0:
+            return None
+        now = time.monotonic()
+        return lambda task: view.fits(task.task.cost_gflop, now)
+
+    def _next_dispatchable(
+        self, accept: Callable[[PendingTask], bool] | None = None
+    ) -> PendingTask | None:
         """The next ready task, checking cancellation and deadline at dispatch time."""
-        while (task := self.ready.pop()) is not None:
+        while (task := self.ready.pop(accept)) is not None:
             if task.task.job_id in self.cancelled:
                 self._skip_cancelled(task)
             elif task.task.deadline < time.time():

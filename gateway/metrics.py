@@ -60,6 +60,12 @@ class GatewayMetrics:
         self.paused = Gauge(
             "parkpool_gateway_paused_partitions", "Partitions paused by backpressure", registry=r
         )
+        self.dispatch_skipped = Counter(
+            "parkpool_gateway_dispatch_skipped_total",
+            "Times a hungry vehicle got no task although tasks were ready",
+            ["reason"],  # dwell: none of them would finish before the car is due to leave
+            registry=r,
+        )
         self.vehicles = Gauge(
             "parkpool_gateway_vehicles",
             "Vehicles this gateway has heard from recently, by their last reported state",

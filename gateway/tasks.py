@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schemas import AttemptRecord, Priority, TaskChunk
@@ -60,13 +61,20 @@ class ReadyQueue:
         task.queued_at = time.monotonic()
         self._queues[task.task.priority].appendleft(task)
 
-    def pop(self) -> PendingTask | None:
+    def pop(
+        self, accept: Callable[[PendingTask], bool] | None = None, scan: int = 32
+    ) -> PendingTask | None:
+        """The next task by priority; with ``accept``, the first of the next ``scan`` in
+        each queue that it accepts (a vehicle about to leave takes only short tasks)."""
         high, batch = self._queues[Priority.HIGH], self._queues[Priority.BATCH]
-        if high and not (batch and self._high_streak >= self._high_burst):
-            self._high_streak += 1
-            return high.popleft()
-        self._high_streak = 0
-        return batch.popleft() if batch else None
+        batch_turn = bool(batch) and self._high_streak >= self._high_burst
+        order = (batch, high) if batch_turn else (high, batch)
+        for queue in order:
+            task = _take(queue, accept, scan)
+            if task is not None:
+                self._high_streak = self._high_streak + 1 if queue is high else 0
+                return task
+        return None
 
     def remove_where(self, predicate: object) -> list[PendingTask]:
         """Take out every queued task for which ``predicate(task)`` is true."""
@@ -76,3 +84,18 @@ class ReadyQueue:
             removed.extend(t for t in queue if predicate(t))  # type: ignore[operator]
             self._queues[priority] = keep
         return removed
+
+
+def _take(
+    queue: deque[PendingTask], accept: Callable[[PendingTask], bool] | None, scan: int
+) -> PendingTask | None:
+    if not queue:
+        return None
+    if accept is None:
+        return queue.popleft()
+    for index in range(min(scan, len(queue))):
+        if accept(queue[index]):
+            task = queue[index]
+            del queue[index]
+            return task
+    return None

@@ -24,6 +24,18 @@ class VehicleView:
     state: VehicleState = VehicleState.ONLINE
     last_heard: float = field(default_factory=time.monotonic)
     asked_at: float = 0.0  # monotonic; when it last went from no credit to some
+    dwell_s: float = 0.0  # predicted seconds it stays available, as of dwell_at; 0 = unknown
+    dwell_at: float = 0.0
+
+    def fits(self, cost_gflop: float, now: float) -> bool:
+        """Whether a task of this cost should finish before the car is expected to leave.
+
+        Unknown cost, rate or dwell means no prediction, and no prediction never blocks.
+        """
+        rate = self.capabilities.gflops_per_s if self.capabilities else 0.0
+        if cost_gflop <= 0 or rate <= 0 or self.dwell_s <= 0:
+            return True
+        return cost_gflop / rate <= self.dwell_s - (now - self.dwell_at)
 
 
 class VehicleBook:
@@ -53,6 +65,7 @@ class VehicleBook:
         view.credits = pull.grants.get(self.gateway_id, 0)
         view.seen_epoch = pull.seen.get(self.gateway_id, 0)
         view.capabilities = pull.capabilities
+        view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
         if view.credits > 0:
             if pull.vehicle_id not in self._hungry:

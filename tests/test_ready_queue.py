@@ -145,3 +145,33 @@ class TestRemoveWhere:
         queue.push(batch(0))
         assert queue.remove_where(lambda t: False) == []
         assert len(queue) == 1
+
+
+class TestAccept:
+    """A vehicle about to leave takes the first task it can finish, keeping the order."""
+
+    def test_first_acceptable_task_within_the_scan(self) -> None:
+        queue = ReadyQueue()
+        for offset in range(5):
+            queue.push(batch(offset))
+        # When only odd offsets are acceptable
+        task = queue.pop(lambda t: t.offset % 2 == 1)
+        # Then the first odd one comes out, and the rest keep their order
+        assert task is not None and task.offset == 1
+        assert [t.offset for t in drain(queue)] == [0, 2, 3, 4]
+
+    def test_nothing_acceptable_leaves_the_queue_untouched(self) -> None:
+        queue = ReadyQueue()
+        for offset in range(40):
+            queue.push(batch(offset))
+        # An acceptable task beyond the scan window is not looked for
+        assert queue.pop(lambda t: t.offset == 39, scan=32) is None
+        assert len(queue) == 40
+
+    def test_falls_back_to_the_other_priority(self) -> None:
+        queue = ReadyQueue()
+        queue.push(high(1))
+        queue.push(batch(2))
+        task = queue.pop(lambda t: t.task.priority is Priority.BATCH)
+        assert task is not None and task.offset == 2
+        assert [t.offset for t in drain(queue)] == [1]

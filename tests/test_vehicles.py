@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,27 @@ class TestGrants:
         # Then this gateway stops sending to it
         assert view.credits == 0
         assert book.hungry() == []
+
+
+class TestDwellFit:
+    """A task is sent only if it should finish before the car is expected to leave."""
+
+    def _view(self, gflops: float, dwell_s: float) -> Any:
+        book = VehicleBook("gw1")
+        caps = Capabilities("numpy", ("reduce",), gflops_per_s=gflops)
+        request = PullRequest("car1", 1, caps, {}, {"gw1": 1}, dwell_s)
+        return book.on_pull(request)
+
+    def test_fits_by_cost_over_rate(self) -> None:
+        view = self._view(gflops=10.0, dwell_s=60.0)
+        now = view.dwell_at
+        assert view.fits(600.0, now)  # 60 s of work in 60 s
+        assert not view.fits(601.0, now)
+        # 30 s later only 30 s are left
+        assert not view.fits(400.0, now + 30)
+        assert view.fits(300.0, now + 30)
+
+    def test_unknowns_never_block(self) -> None:
+        assert self._view(gflops=0.0, dwell_s=60.0).fits(1e6, time.monotonic())
+        assert self._view(gflops=10.0, dwell_s=0.0).fits(1e6, time.monotonic())
+        assert self._view(gflops=10.0, dwell_s=1.0).fits(0.0, time.monotonic() + 99)
