@@ -162,9 +162,15 @@ class SimulatedBus(_Broadcast):
         super().__init__(initial or CarState(at=time.time()))
 
     def set(self, **changes: Any) -> CarState:
-        """Change some signals at once; subscribers run before this returns."""
-        changes.setdefault("at", time.time())
-        state = replace(self.current(), **changes)
+        """Change some signals at once; subscribers run before this returns.
+
+        A call that changes nothing but the timestamp publishes nothing."""
+        at = changes.pop("at", None)
+        current = self.current()
+        state = replace(current, **changes)
+        if state == current and at is None:
+            return current
+        state = replace(state, at=time.time() if at is None else at)
         self._publish(state)
         return state
 
