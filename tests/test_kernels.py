@@ -7,6 +7,7 @@ import math
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from schemas.errors import ConfigError, KernelError, Retry, ValidationError
 from worker import kernels
+from worker import kernels_slicing as slicing
 from worker.backend import Backend, available_backends, numpy_backend, select_backend
 from worker.kernels import BUILTIN, REGISTRY, Kernel, Tolerance, execute, get_kernel, reference
 
@@ -170,7 +172,7 @@ class TestMonteCarloPi:
         # Given a run in one batch
         whole = _hits(7, 1001)
         # When the batch size is shrunk to an awkward value
-        monkeypatch.setattr(kernels, "MC_BATCH", 7)
+        monkeypatch.setattr(slicing, "SLICES", replace(slicing.SLICES, mc_batch=7))
         # Then the hit count is identical
         assert _hits(7, 1001) == whole
 
@@ -318,15 +320,45 @@ class TestKernelFailures:
 
 _A = np.random.default_rng(6).standard_normal((192, 320)).astype(np.float32)
 _B = np.random.default_rng(7).standard_normal((320, 129)).astype(np.float32)
+_A64, _B64 = _A.astype(np.float64), _B.astype(np.float64)
 _X = np.random.default_rng(8).uniform(-2, 2, 100_003)
+_MLP = {
+    "x": _A[:, :64],
+    **{f"w{i}": _B[:64, 64 * i : 64 * i + 64] / 4 for i in range(2)},
+    **{f"b{i}": _B[64 + i, :64] for i in range(2)},
+    "w2": _B[:64, 100:110] / 4,
+    "b2": _B[100, :10],
+}
+_HEAT = [[0.05, 0.2, 0.05], [0.2, 0.0, 0.2], [0.05, 0.2, 0.05]]
+_SKEW = [[0.1, -0.2, 0.1], [0.1, 0.3, -0.1], [0.05, 0.05, 0.0]]
+_OPTION = {
+    "seed": 11,
+    "s0": 100.0,
+    "strike": 105.0,
+    "rate": 0.03,
+    "sigma": 0.25,
+    "maturity": 2.0,
+    "kind": "call",
+}
 PARITY_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("gemm", {}, {"a": _A, "b": _B}),
-    ("gemm", {}, {"a": _A.astype(np.float64), "b": _B.astype(np.float64)}),
+    ("gemm", {}, {"a": _A64, "b": _B64}),
     ("monte_carlo_pi", {"seed": 2**63 - 1, "samples": 3 * kernels.MC_BATCH + 5}, {}),
     ("poly", {"coeffs": [0.5, -1.0, 0.25, 2.0, -3.0]}, {"x": _X.astype(np.float32)}),
     ("poly", {"coeffs": [1e-3] * 16}, {"x": _X}),
     *[("reduce", {"op": op}, {"x": _X.astype(np.float32)}) for op in kernels.REDUCE_OPS],
     ("reduce", {"op": "sum"}, {"x": (_X * 1e6).astype(np.int64)}),
+    ("mlp", {}, _MLP),
+    ("mlp", {}, {key: value.astype(np.float64) for key, value in _MLP.items()}),
+    ("kmeans_step", {}, {"points": _A[:, :16], "centroids": _B[:7, :16]}),
+    ("kmeans_step", {}, {"points": _A64[:, :3] * 1e3 + 5e4, "centroids": _B64[:4, :3] * 1e3 + 5e4}),
+    ("fft", {}, {"x": _A}),
+    ("fft", {"inverse": True}, {"x": (_A + 1j * _A[::-1]).reshape(4, 48, 320)}),
+    ("fft", {}, {"x": _X[:65536]}),
+    ("stencil2d", {"weights": _HEAT, "iterations": 40}, {"u": _A}),
+    ("stencil2d", {"weights": _SKEW, "iterations": 3}, {"u": _B64}),
+    ("option_mc", {**_OPTION, "paths": 2 * slicing.SLICES.option_batch + 3}, {}),
+    ("option_mc", {**_OPTION, "kind": "put", "seed": 2**63 - 1, "paths": 1000}, {}),
 ]
 PARITY_IDS = [f"{case[0]}-{i}" for i, case in enumerate(PARITY_CASES)]
 
