@@ -39,6 +39,8 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.kernels import cost_gflop, validate_task
+from schemas.kernels import spec as kernel_spec
 
 log = structlog.get_logger("parkpool.producer")
 
@@ -128,7 +130,14 @@ class ParkpoolClient:
         deadline_s: float | None = None,
         job_id: str | None = None,
     ) -> JobHandle:
-        """Publish prepared chunks as one job; every chunk is durable when this returns."""
+        """Publish prepared chunks as one job; every chunk is durable when this returns.
+
+        Every chunk is checked against the kernel's contract first: a job with one bad
+        chunk, or naming no built-in kernel, raises ValidationError and sends nothing.
+        """
+        kernel_spec(kernel)  # refused by name even when there are no chunks to check
+        for spec in chunks:
+            validate_task(kernel, spec.params, spec.inputs)
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         deadline = now + (deadline_s or self.settings.deadline_s)
@@ -144,6 +153,7 @@ class ParkpoolClient:
                 deadline,
                 now,
                 priority=Priority(priority),
+                cost_gflop=cost_gflop(kernel, spec.params, spec.inputs),
             )
             for i, spec in enumerate(chunks)
         ]

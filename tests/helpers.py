@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from parkpool.kafka import reader_config
+from parkpool.kafka import producer_config, reader_config
 from parkpool.mqtt import connect_and_wait, new_client
 from parkpool.settings import KafkaConnection, MqttConnection
+from schemas import TaskChunk, encode
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -43,6 +46,28 @@ def read_topic(
         return records
     finally:
         consumer.close()
+
+
+def produce_raw_task(
+    conn: KafkaConnection,
+    topic: str,
+    kernel: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, np.ndarray],
+    reply_topic: str,
+) -> TaskChunk:
+    """Produce a one-chunk job straight to a tasks topic, skipping the SDK's checks.
+
+    The SDK refuses tasks that break a built-in kernel's contract; tests of how gateways
+    and cars handle such tasks (from another producer, or a kernel registered only on
+    the cars) write them as any Kafka client could.
+    """
+    now = time.time()
+    task = TaskChunk(uuid.uuid4().hex, 0, 1, kernel, params, inputs, reply_topic, now + 3600, now)
+    producer = Producer(producer_config(conn))
+    producer.produce(topic, encode(task), key=f"{task.job_id}:{task.chunk_id}")
+    assert producer.flush(10) == 0, "the raw task was not confirmed by Kafka"
+    return task
 
 
 def committed(conn: KafkaConnection, group: str, topic: str) -> dict[int, int]:

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from parkpool.settings import KafkaConnection
 from producer.client import ParkpoolClient
-from producer.jobs import JobFailed, JobState
-from producer.splitters import ChunkSpec
 from schemas import (
     Assignment,
     Capabilities,
+    DeadLetter,
     MqttTopics,
     Nack,
     NackReason,
@@ -32,7 +32,7 @@ from schemas import (
     encode,
 )
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, wait_for
+from tests.helpers import RawMqtt, produce_raw_task, read_topic, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, reference
 
@@ -195,19 +195,23 @@ def _pull_until_assigned(
 
 
 def test_job_state_after_poison_is_failed_not_hung(
-    gateway_factory: GatewayFactory, fleet_factory: FleetFactory, client: ParkpoolClient
+    gateway_factory: GatewayFactory,
+    fleet_factory: FleetFactory,
+    client: ParkpoolClient,
+    kafka_conn: KafkaConnection,
 ) -> None:
     """A job whose kernel is unknown to every vehicle is dead-lettered at once (terminal)."""
     # Given a running fleet
     gateway_factory()
     fleet_factory(2)
-    # When a chunk names a kernel no vehicle has
-    handle = client.publish("no_such_kernel", [ChunkSpec({}, {})])
-    # Then the job fails with the reason, instead of hanging
-    with pytest.raises(JobFailed, match="invalid_task"):
-        handle.wait(timeout=30)
-    assert handle.state is JobState.FAILED
-    assert handle.progress.dead_lettered == 1
+    # When a chunk names a kernel no vehicle has (written raw: the SDK refuses to send it)
+    task = produce_raw_task(
+        kafka_conn, client.topics.tasks, "no_such_kernel", {}, {}, client.reply_topic
+    )
+    # Then it is dead-lettered with the reason, instead of hanging
+    [record] = read_topic(kafka_conn, client.topics.dead_letter, 1, timeout=30)
+    letter = decode(record.value() or b"", DeadLetter)
+    assert (letter.job_id, letter.chunk_id, letter.reason) == (task.job_id, 0, "invalid_task")
 
 
 class TestCommandLine:

@@ -23,11 +23,16 @@ from parkpool.children import role_env
 from parkpool.kafka import producer_config
 from parkpool.settings import KafkaConnection, MqttConnection
 from producer.client import ParkpoolClient
-from producer.jobs import JobFailed
-from producer.splitters import ChunkSpec
 from schemas import DeadLetter, MqttTopics, Result, decode, encode
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, end_offsets, read_topic, wait_committed_to_end, wait_for
+from tests.helpers import (
+    RawMqtt,
+    end_offsets,
+    produce_raw_task,
+    read_topic,
+    wait_committed_to_end,
+    wait_for,
+)
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, Kernel, Tolerance, register
 
@@ -69,15 +74,17 @@ class TestPoisonTask:
         gateway = gateway_factory(max_attempts=3)
         fleet_factory(3)
         # When a poison job and a healthy job spread over every partition are submitted
-        poison = client.publish(poison_kernel, [ChunkSpec({}, {})])
+        # (the poison is written raw: the SDK sends only built-in kernels)
+        poison = produce_raw_task(
+            kafka_conn, client.topics.tasks, poison_kernel, {}, {}, client.reply_topic
+        )
         x = np.arange(12_000, dtype=np.float64)
         healthy = client.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=1000)
-        # Then the healthy job completes and the poison job fails with the kernel's reason
+        # Then the healthy job completes
         assert healthy.wait(timeout=60) == float(x.sum())
-        with pytest.raises(JobFailed, match="kernel_error"):
-            poison.wait(timeout=60)
-        # And the dead letter carries the reason and all three attempts
-        letter = decode(read_topic(kafka_conn, client.topics.dead_letter, 1)[0].value(), DeadLetter)
+        # And the poison is dead-lettered with the kernel's reason and all three attempts
+        [record] = read_topic(kafka_conn, client.topics.dead_letter, 1, timeout=60)
+        letter = decode(record.value() or b"", DeadLetter)
         assert (letter.job_id, letter.chunk_id, letter.reason) == (poison.job_id, 0, "kernel_error")
         assert [a.reason for a in letter.attempts] == ["kernel_error"] * 3
         assert all("fails on every vehicle" in a.detail for a in letter.attempts)

@@ -16,15 +16,23 @@ import pytest
 from producer.splitters import (
     PLANNERS,
     JobPlan,
+    KMeansStep,
+    OptionPrice,
     chunk_seed,
+    plan_fft,
     plan_gemm,
+    plan_kmeans_step,
     plan_map,
+    plan_mlp,
     plan_monte_carlo_pi,
+    plan_option_mc,
     plan_reduce,
+    plan_stencil2d,
 )
 from schemas.errors import ValidationError
+from schemas.kernels import BUILTIN
 from worker.backend import numpy_backend
-from worker.kernels import REGISTRY, execute, get_kernel
+from worker.kernels import REGISTRY, execute, get_kernel, reference
 
 NUMPY = numpy_backend()
 
@@ -220,13 +228,29 @@ class TestPlanReduce:
         assert caught.value.reason == "unknown_op"
 
 
+_RNG = np.random.default_rng(12)
+_OPTION = {"s0": 100.0, "strike": 95.0, "rate": 0.02, "sigma": 0.3, "maturity": 0.5}
+_HEAT = [[0.05, 0.2, 0.05], [0.2, 0.0, 0.2], [0.05, 0.2, 0.05]]
+
+
 def _small_plans() -> list[JobPlan]:
+    weights = [_RNG.standard_normal((4, 6)), _RNG.standard_normal((6, 2))]
+    biases = [np.zeros(6), np.ones(2)]
     return [
         plan_gemm(np.ones((4, 4)), np.ones((4, 4)), tile=2),
         plan_monte_carlo_pi(30, chunk_samples=10),
         plan_map(np.ones(10), [1.0, 2.0], chunk_elems=3),
         plan_reduce(np.ones(10), "max", chunk_elems=3),
+        plan_fft(_RNG.standard_normal((5, 8)), chunk_elems=16),
+        plan_mlp(_RNG.standard_normal((7, 4)), weights, biases, chunk_rows=3),
+        plan_stencil2d(_RNG.standard_normal((6, 5)), _HEAT, iterations=2),
+        plan_kmeans_step(_RNG.standard_normal((9, 2)), np.eye(2), chunk_points=4),
+        plan_option_mc(25, **_OPTION, chunk_paths=10),
     ]
+
+
+def _multi_chunk_plans() -> list[JobPlan]:
+    return [plan for plan in _small_plans() if len(plan.chunks) > 1]
 
 
 def _outputs(plan: JobPlan, chunk_id: int) -> dict[str, npt.NDArray[Any]]:
@@ -249,7 +273,7 @@ class TestAssemblerContract:
                 assembler.add(bad_id, _outputs(plan, 0))
             assert caught.value.reason == reason
 
-    @pytest.mark.parametrize("plan", _small_plans(), ids=lambda p: p.kernel)
+    @pytest.mark.parametrize("plan", _multi_chunk_plans(), ids=lambda p: p.kernel)
     def test_wrong_shape_then_recovery(self, plan: JobPlan) -> None:
         # Given a chunk result with every output reshaped wrongly
         assembler = plan.make_assembler()
@@ -291,8 +315,8 @@ class TestPlannerRegistry:
     """PLANNERS names real kernels, and the producer stays independent of the worker."""
 
     def test_planners_target_registered_kernels(self) -> None:
-        # Given / When / Then every planner is keyed by the kernel its plans run
-        assert set(PLANNERS) <= set(REGISTRY)
+        # Given / When / Then every built-in kernel has a planner keyed by its name
+        assert set(PLANNERS) == set(BUILTIN) and set(PLANNERS) <= set(REGISTRY)
         assert [p.kernel for p in _small_plans()] == list(PLANNERS)
 
     def test_producer_does_not_import_worker(self) -> None:
@@ -306,3 +330,157 @@ class TestPlannerRegistry:
         )
         # Then no worker module was loaded
         assert out.stdout.strip() == "False"
+
+
+class TestPlanFft:
+    """Row chunks of a batched FFT reassemble to np.fft over the whole array."""
+
+    @pytest.mark.parametrize(
+        ("dtype", "inverse"), [(np.float32, False), (np.complex128, True), (np.float64, False)]
+    )
+    def test_matches_numpy(self, dtype: npt.DTypeLike, inverse: bool) -> None:
+        # Given a 3-D batch of length-33 signals
+        x = _RNG.standard_normal((5, 7, 33)) + 0.5j * _RNG.standard_normal((5, 7, 33))
+        x = x.astype(dtype) if np.dtype(dtype).kind == "c" else x.real.astype(dtype)
+        # When planned in chunks of two rows and run in reverse
+        plan = plan_fft(x, inverse=inverse, chunk_elems=66)
+        y = run_plan(plan, _reversed(plan))
+        # Then there is a chunk per two rows, and the result is np.fft in x's shape
+        expected = np.fft.ifft(x, axis=-1) if inverse else np.fft.fft(x, axis=-1)
+        single = np.dtype(dtype) == np.float32
+        assert len(plan.chunks) == math.ceil(35 / 2) and y.shape == x.shape
+        assert y.dtype == (np.complex64 if single else np.complex128)
+        assert get_kernel("fft").tolerance.allclose(y, expected)
+
+    def test_bad_input_is_refused(self) -> None:
+        # Given integers or an empty axis / When planned / Then refused with the reason
+        for x, reason in [(np.ones((2, 4), np.int32), "bad_dtype"), (np.ones((3, 0)), "bad_shape")]:
+            with pytest.raises(ValidationError) as caught:
+                plan_fft(x)
+            assert caught.value.reason == reason
+
+
+class TestPlanMlp:
+    """Row chunks of a batched MLP reassemble to the whole forward pass."""
+
+    def test_matches_forward_pass(self) -> None:
+        # Given a three-layer float32 network and 50 rows
+        sizes = [(6, 16), (16, 8), (8, 3)]
+        weights = [_RNG.standard_normal(s).astype(np.float32) for s in sizes]
+        biases = [_RNG.standard_normal(s[1]).astype(np.float32) for s in sizes]
+        x = _RNG.standard_normal((50, 6)).astype(np.float32)
+        # When planned in chunks of 16 rows and run in reverse
+        plan = plan_mlp(x, weights, biases, chunk_rows=16)
+        y = run_plan(plan, _reversed(plan))
+        # Then the answer equals a float64 forward pass with ReLU between layers
+        h = x.astype(np.float64)
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            h = h @ w + b
+            h = np.maximum(h, 0) if i < 2 else h
+        assert len(plan.chunks) == 4 and (y.shape, y.dtype) == ((50, 3), np.float32)
+        assert get_kernel("mlp").tolerance.allclose(y, h)
+
+    def test_mismatched_layers_are_refused(self) -> None:
+        # Given a weight whose input width does not follow from the layer before
+        x, w, b = np.ones((2, 3)), [np.ones((3, 4)), np.ones((5, 1))], [np.ones(4), np.ones(1)]
+        # When planned / Then the contract refuses it, as it does a missing bias
+        with pytest.raises(ValidationError) as caught:
+            plan_mlp(x, w, b)
+        assert caught.value.reason == "shape_mismatch"
+        with pytest.raises(ValidationError, match="biases"):
+            plan_mlp(x, w, b[:1])
+
+
+class TestPlanKMeansStep:
+    """Partial sums from chunks of points merge into the whole step's answer."""
+
+    def test_matches_one_chunk(self) -> None:
+        # Given 3 blobs of float32 points and 4 centroids, one of them far from every point
+        centers = np.array([[0.0, 0.0], [5.0, 5.0], [0.0, 8.0]])
+        points = np.concatenate([c + _RNG.standard_normal((300, 2)) for c in centers])
+        points = points.astype(np.float32)
+        centroids = np.array([[0.5, 0.5], [4.0, 4.0], [1.0, 7.0], [99.0, 99.0]], np.float32)
+        # When planned in chunks of 128 points and assembled in reverse
+        plan = plan_kmeans_step(points, centroids, chunk_points=128)
+        step = run_plan(plan, _reversed(plan))
+        # Then counts are exact and centroids and inertia match the single-task reference
+        whole = reference("kmeans_step", {}, {"points": points, "centroids": centroids})
+        assert isinstance(step, KMeansStep) and len(plan.chunks) == 8
+        assert step.counts.tolist() == whole["counts"].tolist() and step.counts[3] == 0
+        assert get_kernel("kmeans_step").tolerance.allclose(step.centroids, whole["centroids"])
+        assert step.centroids[3].tolist() == [99.0, 99.0]  # an empty cluster stays put
+        assert step.inertia == pytest.approx(float(whole["inertia"]), rel=1e-9)
+
+    def test_counts_that_do_not_add_up_are_refused(self) -> None:
+        # Given a chunk result that lost a point
+        plan = plan_kmeans_step(np.ones((5, 2)), np.ones((2, 2)))
+        outputs = _outputs(plan, 0)
+        outputs["counts"] = outputs["counts"] - np.array([1, 0])
+        # When added / Then refused as a wrong result
+        with pytest.raises(ValidationError) as caught:
+            plan.make_assembler().add(0, outputs)
+        assert caught.value.reason == "bad_output"
+
+
+class TestPlanOptionMc:
+    """Chunks of paths pool into a price within its standard error of Black-Scholes."""
+
+    @staticmethod
+    def black_scholes(kind: str) -> float:
+        s0, k, r, sigma, t = (_OPTION[key] for key in ("s0", "strike", "rate", "sigma", "maturity"))
+        d1 = (math.log(s0 / k) + (r + sigma * sigma / 2) * t) / (sigma * math.sqrt(t))
+        d2 = d1 - sigma * math.sqrt(t)
+
+        def cdf(v: float) -> float:
+            return 0.5 * (1 + math.erf(v / math.sqrt(2)))
+
+        call = s0 * cdf(d1) - k * math.exp(-r * t) * cdf(d2)
+        return call if kind == "call" else call - s0 + k * math.exp(-r * t)
+
+    @pytest.mark.parametrize("kind", ["call", "put"])
+    def test_price_is_close_to_black_scholes(self, kind: str) -> None:
+        # Given 400,000 paths in 4 chunks
+        plan = plan_option_mc(400_000, **_OPTION, kind=kind, seed=3, chunk_paths=100_000)
+        # When run / Then the estimate is within 4 standard errors of the closed form
+        price = run_plan(plan, _reversed(plan))
+        assert isinstance(price, OptionPrice) and price.paths == 400_000
+        assert 0 < price.stderr < 0.05
+        assert abs(price.price - self.black_scholes(kind)) < 4 * price.stderr
+
+    @pytest.mark.parametrize(
+        ("change", "reason"),
+        [
+            ({"sigma": 0.0}, "bad_param"),
+            ({"kind": "straddle"}, "bad_param"),
+            ({"s0": "100"}, "bad_param"),
+            ({"rate": 3.0}, "bad_param"),
+        ],
+    )
+    def test_bad_market_is_refused(self, change: dict[str, Any], reason: str) -> None:
+        # Given / When / Then an impossible option fails at plan time with the reason
+        with pytest.raises(ValidationError) as caught:
+            plan_option_mc(10, **{**_OPTION, **change})
+        assert caught.value.reason == reason
+
+
+class TestPlanStencil2d:
+    """A stencil job is one chunk whose result is the reference grid."""
+
+    def test_single_chunk_matches_reference(self) -> None:
+        # Given a float64 grid / When planned and run
+        u = _RNG.standard_normal((20, 30))
+        plan = plan_stencil2d(u, _HEAT, iterations=7)
+        grid = run_plan(plan)
+        # Then it is one chunk and the grid matches the reference
+        expected = reference("stencil2d", {"weights": _HEAT, "iterations": 7}, {"u": u})["u"]
+        assert len(plan.chunks) == 1
+        assert get_kernel("stencil2d").tolerance.allclose(grid, expected)
+
+    @pytest.mark.parametrize(
+        "weights", [[[1.0, 1.0], [1.0, 1.0]], [["a"] * 3] * 3, [[0.5] * 3] * 3], ids=str
+    )
+    def test_bad_weights_are_refused(self, weights: Any) -> None:
+        # Given weights that are not 3x3 numbers, or that would amplify / Then refused
+        with pytest.raises(ValidationError) as caught:
+            plan_stencil2d(np.ones((4, 4)), weights)
+        assert caught.value.reason == "bad_param"
