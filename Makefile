@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-packages demo test bench chaos lint format mypy clean
+.PHONY: all setup system-packages demo test bench chaos lint format mypy clean gpu-check gpu-bundle
 
 all: lint mypy test
 
@@ -35,6 +35,26 @@ bench: setup
 
 chaos: setup
 	$(PY) -m tests.chaos
+
+# The GPU check runs where only Python 3.12, NumPy and CuPy are installed (no network, no
+# virtualenv): `make gpu-bundle` here, then carry .gpu-bundle and run `make gpu-check` there.
+GPU_PYTHON ?= python3
+GPU_BUNDLE := .gpu-bundle
+# What schemas imports beyond NumPy (see pyproject.toml).
+GPU_WHEELS := 'msgpack>=1.0.8,<2'
+GPU_PLATFORMS := manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64
+
+gpu-check:
+	$(GPU_PYTHON) -m tests.gpu_check
+
+gpu-bundle: $(STAMP)
+	rm -rf $(GPU_BUNDLE)
+	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
+	  --implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) \
+	  -d $(GPU_BUNDLE)/wheels $(GPU_WHEELS)
+	for wheel in $(GPU_BUNDLE)/wheels/*.whl; do $(PY) -m zipfile -e "$$wheel" $(GPU_BUNDLE)/site; done
+	rm -rf $(GPU_BUNDLE)/wheels
+	du -sh $(GPU_BUNDLE)
 
 lint: setup
 	$(VENV)/bin/ruff check .
