@@ -66,6 +66,10 @@ class LeaseTable:
             heapq.heappush(self._deadlines, (lease.deadline, epoch))
         return lease
 
+    def holds(self, vehicle_id: str) -> bool:
+        """Whether any lease is on this vehicle (a single lookup: safe to poll)."""
+        return vehicle_id in self._by_vehicle
+
     def of_vehicle(self, vehicle_id: str) -> list[Lease]:
         return [self._by_epoch[e] for e in sorted(self._by_vehicle.get(vehicle_id, ()))]
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -13,7 +16,10 @@ import structlog
 from parkpool import logs
 from parkpool.settings import add_mqtt_options, add_namespace_option, add_option, mqtt_from_args
 from parkpool.signals import stop_event
+from worker.carstate import FileFeed
 from worker.fleet import Fleet
+from worker.policy import OwnerPolicy, PolicyConfig
+from worker.realistic import RealisticFleet, RealisticPlan
 from worker.worker import VehicleWorker, WorkerSettings
 
 log = structlog.get_logger("parkpool.worker")
@@ -29,11 +35,39 @@ def add_parser(subparsers: Any) -> None:
         socket.gethostname().split(".")[0],
         "this vehicle's id",
     )
+    add_option(
+        worker,
+        "--car-feed",
+        "PARKPOOL_CAR_FEED",
+        "",
+        "JSON file an in-car integration keeps current (docs/OWNER_POLICY.md); "
+        "empty: no owner policy (a bench machine, not a car)",
+    )
+    add_option(
+        worker,
+        "--owner-policy",
+        "PARKPOOL_OWNER_POLICY",
+        "",
+        "TOML file of owner-policy settings to change; empty: the documented defaults",
+    )
     worker.set_defaults(func=run_worker)
     sim = subparsers.add_parser("sim", help="run a simulated fleet of vehicles in one process")
     _common(sim)
     add_option(sim, "--vehicles", "PARKPOOL_SIM_VEHICLES", 16, "how many vehicles", int)
     add_option(sim, "--prefix", "PARKPOOL_SIM_PREFIX", "car", "vehicle id prefix")
+    sim.add_argument(
+        "--realistic",
+        action="store_true",
+        help="cars with parking stays, charging, owners and heat, under the owner policy, "
+        "on a sped-up clock; prints a JSON report at the end (docs/OWNER_POLICY.md)",
+    )
+    add_option(
+        sim, "--time-scale", "PARKPOOL_SIM_TIME_SCALE", 360.0, "simulated s per real s", float
+    )
+    add_option(
+        sim, "--sim-hours", "PARKPOOL_SIM_HOURS", 24.0, "simulated hours; 0: until stopped", float
+    )
+    add_option(sim, "--owner-policy", "PARKPOOL_OWNER_POLICY", "", "TOML of policy changes")
     sim.set_defaults(func=run_sim)
 
 
@@ -45,6 +79,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         p, "--prefetch", "PARKPOOL_PREFETCH", 1, "extra tasks held so the next one is ready", int
     )
     add_option(p, "--backend", "PARKPOOL_BACKEND", "auto", "auto, cupy or numpy")
+    add_option(
+        p,
+        "--gflops-per-s",
+        "PARKPOOL_GFLOPS_PER_S",
+        0.0,
+        "rate to announce before any task is measured (dwell-aware dispatch); 0: unknown",
+        float,
+    )
     add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 15.0, "status heartbeat period", float)
     add_option(
         p,
@@ -66,17 +108,24 @@ def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:
         backend=args.backend,
         heartbeat_s=args.heartbeat_s,
         simulated_delay_s=args.simulated_delay_s,
+        gflops_per_s=args.gflops_per_s,
     )
 
 
 def run_worker(args: argparse.Namespace) -> int:
     logs.configure()
     stop = stop_event()
-    worker = VehicleWorker(_settings(args, args.vehicle_id))
+    policy = PolicyConfig.load(Path(args.owner_policy) if args.owner_policy else None)
+    car = FileFeed(Path(args.car_feed)) if args.car_feed else None
+    worker = VehicleWorker(
+        _settings(args, args.vehicle_id), car=car, policy=OwnerPolicy(policy) if car else None
+    )
     worker.start()
     log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
     stop.wait()
     worker.stop("owner_stop")
+    if car is not None:
+        car.close()
     return 0
 
 
@@ -86,10 +135,21 @@ def run_sim(args: argparse.Namespace) -> int:
     # would make each MQTT hand-off wait for a whole slice of some other vehicle.
     sys.setswitchinterval(0.0005)
     stop = stop_event()
+    if args.realistic:
+        return _run_realistic(args, stop)
     fleet = Fleet(_settings(args, f"{args.prefix}-0"), prefix=args.prefix)
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)
     stop.wait()
     fleet.stop_all()
     log.info("fleet_stopped", completed=fleet.completed())
+    return 0
+
+
+def _run_realistic(args: argparse.Namespace, stop: threading.Event) -> int:
+    policy = PolicyConfig.load(Path(args.owner_policy) if args.owner_policy else None)
+    plan = RealisticPlan(args.vehicles, args.time_scale, args.sim_hours)
+    sim = RealisticFleet(_settings(args, f"{args.prefix}-0"), plan, policy)
+    log.info("realistic_sim_started", vehicles=plan.vehicles, time_scale=plan.scale)
+    print(json.dumps(sim.run(stop)), flush=True)
     return 0

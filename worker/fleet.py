@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from schemas import ParkpoolError
 from worker.backend import Backend, select_backend
+from worker.carstate import CarSignals
+from worker.guard import REAL_TIME, TimeBase
 from worker.netloop import NetworkLoop
+from worker.policy import OwnerPolicy, PolicyConfig
 from worker.worker import VehicleWorker, WorkerSettings
 
 TICK_S = 0.5
@@ -31,9 +34,18 @@ class Fleet:
         prefix: str = "car",
         backend: Backend | None = None,
         kernel_threads: int = 1024,  # threads start only as tasks run concurrently
+        *,
+        car: Callable[[str], CarSignals] | None = None,
+        policy: PolicyConfig | None = None,
+        timebase: TimeBase = REAL_TIME,
     ) -> None:
+        """``car(vehicle_id)``, when given, makes each vehicle's signals, and each vehicle
+        gets its own owner policy (``policy`` settings) reading them on ``timebase``."""
         self.template = template
         self.prefix = prefix
+        self.car = car
+        self.policy = policy or PolicyConfig()
+        self.timebase = timebase
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
@@ -79,7 +91,16 @@ class Fleet:
     def _make(self) -> VehicleWorker:
         self._serial += 1
         settings = replace(self.template, vehicle_id=f"{self.prefix}-{self._serial:05d}")
-        return VehicleWorker(settings, self.backend, network=self._network, pool=self._pool)
+        car = self.car(settings.vehicle_id) if self.car else None
+        return VehicleWorker(
+            settings,
+            self.backend,
+            network=self._network,
+            pool=self._pool,
+            car=car,
+            policy=OwnerPolicy(self.policy) if car else None,
+            timebase=self.timebase,
+        )
 
     def _take(self, vehicle_id: str) -> VehicleWorker:
         with self._lock:

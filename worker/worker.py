@@ -31,6 +31,7 @@ from schemas import (
     MqttTopics,
     Nack,
     NackReason,
+    Preempted,
     PullRequest,
     Reject,
     Result,
@@ -45,9 +46,13 @@ from schemas import (
 )
 from schemas.codec import peek_type
 from worker.backend import Backend, select_backend
+from worker.carstate import CarSignals, CarState
 from worker.grants import allocate
-from worker.kernels import REGISTRY, execute
+from worker.guard import REAL_TIME, OwnerGuard, TimeBase
+from worker.kernels import REGISTRY
 from worker.netloop import NetworkLoop
+from worker.policy import RUN, Decision, Mode, OwnerPolicy
+from worker.runner import TaskRunner
 
 log = structlog.get_logger("parkpool.worker")
 
@@ -65,6 +70,7 @@ class WorkerSettings:
     pull_refresh_s: float = 10.0
     backend: str = "auto"
     simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
+    gflops_per_s: float = 0.0  # the rate announced before any task was measured; 0 = unknown
 
     @property
     def capacity(self) -> int:
@@ -85,10 +91,20 @@ class Held:
         return max(0.5, (self.assignment.lease_deadline - self.received_at) / 3)
 
 
+_STATE_OF_MODE = {
+    Mode.RUN: VehicleState.ONLINE,
+    Mode.DRAIN: VehicleState.DRAINING,
+    Mode.SUSPEND: VehicleState.SUSPENDED,
+}
+
+
 class VehicleWorker:
     """One vehicle. Standalone it runs its own MQTT loop, ticker and kernel pool; in a
     simulated fleet the fleet passes a shared ``network`` loop and ``pool`` and calls
-    ``tick()`` itself, so thousands of vehicles fit in one process."""
+    ``tick()`` itself, so thousands of vehicles fit in one process.
+
+    With ``car`` signals, an owner policy guards it: the owner taking the car back stops
+    its kernels between launches and hands every task back at once."""
 
     def __init__(
         self,
@@ -97,19 +113,34 @@ class VehicleWorker:
         *,
         network: NetworkLoop | None = None,
         pool: Executor | None = None,
+        car: CarSignals | None = None,
+        policy: OwnerPolicy | None = None,
+        timebase: TimeBase = REAL_TIME,
     ) -> None:
         self.settings = settings
         self.vehicle_id = settings.vehicle_id
         self.topics = MqttTopics(settings.namespace)
         self.backend = backend or select_backend(settings.backend)
-        self.capabilities = Capabilities(self.backend.name, tuple(REGISTRY))
         self.completed = 0
+        self.released = 0  # tasks handed back because the owner policy stopped the car
+        self.guard = (
+            OwnerGuard(car, policy or OwnerPolicy(), self._on_policy, timebase) if car else None
+        )
+        self._stopping = threading.Event()
+        self.runner = TaskRunner(
+            self.backend,
+            self.guard,
+            self._stopping,
+            settings.gflops_per_s,
+            settings.simulated_delay_s,
+        )
         self._held: dict[int, Held] = {}
         self._seen: dict[str, int] = {}
         self._gateways: dict[str, int] = {}  # online gateway id -> announced backlog
         self._rotation = 0
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._slots = threading.Semaphore(settings.concurrency)
+        self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._last_pull = 0.0  # monotonic time of the last pull sent
@@ -144,7 +175,10 @@ class VehicleWorker:
         )
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
-        self._status(VehicleState.ONLINE)
+        if self.guard is not None:
+            self.guard.start()
+            self.guard.car.subscribe(self._on_car_signals)
+        self._announce()
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         self.pull(force=True)
         if self._network is None:
@@ -187,6 +221,19 @@ class VehicleWorker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
+    def capabilities(self) -> Capabilities:
+        rate = self.runner.gflops_per_s
+        return Capabilities(self.backend.name, tuple(REGISTRY), gflops_per_s=rate)
+
+    @property
+    def decision(self) -> Decision:
+        return self.guard.decision if self.guard else RUN
+
+    @property
+    def eligible(self) -> bool:
+        return self.decision.runs
+
+    @property
     def held(self) -> int:
         with self._lock:
             return len(self._held)
@@ -199,7 +246,7 @@ class VehicleWorker:
         Sent whenever room frees up (``force``), and again every ``pull_refresh_s`` while
         there is room, because a gateway that restarted has forgotten the last one.
         """
-        if self._stopping.is_set():
+        if self._stopping.is_set() or not self.eligible:
             return
         with self._lock:
             credits = self.settings.capacity - len(self._held)
@@ -210,7 +257,8 @@ class VehicleWorker:
             self._last_pull = time.monotonic()
             self._rotation += 1
             grants = allocate(credits, self._gateways, self._rotation)
-        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants)
+        dwell = self.guard.dwell_s() if self.guard else 0.0
+        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
         # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
         # delays work briefly, while QoS 1 would double the packets on the busiest topic.
         self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=0)
@@ -223,10 +271,12 @@ class VehicleWorker:
         """Periodic duties: refresh the pull, keep leases alive, send the heartbeat."""
         if self._stopping.is_set():
             return
+        if self.guard is not None:
+            self.guard.reconsider()  # rules that move with time: departure, dwell, budget
         self.pull()
         self._beat_leases()
         if time.monotonic() >= self._next_heartbeat:
-            self._status(VehicleState.ONLINE)
+            self._announce()
             self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
 
     def _beat_leases(self) -> None:
@@ -254,7 +304,7 @@ class VehicleWorker:
             [(self.topics.task(self.vehicle_id), 1), (self.topics.all_gateway_statuses, 1)]
         )
         if self._subscribed.is_set():  # a reconnect: say we are here again
-            self._status(VehicleState.ONLINE)
+            self._announce()
             self.pull(force=True)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _m: int, codes: Any, _p: Any) -> None:
@@ -326,6 +376,8 @@ class VehicleWorker:
     def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
         if self._stopping.is_set():
             return NackReason.RELEASED, "worker stopping"
+        if not self.eligible:
+            return NackReason.RELEASED, f"owner policy: {self.decision.reason}"
         if assignment.vehicle_id != self.vehicle_id:
             return NackReason.INVALID_TASK, "assignment addressed to another vehicle"
         if assignment.lease_deadline < time.time():
@@ -337,29 +389,29 @@ class VehicleWorker:
     # ---------------------------------------------------------------- running tasks
 
     def _run(self, epoch: int) -> None:
+        # A shared fleet pool has threads to spare; the car runs only `concurrency` at once,
+        # and a prefetched task waits here until a slot frees.
+        with self._slots:
+            self._run_held(epoch)
+
+    def _run_held(self, epoch: int) -> None:
         with self._lock:
             item = self._held.get(epoch)
-        if item is None or self._stopping.is_set():
-            return  # released or revoked meanwhile
-        with self._lock:
+            if item is None or self._stopping.is_set():
+                return  # released or revoked meanwhile
             item.running = True
             item.next_beat = time.time() + item.beat_every
-        started = time.perf_counter()
         try:
-            self._simulated_delay()
-            outputs = execute(item.task.kernel, item.task.params, item.task.inputs, self.backend)
+            outputs, seconds = self.runner.run(item.task)
+        except Preempted:
+            return  # the guard's stop already handed the task back
         except (ValidationError, Reject) as exc:
             self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
             return
         except (KernelError, Retry) as exc:
             self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
             return
-        result = self._result(item, outputs, time.perf_counter() - started)
-        self._finish(epoch, result=result)
-
-    def _simulated_delay(self) -> None:
-        if self.settings.simulated_delay_s > 0:
-            self._stopping.wait(self.settings.simulated_delay_s)
+        self._finish(epoch, result=self._result(item, outputs, seconds))
 
     def _result(self, item: Held, outputs: dict[str, Any], seconds: float) -> Result:
         a, t = item.assignment, item.task
@@ -426,6 +478,40 @@ class VehicleWorker:
         self._client.publish(
             self.topics.nack(self.vehicle_id, assignment.gateway_id), encode(nack), qos=1
         )
+
+    # ---------------------------------------------------------------- the owner's policy
+
+    def _on_policy(self, previous: Decision, decision: Decision) -> None:
+        """The guard changed its mind: hand work back, say so, or ask for work again."""
+        if self._stopping.is_set() or not self._subscribed.is_set():
+            return  # start() announces the first decision itself
+        if decision.mode is Mode.SUSPEND:
+            self._release_all(decision.reason)
+        self._announce()
+        if decision.runs:
+            self.pull(force=True)
+
+    def _on_car_signals(self, state: CarState) -> None:
+        """A new departure time changes the dwell gateways plan with: tell them now."""
+        if state.next_departure != self._departure:
+            self._departure = state.next_departure
+            self.pull(force=True)
+
+    def _release_all(self, reason: str) -> None:
+        """Nack every held task at once, so the gateway redispatches without waiting."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for item in held:
+            self._nack(item.assignment, NackReason.RELEASED, f"owner policy: {reason}", item.task)
+        self.released += len(held)
+        if self.guard is not None and self.guard.running == 0:
+            self.backend.free_memory()
+
+    def _announce(self) -> mqtt.MQTTMessageInfo:
+        decision = self.decision
+        reason = "" if decision.runs else decision.reason
+        return self._status(_STATE_OF_MODE[decision.mode], reason)
 
     def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
         status = VehicleStatus(self.vehicle_id, state, time.time(), reason, held=self.held)

@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Running one task on the car's backend: with preemption checkpoints, the energy
+account, and the car's own measured speed for dwell-aware dispatch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from schemas import Preempted, TaskChunk
+from worker.backend import Backend
+from worker.guard import OwnerGuard
+from worker.kernels import execute
+
+RATE_SMOOTHING = 0.2  # weight of the newest task in the measured GFLOP/s
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        backend: Backend,
+        guard: OwnerGuard | None,
+        stopping: threading.Event,
+        gflops_per_s: float = 0.0,
+        simulated_delay_s: float = 0.0,
+    ) -> None:
+        self.backend = backend
+        self.guard = guard
+        self.gflops_per_s = gflops_per_s  # announced in every pull; learned from each task
+        self._stopping = stopping
+        self._simulated_delay_s = simulated_delay_s
+
+    def run(self, task: TaskChunk) -> tuple[dict[str, Any], float]:
+        """Outputs and seconds; raises Preempted if the owner took the car back meanwhile,
+        and the kernel's own errors (ValidationError, KernelError, ...) otherwise."""
+        generation = self.guard.kernel_started() if self.guard else 0
+        started = time.perf_counter()
+        try:
+            checkpoint = self._checkpoint(generation)
+            self._simulated_delay(checkpoint)
+            outputs = execute(
+                task.kernel, task.params, task.inputs, self.backend, checkpoint=checkpoint
+            )
+        finally:
+            self._kernel_done(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._learn_rate(task, seconds)
+        return outputs, seconds
+
+    def _checkpoint(self, generation: int) -> Any:
+        def checkpoint() -> None:
+            if self._stopping.is_set():
+                raise Preempted("worker stopping")
+            if self.guard is not None:
+                self.guard.checkpoint(generation)
+
+        return checkpoint
+
+    def _kernel_done(self, busy_s: float) -> None:
+        if self.guard is None:
+            return
+        self.guard.kernel_finished(busy_s)
+        if not self.guard.decision.runs and self.guard.running == 0:
+            self.backend.free_memory()  # the car is the owner's again: give the GPU back
+
+    def _learn_rate(self, task: TaskChunk, seconds: float) -> None:
+        if task.cost_gflop > 0 and seconds > 0:
+            rate = task.cost_gflop / seconds
+            last = self.gflops_per_s or rate
+            self.gflops_per_s = (1 - RATE_SMOOTHING) * last + RATE_SMOOTHING * rate
+
+    def _simulated_delay(self, checkpoint: Any) -> None:
+        """Sleep in 10 ms slices, checking for preemption like a real kernel would."""
+        deadline = time.monotonic() + self._simulated_delay_s
+        while (left := deadline - time.monotonic()) > 0:
+            self._stopping.wait(min(0.01, left))
+            checkpoint()
