@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 
+from parkpool.settings import MqttConnection
+from producer.client import ParkpoolClient
+from producer.splitters import ChunkSpec
+from tests.conftest import RunningGateway
+from tests.helpers import wait_for
 from worker.carsim import HOUR, CarModel, Driver, Stay, plan_day
 from worker.carstate import Charging, Gear, SimulatedBus
-from worker.policy import OwnerPolicy
+from worker.policy import OwnerPolicy, PolicyConfig
+from worker.realistic import RealisticFleet, RealisticPlan
+from worker.worker import WorkerSettings
 
 
 class TestPlanDay:
@@ -61,12 +71,16 @@ class TestCarModel:
         assert car.soc_pct == pytest.approx(50.0 - 2.5)
         assert OwnerPolicy().evaluate(state, HOUR).reason == "driving"
 
-    def test_compute_module_heats_under_load(self) -> None:
-        car = self._car([Stay("home", 0.0, 10 * HOUR, True, True)])
-        for minute in range(60):
-            car.step(minute * 60.0, 60.0, computing=True)
-        assert car.compute_temp_c > 85.0  # an hour at full load trips the thermal gate
-        assert OwnerPolicy().evaluate(car.bus.current(), 3600.0).reason == "compute_hot"
+    def test_compute_module_trips_the_gate_only_on_a_hot_afternoon(self) -> None:
+        car = self._car([Stay("home", 0.0, 24 * HOUR, True, True)])
+        for minute in range(60):  # an hour of full load in the morning: warm, not hot
+            car.step(9 * HOUR + minute * 60.0, 60.0, computing=True)
+        assert 75.0 < car.compute_temp_c < 85.0
+        car.hot_day = True
+        for minute in range(60):  # the same on a hot afternoon
+            car.step(14 * HOUR + minute * 60.0, 60.0, computing=True)
+        assert car.compute_temp_c > 85.0
+        assert OwnerPolicy().evaluate(car.bus.current(), 15 * HOUR).reason == "battery_hot"
 
     def test_driver_clock_runs_scaled(self) -> None:
         driver = Driver(scale=3600.0, start=0.0)
@@ -74,3 +88,38 @@ class TestCarModel:
         assert bus.current().soc_pct >= 40.0
         assert driver.timebase.scale == 3600.0
         assert driver.now() >= 0.0
+
+
+@pytest.mark.integration
+class TestRealisticFleet:
+    """A simulated day on the real brokers: cars work, get taken back, and work is redone."""
+
+    def test_a_day_of_cars_reports_work_redone_and_energy(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        gateway_factory()
+        # Given 6 modelled cars, a simulated day in 12 s, and slow tasks to hand back
+        template = WorkerSettings(
+            "template", mqtt_conn, namespace, backend="numpy", simulated_delay_s=0.5
+        )
+        plan = RealisticPlan(vehicles=6, scale=7200.0, sim_hours=24.0, seed=4)
+        sim = RealisticFleet(template, plan, PolicyConfig())
+        x = np.ones(8)
+        handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": x})] * 400)
+        # When the day runs
+        report = sim.run(threading.Event())
+        # Then the report adds up, cars spent time in more than one state, and every car
+        # did some work, stopped for its owner at least once, and used energy
+        assert report["vehicles"] == 6 and report["sim_hours"] >= 23.9
+        assert report["completed"] == sum(v["completed"] for v in report["per_vehicle"])
+        assert len(report["state_share"]) > 1
+        assert report["completed"] > 0 and report["energy_kwh"] > 0
+        assert sum(v["trips"] for v in report["per_vehicle"]) >= 6
+        # Tasks last a simulated hour here, so morning departures catch cars mid-task
+        assert sum(v["preemptions"] for v in report["per_vehicle"]) >= 1
+        assert report["redone_after_preemption"] >= 1
+        wait_for(lambda: handle.progress.done > 0, 30, "results to reach the caller")
