@@ -15,6 +15,8 @@ Lines:
   included).
 - ``codec``: encode and decode rate of a 1 MiB task.
 - ``fleet_scale`` and ``backlog_memory``: see ``tests/bench_scale.py``.
+- ``preemption``: owner event to no kernel running, and to the gateway releasing the
+  car's leases; see ``tests/bench_preemption.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from parkpool.signals import exit_on_sigterm
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.splitters import ChunkSpec
 from schemas import TaskChunk, decode, encode
+from tests.bench_preemption import preemption
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
 
 NAMESPACE = "bench"
@@ -164,6 +167,7 @@ def main() -> int:
     )
     p.add_argument("--fleet-tasks", type=int, default=2000)
     p.add_argument("--backlog-records", type=int, default=1_000_000, help="0 skips backlog_memory")
+    p.add_argument("--preemption-events", type=int, default=50, help="0 skips preemption")
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -206,6 +210,8 @@ def main() -> int:
         if targets:
             for line in fleet_scale(brokers, run_dir, targets, args.fleet_tasks):
                 emit({**line, "machine": machine()})
+        if args.preemption_events:
+            emit({**preemption(brokers, args.preemption_events), "machine": machine()})
         if args.backlog_records:
             for line in backlog_memory(brokers, run_dir, args.backlog_records):
                 emit({**line, "machine": machine()})
