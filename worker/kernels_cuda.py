@@ -94,6 +94,11 @@ def _stencil_module(cupy: Any) -> Any:
 
 
 @functools.cache
+def _stencil_kernel(cupy: Any, dtype: np.dtype[Any]) -> Any:
+    return _stencil_module(cupy).get_function(_STENCIL_NAMES[dtype])
+
+
+@functools.cache
 def _option_kernel(cupy: Any) -> Any:
     return cupy.ElementwiseKernel(
         _OPTION_IN,
@@ -112,7 +117,7 @@ def stencil_step(cupy: Any, src: Any, dst: Any, weights: Any) -> None:
     dst is not written: both buffers start as copies of the grid and keep it.
     """
     h, w = src.shape
-    kernel = _stencil_module(cupy).get_function(_STENCIL_NAMES[np.dtype(src.dtype)])
+    kernel = _stencil_kernel(cupy, np.dtype(src.dtype))
     grid_x = -(-(w - 2) // _BLOCK[0])
     grid_y = min(-(-(h - 2) // _BLOCK[1]), _MAX_GRID_Y)
     kernel((grid_x, grid_y, 1), _BLOCK, (src, dst, weights, np.int32(h), np.int32(w)))
