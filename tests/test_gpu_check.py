@@ -75,6 +75,7 @@ class TestChecksOnNumpy:
     def test_parity_with_tiny_slices(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # Given slices so small that every task is tiled, batched and paced
         monkeypatch.setattr(gpu_check.slicing, "SLICES", gpu_check.TINY_SLICES)
+        monkeypatch.setattr(gpu_check.slicing, "CPU_SLICES", gpu_check.TINY_SLICES)
         # When checked / Then every kernel still matches its reference
         records = gpu_check.check_parity(NUMPY, gpu_check.cases(1), "tiny")
         assert all(r["ok"] and r["slices"] == "tiny" for r in records), records

@@ -173,6 +173,7 @@ class TestMonteCarloPi:
         whole = _hits(7, 1001)
         # When the batch size is shrunk to an awkward value
         monkeypatch.setattr(slicing, "SLICES", replace(slicing.SLICES, mc_batch=7))
+        monkeypatch.setattr(slicing, "CPU_SLICES", replace(slicing.CPU_SLICES, mc_batch=7))
         # Then the hit count is identical
         assert _hits(7, 1001) == whole
 

@@ -219,6 +219,7 @@ class TestSlicesAndPreemption:
     def test_checkpoint_between_slices(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         # Given tiny slices and a task spanning several
         monkeypatch.setattr(slicing, "SLICES", TINY)
+        monkeypatch.setattr(slicing, "CPU_SLICES", TINY)
         params, inputs = _task(name)
         checkpoints = _Checkpoints()
         # When it runs with a checkpoint
@@ -230,6 +231,7 @@ class TestSlicesAndPreemption:
     def test_preempted_mid_kernel(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         # Given tiny slices and a checkpoint that raises Preempted on its second call
         monkeypatch.setattr(slicing, "SLICES", TINY)
+        monkeypatch.setattr(slicing, "CPU_SLICES", TINY)
         params, inputs = _task(name)
         checkpoints = _Checkpoints(stop_at=2)
         # When the kernel runs
@@ -257,6 +259,7 @@ class TestPreemptionFreesMemory:
     def test_device_inputs_are_released(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # Given a backend whose device arrays can be watched, and a preempting checkpoint
         monkeypatch.setattr(slicing, "SLICES", TINY)
+        monkeypatch.setattr(slicing, "CPU_SLICES", TINY)
         backend = _CopyingBackend("numpy", np)
         backend.copies.clear()
         params, inputs = _task("gemm")

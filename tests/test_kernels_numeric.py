@@ -35,6 +35,7 @@ def _matches(name: str, params: dict[str, Any], inputs: dict[str, Any]) -> dict[
 
 def _tiny(monkeypatch: pytest.MonkeyPatch, **sizes: int) -> None:
     monkeypatch.setattr(slicing, "SLICES", replace(slicing.SLICES, **sizes))
+    monkeypatch.setattr(slicing, "CPU_SLICES", replace(slicing.CPU_SLICES, **sizes))
 
 
 class TestTiledGemm:
@@ -207,7 +208,8 @@ class TestStencil2d:
     def test_batched_iterations_do_not_change_the_answer(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        # Given a run whole / When one slice holds a single iteration / Then it is identical
+        # Given a run whole / When one slice holds a single row of one iteration (the CPU
+        # splits sweeps by rows; the GPU batches whole iterations) / Then it is identical
         u = RNG.standard_normal((9, 9)).astype(np.float32)
         whole = execute("stencil2d", {"weights": HEAT, "iterations": 5}, {"u": u}, NUMPY)["u"]
         _tiny(monkeypatch, stencil_cells=1)

@@ -26,7 +26,7 @@ DeviceInputs = Mapping[str, Any]
 def gemm(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dict[str, Any]:
     """C = A @ B, one output tile and one K tile per launch, K tiles summed per tile."""
     a, b = inputs["a"], inputs["b"]
-    sizes = slicing.SLICES
+    sizes = slicing.sizes(xp)
     c = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     for rows in spans(a.shape[0], sizes.gemm_tile):
         for cols in spans(b.shape[1], sizes.gemm_tile):
@@ -63,7 +63,7 @@ def mlp(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dict
     x, layers = inputs["x"], _layers(inputs)
     per_row = sum(2 * w.shape[0] * w.shape[1] for w, _ in layers)
     y = xp.empty((x.shape[0], layers[-1][0].shape[1]), dtype=x.dtype)
-    for rows in spans(x.shape[0], slicing.SLICES.mlp_flops // per_row):
+    for rows in spans(x.shape[0], slicing.sizes(xp).mlp_flops // per_row):
         tick()
         y[rows] = _forward(xp, x[rows], layers)
     return {"y": y}
@@ -107,7 +107,7 @@ def kmeans_step(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint)
     counts = xp.zeros(k, dtype=xp.int64)
     inertia = xp.zeros((), dtype=xp.float64)
     clusters = xp.arange(k)
-    for rows in spans(points.shape[0], slicing.SLICES.kmeans_pairs // k):
+    for rows in spans(points.shape[0], slicing.sizes(xp).kmeans_pairs // k):
         tick()
         p = points[rows].astype(xp.float64) - shift
         d2 = (p * p).sum(axis=1)[:, None] - 2.0 * (p @ c.T) + c_norm[None, :]

@@ -23,7 +23,7 @@ def poly(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dic
     flat = x.reshape(-1)
     y = xp.empty_like(flat)
     coeffs = [float(c) for c in params["coeffs"]]
-    for batch in spans(flat.size, slicing.SLICES.map_elems):
+    for batch in spans(flat.size, slicing.sizes(xp).map_elems):
         tick()
         y[batch] = _horner(xp, flat[batch], coeffs)
     return {"y": y.reshape(x.shape)}
@@ -50,7 +50,7 @@ def reduce(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> d
     """sum, sumsq (accumulated in float64), min or max of every element of x."""
     x, op = inputs["x"].reshape(-1), params["op"]
     value = xp.zeros((), dtype=xp.float64)  # the empty sum; min/max of nothing is refused
-    for i, batch in enumerate(spans(x.size, slicing.SLICES.map_elems)):
+    for i, batch in enumerate(spans(x.size, slicing.sizes(xp).map_elems)):
         tick()
         part = _partial(xp, op, x[batch])
         value = part if i == 0 else _combine(xp, op, value, part)

@@ -38,7 +38,7 @@ def fft(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dict
     transform = xp.fft.ifft if params.get("inverse", False) else xp.fft.fft
     rows = x.reshape(-1, n)
     y = xp.empty(rows.shape, dtype=fft_dtype(x.dtype))
-    for batch in spans(rows.shape[0], slicing.SLICES.fft_elems // n):
+    for batch in spans(rows.shape[0], slicing.sizes(xp).fft_elems // n):
         tick()
         y[batch] = transform(rows[batch], axis=-1)
     return {"y": y.reshape(x.shape)}
@@ -75,12 +75,18 @@ def stencil_step_twin(src: Any, dst: Any, weights: Sequence[float]) -> None:
     A Python float is a weak scalar (NEP 50), so each product is in the grid's dtype
     with the weight already rounded to it, exactly as the kernel computes it.
     """
-    h, w = src.shape
+    stencil_rows_twin(src, dst, weights, 1, src.shape[0] - 1)
+
+
+def stencil_rows_twin(src: Any, dst: Any, weights: Sequence[float], lo: int, hi: int) -> None:
+    """Interior rows ``lo`` to ``hi - 1`` of one iteration: rows are independent within
+    an iteration, so a CPU can stop between row blocks of one large sweep."""
+    w = src.shape[1]
     total = None
     for weight, (di, dj) in zip(weights, _OFFSETS, strict=True):
-        term = weight * src[di : h - 2 + di, dj : w - 2 + dj]
+        term = weight * src[lo - 1 + di : hi - 1 + di, dj : w - 2 + dj]
         total = term if total is None else total + term
-    dst[1 : h - 1, 1 : w - 1] = total
+    dst[lo:hi, 1 : w - 1] = total
 
 
 def stencil2d(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dict[str, Any]:
@@ -89,12 +95,23 @@ def stencil2d(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -
     weights = stencil_weights(params, np.dtype(u.dtype))
     src = xp.array(u, order="C", copy=True)
     dst = src.copy()  # both buffers hold the boundary; sweeps write interiors only
-    step = _cuda_step(xp, weights, u.dtype) if is_cupy(xp) else stencil_step_twin
-    per_slice = max(1, slicing.SLICES.stencil_cells // u.size)
-    for done in range(int(params["iterations"])):
-        if done % per_slice == 0:
+    cells = slicing.sizes(xp).stencil_cells
+    iterations = int(params["iterations"])
+    if is_cupy(xp):
+        step = _cuda_step(xp, weights, u.dtype)
+        per_slice = max(1, cells // u.size)
+        for done in range(iterations):
+            if done % per_slice == 0:
+                tick()
+            step(src, dst, weights)
+            src, dst = dst, src
+        return {"u": src}
+    # On a CPU one sweep of a large grid is itself too long a slice: split it by rows.
+    rows = max(1, cells // u.shape[1])
+    for _ in range(iterations):
+        for lo in range(1, u.shape[0] - 1, rows):
             tick()
-        step(src, dst, weights)
+            stencil_rows_twin(src, dst, weights, lo, min(lo + rows, u.shape[0] - 1))
         src, dst = dst, src
     return {"u": src}
 

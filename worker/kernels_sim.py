@@ -56,7 +56,7 @@ def monte_carlo_pi(
     """Count points (u[2i], u[2i+1]) of the unit square inside the quarter circle."""
     seed, samples = int(params["seed"]), int(params["samples"])
     hits = xp.zeros((), dtype=xp.int64)
-    for batch in spans(samples, slicing.SLICES.mc_batch):
+    for batch in spans(samples, slicing.sizes(xp).mc_batch):
         tick()
         z = splitmix64(xp, seed, xp.arange(2 * batch.start, 2 * batch.stop, dtype=xp.uint64))
         # 53 random bits -> exact float64 in [0, 1). Every step below is a separate,
@@ -120,7 +120,7 @@ def option_mc(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -
     terms = option_terms(params)
     total = xp.zeros((), dtype=xp.float64)
     total_sq = xp.zeros((), dtype=xp.float64)
-    for batch in spans(paths, slicing.SLICES.option_batch):
+    for batch in spans(paths, slicing.sizes(xp).option_batch):
         tick()
         count = batch.stop - batch.start
         if is_cupy(xp):

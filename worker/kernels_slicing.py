@@ -39,8 +39,28 @@ class SliceSizes:
     map_elems: int = 2**24  # poly and reduce elements per batch
 
 
-# Kernels read this at call time, so a test may swap in tiny slices.
+# Kernels read these at call time (through ``sizes``), so a test may swap in tiny slices.
 SLICES = SliceSizes()
+# A CPU core is two to three orders of magnitude slower than a data-centre GPU, so the
+# GPU's slices would hold a CPU for seconds. These keep one NumPy slice to about 5 ms on
+# one core of the 2-core development machine (measured; see docs/KERNELS.md), which is
+# what bounds preemption latency where there is no GPU.
+CPU_SLICES = SliceSizes(
+    gemm_tile=512,
+    gemm_k_tile=512,
+    mlp_flops=2**28,
+    kmeans_pairs=2**18,
+    fft_elems=2**19,
+    stencil_cells=2**18,
+    mc_batch=2**18,
+    option_batch=2**16,
+    map_elems=2**18,
+)
+
+
+def sizes(xp: Any) -> SliceSizes:
+    """The slice sizes for a backend: GPU-sized on CuPy, CPU-sized on NumPy."""
+    return SLICES if is_cupy(xp) else CPU_SLICES
 
 
 def spans(length: int, size: int) -> list[slice]:
