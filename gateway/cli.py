@@ -8,8 +8,8 @@ import socket
 from typing import Any
 
 from gateway.gateway import Gateway, GatewaySettings
-from gateway.http import StatusServer, request_counter
 from parkpool import logs
+from parkpool.http import StatusServer, request_counter
 from parkpool.settings import (
     add_kafka_options,
     add_mqtt_options,

@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The gateway's status server: Prometheus ``/metrics`` plus ``/healthz`` and ``/readyz``.
+"""The status server of a parkpool process: Prometheus ``/metrics``, ``/healthz`` and
+``/readyz``, and optionally ``/status`` (a JSON snapshot, e.g. for ``parkpool top``).
 
-Probes are plain callables returning ``(ok, details)``; the server only renders them.
+The gateway and the producer SDK both serve one, on an opt-in port. Probes are plain
+callables returning ``(ok, details)``; the server only renders them.
 A probe that raises answers 503 with the exception's type name (never its message,
 which may carry a DSN), and nothing a request does can stop the serving thread.
 """
@@ -27,11 +29,12 @@ from prometheus_client.exposition import choose_encoder
 __all__ = ["Probe", "StatusServer", "request_counter"]
 
 Probe = Callable[[], tuple[bool, Mapping[str, Any]]]
+Snapshot = Callable[[], Mapping[str, Any]]
 
-log = structlog.get_logger("parkpool.gateway.http")
+log = structlog.get_logger("parkpool.http")
 
 JSON = "application/json"
-KNOWN_PATHS = ("/metrics", "/healthz", "/readyz")
+KNOWN_PATHS = ("/metrics", "/healthz", "/readyz", "/status")
 # Unknown paths share one label value, so a scanner cannot grow the series count.
 OTHER_PATH = "other"
 # A client that connects and stalls is dropped after this long.
@@ -40,10 +43,10 @@ CLIENT_TIMEOUT_S = 10.0
 SHUTDOWN_POLL_S = 0.1
 
 
-def request_counter(registry: CollectorRegistry) -> Counter:
-    """Register ``parkpool_gateway_http_requests_total{path,code}`` on *registry*."""
+def request_counter(registry: CollectorRegistry, role: str = "gateway") -> Counter:
+    """Register ``parkpool_<role>_http_requests_total{path,code}`` on *registry*."""
     return Counter(
-        "parkpool_gateway_http_requests",
+        f"parkpool_{role}_http_requests",
         "Requests to the status server",
         ["path", "code"],
         registry=registry,
@@ -84,6 +87,7 @@ class _Endpoints:
     health: Probe
     ready: Probe
     requests: Counter | None
+    status: Snapshot | None = None
 
     def respond(self, path: str, accept: str) -> _Response:
         if path == "/metrics":
@@ -93,6 +97,8 @@ class _Endpoints:
             return _probe("healthz", self.health)
         if path == "/readyz":
             return _probe("readyz", self.ready)
+        if path == "/status" and self.status is not None:
+            return _json(HTTPStatus.OK, self.status())
         return _json(HTTPStatus.NOT_FOUND, {"status": "not_found"})
 
     def count(self, path: str, status: int) -> None:
@@ -170,9 +176,10 @@ class StatusServer:
         ready: Probe,
         *,
         requests: Counter | None = None,
+        status: Snapshot | None = None,
     ) -> None:
         self._address = (host, port)
-        self._endpoints = _Endpoints(registry, health, ready, requests)
+        self._endpoints = _Endpoints(registry, health, ready, requests, status)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
