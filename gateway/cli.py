@@ -77,7 +77,7 @@ def add_parser(subparsers: Any) -> None:
         "--metrics-port",
         "PARKPOOL_METRICS_PORT",
         0,
-        "serve /metrics, /healthz and /readyz on this port (0: off)",
+        "serve /metrics, /healthz, /readyz and /status on this port (0: off)",
         int,
     )
     add_option(
@@ -122,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
         probes = (gateway.health, gateway.readiness)
         counter = request_counter(registry)
         server = StatusServer(
-            args.metrics_addr, args.metrics_port, registry, *probes, requests=counter
+            args.metrics_addr,
+            args.metrics_port,
+            registry,
+            *probes,
+            requests=counter,
+            status=gateway.status_snapshot,
         )
         status = server.start()
     gateway.stopping = stop_event()

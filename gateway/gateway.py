@@ -25,10 +25,12 @@ import structlog
 from confluent_kafka import KafkaError
 
 from gateway.cancels import CancelledJobs
+from gateway.fleet_stats import FleetStats
 from gateway.leases import Lease, LeaseTable
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt_link import MqttEvent, MqttLink
 from gateway.retry import DelayQueue, compute_backoff
+from gateway.status import status_snapshot
 from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook, VehicleView
@@ -50,6 +52,7 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.kernels import BUILTIN
 
 log = structlog.get_logger("parkpool.gateway")
 M = TypeVar("M")
@@ -94,6 +97,9 @@ class Gateway:
         )
         self.leases = LeaseTable()
         self.vehicles = VehicleBook(settings.gateway_id)
+        self.fleet = FleetStats(self.metrics.registry)
+        self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
+        self._reconnects_counted = 0
         self.ready = ReadyQueue()
         self.delayed = DelayQueue()
         self.cancelled = CancelledJobs()
@@ -149,6 +155,10 @@ class Gateway:
         self.log.close(timeout)
         self.mqtt.stop()
         self._log.info("gateway_stopped")
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def health(self) -> tuple[bool, Mapping[str, Any]]:
         """Alive while the loop keeps turning."""
@@ -257,7 +267,8 @@ class Gateway:
         self.mqtt.ack(event)
         if status is None or status.vehicle_id != event.vehicle_id:
             return
-        self.vehicles.set_state(status.vehicle_id, status.state)
+        view = self.vehicles.set_state(status.vehicle_id, status.state)
+        self.fleet.heard(view, status)
         if status.state is VehicleState.OFFLINE:
             self._release_vehicle(status.vehicle_id, "vehicle_offline", status.reason)
         elif status.state is VehicleState.SUSPENDED:
@@ -274,14 +285,18 @@ class Gateway:
         lease.task.state = TaskState.FINISHING
         self.vehicles.heard(event.vehicle_id)
         chunk = lease.task.task
+        assert result is not None  # a lease was found for it
+        seconds = result.exec_seconds
         self.log.produce(
             chunk.reply_topic,
             event.payload,
             chunk.job_id,
-            lambda err: self._result_delivered(err, lease, event),
+            lambda err: self._result_delivered(err, lease, event, seconds),
         )
 
-    def _result_delivered(self, err: KafkaError | None, lease: Lease, event: MqttEvent) -> None:
+    def _result_delivered(
+        self, err: KafkaError | None, lease: Lease, event: MqttEvent, exec_seconds: float
+    ) -> None:
         task = lease.task
         self.mqtt.ack(event)
         if err is not None:
@@ -292,6 +307,9 @@ class Gateway:
             return
         self.metrics.tasks.labels("completed").inc()
         self.metrics.execution.observe(time.monotonic() - lease.dispatched_at)
+        self.metrics.end_to_end.observe(max(0.0, time.time() - task.task.created_at))
+        kernel = task.task.kernel if task.task.kernel in BUILTIN else "other"
+        self.metrics.kernel_execution.labels(kernel).observe(exec_seconds)
         self._finish(task)
 
     def _on_nack(self, event: MqttEvent) -> None:
@@ -302,8 +320,6 @@ class Gateway:
             return
         self.leases.end(lease.epoch)
         self.metrics.redelivered.labels("nack").inc()
-        if nack.reason.counts_as_failure:
-            self.metrics.tasks.labels("failed").inc()
         self._requeue(
             lease.task,
             nack.reason.value,
@@ -447,7 +463,7 @@ class Gateway:
         for vehicle_id in self.vehicles.silent_since(now - self.settings.vehicle_silence_s):
             self._release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
-        self._update_fleet_gauges()
+        self._observe()
 
     def _release_vehicle(
         self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
@@ -472,6 +488,9 @@ class Gateway:
             return  # partition revoked: its new owner has the task
         task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:512]))
         task.failures += int(counts)
+        if counts:
+            self.metrics.tasks.labels("failed").inc()
+            self.metrics.failures.labels(reason).inc()
         if terminal or task.failures >= self.settings.max_attempts:
             task.state = TaskState.FINISHING
             self.log.dead_letter(
@@ -491,12 +510,33 @@ class Gateway:
 
     # ---------------------------------------------------------------- observability
 
-    def _update_fleet_gauges(self) -> None:
-        """Once a second, not every step: counting a large fleet costs a full pass."""
-        counts = self.vehicles.by_state()
-        for state in VehicleState:
-            self.metrics.vehicles.labels(state.value).set(counts.get(state.value, 0))
-        self.metrics.vehicles_known.set(len(self.vehicles))
+    def _observe(self) -> None:
+        """Once a second, not every step: the fleet and partition figures take full passes."""
+        fleet = self.fleet.count(self.vehicles.views(), self.leases.holds, self._available)
+        partitions = self.log.stats()
+        for p in partitions:
+            label = str(p.partition)
+            self.metrics.window_used.labels(label).set(p.window_used)
+            self.metrics.window_size.labels(label).set(p.window_size)
+            self.metrics.committed.labels(label).set(p.committed)
+            self.metrics.lag.labels(label).set(p.lag)
+            if p.end >= 0:
+                self.metrics.end_offset.labels(label).set(p.end)
+        ready, _ = self.readiness()
+        self.metrics.ready.set(1 if ready else 0)
+        reconnects = self.mqtt.reconnects
+        self.metrics.mqtt_reconnects.inc(max(0, reconnects - self._reconnects_counted))
+        self._reconnects_counted = reconnects
+        self._snapshot = status_snapshot(self, ready, partitions, fleet)
+
+    def _available(self, view: VehicleView) -> int:
+        if view.credits <= 0:
+            return 0
+        return view.credits - self.leases.count_after(view.vehicle_id, view.seen_epoch)
+
+    def status_snapshot(self) -> Mapping[str, Any]:
+        """The latest ``/status`` JSON, built on the loop thread; safe from any thread."""
+        return self._snapshot
 
     def _update_gauges(self) -> None:
         self.metrics.leases.set(len(self.leases))

@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The gateway's Prometheus series, on one explicit registry per process.
 
-No per-vehicle or per-task labels: a fleet of millions would explode cardinality.
+No per-vehicle or per-task labels: a fleet of millions would explode cardinality. Labels
+are closed sets (statuses, reasons, partitions, kernel names); docs/OPERATIONS.md lists
+every series. The fleet's series, aggregated from vehicle heartbeats, are in
+``gateway.fleet_stats``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ class GatewayMetrics:
             "parkpool_gateway_tasks_total",
             "Task lifecycle events at the gateway",
             ["status"],  # consumed, dispatched, completed, failed, dead_lettered, cancelled
+            registry=r,
+        )
+        self.failures = Counter(
+            "parkpool_gateway_task_failures_total",
+            "Failed attempts that count towards a task's limit, by reason",
+            ["reason"],  # kernel_error, invalid_task, lease_expired, vehicle_offline, ...
             registry=r,
         )
         self.redelivered = Counter(
@@ -53,6 +62,14 @@ class GatewayMetrics:
             ["event"],  # assigned, revoked, lost
             registry=r,
         )
+        self.mqtt_reconnects = Counter(
+            "parkpool_gateway_mqtt_reconnects_total", "MQTT connections after the first", registry=r
+        )
+        self.ready = Gauge(
+            "parkpool_gateway_ready",
+            "1 when MQTT is subscribed and partitions assigned",
+            registry=r,
+        )
         self.leases = Gauge("parkpool_gateway_leases", "Leases in flight", registry=r)
         self.queued = Gauge(
             "parkpool_gateway_queued_tasks", "Tasks waiting for a vehicle", registry=r
@@ -65,15 +82,6 @@ class GatewayMetrics:
             "Times a hungry vehicle got no task although tasks were ready",
             ["reason"],  # dwell: none of them would finish before the car is due to leave
             registry=r,
-        )
-        self.vehicles = Gauge(
-            "parkpool_gateway_vehicles",
-            "Vehicles this gateway has heard from recently, by their last reported state",
-            ["state"],
-            registry=r,
-        )
-        self.vehicles_known = Gauge(
-            "parkpool_gateway_vehicles_known", "Vehicles this gateway keeps a view of", registry=r
         )
         self.queue_wait = Histogram(
             "parkpool_gateway_queue_wait_seconds",
@@ -88,10 +96,54 @@ class GatewayMetrics:
             buckets=DISPATCH_BUCKETS,
             registry=r,
         )
+        self.end_to_end = Histogram(
+            "parkpool_gateway_end_to_end_seconds",
+            "From the task's creation by the SDK to its result being durable in Kafka",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kernel_execution = Histogram(
+            "parkpool_gateway_kernel_execution_seconds",
+            "Kernel time reported by the vehicle with each result, by kernel",
+            ["kernel"],  # the built-in kernels, or "other"
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.execution = Histogram(
             "parkpool_gateway_task_dispatch_to_result_seconds",
             "From dispatch to a durable result",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        self.window_used = Gauge(
+            "parkpool_gateway_partition_window_used",
+            "Unfinished records in a partition's in-flight window",
+            ["partition"],
+            registry=r,
+        )
+        self.window_size = Gauge(
+            "parkpool_gateway_partition_window_size",
+            "Capacity of a partition's in-flight window",
+            ["partition"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "parkpool_gateway_kafka_lag",
+            "Records between a partition's committed offset and its end",
+            ["partition"],
+            registry=r,
+        )
+        self.committed = Gauge(
+            "parkpool_gateway_kafka_committed_offset",
+            "Offset committed for a partition (the next record to process)",
+            ["partition"],
+            registry=r,
+        )
+        self.end_offset = Gauge(
+            "parkpool_gateway_kafka_end_offset",
+            "A partition's end (high watermark) as last reported by the broker",
+            ["partition"],
             registry=r,
         )
 

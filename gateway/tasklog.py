@@ -37,6 +37,23 @@ class CancelRecord:
     cancel: CancelJob
 
 
+@dataclass(frozen=True)
+class PartitionStat:
+    """One owned partition as SREs see it (gauges and ``/status``)."""
+
+    topic: str
+    partition: int
+    window_used: int
+    window_size: int
+    paused: bool
+    committed: int  # the next offset to process: the stored commit point
+    end: int  # the high watermark last reported by the broker; -1 when not known yet
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.committed) if self.end >= 0 else 0
+
+
 class TaskLog:
     def __init__(
         self,
@@ -56,6 +73,7 @@ class TaskLog:
         self.metrics = metrics
         self.windows: dict[TP, OffsetWindow] = {}
         self.paused: set[TP] = set()
+        self._starts: dict[TP, int] = {}  # committed offset found at assignment
         self._overflow: dict[TP, collections.deque[Message]] = {}
         self._window = window
         self._on_revoked = on_revoked
@@ -221,6 +239,20 @@ class TaskLog:
     def pause_all(self) -> None:
         self.flow(starving=True)
 
+    def stats(self) -> list[PartitionStat]:
+        """Each owned partition's window, commit point and end; cheap (cached watermarks)."""
+        out = []
+        for tp, window in sorted(self.windows.items()):
+            point = window.commit_point
+            committed = self._starts.get(tp, 0) if point is None else point
+            try:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            except KafkaException:
+                high = -1
+            paused = tp in self.paused
+            out.append(PartitionStat(*tp, window.used, window.capacity, paused, committed, high))
+        return out
+
     # ---------------------------------------------------------------- rebalance
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -235,6 +267,7 @@ class TaskLog:
             self._overflow[(p.topic, p.partition)] = collections.deque()
         if partitions:
             starts = consumer.committed(partitions, timeout=10)  # -1001: use offset reset
+            self._starts.update({(p.topic, p.partition): max(0, p.offset) for p in starts})
             if self.eager:
                 consumer.assign(starts)
             else:
@@ -259,6 +292,7 @@ class TaskLog:
     def _forget(self, gone: set[TP]) -> None:
         for tp in gone:
             self.windows.pop(tp, None)
+            self._starts.pop(tp, None)
             self.paused.discard(tp)
             self._overflow.pop(tp, None)
         self._on_revoked(gone)

@@ -76,6 +76,10 @@ class ReadyQueue:
                 return task
         return None
 
+    def tasks(self) -> list[PendingTask]:
+        """Every queued task (a copy), high priority first."""
+        return [task for queue in self._queues.values() for task in queue]
+
     def remove_where(self, predicate: object) -> list[PendingTask]:
         """Take out every queued task for which ``predicate(task)`` is true."""
         removed: list[PendingTask] = []

@@ -26,6 +26,9 @@ class VehicleView:
     asked_at: float = 0.0  # monotonic; when it last went from no credit to some
     dwell_s: float = 0.0  # predicted seconds it stays available, as of dwell_at; 0 = unknown
     dwell_at: float = 0.0
+    reason: str = ""  # why it is draining or suspended, from its last status
+    busy_s: float = 0.0  # the cumulative figures of its last status, for fleet counters
+    energy_j: float = 0.0
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.
@@ -106,6 +109,9 @@ class VehicleBook:
         self._hungry.pop(vehicle_id, None)
         if still_hungry:
             self._hungry[vehicle_id] = None
+
+    def views(self) -> list[VehicleView]:
+        return list(self._vehicles.values())
 
     def silent_since(self, cutoff: float) -> list[str]:
         return [v.vehicle_id for v in self._vehicles.values() if v.last_heard < cutoff]

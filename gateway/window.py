@@ -53,6 +53,11 @@ class OffsetWindow:
         return self._next
 
     @property
+    def used(self) -> int:
+        """Records held in the window: unfinished, or finished above an unfinished one."""
+        return len(self._order)
+
+    @property
     def in_flight(self) -> int:
         return len(self._order) - len(self._done)
 

@@ -31,6 +31,7 @@ from schemas.validate import (
 MAX_CHUNKS = 1_000_000
 MAX_CREDITS = 1024
 MAX_ATTEMPTS_RECORDED = 64
+MAX_COUNTER = 1e15  # cumulative seconds or joules: decades of a car's life, far below float's limit
 MAX_GFLOP = 1e9  # 10^18 flops: far above any one task; rejects garbage, not real values
 MAX_GFLOPS_PER_S = 1e7  # 10 PFLOP/s: far above any one car's accelerator
 MAX_DWELL_S = 30 * 86400.0  # a month parked is already beyond any useful prediction
@@ -272,8 +273,25 @@ class PullRequest:
 
 
 @dataclass(frozen=True)
+class PreemptionRecord:
+    """One owner-first stop: why, and how long until no kernel ran (a vehicle's figure)."""
+
+    reason: str
+    stop_s: float
+
+    def __post_init__(self) -> None:
+        require_name("reason", self.reason)
+        require_float("stop_s", self.stop_s, 0.0, 86400.0)
+
+
+@dataclass(frozen=True)
 class VehicleStatus:
-    """Heartbeat and state change of a vehicle; also its MQTT last will (OFFLINE)."""
+    """Heartbeat and state change of a vehicle; also its MQTT last will (OFFLINE).
+
+    Vehicles cannot be scraped, so their figures travel here and the gateway turns them
+    into fleet-level series: cumulative kernel time and energy since the worker started,
+    and the stops since the previous status.
+    """
 
     TYPE: ClassVar[str] = "vehicle_status"
     vehicle_id: str
@@ -281,6 +299,9 @@ class VehicleStatus:
     sent_at: float
     reason: str = ""
     held: int = 0  # tasks the vehicle holds right now
+    busy_s: float = 0.0
+    energy_j: float = 0.0
+    preemptions: tuple[PreemptionRecord, ...] = ()
 
     def __post_init__(self) -> None:
         _vehicle("vehicle_id", self.vehicle_id)
@@ -288,6 +309,13 @@ class VehicleStatus:
         require_float("sent_at", self.sent_at)
         require_str("reason", self.reason)
         require_int("held", self.held, 0, MAX_CREDITS)
+        require_float("busy_s", self.busy_s, 0.0, MAX_COUNTER)
+        require_float("energy_j", self.energy_j, 0.0, MAX_COUNTER)
+        if not isinstance(self.preemptions, list | tuple) or len(self.preemptions) > 64:
+            raise _wrong("preemptions must be a list of at most 64 records")
+        if not all(isinstance(p, PreemptionRecord) for p in self.preemptions):
+            raise _wrong("preemptions must hold PreemptionRecord records")
+        object.__setattr__(self, "preemptions", tuple(self.preemptions))
 
 
 @dataclass(frozen=True)
@@ -462,7 +490,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
 )
 # Records nested inside messages; they travel as maps without a type tag.
 NESTED_TYPES: Mapping[str, type] = MappingProxyType(
-    {"capabilities": Capabilities, "attempts": AttemptRecord}
+    {"capabilities": Capabilities, "attempts": AttemptRecord, "preemptions": PreemptionRecord}
 )
 
 

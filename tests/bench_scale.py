@@ -189,7 +189,7 @@ def _measure(
     return {
         "name": "fleet_scale",
         "vehicles_connected": len(fleet),
-        "vehicles_known_to_gateway": int(gauge(after, "parkpool_gateway_vehicles_known")),
+        "vehicles_known_to_gateway": int(gauge(after, "parkpool_fleet_vehicles_known")),
         "connect_s": round(connect_s, 1),
         "stopped_short": short,
         "tasks": tasks,
@@ -225,7 +225,7 @@ def _vanish(
         "duplicates_dropped_by_sdk": handle.progress.duplicates,
         "redelivered_vehicle_offline": int(after.get(offline, 0) - before.get(offline, 0)),
         "vehicles_offline_at_gateway": int(
-            after.get(("parkpool_gateway_vehicles", (("state", "offline"),)), 0)
+            after.get(("parkpool_fleet_vehicles", (("reason", ""), ("state", "offline"))), 0)
         ),
         "gateway_rss_mb_before": rss_before,
         "gateway_rss_mb": rss,

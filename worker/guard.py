@@ -100,6 +100,7 @@ class OwnerGuard:
         self._stop_reason = ""
         self._running = 0
         self._pending: Preemption | None = None
+        self._unreported: list[Preemption] = []  # finished stops not yet in a heartbeat
         self._lock = threading.Lock()
 
     @property
@@ -160,7 +161,14 @@ class OwnerGuard:
             self._running -= 1
             if self._running == 0 and self._pending is not None:
                 self._pending.stopped_at = time.time()
+                self._unreported = [*self._unreported[-63:], self._pending]
                 self._pending = None
+
+    def take_reports(self) -> list[Preemption]:
+        """Finished stops since the last call, for the next heartbeat (at most 64)."""
+        with self._lock:
+            reports, self._unreported = self._unreported, []
+            return reports
 
     @property
     def running(self) -> int:

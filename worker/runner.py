@@ -28,6 +28,7 @@ class TaskRunner:
         self.backend = backend
         self.guard = guard
         self.gflops_per_s = gflops_per_s  # announced in every pull; learned from each task
+        self.busy_s = 0.0  # kernel time since start, reported in heartbeats
         self._stopping = stopping
         self._simulated_delay_s = simulated_delay_s
 
@@ -58,6 +59,7 @@ class TaskRunner:
         return checkpoint
 
     def _kernel_done(self, busy_s: float) -> None:
+        self.busy_s += busy_s
         if self.guard is None:
             return
         self.guard.kernel_finished(busy_s)

@@ -32,6 +32,7 @@ from schemas import (
     Nack,
     NackReason,
     Preempted,
+    PreemptionRecord,
     PullRequest,
     Reject,
     Result,
@@ -404,7 +405,11 @@ class VehicleWorker:
         try:
             outputs, seconds = self.runner.run(item.task)
         except Preempted:
-            return  # the guard's stop already handed the task back
+            # The guard's stop already handed the task back; say at once how long the
+            # stop took (the status sent at the stop could not know yet).
+            if self.guard is not None and self.guard.running == 0:
+                self._announce()
+            return
         except (ValidationError, Reject) as exc:
             self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
             return
@@ -514,5 +519,20 @@ class VehicleWorker:
         return self._status(_STATE_OF_MODE[decision.mode], reason)
 
     def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
-        status = VehicleStatus(self.vehicle_id, state, time.time(), reason, held=self.held)
+        """State, reason, and the figures the fleet's metrics are made of (no location,
+        no signal values: nothing about the owner)."""
+        guard = self.guard
+        stops = guard.take_reports() if guard else []
+        status = VehicleStatus(
+            self.vehicle_id,
+            state,
+            time.time(),
+            reason,
+            held=self.held,
+            busy_s=self.runner.busy_s,
+            energy_j=guard.energy.total_kwh * 3.6e6 if guard else 0.0,
+            preemptions=tuple(
+                PreemptionRecord(p.reason, (p.stop_ms or 0.0) / 1000.0) for p in stops
+            ),
+        )
         return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)

@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fleet-level series, from what vehicles say about themselves.
+
+Vehicles cannot be scraped. Their heartbeats (``VehicleStatus``) carry cumulative kernel
+time and energy and the owner-first stops since the previous heartbeat; this module turns
+them into counters and a histogram, and once a second counts the fleet by state. Every
+gateway hears every car's heartbeat, so each reports the whole fleet: aggregate across
+gateways with ``max``, never ``sum``. (``computing`` and credits are per gateway: a car
+computing for one gateway is eligible for another.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.vehicles import VehicleView
+from schemas import VehicleState, VehicleStatus
+
+# Preemption latency objective is 100 ms; buckets resolve it well on both sides.
+PREEMPTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
+STATES = ("eligible", "computing", "draining", "suspended", "offline")
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """The fleet by state as this gateway sees it, for the gauges and ``/status``."""
+
+    known: int
+    by_state: dict[str, int]
+    reasons: dict[tuple[str, str], int]  # (draining|suspended, policy reason) -> vehicles
+    credits_outstanding: int
+    heartbeat_age_p50: float
+    heartbeat_age_max: float
+
+
+class FleetStats:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.vehicles = Gauge(
+            "parkpool_fleet_vehicles",
+            "Vehicles by state (eligible, computing, draining, suspended, offline) and the "
+            "owner-policy reason for draining or suspended ones",
+            ["state", "reason"],
+            registry=r,
+        )
+        self.known = Gauge("parkpool_fleet_vehicles_known", "Vehicles heard from", registry=r)
+        self.credits = Gauge(
+            "parkpool_fleet_credits_outstanding",
+            "Tasks hungry vehicles may still be sent by this gateway",
+            registry=r,
+        )
+        self.heartbeat_age = Gauge(
+            "parkpool_fleet_heartbeat_age_seconds",
+            "Seconds since each vehicle was last heard from: median and maximum",
+            ["stat"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "parkpool_fleet_preemptions",
+            "Owner-first stops with kernels running",
+            ["reason"],
+            registry=r,
+        )
+        self.preemption_latency = Histogram(
+            "parkpool_fleet_preemption_seconds",
+            "From the owner's event to no kernel running on the car",
+            buckets=PREEMPTION_BUCKETS,
+            registry=r,
+        )
+        self.busy = Counter(
+            "parkpool_fleet_gpu_busy_seconds", "Kernel time on the fleet's cars", registry=r
+        )
+        self.energy = Counter(
+            "parkpool_fleet_energy_joules", "Energy the fleet's kernels used", registry=r
+        )
+        self._shown: set[tuple[str, str]] = set()
+
+    def heard(self, view: VehicleView, status: VehicleStatus) -> None:
+        """Fold one heartbeat's figures into the fleet counters."""
+        self.busy.inc(_increase(view.busy_s, status.busy_s))
+        self.energy.inc(_increase(view.energy_j, status.energy_j))
+        view.busy_s, view.energy_j = status.busy_s, status.energy_j
+        view.reason = status.reason
+        for stop in status.preemptions:
+            self.preemptions.labels(stop.reason).inc()
+            self.preemption_latency.observe(stop.stop_s)
+
+    def count(
+        self,
+        views: Iterable[VehicleView],
+        computing: Callable[[str], bool],
+        available: Callable[[VehicleView], int],
+    ) -> FleetCounts:
+        """Count the fleet by state and set the gauges; a full pass, so once a second."""
+        now = time.monotonic()
+        by_state = dict.fromkeys(STATES, 0)
+        reasons: dict[tuple[str, str], int] = {}
+        ages: list[float] = []
+        credits = 0
+        for view in views:
+            state = _state_of(view, computing)
+            by_state[state] += 1
+            if state in ("draining", "suspended"):
+                key = (state, view.reason or "unknown")
+                reasons[key] = reasons.get(key, 0) + 1
+            if state != "offline":
+                ages.append(now - view.last_heard)
+                credits += max(0, available(view))
+        counts = FleetCounts(sum(by_state.values()), by_state, reasons, credits, *_median_max(ages))
+        self._publish(counts)
+        return counts
+
+    def _publish(self, counts: FleetCounts) -> None:
+        shown = {(state, "") for state in ("eligible", "computing", "offline")} | set(
+            counts.reasons
+        )
+        for state in ("eligible", "computing", "offline"):
+            self.vehicles.labels(state, "").set(counts.by_state[state])
+        for (state, reason), n in counts.reasons.items():
+            self.vehicles.labels(state, reason).set(n)
+        # A reason nobody has any more reads 0 rather than its last count.
+        for state, reason in self._shown - shown:
+            self.vehicles.labels(state, reason).set(0)
+        self._shown = shown
+        self.known.set(counts.known)
+        self.credits.set(counts.credits_outstanding)
+        self.heartbeat_age.labels("p50").set(counts.heartbeat_age_p50)
+        self.heartbeat_age.labels("max").set(counts.heartbeat_age_max)
+
+
+def _state_of(view: VehicleView, computing: Callable[[str], bool]) -> str:
+    if view.state is VehicleState.OFFLINE:
+        return "offline"
+    if view.state is VehicleState.SUSPENDED:
+        return "suspended"
+    if view.state is VehicleState.DRAINING:
+        return "draining"
+    return "computing" if computing(view.vehicle_id) else "eligible"
+
+
+def _increase(last: float, now: float) -> float:
+    """A cumulative figure's growth; a restarted worker starts again from zero."""
+    return now - last if now >= last else now
+
+
+def _median_max(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    values.sort()
+    return values[len(values) // 2], values[-1]

@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateway's ``/status`` JSON: what ``parkpool top`` and an on-call SRE look at.
+
+Built once a second on the gateway's loop thread from its own state, then served as an
+immutable snapshot, so the HTTP thread never touches live state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.fleet_stats import FleetCounts
+from gateway.tasklog import PartitionStat
+from gateway.tasks import PendingTask
+
+if TYPE_CHECKING:
+    from gateway.gateway import Gateway
+
+TOP_JOBS = 20
+
+
+def status_snapshot(
+    gateway: Gateway, ready: bool, partitions: list[PartitionStat], fleet: FleetCounts
+) -> Mapping[str, Any]:
+    return {
+        "gateway_id": gateway.settings.gateway_id,
+        "ready": ready,
+        "draining": gateway.draining,
+        "updated_at": time.time(),
+        "leases": len(gateway.leases),
+        "queued": len(gateway.ready) + len(gateway.delayed),
+        "partitions": [_partition(p) for p in partitions],
+        "jobs": _jobs(gateway.ready.tasks(), [lease.task for lease in gateway.leases.all()]),
+        "fleet": {
+            "known": fleet.known,
+            "by_state": fleet.by_state,
+            "suspended_reasons": {
+                reason: n for (state, reason), n in fleet.reasons.items() if state == "suspended"
+            },
+            "draining_reasons": {
+                reason: n for (state, reason), n in fleet.reasons.items() if state == "draining"
+            },
+            "credits_outstanding": fleet.credits_outstanding,
+            "heartbeat_age_max_s": round(fleet.heartbeat_age_max, 3),
+        },
+    }
+
+
+def _partition(p: PartitionStat) -> dict[str, Any]:
+    return {
+        "topic": p.topic,
+        "partition": p.partition,
+        "window_used": p.window_used,
+        "window_size": p.window_size,
+        "paused": p.paused,
+        "committed": p.committed,
+        "end": p.end,
+        "lag": p.lag,
+    }
+
+
+def _jobs(queued: list[PendingTask], leased: list[PendingTask]) -> list[dict[str, Any]]:
+    """The jobs with the most tasks in flight here, largest first."""
+    waiting = Counter(t.task.job_id for t in queued)
+    running = Counter(t.task.job_id for t in leased)
+    priority = {t.task.job_id: t.task.priority.value for t in [*queued, *leased]}
+    ranked = (waiting + running).most_common(TOP_JOBS)
+    return [
+        {
+            "job_id": job_id,
+            "queued": waiting[job_id],
+            "leased": running[job_id],
+            "priority": priority.get(job_id, "batch"),
+        }
+        for job_id, _ in ranked
+    ]

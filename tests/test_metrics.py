@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateway's /metrics and /status after a known workload: exact counts, real brokers."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from parkpool.http import StatusServer
+from parkpool.settings import MqttConnection
+from producer.client import ParkpoolClient
+from producer.splitters import ChunkSpec
+from tests.conftest import RunningGateway
+from tests.helpers import wait_for
+from worker.carstate import SimulatedBus
+from worker.fleet import Fleet
+from worker.policy import PolicyConfig
+from worker.worker import WorkerSettings
+
+pytestmark = pytest.mark.integration
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class Scraper:
+    def __init__(self, running: RunningGateway) -> None:
+        gateway = running.gateway
+        self.server = StatusServer(
+            "127.0.0.1",
+            0,
+            gateway.metrics.registry,
+            gateway.health,
+            gateway.readiness,
+            status=gateway.status_snapshot,
+        ).start()
+        self.base = f"http://127.0.0.1:{self.server.port}"
+
+    def samples(self) -> Samples:
+        text = urllib.request.urlopen(f"{self.base}/metrics", timeout=5).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(urllib.request.urlopen(f"{self.base}/status", timeout=5).read())
+
+
+@pytest.fixture
+def scraped(gateway_factory: Callable[..., RunningGateway]) -> Iterator[Scraper]:
+    scraper = Scraper(gateway_factory())
+    yield scraper
+    scraper.server.close()
+
+
+class TestKnownWorkload:
+    """Twelve chunks through three cars: every series counts exactly what happened."""
+
+    def test_counts_after_a_job(
+        self, scraped: Scraper, fleet_factory: Callable[..., Fleet], client: ParkpoolClient
+    ) -> None:
+        # Given three cars, When a 12-chunk job completes
+        fleet_factory(3)
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(4, float(i))}) for i in range(12)]
+        client.publish("reduce", chunks).wait(timeout=60)
+        tasks = "parkpool_gateway_tasks_total"
+        wait_for(lambda: scraped.value(tasks, status="completed") == 12, 10, "12 completions")
+        # Then each stage counted each chunk once, and nothing failed or was redone
+        samples = scraped.samples()
+        for status in ("consumed", "dispatched", "completed"):
+            assert samples[(tasks, (("status", status),))] == 12
+        assert samples.get((tasks, (("status", "failed"),)), 0) == 0
+        assert not [k for k in samples if k[0] == "parkpool_gateway_redelivered_total"]
+        for histogram in (
+            "parkpool_gateway_queue_wait_seconds",
+            "parkpool_gateway_dispatch_seconds",
+            "parkpool_gateway_end_to_end_seconds",
+            "parkpool_gateway_task_dispatch_to_result_seconds",
+        ):
+            assert samples[(f"{histogram}_count", ())] == 12
+        kernel = ("parkpool_gateway_kernel_execution_seconds_count", (("kernel", "reduce"),))
+        assert samples[kernel] == 12
+        # And once the sweep has run, every partition is caught up and the gateway is ready
+        wait_for(lambda: scraped.value("parkpool_gateway_ready") == 1, 10, "ready gauge")
+        lags = [
+            v for (name, _), v in scraped.samples().items() if name == "parkpool_gateway_kafka_lag"
+        ]
+        assert len(lags) == 3 and sum(lags) == 0
+        sizes = [
+            v
+            for (name, _), v in scraped.samples().items()
+            if name == "parkpool_gateway_partition_window_size"
+        ]
+        assert sizes == [512.0] * 3
+        # And the fleet series see the three cars and the work they reported
+        wait_for(lambda: scraped.value("parkpool_fleet_vehicles_known") == 3, 10, "3 cars")
+        wait_for(
+            lambda: scraped.value("parkpool_fleet_gpu_busy_seconds_total") > 0, 10, "busy time"
+        )
+        status = scraped.status()
+        assert status["ready"] is True and len(status["partitions"]) == 3
+        assert status["fleet"]["known"] == 3 and status["queued"] == 0
+
+
+class TestFleetFromHeartbeats:
+    """A car's stop travels in its heartbeat and becomes fleet series at the gateway."""
+
+    def test_preemption_is_counted_and_timed(
+        self, scraped: Scraper, client: ParkpoolClient, namespace: str, mqtt_conn: MqttConnection
+    ) -> None:
+        bus = SimulatedBus()
+        template = WorkerSettings(
+            "t", mqtt_conn, namespace, backend="numpy", heartbeat_s=1.0, simulated_delay_s=30
+        )
+        fleet = Fleet(template, prefix="owned", car=lambda _id: bus, policy=PolicyConfig())
+        try:
+            fleet.add(1)
+            car = next(iter(fleet.vehicles.values()))
+            client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+            wait_for(lambda: car.guard is not None and car.guard.running == 1, 30, "a kernel")
+            # When the owner unlocks the car
+            bus.set(locked=False)
+            # Then the gateway counts one stop, times it, and sees the car suspended for it
+            preemptions = ("parkpool_fleet_preemptions_total", (("reason", "owner_present"),))
+            wait_for(lambda: scraped.samples().get(preemptions) == 1, 15, "the stop")
+            assert scraped.value("parkpool_fleet_preemption_seconds_count") == 1
+            assert scraped.value("parkpool_fleet_preemption_seconds_bucket", le="+Inf") == 1
+            suspended = {"state": "suspended", "reason": "owner_present"}
+            wait_for(
+                lambda: scraped.value("parkpool_fleet_vehicles", **suspended) == 1, 10, "gauge"
+            )
+            assert scraped.status()["fleet"]["suspended_reasons"] == {"owner_present": 1}
+        finally:
+            fleet.stop_all()
