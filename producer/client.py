@@ -22,9 +22,11 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from parkpool.http import StatusServer, request_counter
 from parkpool.kafka import produce, producer_config, reader_config
 from parkpool.settings import KafkaConnection
 from producer.jobs import JobHandle
+from producer.metrics import SdkMetrics
 from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
 from schemas import (
     BrokerError,
@@ -52,6 +54,8 @@ class ProducerSettings:
     reply_topic: str = ""  # empty: the namespace's results topic
     deadline_s: float = 3600.0
     publish_timeout_s: float = 60.0
+    metrics_port: int | None = None  # None: no metrics server; 0: any free port
+    metrics_addr: str = "127.0.0.1"  # never all interfaces unless the service says so
 
 
 class ParkpoolClient:
@@ -60,12 +64,37 @@ class ParkpoolClient:
         self.topics = KafkaTopics(settings.namespace)
         self.reply_topic = settings.reply_topic or self.topics.results
         self.decode_errors = 0
+        self.metrics = SdkMetrics()
         self._producer = Producer(producer_config(settings.kafka))
         self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
         self._reader.start()
+        self._status = self._serve_metrics(settings)
+
+    def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
+        if settings.metrics_port is None:
+            return None
+        requests = request_counter(self.metrics.registry, role="sdk")
+        server = StatusServer(
+            settings.metrics_addr,
+            settings.metrics_port,
+            self.metrics.registry,
+            self._health,
+            self._health,
+            requests=requests,
+        )
+        return server.start()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics server listens on, or None when it is off."""
+        return self._status.port if self._status is not None else None
+
+    def _health(self) -> tuple[bool, Mapping[str, Any]]:
+        alive = self._reader.is_alive() and not self._closed.is_set()
+        return alive, {"result_reader": "running" if alive else "stopped"}
 
     def __enter__(self) -> ParkpoolClient:
         return self
@@ -74,6 +103,8 @@ class ParkpoolClient:
         self.close()
 
     def close(self) -> None:
+        if self._status is not None:
+            self._status.close()
         self._closed.set()
         self._reader.join(timeout=10)
         self._producer.flush(10)
@@ -157,7 +188,9 @@ class ParkpoolClient:
             )
             for i, spec in enumerate(chunks)
         ]
-        handle = JobHandle(job_id, len(tasks), assembler, canceller=self.cancel)
+        handle = JobHandle(
+            job_id, len(tasks), assembler, canceller=self.cancel, observer=self.metrics
+        )
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
@@ -166,6 +199,7 @@ class ParkpoolClient:
             with self._lock:
                 self._handles.pop(job_id, None)
             raise
+        self.metrics.job_submitted(len(tasks))
         log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
         return handle
 
@@ -182,6 +216,7 @@ class ParkpoolClient:
             produce(self._producer, self.topics.tasks, encode(task), key, report)
         remaining = self._producer.flush(self.settings.publish_timeout_s)
         if remaining or failures:
+            self.metrics.delivery_errors.inc(len(failures) + remaining)
             raise BrokerError(
                 f"{len(failures) + remaining} of {len(tasks)} chunks not confirmed by Kafka: "
                 f"{failures[:3]}"

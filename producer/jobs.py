@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,33 @@ class ChunkResult:
     latency_s: float  # from the chunk's submission to its arrival here
 
 
+class JobObserver(Protocol):
+    """Told what happens to a job's chunks (the SDK's metrics); called under the handle's
+    lock, so implementations must be quick and must not call back into the handle."""
+
+    def chunk_completed(self, latency_s: float) -> None: ...
+
+    def chunk_duplicate(self) -> None: ...
+
+    def chunk_dead_lettered(self) -> None: ...
+
+    def job_ended(self, state: JobState) -> None: ...
+
+
+class _Unobserved:
+    def chunk_completed(self, latency_s: float) -> None:
+        return None
+
+    def chunk_duplicate(self) -> None:
+        return None
+
+    def chunk_dead_lettered(self) -> None:
+        return None
+
+    def job_ended(self, state: JobState) -> None:
+        return None
+
+
 class JobHandle:
     """Tracks one job. Thread-safe: the client's reader thread feeds it."""
 
@@ -65,8 +92,10 @@ class JobHandle:
         n_chunks: int,
         assembler: Assembler | None,
         canceller: Callable[[str], None] | None = None,
+        observer: JobObserver | None = None,
     ) -> None:
         self.job_id = job_id
+        self._observer: JobObserver = observer or _Unobserved()
         self._canceller = canceller
         self.n_chunks = n_chunks
         self.submitted_at = time.time()
@@ -155,6 +184,7 @@ class JobHandle:
                 return False
             if self._seen[result.chunk_id]:
                 self._duplicates += 1
+                self._observer.chunk_duplicate()
                 return False
             if not self._assemble(result):
                 return False
@@ -165,6 +195,7 @@ class JobHandle:
             self._done += 1
             latency = max(0.0, received_at - result.task_created_at)
             self._latencies.append(latency)
+            self._observer.chunk_completed(latency)
             self._chunks.put(
                 ChunkResult(result.chunk_id, result.outputs, result.vehicle_id, latency)
             )
@@ -183,6 +214,7 @@ class JobHandle:
             if self._seen[chunk] or chunk in self._dead:
                 return  # an earlier attempt's result already came back: that one counts
             self._dead[chunk] = letter.reason
+            self._observer.chunk_dead_lettered()
             if self._done + len(self._dead) == self.n_chunks:
                 self._end(JobState.FAILED)
             self._changed.notify_all()
@@ -199,5 +231,6 @@ class JobHandle:
 
     def _end(self, state: JobState) -> None:
         self._state = state
+        self._observer.job_ended(state)
         self._chunks.put(None)
         self._changed.notify_all()

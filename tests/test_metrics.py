@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parkpool.http import StatusServer
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient, ProducerSettings
 from producer.splitters import ChunkSpec
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
@@ -142,3 +142,40 @@ class TestFleetFromHeartbeats:
             assert scraped.status()["fleet"]["suspended_reasons"] == {"owner_present": 1}
         finally:
             fleet.stop_all()
+
+
+class TestSdkMetrics:
+    """The SDK counts its own jobs and serves them only when asked, on loopback."""
+
+    def test_off_unless_asked(self, client: ParkpoolClient) -> None:
+        assert client.metrics_port is None
+
+    def test_counts_after_a_job(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        kafka_conn: KafkaConnection,
+        namespace: str,
+    ) -> None:
+        gateway_factory()
+        fleet_factory(2)
+        settings = ProducerSettings(kafka_conn, namespace, metrics_port=0)
+        with ParkpoolClient(settings) as sdk:
+            assert sdk.metrics_port is not None
+            chunks = [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})] * 12
+            sdk.publish("reduce", chunks).wait(timeout=60)
+            url = f"http://127.0.0.1:{sdk.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            ready = urllib.request.urlopen(url.replace("/metrics", "/readyz"), timeout=5)
+            assert ready.status == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("parkpool_sdk_jobs_total", (("status", "submitted"),))] == 1
+        assert samples[("parkpool_sdk_jobs_total", (("status", "done"),))] == 1
+        assert samples[("parkpool_sdk_chunks_total", (("status", "published"),))] == 12
+        assert samples[("parkpool_sdk_chunks_total", (("status", "completed"),))] == 12
+        assert samples[("parkpool_sdk_end_to_end_seconds_count", ())] == 12
+        assert samples[("parkpool_sdk_jobs_running", ())] == 0

@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The SDK's Prometheus series: what a backend service sees of its own jobs.
+
+One registry per client. Served only when asked (``ProducerSettings.metrics_port``), on
+127.0.0.1 by default, because a library must never open a port its host did not choose.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from producer.jobs import JobState
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+
+class SdkMetrics:
+    """Counts jobs and chunks; a ``JobHandle`` reports to it as results arrive."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter(
+            "parkpool_sdk_jobs",
+            "Jobs by what happened to them",
+            ["status"],  # submitted, done, failed, cancelled
+            registry=r,
+        )
+        self.chunks = Counter(
+            "parkpool_sdk_chunks",
+            "Chunks by what happened to them",
+            ["status"],  # published, completed, duplicate, dead_lettered
+            registry=r,
+        )
+        self.delivery_errors = Counter(
+            "parkpool_sdk_delivery_errors", "Chunks Kafka did not confirm", registry=r
+        )
+        self.end_to_end = Histogram(
+            "parkpool_sdk_end_to_end_seconds",
+            "From a chunk's creation to its result reaching the caller",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("parkpool_sdk_jobs_running", "Jobs not yet ended", registry=r)
+
+    # JobObserver: called by JobHandle, under its lock, so each must be quick.
+
+    def chunk_completed(self, latency_s: float) -> None:
+        self.chunks.labels("completed").inc()
+        self.end_to_end.observe(latency_s)
+
+    def chunk_duplicate(self) -> None:
+        self.chunks.labels("duplicate").inc()
+
+    def chunk_dead_lettered(self) -> None:
+        self.chunks.labels("dead_lettered").inc()
+
+    def job_ended(self, state: JobState) -> None:
+        self.jobs.labels(state.value).inc()
+        self.running.dec()
+
+    # The client's side.
+
+    def job_submitted(self, chunks: int) -> None:
+        self.jobs.labels("submitted").inc()
+        self.chunks.labels("published").inc(chunks)
+        self.running.inc()
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
