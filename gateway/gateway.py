@@ -311,6 +311,9 @@ class Gateway:
         kernel = task.task.kernel if task.task.kernel in BUILTIN else "other"
         self.metrics.kernel_execution.labels(kernel).observe(exec_seconds)
         self._finish(task)
+        self._log.debug(
+            "task_completed", **task.log_context(), vehicle_id=lease.vehicle_id, epoch=lease.epoch
+        )
 
     def _on_nack(self, event: MqttEvent) -> None:
         nack = self._decode(event, Nack)
@@ -416,6 +419,9 @@ class Gateway:
         )
         self.mqtt.send_assignment(vehicle_id, encode(assignment), self.settings.lease_seconds)
         self.metrics.tasks.labels("dispatched").inc()
+        self._log.debug(
+            "task_dispatched", **task.log_context(), vehicle_id=vehicle_id, epoch=lease.epoch
+        )
         self.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
         self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
         return True
@@ -452,6 +458,12 @@ class Gateway:
         now = time.monotonic()
         for lease in self.leases.pop_expired(now):
             self.metrics.redelivered.labels("lease_expired").inc()
+            self._log.info(
+                "lease_expired",
+                **lease.task.log_context(),
+                vehicle_id=lease.vehicle_id,
+                epoch=lease.epoch,
+            )
             self._requeue(lease.task, "lease_expired", lease.vehicle_id, "", counts=True)
         for task in self.delayed.pop_due(now):
             if self.log.owns(task.tp):
@@ -491,6 +503,13 @@ class Gateway:
         if counts:
             self.metrics.tasks.labels("failed").inc()
             self.metrics.failures.labels(reason).inc()
+        self._log.info(
+            "task_requeued",
+            **task.log_context(),
+            vehicle_id=vehicle_id,
+            reason=reason,
+            failures=task.failures,
+        )
         if terminal or task.failures >= self.settings.max_attempts:
             task.state = TaskState.FINISHING
             self.log.dead_letter(

@@ -200,14 +200,8 @@ class TaskLog:
                 return
             self.metrics.dead_lettered.labels(reason).inc()
             self.metrics.tasks.labels("dead_lettered").inc()
-            self._log.warning(
-                "dead_lettered",
-                reason=reason,
-                job_id=letter.job_id,
-                chunk_id=letter.chunk_id,
-                partition=tp[1],
-                offset=offset,
-            )
+            context = task.log_context() if task else {"partition": tp[1], "offset": offset}
+            self._log.warning("dead_lettered", reason=reason, **context)
             self.finish(tp, offset)
 
         self.produce(self.topics.dead_letter, payload, letter.job_id or None, delivered)

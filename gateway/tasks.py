@@ -36,6 +36,16 @@ class PendingTask:
     def tp(self) -> tuple[str, int]:
         return (self.topic, self.partition)
 
+    def log_context(self) -> dict[str, object]:
+        """The keys every task event carries, so one task's story greps out of the logs."""
+        return {
+            "job_id": self.task.job_id,
+            "task_id": f"{self.task.job_id}:{self.task.chunk_id}",
+            "partition": self.partition,
+            "offset": self.offset,
+            "attempt": self.dispatches,
+        }
+
 
 class ReadyQueue:
     """Tasks waiting for a vehicle: high priority first, redeliveries ahead of new work.

@@ -372,6 +372,7 @@ class VehicleWorker:
             return
         with self._lock:
             self._held[assignment.epoch] = Held(assignment, task)
+        self._log.debug("task_received", **_context(assignment, task))
         self._pool.submit(self._run, assignment.epoch)
 
     def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
@@ -448,14 +449,10 @@ class VehicleWorker:
             topic = self.topics.result(self.vehicle_id, result.gateway_id)
             self._client.publish(topic, encode(result), qos=1)
             self.completed += 1
+            self._log.debug("task_done", **_context(item.assignment, item.task))
         elif nack is not None:
-            self._log.warning(
-                "task_failed",
-                job_id=item.task.job_id,
-                chunk_id=item.task.chunk_id,
-                reason=nack[0].value,
-                detail=nack[1],
-            )
+            context = _context(item.assignment, item.task)
+            self._log.warning("task_failed", **context, reason=nack[0].value, detail=nack[1])
             self._nack(item.assignment, *nack, item.task)
         self.pull(force=True)
 
@@ -509,6 +506,7 @@ class VehicleWorker:
             self._held.clear()
         for item in held:
             self._nack(item.assignment, NackReason.RELEASED, f"owner policy: {reason}", item.task)
+            self._log.info("task_released", **_context(item.assignment, item.task), reason=reason)
         self.released += len(held)
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
@@ -536,3 +534,14 @@ class VehicleWorker:
             ),
         )
         return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)
+
+
+def _context(assignment: Assignment, task: TaskChunk) -> dict[str, object]:
+    """The keys every task event carries (the vehicle id is bound to the logger)."""
+    return {
+        "job_id": task.job_id,
+        "task_id": f"{task.job_id}:{task.chunk_id}",
+        "gateway_id": assignment.gateway_id,
+        "epoch": assignment.epoch,
+        "attempt": assignment.attempt,
+    }

@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Key log events carry the context an SRE greps by, checked with structlog's capture."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from parkpool import logs
+from parkpool.settings import MqttConnection
+from producer.client import ParkpoolClient
+from producer.splitters import ChunkSpec
+from schemas import Assignment, Capabilities, MqttTopics, PullRequest, decode, encode
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, wait_for
+from worker.carstate import SimulatedBus
+from worker.fleet import Fleet
+from worker.kernels import REGISTRY
+from worker.policy import PolicyConfig
+from worker.worker import WorkerSettings
+
+TASK_KEYS = {"job_id", "task_id", "attempt"}
+
+
+def _event(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    wait_for(lambda: any(e["event"] == name for e in entries), 30, f"a {name} event")
+    return next(e for e in entries if e["event"] == name)
+
+
+@pytest.mark.integration
+class TestGatewayEvents:
+    """A lease that runs out is logged with the task's job, partition, offset and epoch."""
+
+    def test_lease_expiry_and_requeue_carry_task_context(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        with capture_logs() as entries:
+            # Given a scripted vehicle that takes a task and never answers
+            gateway_factory(lease_seconds=1)
+            topics = MqttTopics(namespace)
+            silent = RawMqtt(mqtt_conn, f"silent-{namespace}")
+            silent.subscribe(topics.task("silent"))
+            client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+            caps = Capabilities("numpy", tuple(REGISTRY))
+            pull = PullRequest("silent", 1, caps, {}, {"gw1": 1})
+            silent.publish(topics.pull("silent"), encode(pull))
+            message = wait_for(lambda: silent.received and silent.received[0], 30, "a lease")
+            assignment = decode(message.payload, Assignment)
+            # When its lease runs out
+            expired = _event(entries, "lease_expired")
+            requeued = _event(entries, "task_requeued")
+            silent.close()
+        # Then both events say which task, where it is in Kafka, and whose lease it was
+        for event in (expired, requeued):
+            assert TASK_KEYS | {"partition", "offset", "vehicle_id", "gateway_id"} <= set(event)
+            assert event["vehicle_id"] == "silent" and event["gateway_id"] == "gw1"
+            assert event["attempt"] == 1
+        assert expired["epoch"] == assignment.epoch and expired["log_level"] == "info"
+        assert requeued["reason"] == "lease_expired"
+
+
+@pytest.mark.integration
+class TestWorkerEvents:
+    """A task handed back to its owner's policy is logged with its lease and the reason."""
+
+    def test_release_carries_lease_context(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        gateway_factory(lease_seconds=300)
+        bus = SimulatedBus()
+        template = WorkerSettings("t", mqtt_conn, namespace, backend="numpy", simulated_delay_s=30)
+        fleet = Fleet(template, prefix="owned", car=lambda _id: bus, policy=PolicyConfig())
+        try:
+            with capture_logs() as entries:
+                fleet.add(1)
+                car = next(iter(fleet.vehicles.values()))
+                client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+                wait_for(lambda: car.held == 1, 30, "the task on the car")
+                bus.set(locked=False)
+                released = _event(entries, "task_released")
+        finally:
+            fleet.stop_all()
+        assert TASK_KEYS | {"vehicle_id", "gateway_id", "epoch"} <= set(released)
+        assert (released["vehicle_id"], released["reason"]) == (car.vehicle_id, "owner_present")
+
+
+class TestRendering:
+    """JSON off a terminal, a console renderer on one, the level from the environment."""
+
+    def test_json_and_level_from_environment(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("PARKPOOL_LOG_LEVEL", "warning")
+        monkeypatch.setenv("PARKPOOL_LOG_JSON", "1")
+        try:
+            logs.configure()
+            log = structlog.get_logger("parkpool.test")
+            log.info("quiet_event")
+            log.warning("loud_event", job_id="j1", at=time.time())
+            err = capsys.readouterr().err
+        finally:
+            structlog.reset_defaults()
+        assert "quiet_event" not in err
+        assert '"event": "loud_event"' in err and '"job_id": "j1"' in err
