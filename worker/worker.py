@@ -12,14 +12,12 @@ import random
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client
-from parkpool.settings import MqttConnection
 from schemas import (
     Assignment,
     Capabilities,
@@ -50,46 +48,15 @@ from worker.backend import Backend, select_backend
 from worker.carstate import CarSignals, CarState
 from worker.grants import allocate
 from worker.guard import REAL_TIME, OwnerGuard, TimeBase
+from worker.held import Held, WorkerSettings, task_context
 from worker.kernels import REGISTRY
 from worker.netloop import NetworkLoop
 from worker.policy import RUN, Decision, Mode, OwnerPolicy
 from worker.runner import TaskRunner
 
+__all__ = ["VehicleWorker", "WorkerSettings"]
+
 log = structlog.get_logger("parkpool.worker")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    vehicle_id: str
-    mqtt: MqttConnection = field(default_factory=MqttConnection)
-    namespace: str = "parkpool"
-    concurrency: int = 1  # kernels running at once; one GPU runs one stream well
-    prefetch: int = 1  # extra tasks held so the next is already here when one finishes
-    heartbeat_s: float = 15.0
-    # Re-send a pull while there is room: a gateway may have restarted and forgotten it.
-    # Jittered per vehicle, so a large fleet does not refresh in lockstep.
-    pull_refresh_s: float = 10.0
-    backend: str = "auto"
-    simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
-    gflops_per_s: float = 0.0  # the rate announced before any task was measured; 0 = unknown
-
-    @property
-    def capacity(self) -> int:
-        return self.concurrency + self.prefetch
-
-
-@dataclass(slots=True)
-class Held:
-    assignment: Assignment
-    task: TaskChunk
-    received_at: float = field(default_factory=time.time)
-    running: bool = False
-    next_beat: float = 0.0  # wall clock of the next lease heartbeat while running
-
-    @property
-    def beat_every(self) -> float:
-        """A third of the lease, so two heartbeats may be lost before it expires."""
-        return max(0.5, (self.assignment.lease_deadline - self.received_at) / 3)
 
 
 _STATE_OF_MODE = {
@@ -372,7 +339,7 @@ class VehicleWorker:
             return
         with self._lock:
             self._held[assignment.epoch] = Held(assignment, task)
-        self._log.debug("task_received", **_context(assignment, task))
+        self._log.debug("task_received", **task_context(assignment, task))
         self._pool.submit(self._run, assignment.epoch)
 
     def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
@@ -449,9 +416,9 @@ class VehicleWorker:
             topic = self.topics.result(self.vehicle_id, result.gateway_id)
             self._client.publish(topic, encode(result), qos=1)
             self.completed += 1
-            self._log.debug("task_done", **_context(item.assignment, item.task))
+            self._log.debug("task_done", **task_context(item.assignment, item.task))
         elif nack is not None:
-            context = _context(item.assignment, item.task)
+            context = task_context(item.assignment, item.task)
             self._log.warning("task_failed", **context, reason=nack[0].value, detail=nack[1])
             self._nack(item.assignment, *nack, item.task)
         self.pull(force=True)
@@ -506,7 +473,9 @@ class VehicleWorker:
             self._held.clear()
         for item in held:
             self._nack(item.assignment, NackReason.RELEASED, f"owner policy: {reason}", item.task)
-            self._log.info("task_released", **_context(item.assignment, item.task), reason=reason)
+            self._log.info(
+                "task_released", **task_context(item.assignment, item.task), reason=reason
+            )
         self.released += len(held)
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
@@ -534,14 +503,3 @@ class VehicleWorker:
             ),
         )
         return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)
-
-
-def _context(assignment: Assignment, task: TaskChunk) -> dict[str, object]:
-    """The keys every task event carries (the vehicle id is bound to the logger)."""
-    return {
-        "job_id": task.job_id,
-        "task_id": f"{task.job_id}:{task.chunk_id}",
-        "gateway_id": assignment.gateway_id,
-        "epoch": assignment.epoch,
-        "attempt": assignment.attempt,
-    }
