@@ -8,6 +8,7 @@ import sys
 
 from broker_config import cli as brokers_cli
 from gateway import cli as gateway_cli
+from parkpool import top
 from producer import cli as producer_cli
 from producer import dlq_cli
 from schemas import ParkpoolError
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_cli.add_parser(commands)
     producer_cli.add_parser(commands)
     dlq_cli.add_parser(commands)
+    top.add_parser(commands)
     return parser
 
 
