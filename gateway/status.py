@@ -57,8 +57,8 @@ def _partition(p: PartitionStat) -> dict[str, Any]:
         "window_size": p.window_size,
         "paused": p.paused,
         "committed": p.committed,
-        "end": p.end,
-        "lag": p.lag,
+        "end": p.end if p.end >= 0 else None,  # not reported by the broker yet
+        "lag": p.lag if p.end >= 0 else None,
     }
 
 

@@ -243,6 +243,7 @@ class TaskLog:
                 _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             except KafkaException:
                 high = -1
+            high = max(high, -1)  # librdkafka says -1001 until a fetch has reported it
             paused = tp in self.paused
             out.append(PartitionStat(*tp, window.used, window.capacity, paused, committed, high))
         return out

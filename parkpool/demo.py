@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         sim_args = ["sim", "--vehicles", str(args.vehicles)]
         with role("gateway", gateway_args, env, run_dir), role("fleet", sim_args, env, run_dir):
             print(f"gateway and {args.vehicles} simulated vehicles started")
+            print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
             ok = run_job(args, brokers.kafka_bootstrap, metrics_port)
     print("all processes stopped")
     return 0 if ok else 1
