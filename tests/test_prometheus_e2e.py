@@ -1,0 +1,270 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A real Prometheus scrapes a real gateway and SDK while a job runs on the real brokers.
+
+Prometheus (``/usr/bin/prometheus`` from the Debian package, installed by ``make setup``)
+runs with the shipped ``deploy/prometheus/prometheus.yml``, its targets pointed at this
+test's status servers, a 1 s scrape and evaluation interval, and both rule files. A
+missing binary fails the test: it must never pass as a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from broker_config.process import LOOPBACK, free_port
+from parkpool.http import StatusServer, request_counter
+from parkpool.settings import KafkaConnection
+from producer.client import ParkpoolClient, ProducerSettings
+from producer.splitters import ChunkSpec
+from tests.conftest import RunningGateway
+from tests.helpers import wait_for
+from worker.fleet import Fleet
+
+pytestmark = pytest.mark.integration
+
+PROMETHEUS = Path("/usr/bin/prometheus")
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "parkpool-dashboard.json"
+# Grafana's own variables, as Grafana would substitute them for a 15 s scrape interval.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s"}
+SHIPPED_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+GATEWAY_JOB, SDK_JOB = "parkpool-gateway", "parkpool-sdk"
+CHUNKS = 10
+STARTUP_S = 30.0
+STOP_GRACE_S = 10.0
+
+
+def scrape_config(targets: dict[str, str]) -> dict[str, Any]:
+    """The shipped config with fast intervals, absolute rule paths and static targets.
+
+    ``targets`` maps a job name of the shipped config to ``host:port``; jobs not in it
+    (Prometheus' self-scrape) are left out.
+    """
+    config: dict[str, Any] = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
+    jobs = []
+    for job in config["scrape_configs"]:
+        if job["job_name"] in targets:
+            job.pop("file_sd_configs", None)
+            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+            jobs.append(job)
+    assert sorted(j["job_name"] for j in jobs) == sorted(targets), "jobs missing from config"
+    config["scrape_configs"] = jobs
+    return config
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    """The query as Grafana sends it: its own variables replaced by their values."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+class Prometheus:
+    """One Prometheus server on a free loopback port, with its own config and storage."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        assert PROMETHEUS.is_file(), f"{PROMETHEUS} missing: run `make setup` (package prometheus)"
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log = workdir / "prometheus.log"
+        config_file = workdir / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config))
+        argv = [
+            str(PROMETHEUS),
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address={LOOPBACK}:{self.port}",
+            "--log.level=warn",
+        ]
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        while not self._ready():
+            assert self.process.poll() is None, f"prometheus exited: {self.log.read_text()}"
+            assert time.monotonic() < deadline, f"prometheus not ready: {self.log.read_text()}"
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET ``/api/v1/<path>``; a refused query fails with Prometheus' own error."""
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=5) as answer:
+                body = json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            body = json.loads(err.read())
+        assert body["status"] == "success", f"{params}: {body}"
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=promql)
+        assert data["resultType"] == "vector", data
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The value of a query that yields one series; None while it yields none."""
+        result = self.query(promql)
+        assert len(result) <= 1, f"{promql}: {result}"
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_GRACE_S)
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Prometheus]]:
+    """Start Prometheus scraping the given targets; stopped (and checked gone) at the end."""
+    started: list[Prometheus] = []
+
+    def start(targets: dict[str, str]) -> Prometheus:
+        server = Prometheus(tmp_path, scrape_config(targets))
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        assert server.process.poll() is not None, "prometheus still running"
+
+
+@pytest.fixture
+def gateway_status(
+    gateway_factory: Callable[..., RunningGateway],
+) -> Iterator[StatusServer]:
+    """A gateway with its status server on a free port, wired as ``parkpool gateway`` does."""
+    gateway = gateway_factory().gateway
+    registry = gateway.metrics.registry
+    server = StatusServer(
+        LOOPBACK,
+        0,
+        registry,
+        gateway.health,
+        gateway.readiness,
+        requests=request_counter(registry),
+        status=gateway.status_snapshot,
+    ).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sdk(namespace: str, kafka_conn: KafkaConnection) -> Iterator[ParkpoolClient]:
+    """An SDK client serving its metrics on a free loopback port."""
+    settings = ProducerSettings(kafka_conn, namespace, metrics_port=0, metrics_addr=LOOPBACK)
+    with ParkpoolClient(settings) as client:
+        yield client
+
+
+class TestPrometheusScrapesAJob:
+    """Prometheus sees a job's chunks completed at the gateway and the SDK, and no lag."""
+
+    def test_completed_chunks_and_zero_lag_through_prometheus(
+        self,
+        gateway_status: StatusServer,
+        sdk: ParkpoolClient,
+        fleet_factory: Callable[..., Fleet],
+        prometheus_factory: Callable[[dict[str, str]], Prometheus],
+    ) -> None:
+        # Given a gateway, an SDK client and three cars, scraped by a real Prometheus
+        fleet_factory(3)
+        assert sdk.metrics_port is not None
+        prometheus = prometheus_factory(
+            {
+                GATEWAY_JOB: f"{LOOPBACK}:{gateway_status.port}",
+                SDK_JOB: f"{LOOPBACK}:{sdk.metrics_port}",
+            }
+        )
+        targets_up = f'sum(up{{job=~"{GATEWAY_JOB}|{SDK_JOB}"}})'
+        wait_for(lambda: prometheus.value(targets_up) == 2, 30, "both targets up")
+        # When a job of CHUNKS chunks runs to completion
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(4, float(i))}) for i in range(CHUNKS)]
+        handle = sdk.publish("reduce", chunks)
+        handle.wait(timeout=60)
+        # Then Prometheus sees every chunk completed at the gateway and nothing left in Kafka
+        completed = f'sum(parkpool_gateway_tasks_total{{job="{GATEWAY_JOB}",status="completed"}})'
+        lag = f'sum(parkpool_gateway_kafka_lag{{job="{GATEWAY_JOB}"}})'
+        wait_for(lambda: prometheus.value(completed) == CHUNKS, 30, f"{CHUNKS} completions")
+        wait_for(lambda: prometheus.value(lag) == 0, 30, "zero lag")
+        # And the SDK's own count agrees
+        sdk_completed = f'sum(parkpool_sdk_chunks_total{{job="{SDK_JOB}",status="completed"}})'
+        wait_for(lambda: prometheus.value(sdk_completed) == CHUNKS, 30, "SDK completions")
+        # And the recording rules are evaluated on the scraped series
+        wait_for(lambda: prometheus.value("job:parkpool_gateway_kafka_lag:sum") == 0, 30, "rule")
+        # (its value may be 0: the completed series appeared with all chunks already done)
+        rate = 'status:parkpool_gateway_tasks:rate5m{status="completed"}'
+        wait_for(lambda: prometheus.value(rate) is not None, 30, "throughput rule")
+        wait_for(
+            lambda: prometheus.value("job:parkpool_fleet_vehicles_known:max") == 3, 30, "3 cars"
+        )
+        # And every rule of both files loaded and evaluates without error
+        self._assert_rules_healthy(prometheus)
+
+    @staticmethod
+    def _assert_rules_healthy(prometheus: Prometheus) -> None:
+        shipped = [
+            rule
+            for path in ("recording_rules.yml", "alert_rules.yml")
+            for group in yaml.safe_load((PROMETHEUS_DIR / path).read_text())["groups"]
+            for rule in group["rules"]
+        ]
+        loaded = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+        assert len(loaded) == len(shipped)
+        wait_for(
+            lambda: all(
+                rule["health"] == "ok"
+                for group in prometheus.api("rules")["groups"]
+                for rule in group["rules"]
+            ),
+            10,
+            "every rule evaluated",
+        )
+
+
+class TestDashboardQueries:
+    """Every query of the Grafana dashboard is PromQL that a real Prometheus runs."""
+
+    def test_every_panel_query_runs(
+        self, prometheus_factory: Callable[[dict[str, str]], Prometheus]
+    ) -> None:
+        # Given a Prometheus with the rules loaded and nothing to scrape
+        prometheus = prometheus_factory({})
+        panels = json.loads(DASHBOARD.read_text())["panels"]
+        exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+        assert exprs
+        for expr in exprs:
+            # When it runs each query, Then it accepts it (api() fails on a refused one)
+            result = prometheus.api("query", query=substitute_grafana_variables(expr))
+            assert result["resultType"] == "vector", expr
