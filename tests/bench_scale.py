@@ -30,6 +30,7 @@ from broker_config.launcher import EmbeddedBrokers, free_port
 from broker_config.topics import bootstrap
 from parkpool.children import role, role_env
 from parkpool.settings import KafkaConnection, MqttConnection
+from parkpool.top.rates import bucket_window, quantile
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.splitters import ChunkSpec
 from schemas import ParkpoolError
@@ -77,29 +78,6 @@ def buckets(samples: dict[str, Any], histogram: str) -> list[tuple[float, float]
         (float(dict(labels)["le"]), value) for (n, labels), value in samples.items() if n == name
     ]
     return sorted(found)
-
-
-def histogram_quantile(
-    q: float, before: list[tuple[float, float]], after: list[tuple[float, float]]
-) -> float:
-    """The q-quantile of the observations made between two scrapes, interpolated linearly
-    inside the bucket that holds it (as Prometheus does); the last finite bound when it
-    falls in the +Inf bucket."""
-    earlier = dict(before)
-    counts = [(le, count - earlier.get(le, 0.0)) for le, count in after]
-    total = counts[-1][1]
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    lower_le, lower_count = 0.0, 0.0
-    for le, count in counts:
-        if count >= rank:
-            if le == float("inf"):
-                return lower_le
-            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
-            return lower_le + (le - lower_le) * share
-        lower_le, lower_count = le, count
-    return lower_le
 
 
 def gauge(samples: dict[str, Any], name: str) -> float:
@@ -184,7 +162,10 @@ def _measure(
     elapsed = time.perf_counter() - started
     after = scrape(port)
     dispatch = "parkpool_gateway_dispatch_seconds"
-    p99 = histogram_quantile(0.99, buckets(before, dispatch), buckets(after, dispatch))
+    window = bucket_window(tuple(buckets(before, dispatch)), tuple(buckets(after, dispatch)))
+    p99 = quantile(0.99, window)
+    if p99 is None:
+        p99 = float("nan")
     rss, peak = rss_mb(pid)
     return {
         "name": "fleet_scale",
