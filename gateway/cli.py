@@ -90,6 +90,22 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--pull-rate",
+        "PARKPOOL_PULL_RATE",
+        50.0,
+        "pulls per second one vehicle may send; the excess is dropped and counted",
+        float,
+    )
+    add_option(
+        p,
+        "--result-rate",
+        "PARKPOOL_RESULT_RATE",
+        50.0,
+        "results per second one vehicle may send; the excess is dropped and counted",
+        float,
+    )
+    add_option(
+        p,
         "--metrics-addr",
         "PARKPOOL_METRICS_ADDR",
         "127.0.0.1",
@@ -110,6 +126,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         window=args.window,
         session_timeout_ms=args.session_timeout_ms,
         drain_seconds=args.drain_seconds,
+        pull_rate=args.pull_rate,
+        result_rate=args.result_rate,
     )
 
 

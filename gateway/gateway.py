@@ -29,6 +29,7 @@ from gateway.fleet_stats import FleetStats
 from gateway.leases import Lease, LeaseTable
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt_link import MqttEvent, MqttLink
+from gateway.ratelimit import RateLimiter
 from gateway.retry import DelayQueue, compute_backoff
 from gateway.status import status_snapshot
 from gateway.tasklog import TP, CancelRecord, TaskLog
@@ -72,6 +73,10 @@ class GatewaySettings:
     vehicle_silence_s: float = 45.0
     drain_seconds: float = 20.0  # on SIGTERM, how long leases may finish before revoking
     batch: int = 256
+    # Per vehicle: far above an honest car (one pull and one result per task, tasks of
+    # at least tens of milliseconds), far below a flood.
+    pull_rate: float = 50.0
+    result_rate: float = 50.0
     kafka_overrides: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -98,6 +103,10 @@ class Gateway:
         self.leases = LeaseTable()
         self.vehicles = VehicleBook(settings.gateway_id)
         self.fleet = FleetStats(self.metrics.registry)
+        self._limits = {
+            "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
+            "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
+        }
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
         self.ready = ReadyQueue()
@@ -252,6 +261,11 @@ class Gateway:
         handler = self._handlers.get(event.kind)
         if handler is None:
             self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
+            self.mqtt.ack(event)
+            return
+        limiter = self._limits.get(event.kind)
+        if limiter is not None and not limiter.allow(event.vehicle_id, time.monotonic()):
+            self.metrics.dropped.labels(f"mqtt_{event.kind}", "rate_limited").inc()
             self.mqtt.ack(event)
             return
         handler(self, event)

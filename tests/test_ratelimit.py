@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-vehicle rate limits: a flooding car is cut back, honest cars are not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from gateway.ratelimit import RateLimiter
+from parkpool.settings import MqttConnection
+from producer.client import ParkpoolClient
+from producer.splitters import ChunkSpec
+from schemas import Capabilities, MqttTopics, PullRequest, encode
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, wait_for
+from worker.fleet import Fleet
+
+
+class TestTokenBucket:
+    """A burst is allowed, then the steady rate; memory is bounded however many ids."""
+
+    def test_burst_then_rate(self) -> None:
+        limiter = RateLimiter(rate_per_s=10, burst=5)
+        assert [limiter.allow("car", 0.0) for _ in range(6)] == [True] * 5 + [False]
+        assert limiter.allow("car", 0.1)  # one token back after 1/10 s
+        assert not limiter.allow("car", 0.1)
+        assert limiter.allow("other", 0.1)  # each car has its own bucket
+
+    def test_tokens_do_not_pile_up_beyond_the_burst(self) -> None:
+        limiter = RateLimiter(rate_per_s=10, burst=3)
+        limiter.allow("car", 0.0)
+        allowed = [limiter.allow("car", 3600.0) for _ in range(5)]
+        assert allowed == [True] * 3 + [False] * 2
+
+    def test_made_up_ids_cannot_grow_memory(self) -> None:
+        limiter = RateLimiter(rate_per_s=1, burst=1, max_keys=100)
+        for i in range(10_000):
+            limiter.allow(f"fake-{i}", 0.0)
+        assert len(limiter) == 100
+
+    def test_nonsense_settings_refused(self) -> None:
+        with pytest.raises(ValueError, match="positive rate"):
+            RateLimiter(rate_per_s=0, burst=1)
+
+
+@pytest.mark.integration
+class TestFloodingCar:
+    """One car flooding pulls is dropped and counted; the job still completes on the rest."""
+
+    def test_flood_is_cut_back_and_work_goes_on(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        gateway = gateway_factory(pull_rate=20.0)
+        fleet_factory(2)
+        flooder = RawMqtt(mqtt_conn, f"flooder-{namespace}")
+        topic = MqttTopics(namespace).pull("flooder")
+        pull = encode(PullRequest("flooder", 0, Capabilities("numpy", ("reduce",))))
+        # When one car sends 400 pulls as fast as it can
+        for _ in range(400):
+            flooder.client.publish(topic, pull, qos=0)
+        # Then most are dropped as rate-limited (a burst of 40 and 20/s get through)
+        dropped = (
+            "parkpool_gateway_dropped_total",
+            {"source": "mqtt_pull", "reason": "rate_limited"},
+        )
+        wait_for(lambda: gateway.metric(dropped[0], **dropped[1]) >= 300, 15, "the flood dropped")
+        # And a job on the honest cars completes with every chunk once
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(4, float(i))}) for i in range(10)]
+        handle = client.publish("reduce", chunks)
+        handle.wait(timeout=60)
+        assert sorted(c.chunk_id for c in handle.chunks(timeout=1)) == list(range(10))
+        flooder.close()
