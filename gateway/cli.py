@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from pathlib import Path
 from typing import Any
 
 from gateway.gateway import Gateway, GatewaySettings
@@ -106,6 +107,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--signing-key",
+        "PARKPOOL_SIGNING_KEY",
+        "",
+        "Ed25519 private key file (parkpool keys generate) that signs every assignment; "
+        "empty: unsigned (vehicles that trust a key will refuse the work)",
+    )
+    add_option(
+        p,
         "--metrics-addr",
         "PARKPOOL_METRICS_ADDR",
         "127.0.0.1",
@@ -128,6 +137,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         drain_seconds=args.drain_seconds,
         pull_rate=args.pull_rate,
         result_rate=args.result_rate,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
     )
 
 

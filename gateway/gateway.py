@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import structlog
@@ -36,6 +37,7 @@ from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook, VehicleView
 from parkpool.settings import KafkaConnection, MqttConnection
+from parkpool.signing import TaskSigner
 from schemas import (
     Assignment,
     AttemptRecord,
@@ -78,6 +80,7 @@ class GatewaySettings:
     pull_rate: float = 50.0
     result_rate: float = 50.0
     kafka_overrides: dict[str, object] = field(default_factory=dict)
+    signing_key: Path | None = None  # Ed25519 key that signs every assignment; None: unsigned
 
     @property
     def group(self) -> str:
@@ -103,6 +106,7 @@ class Gateway:
         self.leases = LeaseTable()
         self.vehicles = VehicleBook(settings.gateway_id)
         self.fleet = FleetStats(self.metrics.registry)
+        self.signer = TaskSigner.load(settings.signing_key) if settings.signing_key else None
         self._limits = {
             "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
             "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
@@ -431,6 +435,8 @@ class Gateway:
             lease_deadline=time.time() + self.settings.lease_seconds,
             task=task.raw,
         )
+        if self.signer is not None:
+            assignment = self.signer.sign(assignment)
         self.mqtt.send_assignment(vehicle_id, encode(assignment), self.settings.lease_seconds)
         self.metrics.tasks.labels("dispatched").inc()
         self._log.debug(

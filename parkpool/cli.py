@@ -8,7 +8,7 @@ import sys
 
 from broker_config import cli as brokers_cli
 from gateway import cli as gateway_cli
-from parkpool import top
+from parkpool import keys_cli, top
 from producer import cli as producer_cli
 from producer import dlq_cli
 from schemas import ParkpoolError
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     producer_cli.add_parser(commands)
     dlq_cli.add_parser(commands)
     top.add_parser(commands)
+    keys_cli.add_parser(commands)
     return parser
 
 

@@ -22,6 +22,7 @@ from parkpool import logs
 from parkpool.children import role, role_env
 from parkpool.settings import KafkaConnection
 from parkpool.signals import exit_on_sigterm
+from parkpool.signing import generate
 from producer.cli import follow
 from producer.client import ParkpoolClient, ProducerSettings
 
@@ -58,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         metrics_port = free_port()
         env = role_env(brokers, NAMESPACE)
-        gateway_args = ["gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)]
-        sim_args = ["sim", "--vehicles", str(args.vehicles)]
+        # Signed work, as in production: the cars run only what this gateway issued.
+        private, public = generate(run_dir / "keys")
+        gateway_args = [
+            *("gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)),
+            *("--signing-key", str(private)),
+        ]
+        sim_args = ["sim", "--vehicles", str(args.vehicles), "--trusted-keys", str(public)]
         with role("gateway", gateway_args, env, run_dir), role("fleet", sim_args, env, run_dir):
-            print(f"gateway and {args.vehicles} simulated vehicles started")
+            print(f"gateway and {args.vehicles} simulated vehicles started (work signed)")
             print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
             ok = run_job(args, brokers.kafka_bootstrap, metrics_port)
     print("all processes stopped")

@@ -149,6 +149,10 @@ class Assignment:
     attempt: int
     lease_deadline: float
     task: bytes
+    # Ed25519 over the fields above (see schemas.signing), with a fresh nonce, so a car
+    # runs only what a gateway issued, and a replayed assignment is recognised.
+    nonce: bytes = b""
+    signature: bytes = b""
 
     def __post_init__(self) -> None:
         _vehicle("gateway_id", self.gateway_id)
@@ -157,6 +161,9 @@ class Assignment:
         require_int("attempt", self.attempt, 1, 1_000_000)
         require_float("lease_deadline", self.lease_deadline)
         require_bytes("task", self.task)
+        for name in ("nonce", "signature"):
+            if len(require_bytes(name, getattr(self, name))) > 128:
+                raise _wrong(f"{name} is longer than 128 bytes")
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_option(p, "--backend", "PARKPOOL_BACKEND", "auto", "auto, cupy or numpy")
     add_option(
         p,
+        "--trusted-keys",
+        "PARKPOOL_TRUSTED_KEYS",
+        "",
+        "comma-separated public key files of the gateways allowed to issue work; "
+        "empty: unsigned work is accepted (development only)",
+    )
+    add_option(
+        p,
         "--gflops-per-s",
         "PARKPOOL_GFLOPS_PER_S",
         0.0,
@@ -109,6 +117,7 @@ def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:
         heartbeat_s=args.heartbeat_s,
         simulated_delay_s=args.simulated_delay_s,
         gflops_per_s=args.gflops_per_s,
+        trusted_keys=tuple(Path(p) for p in args.trusted_keys.split(",") if p.strip()),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from parkpool.settings import MqttConnection
 from schemas import Assignment, TaskChunk
@@ -24,6 +25,9 @@ class WorkerSettings:
     backend: str = "auto"
     simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
     gflops_per_s: float = 0.0  # the rate announced before any task was measured; 0 = unknown
+    # Public keys of the gateways allowed to issue work; empty: unsigned work is accepted
+    # (a development fleet). With keys, anything not signed by one of them is refused.
+    trusted_keys: tuple[Path, ...] = ()
 
     @property
     def capacity(self) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import random
 import threading
 import time
+from collections import Counter, OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +19,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client
+from parkpool.signing import TaskVerifier
 from schemas import (
     Assignment,
     Capabilities,
@@ -55,6 +57,7 @@ from worker.policy import RUN, Decision, Mode, OwnerPolicy
 from worker.runner import TaskRunner
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
+RECENT_LEASES = 4096  # remembered (gateway, epoch) pairs: far more than a car holds at once
 
 log = structlog.get_logger("parkpool.worker")
 
@@ -108,6 +111,9 @@ class VehicleWorker:
         self._rotation = 0
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(settings.concurrency)
+        self._verifier = TaskVerifier.load(settings.trusted_keys) if settings.trusted_keys else None
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()  # leases seen
+        self.rejected: Counter[str] = Counter()  # assignments refused: bad_signature, replayed
         self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -325,6 +331,8 @@ class VehicleWorker:
             # Without a readable epoch there is nothing to nack; the lease will expire.
             self._log.warning("assignment_malformed", reason=str(exc))
             return
+        if not self._authentic(assignment):
+            return
         with self._lock:
             last = self._seen.get(assignment.gateway_id, 0)
             self._seen[assignment.gateway_id] = max(last, assignment.epoch)
@@ -341,6 +349,28 @@ class VehicleWorker:
             self._held[assignment.epoch] = Held(assignment, task)
         self._log.debug("task_received", **task_context(assignment, task))
         self._pool.submit(self._run, assignment.epoch)
+
+    def _authentic(self, assignment: Assignment) -> bool:
+        """Issued by a trusted gateway, and not seen before: a car runs nothing else.
+
+        A bad signature is not nacked (the sender is not a gateway we trust, so it has no
+        lease to release); a replay is ignored (the lease it quotes was handled once).
+        """
+        if self._verifier is not None and not self._verifier.verify(assignment):
+            self.rejected["bad_signature"] += 1
+            self._log.warning("assignment_rejected", reason="bad_signature")
+            return False
+        key = (assignment.gateway_id, assignment.epoch)
+        with self._lock:
+            replayed = key in self._recent
+            self._recent[key] = None
+            if len(self._recent) > RECENT_LEASES:
+                self._recent.popitem(last=False)
+        if replayed:
+            self.rejected["replayed"] += 1
+            self._log.warning("assignment_rejected", reason="replayed", epoch=assignment.epoch)
+            return False
+        return True
 
     def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
         if self._stopping.is_set():

@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ed25519 keys for signed work: gateways sign assignments, vehicles verify them.
+
+Keys are files: a private key is the 32-byte seed in hex (mode 0600), a public key the
+32-byte key in hex. ``parkpool keys generate DIR`` writes a pair. Several public keys may
+be trusted at once, so a signing key can be rotated without a flag day.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from schemas.errors import ConfigError
+from schemas.messages import Assignment
+from schemas.signing import assignment_digest_input
+
+NONCE_BYTES = 16
+
+
+@dataclass(frozen=True)
+class TaskSigner:
+    """A gateway's signing key; its repr never shows the key."""
+
+    _key: Ed25519PrivateKey
+
+    def __repr__(self) -> str:
+        return "TaskSigner(<secret>)"
+
+    @classmethod
+    def load(cls, path: Path) -> TaskSigner:
+        seed = _read_hex(path, "private")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def public_key(self) -> bytes:
+        return self._key.public_key().public_bytes_raw()
+
+    def sign(self, assignment: Assignment) -> Assignment:
+        """The assignment with a fresh nonce and its signature."""
+        unsigned = replace(assignment, nonce=secrets.token_bytes(NONCE_BYTES), signature=b"")
+        signature = self._key.sign(assignment_digest_input(unsigned))
+        return replace(unsigned, signature=signature)
+
+
+@dataclass(frozen=True)
+class TaskVerifier:
+    """The public keys a vehicle trusts to issue its work."""
+
+    keys: tuple[Ed25519PublicKey, ...]
+
+    @classmethod
+    def load(cls, paths: Iterable[Path]) -> TaskVerifier:
+        keys = tuple(Ed25519PublicKey.from_public_bytes(_read_hex(p, "public")) for p in paths)
+        if not keys:
+            raise ConfigError("no trusted task-signing key given")
+        return cls(keys)
+
+    def verify(self, assignment: Assignment) -> bool:
+        if not assignment.signature or not assignment.nonce:
+            return False
+        message = assignment_digest_input(replace(assignment, signature=b""))
+        for key in self.keys:
+            try:
+                key.verify(assignment.signature, message)
+            except InvalidSignature:
+                continue
+            return True
+        return False
+
+
+def generate(directory: Path, name: str = "task-signing") -> tuple[Path, Path]:
+    """Write a new key pair: ``NAME.key`` (private, 0600) and ``NAME.pub``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key.private_bytes_raw().hex() + "\n")
+    public.write_text(key.public_key().public_bytes_raw().hex() + "\n")
+    return private, public
+
+
+def _read_hex(path: Path, kind: str) -> bytes:
+    try:
+        raw = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {kind} key {path}: {exc}") from exc
+    if len(raw) != 32:
+        raise ConfigError(f"{kind} key {path} must be 32 bytes in hex, not {len(raw)}")
+    return raw

@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What a gateway signs when it issues work: the canonical bytes of an assignment.
+
+Part of the wire contract, so any implementation of a vehicle can verify. The signature
+covers who issued it, to whom, under which lease (epoch, attempt, deadline), a fresh
+nonce, and a SHA-256 of the task bytes exactly as they travel; changing any of them
+breaks it. The primitive is Ed25519 (RFC 8032), with 32-byte public keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+
+from schemas.messages import Assignment
+
+ASSIGNMENT_DOMAIN = b"parkpool/assignment/v1\x00"  # never valid as another kind of message
+
+
+def assignment_digest_input(assignment: Assignment) -> bytes:
+    """The exact bytes an assignment's signature is computed over."""
+    fields = [
+        assignment.gateway_id,
+        assignment.vehicle_id,
+        assignment.epoch,
+        assignment.attempt,
+        assignment.lease_deadline,
+        assignment.nonce,
+        hashlib.sha256(assignment.task).digest(),
+    ]
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return ASSIGNMENT_DOMAIN + packed
