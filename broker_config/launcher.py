@@ -28,6 +28,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.errors import BrokerError, ConfigError
 
+from .auth import AuthStore
 from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray
 
 __all__ = ["LOOPBACK", "EmbeddedBrokers", "free_port", "kill_stray"]
@@ -73,6 +74,7 @@ class EmbeddedBrokers:
         *,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        auth: bool = False,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -80,6 +82,7 @@ class EmbeddedBrokers:
             raise ConfigError(f"mosquitto.conf cannot hold a run dir with spaces: {self.run_dir}")
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.auth = AuthStore(self.run_dir / "auth") if auth else None
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
 
@@ -163,9 +166,23 @@ class EmbeddedBrokers:
         conf = self.run_dir / "mosquitto.conf"
         template = resources.files("broker_config").joinpath("mosquitto.conf").read_text()
         user = pwd.getpwuid(os.geteuid()).pw_name
-        conf.write_text(template.format(port=port, run_dir=self.run_dir, user=user))
+        conf.write_text(
+            template.format(port=port, run_dir=self.run_dir, user=user, auth=self._auth_lines())
+        )
         logs = (self.run_dir / "mosquitto.out", self.run_dir / "mosquitto.log")
         return BrokerProcess("mosquitto", [mosquitto_binary(), "-c", str(conf)], port, logs)
+
+    def _auth_lines(self) -> str:
+        if self.auth is None:
+            return "allow_anonymous true"
+        self.auth.init()
+        return (
+            f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
+        )
+
+    def reload_mosquitto(self) -> None:
+        """Make Mosquitto re-read its password and ACL files (after enroll or revoke)."""
+        os.kill(self._require(self._mqtt).popen.pid, signal.SIGHUP)  # type: ignore[union-attr]
 
     def _launch(self, child: BrokerProcess, deadline: float) -> BrokerProcess:
         child.spawn()

@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-vehicle MQTT identities and the ACL that isolates them, for Mosquitto.
+
+Every vehicle logs in with its own username (its vehicle id) and password; gateways have
+their own, privileged identities. The ACL uses Mosquitto's ``%u`` substitution, so one
+pattern confines every car to its own topics (docs/SECURITY.md):
+it may read only ``<ns>/v/<its id>/task`` and the gateways' announcements, and write
+only its own pull, status, result, nack and heartbeat topics.
+
+The store is a directory: ``passwd`` (Mosquitto's ``$7$`` PBKDF2-SHA512 hashes, as
+``mosquitto_passwd`` writes them), ``acl``, and ``secrets/<id>`` (mode 0600) holding each
+identity's password for provisioning. After a change Mosquitto must re-read the files
+(SIGHUP); a revoked car keeps its current connection but cannot connect again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+from schemas.errors import ConfigError
+
+ITERATIONS = 101  # what mosquitto_passwd uses for $7$
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+ACL = """\
+# parkpool: every client sees only what its role needs (broker_config/auth.py).
+# Vehicles: %u is the vehicle id they logged in with.
+pattern read +/v/%u/task
+pattern read +/gw/+/status
+pattern write +/v/%u/pull
+pattern write +/v/%u/status
+pattern write +/v/%u/result/+
+pattern write +/v/%u/nack/+
+pattern write +/v/%u/heartbeat/+
+"""
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """A Mosquitto 2 password-file hash: ``$7$<iterations>$<salt>$<PBKDF2-SHA512>``."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, ITERATIONS, 64)
+    encode = base64.b64encode
+    return f"$7${ITERATIONS}${encode(salt).decode()}${encode(digest).decode()}"
+
+
+class AuthStore:
+    """The password file, the ACL and the provisioning secrets in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.passwd = directory / "passwd"
+        self.acl = directory / "acl"
+        self._secrets = directory / "secrets"
+
+    def init(self) -> AuthStore:
+        self._secrets.mkdir(parents=True, exist_ok=True)
+        if not self.passwd.exists():
+            self._write(self.passwd, "")
+        self._write_acl()
+        return self
+
+    def enroll(self, identity: str) -> str:
+        """Create (or replace) an identity's password; returns it for provisioning."""
+        _check(identity)
+        password = secrets.token_urlsafe(24)
+        entries = self._entries()
+        entries[identity] = hash_password(password)
+        self._save(entries)
+        self._write(self._secrets / identity, password + "\n")
+        return password
+
+    def add_gateway(self, identity: str) -> str:
+        """A gateway identity: may read and write every topic."""
+        password = self.enroll(identity)
+        gateways = set(self._gateways()) | {identity}
+        self._write(self.directory / "gateways", "".join(f"{g}\n" for g in sorted(gateways)))
+        self._write_acl()
+        return password
+
+    def revoke(self, identity: str) -> bool:
+        """Remove an identity; True if it existed."""
+        entries = self._entries()
+        existed = entries.pop(identity, None) is not None
+        self._save(entries)
+        (self._secrets / identity).unlink(missing_ok=True)
+        return existed
+
+    def password(self, identity: str) -> str:
+        try:
+            return (self._secrets / identity).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{identity} is not enrolled in {self.directory}") from exc
+
+    def enrolled(self) -> list[str]:
+        return sorted(self._entries())
+
+    def _gateways(self) -> list[str]:
+        path = self.directory / "gateways"
+        return path.read_text().split() if path.exists() else []
+
+    def _write_acl(self) -> None:
+        sections = "".join(f"\nuser {g}\ntopic readwrite #\n" for g in self._gateways())
+        self._write(self.acl, ACL + sections)
+
+    def _entries(self) -> dict[str, str]:
+        if not self.passwd.exists():
+            return {}
+        lines = (line.split(":", 1) for line in self.passwd.read_text().splitlines() if line)
+        return {name: hashed for name, hashed in lines}
+
+    def _save(self, entries: dict[str, str]) -> None:
+        self._write(self.passwd, "".join(f"{n}:{h}\n" for n, h in sorted(entries.items())))
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        # Write aside and rename, so Mosquitto never reads half a file on SIGHUP.
+        temp = path.with_name(path.name + ".tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+
+
+def _check(identity: str) -> None:
+    if not _ID.match(identity):
+        raise ConfigError(f"an identity must match {_ID.pattern}, not {identity!r}")

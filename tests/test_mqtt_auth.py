@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-vehicle identity and isolation on the real Mosquitto, checked from outside with
+the Debian ``mosquitto_pub`` and ``mosquitto_sub`` clients, not our own code."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_config.auth import AuthStore, hash_password
+from broker_config.launcher import EmbeddedBrokers
+
+pytestmark = pytest.mark.integration
+NS = "sec"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrokers]:
+    with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("secured"), auth=True) as brokers:
+        assert brokers.auth is not None
+        for car in ("car-a", "car-b", "car-c"):
+            brokers.auth.enroll(car)
+        brokers.auth.add_gateway("gw-sec")
+        brokers.reload_mosquitto()
+        time.sleep(0.5)  # SIGHUP is handled on the broker's next loop
+        yield brokers
+
+
+def _login(brokers: EmbeddedBrokers, who: str | None) -> list[str]:
+    base = ["-h", brokers.mqtt_host, "-p", str(brokers.mqtt_port), "-V", "mqttv5"]
+    if who is None:
+        return base
+    assert brokers.auth is not None
+    return [*base, "-u", who, "-P", brokers.auth.password(who), "-i", f"{who}-{time.time_ns()}"]
+
+
+def publish(brokers: EmbeddedBrokers, who: str | None, topic: str, message: str) -> int:
+    cmd = ["mosquitto_pub", *_login(brokers, who), "-t", topic, "-m", message, "-q", "1"]
+    return subprocess.run(cmd, check=False, capture_output=True, timeout=15).returncode
+
+
+class Listener:
+    """mosquitto_sub in the background, collecting what one identity receives."""
+
+    def __init__(self, brokers: EmbeddedBrokers, who: str, topic: str) -> None:
+        cmd = ["mosquitto_sub", *_login(brokers, who), "-t", topic, "-q", "1", "-v"]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # connected and subscribed
+
+    def stop(self) -> tuple[str, str]:
+        self.process.terminate()
+        out, err = self.process.communicate(timeout=10)
+        return out.decode(), err.decode()
+
+
+class TestPasswordFile:
+    """Our hashes are the ones mosquitto_passwd writes."""
+
+    def test_same_scheme_as_mosquitto_passwd(self, tmp_path: Path) -> None:
+        path = tmp_path / "pw"
+        subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "u", "secret"], check=True)
+        theirs = path.read_text().strip().split(":", 1)[1]
+        _, scheme, iterations, salt, _digest = theirs.split("$")
+        ours = hash_password("secret", base64.b64decode(salt))
+        # PBKDF2-HMAC-SHA512, 101 rounds: the same bytes for the same salt
+        assert (scheme, iterations) == ("7", "101") and ours == theirs
+
+
+class TestIsolation:
+    """Anonymous clients are refused; each car reaches only its own topics."""
+
+    def test_anonymous_is_refused(self, secured: EmbeddedBrokers) -> None:
+        assert publish(secured, None, f"{NS}/v/car-a/pull", "hi") != 0
+
+    def test_wrong_password_is_refused(self, secured: EmbeddedBrokers) -> None:
+        cmd = [
+            "mosquitto_pub",
+            *_login(secured, None),
+            *("-u", "car-a", "-P", "guess", "-t", f"{NS}/v/car-a/pull", "-m", "x"),
+        ]
+        assert subprocess.run(cmd, check=False, capture_output=True, timeout=15).returncode != 0
+
+    def test_car_cannot_read_another_cars_tasks(self, secured: EmbeddedBrokers) -> None:
+        # Given car A listening on car B's task topic, and B on its own
+        spy = Listener(secured, "car-a", f"{NS}/v/car-b/task")
+        owner = Listener(secured, "car-b", f"{NS}/v/car-b/task")
+        # When the gateway sends B a task
+        assert publish(secured, "gw-sec", f"{NS}/v/car-b/task", "task-for-b") == 0
+        time.sleep(1.0)
+        spied, _ = spy.stop()
+        received, _ = owner.stop()
+        # Then only B gets it
+        assert "task-for-b" in received
+        assert "task-for-b" not in spied
+
+    def test_car_cannot_write_another_cars_results(self, secured: EmbeddedBrokers) -> None:
+        gateway = Listener(secured, "gw-sec", f"{NS}/v/+/result/+")
+        # When A publishes on B's result topic, and on its own
+        publish(secured, "car-a", f"{NS}/v/car-b/result/gw-sec", "forged")
+        assert publish(secured, "car-a", f"{NS}/v/car-a/result/gw-sec", "honest") == 0
+        time.sleep(1.0)
+        seen, _ = gateway.stop()
+        # Then the gateway receives only A's own
+        assert f"{NS}/v/car-a/result/gw-sec honest" in seen
+        assert "forged" not in seen
+
+    def test_revoked_car_cannot_connect_again(self, secured: EmbeddedBrokers) -> None:
+        assert secured.auth is not None
+        assert publish(secured, "car-c", f"{NS}/v/car-c/status", "here") == 0
+        password = secured.auth.password("car-c")
+        assert secured.auth.revoke("car-c")
+        secured.reload_mosquitto()
+        time.sleep(0.5)
+        cmd = [
+            "mosquitto_pub",
+            *_login(secured, None),
+            *("-u", "car-c", "-P", password, "-t", f"{NS}/v/car-c/status", "-m", "back"),
+        ]
+        assert subprocess.run(cmd, check=False, capture_output=True, timeout=15).returncode != 0
+
+
+class TestStore:
+    """Identities are validated and their secrets kept private."""
+
+    def test_bad_identity_refused_and_secrets_private(self, tmp_path: Path) -> None:
+        store = AuthStore(tmp_path / "auth").init()
+        with pytest.raises(Exception, match="identity must match"):
+            store.enroll("car/../x")
+        store.enroll("car-1")
+        assert store.enrolled() == ["car-1"]
+        assert (tmp_path / "auth" / "secrets" / "car-1").stat().st_mode & 0o077 == 0
