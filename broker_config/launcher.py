@@ -176,9 +176,7 @@ class EmbeddedBrokers:
         if self.auth is None:
             return "allow_anonymous true"
         self.auth.init()
-        return (
-            f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
-        )
+        return f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
 
     def reload_mosquitto(self) -> None:
         """Make Mosquitto re-read its password and ACL files (after enroll or revoke)."""

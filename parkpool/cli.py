@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from broker_config import cli as brokers_cli
+from broker_config import fleet_cli
 from gateway import cli as gateway_cli
 from parkpool import keys_cli, top
 from producer import cli as producer_cli
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_cli.add_parser(commands)
     top.add_parser(commands)
     keys_cli.add_parser(commands)
+    fleet_cli.add_parser(commands)
     return parser
 
 

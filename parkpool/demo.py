@@ -55,23 +55,43 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(".run/demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"starting embedded Tansu and Mosquitto (logs in {run_dir}/)")
-    with EmbeddedBrokers(run_dir=run_dir) as brokers:
+    with EmbeddedBrokers(run_dir=run_dir, auth=True) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         metrics_port = free_port()
         env = role_env(brokers, NAMESPACE)
+        gateway_env = {**env, **_enroll(brokers, args.vehicles)}
         # Signed work, as in production: the cars run only what this gateway issued.
         private, public = generate(run_dir / "keys")
         gateway_args = [
             *("gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)),
             *("--signing-key", str(private)),
         ]
-        sim_args = ["sim", "--vehicles", str(args.vehicles), "--trusted-keys", str(public)]
-        with role("gateway", gateway_args, env, run_dir), role("fleet", sim_args, env, run_dir):
-            print(f"gateway and {args.vehicles} simulated vehicles started (work signed)")
+        sim_args = [
+            *("sim", "--vehicles", str(args.vehicles), "--trusted-keys", str(public)),
+            *("--auth-dir", str(run_dir / "auth")),
+        ]
+        with (
+            role("gateway", gateway_args, gateway_env, run_dir),
+            role("fleet", sim_args, env, run_dir),
+        ):
+            print(
+                f"gateway and {args.vehicles} simulated vehicles started "
+                "(each car with its own MQTT login and ACL; work signed)"
+            )
             print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
             ok = run_job(args, brokers.kafka_bootstrap, metrics_port)
     print("all processes stopped")
     return 0 if ok else 1
+
+
+def _enroll(brokers: EmbeddedBrokers, vehicles: int) -> dict[str, str]:
+    """Every car and the gateway get their own MQTT identity; returns the gateway's login."""
+    assert brokers.auth is not None
+    for n in range(1, vehicles + 1):
+        brokers.auth.enroll(f"car-{n:05d}")
+    password = brokers.auth.add_gateway("demo-gw")
+    brokers.reload_mosquitto()
+    return {"PARKPOOL_MQTT_USERNAME": "demo-gw", "PARKPOOL_MQTT_PASSWORD": password}
 
 
 def run_job(args: argparse.Namespace, bootstrap_servers: str, metrics_port: int) -> bool:

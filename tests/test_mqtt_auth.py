@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +135,32 @@ class TestStore:
         store.enroll("car-1")
         assert store.enrolled() == ["car-1"]
         assert (tmp_path / "auth" / "secrets" / "car-1").stat().st_mode & 0o077 == 0
+
+
+class TestFleetCommand:
+    """``parkpool fleet enroll`` lets a car in; ``revoke`` shuts it out at its next connect."""
+
+    def test_enroll_then_revoke(self, secured: EmbeddedBrokers) -> None:
+        assert secured.auth is not None
+        options = [
+            *("--auth-dir", str(secured.auth.directory)),
+            *("--broker-pid", str(secured.pids["mosquitto"])),
+        ]
+        cli = [sys.executable, "-m", "parkpool.cli", "fleet"]
+        enrolled = subprocess.run(
+            [*cli, "enroll", "car-d", *options], check=True, capture_output=True, text=True
+        )
+        password = enrolled.stdout.strip()
+        time.sleep(0.5)
+        login = [*_login(secured, None), "-u", "car-d", "-P", password]
+        status = [*login, "-t", f"{NS}/v/car-d/status", "-m", "here"]
+        assert _pub(status) == 0
+        subprocess.run([*cli, "revoke", "car-d", *options], check=True, capture_output=True)
+        time.sleep(0.5)
+        assert _pub(status) != 0
+
+
+def _pub(args: list[str]) -> int:
+    return subprocess.run(
+        ["mosquitto_pub", *args], check=False, capture_output=True, timeout=15
+    ).returncode

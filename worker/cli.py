@@ -8,11 +8,13 @@ import json
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from broker_config.auth import AuthStore
 from parkpool import logs
 from parkpool.settings import add_mqtt_options, add_namespace_option, add_option, mqtt_from_args
 from parkpool.signals import stop_event
@@ -68,6 +70,13 @@ def add_parser(subparsers: Any) -> None:
         sim, "--sim-hours", "PARKPOOL_SIM_HOURS", 24.0, "simulated hours; 0: until stopped", float
     )
     add_option(sim, "--owner-policy", "PARKPOOL_OWNER_POLICY", "", "TOML of policy changes")
+    add_option(
+        sim,
+        "--auth-dir",
+        "PARKPOOL_AUTH_DIR",
+        "",
+        "auth store with each simulated car's enrolled credentials (parkpool fleet enroll)",
+    )
     sim.set_defaults(func=run_sim)
 
 
@@ -146,7 +155,8 @@ def run_sim(args: argparse.Namespace) -> int:
     stop = stop_event()
     if args.realistic:
         return _run_realistic(args, stop)
-    fleet = Fleet(_settings(args, f"{args.prefix}-0"), prefix=args.prefix)
+    login = _login(args.auth_dir)
+    fleet = Fleet(_settings(args, f"{args.prefix}-0"), prefix=args.prefix, login=login)
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)
     stop.wait()
@@ -162,3 +172,10 @@ def _run_realistic(args: argparse.Namespace, stop: threading.Event) -> int:
     log.info("realistic_sim_started", vehicles=plan.vehicles, time_scale=plan.scale)
     print(json.dumps(sim.run(stop)), flush=True)
     return 0
+
+
+def _login(auth_dir: str) -> Callable[[str], str] | None:
+    """Each simulated car's own password, from the auth store it was enrolled in."""
+    if not auth_dir:
+        return None
+    return AuthStore(Path(auth_dir)).password

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from parkpool.settings import Secret
 from schemas import ParkpoolError
 from worker.backend import Backend, select_backend
 from worker.carstate import CarSignals
@@ -38,6 +39,7 @@ class Fleet:
         car: Callable[[str], CarSignals] | None = None,
         policy: PolicyConfig | None = None,
         timebase: TimeBase = REAL_TIME,
+        login: Callable[[str], str] | None = None,
     ) -> None:
         """``car(vehicle_id)``, when given, makes each vehicle's signals, and each vehicle
         gets its own owner policy (``policy`` settings) reading them on ``timebase``."""
@@ -46,6 +48,7 @@ class Fleet:
         self.car = car
         self.policy = policy or PolicyConfig()
         self.timebase = timebase
+        self.login = login  # vehicle id -> its MQTT password (username = vehicle id)
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
@@ -91,6 +94,10 @@ class Fleet:
     def _make(self) -> VehicleWorker:
         self._serial += 1
         settings = replace(self.template, vehicle_id=f"{self.prefix}-{self._serial:05d}")
+        if self.login is not None:
+            password = Secret(self.login(settings.vehicle_id))
+            mqtt = replace(settings.mqtt, username=settings.vehicle_id, password=password)
+            settings = replace(settings, mqtt=mqtt)
         car = self.car(settings.vehicle_id) if self.car else None
         return VehicleWorker(
             settings,
