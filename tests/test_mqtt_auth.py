@@ -8,13 +8,29 @@ import base64
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from broker_config.auth import AuthStore, hash_password
 from broker_config.launcher import EmbeddedBrokers
+from parkpool.settings import MqttConnection
+from producer.client import ParkpoolClient
+from producer.splitters import ChunkSpec
+from schemas import (
+    Assignment,
+    Capabilities,
+    MqttTopics,
+    PullRequest,
+    Result,
+    TaskChunk,
+    decode,
+    encode,
+)
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, wait_for
 
 pytestmark = pytest.mark.integration
 NS = "sec"
@@ -164,3 +180,74 @@ def _pub(args: list[str]) -> int:
     return subprocess.run(
         ["mosquitto_pub", *args], check=False, capture_output=True, timeout=15
     ).returncode
+
+
+class TestForgedResultFromOutside:
+    """A forged result injected with mosquitto_pub on the gateway's result topic is
+    dropped and counted, and does not complete the task."""
+
+    def test_forged_result_is_fenced(
+        self,
+        brokers: EmbeddedBrokers,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+        tmp_path: Path,
+    ) -> None:
+        # Given a scripted car that holds the lease of the only chunk
+        gateway = gateway_factory(lease_seconds=300)
+        topics = MqttTopics(namespace)
+        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
+        holder.subscribe(topics.task("holder"))
+        handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+        caps = Capabilities("numpy", ("reduce",))
+        holder.publish(
+            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
+        )
+        lease = decode(
+            wait_for(lambda: holder.received and holder.received[0], 30, "a lease").payload,
+            Assignment,
+        )
+        task = decode(lease.task, TaskChunk)
+        # When an outsider publishes a result for it, quoting a wrong epoch, from a file
+        forged = Result(
+            task.job_id,
+            0,
+            1,
+            "holder",
+            "gw1",
+            lease.epoch + 1,
+            1,
+            {"value": np.array(42.0)},
+            0.1,
+            time.time(),
+            task.created_at,
+        )
+        payload = tmp_path / "forged.msgpack"
+        payload.write_bytes(encode(forged))
+        target = ["-h", brokers.mqtt_host, "-p", str(brokers.mqtt_port), "-V", "mqttv5"]
+        sent = subprocess.run(
+            [
+                "mosquitto_pub",
+                *target,
+                "-t",
+                topics.result("holder", "gw1"),
+                "-f",
+                str(payload),
+                "-q",
+                "1",
+            ],
+            check=False,
+            capture_output=True,
+            timeout=15,
+        )
+        assert sent.returncode == 0
+        # Then the gateway drops it as fenced, and the chunk is still not done
+        dropped = {"source": "mqtt_result", "reason": "stale_or_fenced"}
+        wait_for(
+            lambda: gateway.metric("parkpool_gateway_dropped_total", **dropped) == 1, 10, "drop"
+        )
+        assert handle.progress.done == 0
+        assert gateway.metric("parkpool_gateway_tasks_total", status="completed") == 0
+        holder.close()
