@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-packages demo test bench chaos lint format mypy clean gpu-check gpu-bundle
+.PHONY: all setup system-packages demo test bench chaos certs lint format mypy clean gpu-check gpu-bundle
 
 all: lint mypy test
 
@@ -38,6 +38,10 @@ bench: setup
 
 chaos: setup
 	$(PY) -m tests.chaos
+
+# A local CA plus broker and client certificates for development (docs/SECURITY.md).
+certs: setup
+	$(PY) -m broker_config.certs .run/certs gateway car-00001 car-00002
 
 # The GPU check runs where only Python 3.12, NumPy and CuPy are installed (no network, no
 # virtualenv): `make gpu-bundle` here, then carry .gpu-bundle and run `make gpu-check` there.

@@ -75,6 +75,7 @@ class EmbeddedBrokers:
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         auth: bool = False,
+        tls_dir: Path | None = None,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -83,6 +84,8 @@ class EmbeddedBrokers:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.auth = AuthStore(self.run_dir / "auth") if auth else None
+        self.tls_dir = tls_dir  # ca.pem, server.pem, server.key (broker_config.certs)
+        self.mqtt_tls_port = 0
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
 
@@ -167,7 +170,13 @@ class EmbeddedBrokers:
         template = resources.files("broker_config").joinpath("mosquitto.conf").read_text()
         user = pwd.getpwuid(os.geteuid()).pw_name
         conf.write_text(
-            template.format(port=port, run_dir=self.run_dir, user=user, auth=self._auth_lines())
+            template.format(
+                port=port,
+                run_dir=self.run_dir,
+                user=user,
+                auth=self._auth_lines(),
+                tls=self._tls_lines(),
+            )
         )
         logs = (self.run_dir / "mosquitto.out", self.run_dir / "mosquitto.log")
         return BrokerProcess("mosquitto", [mosquitto_binary(), "-c", str(conf)], port, logs)
@@ -177,6 +186,24 @@ class EmbeddedBrokers:
             return "allow_anonymous true"
         self.auth.init()
         return f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
+
+    def _tls_lines(self) -> str:
+        """A second listener with mutual TLS; the certificate's CN is the username."""
+        if self.tls_dir is None:
+            return ""
+        self.mqtt_tls_port = self.mqtt_tls_port or free_port()
+        d = self.tls_dir.resolve()
+        return "\n".join(
+            (
+                f"listener {self.mqtt_tls_port} 127.0.0.1",
+                f"cafile {d / 'ca.pem'}",
+                f"certfile {d / 'server.pem'}",
+                f"keyfile {d / 'server.key'}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "",
+            )
+        )
 
     def reload_mosquitto(self) -> None:
         """Make Mosquitto re-read its password and ACL files (after enroll or revoke)."""

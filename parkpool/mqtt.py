@@ -40,6 +40,10 @@ def new_client(
     )
     if conn.username:
         client.username_pw_set(conn.username, conn.password.value or None)
+    if conn.tls_ca:
+        client.tls_set(
+            ca_certs=conn.tls_ca, certfile=conn.tls_cert or None, keyfile=conn.tls_key or None
+        )
     if will is not None:
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     # Short retry delays: a vehicle or gateway that lost the broker should be back at once.

@@ -93,6 +93,11 @@ class MqttConnection:
     username: str = ""
     password: Secret = Secret("")
     keepalive: int = 15
+    # TLS: the CA that signed the broker's certificate; with a client certificate and key
+    # too, mutual TLS (the certificate's common name is then the identity).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 def add_kafka_options(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +123,9 @@ def add_mqtt_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--mqtt-port", "PARKPOOL_MQTT_PORT", 1883, "MQTT broker port", int)
     add_option(parser, "--mqtt-username", "PARKPOOL_MQTT_USERNAME", "", "MQTT user name")
     add_option(parser, "--mqtt-password", "PARKPOOL_MQTT_PASSWORD", "", "MQTT password")
+    add_option(parser, "--mqtt-tls-ca", "PARKPOOL_MQTT_TLS_CA", "", "CA file: connect with TLS")
+    add_option(parser, "--mqtt-tls-cert", "PARKPOOL_MQTT_TLS_CERT", "", "client certificate")
+    add_option(parser, "--mqtt-tls-key", "PARKPOOL_MQTT_TLS_KEY", "", "client certificate key")
 
 
 def add_namespace_option(parser: argparse.ArgumentParser) -> None:
@@ -140,4 +148,7 @@ def mqtt_from_args(args: argparse.Namespace) -> MqttConnection:
         port=args.mqtt_port,
         username=args.mqtt_username,
         password=Secret(args.mqtt_password),
+        tls_ca=args.mqtt_tls_ca,
+        tls_cert=args.mqtt_tls_cert,
+        tls_key=args.mqtt_tls_key,
     )
