@@ -22,6 +22,7 @@ import re
 import secrets
 from pathlib import Path
 
+from parkpool.signing import generate
 from schemas.errors import ConfigError
 
 ITERATIONS = 101  # what mosquitto_passwd uses for $7$
@@ -74,6 +75,22 @@ class AuthStore:
         self._write(self._secrets / identity, password + "\n")
         return password
 
+    def enroll_vehicle(self, vehicle_id: str) -> str:
+        """A car's login plus its own result-signing key: the public half goes to
+        ``keys/`` for gateways (``--vehicle-keys``), the private half to ``secrets/``."""
+        password = self.enroll(vehicle_id)
+        generate(self.directory / "keys", vehicle_id)
+        private = self.directory / "keys" / f"{vehicle_id}.key"
+        os.replace(private, self._secrets / f"{vehicle_id}.key")
+        return password
+
+    def signing_key(self, vehicle_id: str) -> Path:
+        return self._secrets / f"{vehicle_id}.key"
+
+    @property
+    def vehicle_keys(self) -> Path:
+        return self.directory / "keys"
+
     def add_gateway(self, identity: str) -> str:
         """A gateway identity: may read and write every topic."""
         password = self.enroll(identity)
@@ -88,6 +105,8 @@ class AuthStore:
         existed = entries.pop(identity, None) is not None
         self._save(entries)
         (self._secrets / identity).unlink(missing_ok=True)
+        (self._secrets / f"{identity}.key").unlink(missing_ok=True)
+        (self.directory / "keys" / f"{identity}.pub").unlink(missing_ok=True)
         return existed
 
     def password(self, identity: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def _reload(args: argparse.Namespace) -> None:
 
 
 def run_enroll(args: argparse.Namespace) -> int:
-    print(_store(args).enroll(args.identity))
+    store = _store(args)
+    print(store.enroll_vehicle(args.identity))
+    print(f"result-signing key: {store.signing_key(args.identity)}", file=sys.stderr)
     _reload(args)
     return 0
 

@@ -115,6 +115,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--vehicle-keys",
+        "PARKPOOL_VEHICLE_KEYS",
+        "",
+        "directory of enrolled cars' public keys (<id>.pub); results must carry a valid "
+        "signature by their car; empty: results are not signed",
+    )
+    add_option(
+        p,
         "--metrics-addr",
         "PARKPOOL_METRICS_ADDR",
         "127.0.0.1",
@@ -138,6 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         pull_rate=args.pull_rate,
         result_rate=args.result_rate,
         signing_key=Path(args.signing_key) if args.signing_key else None,
+        vehicle_keys=Path(args.vehicle_keys) if args.vehicle_keys else None,
     )
 
 

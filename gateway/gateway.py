@@ -37,7 +37,7 @@ from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook, VehicleView
 from parkpool.settings import KafkaConnection, MqttConnection
-from parkpool.signing import TaskSigner
+from parkpool.signing import TaskSigner, VehicleKeys
 from schemas import (
     Assignment,
     AttemptRecord,
@@ -81,6 +81,7 @@ class GatewaySettings:
     result_rate: float = 50.0
     kafka_overrides: dict[str, object] = field(default_factory=dict)
     signing_key: Path | None = None  # Ed25519 key that signs every assignment; None: unsigned
+    vehicle_keys: Path | None = None  # enrolled cars' public keys; results must be signed
 
     @property
     def group(self) -> str:
@@ -107,6 +108,7 @@ class Gateway:
         self.vehicles = VehicleBook(settings.gateway_id)
         self.fleet = FleetStats(self.metrics.registry)
         self.signer = TaskSigner.load(settings.signing_key) if settings.signing_key else None
+        self.vehicle_keys = VehicleKeys(settings.vehicle_keys) if settings.vehicle_keys else None
         self._limits = {
             "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
             "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
@@ -296,7 +298,7 @@ class Gateway:
     def _on_result(self, event: MqttEvent) -> None:
         result = self._decode(event, Result)
         lease = self._lease_for(event, result)
-        if lease is None:
+        if lease is None or not self._signed_by_its_vehicle(result):
             self.mqtt.ack(event)
             return
         self.leases.end(lease.epoch)
@@ -332,6 +334,20 @@ class Gateway:
         self._log.debug(
             "task_completed", **task.log_context(), vehicle_id=lease.vehicle_id, epoch=lease.epoch
         )
+
+    def _signed_by_its_vehicle(self, result: Result | None) -> bool:
+        """With enrolled keys, a result counts only if its car signed it; a forgery leaves
+        the lease alone, so the real car's result can still come."""
+        if self.vehicle_keys is None or result is None:
+            return True
+        refusal = self.vehicle_keys.check(result)
+        if refusal is not None:
+            self.metrics.dropped.labels("mqtt_result", refusal).inc()
+            self._log.warning(
+                "result_refused", reason=refusal, vehicle_id=result.vehicle_id, epoch=result.epoch
+            )
+            return False
+        return True
 
     def _on_nack(self, event: MqttEvent) -> None:
         nack = self._decode(event, Nack)

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway_args = [
             *("gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)),
             *("--signing-key", str(private)),
+            *("--vehicle-keys", str(run_dir / "auth" / "keys")),
         ]
         sim_args = [
             *("sim", "--vehicles", str(args.vehicles), "--trusted-keys", str(public)),
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(
                 f"gateway and {args.vehicles} simulated vehicles started "
-                "(each car with its own MQTT login and ACL; work signed)"
+                "(each car with its own MQTT login and ACL; work and results signed)"
             )
             print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
             ok = run_job(args, brokers.kafka_bootstrap, metrics_port)
@@ -88,7 +89,7 @@ def _enroll(brokers: EmbeddedBrokers, vehicles: int) -> dict[str, str]:
     """Every car and the gateway get their own MQTT identity; returns the gateway's login."""
     assert brokers.auth is not None
     for n in range(1, vehicles + 1):
-        brokers.auth.enroll(f"car-{n:05d}")
+        brokers.auth.enroll_vehicle(f"car-{n:05d}")
     password = brokers.auth.add_gateway("demo-gw")
     brokers.reload_mosquitto()
     return {"PARKPOOL_MQTT_USERNAME": "demo-gw", "PARKPOOL_MQTT_PASSWORD": password}

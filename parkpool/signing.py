@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Ed25519 keys for signed work: gateways sign assignments, vehicles verify them.
+"""Ed25519 keys for signed work: gateways sign assignments and vehicles verify them;
+vehicles sign results with their own keys and gateways verify those.
 
 Keys are files: a private key is the 32-byte seed in hex (mode 0600), a public key the
 32-byte key in hex. ``parkpool keys generate DIR`` writes a pair. Several public keys may
@@ -18,8 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from schemas.errors import ConfigError
-from schemas.messages import Assignment
-from schemas.signing import assignment_digest_input
+from schemas.messages import Assignment, Result
+from schemas.signing import assignment_digest_input, result_digest_input
 
 NONCE_BYTES = 16
 
@@ -72,6 +73,54 @@ class TaskVerifier:
                 continue
             return True
         return False
+
+
+@dataclass(frozen=True)
+class ResultSigner:
+    """A vehicle's own key, which signs its results; its repr never shows the key."""
+
+    _key: Ed25519PrivateKey
+
+    def __repr__(self) -> str:
+        return "ResultSigner(<secret>)"
+
+    @classmethod
+    def load(cls, path: Path) -> ResultSigner:
+        return cls(Ed25519PrivateKey.from_private_bytes(_read_hex(path, "private")))
+
+    def sign(self, result: Result) -> Result:
+        unsigned = replace(result, signature=b"")
+        return replace(unsigned, signature=self._key.sign(result_digest_input(unsigned)))
+
+
+class VehicleKeys:
+    """The public keys of enrolled vehicles (``<dir>/<vehicle id>.pub``), read on first
+    use; a gateway checks every result against its sender's key."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._keys: dict[str, Ed25519PublicKey | None] = {}
+
+    def check(self, result: Result) -> str | None:
+        """None when the result is signed by its vehicle's key, else why not."""
+        key = self._key(result.vehicle_id)
+        if key is None:
+            return "unknown_vehicle_key"
+        try:
+            key.verify(result.signature, result_digest_input(replace(result, signature=b"")))
+        except InvalidSignature:
+            return "bad_signature"
+        return None
+
+    def _key(self, vehicle_id: str) -> Ed25519PublicKey | None:
+        if vehicle_id not in self._keys:
+            path = self.directory / f"{vehicle_id}.pub"
+            try:
+                raw = _read_hex(path, "public")
+            except ConfigError:
+                return None  # not enrolled (yet): not cached, so enrolling takes effect
+            self._keys[vehicle_id] = Ed25519PublicKey.from_public_bytes(raw)
+        return self._keys[vehicle_id]
 
 
 def generate(directory: Path, name: str = "task-signing") -> tuple[Path, Path]:

@@ -182,6 +182,9 @@ class Result:
     exec_seconds: float
     finished_at: float
     task_created_at: float  # copied from the task, so callers can measure end-to-end latency
+    # Ed25519 by the vehicle's own key over everything above (schemas.signing); empty when
+    # the vehicle has no key. A gateway that knows the car's key drops a result without it.
+    signature: bytes = b""
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -195,6 +198,8 @@ class Result:
         require_float("exec_seconds", self.exec_seconds)
         require_float("finished_at", self.finished_at)
         require_float("task_created_at", self.task_created_at)
+        if len(require_bytes("signature", self.signature)) > 128:
+            raise _wrong("signature is longer than 128 bytes")
 
     @property
     def key(self) -> tuple[str, int]:

@@ -10,12 +10,15 @@ breaks it. The primitive is Ed25519 (RFC 8032), with 32-byte public keys.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import msgpack
 
-from schemas.messages import Assignment
+from schemas.codec import encode
+from schemas.messages import Assignment, Result
 
 ASSIGNMENT_DOMAIN = b"parkpool/assignment/v1\x00"  # never valid as another kind of message
+RESULT_DOMAIN = b"parkpool/result/v1\x00"
 
 
 def assignment_digest_input(assignment: Assignment) -> bytes:
@@ -31,3 +34,9 @@ def assignment_digest_input(assignment: Assignment) -> bytes:
     ]
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return ASSIGNMENT_DOMAIN + packed
+
+
+def result_digest_input(result: Result) -> bytes:
+    """The exact bytes a result's signature is computed over: the SHA-256 of the result's
+    own encoding without its signature (the encoding is deterministic, outputs included)."""
+    return RESULT_DOMAIN + hashlib.sha256(encode(replace(result, signature=b""))).digest()

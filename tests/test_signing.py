@@ -12,15 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broker_config.auth import AuthStore
 from parkpool.settings import MqttConnection
-from parkpool.signing import TaskSigner, TaskVerifier, generate
+from parkpool.signing import ResultSigner, TaskSigner, TaskVerifier, generate
 from producer.client import ParkpoolClient
 from producer.splitters import ChunkSpec
-from schemas import Assignment, MqttTopics, decode, encode
+from schemas import (
+    Assignment,
+    Capabilities,
+    MqttTopics,
+    PullRequest,
+    Result,
+    TaskChunk,
+    decode,
+    encode,
+)
 from schemas.errors import ConfigError
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, wait_for
 from worker.fleet import Fleet
+from worker.worker import WorkerSettings
 
 
 def assignment(**changes: object) -> Assignment:
@@ -122,3 +133,85 @@ class TestSignedFleet:
         wait_for(lambda: car.rejected["replayed"] == 1, 10, "the replay refused")
         assert car.completed == done and car.held == 0
         spy.close()
+
+
+@pytest.mark.integration
+class TestSignedResults:
+    """With enrolled keys, a result counts only if its own car signed it."""
+
+    def test_only_the_cars_own_signature_completes_a_task(
+        self,
+        tmp_path: Path,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        store = AuthStore(tmp_path / "auth").init()
+        store.enroll_vehicle("holder")
+        gateway = gateway_factory(lease_seconds=300, vehicle_keys=store.vehicle_keys)
+        # Given a scripted, enrolled car holding the only chunk's lease
+        topics = MqttTopics(namespace)
+        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
+        holder.subscribe(topics.task("holder"))
+        handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+        caps = Capabilities("numpy", ("reduce",))
+        holder.publish(
+            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
+        )
+        message = wait_for(lambda: holder.received and holder.received[0], 30, "the lease")
+        lease = decode(message.payload, Assignment)
+        task = decode(lease.task, TaskChunk)
+        result = Result(
+            task.job_id,
+            0,
+            1,
+            "holder",
+            "gw1",
+            lease.epoch,
+            1,
+            {"value": np.array(4.0)},
+            0.01,
+            time.time(),
+            task.created_at,
+        )
+        # When results for that lease come unsigned, then signed by a stranger's key
+        stranger = ResultSigner.load(generate(tmp_path / "stranger")[0])
+        for forged in (result, stranger.sign(result)):
+            holder.publish(topics.result("holder", "gw1"), encode(forged))
+        dropped = "parkpool_gateway_dropped_total"
+        wait_for(
+            lambda: gateway.metric(dropped, source="mqtt_result", reason="bad_signature") == 2,
+            10,
+            "refusals",
+        )
+        # Then nothing completed, and the lease is still the car's
+        assert handle.progress.done == 0
+        # And the car's own signature completes it
+        own = ResultSigner.load(store.signing_key("holder"))
+        holder.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
+        handle.wait(timeout=30)
+        holder.close()
+
+    def test_signed_fleet_completes(
+        self,
+        tmp_path: Path,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        store = AuthStore(tmp_path / "auth").init()
+        store.enroll_vehicle("keyed-00001")
+        gateway_factory(vehicle_keys=store.vehicle_keys)
+        template = WorkerSettings("t", mqtt_conn, namespace, backend="numpy")
+        fleet = Fleet(template, prefix="keyed", result_key=store.signing_key)
+        try:
+            fleet.add(1)
+            chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(4, float(i))}) for i in range(5)]
+            handle = client.publish("reduce", chunks)
+            handle.wait(timeout=60)
+            assert handle.progress.done == 5
+        finally:
+            fleet.stop_all()

@@ -8,7 +8,7 @@ import json
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,13 @@ def add_parser(subparsers: Any) -> None:
         "",
         "JSON file an in-car integration keeps current (docs/OWNER_POLICY.md); "
         "empty: no owner policy (a bench machine, not a car)",
+    )
+    add_option(
+        worker,
+        "--result-key",
+        "PARKPOOL_RESULT_KEY",
+        "",
+        "this car's own Ed25519 key (from parkpool fleet enroll); signs every result",
     )
     add_option(
         worker,
@@ -135,9 +142,10 @@ def run_worker(args: argparse.Namespace) -> int:
     stop = stop_event()
     policy = PolicyConfig.load(Path(args.owner_policy) if args.owner_policy else None)
     car = FileFeed(Path(args.car_feed)) if args.car_feed else None
-    worker = VehicleWorker(
-        _settings(args, args.vehicle_id), car=car, policy=OwnerPolicy(policy) if car else None
-    )
+    settings = _settings(args, args.vehicle_id)
+    if args.result_key:
+        settings = replace(settings, result_key=Path(args.result_key))
+    worker = VehicleWorker(settings, car=car, policy=OwnerPolicy(policy) if car else None)
     worker.start()
     log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
     stop.wait()
@@ -155,8 +163,13 @@ def run_sim(args: argparse.Namespace) -> int:
     stop = stop_event()
     if args.realistic:
         return _run_realistic(args, stop)
-    login = _login(args.auth_dir)
-    fleet = Fleet(_settings(args, f"{args.prefix}-0"), prefix=args.prefix, login=login)
+    store = AuthStore(Path(args.auth_dir)) if args.auth_dir else None
+    fleet = Fleet(
+        _settings(args, f"{args.prefix}-0"),
+        prefix=args.prefix,
+        login=store.password if store else None,
+        result_key=store.signing_key if store else None,
+    )
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)
     stop.wait()
@@ -172,10 +185,3 @@ def _run_realistic(args: argparse.Namespace, stop: threading.Event) -> int:
     log.info("realistic_sim_started", vehicles=plan.vehicles, time_scale=plan.scale)
     print(json.dumps(sim.run(stop)), flush=True)
     return 0
-
-
-def _login(auth_dir: str) -> Callable[[str], str] | None:
-    """Each simulated car's own password, from the auth store it was enrolled in."""
-    if not auth_dir:
-        return None
-    return AuthStore(Path(auth_dir)).password

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from parkpool.settings import Secret
 from schemas import ParkpoolError
@@ -40,6 +41,7 @@ class Fleet:
         policy: PolicyConfig | None = None,
         timebase: TimeBase = REAL_TIME,
         login: Callable[[str], str] | None = None,
+        result_key: Callable[[str], Path] | None = None,
     ) -> None:
         """``car(vehicle_id)``, when given, makes each vehicle's signals, and each vehicle
         gets its own owner policy (``policy`` settings) reading them on ``timebase``."""
@@ -49,6 +51,7 @@ class Fleet:
         self.policy = policy or PolicyConfig()
         self.timebase = timebase
         self.login = login  # vehicle id -> its MQTT password (username = vehicle id)
+        self.result_key = result_key  # vehicle id -> its own result-signing key
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
@@ -98,6 +101,8 @@ class Fleet:
             password = Secret(self.login(settings.vehicle_id))
             mqtt = replace(settings.mqtt, username=settings.vehicle_id, password=password)
             settings = replace(settings, mqtt=mqtt)
+        if self.result_key is not None:
+            settings = replace(settings, result_key=self.result_key(settings.vehicle_id))
         car = self.car(settings.vehicle_id) if self.car else None
         return VehicleWorker(
             settings,

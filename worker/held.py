@@ -28,6 +28,7 @@ class WorkerSettings:
     # Public keys of the gateways allowed to issue work; empty: unsigned work is accepted
     # (a development fleet). With keys, anything not signed by one of them is refused.
     trusted_keys: tuple[Path, ...] = ()
+    result_key: Path | None = None  # this car's own Ed25519 key; signs every result
 
     @property
     def capacity(self) -> int:

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client
-from parkpool.signing import TaskVerifier
+from parkpool.signing import ResultSigner, TaskVerifier
 from schemas import (
     Assignment,
     Capabilities,
@@ -112,6 +112,7 @@ class VehicleWorker:
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(settings.concurrency)
         self._verifier = TaskVerifier.load(settings.trusted_keys) if settings.trusted_keys else None
+        self._signer = ResultSigner.load(settings.result_key) if settings.result_key else None
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()  # leases seen
         self.rejected: Counter[str] = Counter()  # assignments refused: bad_signature, replayed
         self._departure: float | None = None  # the last next_departure a pull reported
@@ -443,6 +444,8 @@ class VehicleWorker:
         if item is None or self._stopping.is_set():
             return  # already released by stop(): the gateway has our nack
         if result is not None:
+            if self._signer is not None:
+                result = self._signer.sign(result)
             topic = self.topics.result(self.vehicle_id, result.gateway_id)
             self._client.publish(topic, encode(result), qos=1)
             self.completed += 1
