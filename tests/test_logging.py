@@ -116,3 +116,26 @@ class TestRendering:
             structlog.reset_defaults()
         assert "quiet_event" not in err
         assert '"event": "loud_event"' in err and '"job_id": "j1"' in err
+
+
+@pytest.mark.integration
+class TestNoPayloadsInLogs:
+    """Nothing a job carries, and no secret, ends up in a log event."""
+
+    def test_job_leaves_no_inputs_results_or_secrets_in_logs(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        client: ParkpoolClient,
+    ) -> None:
+        marker = 98765.4321  # appears in every input, and in every result as a sum
+        with capture_logs() as entries:
+            gateway_factory()
+            fleet_factory(2)
+            chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(3, marker)}) for _ in range(6)]
+            client.publish("reduce", chunks).wait(timeout=60)
+        assert entries  # the run did log: the check below is not vacuous
+        for entry in entries:
+            for value in entry.values():
+                assert not isinstance(value, bytes | bytearray | np.ndarray), entry
+                assert "98765" not in str(value) and "296296" not in str(value), entry

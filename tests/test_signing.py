@@ -192,6 +192,11 @@ class TestSignedResults:
         own = ResultSigner.load(store.signing_key("holder"))
         holder.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
         handle.wait(timeout=30)
+        # And replaying that genuine result later is refused as stale and counted
+        holder.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
+        stale = {"source": "mqtt_result", "reason": "stale_or_fenced"}
+        wait_for(lambda: gateway.metric(dropped, **stale) == 1, 10, "the replay refused")
+        assert handle.progress.done == 1 and handle.progress.duplicates == 0
         holder.close()
 
     def test_signed_fleet_completes(
