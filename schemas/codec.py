@@ -32,11 +32,23 @@ import numpy as np
 
 from schemas.errors import DecodeError, ValidationError
 from schemas.messages import MESSAGE_TYPES, NESTED_TYPES
+from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS
 
 WIRE_VERSION = 1
 ARRAY_EXT = 1
 MAX_NDIM = 8
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# No message holds more nested records than this (attempts, preemptions: maxItems 64 in
+# asyncapi.yaml). A longer list is refused before any record of it is built, so a 1 MiB
+# list of records costs a length check instead of tens of thousands of constructors.
+MAX_NESTED_RECORDS = 64
+# What one message may make the unpacker build. A valid message holds at most MAX_ARRAYS
+# arrays (one map of them) and MAX_PARAM_ITEMS param values; these bounds sit above that
+# and far below what a hostile payload could cost otherwise: 32 MiB of empty maps are
+# 33 million dicts (2 GiB, seconds of CPU on a gateway's only thread), and 32 MiB of tiny
+# arrays a million array headers to parse. Unpacking stops at the first one too many.
+MAX_CONTAINER_LEN = 2 * MAX_PARAM_ITEMS  # items of one msgpack array or map
+MAX_VALUES = 4 * MAX_PARAM_ITEMS  # arrays and maps in one message, plus their items
 # Only plain numeric dtypes: object, string and structured dtypes could smuggle pickles or
 # make a reader interpret bytes in surprising ways.
 ALLOWED_DTYPES = frozenset(
@@ -61,6 +73,7 @@ ALLOWED_DTYPES = frozenset(
 )
 
 M = TypeVar("M")
+C = TypeVar("C", list[Any], dict[str, Any])
 _BY_TAG: Mapping[str, type] = {cls.TYPE: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]
 _HEADER = struct.Struct("<BBB")
 
@@ -104,15 +117,49 @@ def peek_type(data: bytes) -> str | None:
 
 
 def _unpack(data: bytes | bytearray | memoryview) -> Any:
+    budget = _Budget()
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            data,
+            ext_hook=budget.ext,
+            object_hook=budget.container,
+            list_hook=budget.container,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+            raw=False,
+            strict_map_key=True,
+        )
     except DecodeError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         # msgpack raises ValueError subclasses (ExtraData, FormatError, StackError, truncated
-        # input) and UnicodeDecodeError; all mean the bytes are not a message.
+        # input, a length past the buffer or past MAX_CONTAINER_LEN) and UnicodeDecodeError;
+        # all mean the bytes are not a message.
         detail = str(exc) or "not valid msgpack"
         raise DecodeError("malformed", f"{type(exc).__name__}: {detail}") from None
+
+
+class _Budget:
+    """Counts what one unpack builds, and stops it where no valid message could go."""
+
+    __slots__ = ("arrays", "values")
+
+    def __init__(self) -> None:
+        self.arrays = MAX_ARRAYS
+        self.values = MAX_VALUES
+
+    def ext(self, code: int, payload: bytes) -> np.ndarray:
+        self.arrays -= 1
+        if self.arrays < 0:
+            raise DecodeError("too_large", f"more than {MAX_ARRAYS} arrays in one message")
+        return _ext_hook(code, payload)
+
+    def container(self, value: C) -> C:
+        """Called as each array or map is complete: no more than one can be built too many."""
+        self.values -= 1 + len(value)
+        if self.values < 0:
+            raise DecodeError("too_large", f"more than {MAX_VALUES} values in one message")
+        return value
 
 
 def _fields_of(message: object) -> dict[str, Any]:
@@ -216,6 +263,11 @@ def _nested(name: str, hint: object, value: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
             raise ValidationError("wrong_type", f"{name} must be a list")
+        if len(value) > MAX_NESTED_RECORDS:
+            # The reason the message's own check gives: the answer only comes sooner.
+            raise ValidationError(
+                "wrong_type", f"{name} holds more than {MAX_NESTED_RECORDS} records"
+            )
         return tuple(_record(record, name, item) for item in value)
     return _record(record, name, value)
 
