@@ -36,7 +36,9 @@ MAX_GFLOP = 1e9  # 10^18 flops: far above any one task; rejects garbage, not rea
 MAX_GFLOPS_PER_S = 1e7  # 10 PFLOP/s: far above any one car's accelerator
 MAX_DWELL_S = 30 * 86400.0  # a month parked is already beyond any useful prediction
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's own topic-name rule
+# Kafka's own topic-name rule, which also forbids "." and "..": a task whose reply topic
+# is one of those makes the gateway's producer raise when it writes the result.
+_TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")
 
 
 def _vehicle(name: str, value: object) -> str:

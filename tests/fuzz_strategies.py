@@ -35,7 +35,9 @@ TAGS = tuple(cls.TYPE for cls in m.MESSAGE_TYPES)  # type: ignore[attr-defined]
 
 IDS = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 NAMES = st.from_regex(r"[A-Za-z0-9_.:-]{1,128}", fullmatch=True)
-TOPICS = st.from_regex(r"[A-Za-z0-9._-]{1,249}", fullmatch=True)
+TOPICS = st.from_regex(r"[A-Za-z0-9._-]{1,249}", fullmatch=True).filter(
+    lambda t: t not in (".", "..")  # Kafka forbids these two
+)
 TEXT = st.text(max_size=64)
 TIMES = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False) | st.integers(0, 2**53)
 EPOCHS = st.integers(1, 2**63 - 1)

@@ -148,3 +148,33 @@ class RawMqtt:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class TopicTail:
+    """Reads a topic from its start and hands over each record once, as it arrives.
+
+    For tests that produce in rounds and check each round's outcome: ``take(n)`` returns
+    the next ``n`` records (or fails), never one it returned before.
+    """
+
+    def __init__(self, conn: KafkaConnection, topic: str) -> None:
+        self._consumer = Consumer(reader_config(conn))
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self._topic = topic
+
+    def take(self, n: int, timeout: float = 30.0) -> list[Message]:
+        records: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < n and time.monotonic() < deadline:
+            batch = self._consumer.consume(n - len(records), timeout=0.1)
+            records += [r for r in batch if r.error() is None]
+        assert len(records) == n, f"{self._topic}: {len(records)} new records, expected {n}"
+        return records
+
+    def nothing_more(self, wait: float = 0.5) -> bool:
+        """True when no further record arrives within ``wait`` seconds."""
+        return not [r for r in self._consumer.consume(1, timeout=wait) if r.error() is None]
+
+    def close(self) -> None:
+        self._consumer.close()

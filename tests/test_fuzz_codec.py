@@ -225,6 +225,16 @@ class TestHostileFields:
         data = pack_pairs(replaced(body_pairs(message), "type", tag))
         assert reason_of(data, type(message)) == "wrong_message_type"
 
+    @pytest.mark.parametrize("topic", [".", "..", "", "a/b", "t" * 250, "tasks topic"])
+    @pytest.mark.parametrize(
+        ("cls", "field"), [(m.TaskChunk, "reply_topic"), (m.DeadLetter, "source_topic")]
+    )
+    def test_topics_kafka_refuses(self, cls: type, field: str, topic: str) -> None:
+        # "." and ".." pass the character rule; Kafka refuses them, and a gateway that
+        # tried to write a result there crashed on the producer's exception
+        data = pack_pairs(replaced(body_pairs(SMALL[cls]), field, topic))
+        assert reason_of(data, cls) == "bad_value"
+
     @ROUND_TRIP
     @given(ANY_MESSAGE, st.data())
     def test_duplicate_keys_last_one_wins(self, message: Any, data: st.DataObject) -> None:
