@@ -9,56 +9,51 @@ quickly. Nothing else may escape: the gateway and the worker catch only DecodeEr
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
-import re
-import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from parkpool.kafka import MAX_MESSAGE_BYTES as KAFKA_MAX_BYTES
 from schemas import messages as m
 from schemas.codec import (
+    ALLOWED_DTYPES,
     ARRAY_EXT,
-    MAX_MESSAGE_BYTES,
     MAX_NDIM,
-    MAX_NESTED_RECORDS,
     decode,
     encode,
     peek_type,
 )
 from schemas.errors import DecodeError
-from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS
-from tests.fuzz_strategies import (
-    ALLOWED_DTYPES,
-    ANY_MESSAGE,
+from tests.fuzz_hostile import (
     MSGPACK_VALUES,
     NASTY,
-    Pairs,
-    Raw,
-    body_pairs,
     damaged_bytes,
-    decode_outcome,
     forged_arrays,
     hostile_payloads,
     huge_values,
-    messages,
     mutated_pairs,
+)
+from tests.fuzz_messages import (
+    ANY_MESSAGE,
+    SMALL,
+    TAGS,
+    body_pairs,
+    check_outcome,
+    decode_outcome,
+    messages,
     pack_pairs,
+    reason_of,
+    replaced,
     same_message,
 )
 
 TYPES = st.sampled_from(m.MESSAGE_TYPES)
 WIRE_INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
-REASON_SLUG = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # A decode is a handful of dict operations per field; half a second is a hang.
 FUZZ = settings(
     max_examples=150,
@@ -66,31 +61,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 ROUND_TRIP = settings(max_examples=100, deadline=timedelta(milliseconds=500))
-
-
-def check_outcome(data: bytes, cls: type) -> Any:
-    """The fuzz oracle: a ``cls`` that re-encodes to itself, or DecodeError with a slug."""
-    outcome = decode_outcome(data, cls)  # any other exception fails the test here
-    if isinstance(outcome, DecodeError):
-        assert REASON_SLUG.fullmatch(outcome.reason), outcome.reason
-        assert isinstance(outcome.detail, str)
-    else:
-        assert isinstance(outcome, cls)
-        assert same_message(decode(encode(outcome), cls), outcome)
-        assert peek_type(data) == cls.TYPE  # type: ignore[attr-defined]
-    tag = peek_type(data)
-    assert tag is None or isinstance(tag, str)
-    return outcome
-
-
-def reason_of(data: bytes, cls: type) -> str:
-    outcome = decode_outcome(data, cls)
-    assert isinstance(outcome, DecodeError), f"accepted: {outcome!r}"
-    return outcome.reason
-
-
-def replaced(pairs: Pairs, key: str, value: Any) -> Pairs:
-    return [(k, value if k == key else v) for k, v in pairs]
 
 
 class TestRoundTrip:
@@ -150,7 +120,9 @@ def _required(f: dataclasses.Field[Any]) -> bool:
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return typing.cast(Callable[[], Any], f.default_factory)()
 
 
 class TestHostileBytes:
@@ -219,9 +191,9 @@ class TestHostileFields:
         assert reason_of(data, type(message)) == "unknown_version"
 
     @ROUND_TRIP
-    @given(ANY_MESSAGE, st.sampled_from([c.TYPE for c in m.MESSAGE_TYPES]) | NASTY | st.text())
+    @given(ANY_MESSAGE, st.sampled_from(TAGS) | NASTY | st.text())
     def test_wrong_tag(self, message: Any, tag: Any) -> None:
-        assume(tag != type(message).TYPE)
+        assume(tag != message.TYPE)
         data = pack_pairs(replaced(body_pairs(message), "type", tag))
         assert reason_of(data, type(message)) == "wrong_message_type"
 
@@ -285,251 +257,3 @@ def _same_outcome(got: Any, want: Any) -> bool:
             and (got.reason == want.reason)
         )
     return same_message(got, want)
-
-
-# One small valid instance of every message: the base that the size tests blow up.
-_CAPS = m.Capabilities("numpy", ("reduce",))
-SMALL: Mapping[type, Any] = {
-    m.TaskChunk: m.TaskChunk("j", 0, 1, "k", {}, {}, "t", 0.0, 0.0),
-    m.Assignment: m.Assignment("g", "v", 1, 1, 0.0, b""),
-    m.Result: m.Result("j", 0, 1, "v", "g", 1, 1, {}, 0.0, 0.0, 0.0),
-    m.Nack: m.Nack("j", 0, "v", "g", 1, m.NackReason.BUSY),
-    m.PullRequest: m.PullRequest("v", 1, _CAPS),
-    m.VehicleStatus: m.VehicleStatus("v", m.VehicleState.ONLINE, 0.0),
-    m.GatewayStatus: m.GatewayStatus("g", m.GatewayState.ONLINE, 0.0),
-    m.DeadLetter: m.DeadLetter("r", "", "t", 0, 0, b"", 0.0, "g"),
-    m.LeaseHeartbeat: m.LeaseHeartbeat("j", 0, "v", "g", 1, 0.0),
-    m.Revoke: m.Revoke("g", "v", 1, "r"),
-    m.CancelJob: m.CancelJob("j", 0.0),
-    m.DlqAction: m.DlqAction(m.DlqActionKind.PURGED, 0, 0, 0.0),
-}
-
-
-# --- every field, every wrong kind of value ------------------------------------------
-
-NUMBER_OUT_OF_RANGE = [math.nan, math.inf, -math.inf, -1.0, -5e-324]
-# (value, reason) for each kind of field: what every field of that kind must refuse.
-REFUSALS: Mapping[str, list[tuple[Any, str]]] = {
-    "int": [(-2, "out_of_range"), (-(2**63), "out_of_range"), (2**64 - 1, "out_of_range")]
-    + [(v, "wrong_type") for v in (True, 1.5, math.nan, "1", None, [], {})],
-    "float": [(v, "out_of_range") for v in NUMBER_OUT_OF_RANGE]
-    + [(v, "wrong_type") for v in (True, "1", None, [], {}, b"1")],
-    "str": [("x" * 5000, "too_large")] + [(v, "wrong_type") for v in (1, None, b"x", True, [])],
-    "enum": [("bogus", "bad_value"), ("", "bad_value")]
-    + [(v, "wrong_type") for v in (1, None, b"online", [])],
-    "bytes": [(v, "wrong_type") for v in ("x", 1, None, [], True)],
-    "map": [(v, "wrong_type") for v in ([], "x", 1, None, True)],
-    "record": [(v, "wrong_type") for v in ([], "x", 1, None, True)],
-    "records": [(v, "wrong_type") for v in ({}, "x", 1, None, [1], ["x"], [[]])],
-    "names": [(v, "wrong_type") for v in ({}, "x", 1, None, [1], [None], [b"k"])],
-}
-
-
-def _kind(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "enum"
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return "record"
-    if origin is tuple:
-        inner = typing.get_args(hint)[0]
-        return "names" if inner is str else "records"
-    if origin is not None and issubclass(origin, Mapping):
-        return "map"
-    return {int: "int", float: "float", str: "str", bytes: "bytes"}[hint]
-
-
-def _leaf_fields() -> list[tuple[type, str | None, str, str]]:
-    """(message, nested record field or None, field, kind) for every field on the wire."""
-    out: list[tuple[type, str | None, str, str]] = []
-    for cls in m.MESSAGE_TYPES:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            out.append((cls, None, f.name, _kind(hints[f.name])))
-            record = m.NESTED_TYPES.get(f.name)
-            if record is not None:
-                inner = typing.get_type_hints(record)
-                out += [
-                    (cls, f.name, g.name, _kind(inner[g.name])) for g in dataclasses.fields(record)
-                ]
-    return out
-
-
-LEAF_FIELDS = _leaf_fields()
-
-
-class TestEveryFieldRefusesWrongValues:
-    """Every field, nested ones too, refuses NaN, infinities, negatives and mistyped values."""
-
-    @pytest.mark.parametrize(
-        ("cls", "nested", "name", "kind"),
-        LEAF_FIELDS,
-        ids=[f"{c.__name__}.{n + '.' if n else ''}{f}" for c, n, f, _ in LEAF_FIELDS],
-    )
-    @settings(max_examples=15, deadline=timedelta(milliseconds=500))
-    @given(data=st.data())
-    def test_field(
-        self, cls: type, nested: str | None, name: str, kind: str, data: st.DataObject
-    ) -> None:
-        # Given a valid message, and a value no field of this kind may hold
-        message = data.draw(messages(cls))
-        value, reason = data.draw(st.sampled_from(REFUSALS[kind]))
-        # When that value is put in the field (inside a nested record where it lives)
-        pairs = _with_value(body_pairs(message), nested, name, value, data)
-        # Then the message is refused, and the reason says what kind of wrong it is
-        assert reason_of(pack_pairs(pairs), cls) == reason
-
-
-def _with_value(
-    pairs: Pairs, nested: str | None, name: str, value: Any, data: st.DataObject
-) -> Pairs:
-    if nested is None:
-        return replaced(pairs, name, value)
-    record = m.NESTED_TYPES[nested]
-    current = dict(pairs)[nested]
-    if dataclasses.is_dataclass(current):
-        body: Any = {**dataclasses.asdict(current), name: value}
-    else:  # a list of records: damage the first, making one if there is none
-        first = current[0] if current else data.draw(messages(record))
-        body = [{**dataclasses.asdict(first), name: value}]
-    return replaced(pairs, nested, body)
-
-
-_ATTEMPT = {"vehicle_id": "v", "reason": "r", "at": 1.0}
-_STOP = {"reason": "r", "stop_s": 1.0}
-_ATTEMPT_REC = m.AttemptRecord(**_ATTEMPT)  # type: ignore[arg-type]
-_STOP_REC = m.PreemptionRecord(**_STOP)  # type: ignore[arg-type]
-_TINY_ARRAY = msgpack.packb(msgpack.ExtType(ARRAY_EXT, b"\x10\x01\x03<f4" + bytes(13) + bytes(4)))
-
-
-def _field(cls: type, name: str, value: Any) -> bytes:
-    """A small valid message with one field set (or added, when it has no such field)."""
-    pairs = body_pairs(SMALL[cls])
-    if name not in dict(pairs):
-        return pack_pairs([*pairs, (name, value)])
-    return pack_pairs(replaced(pairs, name, value))
-
-
-def _items(item: bytes, n: int) -> Raw:
-    """A msgpack array of ``item`` (packed), repeated to about ``n`` bytes, built as bytes."""
-    count = max(1, n // len(item))
-    return Raw(b"\xdd" + count.to_bytes(4, "big") + item * count)
-
-
-def _pairs(key: str, value: bytes, n: int) -> Raw:
-    """A msgpack map of one key repeated, to about ``n`` bytes: duplicates are legal."""
-    pair = msgpack.packb(key) + value
-    count = max(1, n // len(pair))
-    return Raw(b"\xdf" + count.to_bytes(4, "big") + pair * count)
-
-
-def _timed(run: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
-
-
-_NILS = b"\xdd" + (8192).to_bytes(4, "big") + b"\xc0" * 8192
-# (message, bytes of about n) shaped to make a decoder work hard, or to hold a lot of memory
-HEAVY: Mapping[str, tuple[type, Callable[[int], bytes]]] = {
-    "random": (m.Result, lambda n: bytes(range(256)) * (n // 256)),
-    "nested-arrays": (m.TaskChunk, lambda n: b"\x91" * n),
-    "nested-maps": (m.TaskChunk, lambda n: b"\x81\xa1k" * (n // 3)),
-    "attempts": (
-        m.DeadLetter,
-        lambda n: _field(m.DeadLetter, "attempts", _items(msgpack.packb(_ATTEMPT), n)),
-    ),
-    "preemptions": (
-        m.VehicleStatus,
-        lambda n: _field(m.VehicleStatus, "preemptions", _items(msgpack.packb(_STOP), n)),
-    ),
-    "seen": (m.PullRequest, lambda n: _field(m.PullRequest, "seen", _pairs("g", b"\x01", n))),
-    "grants": (m.PullRequest, lambda n: _field(m.PullRequest, "grants", _pairs("g", b"\x00", n))),
-    "kernels": (
-        m.PullRequest,
-        lambda n: _field(
-            m.PullRequest, "capabilities", {"backend": "b", "kernels": _items(b"\xa1k", n)}
-        ),
-    ),
-    "param-list": (m.TaskChunk, lambda n: _field(m.TaskChunk, "params", {"a": _items(b"\x01", n)})),
-    "param-maps": (m.TaskChunk, lambda n: _field(m.TaskChunk, "params", _pairs("k", b"\x80", n))),
-    "empty-maps": (m.Result, lambda n: _field(m.Result, "extra", _items(b"\x80", n))),
-    "lists-of-nils": (m.Result, lambda n: _field(m.Result, "extra", _items(_NILS, n))),
-    "many-arrays": (
-        m.TaskChunk,
-        lambda n: _field(m.TaskChunk, "inputs", _pairs("a", _TINY_ARRAY, n)),
-    ),
-    "arrays-anywhere": (m.Result, lambda n: _field(m.Result, "extra", _items(_TINY_ARRAY, n))),
-    "one-big-array": (
-        m.TaskChunk,
-        lambda n: _field(m.TaskChunk, "inputs", {"a": np.zeros(n // 8)}),
-    ),
-    "long-id": (m.Result, lambda n: _field(m.Result, "job_id", "j" * n)),
-    "task-bytes": (m.Assignment, lambda n: _field(m.Assignment, "task", b"\x91" * n)),
-}
-
-
-class TestBoundedWork:
-    """Any input up to the largest payload a broker carries is decoded or refused fast."""
-
-    @pytest.mark.parametrize("size", [1 << 20, KAFKA_MAX_BYTES], ids=["1MiB", "32MiB"])
-    @pytest.mark.parametrize("shape", sorted(HEAVY))
-    def test_heavy_input(self, shape: str, size: int) -> None:
-        # Given about 1 MiB (or the most Kafka and Mosquitto carry), shaped to cost a lot
-        cls, make = HEAVY[shape]
-        data = make(size)
-        assert size * 0.7 <= len(data) <= size * 1.6
-        # When it is decoded (best of three, so a busy machine does not fail the test)
-        seconds = min(_timed(lambda: check_outcome(data, cls)) for _ in range(3))
-        # Then the answer comes well under a second: the work is bounded by the checks,
-        # not by what the bytes ask to be built
-        assert seconds < 0.5, f"{seconds:.3f}s"
-
-    @pytest.mark.parametrize(
-        ("cls", "field", "record"),
-        [(m.DeadLetter, "attempts", _ATTEMPT_REC), (m.VehicleStatus, "preemptions", _STOP_REC)],
-    )
-    def test_records_up_to_the_limit(self, cls: type, field: str, record: Any) -> None:
-        # Given a message with as many nested records as it may hold, and one with more
-        full = dataclasses.replace(SMALL[cls], **{field: (record,) * MAX_NESTED_RECORDS})
-        over = _field(cls, field, [dataclasses.asdict(record)] * (MAX_NESTED_RECORDS + 1))
-        # Then the first round-trips and the second is refused before its records are built
-        assert same_message(decode(encode(full), cls), full)
-        assert reason_of(over, cls) == "wrong_type"
-
-    @pytest.mark.parametrize(
-        "message",
-        [
-            dataclasses.replace(
-                SMALL[m.TaskChunk],
-                params={"a": [{"b": [1.5, None]}] * ((MAX_PARAM_ITEMS - 2) // 4), "c": 1},
-                inputs={f"a{i}": np.ones((2, 2)) for i in range(MAX_ARRAYS)},
-            ),
-            dataclasses.replace(SMALL[m.TaskChunk], params={"a": [0] * (MAX_PARAM_ITEMS - 2)}),
-            dataclasses.replace(
-                SMALL[m.TaskChunk], params={f"k{i}": {} for i in range(MAX_PARAM_ITEMS - 1)}
-            ),
-            dataclasses.replace(
-                SMALL[m.Result], outputs={f"o{i}": np.zeros(3) for i in range(MAX_ARRAYS)}
-            ),
-            m.PullRequest(
-                "v",
-                m.MAX_CREDITS,
-                m.Capabilities("b", tuple(f"k{i}" for i in range(256))),
-                {f"g{i}": i for i in range(64)},
-                {f"g{i}": 16 for i in range(64)},
-            ),
-        ],
-        ids=["nested-params-and-inputs", "param-list", "param-maps", "outputs", "pull"],
-    )
-    def test_largest_valid_messages_still_decode(self, message: Any) -> None:
-        # Given messages at their limits (params items, arrays, kernels, gateways)
-        data = encode(message)
-        # Then the unpacker's bounds leave room for them
-        assert same_message(decode(data, type(message)), message)
-
-    def test_oversize_is_refused_unread(self) -> None:
-        data = b"\x91" * (MAX_MESSAGE_BYTES + 1)
-        seconds = _timed(lambda: reason_of(data, m.Result) == "too_large")
-        assert reason_of(data, m.Result) == "too_large"
-        assert seconds < 0.05

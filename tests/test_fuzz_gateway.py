@@ -45,7 +45,8 @@ from schemas import (
     encode,
 )
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.fuzz_strategies import body_pairs, decode_outcome, hostile_payloads, pack_pairs
+from tests.fuzz_hostile import hostile_payloads
+from tests.fuzz_messages import body_pairs, decode_outcome, pack_pairs
 from tests.helpers import RawMqtt, read_all, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, reference

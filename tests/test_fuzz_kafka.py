@@ -27,7 +27,8 @@ from producer.client import ParkpoolClient
 from schemas import CancelJob, DeadLetter, DecodeError, TaskChunk, decode, encode
 from schemas.codec import peek_type
 from tests.conftest import RunningGateway
-from tests.fuzz_strategies import body_pairs, decode_outcome, hostile_payloads, pack_pairs
+from tests.fuzz_hostile import hostile_payloads
+from tests.fuzz_messages import body_pairs, decode_outcome, pack_pairs
 from tests.helpers import TopicTail, wait_committed_to_end
 from worker.fleet import Fleet
 

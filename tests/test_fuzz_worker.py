@@ -40,7 +40,8 @@ from schemas import (
 )
 from schemas.codec import peek_type
 from tests.conftest import RunningGateway
-from tests.fuzz_strategies import decode_outcome, hostile_payloads, messages
+from tests.fuzz_hostile import hostile_payloads
+from tests.fuzz_messages import decode_outcome, messages
 from tests.helpers import RawMqtt, wait_for
 from worker.fleet import Fleet
 from worker.worker import VehicleWorker
