@@ -113,6 +113,9 @@ class TestHostileTaskRecords:
         @given(st.lists(HOSTILE_RECORDS, min_size=1, max_size=5))
         @example(BROKEN_CANCELS)
         @example([b"", b"\xc1", b"\x91" * 100_000, encode(CancelJob("j", 1.0)) + b"\x00"])
+        @example(
+            [_task_bytes("t", reply_topic=".")[1], _task_bytes("t", reply_topic="..")[1]]
+        )  # crashed the gateway once
         def batch(records: list[bytes]) -> None:
             # When records that do not decode land on the tasks topic (ones that do decode
             # are left out: a valid task is work, a valid cancel a cancel)
@@ -226,6 +229,15 @@ def _job_of(letter: DeadLetter) -> str:
 
 def _produce_task(conn: KafkaConnection, client: ParkpoolClient, **fields: object) -> str:
     """Write a one-chunk task, with ``fields`` changed, as any Kafka client could."""
+    job_id, raw = _task_bytes(client.reply_topic, **fields)
+    producer = Producer(producer_config(conn))
+    producer.produce(client.topics.tasks, raw, key=f"{job_id}:0")
+    assert producer.flush(10) == 0
+    return job_id
+
+
+def _task_bytes(reply_to: str, **fields: object) -> tuple[str, bytes]:
+    """A one-chunk reduce task's job id and bytes, with ``fields`` set to any value."""
     now = time.time()
     task = TaskChunk(
         f"raw-{time.time_ns()}",
@@ -234,12 +246,8 @@ def _produce_task(conn: KafkaConnection, client: ParkpoolClient, **fields: objec
         "reduce",
         {"op": "sum"},
         {"x": np.ones(3)},
-        client.reply_topic,
+        reply_to,
         now + 3600,
         now,
     )
-    raw = pack_pairs([(k, fields.get(k, v)) for k, v in body_pairs(task)])
-    producer = Producer(producer_config(conn))
-    producer.produce(client.topics.tasks, raw, key=f"{task.job_id}:0")
-    assert producer.flush(10) == 0
-    return task.job_id
+    return task.job_id, pack_pairs([(k, fields.get(k, v)) for k, v in body_pairs(task)])

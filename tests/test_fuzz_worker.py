@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -149,6 +149,8 @@ class TestHostileTaskTopic:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(st.lists(hostile | refused, min_size=1, max_size=6))
+        @example([(task_topic, b"\x81\xa4type\xa6revoke"), (task_topic, _assignment_v2())])
+        @example([(status_topic, b"\xc1"), (task_topic, b""), (task_topic, b"\x91" * 5000)])
         def batch(items: list[tuple[str, Any]]) -> None:
             # When hostile payloads and well-formed but refusable assignments arrive
             # (payloads that decode to a valid assignment or gateway status are left out:
