@@ -23,6 +23,36 @@ from schemas import VehicleState, VehicleStatus
 # Preemption latency objective is 100 ms; buckets resolve it well on both sides.
 PREEMPTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 STATES = ("eligible", "computing", "draining", "suspended", "offline")
+# The reasons a car's owner policy gives (worker/policy.py, docs/OWNER_POLICY.md). Cars
+# send free text; only these become label values, anything else is "other", so a car
+# cannot mint series.
+POLICY_REASONS = frozenset(
+    {
+        "signals_stale",
+        "owner_paused",
+        "driving",
+        "owner_present",
+        "preconditioning",
+        "owner_recent",
+        "departure_soon",
+        "dc_fast_charging",
+        "not_plugged_in",
+        "battery_low",
+        "battery_hot",
+        "battery_cold",
+        "compute_hot",
+        "battery_low_cooldown",
+        "battery_hot_cooldown",
+        "battery_cold_cooldown",
+        "compute_hot_cooldown",
+        "energy_budget",
+        "predrain",
+    }
+)
+
+
+def reason_label(reason: str) -> str:
+    return reason if reason in POLICY_REASONS else "other"
 
 
 @dataclass(frozen=True)
@@ -86,7 +116,7 @@ class FleetStats:
         view.busy_s, view.energy_j = status.busy_s, status.energy_j
         view.reason = status.reason
         for stop in status.preemptions:
-            self.preemptions.labels(stop.reason).inc()
+            self.preemptions.labels(reason_label(stop.reason)).inc()
             self.preemption_latency.observe(stop.stop_s)
 
     def count(
@@ -105,7 +135,7 @@ class FleetStats:
             state = _state_of(view, computing)
             by_state[state] += 1
             if state in ("draining", "suspended"):
-                key = (state, view.reason or "unknown")
+                key = (state, reason_label(view.reason))
                 reasons[key] = reasons.get(key, 0) + 1
             if state != "offline":
                 ages.append(now - view.last_heard)

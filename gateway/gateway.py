@@ -279,13 +279,20 @@ class Gateway:
     def _on_pull(self, event: MqttEvent) -> None:
         pull = self._decode(event, PullRequest)
         self.mqtt.ack(event)
-        if pull is not None and pull.vehicle_id == event.vehicle_id:
-            self.vehicles.on_pull(pull)
+        if pull is None:
+            return
+        if pull.vehicle_id != event.vehicle_id:
+            self.metrics.dropped.labels("mqtt_pull", "vehicle_mismatch").inc()
+            return
+        self.vehicles.on_pull(pull)
 
     def _on_status(self, event: MqttEvent) -> None:
         status = self._decode(event, VehicleStatus)
         self.mqtt.ack(event)
-        if status is None or status.vehicle_id != event.vehicle_id:
+        if status is None:
+            return
+        if status.vehicle_id != event.vehicle_id:
+            self.metrics.dropped.labels("mqtt_status", "vehicle_mismatch").inc()
             return
         view = self.vehicles.set_state(status.vehicle_id, status.state)
         self.fleet.heard(view, status)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import KafkaException, Message, Producer
 
 from parkpool.settings import KafkaConnection
 
@@ -83,12 +83,17 @@ def produce(
     """Produce, waiting for room when librdkafka's local queue is full.
 
     BufferError only means "too much not yet sent"; serving delivery reports frees room.
+    A record librdkafka refuses outright (too large, say) is reported to ``on_delivery``
+    as a failed delivery, like any other, instead of raising into the caller's loop.
     """
     while True:
         try:
             producer.produce(topic, value, key=key, on_delivery=on_delivery)
         except BufferError:
             producer.poll(0.05)
+        except KafkaException as exc:
+            on_delivery(exc.args[0], None)
+            return
         else:
             return
 

@@ -293,11 +293,6 @@ def _status() -> VehicleStatus:
 class TestSpoofedIdentity:
     """A pull or status whose vehicle id is not its topic's is not acted upon, and counted."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="gateway/gateway.py _on_pull and _on_status return without counting when the "
-        "message's vehicle_id differs from the topic's: a silent drop",
-    )
     @pytest.mark.parametrize("kind", ["pull", "status"])
     def test_vehicle_mismatch_is_dropped_and_counted(
         self, kind: str, gateway_factory: GatewayFactory
@@ -331,13 +326,6 @@ def _label_values(gateway: Gateway, metric_name: str, label: str) -> set[str]:
 class TestVehicleStringsAreNotLabels:
     """Strings a vehicle sends cannot mint Prometheus series: label values stay a closed set."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="gateway/fleet_stats.py uses vehicle-supplied strings as label values: "
-        "heard() labels parkpool_fleet_preemptions_total with each PreemptionRecord.reason, "
-        "_publish() labels parkpool_fleet_vehicles with each VehicleStatus.reason, and "
-        "neither is checked against a closed set, so series grow without bound",
-    )
     def test_made_up_reasons_do_not_grow_series(self, gateway_factory: GatewayFactory) -> None:
         # Given a gateway
         running = gateway_factory()
@@ -391,14 +379,6 @@ def _result_of_size(result: Result, size: int) -> bytes:
 class TestResultKafkaRefuses:
     """A result MQTT carries but Kafka refuses is dropped and counted; the gateway lives."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="gateway/gateway.py _on_result calls TaskLog.produce, and parkpool/kafka.py "
-        "produce() catches only BufferError: for a result whose value and key exceed "
-        "message.max.bytes (32 MiB, as large as Mosquitto's message_size_limit) librdkafka "
-        "raises KafkaException(MSG_SIZE_TOO_LARGE) inside produce(), which escapes "
-        "Gateway._handle and ends the gateway's loop",
-    )
     def test_result_as_large_as_mqtt_allows(
         self,
         crashable_gateway: RunningGateway,

@@ -294,13 +294,6 @@ class TestWellFormedButHarmful:
         assert car.held == 0 and car.completed == 0
         _job_completes(client)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="worker/worker.py _on_assignment records assignment.epoch in _seen[gateway_id] "
-        "before _refusal(): an assignment addressed to another vehicle (or forged) raises the "
-        "seen epoch the car reports to that gateway, for good (max), so the gateway counts "
-        "none of its later leases as in transit",
-    )
     def test_misaddressed_assignment_leaves_seen_epochs_alone(
         self, car: VehicleWorker, peers: tuple[RawMqtt, RawMqtt], namespace: str
     ) -> None:
@@ -314,15 +307,6 @@ class TestWellFormedButHarmful:
         # Then the epochs the car reports as seen do not move
         assert _probe_pull(pulls, topics).seen.get("gw1", 0) < 2**62
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="worker/worker.py keeps a _seen entry for every gateway id of any decodable "
-        "assignment and never drops one; PullRequest allows at most 64 seen entries, so from "
-        "the 65th id on every pull() raises ValidationError: from _on_gateway_status on the "
-        "fleet's network thread (worker/netloop.py _run catches only OSError and ValueError, "
-        "so the thread dies and every car of the fleet goes deaf), from tick() on the fleet "
-        "ticker, and from _finish() in the kernel pool",
-    )
     def test_sixty_five_gateway_ids_do_not_stop_pulls(
         self,
         car: VehicleWorker,
@@ -345,12 +329,6 @@ class TestWellFormedButHarmful:
         assert thread_errors == []
         _job_completes(client)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="worker/worker.py _on_gateway_status trusts status.gateway_id without checking "
-        "the topic it came on: a status for gw1 published on another gateway's topic takes "
-        "gw1 offline for the car until gw1 re-announces (up to 10 s, see MqttLink.announce)",
-    )
     def test_status_counts_only_on_its_own_gateways_topic(
         self, car: VehicleWorker, peers: tuple[RawMqtt, RawMqtt], namespace: str
     ) -> None:

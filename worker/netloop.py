@@ -107,6 +107,9 @@ class NetworkLoop:
                     self._ready(key, mask)
                 except (OSError, ValueError) as exc:
                     log.debug("socket_io_failed", error=str(exc))
+                except Exception:
+                    # A bug in one car's callback must not stop the loop serving the others.
+                    log.exception("client_callback_failed")
             if time.monotonic() >= next_misc:
                 self._misc()
                 next_misc = time.monotonic() + MISC_EVERY_S

@@ -57,6 +57,7 @@ from worker.policy import RUN, Decision, Mode, OwnerPolicy
 from worker.runner import TaskRunner
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
+MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
 RECENT_LEASES = 4096  # remembered (gateway, epoch) pairs: far more than a car holds at once
 
 log = structlog.get_logger("parkpool.worker")
@@ -225,13 +226,16 @@ class VehicleWorker:
             return
         with self._lock:
             credits = self.settings.capacity - len(self._held)
-            seen = dict(self._seen)
+            # A pull names at most 64 gateways: the busiest online ones (a car that has
+            # seen more gateway ids over time must not grow its pulls past the limit).
+            gateways = dict(sorted(self._gateways.items(), key=lambda g: -g[1])[:MAX_GATEWAYS])
+            seen = {g: e for g, e in self._seen.items() if g in gateways}
             due = time.monotonic() - self._last_pull >= self._refresh_s
             if credits <= 0 or not self._gateways or not (force or due):
                 return
             self._last_pull = time.monotonic()
             self._rotation += 1
-            grants = allocate(credits, self._gateways, self._rotation)
+            grants = allocate(credits, gateways, self._rotation)
         dwell = self.guard.dwell_s() if self.guard else 0.0
         pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
         # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
@@ -289,17 +293,20 @@ class VehicleWorker:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         if msg.topic != self.topics.task(self.vehicle_id):
-            self._on_gateway_status(payload)
+            self._on_gateway_status(msg.topic, payload)
         elif peek_type(payload) == Revoke.TYPE:
             self._on_revoke(payload)
         else:
             self._on_assignment(payload)
 
-    def _on_gateway_status(self, payload: bytes) -> None:
+    def _on_gateway_status(self, topic: str, payload: bytes) -> None:
         try:
             status = decode(payload, GatewayStatus)
         except DecodeError:
             return
+        if topic != self.topics.gateway_status(status.gateway_id):
+            self._log.warning("gateway_status_misplaced", topic=topic)
+            return  # one gateway (or anyone) speaking for another
         with self._lock:
             before = self._gateways.get(status.gateway_id)
             if status.state is GatewayState.ONLINE:
@@ -334,9 +341,10 @@ class VehicleWorker:
             return
         if not self._authentic(assignment):
             return
-        with self._lock:
-            last = self._seen.get(assignment.gateway_id, 0)
-            self._seen[assignment.gateway_id] = max(last, assignment.epoch)
+        if assignment.vehicle_id == self.vehicle_id:  # another car's epochs mean nothing here
+            with self._lock:
+                last = self._seen.get(assignment.gateway_id, 0)
+                self._seen[assignment.gateway_id] = max(last, assignment.epoch)
         refusal = self._refusal(assignment)
         if refusal is not None:
             self._nack(assignment, *refusal)
