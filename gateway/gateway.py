@@ -330,7 +330,10 @@ class Gateway:
             # Not durable: redoing the task is the way to get its result into Kafka.
             self.metrics.delivery_errors.labels("results").inc()
             self._log.error("result_not_durable", job_id=task.task.job_id, error=str(err))
-            self._requeue(task, "delivery_failed", lease.vehicle_id, str(err), counts=False)
+            # A refusal Kafka will repeat (a result too large, say) counts as an attempt, so
+            # such a task ends in the dead-letter topic instead of being redone for ever.
+            permanent = not err.retriable()
+            self._requeue(task, "delivery_failed", lease.vehicle_id, str(err), counts=permanent)
             return
         self.metrics.tasks.labels("completed").inc()
         self.metrics.execution.observe(time.monotonic() - lease.dispatched_at)
