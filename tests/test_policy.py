@@ -202,3 +202,15 @@ class TestConfig:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             PolicyConfig.load(path)
+
+
+class TestReasonVocabulary:
+    """Every reason the policy gives is one the gateway may use as a metric label."""
+
+    def test_reasons_are_known_to_the_fleet_series(self) -> None:
+        from gateway.fleet_stats import POLICY_REASONS
+
+        given = {case[5] for case in TABLE} - {"eligible"}
+        given |= {"signals_stale", "owner_recent"}
+        given |= {f"{reason}_cooldown" for *_, reason in THERMAL} | {"battery_low_cooldown"}
+        assert given <= POLICY_REASONS, given - POLICY_REASONS
