@@ -9,7 +9,6 @@ be trusted at once, so a signing key can be rotated without a flag day.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from parkpool.keyfiles import read_key_file, write_key_pair
 from schemas.errors import ConfigError
 from schemas.messages import Assignment, Result
 from schemas.signing import assignment_digest_input, result_digest_input
@@ -36,7 +36,7 @@ class TaskSigner:
 
     @classmethod
     def load(cls, path: Path) -> TaskSigner:
-        seed = _read_hex(path, "private")
+        seed = read_key_file(path, "private")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     def public_key(self) -> bytes:
@@ -57,7 +57,7 @@ class TaskVerifier:
 
     @classmethod
     def load(cls, paths: Iterable[Path]) -> TaskVerifier:
-        keys = tuple(Ed25519PublicKey.from_public_bytes(_read_hex(p, "public")) for p in paths)
+        keys = tuple(Ed25519PublicKey.from_public_bytes(read_key_file(p, "public")) for p in paths)
         if not keys:
             raise ConfigError("no trusted task-signing key given")
         return cls(keys)
@@ -86,7 +86,7 @@ class ResultSigner:
 
     @classmethod
     def load(cls, path: Path) -> ResultSigner:
-        return cls(Ed25519PrivateKey.from_private_bytes(_read_hex(path, "private")))
+        return cls(Ed25519PrivateKey.from_private_bytes(read_key_file(path, "private")))
 
     def sign(self, result: Result) -> Result:
         unsigned = replace(result, signature=b"")
@@ -116,7 +116,7 @@ class VehicleKeys:
         if vehicle_id not in self._keys:
             path = self.directory / f"{vehicle_id}.pub"
             try:
-                raw = _read_hex(path, "public")
+                raw = read_key_file(path, "public")
             except ConfigError:
                 return None  # not enrolled (yet): not cached, so enrolling takes effect
             self._keys[vehicle_id] = Ed25519PublicKey.from_public_bytes(raw)
@@ -125,21 +125,6 @@ class VehicleKeys:
 
 def generate(directory: Path, name: str = "task-signing") -> tuple[Path, Path]:
     """Write a new key pair: ``NAME.key`` (private, 0600) and ``NAME.pub``."""
-    directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    private, public = directory / f"{name}.key", directory / f"{name}.pub"
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key.private_bytes_raw().hex() + "\n")
-    public.write_text(key.public_key().public_bytes_raw().hex() + "\n")
-    return private, public
-
-
-def _read_hex(path: Path, kind: str) -> bytes:
-    try:
-        raw = bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {kind} key {path}: {exc}") from exc
-    if len(raw) != 32:
-        raise ConfigError(f"{kind} key {path} must be 32 bytes in hex, not {len(raw)}")
-    return raw
+    public = key.public_key().public_bytes_raw()
+    return write_key_pair(directory, name, key.private_bytes_raw(), public)
