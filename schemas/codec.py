@@ -32,7 +32,7 @@ import numpy as np
 
 from schemas.errors import DecodeError, ValidationError
 from schemas.messages import MESSAGE_TYPES, NESTED_TYPES
-from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS
+from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS, require_arrays
 
 WIRE_VERSION = 1
 ARRAY_EXT = 1
@@ -104,6 +104,19 @@ def decode(data: bytes | bytearray | memoryview, expect: type[M]) -> M:
     if tag != expected_tag:
         raise DecodeError("wrong_message_type", f"got {tag!r}, expected {expected_tag!r}")
     return _build(expect, body)
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A map of named arrays on its own: what a confidential message seals."""
+    body = dict(require_arrays("arrays", arrays))
+    return msgpack.packb(body, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_arrays(data: bytes | bytearray | memoryview) -> Mapping[str, np.ndarray]:
+    """The inverse of ``encode_arrays``, with the same limits as a whole message."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise DecodeError("too_large", f"{len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return require_arrays("arrays", _unpack(data))
 
 
 def peek_type(data: bytes) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from schemas.errors import ValidationError
+from schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 from schemas.validate import (
     require_arrays,
     require_bytes,
@@ -53,6 +54,28 @@ def _check_lease_reference(message: Nack | LeaseHeartbeat) -> None:
     _vehicle("vehicle_id", message.vehicle_id)
     _vehicle("gateway_id", message.gateway_id)
     require_int("epoch", message.epoch, 1)
+
+
+def _sized(name: str, value: object, size: int) -> bytes:
+    """Bytes that are either absent (empty) or exactly ``size`` long: keys, sealed keys."""
+    data = require_bytes(name, value)
+    if len(data) not in (0, size):
+        raise _bad(f"{name} must be empty or {size} bytes, not {len(data)}")
+    return data
+
+
+def _check_sealed_task(task: TaskChunk) -> None:
+    """A confidential task has no inputs in clear, and everything needed to open them."""
+    _sized("inputs_key", task.inputs_key, WRAPPED_KEY_BYTES)
+    _sized("reply_key", task.reply_key, KEY_BYTES)
+    if not require_bytes("sealed_inputs", task.sealed_inputs):
+        if task.inputs_key:
+            raise _bad("inputs_key is set but there are no sealed inputs")
+        return
+    if task.inputs:
+        raise _bad("a task with sealed inputs carries no inputs in clear")
+    if not task.inputs_key or not task.reply_key:
+        raise _bad("sealed inputs need an inputs_key and a reply_key")
 
 
 def _frozen_map(obj: object, name: str, value: Mapping[str, Any]) -> None:
@@ -114,6 +137,11 @@ class TaskChunk:
     attempt: int = 0  # 0 on first submit; a DLQ replay starts again at 0
     priority: Priority = Priority.BATCH
     cost_gflop: float = 0.0  # the kernel's cost model's estimate, in 10^9 flops; 0 = unknown
+    # A confidential chunk (schemas.sealing): inputs encrypted, their key sealed to the
+    # gateways, and the producer's box key, to which the car seals the outputs.
+    sealed_inputs: bytes = b""
+    inputs_key: bytes = b""
+    reply_key: bytes = b""
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -128,10 +156,15 @@ class TaskChunk:
         require_int("attempt", self.attempt, 0, 1_000_000)
         object.__setattr__(self, "priority", _enum(Priority, "priority", self.priority))
         require_float("cost_gflop", self.cost_gflop, 0.0, MAX_GFLOP)
+        _check_sealed_task(self)
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.chunk_id)
+
+    @property
+    def confidential(self) -> bool:
+        return bool(self.sealed_inputs)
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,8 @@ class Assignment:
     # runs only what a gateway issued, and a replayed assignment is recognised.
     nonce: bytes = b""
     signature: bytes = b""
+    # A confidential task's data key, sealed to this vehicle's box key (schemas.sealing).
+    inputs_key: bytes = b""
 
     def __post_init__(self) -> None:
         _vehicle("gateway_id", self.gateway_id)
@@ -166,6 +201,7 @@ class Assignment:
         for name in ("nonce", "signature"):
             if len(require_bytes(name, getattr(self, name))) > 128:
                 raise _wrong(f"{name} is longer than 128 bytes")
+        _sized("inputs_key", self.inputs_key, WRAPPED_KEY_BYTES)
 
 
 @dataclass(frozen=True)
@@ -187,6 +223,9 @@ class Result:
     # Ed25519 by the vehicle's own key over everything above (schemas.signing); empty when
     # the vehicle has no key. A gateway that knows the car's key drops a result without it.
     signature: bytes = b""
+    # The outputs map of a confidential chunk, sealed to the task's reply_key; ``outputs``
+    # is then empty.
+    sealed_outputs: bytes = b""
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -202,6 +241,8 @@ class Result:
         require_float("task_created_at", self.task_created_at)
         if len(require_bytes("signature", self.signature)) > 128:
             raise _wrong("signature is longer than 128 bytes")
+        if require_bytes("sealed_outputs", self.sealed_outputs) and self.outputs:
+            raise _bad("a result with sealed outputs carries no outputs in clear")
 
     @property
     def key(self) -> tuple[str, int]:
@@ -235,6 +276,7 @@ class Capabilities:
     kernels: tuple[str, ...]
     device_memory_bytes: int = 0
     gflops_per_s: float = 0.0  # sustained rate the vehicle expects of itself; 0 = unknown
+    box_key: bytes = b""  # this worker's X25519 public key: it can run confidential tasks
 
     def __post_init__(self) -> None:
         require_name("backend", self.backend)
@@ -243,6 +285,7 @@ class Capabilities:
             raise _wrong("kernels must be a list of at most 256 names")
         object.__setattr__(self, "kernels", tuple(require_name("kernel", k) for k in self.kernels))
         require_int("device_memory_bytes", self.device_memory_bytes, 0)
+        _sized("box_key", self.box_key, KEY_BYTES)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 
 Part of the wire contract, so any implementation of a vehicle can verify. The signature
 covers who issued it, to whom, under which lease (epoch, attempt, deadline), a fresh
-nonce, and a SHA-256 of the task bytes exactly as they travel; changing any of them
-breaks it. The primitive is Ed25519 (RFC 8032), with 32-byte public keys.
+nonce, a SHA-256 of the task bytes exactly as they travel, and a confidential task's
+data key as sealed to the car; changing any of them breaks it. The primitive is
+Ed25519 (RFC 8032), with 32-byte public keys.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def assignment_digest_input(assignment: Assignment) -> bytes:
         assignment.lease_deadline,
         assignment.nonce,
         hashlib.sha256(assignment.task).digest(),
+        assignment.inputs_key,
     ]
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return ASSIGNMENT_DOMAIN + packed

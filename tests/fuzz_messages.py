@@ -20,6 +20,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from parkpool.sealing import BoxKey, seal_outputs, seal_task
 from schemas import codec
 from schemas import messages as m
 from schemas.codec import ALLOWED_DTYPES, MAX_NDIM, WIRE_VERSION, decode, encode, peek_type
@@ -107,6 +108,13 @@ BY_FIELD: Mapping[str, st.SearchStrategy[Any]] = {
     "seen": st.dictionaries(IDS, st.integers(0, 2**63 - 1), max_size=4),
     "nonce": st.binary(max_size=128),
     "signature": st.binary(max_size=128),
+    "box_key": st.just(b"") | st.binary(min_size=32, max_size=32),
+    "reply_key": st.just(b"") | st.binary(min_size=32, max_size=32),
+    "inputs_key": st.just(b"") | st.binary(min_size=80, max_size=80),
+    # Sealed parts come whole, from real sealing, in messages() below: a field drawn on
+    # its own would break the rules that tie it to the others.
+    "sealed_inputs": st.just(b""),
+    "sealed_outputs": st.just(b""),
 }
 # ... and by (message, field) where one name means different things in different messages.
 BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
@@ -115,7 +123,10 @@ BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
     ("DeadLetter", "job_id"): TEXT,
     ("DeadLetter", "chunk_id"): st.integers(-1, m.MAX_CHUNKS - 1),
     ("AttemptRecord", "vehicle_id"): TEXT,
+    ("TaskChunk", "inputs_key"): st.just(b""),  # set only with sealed inputs
 }
+GATEWAY_BOX = BoxKey.generate()
+REPLY_BOX = BoxKey.generate()
 
 
 def _by_hint(hint: Any) -> st.SearchStrategy[Any]:
@@ -190,8 +201,14 @@ def _instance(draw: st.DrawFn, cls: type) -> Any:
 
 
 def messages(cls: type) -> st.SearchStrategy[Any]:
-    """Valid instances of a message or nested record, built field by field."""
-    return _instance(cls)
+    """Valid instances of a message or nested record, built field by field; tasks and
+    results are sometimes confidential ones, sealed for real."""
+    plain = _instance(cls)
+    if cls is m.TaskChunk:
+        return plain | plain.map(lambda t: seal_task(t, GATEWAY_BOX.public, REPLY_BOX.public))
+    if cls is m.Result:
+        return plain | plain.map(lambda r: seal_outputs(r, REPLY_BOX.public))
+    return plain
 
 
 ANY_MESSAGE = st.sampled_from(m.MESSAGE_TYPES).flatmap(messages)
