@@ -123,6 +123,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--box-key",
+        "PARKPOOL_BOX_KEY",
+        "",
+        "X25519 private key file(s), comma-separated, newest first (parkpool keys generate "
+        "--box): they open confidential jobs' data keys; empty: such jobs are dead-lettered",
+    )
+    add_option(
+        p,
         "--metrics-addr",
         "PARKPOOL_METRICS_ADDR",
         "127.0.0.1",
@@ -147,6 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         result_rate=args.result_rate,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         vehicle_keys=Path(args.vehicle_keys) if args.vehicle_keys else None,
+        box_keys=tuple(Path(p) for p in args.box_key.split(",") if p),
     )
 
 

@@ -36,6 +36,7 @@ from gateway.status import status_snapshot
 from gateway.tasklog import TP, CancelRecord, TaskLog
 from gateway.tasks import PendingTask, ReadyQueue, TaskState
 from gateway.vehicles import VehicleBook, VehicleView
+from parkpool.sealing import GatewayBox
 from parkpool.settings import KafkaConnection, MqttConnection
 from parkpool.signing import TaskSigner, VehicleKeys
 from schemas import (
@@ -82,6 +83,9 @@ class GatewaySettings:
     kafka_overrides: dict[str, object] = field(default_factory=dict)
     signing_key: Path | None = None  # Ed25519 key that signs every assignment; None: unsigned
     vehicle_keys: Path | None = None  # enrolled cars' public keys; results must be signed
+    # X25519 keys that open confidential tasks' data keys (newest first); none: such tasks
+    # are dead-lettered as unsealable, since no car could ever run them from here.
+    box_keys: tuple[Path, ...] = ()
 
     @property
     def group(self) -> str:
@@ -109,6 +113,7 @@ class Gateway:
         self.fleet = FleetStats(self.metrics.registry)
         self.signer = TaskSigner.load(settings.signing_key) if settings.signing_key else None
         self.vehicle_keys = VehicleKeys(settings.vehicle_keys) if settings.vehicle_keys else None
+        self.box = GatewayBox.load(settings.box_keys)
         self._limits = {
             "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
             "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
@@ -447,7 +452,10 @@ class Gateway:
         task = self._next_dispatchable(self._fit_for(view))
         if task is None:
             if len(self.ready):
-                self.metrics.dispatch_skipped.labels("dwell").inc()
+                self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
+            return False
+        inputs_key = self._inputs_key_for(task, view)
+        if inputs_key is None:
             return False
         vehicle_id = view.vehicle_id
         lease = self.leases.grant(vehicle_id, task, self.settings.lease_seconds)
@@ -460,6 +468,7 @@ class Gateway:
             attempt=task.dispatches,
             lease_deadline=time.time() + self.settings.lease_seconds,
             task=task.raw,
+            inputs_key=inputs_key,
         )
         if self.signer is not None:
             assignment = self.signer.sign(assignment)
@@ -474,11 +483,28 @@ class Gateway:
 
     @staticmethod
     def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool] | None:
-        """Only tasks that should finish before the car leaves; None when it stays."""
-        if view.dwell_s <= 0:
+        """Only tasks that should finish before the car leaves, and confidential ones only
+        for a car that can open them; None when any task will do."""
+        can_open = _can_open(view)
+        if view.dwell_s <= 0 and can_open:
             return None
         now = time.monotonic()
-        return lambda task: view.fits(task.task.cost_gflop, now)
+        return lambda task: (
+            (can_open or not task.task.confidential) and view.fits(task.task.cost_gflop, now)
+        )
+
+    def _inputs_key_for(self, task: PendingTask, view: VehicleView) -> bytes | None:
+        """A confidential task's data key sealed to this car (b"" for any other task);
+        None when no key of ours opens it, and the task is dead-lettered."""
+        if not task.task.confidential:
+            return b""
+        assert view.capabilities is not None  # _fit_for gives sealed work only to such cars
+        try:
+            return self.box.rewrap(task.task, view.capabilities.box_key)
+        except DecodeError as exc:
+            task.state = TaskState.FINISHING
+            self.log.dead_letter(task.tp, task.offset, task.raw, exc.reason, exc.detail, task)
+            return None
 
     def _next_dispatchable(
         self, accept: Callable[[PendingTask], bool] | None = None
@@ -607,3 +633,12 @@ class Gateway:
         self.metrics.leases.set(len(self.leases))
         self.metrics.queued.set(len(self.ready) + len(self.delayed))
         self.metrics.paused.set(len(self.log.paused))
+
+
+def _can_open(view: VehicleView) -> bool:
+    """Whether the car announced a box key, so it can be sent confidential tasks."""
+    return bool(view.capabilities and view.capabilities.box_key)
+
+
+def _skip_reason(view: VehicleView) -> str:
+    return "dwell" if _can_open(view) else "no_box_key"

@@ -80,7 +80,9 @@ class GatewayMetrics:
         self.dispatch_skipped = Counter(
             "parkpool_gateway_dispatch_skipped_total",
             "Times a hungry vehicle got no task although tasks were ready",
-            ["reason"],  # dwell: none of them would finish before the car is due to leave
+            # dwell: none would finish before the car is due to leave; no_box_key: all
+            # were confidential, and the car announced no key to open them with
+            ["reason"],
             registry=r,
         )
         self.queue_wait = Histogram(

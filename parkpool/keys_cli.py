@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``parkpool keys generate DIR``: a task-signing key pair for gateways and vehicles."""
+"""``parkpool keys generate DIR``: a task-signing key pair (Ed25519) for gateways and
+vehicles, or with ``--box`` the gateways' box key pair (X25519) for confidential jobs."""
 
 from __future__ import annotations
 
@@ -7,20 +8,31 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from parkpool.sealing import generate_box_key
 from parkpool.signing import generate
 
 
 def add_parser(subparsers: Any) -> None:
-    keys = subparsers.add_parser("keys", help="task-signing keys")
+    keys = subparsers.add_parser("keys", help="task-signing and confidential-job keys")
     actions = keys.add_subparsers(dest="action", required=True)
     gen = actions.add_parser("generate", help="write NAME.key (private, 0600) and NAME.pub")
     gen.add_argument("directory", type=Path)
-    gen.add_argument("--name", default="task-signing")
+    gen.add_argument("--name", default="", help="default: task-signing, or gateway-box")
+    gen.add_argument(
+        "--box",
+        action="store_true",
+        help="an X25519 box key for confidential jobs instead of a signing key",
+    )
     gen.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    private, public = generate(args.directory, args.name)
+    if args.box:
+        private, public = generate_box_key(args.directory, args.name or "gateway-box")
+        print(f"private key (gateways: --box-key): {private}")
+        print(f"public key (producers: --gateway-box-key): {public}")
+        return 0
+    private, public = generate(args.directory, args.name or "task-signing")
     print(f"private key (gateways: --signing-key): {private}")
     print(f"public key (vehicles: --trusted-keys): {public}")
     return 0

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,18 @@ def add_parser(subparsers: Any) -> None:
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
     submit.add_argument("--verify", action="store_true", help="check the answer against NumPy")
+    submit.add_argument(
+        "--confidential",
+        action="store_true",
+        help="seal inputs and results: brokers and logs never see them (needs a gateway box key)",
+    )
+    add_option(
+        submit,
+        "--gateway-box-key",
+        "PARKPOOL_GATEWAY_BOX_KEY",
+        "",
+        "the gateways' box public key file, for --confidential",
+    )
     submit.set_defaults(func=run_submit)
     status = subparsers.add_parser("status", help="report a job's progress from the topics")
     _connection(status)
@@ -82,10 +95,15 @@ def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
 def run_submit(args: argparse.Namespace) -> int:
     logs.configure()
     plan, expected = example_plan(args)
-    settings = ProducerSettings(kafka_from_args(args), args.namespace, args.reply_topic)
+    settings = ProducerSettings(
+        kafka_from_args(args),
+        args.namespace,
+        args.reply_topic,
+        gateway_box_key=Path(args.gateway_box_key) if args.gateway_box_key else None,
+    )
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
-        handle = client.submit_plan(plan)
+        handle = client.submit_plan(plan, confidential=args.confidential)
         if args.no_wait:
             print(handle.job_id)
             return 0

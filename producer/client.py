@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,6 +25,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from parkpool.http import StatusServer, request_counter
 from parkpool.kafka import produce, producer_config, reader_config
+from parkpool.keyfiles import read_key_file
+from parkpool.sealing import BoxKey, open_result, seal_task
 from parkpool.settings import KafkaConnection
 from producer.jobs import JobHandle
 from producer.metrics import SdkMetrics
@@ -31,6 +34,7 @@ from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
 from schemas import (
     BrokerError,
     CancelJob,
+    ConfigError,
     DeadLetter,
     DecodeError,
     KafkaTopics,
@@ -56,6 +60,11 @@ class ProducerSettings:
     publish_timeout_s: float = 60.0
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
     metrics_addr: str = "127.0.0.1"  # never all interfaces unless the service says so
+    # Confidential jobs (parkpool.sealing): the gateways' box public key, to which inputs
+    # are sealed; and this client's own box key for results (None: a fresh one per client,
+    # so results of jobs submitted before a restart cannot be read after it).
+    gateway_box_key: Path | None = None
+    reply_box_key: Path | None = None
 
 
 class ParkpoolClient:
@@ -66,6 +75,14 @@ class ParkpoolClient:
         self.decode_errors = 0
         self.metrics = SdkMetrics()
         self._producer = Producer(producer_config(settings.kafka))
+        self._reply_box = (
+            BoxKey.load(settings.reply_box_key) if settings.reply_box_key else BoxKey.generate()
+        )
+        self._gateway_key = (
+            read_key_file(settings.gateway_box_key, "gateway box")
+            if settings.gateway_box_key
+            else None
+        )
         self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -124,15 +141,26 @@ class ParkpoolClient:
         priority: Priority | str = Priority.BATCH,
         deadline_s: float | None = None,
         job_id: str | None = None,
+        confidential: bool = False,
         **split_options: Any,
     ) -> JobHandle:
-        """Split a job with the kernel's planner and publish it; see producer.splitters."""
+        """Split a job with the kernel's planner and publish it; see producer.splitters.
+
+        ``confidential`` seals every chunk's inputs and results (``parkpool.sealing``), so
+        brokers, logs and other cars never see them; it needs ``gateway_box_key``.
+        """
         planner = PLANNERS.get(kernel)
         if planner is None:
             known = ", ".join(sorted(PLANNERS))
             raise ValidationError("unknown_kernel", f"no planner for {kernel!r}; known: {known}")
         plan = planner(**dict(inputs or {}), **split_options)
-        return self.submit_plan(plan, priority=priority, deadline_s=deadline_s, job_id=job_id)
+        return self.submit_plan(
+            plan,
+            priority=priority,
+            deadline_s=deadline_s,
+            job_id=job_id,
+            confidential=confidential,
+        )
 
     def submit_plan(
         self,
@@ -141,6 +169,7 @@ class ParkpoolClient:
         priority: Priority | str = Priority.BATCH,
         deadline_s: float | None = None,
         job_id: str | None = None,
+        confidential: bool = False,
     ) -> JobHandle:
         return self.publish(
             plan.kernel,
@@ -149,6 +178,7 @@ class ParkpoolClient:
             priority=priority,
             deadline_s=deadline_s,
             job_id=job_id,
+            confidential=confidential,
         )
 
     def publish(
@@ -160,6 +190,7 @@ class ParkpoolClient:
         priority: Priority | str = Priority.BATCH,
         deadline_s: float | None = None,
         job_id: str | None = None,
+        confidential: bool = False,
     ) -> JobHandle:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
@@ -167,6 +198,8 @@ class ParkpoolClient:
         chunk, or naming no built-in kernel, raises ValidationError and sends nothing.
         """
         kernel_spec(kernel)  # refused by name even when there are no chunks to check
+        if confidential and self._gateway_key is None:
+            raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         for spec in chunks:
             validate_task(kernel, spec.params, spec.inputs)
         job_id = job_id or uuid.uuid4().hex
@@ -188,6 +221,10 @@ class ParkpoolClient:
             )
             for i, spec in enumerate(chunks)
         ]
+        if confidential:
+            assert self._gateway_key is not None  # checked before any work was done
+            reply = self._reply_box.public
+            tasks = [seal_task(task, self._gateway_key, reply) for task in tasks]
         handle = JobHandle(
             job_id, len(tasks), assembler, canceller=self.cancel, observer=self.metrics
         )
@@ -257,11 +294,13 @@ class ParkpoolClient:
             return  # another caller's job, or one we stopped following
         try:
             if record.topic() == self.reply_topic:
-                handle.deliver(decode(record.value() or b"", Result), time.time())
+                result = open_result(decode(record.value() or b"", Result), self._reply_box)
+                handle.deliver(result, time.time())
             else:
                 handle.dead_lettered(decode(record.value() or b"", DeadLetter))
         except DecodeError as exc:
             self.decode_errors += 1
+            self.metrics.results_refused.labels(exc.reason).inc()
             log.warning("result_malformed", job_id=key, topic=record.topic(), reason=str(exc))
 
 

@@ -35,6 +35,12 @@ class SdkMetrics:
         self.delivery_errors = Counter(
             "parkpool_sdk_delivery_errors", "Chunks Kafka did not confirm", registry=r
         )
+        self.results_refused = Counter(
+            "parkpool_sdk_results_refused",
+            "Records on the reply or dead-letter topic of our jobs that could not be read",
+            ["reason"],  # the DecodeError reason: malformed, unsealable, ...
+            registry=r,
+        )
         self.end_to_end = Histogram(
             "parkpool_sdk_end_to_end_seconds",
             "From a chunk's creation to its result reaching the caller",

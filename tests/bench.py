@@ -27,6 +27,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ from broker_config.topics import bootstrap
 from parkpool import logs
 from parkpool.children import role, role_env
 from parkpool.mqtt import connect_and_wait, new_client
+from parkpool.sealing import BoxKey, GatewayBox, open_result, open_task, seal_outputs, seal_task
 from parkpool.settings import KafkaConnection, MqttConnection
 from parkpool.signals import exit_on_sigterm
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.splitters import ChunkSpec
-from schemas import TaskChunk, decode, encode
+from schemas import Result, TaskChunk, decode, encode
 from tests.bench_preemption import preemption
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
 
@@ -154,6 +156,39 @@ def codec(repeat: int = 50) -> dict[str, Any]:
     }
 
 
+def sealing(repeat: int = 50) -> dict[str, Any]:
+    """What a confidential job costs each party, per 1 MiB chunk, with no broker involved."""
+    gateway, car, reply = BoxKey.generate(), BoxKey.generate(), BoxKey.generate()
+    box = GatewayBox((gateway,))
+    now = time.time()
+    inputs = {"a": np.ones((512, 512), np.float32)}
+    task = TaskChunk("bench", 0, 1, "gemm", {}, inputs, "bench.results", now + 60, now)
+    result = Result("bench", 0, 1, "car", "gw", 1, 1, inputs, 0.0, now, now)
+
+    def per_call(step: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        return (time.perf_counter() - started) / repeat
+
+    sealed = seal_task(task, gateway.public, reply.public)
+    key = box.rewrap(sealed, car.public)
+    outputs = seal_outputs(result, reply.public)
+    mib = inputs["a"].nbytes / 2**20
+    return {
+        "name": "sealing",
+        "chunk_mib": mib,
+        "sdk_seal_mib_per_s": round(
+            mib / per_call(lambda: seal_task(task, gateway.public, reply.public)), 1
+        ),
+        "gateway_rewrap_us": round(per_call(lambda: box.rewrap(sealed, car.public)) * 1e6, 1),
+        "car_open_mib_per_s": round(mib / per_call(lambda: open_task(sealed, key, car)), 1),
+        "car_seal_mib_per_s": round(mib / per_call(lambda: seal_outputs(result, reply.public)), 1),
+        "sdk_open_mib_per_s": round(mib / per_call(lambda: open_result(outputs, reply)), 1),
+        "machine": machine(),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--vehicles", type=int, default=32)
@@ -175,6 +210,7 @@ def main() -> int:
     run_dir = Path(".run/bench")
     run_dir.mkdir(parents=True, exist_ok=True)
     emit(codec())
+    emit(sealing())
     with EmbeddedBrokers(run_dir=run_dir) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)

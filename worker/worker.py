@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client
+from parkpool.sealing import BoxKey, open_task, seal_outputs
 from parkpool.signing import ResultSigner, TaskVerifier
 from schemas import (
     Assignment,
@@ -114,6 +115,9 @@ class VehicleWorker:
         self._slots = threading.Semaphore(settings.concurrency)
         self._verifier = TaskVerifier.load(settings.trusted_keys) if settings.trusted_keys else None
         self._signer = ResultSigner.load(settings.result_key) if settings.result_key else None
+        # Made afresh by every worker, never stored: confidential inputs sent to this run
+        # of the car cannot be opened by anyone who later takes the car's disk.
+        self._box = BoxKey.generate()
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()  # leases seen
         self.rejected: Counter[str] = Counter()  # assignments refused: bad_signature, replayed
         self._departure: float | None = None  # the last next_departure a pull reported
@@ -199,7 +203,9 @@ class VehicleWorker:
     @property
     def capabilities(self) -> Capabilities:
         rate = self.runner.gflops_per_s
-        return Capabilities(self.backend.name, tuple(REGISTRY), gflops_per_s=rate)
+        return Capabilities(
+            self.backend.name, tuple(REGISTRY), gflops_per_s=rate, box_key=self._box.public
+        )
 
     @property
     def decision(self) -> Decision:
@@ -354,6 +360,13 @@ class VehicleWorker:
         except DecodeError as exc:
             self._nack(assignment, NackReason.INVALID_TASK, str(exc))
             return
+        try:
+            task = open_task(task, assignment.inputs_key, self._box)
+        except DecodeError as exc:
+            # Sealed to another key (this car restarted since its pull, say): counted as a
+            # failed attempt, so a task no car can open still ends in the dead-letter topic.
+            self._nack(assignment, NackReason.KERNEL_ERROR, f"sealed inputs: {exc}", task)
+            return
         with self._lock:
             self._held[assignment.epoch] = Held(assignment, task)
         self._log.debug("task_received", **task_context(assignment, task))
@@ -427,7 +440,7 @@ class VehicleWorker:
 
     def _result(self, item: Held, outputs: dict[str, Any], seconds: float) -> Result:
         a, t = item.assignment, item.task
-        return Result(
+        result = Result(
             job_id=t.job_id,
             chunk_id=t.chunk_id,
             n_chunks=t.n_chunks,
@@ -440,6 +453,7 @@ class VehicleWorker:
             finished_at=time.time(),
             task_created_at=t.created_at,
         )
+        return seal_outputs(result, t.reply_key) if t.reply_key else result
 
     def _finish(
         self,

@@ -1,0 +1,211 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Confidential jobs on the real brokers: Kafka, Mosquitto and the logs never see the
+inputs or the results in clear, yet the caller gets the right answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+from structlog.testing import capture_logs
+
+from parkpool.kafka import producer_config
+from parkpool.sealing import BoxKey, generate_box_key, seal_outputs
+from parkpool.settings import KafkaConnection, MqttConnection
+from producer.client import ParkpoolClient, ProducerSettings
+from producer.jobs import JobFailed
+from schemas import (
+    Capabilities,
+    ConfigError,
+    DeadLetter,
+    MqttTopics,
+    PullRequest,
+    Result,
+    decode,
+    encode,
+)
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, read_all, read_topic, wait_for
+from worker.fleet import Fleet
+from worker.kernels import REGISTRY
+
+MARKER = 4321.25  # sums of it are exact in float64; its bytes are what a leak shows
+CHUNK = 256
+
+
+@pytest.fixture
+def box_key(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_box_key(tmp_path / "keys", "gateway-box")
+
+
+@pytest.fixture
+def sealing_client(
+    namespace: str, kafka_conn: KafkaConnection, box_key: tuple[Path, Path]
+) -> Iterator[ParkpoolClient]:
+    settings = ProducerSettings(kafka_conn, namespace, gateway_box_key=box_key[1])
+    with ParkpoolClient(settings) as sdk:
+        yield sdk
+
+
+def _sniffer(mqtt_conn: MqttConnection, namespace: str) -> RawMqtt:
+    """Everything that crosses Mosquitto in this namespace, as a broker operator sees it."""
+    sniffer = RawMqtt(mqtt_conn, f"sniff-{namespace}")
+    sniffer.subscribe(f"{namespace}/#")
+    return sniffer
+
+
+def _leaks(blobs: list[bytes]) -> list[int]:
+    """Indexes of the blobs in which the inputs' or the results' float bytes appear."""
+    needles = (np.float64(MARKER).tobytes(), np.float64(MARKER * CHUNK).tobytes())
+    return [i for i, blob in enumerate(blobs) if any(n in blob for n in needles)]
+
+
+@pytest.mark.integration
+class TestConfidentialJob:
+    """A sealed job completes, and no broker topic or log line holds its data in clear."""
+
+    @pytest.mark.parametrize("confidential", [True, False], ids=["sealed", "plain-control"])
+    def test_brokers_and_logs_never_see_the_data(
+        self,
+        confidential: bool,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        sealing_client: ParkpoolClient,
+        box_key: tuple[Path, Path],
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given gateways holding the box key, a fleet, and someone reading all of MQTT
+        sniffer = _sniffer(mqtt_conn, namespace)
+        gateway_factory(box_keys=(box_key[0],))
+        fleet_factory(3)
+        x = np.full(CHUNK * 8, MARKER)
+        # When a job is submitted (the plain control shows that the check below can see)
+        with capture_logs() as entries:
+            handle = sealing_client.submit(
+                "reduce", {"x": x, "op": "sum"}, chunk_elems=CHUNK, confidential=confidential
+            )
+            # Then the caller gets the right answer
+            assert handle.wait(timeout=60) == MARKER * CHUNK * 8
+        # And the data is in clear on Kafka and MQTT exactly when the job was not sealed
+        topics = sealing_client.topics
+        records = read_all(kafka_conn, topics.tasks) + read_all(kafka_conn, topics.results)
+        kafka = [r.value() or b"" for r in records]
+        mqtt = [bytes(msg.payload) for msg in sniffer.received]
+        sniffer.close()
+        assert len(kafka) == 16 and len(mqtt) > 16
+        if confidential:
+            assert _leaks(kafka) == [] and _leaks(mqtt) == []
+        else:
+            assert len(_leaks(kafka)) == 16 and _leaks(mqtt)
+        # And no log line holds the data either way
+        assert entries
+        assert not [e for e in entries if any(str(MARKER)[:7] in str(v) for v in e.values())]
+
+
+@pytest.mark.integration
+class TestWhoMayOpen:
+    """Sealed work goes only where it can be opened; where it never can, it is refused."""
+
+    def test_a_gateway_without_the_key_dead_letters_as_unsealable(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        sealing_client: ParkpoolClient,
+        kafka_conn: KafkaConnection,
+    ) -> None:
+        # Given a gateway started without --box-key, and a fleet
+        gateway = gateway_factory()
+        fleet_factory(2)
+        # When a confidential job arrives
+        handle = sealing_client.submit(
+            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+        )
+        # Then every chunk is dead-lettered as unsealable, and the caller is told
+        with pytest.raises(JobFailed) as failed:
+            handle.wait(timeout=60)
+        assert set(failed.value.reasons.values()) == {"unsealable"}
+        letters = read_topic(kafka_conn, sealing_client.topics.dead_letter, 2)
+        assert {decode(r.value() or b"", DeadLetter).detail for r in letters} == {
+            "this gateway holds no box key (--box-key)"
+        }
+        assert gateway.metric("parkpool_gateway_dead_lettered_total", reason="unsealable") == 2
+
+    def test_a_car_without_a_box_key_is_never_sent_sealed_work(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        sealing_client: ParkpoolClient,
+        box_key: tuple[Path, Path],
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+        namespace: str,
+    ) -> None:
+        # Given a gateway with the key, and one car that announces no box key
+        gateway = gateway_factory(box_keys=(box_key[0],))
+        car = RawMqtt(mqtt_conn, f"old-{namespace}")
+        car.subscribe(mqtt_topics.task("oldcar"))
+        wait_for(gateway.gateway.readiness, 30, "the gateway to be ready")
+        # When a confidential job is queued and the car keeps asking for work
+        handle = sealing_client.submit(
+            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+        )
+        pull = PullRequest("oldcar", 2, Capabilities("numpy", tuple(REGISTRY)), {}, {"gw1": 2})
+
+        def skipped() -> bool:
+            car.publish(mqtt_topics.pull("oldcar"), encode(pull))
+            skips = gateway.metric("parkpool_gateway_dispatch_skipped_total", reason="no_box_key")
+            return skips > 0
+
+        wait_for(skipped, 30, "the gateway to skip the car for want of a box key")
+        # Then the car got nothing, and a car that can open the work completes the job
+        assert car.received == []
+        car.close()
+        fleet_factory(1)
+        assert handle.wait(timeout=60) == 512.0
+
+
+@pytest.mark.integration
+class TestSdkRefusals:
+    """A result sealed to some other key is counted and logged; the job waits on."""
+
+    def test_a_result_the_client_cannot_open_is_refused_and_counted(
+        self, sealing_client: ParkpoolClient, kafka_conn: KafkaConnection
+    ) -> None:
+        # Given a confidential job of two chunks, with no gateway to run it
+        handle = sealing_client.submit(
+            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+        )
+        # When a result for chunk 0 arrives, sealed to a key that is not the client's
+        now = time.time()
+        plain = Result(handle.job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, now, now)
+        forged = seal_outputs(plain, BoxKey.generate().public)
+        producer = Producer(producer_config(kafka_conn))
+        producer.produce(sealing_client.reply_topic, encode(forged), key=handle.job_id)
+        assert producer.flush(10) == 0
+        # Then the client counts it as unsealable, and the chunk is not done
+        wait_for(
+            lambda: (
+                sealing_client.metrics.value(
+                    "parkpool_sdk_results_refused_total", reason="unsealable"
+                )
+                == 1
+            ),
+            30,
+            "the sealed result to be refused",
+        )
+        assert handle.progress.done == 0
+
+
+class TestSdkConfiguration:
+    """A confidential job without the gateways' key is refused before anything is sent."""
+
+    def test_confidential_needs_the_gateway_key(self, client: ParkpoolClient) -> None:
+        with pytest.raises(ConfigError, match="gateway_box_key"):
+            client.submit("reduce", {"x": np.ones(4), "op": "sum"}, confidential=True)
+        assert client.metrics.value("parkpool_sdk_chunks_total", status="published") == 0
