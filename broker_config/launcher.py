@@ -76,6 +76,7 @@ class EmbeddedBrokers:
         stop_timeout: float = 10.0,
         auth: bool = False,
         tls_dir: Path | None = None,
+        client_certs: bool = True,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -85,6 +86,9 @@ class EmbeddedBrokers:
         self.stop_timeout = stop_timeout
         self.auth = AuthStore(self.run_dir / "auth") if auth else None
         self.tls_dir = tls_dir  # ca.pem, server.pem, server.key (broker_config.certs)
+        # True: mutual TLS, the certificate's CN is the identity. False: the broker proves
+        # itself, clients log in with their passwords over the encrypted connection.
+        self.client_certs = client_certs
         self.mqtt_tls_port = 0
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
@@ -188,22 +192,22 @@ class EmbeddedBrokers:
         return f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
 
     def _tls_lines(self) -> str:
-        """A second listener with mutual TLS; the certificate's CN is the username."""
+        """A second listener with TLS: mutual (the certificate's CN is the username), or
+        server-only with password logins."""
         if self.tls_dir is None:
             return ""
         self.mqtt_tls_port = self.mqtt_tls_port or free_port()
         d = self.tls_dir.resolve()
-        return "\n".join(
-            (
-                f"listener {self.mqtt_tls_port} 127.0.0.1",
-                f"cafile {d / 'ca.pem'}",
-                f"certfile {d / 'server.pem'}",
-                f"keyfile {d / 'server.key'}",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "",
-            )
-        )
+        lines = [
+            f"listener {self.mqtt_tls_port} 127.0.0.1",
+            f"cafile {d / 'ca.pem'}",
+            f"certfile {d / 'server.pem'}",
+            f"keyfile {d / 'server.key'}",
+            f"require_certificate {'true' if self.client_certs else 'false'}",
+        ]
+        if self.client_certs:
+            lines.append("use_identity_as_username true")
+        return "\n".join([*lines, ""])
 
     def reload_mosquitto(self) -> None:
         """Make Mosquitto re-read its password and ACL files (after enroll or revoke)."""

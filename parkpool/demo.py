@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_config.certs import make_certs
 from broker_config.launcher import EmbeddedBrokers, free_port
 from broker_config.topics import bootstrap
 from parkpool import logs
 from parkpool.children import role, role_env
+from parkpool.sealing import generate_box_key
 from parkpool.settings import KafkaConnection
 from parkpool.signals import exit_on_sigterm
 from parkpool.signing import generate
@@ -35,6 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=256, help="side of an output tile (one chunk)")
     p.add_argument("--vehicles", type=int, default=16, help="simulated vehicles")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
+    p.add_argument("--plain", action="store_true", help="submit the job unsealed, to compare")
     return p.parse_args(argv)
 
 
@@ -55,16 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(".run/demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"starting embedded Tansu and Mosquitto (logs in {run_dir}/)")
-    with EmbeddedBrokers(run_dir=run_dir, auth=True) as brokers:
+    # TLS as in production: the broker proves itself with a certificate from a local CA,
+    # and every client logs in with its own password over the encrypted connection.
+    tls_dir = make_certs(run_dir / "tls", [])
+    brokers_tls = EmbeddedBrokers(run_dir=run_dir, auth=True, tls_dir=tls_dir, client_certs=False)
+    with brokers_tls as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         metrics_port = free_port()
-        env = role_env(brokers, NAMESPACE)
+        env = {
+            **role_env(brokers, NAMESPACE),
+            "PARKPOOL_MQTT_PORT": str(brokers.mqtt_tls_port),
+            "PARKPOOL_MQTT_TLS_CA": str(tls_dir / "ca.pem"),
+        }
         gateway_env = {**env, **_enroll(brokers, args.vehicles)}
-        # Signed work, as in production: the cars run only what this gateway issued.
+        # Signed work, as in production: the cars run only what this gateway issued; and
+        # the box key that lets gateways hand a confidential job's key to one car.
         private, public = generate(run_dir / "keys")
+        box_private, box_public = generate_box_key(run_dir / "keys", "gateway-box")
         gateway_args = [
             *("gateway", "--gateway-id", "demo-gw", "--metrics-port", str(metrics_port)),
-            *("--signing-key", str(private)),
+            *("--signing-key", str(private), "--box-key", str(box_private)),
             *("--vehicle-keys", str(run_dir / "auth" / "keys")),
         ]
         sim_args = [
@@ -76,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             role("fleet", sim_args, env, run_dir),
         ):
             print(
-                f"gateway and {args.vehicles} simulated vehicles started "
-                "(each car with its own MQTT login and ACL; work and results signed)"
+                f"gateway and {args.vehicles} simulated vehicles started (MQTT over TLS, "
+                "each car with its own login and ACL; work and results signed)"
             )
             print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
-            ok = run_job(args, brokers.kafka_bootstrap, metrics_port)
+            ok = run_job(args, brokers.kafka_bootstrap, metrics_port, box_public)
     print("all processes stopped")
     return 0 if ok else 1
 
@@ -95,17 +108,22 @@ def _enroll(brokers: EmbeddedBrokers, vehicles: int) -> dict[str, str]:
     return {"PARKPOOL_MQTT_USERNAME": "demo-gw", "PARKPOOL_MQTT_PASSWORD": password}
 
 
-def run_job(args: argparse.Namespace, bootstrap_servers: str, metrics_port: int) -> bool:
+def run_job(
+    args: argparse.Namespace, bootstrap_servers: str, metrics_port: int, box_public: Path
+) -> bool:
     rng = np.random.default_rng(7)
     a = rng.standard_normal((args.size, args.size), dtype=np.float32)
     b = rng.standard_normal((args.size, args.size), dtype=np.float32)
-    settings = ProducerSettings(KafkaConnection(bootstrap_servers), NAMESPACE)
+    kafka = KafkaConnection(bootstrap_servers)
+    settings = ProducerSettings(kafka, NAMESPACE, gateway_box_key=box_public)
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
-        handle = client.submit("gemm", {"a": a, "b": b}, tile=args.tile)
+        sealed = not args.plain
+        handle = client.submit("gemm", {"a": a, "b": b}, tile=args.tile, confidential=sealed)
         print(
-            f"submitted job {handle.job_id}: {args.size}x{args.size} matmul "
-            f"in {handle.n_chunks} tiles of {args.tile}x{args.tile}"
+            f"submitted {'confidential ' if sealed else ''}job {handle.job_id}: "
+            f"{args.size}x{args.size} matmul in {handle.n_chunks} tiles of "
+            f"{args.tile}x{args.tile}" + (" (inputs and results sealed)" if sealed else "")
         )
         answer = follow(handle, args.timeout)
         wall = time.monotonic() - started

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import selectors
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -122,6 +123,11 @@ class NetworkLoop:
             return
         if mask & selectors.EVENT_READ:
             client.loop_read()
+            # TLS decrypts whole records: bytes it already holds will never wake select.
+            sock = client.socket()
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                client.loop_read()
+                sock = client.socket()
         if mask & selectors.EVENT_WRITE:
             client.loop_write()
             self._sync_write(client)
