@@ -217,6 +217,11 @@ WRONG_TASKS: list[tuple[str, dict[str, object]]] = [
     ("decode_bad_value", {"reply_topic": "."}),
     ("decode_bad_value", {"reply_topic": ".."}),
     ("decode_out_of_range", {"n_chunks": 2, "chunk_id": 2}),
+    # Sealed, but to a key this gateway does not hold (it holds none here)
+    (
+        "unsealable",
+        {"inputs": {}, "sealed_inputs": b"x" * 64, "inputs_key": bytes(80), "reply_key": bytes(32)},
+    ),
 ]
 
 

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from parkpool.sealing import BoxKey, GatewayBox, seal_task
 from parkpool.settings import MqttConnection
 from producer.client import ParkpoolClient
 from schemas import (
@@ -291,6 +292,32 @@ class TestWellFormedButHarmful:
         nack = decode(nacks.received[0].payload, Nack)
         assert (nack.gateway_id, nack.epoch, nack.reason.value) == ("gwz", 77, "invalid_task")
         assert (nack.job_id, nack.chunk_id, nack.vehicle_id) == ("job-x", 0, car.vehicle_id)
+        assert car.held == 0 and car.completed == 0
+        _job_completes(client)
+
+    def test_sealed_task_the_car_cannot_open_is_nacked_and_not_run(
+        self,
+        car: VehicleWorker,
+        peers: tuple[RawMqtt, RawMqtt],
+        client: ParkpoolClient,
+        namespace: str,
+    ) -> None:
+        # Given a confidential task whose data key is sealed to some other car
+        pulls, nacks = peers
+        plain = TaskChunk("job-s", 0, 1, "reduce", {"op": "sum"}, {"x": np.ones(3)}, "t", 9e9, 1.0)
+        gateway, stranger = BoxKey.generate(), BoxKey.generate()
+        task = seal_task(plain, gateway.public, BoxKey.generate().public)
+        key = GatewayBox((gateway,)).rewrap(task, stranger.public)
+        assignment = Assignment(
+            "gwz", car.vehicle_id, 78, 1, time.time() + 60, encode(task), inputs_key=key
+        )
+        # When it reaches this car
+        pulls.publish(MqttTopics(namespace).task(car.vehicle_id), encode(assignment))
+        # Then the car nacks it as a failed attempt, saying why, and runs nothing
+        _nacks_to(nacks, 1)
+        nack = decode(nacks.received[0].payload, Nack)
+        assert (nack.gateway_id, nack.epoch, nack.reason.value) == ("gwz", 78, "kernel_error")
+        assert nack.detail.startswith("sealed inputs: unsealable")
         assert car.held == 0 and car.completed == 0
         _job_completes(client)
 
