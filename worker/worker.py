@@ -3,6 +3,10 @@
 
 Nothing here survives a restart, and nothing needs to: a task the worker loses is
 redone elsewhere when its lease ends, so the worker can always just stop.
+
+What the car lets in is ``worker.admission``; what it says back, ``worker.replies``;
+how it splits its credits between gateways, ``worker.grants``; running a kernel under
+the owner's guard, ``worker.runner``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import contextlib
 import random
 import threading
 import time
-from collections import Counter, OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -19,21 +22,16 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from parkpool.mqtt import Will, connect_and_wait, new_client
-from parkpool.sealing import BoxKey, open_task, seal_outputs
-from parkpool.signing import ResultSigner, TaskVerifier
+from parkpool.signing import ResultSigner
 from schemas import (
     Assignment,
     Capabilities,
     DecodeError,
-    GatewayState,
     GatewayStatus,
     KernelError,
-    LeaseHeartbeat,
     MqttTopics,
-    Nack,
     NackReason,
     Preempted,
-    PreemptionRecord,
     PullRequest,
     Reject,
     Result,
@@ -47,19 +45,19 @@ from schemas import (
     encode,
 )
 from schemas.codec import peek_type
+from worker.admission import Admission
 from worker.backend import Backend, select_backend
 from worker.carstate import CarSignals, CarState
-from worker.grants import allocate
+from worker.grants import GatewayBook
 from worker.guard import REAL_TIME, OwnerGuard, TimeBase
 from worker.held import Held, WorkerSettings, task_context
 from worker.kernels import REGISTRY
 from worker.netloop import NetworkLoop
 from worker.policy import RUN, Decision, Mode, OwnerPolicy
+from worker.replies import heartbeat_of, nack_of, result_of, status_of
 from worker.runner import TaskRunner
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
-MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
-RECENT_LEASES = 4096  # remembered (gateway, epoch) pairs: far more than a car holds at once
 
 log = structlog.get_logger("parkpool.worker")
 
@@ -108,18 +106,12 @@ class VehicleWorker:
             settings.simulated_delay_s,
         )
         self._held: dict[int, Held] = {}
-        self._seen: dict[str, int] = {}
-        self._gateways: dict[str, int] = {}  # online gateway id -> announced backlog
-        self._rotation = 0
+        self.gateways = GatewayBook()
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(settings.concurrency)
-        self._verifier = TaskVerifier.load(settings.trusted_keys) if settings.trusted_keys else None
+        self.admission = Admission(settings.trusted_keys, self.vehicle_id)
+        self.rejected = self.admission.rejected  # assignments refused: bad_signature, replayed
         self._signer = ResultSigner.load(settings.result_key) if settings.result_key else None
-        # Made afresh by every worker, never stored: confidential inputs sent to this run
-        # of the car cannot be opened by anyone who later takes the car's disk.
-        self._box = BoxKey.generate()
-        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()  # leases seen
-        self.rejected: Counter[str] = Counter()  # assignments refused: bad_signature, replayed
         self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -203,9 +195,8 @@ class VehicleWorker:
     @property
     def capabilities(self) -> Capabilities:
         rate = self.runner.gflops_per_s
-        return Capabilities(
-            self.backend.name, tuple(REGISTRY), gflops_per_s=rate, box_key=self._box.public
-        )
+        box_key = self.admission.box_key
+        return Capabilities(self.backend.name, tuple(REGISTRY), gflops_per_s=rate, box_key=box_key)
 
     @property
     def decision(self) -> Decision:
@@ -232,16 +223,11 @@ class VehicleWorker:
             return
         with self._lock:
             credits = self.settings.capacity - len(self._held)
-            # A pull names at most 64 gateways: the busiest online ones (a car that has
-            # seen more gateway ids over time must not grow its pulls past the limit).
-            gateways = dict(sorted(self._gateways.items(), key=lambda g: -g[1])[:MAX_GATEWAYS])
-            seen = {g: e for g, e in self._seen.items() if g in gateways}
             due = time.monotonic() - self._last_pull >= self._refresh_s
-            if credits <= 0 or not self._gateways or not (force or due):
+            if credits <= 0 or not self.gateways.any_online() or not (force or due):
                 return
             self._last_pull = time.monotonic()
-            self._rotation += 1
-            grants = allocate(credits, gateways, self._rotation)
+        seen, grants = self.gateways.split(credits)
         dwell = self.guard.dwell_s() if self.guard else 0.0
         pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
         # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
@@ -272,11 +258,9 @@ class VehicleWorker:
             for held in due:
                 held.next_beat = now + held.beat_every
         for held in due:
-            a, t = held.assignment, held.task
-            beat = LeaseHeartbeat(t.job_id, t.chunk_id, self.vehicle_id, a.gateway_id, a.epoch, now)
-            self._client.publish(
-                self.topics.heartbeat(self.vehicle_id, a.gateway_id), encode(beat), qos=1
-            )
+            beat = heartbeat_of(held, self.vehicle_id, now)
+            topic = self.topics.heartbeat(self.vehicle_id, beat.gateway_id)
+            self._client.publish(topic, encode(beat), qos=1)
 
     # ---------------------------------------------------------------- receiving tasks
 
@@ -313,17 +297,7 @@ class VehicleWorker:
         if topic != self.topics.gateway_status(status.gateway_id):
             self._log.warning("gateway_status_misplaced", topic=topic)
             return  # one gateway (or anyone) speaking for another
-        with self._lock:
-            before = self._gateways.get(status.gateway_id)
-            if status.state is GatewayState.ONLINE:
-                self._gateways[status.gateway_id] = status.queued
-            else:
-                self._gateways.pop(status.gateway_id, None)
-        # A gateway that (re)appeared knows nothing of our last pull, and one whose backlog
-        # just appeared has none of our credits yet: ask again at once.
-        if status.state is GatewayState.ONLINE and (
-            before is None or (not before and status.queued)
-        ):
+        if self.gateways.announced(status):
             self.pull(force=True)
 
     def _on_revoke(self, payload: bytes) -> None:
@@ -345,12 +319,10 @@ class VehicleWorker:
             # Without a readable epoch there is nothing to nack; the lease will expire.
             self._log.warning("assignment_malformed", reason=str(exc))
             return
-        if not self._authentic(assignment):
+        if not self.admission.authentic(assignment):
             return
         if assignment.vehicle_id == self.vehicle_id:  # another car's epochs mean nothing here
-            with self._lock:
-                last = self._seen.get(assignment.gateway_id, 0)
-                self._seen[assignment.gateway_id] = max(last, assignment.epoch)
+            self.gateways.received(assignment.gateway_id, assignment.epoch)
         refusal = self._refusal(assignment)
         if refusal is not None:
             self._nack(assignment, *refusal)
@@ -361,7 +333,7 @@ class VehicleWorker:
             self._nack(assignment, NackReason.INVALID_TASK, str(exc))
             return
         try:
-            task = open_task(task, assignment.inputs_key, self._box)
+            task = self.admission.open(assignment, task)
         except DecodeError as exc:
             # Sealed to another key (this car restarted since its pull, say): counted as a
             # failed attempt, so a task no car can open still ends in the dead-letter topic.
@@ -371,28 +343,6 @@ class VehicleWorker:
             self._held[assignment.epoch] = Held(assignment, task)
         self._log.debug("task_received", **task_context(assignment, task))
         self._pool.submit(self._run, assignment.epoch)
-
-    def _authentic(self, assignment: Assignment) -> bool:
-        """Issued by a trusted gateway, and not seen before: a car runs nothing else.
-
-        A bad signature is not nacked (the sender is not a gateway we trust, so it has no
-        lease to release); a replay is ignored (the lease it quotes was handled once).
-        """
-        if self._verifier is not None and not self._verifier.verify(assignment):
-            self.rejected["bad_signature"] += 1
-            self._log.warning("assignment_rejected", reason="bad_signature")
-            return False
-        key = (assignment.gateway_id, assignment.epoch)
-        with self._lock:
-            replayed = key in self._recent
-            self._recent[key] = None
-            if len(self._recent) > RECENT_LEASES:
-                self._recent.popitem(last=False)
-        if replayed:
-            self.rejected["replayed"] += 1
-            self._log.warning("assignment_rejected", reason="replayed", epoch=assignment.epoch)
-            return False
-        return True
 
     def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
         if self._stopping.is_set():
@@ -436,24 +386,7 @@ class VehicleWorker:
         except (KernelError, Retry) as exc:
             self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
             return
-        self._finish(epoch, result=self._result(item, outputs, seconds))
-
-    def _result(self, item: Held, outputs: dict[str, Any], seconds: float) -> Result:
-        a, t = item.assignment, item.task
-        result = Result(
-            job_id=t.job_id,
-            chunk_id=t.chunk_id,
-            n_chunks=t.n_chunks,
-            vehicle_id=self.vehicle_id,
-            gateway_id=a.gateway_id,
-            epoch=a.epoch,
-            attempt=a.attempt,
-            outputs=outputs,
-            exec_seconds=seconds,
-            finished_at=time.time(),
-            task_created_at=t.created_at,
-        )
-        return seal_outputs(result, t.reply_key) if t.reply_key else result
+        self._finish(epoch, result=result_of(item, self.vehicle_id, outputs, seconds))
 
     def _finish(
         self,
@@ -485,23 +418,9 @@ class VehicleWorker:
         detail: str,
         task: TaskChunk | None = None,
     ) -> None:
-        if task is None:
-            # Unreadable: the gateway cannot match this nack, and the lease expiry covers it.
-            with contextlib.suppress(DecodeError):
-                task = decode(assignment.task, TaskChunk)
-        job_id, chunk_id = (task.job_id, task.chunk_id) if task else ("unreadable", 0)
-        nack = Nack(
-            job_id,
-            chunk_id,
-            self.vehicle_id,
-            assignment.gateway_id,
-            assignment.epoch,
-            reason,
-            detail[:1024],
-        )
-        self._client.publish(
-            self.topics.nack(self.vehicle_id, assignment.gateway_id), encode(nack), qos=1
-        )
+        nack = nack_of(assignment, self.vehicle_id, reason, detail, task)
+        topic = self.topics.nack(self.vehicle_id, assignment.gateway_id)
+        self._client.publish(topic, encode(nack), qos=1)
 
     # ---------------------------------------------------------------- the owner's policy
 
@@ -541,20 +460,7 @@ class VehicleWorker:
         return self._status(_STATE_OF_MODE[decision.mode], reason)
 
     def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
-        """State, reason, and the figures the fleet's metrics are made of (no location,
-        no signal values: nothing about the owner)."""
-        guard = self.guard
-        stops = guard.take_reports() if guard else []
-        status = VehicleStatus(
-            self.vehicle_id,
-            state,
-            time.time(),
-            reason,
-            held=self.held,
-            busy_s=self.runner.busy_s,
-            energy_j=guard.energy.total_kwh * 3.6e6 if guard else 0.0,
-            preemptions=tuple(
-                PreemptionRecord(p.reason, (p.stop_ms or 0.0) / 1000.0) for p in stops
-            ),
-        )
+        """Say how the car stands, and the figures the fleet's metrics are made of."""
+        busy_s = self.runner.busy_s
+        status = status_of(self.vehicle_id, state, reason, self.held, busy_s, self.guard)
         return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)
