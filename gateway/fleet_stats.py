@@ -19,39 +19,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.vehicles import VehicleView
 from schemas import VehicleState, VehicleStatus
+from schemas.reasons import POLICY_REASONS
 
 # Preemption latency objective is 100 ms; buckets resolve it well on both sides.
 PREEMPTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 STATES = ("eligible", "computing", "draining", "suspended", "offline")
-# The reasons a car's owner policy gives (worker/policy.py, docs/OWNER_POLICY.md). Cars
-# send free text; only these become label values, anything else is "other", so a car
-# cannot mint series.
-POLICY_REASONS = frozenset(
-    {
-        "signals_stale",
-        "owner_paused",
-        "driving",
-        "owner_present",
-        "preconditioning",
-        "owner_recent",
-        "departure_soon",
-        "dc_fast_charging",
-        "not_plugged_in",
-        "battery_low",
-        "battery_hot",
-        "battery_cold",
-        "compute_hot",
-        "battery_low_cooldown",
-        "battery_hot_cooldown",
-        "battery_cold_cooldown",
-        "compute_hot_cooldown",
-        "energy_budget",
-        "predrain",
-    }
-)
 
 
 def reason_label(reason: str) -> str:
+    """Cars send free text; only the contract's reasons become label values, anything
+    else is "other", so a car cannot mint series."""
     return reason if reason in POLICY_REASONS else "other"
 
 

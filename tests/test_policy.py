@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from schemas.errors import ConfigError
+from schemas.reasons import POLICY_REASONS
 from worker.carstate import CarState, Charging, Gear
 from worker.policy import DEFAULT_POLICY_FILE, Mode, OwnerPolicy, PolicyConfig
 
@@ -205,11 +206,9 @@ class TestConfig:
 
 
 class TestReasonVocabulary:
-    """Every reason the policy gives is one the gateway may use as a metric label."""
+    """Every reason the policy gives is in the contract's vocabulary (schemas.reasons)."""
 
     def test_reasons_are_known_to_the_fleet_series(self) -> None:
-        from gateway.fleet_stats import POLICY_REASONS
-
         given = {case[5] for case in TABLE} - {"eligible"}
         given |= {"signals_stale", "owner_recent"}
         given |= {f"{reason}_cooldown" for *_, reason in THERMAL} | {"battery_low_cooldown"}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import ConfigError
+from schemas.reasons import COOLDOWN_SUFFIX
 from worker.carstate import CarState, Charging, Gear
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("owner_policy.toml")
@@ -177,7 +178,7 @@ class OwnerPolicy:
         ):
             self._latched = None
             return None
-        return Decision(Mode.SUSPEND, f"{self._latched}_cooldown")
+        return Decision(Mode.SUSPEND, self._latched + COOLDOWN_SUFFIX)
 
     def _breach(self, state: CarState) -> str | None:
         c = self.config
