@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,17 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from parkpool.kafka import producer_config, reader_config
 from parkpool.mqtt import connect_and_wait, new_client
 from parkpool.settings import KafkaConnection, MqttConnection
-from schemas import TaskChunk, encode
+from schemas import (
+    Assignment,
+    Capabilities,
+    MqttTopics,
+    PullRequest,
+    Result,
+    TaskChunk,
+    decode,
+    encode,
+)
+from worker.kernels import REGISTRY
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -158,6 +170,51 @@ class RawMqtt:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@dataclass
+class LeaseHolder:
+    """A scripted vehicle holding one lease: it pulled once and got an assignment, and it
+    says only what the test makes it say."""
+
+    car: RawMqtt
+    assignment: Assignment
+    task: TaskChunk
+
+    def result(self, outputs: Mapping[str, np.ndarray], **forged: Any) -> Result:
+        """The result its car would send for the lease; ``forged`` fields change it."""
+        a, t = self.assignment, self.task
+        result = Result(
+            t.job_id,
+            t.chunk_id,
+            t.n_chunks,
+            a.vehicle_id,
+            a.gateway_id,
+            a.epoch,
+            a.attempt,
+            outputs,
+            0.01,
+            time.time(),
+            t.created_at,
+        )
+        return dataclasses.replace(result, **forged)
+
+    def close(self) -> None:
+        self.car.close()
+
+
+def hold_lease(
+    conn: MqttConnection, topics: MqttTopics, vehicle_id: str = "holder", gateway_id: str = "gw1"
+) -> LeaseHolder:
+    """Script a vehicle that asks ``gateway_id`` for one task and holds its lease."""
+    car = RawMqtt(conn, f"{vehicle_id}-{topics.namespace}")
+    car.subscribe(topics.task(vehicle_id))
+    caps = Capabilities("numpy", tuple(REGISTRY))
+    pull = PullRequest(vehicle_id, 1, caps, {}, {gateway_id: 1})
+    car.publish(topics.pull(vehicle_id), encode(pull))
+    message = wait_for(lambda: car.received and car.received[0], 30, f"{vehicle_id}'s lease")
+    assignment = decode(message.payload, Assignment)
+    return LeaseHolder(car, assignment, decode(assignment.task, TaskChunk))
 
 
 class TopicTail:

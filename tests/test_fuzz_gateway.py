@@ -28,7 +28,6 @@ from gateway.mqtt_link import MqttEvent
 from parkpool.settings import KafkaConnection, MqttConnection
 from producer.client import ParkpoolClient
 from schemas import (
-    Assignment,
     Capabilities,
     DecodeError,
     LeaseHeartbeat,
@@ -38,16 +37,14 @@ from schemas import (
     PreemptionRecord,
     PullRequest,
     Result,
-    TaskChunk,
     VehicleState,
     VehicleStatus,
-    decode,
     encode,
 )
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.fuzz_hostile import hostile_payloads
 from tests.fuzz_messages import body_pairs, decode_outcome, pack_pairs
-from tests.helpers import RawMqtt, read_all, wait_for
+from tests.helpers import LeaseHolder, hold_lease, read_all, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY, reference
 
@@ -190,9 +187,10 @@ class TestForgedAndStaleMessages:
         topics = MqttTopics(namespace)
         x = np.arange(8, dtype=np.float64)
         handle = client.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=8)
-        car, assignment, task = _hold_lease(mqtt_conn, topics)
+        holder = hold_lease(mqtt_conn, topics, "rawcar")
+        car, assignment, task = holder.car, holder.assignment, holder.task
         pull = PullRequest("rawcar", 1, Capabilities("numpy", tuple(REGISTRY)), {}, {"gw1": 1})
-        genuine = _result_for(assignment, task)
+        genuine = _genuine(holder)
         nack = Nack(task.job_id, 0, "rawcar", "gw1", assignment.epoch, NackReason.INVALID_TASK)
         beat = LeaseHeartbeat(task.job_id, 0, "rawcar", "gw1", assignment.epoch, time.time())
         # When forged, stale and malformed messages about it arrive
@@ -249,31 +247,10 @@ class TestForgedAndStaleMessages:
         car.close()
 
 
-def _hold_lease(conn: MqttConnection, topics: MqttTopics) -> tuple[RawMqtt, Assignment, TaskChunk]:
-    """A scripted vehicle, "rawcar", that asks gw1 for one task and holds its lease."""
-    car = RawMqtt(conn, f"raw-{topics.namespace}")
-    car.subscribe(topics.task("rawcar"))
-    pull = PullRequest("rawcar", 1, Capabilities("numpy", tuple(REGISTRY)), {}, {"gw1": 1})
-    car.publish(topics.pull("rawcar"), encode(pull))
-    message = wait_for(lambda: car.received and car.received[0], 30, "an assignment")
-    assignment = decode(message.payload, Assignment)
-    return car, assignment, decode(assignment.task, TaskChunk)
-
-
-def _result_for(assignment: Assignment, task: TaskChunk) -> Result:
-    return Result(
-        task.job_id,
-        task.chunk_id,
-        task.n_chunks,
-        assignment.vehicle_id,
-        assignment.gateway_id,
-        assignment.epoch,
-        assignment.attempt,
-        reference(task.kernel, task.params, task.inputs),
-        0.01,
-        time.time(),
-        task.created_at,
-    )
+def _genuine(holder: LeaseHolder) -> Result:
+    """The result the holder's car would send: the kernel's true answer."""
+    task = holder.task
+    return holder.result(reference(task.kernel, task.params, task.inputs))
 
 
 def _re(message: Any, **fields: Any) -> Any:
@@ -389,9 +366,9 @@ class TestResultKafkaRefuses:
         # Given a scripted vehicle that holds a lease
         running = crashable_gateway
         handle = client.submit("reduce", {"x": np.ones(4), "op": "sum"}, chunk_elems=4)
-        car, assignment, task = _hold_lease(mqtt_conn, MqttTopics(namespace))
+        holder = hold_lease(mqtt_conn, MqttTopics(namespace), "rawcar")
         # When its result is as large as Mosquitto lets through (32 MiB)
-        payload = _result_of_size(_result_for(assignment, task), MQTT_MAX_PAYLOAD)
+        payload = _result_of_size(_genuine(holder), MQTT_MAX_PAYLOAD)
         before = dropped(running.gateway)
         for item in (event("result", "rawcar", payload), event("sentinel", "sentinel", b"")):
             running.gateway.mqtt.events.put(item)
@@ -405,4 +382,4 @@ class TestResultKafkaRefuses:
         # Then the gateway's loop is alive, and the job is not done with a result it lost
         alive(running)
         assert handle.progress.done == 0
-        car.close()
+        holder.close()

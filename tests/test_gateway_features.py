@@ -24,20 +24,15 @@ from producer.client import ParkpoolClient
 from producer.jobs import JobState
 from producer.splitters import ChunkSpec
 from schemas import (
-    Assignment,
-    Capabilities,
     LeaseHeartbeat,
     MqttTopics,
-    PullRequest,
     Result,
-    TaskChunk,
     decode,
     encode,
 )
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, read_topic, wait_committed_to_end, wait_for
+from tests.helpers import RawMqtt, hold_lease, read_topic, wait_committed_to_end, wait_for
 from worker.fleet import Fleet
-from worker.kernels import REGISTRY
 
 pytestmark = pytest.mark.integration
 
@@ -126,35 +121,16 @@ class TestFencing:
         # Given a scripted vehicle holding a lease
         gateway = gateway_factory(lease_seconds=300)
         topics = MqttTopics(namespace)
-        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
-        holder.subscribe(topics.task("holder"))
         handle = client.publish("reduce", small_chunks(1))
-        caps = Capabilities("numpy", tuple(REGISTRY))
-        holder.publish(
-            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
-        )
-        msg = wait_for(lambda: holder.received and holder.received[0], 30, "the assignment")
-        assignment = decode(msg.payload, Assignment)
-        task = decode(assignment.task, TaskChunk)
+        holder = hold_lease(mqtt_conn, topics)
         impostor = RawMqtt(mqtt_conn, f"impostor-{namespace}")
         # When another vehicle sends a result quoting the holder's epoch
-        forged = Result(
-            task.job_id,
-            0,
-            1,
-            "impostor",
-            "gw1",
-            assignment.epoch,
-            1,
-            {"value": np.array(99.0)},
-            0.1,
-            time.time(),
-            task.created_at,
-        )
+        forged = holder.result({"value": np.array(99.0)}, vehicle_id="impostor")
         impostor.publish(topics.result("impostor", "gw1"), encode(forged))
         # And a heartbeat for a lease epoch that does not exist
-        stale = LeaseHeartbeat(task.job_id, 0, "holder", "gw1", assignment.epoch - 1, time.time())
-        holder.publish(topics.heartbeat("holder", "gw1"), encode(stale))
+        epoch, job_id = holder.assignment.epoch, holder.task.job_id
+        stale = LeaseHeartbeat(job_id, 0, "holder", "gw1", epoch - 1, time.time())
+        holder.car.publish(topics.heartbeat("holder", "gw1"), encode(stale))
         # Then both are dropped and counted
         wait_for(
             lambda: gateway.metric(DROPPED, source="mqtt_result", reason="stale_or_fenced"),
@@ -167,20 +143,8 @@ class TestFencing:
             "the stale heartbeat to be fenced",
         )
         # And the real holder's result is the one the caller gets
-        real = Result(
-            task.job_id,
-            0,
-            1,
-            "holder",
-            "gw1",
-            assignment.epoch,
-            1,
-            {"value": np.array(0.0)},
-            0.1,
-            time.time(),
-            task.created_at,
-        )
-        holder.publish(topics.result("holder", "gw1"), encode(real))
+        real = holder.result({"value": np.array(0.0)})
+        holder.car.publish(topics.result("holder", "gw1"), encode(real))
         handle.wait(timeout=30)
         chunk = next(handle.chunks(timeout=1))
         assert (chunk.vehicle_id, float(chunk.outputs["value"])) == ("holder", 0.0)

@@ -16,12 +16,11 @@ from parkpool import logs
 from parkpool.settings import MqttConnection
 from producer.client import ParkpoolClient
 from producer.splitters import ChunkSpec
-from schemas import Assignment, Capabilities, MqttTopics, PullRequest, decode, encode
+from schemas import MqttTopics
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, wait_for
+from tests.helpers import hold_lease, wait_for
 from worker.carstate import SimulatedBus
 from worker.fleet import Fleet
-from worker.kernels import REGISTRY
 from worker.policy import PolicyConfig
 from worker.worker import WorkerSettings
 
@@ -47,15 +46,9 @@ class TestGatewayEvents:
         with capture_logs() as entries:
             # Given a scripted vehicle that takes a task and never answers
             gateway_factory(lease_seconds=1)
-            topics = MqttTopics(namespace)
-            silent = RawMqtt(mqtt_conn, f"silent-{namespace}")
-            silent.subscribe(topics.task("silent"))
             client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
-            caps = Capabilities("numpy", tuple(REGISTRY))
-            pull = PullRequest("silent", 1, caps, {}, {"gw1": 1})
-            silent.publish(topics.pull("silent"), encode(pull))
-            message = wait_for(lambda: silent.received and silent.received[0], 30, "a lease")
-            assignment = decode(message.payload, Assignment)
+            silent = hold_lease(mqtt_conn, MqttTopics(namespace), "silent")
+            assignment = silent.assignment
             # When its lease runs out
             expired = _event(entries, "lease_expired")
             requeued = _event(entries, "task_requeued")

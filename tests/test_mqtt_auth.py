@@ -20,17 +20,11 @@ from parkpool.settings import MqttConnection
 from producer.client import ParkpoolClient
 from producer.splitters import ChunkSpec
 from schemas import (
-    Assignment,
-    Capabilities,
     MqttTopics,
-    PullRequest,
-    Result,
-    TaskChunk,
-    decode,
     encode,
 )
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, wait_for
+from tests.helpers import hold_lease, wait_for
 
 pytestmark = pytest.mark.integration
 NS = "sec"
@@ -198,32 +192,10 @@ class TestForgedResultFromOutside:
         # Given a scripted car that holds the lease of the only chunk
         gateway = gateway_factory(lease_seconds=300)
         topics = MqttTopics(namespace)
-        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
-        holder.subscribe(topics.task("holder"))
         handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
-        caps = Capabilities("numpy", ("reduce",))
-        holder.publish(
-            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
-        )
-        lease = decode(
-            wait_for(lambda: holder.received and holder.received[0], 30, "a lease").payload,
-            Assignment,
-        )
-        task = decode(lease.task, TaskChunk)
+        holder = hold_lease(mqtt_conn, topics)
         # When an outsider publishes a result for it, quoting a wrong epoch, from a file
-        forged = Result(
-            task.job_id,
-            0,
-            1,
-            "holder",
-            "gw1",
-            lease.epoch + 1,
-            1,
-            {"value": np.array(42.0)},
-            0.1,
-            time.time(),
-            task.created_at,
-        )
+        forged = holder.result({"value": np.array(42.0)}, epoch=holder.assignment.epoch + 1)
         payload = tmp_path / "forged.msgpack"
         payload.write_bytes(encode(forged))
         target = ["-h", brokers.mqtt_host, "-p", str(brokers.mqtt_port), "-V", "mqttv5"]

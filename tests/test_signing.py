@@ -19,17 +19,13 @@ from producer.client import ParkpoolClient
 from producer.splitters import ChunkSpec
 from schemas import (
     Assignment,
-    Capabilities,
     MqttTopics,
-    PullRequest,
-    Result,
-    TaskChunk,
     decode,
     encode,
 )
 from schemas.errors import ConfigError
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, wait_for
+from tests.helpers import RawMqtt, hold_lease, wait_for
 from worker.fleet import Fleet
 from worker.worker import WorkerSettings
 
@@ -153,33 +149,13 @@ class TestSignedResults:
         gateway = gateway_factory(lease_seconds=300, vehicle_keys=store.vehicle_keys)
         # Given a scripted, enrolled car holding the only chunk's lease
         topics = MqttTopics(namespace)
-        holder = RawMqtt(mqtt_conn, f"holder-{namespace}")
-        holder.subscribe(topics.task("holder"))
         handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
-        caps = Capabilities("numpy", ("reduce",))
-        holder.publish(
-            topics.pull("holder"), encode(PullRequest("holder", 1, caps, {}, {"gw1": 1}))
-        )
-        message = wait_for(lambda: holder.received and holder.received[0], 30, "the lease")
-        lease = decode(message.payload, Assignment)
-        task = decode(lease.task, TaskChunk)
-        result = Result(
-            task.job_id,
-            0,
-            1,
-            "holder",
-            "gw1",
-            lease.epoch,
-            1,
-            {"value": np.array(4.0)},
-            0.01,
-            time.time(),
-            task.created_at,
-        )
+        holder = hold_lease(mqtt_conn, topics)
+        result = holder.result({"value": np.array(4.0)})
         # When results for that lease come unsigned, then signed by a stranger's key
         stranger = ResultSigner.load(generate(tmp_path / "stranger")[0])
         for forged in (result, stranger.sign(result)):
-            holder.publish(topics.result("holder", "gw1"), encode(forged))
+            holder.car.publish(topics.result("holder", "gw1"), encode(forged))
         dropped = "parkpool_gateway_dropped_total"
         wait_for(
             lambda: gateway.metric(dropped, source="mqtt_result", reason="bad_signature") == 2,
@@ -190,10 +166,10 @@ class TestSignedResults:
         assert handle.progress.done == 0
         # And the car's own signature completes it
         own = ResultSigner.load(store.signing_key("holder"))
-        holder.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
+        holder.car.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
         handle.wait(timeout=30)
         # And replaying that genuine result later is refused as stale and counted
-        holder.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
+        holder.car.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
         stale = {"source": "mqtt_result", "reason": "stale_or_fenced"}
         wait_for(lambda: gateway.metric(dropped, **stale) == 1, 10, "the replay refused")
         assert handle.progress.done == 1 and handle.progress.duplicates == 0
