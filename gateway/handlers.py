@@ -108,6 +108,18 @@ class VehicleHandlers:
             self.gw.mqtt.ack(event)
             return
         assert result is not None  # a lease was found for it
+        if lease.task.task.reply_key and not result.sealed_outputs:
+            # The producer asked for sealed results: outputs in clear must not reach Kafka.
+            # Dropped like a forgery, leaving the lease for a correct answer or its expiry.
+            self.gw.metrics.dropped.labels("mqtt_result", "unsealed_result").inc()
+            self.gw.events.warning(
+                "result_refused",
+                reason="unsealed_result",
+                vehicle_id=result.vehicle_id,
+                epoch=result.epoch,
+            )
+            self.gw.mqtt.ack(event)
+            return
         self.gw.leases.end(lease.epoch)
         lease.task.state = TaskState.FINISHING
         self.gw.vehicles.heard(event.vehicle_id)

@@ -204,12 +204,17 @@ class LeaseHolder:
 
 
 def hold_lease(
-    conn: MqttConnection, topics: MqttTopics, vehicle_id: str = "holder", gateway_id: str = "gw1"
+    conn: MqttConnection,
+    topics: MqttTopics,
+    vehicle_id: str = "holder",
+    gateway_id: str = "gw1",
+    box_key: bytes = b"",
 ) -> LeaseHolder:
-    """Script a vehicle that asks ``gateway_id`` for one task and holds its lease."""
+    """Script a vehicle that asks ``gateway_id`` for one task and holds its lease; with a
+    ``box_key`` it may be sent confidential tasks."""
     car = RawMqtt(conn, f"{vehicle_id}-{topics.namespace}")
     car.subscribe(topics.task(vehicle_id))
-    caps = Capabilities("numpy", tuple(REGISTRY))
+    caps = Capabilities("numpy", tuple(REGISTRY), box_key=box_key)
     pull = PullRequest(vehicle_id, 1, caps, {}, {gateway_id: 1})
     car.publish(topics.pull(vehicle_id), encode(pull))
     message = wait_for(lambda: car.received and car.received[0], 30, f"{vehicle_id}'s lease")

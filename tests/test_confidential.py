@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from structlog.testing import capture_logs
 
 from parkpool.kafka import producer_config
-from parkpool.sealing import BoxKey, generate_box_key, seal_outputs
+from parkpool.sealing import BoxKey, generate_box_key, open_task, seal_outputs
 from parkpool.settings import KafkaConnection, MqttConnection
 from producer.client import ParkpoolClient, ProducerSettings
 from producer.jobs import JobFailed
@@ -29,7 +29,7 @@ from schemas import (
     encode,
 )
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, read_all, read_topic, wait_for
+from tests.helpers import RawMqtt, hold_lease, read_all, read_topic, wait_for
 from worker.fleet import Fleet
 from worker.kernels import REGISTRY
 
@@ -168,6 +168,45 @@ class TestWhoMayOpen:
         car.close()
         fleet_factory(1)
         assert handle.wait(timeout=60) == 512.0
+
+
+@pytest.mark.integration
+class TestGatewayRefusals:
+    """A car that answers a confidential task in clear is refused: Kafka never gets it."""
+
+    def test_an_unsealed_result_is_dropped_and_the_lease_kept(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        sealing_client: ParkpoolClient,
+        box_key: tuple[Path, Path],
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+    ) -> None:
+        # Given a scripted car holding the lease of a one-chunk confidential job
+        gateway = gateway_factory(box_keys=(box_key[0],), lease_seconds=300)
+        handle = sealing_client.submit(
+            "reduce", {"x": np.full(4, MARKER), "op": "sum"}, chunk_elems=4, confidential=True
+        )
+        car_key = BoxKey.generate()
+        holder = hold_lease(mqtt_conn, mqtt_topics, box_key=car_key.public)
+        task = open_task(holder.task, holder.assignment.inputs_key, car_key)
+        answer = {"value": np.array(task.inputs["x"].sum())}
+        # When it sends the answer in clear
+        topic = mqtt_topics.result("holder", "gw1")
+        holder.car.publish(topic, encode(holder.result(answer)))
+        dropped = {"source": "mqtt_result", "reason": "unsealed_result"}
+        wait_for(
+            lambda: gateway.metric("parkpool_gateway_dropped_total", **dropped) == 1,
+            10,
+            "the unsealed result to be refused",
+        )
+        # Then nothing reached the results topic, and the sealed answer still completes it
+        assert read_all(kafka_conn, sealing_client.topics.results) == []
+        holder.car.publish(topic, encode(seal_outputs(holder.result(answer), task.reply_key)))
+        handle.wait(timeout=30)
+        assert float(next(handle.chunks(timeout=1)).outputs["value"]) == 4 * MARKER
+        holder.close()
 
 
 @pytest.mark.integration
