@@ -59,6 +59,29 @@ class TestGenerations:
         # A kernel of the new generation runs normally
         guard.checkpoint(guard.kernel_started())
 
+    def test_no_kernel_starts_while_suspended(self) -> None:
+        # Given a car the owner has just taken back
+        bus = SimulatedBus()
+        guard, _ = guarded(bus)
+        bus.set(locked=False)
+        # Then a prefetched task whose turn comes now does not start, and is not counted
+        with pytest.raises(Preempted, match="owner_present"):
+            guard.kernel_started()
+        assert guard.running == 0
+
+    def test_a_waiting_kernel_is_woken_by_the_stop(self) -> None:
+        # Given a kernel that waits on its generation's event
+        bus = SimulatedBus()
+        guard, _ = guarded(bus)
+        generation = guard.kernel_started()
+        over = guard.generation_over(generation)
+        assert not over.is_set()
+        # When the owner unlocks the car, the event is set before set() returns
+        bus.set(locked=False)
+        assert over.is_set()
+        # And a generation that has already ended gives an event that is set
+        assert guard.generation_over(generation).is_set()
+
     def test_preemption_is_timed_from_the_signal_to_the_last_kernel(self) -> None:
         bus = SimulatedBus()
         guard, _ = guarded(bus)

@@ -97,6 +97,7 @@ class OwnerGuard:
         self._time = timebase
         self._decision = RUN
         self._generation = 0
+        self._generation_over = threading.Event()  # set when the current generation ends
         self._stop_reason = ""
         self._running = 0
         self._pending: Preemption | None = None
@@ -136,6 +137,8 @@ class OwnerGuard:
 
     def _stop_kernels(self, decision: Decision, event_at: float) -> None:
         self._generation += 1
+        ended, self._generation_over = self._generation_over, threading.Event()
+        ended.set()
         self._stop_reason = decision.reason
         if self._running:
             self._pending = Preemption(decision.reason, event_at, time.time())
@@ -149,10 +152,27 @@ class OwnerGuard:
             raise Preempted(self._stop_reason)
 
     def kernel_started(self) -> int:
-        """Count a running kernel; returns the generation it belongs to."""
+        """Count a running kernel; returns the generation it belongs to.
+
+        Raises Preempted while the car is suspended: a prefetched task whose turn came
+        just as the owner took the car back must not start in the new generation, where
+        no stop would ever reach it.
+        """
         with self._lock:
+            if self._decision.mode is Mode.SUSPEND:
+                raise Preempted(self._stop_reason or self._decision.reason)
             self._running += 1
             return self._generation
+
+    def generation_over(self, generation: int) -> threading.Event:
+        """An event set when ``generation`` ends, for a kernel that waits rather than
+        computes: it wakes at the stop instead of polling its checkpoint."""
+        with self._lock:
+            if generation == self._generation:
+                return self._generation_over
+        ended = threading.Event()
+        ended.set()
+        return ended
 
     def kernel_finished(self, busy_s: float) -> None:
         # In a sped-up simulation one real second of compute stands for ``scale`` seconds.

@@ -14,6 +14,9 @@ from worker.guard import OwnerGuard
 from worker.kernels import execute
 
 RATE_SMOOTHING = 0.2  # weight of the newest task in the measured GFLOP/s
+# A simulated kernel under an owner guard sleeps on the guard's stop event, and looks at
+# the worker's own stop this often (stop() does not wait for kernels: latency is cheap).
+WORKER_STOP_POLL_S = 0.25
 
 
 class TaskRunner:
@@ -39,7 +42,7 @@ class TaskRunner:
         started = time.perf_counter()
         try:
             checkpoint = self._checkpoint(generation)
-            self._simulated_delay(checkpoint)
+            self._simulated_delay(checkpoint, generation)
             outputs = execute(
                 task.kernel, task.params, task.inputs, self.backend, checkpoint=checkpoint
             )
@@ -72,9 +75,17 @@ class TaskRunner:
             last = self.gflops_per_s or rate
             self.gflops_per_s = (1 - RATE_SMOOTHING) * last + RATE_SMOOTHING * rate
 
-    def _simulated_delay(self, checkpoint: Any) -> None:
-        """Sleep in 10 ms slices, checking for preemption like a real kernel would."""
+    def _simulated_delay(self, checkpoint: Any, generation: int) -> None:
+        """Take ``simulated_delay_s`` as a kernel would, and stop as one would: at once
+        when the owner's stop ends the generation. It sleeps on events rather than polling,
+        because a simulated fleet runs a thousand of these in one process."""
+        if self._simulated_delay_s <= 0:
+            return
         deadline = time.monotonic() + self._simulated_delay_s
+        if self.guard is None:
+            wake, slice_s = self._stopping, self._simulated_delay_s
+        else:
+            wake, slice_s = self.guard.generation_over(generation), WORKER_STOP_POLL_S
         while (left := deadline - time.monotonic()) > 0:
-            self._stopping.wait(min(0.01, left))
+            wake.wait(min(slice_s, left))
             checkpoint()

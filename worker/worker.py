@@ -94,6 +94,7 @@ class VehicleWorker:
         self.backend = backend or select_backend(settings.backend)
         self.completed = 0
         self.released = 0  # tasks handed back because the owner policy stopped the car
+        self._releasing = 0  # hand-backs whose nacks are still being sent
         self.guard = (
             OwnerGuard(car, policy or OwnerPolicy(), self._on_policy, timebase) if car else None
         )
@@ -375,9 +376,10 @@ class VehicleWorker:
         try:
             outputs, seconds = self.runner.run(item.task)
         except Preempted:
-            # The guard's stop already handed the task back; say at once how long the
-            # stop took (the status sent at the stop could not know yet).
-            if self.guard is not None and self.guard.running == 0:
+            # The guard's stop hands every task back, then says so. If that is done, say
+            # at once how long the stop took (its status could not know yet); if not, its
+            # status will, and announcing before its nacks would make them look stale.
+            if self.guard is not None and self.guard.running == 0 and self._handed_back():
                 self._announce()
             return
         except (ValidationError, Reject) as exc:
@@ -445,14 +447,25 @@ class VehicleWorker:
         with self._lock:
             held = list(self._held.values())
             self._held.clear()
-        for item in held:
-            self._nack(item.assignment, NackReason.RELEASED, f"owner policy: {reason}", item.task)
-            self._log.info(
-                "task_released", **task_context(item.assignment, item.task), reason=reason
-            )
+            self._releasing += 1
+        try:
+            for item in held:
+                detail = f"owner policy: {reason}"
+                self._nack(item.assignment, NackReason.RELEASED, detail, item.task)
+                self._log.info(
+                    "task_released", **task_context(item.assignment, item.task), reason=reason
+                )
+        finally:
+            with self._lock:
+                self._releasing -= 1
         self.released += len(held)
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
+
+    def _handed_back(self) -> bool:
+        """Nothing held, and every nack of a hand-back already sent."""
+        with self._lock:
+            return not self._held and not self._releasing
 
     def _announce(self) -> mqtt.MQTTMessageInfo:
         decision = self.decision
