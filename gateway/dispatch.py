@@ -9,6 +9,7 @@ here, at dispatch time, not only when the task was read.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -78,14 +79,24 @@ class Dispatcher:
         return True
 
     def _inputs_key_for(self, task: PendingTask, view: VehicleView) -> bytes | None:
-        """A confidential task's data key sealed to this car (b"" for any other task);
-        None when no key of ours opens it, and the task is dead-lettered."""
+        """A confidential task's data key sealed to this car (b"" for any other task).
+
+        None when it cannot be: a task no key of ours opens is dead-lettered; a car whose
+        announced key is unusable gets no sealed work until its next pull, and the task
+        goes back to the front of the queue for another car.
+        """
+        caps = view.capabilities
         if not task.task.confidential:
             return b""
-        assert view.capabilities is not None  # _fit_for gives sealed work only to such cars
+        assert caps is not None  # _fit_for gives sealed work only to cars with a box key
         try:
-            return self.box.rewrap(task.task, view.capabilities.box_key)
+            return self.box.rewrap(task.task, caps.box_key)
         except DecodeError as exc:
+            if exc.reason == "bad_box_key":
+                self.gw.metrics.dropped.labels("mqtt_pull", exc.reason).inc()
+                view.capabilities = dataclasses.replace(caps, box_key=b"")
+                self.gw.ready.push_front(task)
+                return None
             task.state = TaskState.FINISHING
             self.gw.log.dead_letter(task.tp, task.offset, task.raw, exc.reason, exc.detail, task)
             return None

@@ -137,16 +137,26 @@ class GatewayBox:
         return cls(tuple(BoxKey.load(path) for path in paths))
 
     def rewrap(self, task: TaskChunk, car_key: bytes) -> bytes:
-        """The task's data key, sealed to one car instead of to the gateways."""
+        """The task's data key, sealed to one car instead of to the gateways.
+
+        Raises DecodeError ``unsealable`` when no key of ours opens the task (the task's
+        fault: no car could ever run it from here), and ``bad_box_key`` when the car's
+        key is one nothing can be sealed to (the car's fault: another car can run it).
+        """
         context = inputs_key_context(task.job_id, task.chunk_id)
+        data_key = self._open(task.inputs_key, context)
+        try:
+            return seal(car_key, data_key, context)
+        except DecodeError as exc:
+            raise DecodeError("bad_box_key", exc.detail) from None
+
+    def _open(self, inputs_key: bytes, context: bytes) -> bytes:
         refusal = DecodeError("unsealable", "this gateway holds no box key (--box-key)")
         for key in self.keys:
             try:
-                data_key = key.open(task.inputs_key, context)
+                return key.open(inputs_key, context)
             except DecodeError as exc:
                 refusal = exc
-                continue
-            return seal(car_key, data_key, context)
         raise refusal
 
 

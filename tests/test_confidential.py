@@ -136,6 +136,41 @@ class TestWhoMayOpen:
         }
         assert gateway.metric("parkpool_gateway_dead_lettered_total", reason="unsealable") == 2
 
+    def test_a_car_with_an_unusable_box_key_costs_no_task(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        sealing_client: ParkpoolClient,
+        box_key: tuple[Path, Path],
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+        kafka_conn: KafkaConnection,
+    ) -> None:
+        # Given a gateway with the key, and a car announcing a key nothing can be sealed
+        # to (the all-zero point)
+        gateway = gateway_factory(box_keys=(box_key[0],))
+        handle = sealing_client.submit(
+            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+        )
+        car = RawMqtt(mqtt_conn, f"zero-{mqtt_topics.namespace}")
+        car.subscribe(mqtt_topics.task("zerocar"))
+        caps = Capabilities("numpy", tuple(REGISTRY), box_key=bytes(32))
+        pull = PullRequest("zerocar", 2, caps, {}, {"gw1": 2})
+        # When it asks for work
+        car.publish(mqtt_topics.pull("zerocar"), encode(pull))
+        refused = {"source": "mqtt_pull", "reason": "bad_box_key"}
+        wait_for(
+            lambda: gateway.metric("parkpool_gateway_dropped_total", **refused) >= 1,
+            30,
+            "the car's key to be refused",
+        )
+        # Then it got nothing, no task was dead-lettered, and real cars complete the job
+        fleet_factory(1)
+        assert handle.wait(timeout=60) == 512.0
+        assert car.received == []
+        assert read_all(kafka_conn, sealing_client.topics.dead_letter) == []
+        car.close()
+
     def test_a_car_without_a_box_key_is_never_sent_sealed_work(
         self,
         gateway_factory: Callable[..., RunningGateway],

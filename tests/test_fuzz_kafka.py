@@ -217,6 +217,8 @@ WRONG_TASKS: list[tuple[str, dict[str, object]]] = [
     ("decode_bad_value", {"reply_topic": "."}),
     ("decode_bad_value", {"reply_topic": ".."}),
     ("decode_out_of_range", {"n_chunks": 2, "chunk_id": 2}),
+    # Results to be sealed to a key nothing can be sealed to: the car cannot answer
+    ("invalid_task", {"reply_key": bytes(32)}),
     # Sealed, but to a key this gateway does not hold (it holds none here)
     (
         "unsealable",

@@ -103,6 +103,15 @@ class TestRefusals:
         with pytest.raises(DecodeError, match="holds no box key"):
             GatewayBox(()).rewrap(_sealed(), CAR.public)
 
+    def test_whose_fault_a_failed_rewrap_is(self) -> None:
+        # A car that announced a key nothing can be sealed to is at fault, not the task
+        with pytest.raises(DecodeError, match=r"^bad_box_key"):
+            GatewayBox((GATEWAY,)).rewrap(_sealed(), bytes(32))
+        # A task sealed to keys we do not hold is at fault, whatever the car
+        foreign = seal_task(_task(), BoxKey.generate().public, REPLY.public)
+        with pytest.raises(DecodeError, match=r"^unsealable"):
+            GatewayBox((GATEWAY,)).rewrap(foreign, bytes(32))
+
     def test_sealed_inputs_cannot_move_to_another_chunk(self) -> None:
         # Given chunk 1's sealed inputs and key, pasted onto chunk 0
         one = _sealed(1)

@@ -388,7 +388,12 @@ class VehicleWorker:
         except (KernelError, Retry) as exc:
             self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
             return
-        self._finish(epoch, result=result_of(item, self.vehicle_id, outputs, seconds))
+        try:
+            result = result_of(item, self.vehicle_id, outputs, seconds)
+        except DecodeError as exc:  # a reply_key nothing can be sealed to: no car can answer
+            self._finish(epoch, nack=(NackReason.INVALID_TASK, f"reply_key: {exc}"))
+            return
+        self._finish(epoch, result=result)
 
     def _finish(
         self,
