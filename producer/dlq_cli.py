@@ -244,6 +244,8 @@ def original(letter: DeadLetter) -> dict[str, Any]:
         "kernel": task.kernel,
         "params": dict(task.params),
         "inputs": {name: f"{a.dtype}{list(a.shape)}" for name, a in task.inputs.items()},
+        # A confidential task's inputs are ciphertext here: their size is all anyone sees.
+        "sealed_inputs_bytes": len(task.sealed_inputs),
         "chunk": f"{task.chunk_id + 1} of {task.n_chunks}",
         "priority": task.priority.value,
         "reply_topic": task.reply_topic,
@@ -306,6 +308,8 @@ def _original_text(info: dict[str, Any]) -> str:
     if not info["is_task"]:
         return f"{info['bytes']} bytes, not a task: {info['error']}"
     inputs = ", ".join(f"{k}={v}" for k, v in info["inputs"].items())
+    if info["sealed_inputs_bytes"]:
+        inputs = f"sealed ({info['sealed_inputs_bytes']} bytes)"
     return (
         f"{info['bytes']} bytes, task {info['kernel']} chunk {info['chunk']}, "
         f"params {json.dumps(info['params'], default=str)}, inputs {inputs or '-'}, "

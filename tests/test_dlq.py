@@ -24,8 +24,9 @@ from confluent_kafka import KafkaError, Message, Producer
 from broker_config.launcher import EmbeddedBrokers
 from parkpool import cli, logs
 from parkpool.kafka import producer_config
+from parkpool.sealing import BoxKey, seal_task
 from parkpool.settings import KafkaConnection
-from producer import dlq
+from producer import dlq, dlq_cli
 from producer.client import ParkpoolClient
 from producer.dlq import EntryState, OutcomeKind, Position
 from schemas import (
@@ -267,6 +268,17 @@ class TestShow:
         assert shown["original"]["is_task"] is True
         assert shown["original"]["kernel"] == "reduce"
         assert shown["original"]["inputs"] == {"x": "float64[17]"}
+
+    def test_show_keeps_a_confidential_task_sealed(self) -> None:
+        # Given a dead letter whose original is a confidential task
+        box = BoxKey.generate()
+        sealed = seal_task(_task("secretjob", 0, 3), box.public, box.public)
+        letter = _letter(encode(sealed), "unsealable", "secretjob", 0)
+        # When it is described for `dlq show`
+        info = dlq_cli.original(letter)
+        # Then only the size of its inputs shows, in the JSON and in the text
+        assert info["inputs"] == {} and info["sealed_inputs_bytes"] == len(sealed.sealed_inputs)
+        assert f"inputs sealed ({len(sealed.sealed_inputs)} bytes)" in dlq_cli._original_text(info)
 
     def test_show_undecodable_original_and_missing_position(
         self,
