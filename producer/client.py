@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from parkpool.http import StatusServer, request_counter
 from parkpool.kafka import produce, producer_config, reader_config
 from parkpool.keyfiles import read_key_file
-from parkpool.sealing import BoxKey, open_result, seal_task
+from parkpool.sealing import BoxKey, open_result, seal, seal_task
 from parkpool.settings import KafkaConnection
 from producer.jobs import JobHandle
 from producer.metrics import SdkMetrics
@@ -69,20 +69,17 @@ class ProducerSettings:
 
 class ParkpoolClient:
     def __init__(self, settings: ProducerSettings) -> None:
+        # Key files first: a bad one fails here, before any Kafka client exists.
+        self._gateway_key = _gateway_key(settings.gateway_box_key)
+        self._reply_box = (
+            BoxKey.load(settings.reply_box_key) if settings.reply_box_key else BoxKey.generate()
+        )
         self.settings = settings
         self.topics = KafkaTopics(settings.namespace)
         self.reply_topic = settings.reply_topic or self.topics.results
         self.decode_errors = 0
         self.metrics = SdkMetrics()
         self._producer = Producer(producer_config(settings.kafka))
-        self._reply_box = (
-            BoxKey.load(settings.reply_box_key) if settings.reply_box_key else BoxKey.generate()
-        )
-        self._gateway_key = (
-            read_key_file(settings.gateway_box_key, "gateway box")
-            if settings.gateway_box_key
-            else None
-        )
         self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -302,6 +299,19 @@ class ParkpoolClient:
             self.decode_errors += 1
             self.metrics.results_refused.labels(exc.reason).inc()
             log.warning("result_malformed", job_id=key, topic=record.topic(), reason=str(exc))
+
+
+def _gateway_key(path: Path | None) -> bytes | None:
+    """The gateways' box public key, checked once here so that a bad file fails the
+    client's start with its name, not every confidential submit with a crypto error."""
+    if path is None:
+        return None
+    key = read_key_file(path, "gateway box")
+    try:
+        seal(key, b"", b"")
+    except DecodeError as exc:
+        raise ConfigError(f"gateway box key {path} is not usable: {exc.detail}") from None
+    return key
 
 
 class _ResultReader(threading.Thread):

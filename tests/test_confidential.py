@@ -277,7 +277,16 @@ class TestSdkRefusals:
 
 
 class TestSdkConfiguration:
-    """A confidential job without the gateways' key is refused before anything is sent."""
+    """A confidential job without the gateways' key is refused before anything is sent,
+    and a key file that cannot be used is refused when the client starts."""
+
+    def test_an_unusable_gateway_key_fails_the_client_start(
+        self, tmp_path: Path, kafka_conn: KafkaConnection, namespace: str
+    ) -> None:
+        bad = tmp_path / "gateway-box.pub"
+        bad.write_text(bytes(32).hex())  # the all-zero point: nothing can be sealed to it
+        with pytest.raises(ConfigError, match=r"gateway-box\.pub is not usable"):
+            ParkpoolClient(ProducerSettings(kafka_conn, namespace, gateway_box_key=bad))
 
     def test_confidential_needs_the_gateway_key(self, client: ParkpoolClient) -> None:
         with pytest.raises(ConfigError, match="gateway_box_key"):
