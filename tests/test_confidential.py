@@ -58,6 +58,16 @@ def _sniffer(mqtt_conn: MqttConnection, namespace: str) -> RawMqtt:
     return sniffer
 
 
+def _scripted_car(
+    conn: MqttConnection, topics: MqttTopics, vehicle_id: str, box_key: bytes = b""
+) -> tuple[RawMqtt, bytes]:
+    """A car we speak for by hand, listening for its tasks, and its pull for two tasks."""
+    car = RawMqtt(conn, f"{vehicle_id}-{topics.namespace}")
+    car.subscribe(topics.task(vehicle_id))
+    caps = Capabilities("numpy", tuple(REGISTRY), box_key=box_key)
+    return car, encode(PullRequest(vehicle_id, 2, caps, {}, {"gw1": 2}))
+
+
 def _leaks(blobs: list[bytes]) -> list[int]:
     """Indexes of the blobs in which the inputs' or the results' float bytes appear."""
     needles = (np.float64(MARKER).tobytes(), np.float64(MARKER * CHUNK).tobytes())
@@ -152,12 +162,9 @@ class TestWhoMayOpen:
         handle = sealing_client.submit(
             "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
         )
-        car = RawMqtt(mqtt_conn, f"zero-{mqtt_topics.namespace}")
-        car.subscribe(mqtt_topics.task("zerocar"))
-        caps = Capabilities("numpy", tuple(REGISTRY), box_key=bytes(32))
-        pull = PullRequest("zerocar", 2, caps, {}, {"gw1": 2})
+        car, pull = _scripted_car(mqtt_conn, mqtt_topics, "zerocar", box_key=bytes(32))
         # When it asks for work
-        car.publish(mqtt_topics.pull("zerocar"), encode(pull))
+        car.publish(mqtt_topics.pull("zerocar"), pull)
         refused = {"source": "mqtt_pull", "reason": "bad_box_key"}
         wait_for(
             lambda: gateway.metric("parkpool_gateway_dropped_total", **refused) >= 1,
@@ -179,21 +186,18 @@ class TestWhoMayOpen:
         box_key: tuple[Path, Path],
         mqtt_conn: MqttConnection,
         mqtt_topics: MqttTopics,
-        namespace: str,
     ) -> None:
         # Given a gateway with the key, and one car that announces no box key
         gateway = gateway_factory(box_keys=(box_key[0],))
-        car = RawMqtt(mqtt_conn, f"old-{namespace}")
-        car.subscribe(mqtt_topics.task("oldcar"))
+        car, pull = _scripted_car(mqtt_conn, mqtt_topics, "oldcar")
         wait_for(gateway.gateway.readiness, 30, "the gateway to be ready")
         # When a confidential job is queued and the car keeps asking for work
         handle = sealing_client.submit(
             "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
         )
-        pull = PullRequest("oldcar", 2, Capabilities("numpy", tuple(REGISTRY)), {}, {"gw1": 2})
 
         def skipped() -> bool:
-            car.publish(mqtt_topics.pull("oldcar"), encode(pull))
+            car.publish(mqtt_topics.pull("oldcar"), pull)
             skips = gateway.metric("parkpool_gateway_dispatch_skipped_total", reason="no_box_key")
             return skips > 0
 
