@@ -221,7 +221,7 @@ class Result:
     exec_seconds: float
     finished_at: float
     task_created_at: float  # copied from the task, so callers can measure end-to-end latency
-    # Ed25519 by the vehicle's own key over everything above (schemas.signing); empty when
+    # Ed25519 by the vehicle's own key over every other field (schemas.signing); empty when
     # the vehicle has no key. A gateway that knows the car's key drops a result without it.
     signature: bytes = b""
     # The outputs map of a confidential chunk, sealed to the task's reply_key; ``outputs``
