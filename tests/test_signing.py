@@ -139,7 +139,6 @@ class TestSignedResults:
         self,
         tmp_path: Path,
         gateway_factory: Callable[..., RunningGateway],
-        fleet_factory: Callable[..., Fleet],
         client: ParkpoolClient,
         mqtt_conn: MqttConnection,
         namespace: str,
