@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m parkpool.demo
+	$(PY) -m parkpool.app.demo
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -41,7 +41,7 @@ chaos: setup
 
 # A local CA plus broker and client certificates for development (docs/SECURITY.md).
 certs: setup
-	$(PY) -m broker_config.certs .run/certs gateway car-00001 car-00002
+	$(PY) -m parkpool.broker_config.certs .run/certs gateway car-00001 car-00002
 
 # The GPU check runs where only Python 3.12, NumPy and CuPy are installed (no network, no
 # virtualenv): `make gpu-bundle` here, then carry .gpu-bundle and run `make gpu-check` there.

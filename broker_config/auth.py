@@ -22,8 +22,8 @@ import re
 import secrets
 from pathlib import Path
 
-from parkpool.signing import generate
-from schemas.errors import ConfigError
+from parkpool.runtime.signing import generate
+from parkpool.schemas.errors import ConfigError
 
 ITERATIONS = 101  # what mosquitto_passwd uses for $7$
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parkpool.settings import add_kafka_options, add_namespace_option, add_option
-from parkpool.signals import stop_event
-from schemas.errors import ParkpoolError
-from schemas.topics import check_namespace
+from parkpool.runtime.settings import add_kafka_options, add_namespace_option, add_option
+from parkpool.runtime.signals import stop_event
+from parkpool.schemas.errors import ParkpoolError
+from parkpool.schemas.topics import check_namespace
 
 from .launcher import EmbeddedBrokers
 from .topics import bootstrap, load_specs

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker_config.auth import AuthStore
-from parkpool.settings import add_option
+from parkpool.broker_config.auth import AuthStore
+from parkpool.runtime.settings import add_option
 
 
 def add_parser(subparsers: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Self
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from schemas.errors import BrokerError, ConfigError
+from parkpool.schemas.errors import BrokerError, ConfigError
 
 from .auth import AuthStore
 from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray
@@ -171,7 +171,7 @@ class EmbeddedBrokers:
 
     def _mosquitto(self, port: int) -> BrokerProcess:
         conf = self.run_dir / "mosquitto.conf"
-        template = resources.files("broker_config").joinpath("mosquitto.conf").read_text()
+        template = resources.files(__package__).joinpath("mosquitto.conf").read_text()
         user = pwd.getpwuid(os.geteuid()).pw_name
         conf.write_text(
             template.format(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.errors import BrokerError
+from parkpool.schemas.errors import BrokerError
 
 __all__ = ["LOOPBACK", "PIDS_FILE", "BrokerProcess", "free_port", "is_running", "kill_stray"]
 

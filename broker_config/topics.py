@@ -24,8 +24,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     NewTopic,
 )
 
-from schemas.errors import BrokerError, ConfigError
-from schemas.topics import KafkaTopics
+from parkpool.schemas.errors import BrokerError, ConfigError
+from parkpool.schemas.topics import KafkaTopics
 
 __all__ = ["SHORT_NAMES", "TopicSpec", "bootstrap", "load_specs"]
 
@@ -64,7 +64,9 @@ def load_specs(path: str | Path | None = None) -> tuple[TopicSpec, ...]:
     """Read topic specs from ``path``, or from the packaged ``kafka_topics.toml``."""
     try:
         if path is None:
-            text = resources.files("broker_config").joinpath("kafka_topics.toml").read_text()
+            text = (
+                resources.files("parkpool.broker_config").joinpath("kafka_topics.toml").read_text()
+            )
         else:
             text = Path(path).read_text()
         data = tomllib.loads(text)

@@ -8,10 +8,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from gateway.gateway import Gateway, GatewaySettings
-from parkpool import logs
-from parkpool.http import StatusServer, request_counter
-from parkpool.settings import (
+from parkpool.gateway.gateway import Gateway, GatewaySettings
+from parkpool.runtime import logs
+from parkpool.runtime.http import StatusServer, request_counter
+from parkpool.runtime.settings import (
     add_kafka_options,
     add_mqtt_options,
     add_namespace_option,
@@ -19,7 +19,7 @@ from parkpool.settings import (
     kafka_from_args,
     mqtt_from_args,
 )
-from parkpool.signals import stop_event
+from parkpool.runtime.signals import stop_event
 
 
 def add_parser(subparsers: Any) -> None:

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.tasks import PendingTask, TaskState
-from gateway.vehicles import VehicleView
-from parkpool.sealing import GatewayBox
-from parkpool.signing import TaskSigner
-from schemas import Assignment, DecodeError, encode
+from parkpool.gateway.tasks import PendingTask, TaskState
+from parkpool.gateway.vehicles import VehicleView
+from parkpool.runtime.sealing import GatewayBox
+from parkpool.runtime.signing import TaskSigner
+from parkpool.schemas import Assignment, DecodeError, encode
 
 if TYPE_CHECKING:
-    from gateway.gateway import Gateway
+    from parkpool.gateway.gateway import Gateway
 
 
 class Dispatcher:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.vehicles import VehicleView
-from schemas import VehicleState, VehicleStatus
-from schemas.reasons import POLICY_REASONS
+from parkpool.gateway.vehicles import VehicleView
+from parkpool.schemas import VehicleState, VehicleStatus
+from parkpool.schemas.reasons import POLICY_REASONS
 
 # Preemption latency objective is 100 ms; buckets resolve it well on both sides.
 PREEMPTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)

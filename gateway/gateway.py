@@ -28,20 +28,20 @@ from typing import Any
 
 import structlog
 
-from gateway.cancels import CancelledJobs
-from gateway.dispatch import Dispatcher
-from gateway.fleet_stats import FleetStats
-from gateway.handlers import VehicleHandlers
-from gateway.leases import LeaseTable
-from gateway.metrics import GatewayMetrics
-from gateway.mqtt_link import MqttLink
-from gateway.retry import DelayQueue, compute_backoff
-from gateway.status import status_snapshot
-from gateway.tasklog import TP, CancelRecord, TaskLog
-from gateway.tasks import PendingTask, ReadyQueue, TaskState
-from gateway.vehicles import VehicleBook, VehicleView
-from parkpool.settings import KafkaConnection, MqttConnection
-from schemas import (
+from parkpool.gateway.cancels import CancelledJobs
+from parkpool.gateway.dispatch import Dispatcher
+from parkpool.gateway.fleet_stats import FleetStats
+from parkpool.gateway.handlers import VehicleHandlers
+from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.mqtt_link import MqttLink
+from parkpool.gateway.retry import DelayQueue, compute_backoff
+from parkpool.gateway.status import status_snapshot
+from parkpool.gateway.tasklog import TP, CancelRecord, TaskLog
+from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
+from parkpool.gateway.vehicles import VehicleBook, VehicleView
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
     AttemptRecord,
     GatewayState,
     KafkaTopics,

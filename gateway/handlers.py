@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from confluent_kafka import KafkaError
 
-from gateway.leases import Lease
-from gateway.mqtt_link import MqttEvent
-from gateway.ratelimit import RateLimiter
-from gateway.tasks import TaskState
-from parkpool.signing import VehicleKeys
-from schemas import (
+from parkpool.gateway.leases import Lease
+from parkpool.gateway.mqtt_link import MqttEvent
+from parkpool.gateway.ratelimit import RateLimiter
+from parkpool.gateway.tasks import TaskState
+from parkpool.runtime.signing import VehicleKeys
+from parkpool.schemas import (
     DecodeError,
     LeaseHeartbeat,
     Nack,
@@ -32,10 +32,10 @@ from schemas import (
     VehicleStatus,
     decode,
 )
-from schemas.kernels import BUILTIN
+from parkpool.schemas.kernels import BUILTIN
 
 if TYPE_CHECKING:
-    from gateway.gateway import Gateway
+    from parkpool.gateway.gateway import Gateway
 
 M = TypeVar("M")
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gateway.tasks import PendingTask
+from parkpool.gateway.tasks import PendingTask
 
 
 @dataclass(slots=True)

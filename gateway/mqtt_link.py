@@ -18,9 +18,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 
-from parkpool.mqtt import Will, connect_and_wait, new_client, publish_properties
-from parkpool.settings import MqttConnection
-from schemas import GatewayState, GatewayStatus, MqttTopics, Revoke, encode
+from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, publish_properties
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import GatewayState, GatewayStatus, MqttTopics, Revoke, encode
 
 log = structlog.get_logger("parkpool.gateway.mqtt")
 SESSION_EXPIRY_S = 600

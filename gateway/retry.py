@@ -9,7 +9,7 @@ import itertools
 import random
 import time
 
-from gateway.tasks import PendingTask
+from parkpool.gateway.tasks import PendingTask
 
 
 def compute_backoff(

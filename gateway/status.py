@@ -12,12 +12,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.fleet_stats import FleetCounts
-from gateway.tasklog import PartitionStat
-from gateway.tasks import PendingTask
+from parkpool.gateway.fleet_stats import FleetCounts
+from parkpool.gateway.tasklog import PartitionStat
+from parkpool.gateway.tasks import PendingTask
 
 if TYPE_CHECKING:
-    from gateway.gateway import Gateway
+    from parkpool.gateway.gateway import Gateway
 
 TOP_JOBS = 20
 

@@ -18,13 +18,21 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from gateway.metrics import GatewayMetrics
-from gateway.tasks import PendingTask
-from gateway.window import OffsetWindow
-from parkpool.kafka import consumer_config, coordinates, produce, producer_config
-from parkpool.settings import KafkaConnection
-from schemas import CancelJob, DeadLetter, DecodeError, KafkaTopics, TaskChunk, decode, encode
-from schemas.codec import peek_type
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.tasks import PendingTask
+from parkpool.gateway.window import OffsetWindow
+from parkpool.runtime.kafka import consumer_config, coordinates, produce, producer_config
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import (
+    CancelJob,
+    DeadLetter,
+    DecodeError,
+    KafkaTopics,
+    TaskChunk,
+    decode,
+    encode,
+)
+from parkpool.schemas.codec import peek_type
 
 TP = tuple[str, int]
 Delivered = Callable[[KafkaError | None], None]

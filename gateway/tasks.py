@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from schemas import AttemptRecord, Priority, TaskChunk
+from parkpool.schemas import AttemptRecord, Priority, TaskChunk
 
 
 class TaskState(enum.Enum):

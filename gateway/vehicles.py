@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from schemas import Capabilities, PullRequest, VehicleState
+from parkpool.schemas import Capabilities, PullRequest, VehicleState
 
 
 @dataclass(slots=True)

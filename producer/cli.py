@@ -14,13 +14,18 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from parkpool import logs
-from parkpool.kafka import coordinates, reader_config
-from parkpool.settings import add_kafka_options, add_namespace_option, add_option, kafka_from_args
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.jobs import JobFailed, JobHandle
-from producer.splitters import PLANNERS, JobPlan
-from schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobFailed, JobHandle
+from parkpool.producer.splitters import PLANNERS, JobPlan
+from parkpool.runtime import logs
+from parkpool.runtime.kafka import coordinates, reader_config
+from parkpool.runtime.settings import (
+    add_kafka_options,
+    add_namespace_option,
+    add_option,
+    kafka_from_args,
+)
+from parkpool.schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
 
 
 def add_parser(subparsers: Any) -> None:

@@ -23,15 +23,15 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from parkpool.http import StatusServer, request_counter
-from parkpool.kafka import produce, producer_config, reader_config
-from parkpool.keyfiles import read_key_file
-from parkpool.sealing import BoxKey, open_result, seal, seal_task
-from parkpool.settings import KafkaConnection
-from producer.jobs import JobHandle
-from producer.metrics import SdkMetrics
-from producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
-from schemas import (
+from parkpool.producer.jobs import JobHandle
+from parkpool.producer.metrics import SdkMetrics
+from parkpool.producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
+from parkpool.runtime.http import StatusServer, request_counter
+from parkpool.runtime.kafka import produce, producer_config, reader_config
+from parkpool.runtime.keyfiles import read_key_file
+from parkpool.runtime.sealing import BoxKey, open_result, seal, seal_task
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import (
     BrokerError,
     CancelJob,
     ConfigError,
@@ -45,8 +45,8 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.kernels import cost_gflop, validate_task
-from schemas.kernels import spec as kernel_spec
+from parkpool.schemas.kernels import cost_gflop, validate_task
+from parkpool.schemas.kernels import spec as kernel_spec
 
 log = structlog.get_logger("parkpool.producer")
 
@@ -60,7 +60,7 @@ class ProducerSettings:
     publish_timeout_s: float = 60.0
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
     metrics_addr: str = "127.0.0.1"  # never all interfaces unless the service says so
-    # Confidential jobs (parkpool.sealing): the gateways' box public key, to which inputs
+    # Confidential jobs (parkpool.runtime.sealing): the gateways' box public key, to which inputs
     # are sealed; and this client's own box key for results (None: a fresh one per client,
     # so results of jobs submitted before a restart cannot be read after it).
     gateway_box_key: Path | None = None
@@ -143,7 +143,7 @@ class ParkpoolClient:
     ) -> JobHandle:
         """Split a job with the kernel's planner and publish it; see producer.splitters.
 
-        ``confidential`` seals every chunk's inputs and results (``parkpool.sealing``), so
+        ``confidential`` seals every chunk's inputs and results (``parkpool.runtime.sealing``), so
         brokers, logs and other cars never see them; it needs ``gateway_box_key``.
         """
         planner = PLANNERS.get(kernel)

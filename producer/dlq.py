@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from parkpool.kafka import coordinates, producer_config, reader_config
-from parkpool.settings import KafkaConnection
-from schemas import (
+from parkpool.runtime.kafka import coordinates, producer_config, reader_config
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import (
     BrokerError,
     DeadLetter,
     DecodeError,
@@ -34,7 +34,7 @@ from schemas import (
     encode,
     peek_type,
 )
-from schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER
+from parkpool.schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER
 
 ACTION_KEY = DLQ_ACTION_KEY
 DEFAULT_DEADLINE_S = 3600.0

@@ -15,12 +15,17 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from parkpool import logs
-from parkpool.settings import add_kafka_options, add_namespace_option, add_option, kafka_from_args
-from producer import dlq
-from producer.dlq import ActionReport, DeadLetterEntry, EntryState, Position
-from schemas import DeadLetter, TaskChunk
-from schemas.topics import check_namespace
+from parkpool.producer import dlq
+from parkpool.producer.dlq import ActionReport, DeadLetterEntry, EntryState, Position
+from parkpool.runtime import logs
+from parkpool.runtime.settings import (
+    add_kafka_options,
+    add_namespace_option,
+    add_option,
+    kafka_from_args,
+)
+from parkpool.schemas import DeadLetter, TaskChunk
+from parkpool.schemas.topics import check_namespace
 
 USAGE_ERROR = 2
 REFUSED = 1

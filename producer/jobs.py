@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from producer.splitters import Assembler
-from schemas import DeadLetter, ParkpoolError, Result, ValidationError
+from parkpool.producer.splitters import Assembler
+from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
 
 
 class JobState(enum.StrEnum):

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas.errors import ValidationError
-from schemas.kernels import (
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.kernels import (
     validate_task,
 )
 

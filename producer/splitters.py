@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.plans import (
+from parkpool.producer.plans import (
     Array,
     Assembler,
     ChunkAssembler,
@@ -33,11 +33,16 @@ from producer.plans import (
     validated,
     wire_copy,
 )
-from producer.splitters_rows import plan_fft, plan_mlp, plan_stencil2d
-from producer.splitters_stats import KMeansStep, OptionPrice, plan_kmeans_step, plan_option_mc
-from schemas.errors import ValidationError
-from schemas.kernels import FLOAT_DTYPES, MAX_GEMM_DIM, MAX_POLY_COEFFS, REDUCE_OPS
-from schemas.kernels import MAX_MC_SAMPLES as MAX_MC_CHUNK
+from parkpool.producer.splitters_rows import plan_fft, plan_mlp, plan_stencil2d
+from parkpool.producer.splitters_stats import (
+    KMeansStep,
+    OptionPrice,
+    plan_kmeans_step,
+    plan_option_mc,
+)
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.kernels import FLOAT_DTYPES, MAX_GEMM_DIM, MAX_POLY_COEFFS, REDUCE_OPS
+from parkpool.schemas.kernels import MAX_MC_SAMPLES as MAX_MC_CHUNK
 
 __all__ = [
     "PLANNERS",

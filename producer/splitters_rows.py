@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import numpy.typing as npt
 
-from producer.plans import (
+from parkpool.producer.plans import (
     Array,
     ChunkAssembler,
     ChunkSpec,
@@ -20,8 +20,8 @@ from producer.plans import (
     validated,
     wire_copy,
 )
-from schemas.errors import ValidationError
-from schemas.kernels import MAX_LAYERS
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.kernels import MAX_LAYERS
 
 # --- fft, mlp, stencil2d (row blocks of one result) ---------------------------------
 

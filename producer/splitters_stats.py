@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.plans import (
+from parkpool.producer.plans import (
     Array,
     ChunkAssembler,
     ChunkSpec,
@@ -26,8 +26,8 @@ from producer.plans import (
     validated,
     wire_copy,
 )
-from schemas.errors import ValidationError
-from schemas.kernels import MAX_MC_SAMPLES as MAX_MC_CHUNK
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.kernels import MAX_MC_SAMPLES as MAX_MC_CHUNK
 
 # --- kmeans_step --------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """The wire contract: messages, codec, topic names and the error tree."""
 
-from schemas.codec import WIRE_VERSION, decode, encode, peek_type
-from schemas.errors import (
+from parkpool.schemas.codec import WIRE_VERSION, decode, encode, peek_type
+from parkpool.schemas.errors import (
     BrokerError,
     ConfigError,
     DecodeError,
@@ -14,7 +14,7 @@ from schemas.errors import (
     Retry,
     ValidationError,
 )
-from schemas.messages import (
+from parkpool.schemas.messages import (
     Assignment,
     AttemptRecord,
     CancelJob,
@@ -36,7 +36,7 @@ from schemas.messages import (
     VehicleState,
     VehicleStatus,
 )
-from schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
+from parkpool.schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
 
 __all__ = [
     "DEFAULT_NAMESPACE",

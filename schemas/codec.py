@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from schemas.errors import DecodeError, ValidationError
-from schemas.messages import MESSAGE_TYPES, NESTED_TYPES
-from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS, require_arrays
+from parkpool.schemas.errors import DecodeError, ValidationError
+from parkpool.schemas.messages import MESSAGE_TYPES, NESTED_TYPES
+from parkpool.schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS, require_arrays
 
 WIRE_VERSION = 1
 ARRAY_EXT = 1

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from schemas.errors import ValidationError
+from parkpool.schemas.errors import ValidationError
 
 Array = npt.NDArray[Any]
 Params = Mapping[str, Any]  # plain msgpack-able values: int, float, str, list

@@ -18,9 +18,9 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from schemas.errors import ValidationError
-from schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
-from schemas.validate import (
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
+from parkpool.schemas.validate import (
     require_arrays,
     require_bytes,
     require_float,

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import msgpack
 
-from schemas.codec import encode
-from schemas.messages import Assignment, Result
+from parkpool.schemas.codec import encode
+from parkpool.schemas.messages import Assignment, Result
 
 ASSIGNMENT_DOMAIN = b"parkpool/assignment/v1\x00"  # never valid as another kind of message
 RESULT_DOMAIN = b"parkpool/result/v1\x00"

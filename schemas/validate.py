@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import ValidationError
+from parkpool.schemas.errors import ValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_TEXT = 4096

@@ -33,17 +33,24 @@ from typing import Any
 
 import numpy as np
 
-from broker_config.launcher import EmbeddedBrokers
-from broker_config.topics import bootstrap
-from parkpool import logs
-from parkpool.children import role, role_env
-from parkpool.mqtt import connect_and_wait, new_client
-from parkpool.sealing import BoxKey, GatewayBox, open_result, open_task, seal_outputs, seal_task
-from parkpool.settings import KafkaConnection, MqttConnection
-from parkpool.signals import exit_on_sigterm
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.splitters import ChunkSpec
-from schemas import Result, TaskChunk, decode, encode
+from parkpool.app.children import role, role_env
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import bootstrap
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime import logs
+from parkpool.runtime.mqtt import connect_and_wait, new_client
+from parkpool.runtime.sealing import (
+    BoxKey,
+    GatewayBox,
+    open_result,
+    open_task,
+    seal_outputs,
+    seal_task,
+)
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.signals import exit_on_sigterm
+from parkpool.schemas import Result, TaskChunk, decode, encode
 from tests.bench_preemption import preemption
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
 

@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from broker_config.launcher import EmbeddedBrokers
-from broker_config.topics import bootstrap
-from gateway.gateway import Gateway, GatewaySettings
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.splitters import plan_monte_carlo_pi
-from worker.carstate import SimulatedBus
-from worker.fleet import Fleet
-from worker.policy import PolicyConfig
-from worker.worker import VehicleWorker, WorkerSettings
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import bootstrap
+from parkpool.gateway.gateway import Gateway, GatewaySettings
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.splitters import plan_monte_carlo_pi
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import PolicyConfig
+from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
 NAMESPACE = "benchpreempt"
 # The owner-away dwell is 120 s by default; the bench only needs the car back quickly.

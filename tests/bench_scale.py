@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker_config.launcher import EmbeddedBrokers, free_port
-from broker_config.topics import bootstrap
-from parkpool.children import role, role_env
-from parkpool.settings import KafkaConnection, MqttConnection
-from parkpool.top.rates import bucket_window, quantile
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.splitters import ChunkSpec
-from schemas import ParkpoolError
-from worker.fleet import Fleet
-from worker.worker import WorkerSettings
+from parkpool.app.children import role, role_env
+from parkpool.app.top.rates import bucket_window, quantile
+from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.broker_config.topics import bootstrap
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import ParkpoolError
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.worker import WorkerSettings
 
 GROW_STEP = 500  # vehicles connected per batch; a failed batch ends the growth
 

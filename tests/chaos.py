@@ -29,19 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from broker_config.launcher import EmbeddedBrokers, free_port
-from broker_config.topics import bootstrap
-from parkpool import logs
-from parkpool.children import role_env
-from parkpool.settings import KafkaConnection, MqttConnection
-from parkpool.signals import exit_on_sigterm
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.jobs import JobHandle
-from producer.splitters import ChunkSpec
-from schemas import KafkaTopics, Result, decode
+from parkpool.app.children import role_env
+from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.broker_config.topics import bootstrap
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobHandle
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime import logs
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.signals import exit_on_sigterm
+from parkpool.schemas import KafkaTopics, Result, decode
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.worker import WorkerSettings
 from tests.helpers import read_all
-from worker.fleet import Fleet
-from worker.worker import WorkerSettings
 
 NAMESPACE = "chaos"
 
@@ -113,7 +113,7 @@ class Gateways:
             "PARKPOOL_METRICS_PORT": str(self.ports[gateway_id]),
         }
         self.children[gateway_id] = subprocess.Popen(
-            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "parkpool.app.cli", "gateway"], env=env, stdout=log, stderr=log
         )
         log.close()
 

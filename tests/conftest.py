@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from broker_config.launcher import EmbeddedBrokers
-from broker_config.topics import TopicSpec, bootstrap, load_specs
-from gateway.gateway import Gateway, GatewaySettings
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient, ProducerSettings
-from schemas.topics import KafkaTopics, MqttTopics
-from worker.fleet import Fleet
-from worker.worker import WorkerSettings
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import TopicSpec, bootstrap, load_specs
+from parkpool.gateway.gateway import Gateway, GatewaySettings
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.topics import KafkaTopics, MqttTopics
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.worker import WorkerSettings
 
 # Fewer partitions than production: creating them is cheap either way, but tests
 # that read a whole topic finish sooner with fewer partitions to drain.

@@ -15,8 +15,8 @@ import msgpack
 import numpy as np
 from hypothesis import strategies as st
 
-from schemas import codec
-from schemas.codec import ARRAY_EXT, MAX_NDIM, encode
+from parkpool.schemas import codec
+from parkpool.schemas.codec import ARRAY_EXT, MAX_NDIM, encode
 from tests.fuzz_messages import (
     ANY_MESSAGE,
     DTYPES,

@@ -20,11 +20,11 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from parkpool.sealing import BoxKey, seal_outputs, seal_task
-from schemas import codec
-from schemas import messages as m
-from schemas.codec import ALLOWED_DTYPES, MAX_NDIM, WIRE_VERSION, decode, encode, peek_type
-from schemas.errors import DecodeError
+from parkpool.runtime.sealing import BoxKey, seal_outputs, seal_task
+from parkpool.schemas import codec
+from parkpool.schemas import messages as m
+from parkpool.schemas.codec import ALLOWED_DTYPES, MAX_NDIM, WIRE_VERSION, decode, encode, peek_type
+from parkpool.schemas.errors import DecodeError
 
 Pairs = list[tuple[Any, Any]]
 DTYPES = sorted(ALLOWED_DTYPES)

@@ -47,14 +47,14 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from schemas.errors import ConfigError  # noqa: E402
-from schemas.kernels import cost_gflop  # noqa: E402
-from worker import kernels_cuda, kernels_signal, kernels_sim  # noqa: E402
-from worker import kernels_slicing as slicing  # noqa: E402
-from worker.backend import Backend, select_backend  # noqa: E402
-from worker.kernels import execute, get_kernel, reference  # noqa: E402
-from worker.kernels_prefetch import Stager  # noqa: E402
-from worker.kernels_slicing import Pacer, SliceSizes, is_cupy  # noqa: E402
+from parkpool.schemas.errors import ConfigError  # noqa: E402
+from parkpool.schemas.kernels import cost_gflop  # noqa: E402
+from parkpool.worker import kernels_cuda, kernels_signal, kernels_sim  # noqa: E402
+from parkpool.worker import kernels_slicing as slicing  # noqa: E402
+from parkpool.worker.backend import Backend, select_backend  # noqa: E402
+from parkpool.worker.kernels import execute, get_kernel, reference  # noqa: E402
+from parkpool.worker.kernels_prefetch import Stager  # noqa: E402
+from parkpool.worker.kernels_slicing import Pacer, SliceSizes, is_cupy  # noqa: E402
 
 Record = dict[str, Any]
 TINY_SLICES = SliceSizes(

@@ -15,10 +15,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from parkpool.kafka import producer_config, reader_config
-from parkpool.mqtt import connect_and_wait, new_client
-from parkpool.settings import KafkaConnection, MqttConnection
-from schemas import (
+from parkpool.runtime.kafka import producer_config, reader_config
+from parkpool.runtime.mqtt import connect_and_wait, new_client
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
     Assignment,
     Capabilities,
     MqttTopics,
@@ -28,7 +28,7 @@ from schemas import (
     decode,
     encode,
 )
-from worker.kernels import REGISTRY
+from parkpool.worker.kernels import REGISTRY
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

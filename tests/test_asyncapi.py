@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
-import schemas
-from schemas import codec, topics
-from schemas import messages as m
-from schemas.errors import DecodeError
-from schemas.validate import NAME_RE
+import parkpool.schemas
+from parkpool.schemas import codec, topics
+from parkpool.schemas import messages as m
+from parkpool.schemas.errors import DecodeError
+from parkpool.schemas.validate import NAME_RE
 
 SPEC: dict[str, Any] = yaml.safe_load(
-    (Path(schemas.__file__).parent / "asyncapi.yaml").read_text(encoding="utf-8")
+    (Path(parkpool.schemas.__file__).parent / "asyncapi.yaml").read_text(encoding="utf-8")
 )
 BY_TAG: dict[str, type] = {cls.TYPE: cls for cls in m.MESSAGE_TYPES}  # type: ignore[attr-defined]
 SAMPLE = {"namespace": "acme", "vehicleId": "car-1", "gatewayId": "gw-1"}

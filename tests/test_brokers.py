@@ -35,11 +35,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker_config.launcher import EmbeddedBrokers
-from broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
-from broker_config.topics import bootstrap, load_specs
-from schemas.errors import BrokerError
-from schemas.topics import KafkaTopics, MqttTopics
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
+from parkpool.broker_config.topics import bootstrap, load_specs
+from parkpool.schemas.errors import BrokerError
+from parkpool.schemas.topics import KafkaTopics, MqttTopics
 
 TIMEOUT = 10.0
 
@@ -325,8 +325,8 @@ class TestLifecycle:
         code = (
             "import sys, time\n"
             "from pathlib import Path\n"
-            "from broker_config.launcher import EmbeddedBrokers\n"
-            "from parkpool.signals import exit_on_sigterm\n"
+            "from parkpool.broker_config.launcher import EmbeddedBrokers\n"
+            "from parkpool.runtime.signals import exit_on_sigterm\n"
             "exit_on_sigterm()\n"
             f"with EmbeddedBrokers(run_dir=Path({str(tmp_path)!r})):\n"
             "    print('up', flush=True)\n"

@@ -11,16 +11,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import MqttConnection
+from parkpool.worker.carsim import HOUR, CarModel, Driver, Stay, plan_day
+from parkpool.worker.carstate import Charging, Gear, SimulatedBus
+from parkpool.worker.policy import OwnerPolicy, PolicyConfig
+from parkpool.worker.realistic import RealisticFleet, RealisticPlan
+from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
-from worker.carsim import HOUR, CarModel, Driver, Stay, plan_day
-from worker.carstate import Charging, Gear, SimulatedBus
-from worker.policy import OwnerPolicy, PolicyConfig
-from worker.realistic import RealisticFleet, RealisticPlan
-from worker.worker import WorkerSettings
 
 
 class TestPlanDay:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.errors import ValidationError
+from parkpool.schemas.errors import ValidationError
+from parkpool.worker.carstate import CarState, Charging, FileFeed, Gear, SimulatedBus
 from tests.helpers import wait_for
-from worker.carstate import CarState, Charging, FileFeed, Gear, SimulatedBus
 
 
 class TestCarState:

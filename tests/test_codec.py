@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from schemas import codec
-from schemas import messages as m
-from schemas.codec import ALLOWED_DTYPES, ARRAY_EXT, MAX_NDIM, decode, encode, peek_type
-from schemas.errors import DecodeError
+from parkpool.schemas import codec
+from parkpool.schemas import messages as m
+from parkpool.schemas.codec import ALLOWED_DTYPES, ARRAY_EXT, MAX_NDIM, decode, encode, peek_type
+from parkpool.schemas.errors import DecodeError
 
 DTYPES = sorted(ALLOWED_DTYPES)
 FAST = settings(max_examples=40, deadline=None)

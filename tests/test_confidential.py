@@ -13,12 +13,12 @@ import pytest
 from confluent_kafka import Producer
 from structlog.testing import capture_logs
 
-from parkpool.kafka import producer_config
-from parkpool.sealing import BoxKey, generate_box_key, open_task, seal_outputs
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.jobs import JobFailed
-from schemas import (
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobFailed
+from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.sealing import BoxKey, generate_box_key, open_task, seal_outputs
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
     Capabilities,
     ConfigError,
     DeadLetter,
@@ -28,10 +28,10 @@ from schemas import (
     decode,
     encode,
 )
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, hold_lease, read_all, read_topic, wait_for
-from worker.fleet import Fleet
-from worker.kernels import REGISTRY
 
 MARKER = 4321.25  # sums of it are exact in float64; its bytes are what a leak shows
 CHUNK = 256

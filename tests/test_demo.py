@@ -17,7 +17,7 @@ class TestDemo:
 
     def test_small_demo_passes_with_every_control_on(self, tmp_path: Path) -> None:
         # Given a fresh directory (the demo keeps its brokers' files under .run/demo)
-        argv = [sys.executable, "-m", "parkpool.demo", "--size", "256", "--tile", "128"]
+        argv = [sys.executable, "-m", "parkpool.app.demo", "--size", "256", "--tile", "128"]
         # When the demo runs with four cars
         done = subprocess.run(
             [*argv, "--vehicles", "4", "--timeout", "120"],

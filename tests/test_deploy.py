@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker_config.topics import load_specs
+from parkpool.broker_config.topics import load_specs
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -28,13 +28,13 @@ class TestGatewayEnvExample:
     """Every variable in the example env file is one the gateway CLI reads."""
 
     def test_variables_are_documented_options(self) -> None:
-        from parkpool.cli import build_parser
+        from parkpool.app.cli import build_parser
 
         help_text = build_parser()._subparsers._group_actions[0].choices["gateway"].format_help()  # type: ignore[union-attr]
         names = [
             line.split("=", 1)[0]
             for line in (DEPLOY / "gateway.env.example").read_text().splitlines()
-            # PARKPOOL_LOG_* configure logging for every role; parkpool/logs.py reads them.
+            # PARKPOOL_LOG_* configure logging for every role; parkpool/runtime/logs.py reads them.
             if line and not line.startswith(("#", "PARKPOOL_LOG_"))
         ]
         assert names

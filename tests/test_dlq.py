@@ -21,15 +21,16 @@ import pytest
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from broker_config.launcher import EmbeddedBrokers
-from parkpool import cli, logs
-from parkpool.kafka import producer_config
-from parkpool.sealing import BoxKey, seal_task
-from parkpool.settings import KafkaConnection
-from producer import dlq, dlq_cli
-from producer.client import ParkpoolClient
-from producer.dlq import EntryState, OutcomeKind, Position
-from schemas import (
+from parkpool.app import cli
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.producer import dlq, dlq_cli
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.dlq import EntryState, OutcomeKind, Position
+from parkpool.runtime import logs
+from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.sealing import BoxKey, seal_task
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import (
     AttemptRecord,
     DeadLetter,
     KafkaTopics,
@@ -39,10 +40,10 @@ from schemas import (
     decode,
     encode,
 )
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY, Kernel, Tolerance, register
 from tests.conftest import RunningGateway
 from tests.helpers import produce_raw_task, read_topic, wait_for
-from worker.fleet import Fleet
-from worker.kernels import REGISTRY, Kernel, Tolerance, register
 
 pytestmark = pytest.mark.integration
 
@@ -479,7 +480,7 @@ class TestCommandLine:
         }
         # When `parkpool dlq list --json` runs
         listed = subprocess.run(
-            [sys.executable, "-m", "parkpool.cli", "dlq", "list", "--json"],
+            [sys.executable, "-m", "parkpool.app.cli", "dlq", "list", "--json"],
             env=env,
             capture_output=True,
             text=True,

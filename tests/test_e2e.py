@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from parkpool.settings import KafkaConnection
-from producer.client import ParkpoolClient
-from schemas import (
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import (
     Assignment,
     Capabilities,
     DeadLetter,
@@ -31,10 +31,10 @@ from schemas import (
     decode,
     encode,
 )
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY, reference
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, produce_raw_task, read_topic, wait_for
-from worker.fleet import Fleet
-from worker.kernels import REGISTRY, reference
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ class TestLatencyHistograms:
 
 
 def _pi_by_reference(options: dict[str, Any]) -> float:
-    from producer.splitters import plan_monte_carlo_pi
+    from parkpool.producer.splitters import plan_monte_carlo_pi
 
     plan = plan_monte_carlo_pi(**options)
     hits = sum(int(reference(plan.kernel, c.params, c.inputs)["hits"]) for c in plan.chunks)
@@ -232,7 +232,7 @@ class TestCommandLine:
             "PARKPOOL_KAFKA_BOOTSTRAP": brokers.kafka_bootstrap,
             "PARKPOOL_NAMESPACE": namespace,
         }
-        cli = [sys.executable, "-m", "parkpool.cli"]
+        cli = [sys.executable, "-m", "parkpool.app.cli"]
         # When a job is submitted from the command line with verification
         submit = subprocess.run(
             [*cli, "submit", "poly", "--size", "5000", "--chunk", "1000", "--verify"],

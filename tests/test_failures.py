@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from broker_config.launcher import EmbeddedBrokers
-from parkpool.children import role_env
-from parkpool.kafka import producer_config
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient
-from schemas import DeadLetter, MqttTopics, Result, decode, encode
+from parkpool.app.children import role_env
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import DeadLetter, MqttTopics, Result, decode, encode
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY, Kernel, Tolerance, register
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import (
     RawMqtt,
@@ -33,8 +35,6 @@ from tests.helpers import (
     wait_committed_to_end,
     wait_for,
 )
-from worker.fleet import Fleet
-from worker.kernels import REGISTRY, Kernel, Tolerance, register
 
 pytestmark = pytest.mark.integration
 
@@ -174,7 +174,7 @@ def gateway_process(
     def start() -> subprocess.Popen[bytes]:
         log = (tmp_path / f"gateway-{len(children)}.log").open("wb")
         child = subprocess.Popen(
-            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "parkpool.app.cli", "gateway"], env=env, stdout=log, stderr=log
         )
         children.append(child)
         return child

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from schemas import messages as m
-from schemas.codec import (
+from parkpool.schemas import messages as m
+from parkpool.schemas.codec import (
     ALLOWED_DTYPES,
     ARRAY_EXT,
     MAX_NDIM,
@@ -28,7 +28,7 @@ from schemas.codec import (
     encode,
     peek_type,
 )
-from schemas.errors import DecodeError
+from parkpool.schemas.errors import DecodeError
 from tests.fuzz_hostile import (
     MSGPACK_VALUES,
     NASTY,

@@ -20,16 +20,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parkpool.kafka import MAX_MESSAGE_BYTES as KAFKA_MAX_BYTES
-from schemas import messages as m
-from schemas.codec import (
+from parkpool.runtime.kafka import MAX_MESSAGE_BYTES as KAFKA_MAX_BYTES
+from parkpool.schemas import messages as m
+from parkpool.schemas.codec import (
     ARRAY_EXT,
     MAX_MESSAGE_BYTES,
     MAX_NESTED_RECORDS,
     decode,
     encode,
 )
-from schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS
+from parkpool.schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS
 from tests.fuzz_messages import (
     SMALL,
     Pairs,

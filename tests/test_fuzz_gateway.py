@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.gateway import Gateway, GatewaySettings
-from gateway.mqtt_link import MqttEvent
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient
-from schemas import (
+from parkpool.gateway.gateway import Gateway, GatewaySettings
+from parkpool.gateway.mqtt_link import MqttEvent
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
     Capabilities,
     DecodeError,
     LeaseHeartbeat,
@@ -41,12 +41,12 @@ from schemas import (
     VehicleStatus,
     encode,
 )
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY, reference
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.fuzz_hostile import hostile_payloads
 from tests.fuzz_messages import body_pairs, decode_outcome, pack_pairs
 from tests.helpers import LeaseHolder, hold_lease, read_all, wait_for
-from worker.fleet import Fleet
-from worker.kernels import REGISTRY, reference
 
 pytestmark = pytest.mark.integration
 

@@ -21,16 +21,16 @@ from confluent_kafka import Producer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from parkpool.kafka import producer_config
-from parkpool.settings import KafkaConnection
-from producer.client import ParkpoolClient
-from schemas import CancelJob, DeadLetter, DecodeError, TaskChunk, decode, encode
-from schemas.codec import peek_type
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import CancelJob, DeadLetter, DecodeError, TaskChunk, decode, encode
+from parkpool.schemas.codec import peek_type
+from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 from tests.fuzz_hostile import hostile_payloads
 from tests.fuzz_messages import body_pairs, decode_outcome, pack_pairs
 from tests.helpers import TopicTail, wait_committed_to_end
-from worker.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from parkpool.sealing import BoxKey, GatewayBox, seal_task
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
-from schemas import (
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.sealing import BoxKey, GatewayBox, seal_task
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import (
     Assignment,
     DecodeError,
     GatewayState,
@@ -39,13 +39,13 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.codec import peek_type
+from parkpool.schemas.codec import peek_type
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.worker import VehicleWorker
 from tests.conftest import RunningGateway
 from tests.fuzz_hostile import hostile_payloads
 from tests.fuzz_messages import decode_outcome, messages
 from tests.helpers import RawMqtt, wait_for
-from worker.fleet import Fleet
-from worker.worker import VehicleWorker
 
 pytestmark = pytest.mark.integration
 

@@ -17,22 +17,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker_config.launcher import EmbeddedBrokers, free_port
-from parkpool.children import role_env
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient
-from producer.jobs import JobState
-from producer.splitters import ChunkSpec
-from schemas import (
+from parkpool.app.children import role_env
+from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.jobs import JobState
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
     LeaseHeartbeat,
     MqttTopics,
     Result,
     decode,
     encode,
 )
+from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import RawMqtt, hold_lease, read_topic, wait_committed_to_end, wait_for
-from worker.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +218,7 @@ def gateway_procs(
         }
         log = (tmp_path / f"{gateway_id}-{len(children)}.log").open("wb")
         child = subprocess.Popen(
-            [sys.executable, "-m", "parkpool.cli", "gateway"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "parkpool.app.cli", "gateway"], env=env, stdout=log, stderr=log
         )
         children.append(child)
         return child, port

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.kernels import BUILTIN
+from parkpool.schemas.kernels import BUILTIN
+from parkpool.worker.backend import available_backends, numpy_backend
 from tests import gpu_check
-from worker.backend import available_backends, numpy_backend
 
 NUMPY = numpy_backend()
 HAS_GPU = any(backend.is_gpu for backend in available_backends())

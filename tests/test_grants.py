@@ -8,8 +8,8 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas import GatewayState, GatewayStatus
-from worker.grants import MAX_GATEWAYS, GatewayBook, allocate
+from parkpool.schemas import GatewayState, GatewayStatus
+from parkpool.worker.grants import MAX_GATEWAYS, GatewayBook, allocate
 
 BACKLOGS = st.dictionaries(st.from_regex(r"gw[0-9]{1,3}", fullmatch=True), st.integers(0, 10**6))
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from schemas.errors import Preempted
-from worker.carstate import SimulatedBus
-from worker.guard import EnergyMeter, OwnerGuard, TimeBase
-from worker.policy import Decision, Mode, OwnerPolicy, PolicyConfig
+from parkpool.schemas.errors import Preempted
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.guard import EnergyMeter, OwnerGuard, TimeBase
+from parkpool.worker.policy import Decision, Mode, OwnerPolicy, PolicyConfig
 
 
 def guarded(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from parkpool.http import StatusServer, request_counter
+from parkpool.runtime.http import StatusServer, request_counter
 
 HOST = "127.0.0.1"
 # Never go through a proxy from the environment to reach loopback.

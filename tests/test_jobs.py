@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from producer.jobs import JobFailed, JobHandle, JobState, Progress
-from producer.splitters import plan_map, plan_reduce
-from schemas import DeadLetter, Result
+from parkpool.producer.jobs import JobFailed, JobHandle, JobState, Progress
+from parkpool.producer.splitters import plan_map, plan_reduce
+from parkpool.schemas import DeadLetter, Result
 
 JOB = "job-7"
 X = np.arange(10, dtype=np.float64)

@@ -15,11 +15,19 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from schemas.errors import ConfigError, KernelError, Retry, ValidationError
-from worker import kernels
-from worker import kernels_slicing as slicing
-from worker.backend import Backend, available_backends, numpy_backend, select_backend
-from worker.kernels import BUILTIN, REGISTRY, Kernel, Tolerance, execute, get_kernel, reference
+from parkpool.schemas.errors import ConfigError, KernelError, Retry, ValidationError
+from parkpool.worker import kernels
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.backend import Backend, available_backends, numpy_backend, select_backend
+from parkpool.worker.kernels import (
+    BUILTIN,
+    REGISTRY,
+    Kernel,
+    Tolerance,
+    execute,
+    get_kernel,
+    reference,
+)
 
 NUMPY = numpy_backend()
 MASK64 = 2**64 - 1

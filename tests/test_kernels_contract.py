@@ -13,12 +13,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from schemas import kernels as contract
-from schemas.errors import Preempted, ValidationError
-from worker import kernels_slicing as slicing
-from worker.backend import Backend, numpy_backend
-from worker.kernels import BUILTIN, REGISTRY, execute
-from worker.kernels_slicing import Pacer, SliceSizes
+from parkpool.schemas import kernels as contract
+from parkpool.schemas.errors import Preempted, ValidationError
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.backend import Backend, numpy_backend
+from parkpool.worker.kernels import BUILTIN, REGISTRY, execute
+from parkpool.worker.kernels_slicing import Pacer, SliceSizes
 
 NUMPY = numpy_backend()
 F32 = np.zeros((4, 4), np.float32)

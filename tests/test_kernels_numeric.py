@@ -13,11 +13,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker import kernels_cuda, kernels_signal, kernels_sim
-from worker import kernels_slicing as slicing
-from worker.backend import Backend, available_backends, numpy_backend
-from worker.kernels import execute, get_kernel, reference
-from worker.kernels_prefetch import Stager
+from parkpool.worker import kernels_cuda, kernels_signal, kernels_sim
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.backend import Backend, available_backends, numpy_backend
+from parkpool.worker.kernels import execute, get_kernel, reference
+from parkpool.worker.kernels_prefetch import Stager
 
 NUMPY = numpy_backend()
 RNG = np.random.default_rng(2024)

@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from parkpool.settings import KafkaConnection
-from producer.client import ParkpoolClient
-from producer.jobs import JobFailed, JobState
-from producer.splitters import ChunkSpec, KMeansStep, OptionPrice
-from schemas import TaskChunk, ValidationError, decode
-from schemas.kernels import cost_gflop
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.jobs import JobFailed, JobState
+from parkpool.producer.splitters import ChunkSpec, KMeansStep, OptionPrice
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import TaskChunk, ValidationError, decode
+from parkpool.schemas.kernels import cost_gflop
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import get_kernel, reference
 from tests.conftest import RunningGateway
 from tests.helpers import read_all, read_topic
-from worker.fleet import Fleet
-from worker.kernels import get_kernel, reference
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from gateway.leases import LeaseTable
-from gateway.tasks import PendingTask
-from schemas import TaskChunk
+from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.tasks import PendingTask
+from parkpool.schemas import TaskChunk
 
 
 def pending_task(chunk_id: int = 0, n_chunks: int = 8, offset: int = 0) -> PendingTask:

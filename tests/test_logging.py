@@ -12,17 +12,17 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from parkpool import logs
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
-from schemas import MqttTopics
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime import logs
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import MqttTopics
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import PolicyConfig
+from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
 from tests.helpers import hold_lease, wait_for
-from worker.carstate import SimulatedBus
-from worker.fleet import Fleet
-from worker.policy import PolicyConfig
-from worker.worker import WorkerSettings
 
 TASK_KEYS = {"job_id", "task_id", "attempt"}
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from schemas import messages as m
-from schemas.errors import DecodeError, ValidationError
-from schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
+from parkpool.schemas import messages as m
+from parkpool.schemas.errors import DecodeError, ValidationError
+from parkpool.schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
 
 CAPS = m.Capabilities(backend="cuda", kernels=("matmul",))
 VALID: dict[type, dict[str, Any]] = {

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from parkpool.http import StatusServer
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.splitters import ChunkSpec
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.http import StatusServer
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import PolicyConfig
+from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
-from worker.carstate import SimulatedBus
-from worker.fleet import Fleet
-from worker.policy import PolicyConfig
-from worker.worker import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_config.auth import AuthStore, hash_password
-from broker_config.launcher import EmbeddedBrokers
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
-from schemas import (
+from parkpool.broker_config.auth import AuthStore, hash_password
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import (
     MqttTopics,
     encode,
 )
@@ -156,7 +156,7 @@ class TestFleetCommand:
             *("--auth-dir", str(secured.auth.directory)),
             *("--broker-pid", str(secured.pids["mosquitto"])),
         ]
-        cli = [sys.executable, "-m", "parkpool.cli", "fleet"]
+        cli = [sys.executable, "-m", "parkpool.app.cli", "fleet"]
         enrolled = subprocess.run(
             [*cli, "enroll", "car-d", *options], check=True, capture_output=True, text=True
         )

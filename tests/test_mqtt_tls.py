@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker_config.certs import make_certs
-from broker_config.launcher import EmbeddedBrokers
-from parkpool.mqtt import connect_and_wait, new_client
-from parkpool.settings import MqttConnection
+from parkpool.broker_config.certs import make_certs
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.runtime.mqtt import connect_and_wait, new_client
+from parkpool.runtime.settings import MqttConnection
 
 pytestmark = pytest.mark.integration
 NS = "tls"

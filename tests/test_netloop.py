@@ -9,11 +9,11 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker_config.launcher import EmbeddedBrokers
-from parkpool.mqtt import connect_and_wait, new_client
-from parkpool.settings import MqttConnection
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.runtime.mqtt import connect_and_wait, new_client
+from parkpool.runtime.settings import MqttConnection
+from parkpool.worker.netloop import NetworkLoop
 from tests.helpers import wait_for
-from worker.netloop import NetworkLoop
 
 
 def _attached(loop: NetworkLoop, conn: MqttConnection, name: str) -> mqtt.Client:

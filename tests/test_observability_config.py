@@ -94,10 +94,10 @@ def exposed_families() -> dict[str, str]:
     Built the way the processes build them: ``Gateway`` adds ``FleetStats`` to its
     ``GatewayMetrics`` registry, and each status server adds its request counter.
     """
-    from gateway.fleet_stats import FleetStats
-    from gateway.metrics import GatewayMetrics
-    from parkpool.http import request_counter
-    from producer.metrics import SdkMetrics
+    from parkpool.gateway.fleet_stats import FleetStats
+    from parkpool.gateway.metrics import GatewayMetrics
+    from parkpool.producer.metrics import SdkMetrics
+    from parkpool.runtime.http import request_counter
 
     gateway = GatewayMetrics().registry
     FleetStats(gateway)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from schemas.errors import ConfigError
-from schemas.reasons import POLICY_REASONS
-from worker.carstate import CarState, Charging, Gear
-from worker.policy import DEFAULT_POLICY_FILE, Mode, OwnerPolicy, PolicyConfig
+from parkpool.schemas.errors import ConfigError
+from parkpool.schemas.reasons import POLICY_REASONS
+from parkpool.worker.carstate import CarState, Charging, Gear
+from parkpool.worker.policy import DEFAULT_POLICY_FILE, Mode, OwnerPolicy, PolicyConfig
 
 NOW = 1_800_000_000.0
 PARKED = CarState(at=NOW)  # park, locked, plugged in, 80 %, 25 °C, 45 °C: eligible

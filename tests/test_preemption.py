@@ -12,17 +12,25 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from parkpool.kafka import producer_config
-from parkpool.settings import KafkaConnection, MqttConnection
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
-from schemas import MqttTopics, Result, TaskChunk, VehicleState, VehicleStatus, decode, encode
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import (
+    MqttTopics,
+    Result,
+    TaskChunk,
+    VehicleState,
+    VehicleStatus,
+    decode,
+    encode,
+)
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import PolicyConfig
+from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, read_topic, wait_for
-from worker.carstate import SimulatedBus
-from worker.fleet import Fleet
-from worker.policy import PolicyConfig
-from worker.worker import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import yaml
 
-from broker_config.process import LOOPBACK, free_port
-from parkpool.http import StatusServer, request_counter
-from parkpool.settings import KafkaConnection
-from producer.client import ParkpoolClient, ProducerSettings
-from producer.splitters import ChunkSpec
+from parkpool.broker_config.process import LOOPBACK, free_port
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.http import StatusServer, request_counter
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
-from worker.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 

@@ -8,14 +8,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from gateway.ratelimit import RateLimiter
-from parkpool.settings import MqttConnection
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
-from schemas import Capabilities, MqttTopics, PullRequest, encode
+from parkpool.gateway.ratelimit import RateLimiter
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import Capabilities, MqttTopics, PullRequest, encode
+from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, wait_for
-from worker.fleet import Fleet
 
 
 class TestTokenBucket:

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from gateway.tasks import PendingTask, ReadyQueue
-from schemas import Priority, TaskChunk
+from parkpool.gateway.tasks import PendingTask, ReadyQueue
+from parkpool.schemas import Priority, TaskChunk
 
 
 def pending_task(priority: Priority, offset: int, partition: int = 0) -> PendingTask:

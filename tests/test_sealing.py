@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parkpool.sealing import (
+from parkpool.runtime.sealing import (
     BoxKey,
     GatewayBox,
     generate_box_key,
@@ -22,8 +22,8 @@ from parkpool.sealing import (
     seal_outputs,
     seal_task,
 )
-from parkpool.signing import TaskSigner, TaskVerifier, generate
-from schemas import (
+from parkpool.runtime.signing import TaskSigner, TaskVerifier, generate
+from parkpool.schemas import (
     Assignment,
     Capabilities,
     DecodeError,
@@ -33,8 +33,8 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.codec import decode_arrays, encode_arrays
-from schemas.sealing import WRAPPED_KEY_BYTES, inputs_key_context, outputs_context
+from parkpool.schemas.codec import decode_arrays, encode_arrays
+from parkpool.schemas.sealing import WRAPPED_KEY_BYTES, inputs_key_context, outputs_context
 
 GATEWAY, CAR, REPLY = BoxKey.generate(), BoxKey.generate(), BoxKey.generate()
 

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from parkpool.settings import (
+from parkpool.runtime.settings import (
     KafkaConnection,
     MqttConnection,
     Secret,

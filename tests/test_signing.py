@@ -12,22 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_config.auth import AuthStore
-from parkpool.settings import MqttConnection
-from parkpool.signing import ResultSigner, TaskSigner, TaskVerifier, generate
-from producer.client import ParkpoolClient
-from producer.splitters import ChunkSpec
-from schemas import (
+from parkpool.broker_config.auth import AuthStore
+from parkpool.producer.client import ParkpoolClient
+from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.settings import MqttConnection
+from parkpool.runtime.signing import ResultSigner, TaskSigner, TaskVerifier, generate
+from parkpool.schemas import (
     Assignment,
     MqttTopics,
     decode,
     encode,
 )
-from schemas.errors import ConfigError
+from parkpool.schemas.errors import ConfigError
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, hold_lease, wait_for
-from worker.fleet import Fleet
-from worker.worker import WorkerSettings
 
 
 def assignment(**changes: object) -> Assignment:

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from producer.splitters import (
+from parkpool.producer.splitters import (
     PLANNERS,
     JobPlan,
     KMeansStep,
@@ -29,10 +29,10 @@ from producer.splitters import (
     plan_reduce,
     plan_stencil2d,
 )
-from schemas.errors import ValidationError
-from schemas.kernels import BUILTIN
-from worker.backend import numpy_backend
-from worker.kernels import REGISTRY, execute, get_kernel, reference
+from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.kernels import BUILTIN
+from parkpool.worker.backend import numpy_backend
+from parkpool.worker.kernels import REGISTRY, execute, get_kernel, reference
 
 NUMPY = numpy_backend()
 

@@ -23,19 +23,19 @@ import pytest
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from parkpool.http import StatusServer
-from parkpool.top.build import Pair, build_view, merge_jobs
-from parkpool.top.cli import DEFAULT_URL, resolve_urls, url_from_log
-from parkpool.top.model import GatewayState, JobView, View
-from parkpool.top.rates import bucket_window, quantile, rate
-from parkpool.top.render import render
-from parkpool.top.scrape import Sample, error_name, fetch
-from parkpool.top.series import parse_metrics
-from producer.client import ParkpoolClient
-from schemas.errors import ConfigError
+from parkpool.app.top.build import Pair, build_view, merge_jobs
+from parkpool.app.top.cli import DEFAULT_URL, resolve_urls, url_from_log
+from parkpool.app.top.model import GatewayState, JobView, View
+from parkpool.app.top.rates import bucket_window, quantile, rate
+from parkpool.app.top.render import render
+from parkpool.app.top.scrape import Sample, error_name, fetch
+from parkpool.app.top.series import parse_metrics
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.http import StatusServer
+from parkpool.schemas.errors import ConfigError
+from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
-from worker.fleet import Fleet
 
 GatewayFactory = Callable[..., RunningGateway]
 FleetFactory = Callable[..., Fleet]
@@ -506,7 +506,7 @@ class TestAgainstRealGateway:
                 lambda: running.metric("parkpool_gateway_tasks_total", status="completed") == n
             )
             # When `parkpool top --once` reads it
-            command = [sys.executable, "-m", "parkpool.cli", "top", "--once"]
+            command = [sys.executable, "-m", "parkpool.app.cli", "top", "--once"]
             command += ["--interval", "0.3", "--url", url]
             env = {**os.environ, "COLUMNS": "140"}
             done = subprocess.run(

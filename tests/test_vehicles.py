@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.vehicles import VehicleBook
-from schemas import Capabilities, PullRequest, VehicleState
+from parkpool.gateway.vehicles import VehicleBook
+from parkpool.schemas import Capabilities, PullRequest, VehicleState
 
 CAPS = Capabilities("numpy", ("reduce", "poly"))
 

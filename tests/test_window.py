@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.window import OffsetWindow
+from parkpool.gateway.window import OffsetWindow
 
 
 def window_with(*offsets: int, capacity: int = 16) -> OffsetWindow:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import structlog
 
-from parkpool.sealing import BoxKey, open_task
-from parkpool.signing import TaskVerifier
-from schemas import Assignment, TaskChunk
+from parkpool.runtime.sealing import BoxKey, open_task
+from parkpool.runtime.signing import TaskVerifier
+from parkpool.schemas import Assignment, TaskChunk
 
 RECENT_LEASES = 4096  # remembered (gateway, epoch) pairs: far more than a car holds at once
 

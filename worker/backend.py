@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from schemas.errors import ConfigError
+from parkpool.schemas.errors import ConfigError
 
 BackendName = Literal["cupy", "numpy"]
 PREFERENCES = ("auto", "cupy", "numpy")

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker.carstate import CarState, Charging, Gear, SimulatedBus
-from worker.guard import TimeBase
+from parkpool.worker.carstate import CarState, Charging, Gear, SimulatedBus
+from parkpool.worker.guard import TimeBase
 
 HOUR = 3600.0
 PACK_KWH = 75.0

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from schemas.errors import ValidationError
+from parkpool.schemas.errors import ValidationError
 
 log = structlog.get_logger("parkpool.worker.carstate")
 

@@ -14,15 +14,20 @@ from typing import Any
 
 import structlog
 
-from broker_config.auth import AuthStore
-from parkpool import logs
-from parkpool.settings import add_mqtt_options, add_namespace_option, add_option, mqtt_from_args
-from parkpool.signals import stop_event
-from worker.carstate import FileFeed
-from worker.fleet import Fleet
-from worker.policy import OwnerPolicy, PolicyConfig
-from worker.realistic import RealisticFleet, RealisticPlan
-from worker.worker import VehicleWorker, WorkerSettings
+from parkpool.broker_config.auth import AuthStore
+from parkpool.runtime import logs
+from parkpool.runtime.settings import (
+    add_mqtt_options,
+    add_namespace_option,
+    add_option,
+    mqtt_from_args,
+)
+from parkpool.runtime.signals import stop_event
+from parkpool.worker.carstate import FileFeed
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import OwnerPolicy, PolicyConfig
+from parkpool.worker.realistic import RealisticFleet, RealisticPlan
+from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
 log = structlog.get_logger("parkpool.worker")
 

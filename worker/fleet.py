@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from parkpool.settings import Secret
-from schemas import ParkpoolError
-from worker.backend import Backend, select_backend
-from worker.carstate import CarSignals
-from worker.guard import REAL_TIME, TimeBase
-from worker.netloop import NetworkLoop
-from worker.policy import OwnerPolicy, PolicyConfig
-from worker.worker import VehicleWorker, WorkerSettings
+from parkpool.runtime.settings import Secret
+from parkpool.schemas import ParkpoolError
+from parkpool.worker.backend import Backend, select_backend
+from parkpool.worker.carstate import CarSignals
+from parkpool.worker.guard import REAL_TIME, TimeBase
+from parkpool.worker.netloop import NetworkLoop
+from parkpool.worker.policy import OwnerPolicy, PolicyConfig
+from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
 TICK_S = 0.5
 

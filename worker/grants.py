@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from schemas import GatewayState, GatewayStatus
+from parkpool.schemas import GatewayState, GatewayStatus
 
 MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from schemas.errors import Preempted
-from worker.carstate import CarSignals, CarState
-from worker.policy import RUN, Decision, Mode, OwnerPolicy
+from parkpool.schemas.errors import Preempted
+from parkpool.worker.carstate import CarSignals, CarState
+from parkpool.worker.policy import RUN, Decision, Mode, OwnerPolicy
 
 log = structlog.get_logger("parkpool.worker.guard")
 OnChange = Callable[[Decision, Decision], None]

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parkpool.settings import MqttConnection
-from schemas import Assignment, TaskChunk
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import Assignment, TaskChunk
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from schemas.errors import KernelError, Preempted, Reject, Retry, ValidationError
-from schemas.kernels import (
+from parkpool.schemas.errors import KernelError, Preempted, Reject, Retry, ValidationError
+from parkpool.schemas.kernels import (
     FLOAT_DTYPES,
     MAX_GEMM_DIM,
     MAX_MC_SAMPLES,
@@ -32,10 +32,10 @@ from schemas.kernels import (
     Tolerance,
     check_inputs,
 )
-from worker import kernels_linalg, kernels_map, kernels_signal, kernels_sim
-from worker.backend import Backend
-from worker.kernels_sim import splitmix64
-from worker.kernels_slicing import SLICES, Checkpoint, Pacer
+from parkpool.worker import kernels_linalg, kernels_map, kernels_signal, kernels_sim
+from parkpool.worker.backend import Backend
+from parkpool.worker.kernels_sim import splitmix64
+from parkpool.worker.kernels_slicing import SLICES, Checkpoint, Pacer
 
 __all__ = [
     "BUILTIN",

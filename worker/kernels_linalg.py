@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from schemas.kernels import Array, Inputs, Params, mlp_depth
-from worker import kernels_slicing as slicing
-from worker.kernels_slicing import Checkpoint, spans
+from parkpool.schemas.kernels import Array, Inputs, Params, mlp_depth
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.kernels_slicing import Checkpoint, spans
 
 DeviceInputs = Mapping[str, Any]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from schemas.kernels import Array, Inputs, Params
-from worker import kernels_slicing as slicing
-from worker.kernels_slicing import Checkpoint, spans
+from parkpool.schemas.kernels import Array, Inputs, Params
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.kernels_slicing import Checkpoint, spans
 
 DeviceInputs = Mapping[str, Any]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from worker.backend import Backend
+from parkpool.worker.backend import Backend
 
 
 @dataclass(frozen=True)

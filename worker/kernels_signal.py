@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from schemas.kernels import Array, Inputs, Params
-from worker import kernels_cuda
-from worker import kernels_slicing as slicing
-from worker.kernels_slicing import Checkpoint, is_cupy, spans
+from parkpool.schemas.kernels import Array, Inputs, Params
+from parkpool.worker import kernels_cuda
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.kernels_slicing import Checkpoint, is_cupy, spans
 
 DeviceInputs = Mapping[str, Any]
 DFT_MAX_LENGTH = 1024  # the reference sums the DFT directly up to here, then uses pocketfft

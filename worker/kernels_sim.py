@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from schemas.kernels import Array, Inputs, Params
-from worker import kernels_cuda
-from worker import kernels_slicing as slicing
-from worker.kernels_slicing import Checkpoint, is_cupy, spans
+from parkpool.schemas.kernels import Array, Inputs, Params
+from parkpool.worker import kernels_cuda
+from parkpool.worker import kernels_slicing as slicing
+from parkpool.worker.kernels_slicing import Checkpoint, is_cupy, spans
 
 DeviceInputs = Mapping[str, Any]
 _GOLDEN = 0x9E3779B97F4A7C15

@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import ConfigError
-from schemas.reasons import COOLDOWN_SUFFIX
-from worker.carstate import CarState, Charging, Gear
+from parkpool.schemas.errors import ConfigError
+from parkpool.schemas.reasons import COOLDOWN_SUFFIX
+from parkpool.worker.carstate import CarState, Charging, Gear
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("owner_policy.toml")
 

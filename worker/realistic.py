@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from worker.carsim import HOUR, Driver
-from worker.fleet import Fleet
-from worker.policy import PolicyConfig
-from worker.worker import VehicleWorker, WorkerSettings
+from parkpool.worker.carsim import HOUR, Driver
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.policy import PolicyConfig
+from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
 START_HOUR = 17.0  # a simulated day starts late afternoon, as owners come home
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from parkpool.sealing import seal_outputs
-from schemas import (
+from parkpool.runtime.sealing import seal_outputs
+from parkpool.schemas import (
     Assignment,
     DecodeError,
     LeaseHeartbeat,
@@ -28,8 +28,8 @@ from schemas import (
     VehicleStatus,
     decode,
 )
-from worker.guard import OwnerGuard
-from worker.held import Held
+from parkpool.worker.guard import OwnerGuard
+from parkpool.worker.held import Held
 
 MAX_DETAIL = 1024
 

@@ -8,10 +8,10 @@ import threading
 import time
 from typing import Any
 
-from schemas import Preempted, TaskChunk
-from worker.backend import Backend
-from worker.guard import OwnerGuard
-from worker.kernels import execute
+from parkpool.schemas import Preempted, TaskChunk
+from parkpool.worker.backend import Backend
+from parkpool.worker.guard import OwnerGuard
+from parkpool.worker.kernels import execute
 
 RATE_SMOOTHING = 0.2  # weight of the newest task in the measured GFLOP/s
 # A simulated kernel under an owner guard sleeps on the guard's stop event, and looks at

@@ -21,9 +21,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 
-from parkpool.mqtt import Will, connect_and_wait, new_client
-from parkpool.signing import ResultSigner
-from schemas import (
+from parkpool.runtime.mqtt import Will, connect_and_wait, new_client
+from parkpool.runtime.signing import ResultSigner
+from parkpool.schemas import (
     Assignment,
     Capabilities,
     DecodeError,
@@ -44,18 +44,18 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.codec import peek_type
-from worker.admission import Admission
-from worker.backend import Backend, select_backend
-from worker.carstate import CarSignals, CarState
-from worker.grants import GatewayBook
-from worker.guard import REAL_TIME, OwnerGuard, TimeBase
-from worker.held import Held, WorkerSettings, task_context
-from worker.kernels import REGISTRY
-from worker.netloop import NetworkLoop
-from worker.policy import RUN, Decision, Mode, OwnerPolicy
-from worker.replies import heartbeat_of, nack_of, result_of, status_of
-from worker.runner import TaskRunner
+from parkpool.schemas.codec import peek_type
+from parkpool.worker.admission import Admission
+from parkpool.worker.backend import Backend, select_backend
+from parkpool.worker.carstate import CarSignals, CarState
+from parkpool.worker.grants import GatewayBook
+from parkpool.worker.guard import REAL_TIME, OwnerGuard, TimeBase
+from parkpool.worker.held import Held, WorkerSettings, task_context
+from parkpool.worker.kernels import REGISTRY
+from parkpool.worker.netloop import NetworkLoop
+from parkpool.worker.policy import RUN, Decision, Mode, OwnerPolicy
+from parkpool.worker.replies import heartbeat_of, nack_of, result_of, status_of
+from parkpool.worker.runner import TaskRunner
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from parkpool.top.series import Series, parse_metrics
+from parkpool.app.top.series import Series, parse_metrics
 
 __all__ = ["Sample", "error_name", "fetch", "fetch_all"]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.launcher import EmbeddedBrokers
 
 
 def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
@@ -35,7 +35,7 @@ def role(
     """Run one ``parkpool`` role as a child process; SIGTERM it (then SIGKILL) on exit."""
     log = (log_dir / f"{name}.log").open("wb")
     child = subprocess.Popen(
-        [sys.executable, "-m", "parkpool.cli", *args], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "parkpool.app.cli", *args], env=env, stdout=log, stderr=log
     )
     try:
         yield child

@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parkpool.sealing import generate_box_key
-from parkpool.signing import generate
+from parkpool.runtime.sealing import generate_box_key
+from parkpool.runtime.signing import generate
 
 
 def add_parser(subparsers: Any) -> None:

@@ -13,6 +13,6 @@ Reads each gateway's status server (``/metrics``, ``/readyz``, ``/status``) ever
 - ``cli``: the ``top`` subcommand.
 """
 
-from parkpool.top.cli import add_parser
+from parkpool.app.top.cli import add_parser
 
 __all__ = ["add_parser"]

@@ -13,8 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from parkpool.settings import MqttConnection
-from schemas.errors import BrokerError
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas.errors import BrokerError
 
 
 @dataclass(frozen=True)

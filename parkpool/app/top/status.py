@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from parkpool.top.model import FleetView, JobView, PartitionView
+from parkpool.app.top.model import FleetView, JobView, PartitionView
 
 __all__ = [
     "FLEET_STATES",

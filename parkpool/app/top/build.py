@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from parkpool.top.model import (
+from parkpool.app.top.model import (
     CounterView,
     ErrorsView,
     FleetView,
@@ -22,10 +22,10 @@ from parkpool.top.model import (
     PartitionView,
     View,
 )
-from parkpool.top.rates import bucket_window, merge_buckets, quantile, rate, sum_known
-from parkpool.top.scrape import Sample
-from parkpool.top.series import Buckets, Series
-from parkpool.top.status import (
+from parkpool.app.top.rates import bucket_window, merge_buckets, quantile, rate, sum_known
+from parkpool.app.top.scrape import Sample
+from parkpool.app.top.series import Buckets, Series
+from parkpool.app.top.status import (
     FLEET_STATES,
     flag,
     fleet_of,

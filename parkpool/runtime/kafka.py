@@ -8,7 +8,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException, Message, Producer
 
-from parkpool.settings import KafkaConnection
+from parkpool.runtime.settings import KafkaConnection
 
 # Tasks carry NumPy arrays; a 256-row float32 panel of a 4096-wide matrix is 4 MiB.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024

@@ -16,11 +16,11 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from parkpool.settings import add_option
-from parkpool.top.build import build_view
-from parkpool.top.render import render
-from parkpool.top.scrape import Sample, fetch_all
-from schemas.errors import ConfigError
+from parkpool.app.top.build import build_view
+from parkpool.app.top.render import render
+from parkpool.app.top.scrape import Sample, fetch_all
+from parkpool.runtime.settings import add_option
+from parkpool.schemas.errors import ConfigError
 
 __all__ = ["DEFAULT_URL", "add_parser", "resolve_urls", "run", "url_from_log"]
 

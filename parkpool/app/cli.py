@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from broker_config import cli as brokers_cli
-from broker_config import fleet_cli
-from gateway import cli as gateway_cli
-from parkpool import keys_cli, top
-from producer import cli as producer_cli
-from producer import dlq_cli
-from schemas import ParkpoolError
-from worker import cli as worker_cli
+from parkpool.app import keys_cli, top
+from parkpool.broker_config import cli as brokers_cli
+from parkpool.broker_config import fleet_cli
+from parkpool.gateway import cli as gateway_cli
+from parkpool.producer import cli as producer_cli
+from parkpool.producer import dlq_cli
+from parkpool.schemas import ParkpoolError
+from parkpool.worker import cli as worker_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from parkpool.keyfiles import read_key_file, write_key_pair
-from schemas.codec import decode_arrays, encode_arrays
-from schemas.errors import DecodeError
-from schemas.messages import Result, TaskChunk
-from schemas.sealing import (
+from parkpool.runtime.keyfiles import read_key_file, write_key_pair
+from parkpool.schemas.codec import decode_arrays, encode_arrays
+from parkpool.schemas.errors import DecodeError
+from parkpool.schemas.messages import Result, TaskChunk
+from parkpool.schemas.sealing import (
     KEY_BYTES,
     NONCE,
     SEAL_INFO,

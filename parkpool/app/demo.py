@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_config.certs import make_certs
-from broker_config.launcher import EmbeddedBrokers, free_port
-from broker_config.topics import bootstrap
-from parkpool import logs
-from parkpool.children import role, role_env
-from parkpool.sealing import generate_box_key
-from parkpool.settings import KafkaConnection
-from parkpool.signals import exit_on_sigterm
-from parkpool.signing import generate
-from producer.cli import follow
-from producer.client import ParkpoolClient, ProducerSettings
+from parkpool.app.children import role, role_env
+from parkpool.broker_config.certs import make_certs
+from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.broker_config.topics import bootstrap
+from parkpool.producer.cli import follow
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.runtime import logs
+from parkpool.runtime.sealing import generate_box_key
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.runtime.signals import exit_on_sigterm
+from parkpool.runtime.signing import generate
 
 NAMESPACE = "demo"
 

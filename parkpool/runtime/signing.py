@@ -17,10 +17,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from parkpool.keyfiles import read_key_file, write_key_pair
-from schemas.errors import ConfigError
-from schemas.messages import Assignment, Result
-from schemas.signing import assignment_digest_input, result_digest_input
+from parkpool.runtime.keyfiles import read_key_file, write_key_pair
+from parkpool.schemas.errors import ConfigError
+from parkpool.schemas.messages import Assignment, Result
+from parkpool.schemas.signing import assignment_digest_input, result_digest_input
 
 NONCE_BYTES = 16
 

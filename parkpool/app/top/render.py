@@ -10,7 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from parkpool.top.model import (
+from parkpool.app.top.model import (
     CounterView,
     ErrorsView,
     FleetView,

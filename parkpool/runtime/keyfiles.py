@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from schemas.errors import ConfigError
+from parkpool.schemas.errors import ConfigError
 
 KEY_BYTES = 32
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from parkpool.top.series import Buckets
+from parkpool.app.top.series import Buckets
 
 __all__ = ["bucket_window", "merge_buckets", "quantile", "rate", "sum_known"]
 
