@@ -35,11 +35,12 @@ from parkpool.gateway.handlers import VehicleHandlers
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
-from parkpool.gateway.retry import DelayQueue, compute_backoff
+from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.status import status_snapshot
 from parkpool.gateway.tasklog import TP, CancelRecord, TaskLog
 from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
+from parkpool.runtime.backoff import compute_backoff
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import (
     AttemptRecord,

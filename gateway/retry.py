@@ -1,27 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""When to try a failed task again: exponential backoff with full jitter, and the queue
-that holds tasks until then."""
+"""The queue that holds failed tasks until their backoff is over
+(``parkpool.runtime.backoff``)."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import random
 import time
 
 from parkpool.gateway.tasks import PendingTask
-
-
-def compute_backoff(
-    failures: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before attempt ``failures + 1``: uniform in [0, min(cap, base*2^n)].
-
-    Full jitter spreads the retries of tasks that failed together (a bad car, a bad
-    driver version), so they do not come back as one burst.
-    """
-    ceiling = min(cap, base * 2 ** max(0, failures - 1))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 class DelayQueue:

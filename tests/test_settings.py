@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,7 @@ from parkpool.runtime.settings import (
     parse_kafka_config,
     redact,
 )
+from parkpool.schemas.errors import ConfigError
 
 PASSWORD = "hunter2-s3cr3t"
 
@@ -149,3 +154,95 @@ class TestAddOption:
         assert conn.extra == {"sasl.password": PASSWORD, "acks": "all"}
         assert PASSWORD not in repr(conn)
         assert PASSWORD not in parser.format_help()
+
+
+class TestBadEnvironment:
+    """A bad environment value is an error naming the variable, never a traceback."""
+
+    def test_parse_names_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("PARKPOOL_MQTT_PORT", "abc")
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([])
+        assert exit_info.value.code == 2
+        assert "PARKPOOL_MQTT_PORT='abc' is invalid" in capsys.readouterr().err
+
+    def test_a_flag_overrides_a_bad_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PARKPOOL_MQTT_PORT", "abc")
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        assert parser.parse_args(["--mqtt-port", "1884"]).mqtt_port == 1884
+
+    def test_a_bad_flag_is_blamed_on_the_flag(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.delenv("PARKPOOL_MQTT_PORT", raising=False)
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--mqtt-port", "70000"])
+        err = capsys.readouterr().err
+        assert "--mqtt-port" in err and "70000 is not a TCP port" in err
+        assert "PARKPOOL_MQTT_PORT" not in err
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "command"),
+        [
+            ("PARKPOOL_MQTT_PORT", "abc", ["--help"]),
+            ("PARKPOOL_MQTT_PORT", "abc", ["worker", "--vehicle-id", "car-1"]),
+            ("PARKPOOL_WINDOW", "many", ["gateway"]),
+            ("PARKPOOL_KAFKA_MAX_RECORD_BYTES", "12", ["submit", "gemm"]),
+            ("PARKPOOL_LOG_LEVEL", "loud", ["gateway"]),
+            ("PARKPOOL_LOG_JSON", "yes", ["gateway"]),
+        ],
+    )
+    def test_the_command_line_never_prints_a_traceback(
+        self, variable: str, value: str, command: list[str]
+    ) -> None:
+        env = {**os.environ, variable: value}
+        done = subprocess.run(
+            [sys.executable, "-m", "parkpool", *command],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        if command == ["--help"]:
+            assert done.returncode == 0 and "usage: parkpool" in done.stdout
+        else:
+            assert done.returncode == 2
+            assert variable in done.stderr
+
+
+class TestPasswordFile:
+    """The MQTT password can come from a file, as systemd's LoadCredential= provides it."""
+
+    def test_read_from_the_file(self, tmp_path: Path) -> None:
+        secret = tmp_path / "mqtt-password"
+        secret.write_text(PASSWORD + "\n")
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        conn = mqtt_from_args(parser.parse_args(["--mqtt-password-file", str(secret)]))
+        assert conn.password.value == PASSWORD
+        assert PASSWORD not in repr(conn)
+
+    def test_both_is_an_error(self, tmp_path: Path) -> None:
+        secret = tmp_path / "mqtt-password"
+        secret.write_text(PASSWORD)
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        args = parser.parse_args(["--mqtt-password", "x", "--mqtt-password-file", str(secret)])
+        with pytest.raises(ConfigError, match="not both"):
+            mqtt_from_args(args)
+
+    def test_a_missing_file_is_named(self, tmp_path: Path) -> None:
+        parser = argparse.ArgumentParser()
+        add_mqtt_options(parser)
+        args = parser.parse_args(["--mqtt-password-file", str(tmp_path / "absent")])
+        with pytest.raises(ConfigError, match="absent"):
+            mqtt_from_args(args)

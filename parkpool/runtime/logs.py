@@ -9,16 +9,26 @@ import sys
 
 import structlog
 
+from parkpool.schemas.errors import ConfigError
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def configure(level: str | None = None, *, json: bool | None = None) -> None:
-    """Configure structlog once per process. PARKPOOL_LOG_LEVEL and PARKPOOL_LOG_JSON apply."""
-    name = (level or os.environ.get("PARKPOOL_LOG_LEVEL", "info")).upper()
-    numeric = logging.getLevelName(name)
-    if not isinstance(numeric, int):
-        numeric = logging.INFO
+    """Configure structlog once per process. PARKPOOL_LOG_LEVEL and PARKPOOL_LOG_JSON apply.
+
+    A bad value in either is a ConfigError naming the variable: a typo must not quietly
+    leave a fleet logging at the wrong level or in the wrong format.
+    """
+    name = (level or os.environ.get("PARKPOOL_LOG_LEVEL") or "info").lower()
+    if name not in LEVELS:
+        raise ConfigError(f"PARKPOOL_LOG_LEVEL={name!r} is not one of {', '.join(LEVELS)}")
+    numeric = logging.getLevelName(name.upper())
     if json is None:
-        forced = os.environ.get("PARKPOOL_LOG_JSON")
-        json = forced == "1" if forced in ("0", "1") else not sys.stderr.isatty()
+        forced = os.environ.get("PARKPOOL_LOG_JSON") or ""
+        if forced not in ("", "0", "1"):
+            raise ConfigError(f"PARKPOOL_LOG_JSON={forced!r} must be 0 or 1")
+        json = forced == "1" if forced else not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )

@@ -11,9 +11,20 @@ import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from parkpool.schemas.errors import ConfigError
+
 SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer", "ssl.key")
+# Apache Kafka's broker and topic default (message.max.bytes, max.message.bytes) is
+# 1 MiB plus 12 bytes; a record batch of at most 1 MiB fits it everywhere.
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+# One Kafka record's worth of task, plus the envelope an assignment wraps it in. EMQX
+# defaults to 1 MB and AWS IoT Core to 128 KB: lower it for them (docs/ARCHITECTURE.md).
+DEFAULT_MQTT_MAX_MESSAGE_BYTES = (1 << 20) + (64 << 10)
+# Below this, not even a small task with its lease and signature fits.
+MIN_LIMIT_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -32,9 +43,44 @@ class Secret:
         return bool(self.value)
 
 
-def env_default(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
+class FromEnv(str):
+    """A default taken from an environment variable, still to be converted by argparse.
+
+    argparse converts string defaults with the option's ``type`` only when the option is
+    used, so ``--help`` never fails on a bad variable; and a value that does not convert
+    is blamed on the variable that held it, not on a flag the user never typed.
+    """
+
+    __slots__ = ("variable",)
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> FromEnv:
+        made = super().__new__(cls, value)
+        made.variable = variable
+        return made
+
+
+def env_default(name: str, default: Any) -> Any:
+    """The variable's raw value (tagged with its name), or ``default`` when it is unset."""
     raw = os.environ.get(name)
-    return default if raw is None or raw == "" else cast(raw)
+    return default if raw is None or raw == "" else FromEnv(raw, name)
+
+
+def _converter(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(value: str) -> Any:
+        try:
+            return cast(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            if not isinstance(value, FromEnv):
+                raise  # argparse words it: "argument --x: invalid int value: 'abc'"
+            kind = getattr(cast, "__name__", "value")
+            detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"not {kind}"
+            raise argparse.ArgumentTypeError(
+                f"environment variable {value.variable}={str(value)!r} is invalid: {detail}"
+            ) from None
+
+    convert.__name__ = getattr(cast, "__name__", "value")
+    return convert
 
 
 def add_option(
@@ -49,10 +95,18 @@ def add_option(
     shown = "(secret)" if "PASSWORD" in env or "SECRET" in env else f"{default!r}"
     parser.add_argument(
         flag,
-        default=env_default(env, default, cast),
-        type=cast,
+        default=env_default(env, default),
+        type=_converter(cast),
         help=f"{help_text} [env {env}; default {shown}]",
     )
+
+
+def byte_limit(text: str) -> int:
+    """A message or record size limit: a whole number of bytes, at least 16 KiB."""
+    value = int(text)
+    if value < MIN_LIMIT_BYTES:
+        raise argparse.ArgumentTypeError(f"{value} is below the smallest limit, {MIN_LIMIT_BYTES}")
+    return value
 
 
 def parse_kafka_config(items: str) -> dict[str, str]:
@@ -78,9 +132,16 @@ def redact(config: Mapping[str, Any]) -> dict[str, Any]:
 class KafkaConnection:
     bootstrap: str
     extra: Mapping[str, str] = field(default_factory=dict)
+    # The largest record batch parkpool writes: value, key, headers and Kafka's framing.
+    # It must not exceed the topics' max.message.bytes (`parkpool brokers bootstrap`
+    # checks); records above it are refused before they are sent, never half-written.
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
     def __repr__(self) -> str:
-        return f"KafkaConnection(bootstrap={self.bootstrap!r}, extra={redact(self.extra)!r})"
+        return (
+            f"KafkaConnection(bootstrap={self.bootstrap!r}, extra={redact(self.extra)!r}, "
+            f"max_record_bytes={self.max_record_bytes})"
+        )
 
     def client_config(self, **overrides: Any) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap, **self.extra, **overrides}
@@ -98,6 +159,8 @@ class MqttConnection:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # The largest PUBLISH payload parkpool sends; the broker's own limit must allow it.
+    max_message_bytes: int = DEFAULT_MQTT_MAX_MESSAGE_BYTES
 
 
 def add_kafka_options(parser: argparse.ArgumentParser) -> None:
@@ -116,16 +179,40 @@ def add_kafka_options(parser: argparse.ArgumentParser) -> None:
         "extra librdkafka settings as key=value,key=value (SASL/TLS go here)",
         parse_kafka_config,
     )
+    add_option(
+        parser,
+        "--kafka-max-record-bytes",
+        "PARKPOOL_KAFKA_MAX_RECORD_BYTES",
+        DEFAULT_MAX_RECORD_BYTES,
+        "largest Kafka record written (value, key and framing); at most the topics' "
+        "max.message.bytes",
+        byte_limit,
+    )
 
 
 def add_mqtt_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--mqtt-host", "PARKPOOL_MQTT_HOST", "127.0.0.1", "MQTT broker host")
-    add_option(parser, "--mqtt-port", "PARKPOOL_MQTT_PORT", 1883, "MQTT broker port", int)
+    add_option(parser, "--mqtt-port", "PARKPOOL_MQTT_PORT", 1883, "MQTT broker port", port)
     add_option(parser, "--mqtt-username", "PARKPOOL_MQTT_USERNAME", "", "MQTT user name")
     add_option(parser, "--mqtt-password", "PARKPOOL_MQTT_PASSWORD", "", "MQTT password")
+    add_option(
+        parser,
+        "--mqtt-password-file",
+        "PARKPOOL_MQTT_PASSWORD_FILE",
+        "",
+        "file holding the MQTT password (systemd LoadCredential=); instead of --mqtt-password",
+    )
     add_option(parser, "--mqtt-tls-ca", "PARKPOOL_MQTT_TLS_CA", "", "CA file: connect with TLS")
     add_option(parser, "--mqtt-tls-cert", "PARKPOOL_MQTT_TLS_CERT", "", "client certificate")
     add_option(parser, "--mqtt-tls-key", "PARKPOOL_MQTT_TLS_KEY", "", "client certificate key")
+    add_option(
+        parser,
+        "--mqtt-max-message-bytes",
+        "PARKPOOL_MQTT_MAX_MESSAGE_BYTES",
+        DEFAULT_MQTT_MAX_MESSAGE_BYTES,
+        "largest MQTT payload sent; at most the broker's packet limit",
+        byte_limit,
+    )
 
 
 def add_namespace_option(parser: argparse.ArgumentParser) -> None:
@@ -138,8 +225,19 @@ def add_namespace_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
+    return value
+
+
 def kafka_from_args(args: argparse.Namespace) -> KafkaConnection:
-    return KafkaConnection(bootstrap=args.kafka_bootstrap, extra=dict(args.kafka_config))
+    return KafkaConnection(
+        bootstrap=args.kafka_bootstrap,
+        extra=dict(args.kafka_config),
+        max_record_bytes=args.kafka_max_record_bytes,
+    )
 
 
 def mqtt_from_args(args: argparse.Namespace) -> MqttConnection:
@@ -147,8 +245,20 @@ def mqtt_from_args(args: argparse.Namespace) -> MqttConnection:
         host=args.mqtt_host,
         port=args.mqtt_port,
         username=args.mqtt_username,
-        password=Secret(args.mqtt_password),
+        password=Secret(_password(args.mqtt_password, args.mqtt_password_file)),
         tls_ca=args.mqtt_tls_ca,
         tls_cert=args.mqtt_tls_cert,
         tls_key=args.mqtt_tls_key,
+        max_message_bytes=args.mqtt_max_message_bytes,
     )
+
+
+def _password(password: str, password_file: str) -> str:
+    if not password_file:
+        return password
+    if password:
+        raise ConfigError("set the MQTT password or a password file, not both")
+    try:
+        return Path(password_file).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the MQTT password file {password_file}: {exc}") from exc
