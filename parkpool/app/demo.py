@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,13 +32,29 @@ from parkpool.runtime.signing import generate
 NAMESPACE = "demo"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="parkpool-demo", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=2048, help="side of the square matrices")
-    p.add_argument("--tile", type=int, default=256, help="side of an output tile (one chunk)")
+    p.add_argument("--tile", type=int, default=256, help="side of an output tile")
+    # Each chunk carries a tile x k_tile block of both operands: 2 x 256 x 256 float32 is
+    # 512 KiB, inside Apache Kafka's default 1 MiB record (docs/ARCHITECTURE.md).
+    p.add_argument("--k-tile", type=int, default=256, help="depth of one chunk's product")
     p.add_argument("--vehicles", type=int, default=16, help="simulated vehicles")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
     p.add_argument("--plain", action="store_true", help="submit the job unsealed, to compare")
+    p.add_argument("--run-dir", type=Path, default=Path(".run/demo"), help="logs and keys")
+
+
+def add_parser(subparsers: Any) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="the whole path on embedded brokers, checked against NumPy"
+    )
+    add_arguments(demo)
+    demo.set_defaults(func=run)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="parkpool-demo", description=__doc__)
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -52,10 +69,13 @@ def scrape(port: int, name: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    return run(parse(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     logs.configure("warning")
     exit_on_sigterm()
-    run_dir = Path(".run/demo")
+    run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"starting embedded Tansu and Mosquitto (logs in {run_dir}/)")
     # TLS as in production: the broker proves itself with a certificate from a local CA,
@@ -119,11 +139,14 @@ def run_job(
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
         sealed = not args.plain
-        handle = client.submit("gemm", {"a": a, "b": b}, tile=args.tile, confidential=sealed)
+        handle = client.submit(
+            "gemm", {"a": a, "b": b}, tile=args.tile, k_tile=args.k_tile, confidential=sealed
+        )
         print(
             f"submitted {'confidential ' if sealed else ''}job {handle.job_id}: "
-            f"{args.size}x{args.size} matmul in {handle.n_chunks} tiles of "
-            f"{args.tile}x{args.tile}" + (" (inputs and results sealed)" if sealed else "")
+            f"{args.size}x{args.size} matmul in {handle.n_chunks} chunks of "
+            f"{args.tile}x{args.k_tile} @ {args.k_tile}x{args.tile}"
+            + (" (inputs and results sealed)" if sealed else "")
         )
         answer = follow(handle, args.timeout)
         wall = time.monotonic() - started
