@@ -113,16 +113,18 @@ class TestContract:
         assert by_contract.value.reason == by_worker.value.reason == reason
 
     def test_contract_imports_only_numpy_and_schemas(self) -> None:
-        # Given a fresh interpreter / When schemas.kernels is imported
+        # Given a fresh interpreter / When parkpool.schemas.kernels is imported
         code = (
-            "import sys, schemas.kernels\n"
-            "roots = {m.split('.')[0] for m in sys.modules}\n"
-            "print(sorted(roots & {'worker', 'producer', 'gateway', 'parkpool', 'cupy'}))"
+            "import sys, parkpool.schemas.kernels\n"
+            "loaded = {'.'.join(m.split('.')[:2]) for m in sys.modules} | set(sys.modules)\n"
+            "roles = {'parkpool.worker', 'parkpool.producer', 'parkpool.gateway', "
+            "'parkpool.runtime', 'parkpool.app', 'cupy', 'confluent_kafka', 'paho'}\n"
+            "print(sorted(loaded & roles))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
-        # Then nothing of the worker, producer, gateway or CuPy came with it
+        # Then nothing of the roles, the runtime, the clients or CuPy came with it
         assert out.stdout.strip() == "[]"
 
 
