@@ -86,6 +86,7 @@ def run_bootstrap(args: argparse.Namespace) -> int:
             check_namespace(args.namespace),
             specs=specs,
             kafka_config=dict(args.kafka_config),
+            max_record_bytes=args.kafka_max_record_bytes,
         )
     except (ParkpoolError, ValueError) as exc:
         print(f"parkpool brokers bootstrap: {exc}", file=sys.stderr)

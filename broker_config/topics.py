@@ -20,17 +20,24 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
     AdminClient,
+    ConfigResource,
     NewPartitions,
     NewTopic,
+    ResourceType,
 )
 
+from parkpool.runtime.settings import DEFAULT_MAX_RECORD_BYTES
 from parkpool.schemas.errors import BrokerError, ConfigError
 from parkpool.schemas.topics import KafkaTopics
 
-__all__ = ["SHORT_NAMES", "TopicSpec", "bootstrap", "load_specs"]
+__all__ = ["SHORT_NAMES", "TopicLimitError", "TopicSpec", "bootstrap", "load_specs"]
 
 SHORT_NAMES = ("tasks", "results", "dead_letter")
 _SPEC_KEYS = {"partitions", "replication_factor", "config"}
+
+
+class TopicLimitError(BrokerError):
+    """A topic accepts smaller records than parkpool writes: producing would fail later."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,18 +111,48 @@ def bootstrap(
     specs: Iterable[TopicSpec] | None = None,
     kafka_config: Mapping[str, str] | None = None,
     timeout: float = 30,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> list[str]:
     """Create the namespace's topics, or grow existing ones to the spec's partitions.
 
-    Existing topics count as success and are never shrunk; their config is left as is.
-    Returns the full names of the topics that were created or grown (empty when
-    everything was already in place). Raises :class:`BrokerError` on any other failure.
+    Existing topics count as success and are never shrunk; their config is left as is,
+    but each topic must accept records of ``max_record_bytes`` (what parkpool writes):
+    :class:`TopicLimitError` names every one that does not. Returns the full names of
+    the topics that were created or grown (empty when everything was already in place).
+    Raises :class:`BrokerError` on any other failure.
     """
     by_topic = {s.topic_name(namespace): s for s in (load_specs() if specs is None else specs)}
     admin = _admin(bootstrap_servers, kafka_config)
     created, existing = _create(admin, by_topic, timeout)
     grown = _grow(admin, {t: by_topic[t] for t in existing}, timeout)
+    too_small = _too_small(admin, list(by_topic), max_record_bytes, timeout)
+    if too_small:
+        raise TopicLimitError(
+            "; ".join(too_small) + f". parkpool writes records of up to {max_record_bytes} "
+            "bytes (PARKPOOL_KAFKA_MAX_RECORD_BYTES): raise the topics' max.message.bytes, "
+            "or lower that setting on every producer and gateway"
+        )
     return created + grown
+
+
+def _too_small(admin: AdminClient, topics: list[str], limit: int, timeout: float) -> list[str]:
+    """Each topic whose max.message.bytes is below ``limit``, as a sentence."""
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerError(f"cannot describe topic configs: {exc}") from exc
+    problems = []
+    for resource, future in futures.items():
+        try:
+            entries = future.result(timeout=timeout)
+        except (KafkaException, concurrent.futures.TimeoutError) as exc:
+            raise BrokerError(f"cannot describe topic {resource.name}: {exc}") from None
+        entry = entries.get("max.message.bytes")
+        allowed = int(entry.value) if entry is not None and entry.value else None
+        if allowed is not None and allowed < limit:
+            problems.append(f"topic {resource.name} accepts records of {allowed} bytes at most")
+    return problems
 
 
 def _admin(bootstrap_servers: str, kafka_config: Mapping[str, str] | None) -> AdminClient:

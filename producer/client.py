@@ -12,10 +12,12 @@ crash) are dropped per job by chunk id.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,15 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
-from parkpool.producer.splitters import PLANNERS, Assembler, ChunkSpec, JobPlan
+from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
 from parkpool.runtime.http import StatusServer, request_counter
-from parkpool.runtime.kafka import produce, producer_config, reader_config
+from parkpool.runtime.kafka import (
+    check_record,
+    produce,
+    producer_config,
+    reader_config,
+    record_size,
+)
 from parkpool.runtime.keyfiles import read_key_file
 from parkpool.runtime.sealing import BoxKey, open_result, seal, seal_task
 from parkpool.runtime.settings import KafkaConnection
@@ -47,6 +55,7 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.kernels import cost_gflop, validate_task
 from parkpool.schemas.kernels import spec as kernel_spec
+from parkpool.schemas.topics import task_key
 
 log = structlog.get_logger("parkpool.producer")
 
@@ -146,11 +155,14 @@ class ParkpoolClient:
         ``confidential`` seals every chunk's inputs and results (``parkpool.runtime.sealing``), so
         brokers, logs and other cars never see them; it needs ``gateway_box_key``.
         """
-        planner = PLANNERS.get(kernel)
-        if planner is None:
-            known = ", ".join(sorted(PLANNERS))
-            raise ValidationError("unknown_kernel", f"no planner for {kernel!r}; known: {known}")
-        plan = planner(**dict(inputs or {}), **split_options)
+        with self._counting_refusals():
+            planner = PLANNERS.get(kernel)
+            if planner is None:
+                known = ", ".join(sorted(PLANNERS))
+                raise ValidationError(
+                    "unknown_kernel", f"no planner for {kernel!r}; known: {known}"
+                )
+            plan = planner(**dict(inputs or {}), **split_options)
         return self.submit_plan(
             plan,
             priority=priority,
@@ -194,12 +206,40 @@ class ParkpoolClient:
         Every chunk is checked against the kernel's contract first: a job with one bad
         chunk, or naming no built-in kernel, raises ValidationError and sends nothing.
         """
-        kernel_spec(kernel)  # refused by name even when there are no chunks to check
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
+        job_id = job_id or uuid.uuid4().hex
+        with self._counting_refusals():
+            tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
+            records = [self._record(task) for task in tasks]
+        handle = JobHandle(
+            job_id, len(tasks), assembler, canceller=self.cancel, observer=self.metrics
+        )
+        with self._lock:
+            self._handles[job_id] = handle  # before publishing: results may come back fast
+        try:
+            self._publish_all(records)
+        except BrokerError:
+            with self._lock:
+                self._handles.pop(job_id, None)
+            raise
+        self.metrics.job_submitted(len(tasks))
+        log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
+        return handle
+
+    def _tasks(
+        self,
+        kernel: str,
+        chunks: Sequence[ChunkSpec],
+        job_id: str,
+        priority: Priority | str,
+        deadline_s: float | None,
+        confidential: bool,
+    ) -> list[TaskChunk]:
+        """The job's task records, each checked against the kernel's contract."""
+        kernel_spec(kernel)  # refused by name even when there are no chunks to check
         for spec in chunks:
             validate_task(kernel, spec.params, spec.inputs)
-        job_id = job_id or uuid.uuid4().hex
         now = time.time()
         deadline = now + (deadline_s or self.settings.deadline_s)
         tasks = [
@@ -222,38 +262,53 @@ class ParkpoolClient:
             assert self._gateway_key is not None  # checked before any work was done
             reply = self._reply_box.public
             tasks = [seal_task(task, self._gateway_key, reply) for task in tasks]
-        handle = JobHandle(
-            job_id, len(tasks), assembler, canceller=self.cancel, observer=self.metrics
-        )
-        with self._lock:
-            self._handles[job_id] = handle  # before publishing: results may come back fast
-        try:
-            self._publish_all(tasks)
-        except BrokerError:
-            with self._lock:
-                self._handles.pop(job_id, None)
-            raise
-        self.metrics.job_submitted(len(tasks))
-        log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
-        return handle
+        return tasks
 
-    def _publish_all(self, tasks: list[TaskChunk]) -> None:
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """Count a job refused before anything was sent, by the refusal's reason."""
+        try:
+            yield
+        except ValidationError as exc:
+            self.metrics.jobs_refused.labels(exc.reason).inc()
+            raise
+
+    def _record(self, task: TaskChunk) -> tuple[str, bytes]:
+        """A task's Kafka key and value, refused here when the record would be too large:
+        a job is sent whole or not at all, and never as records the broker refuses."""
+        key = task_key(task.job_id, task.chunk_id)
+        value = encode(task)
+        kafka = self.settings.kafka
+        size = record_size(value, key)
+        if size > kafka.max_record_bytes:
+            finer = math.ceil(size / kafka.max_record_bytes)
+            hint = SPLIT_HINTS.get(task.kernel, "smaller chunks")
+            check_record(
+                kafka,
+                value,
+                key,
+                f"chunk {task.chunk_id} of this {task.kernel} job",
+                f"split the job at least {finer}x finer: {hint}",
+            )
+        return key, value
+
+    def _publish_all(self, records: list[tuple[str, bytes]]) -> None:
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 failures.append(str(err))
 
-        for task in tasks:
-            # Key by chunk, not job: one big job then spreads over partitions and gateways.
-            key = f"{task.job_id}:{task.chunk_id}"
-            produce(self._producer, self.topics.tasks, encode(task), key, report)
+        for key, value in records:
+            refused = produce(self._producer, self.topics.tasks, value, key, report)
+            if refused is not None:
+                failures.append(str(refused))
         remaining = self._producer.flush(self.settings.publish_timeout_s)
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
             raise BrokerError(
-                f"{len(failures) + remaining} of {len(tasks)} chunks not confirmed by Kafka: "
-                f"{failures[:3]}"
+                f"{len(failures) + remaining} of {len(records)} chunks not confirmed by "
+                f"Kafka: {failures[:3]}"
             )
 
     def cancel(self, job_id: str, reason: str = "cancelled_by_caller") -> None:

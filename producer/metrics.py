@@ -35,6 +35,12 @@ class SdkMetrics:
         self.delivery_errors = Counter(
             "parkpool_sdk_delivery_errors", "Chunks Kafka did not confirm", registry=r
         )
+        self.jobs_refused = Counter(
+            "parkpool_sdk_jobs_refused",
+            "Jobs refused at submit, before anything was sent",
+            ["reason"],  # the ValidationError reason: record_too_large, unknown_kernel, ...
+            registry=r,
+        )
         self.results_refused = Counter(
             "parkpool_sdk_results_refused",
             "Records on the reply or dead-letter topic of our jobs that could not be read",

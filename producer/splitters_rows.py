@@ -50,7 +50,7 @@ class _RowsAssembler(ChunkAssembler):
         return self._rows.reshape(self._shape)
 
 
-def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 22) -> JobPlan:
+def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 15) -> JobPlan:
     """The 1-D FFT of x along its last axis, whole rows per chunk; the result has x's shape."""
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[-1] < 1:
@@ -70,7 +70,7 @@ def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 22) -> 
 
 
 def plan_mlp(
-    x: Array, weights: Sequence[Array], biases: Sequence[Array], *, chunk_rows: int = 4096
+    x: Array, weights: Sequence[Array], biases: Sequence[Array], *, chunk_rows: int = 256
 ) -> JobPlan:
     """Batched inference of a ReLU MLP (weights[i]: (in, out)), rows of x split over chunks."""
     x = np.asarray(x)

@@ -66,7 +66,7 @@ class _KMeansAssembler(ChunkAssembler):
         return KMeansStep(new, self._counts.copy(), math.fsum(self._inertia))
 
 
-def plan_kmeans_step(points: Array, centroids: Array, *, chunk_points: int = 65536) -> JobPlan:
+def plan_kmeans_step(points: Array, centroids: Array, *, chunk_points: int = 8192) -> JobPlan:
     """One k-means step; chunks of points return partial sums the assembler merges."""
     points, centroids = np.asarray(points), np.asarray(centroids)
     if points.ndim != 2:

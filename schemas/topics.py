@@ -21,6 +21,23 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TO_GATEWAY = frozenset({"result", "nack", "heartbeat"})  # kinds with a gateway level
 
 
+def task_key(job_id: str, chunk_id: int) -> str:
+    """A task record's Kafka key: by chunk, not job, so one big job spreads over partitions."""
+    return f"{job_id}:{chunk_id}"
+
+
+def parse_task_key(key: bytes | None) -> tuple[str, int] | None:
+    """The (job id, chunk id) a task record's key names, or None when it names none.
+
+    Lets a record whose value does not decode still be blamed on its job, so the job's
+    caller hears of it instead of waiting for a chunk that will never come.
+    """
+    job_id, sep, chunk = (key or b"").decode("ascii", "replace").partition(":")
+    if not (sep and _ID_RE.fullmatch(job_id) and chunk.isdigit() and len(chunk) <= 6):
+        return None
+    return job_id, int(chunk)
+
+
 def check_namespace(namespace: str) -> str:
     if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(f"namespace {namespace!r} must match {_NAMESPACE_RE.pattern}")

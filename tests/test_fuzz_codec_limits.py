@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parkpool.runtime.kafka import MAX_MESSAGE_BYTES as KAFKA_MAX_BYTES
+from parkpool.runtime.kafka import MAX_FETCH_RECORD_BYTES as KAFKA_MAX_BYTES
 from parkpool.schemas import messages as m
 from parkpool.schemas.codec import (
     ARRAY_EXT,

@@ -322,8 +322,8 @@ class TestPlannerRegistry:
     def test_producer_does_not_import_worker(self) -> None:
         # Given a fresh interpreter / When the splitters are imported
         code = (
-            "import sys, producer.splitters\n"
-            "print(any(m.startswith('worker') for m in sys.modules))"
+            "import sys, parkpool.producer.splitters\n"
+            "print(any(m.startswith('parkpool.worker') for m in sys.modules))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True

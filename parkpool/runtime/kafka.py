@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas.errors import ValidationError
 
-# Tasks carry NumPy arrays; a 256-row float32 panel of a 4096-wide matrix is 4 MiB.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# The largest record a parkpool consumer reads. Far above what parkpool writes (the
+# connection's max_record_bytes), so that a foreign or misconfigured writer's record is
+# still read, and dead-lettered without its bytes, instead of stalling its partition.
+MAX_FETCH_RECORD_BYTES = 32 * 1024 * 1024
+# What a one-record batch adds to key, value and headers: the batch header (61 bytes)
+# plus the record's own length, delta and attribute varints, with room to spare.
+RECORD_OVERHEAD_BYTES = 128
+Header = tuple[str, str | bytes | None]
 # Tansu holds an empty fetch for the full wait even when records arrive meanwhile, so the
 # default 500 ms would add up to half a second to every hop. Short waits cost a few
 # idle fetch requests per second per broker.
@@ -25,7 +32,9 @@ def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
-            "message.max.bytes": MAX_MESSAGE_BYTES,
+            # librdkafka checks key + value + headers against it; record_size() adds the
+            # framing on top, so nothing we check as fitting is refused here.
+            "message.max.bytes": conn.max_record_bytes,
             **overrides,
         }
     )
@@ -49,7 +58,7 @@ def consumer_config(
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
-            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            **_fetch_limits(),
             "fetch.wait.max.ms": FETCH_WAIT_MS,
             # Bounds the prefetch buffer per partition; backpressure does the rest.
             "queued.max.messages.kbytes": 16384,
@@ -65,12 +74,49 @@ def reader_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
         **{
             "group.id": "parkpool-reader",  # required by librdkafka, unused with assign()
             "enable.auto.commit": False,
-            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+            **_fetch_limits(),
             "fetch.wait.max.ms": FETCH_WAIT_MS,
             "queued.max.messages.kbytes": 16384,
             **overrides,
         }
     )
+
+
+def _fetch_limits() -> dict[str, int]:
+    # receive.message.max.bytes must exceed fetch.max.bytes by librdkafka's 512 bytes.
+    return {
+        "fetch.message.max.bytes": MAX_FETCH_RECORD_BYTES,
+        "fetch.max.bytes": MAX_FETCH_RECORD_BYTES,
+        "receive.message.max.bytes": MAX_FETCH_RECORD_BYTES + 65536,
+    }
+
+
+def record_size(
+    value: bytes, key: str | bytes | None = None, headers: Sequence[Header] = ()
+) -> int:
+    """Bytes a one-record batch takes against the broker's max.message.bytes."""
+    size = len(value) + RECORD_OVERHEAD_BYTES + _length(key)
+    return size + sum(len(name.encode()) + _length(data) for name, data in headers)
+
+
+def _length(data: str | bytes | None) -> int:
+    if data is None:
+        return 0
+    return len(data.encode() if isinstance(data, str) else data)
+
+
+def check_record(
+    conn: KafkaConnection, value: bytes, key: str | bytes | None, what: str, hint: str = ""
+) -> None:
+    """Refuse a record the connection's limit does not allow, before anything is sent."""
+    size = record_size(value, key)
+    if size > conn.max_record_bytes:
+        raise ValidationError(
+            "record_too_large",
+            f"{what} is {size:,} bytes as a Kafka record, over the limit of "
+            f"{conn.max_record_bytes:,} (PARKPOOL_KAFKA_MAX_RECORD_BYTES; Apache Kafka's "
+            f"default max.message.bytes is 1 MiB)" + (f"; {hint}" if hint else ""),
+        )
 
 
 def produce(
@@ -79,23 +125,27 @@ def produce(
     value: bytes,
     key: str | None,
     on_delivery: Callable[..., None],
-) -> None:
+    headers: Sequence[Header] | None = None,
+) -> KafkaError | None:
     """Produce, waiting for room when librdkafka's local queue is full.
 
     BufferError only means "too much not yet sent"; serving delivery reports frees room.
-    A record librdkafka refuses outright (too large, say) is reported to ``on_delivery``
-    as a failed delivery, like any other, instead of raising into the caller's loop.
+    A record librdkafka refuses outright (too large, an unknown topic) is returned, and
+    ``on_delivery`` is then never called: the caller handles it in its own flow. Calling
+    the report from here would let a report that produces again recurse without bound.
     """
     while True:
         try:
-            producer.produce(topic, value, key=key, on_delivery=on_delivery)
+            producer.produce(
+                topic, value, key=key, on_delivery=on_delivery, headers=list(headers or ())
+            )
         except BufferError:
             producer.poll(0.05)
         except KafkaException as exc:
-            on_delivery(exc.args[0], None)
-            return
+            error: KafkaError = exc.args[0]
+            return error
         else:
-            return
+            return None
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:
