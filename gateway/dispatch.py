@@ -12,54 +12,91 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from parkpool.gateway.tasks import PendingTask, TaskState
-from parkpool.gateway.vehicles import VehicleView
+from structlog.typing import FilteringBoundLogger
+
+from parkpool.gateway.cancels import CancelledJobs
+from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.mqtt_link import MqttLink
+from parkpool.gateway.outcomes import TaskOutcomes
+from parkpool.gateway.settings import GatewaySettings
+from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
+from parkpool.gateway.vehicles import VehicleBook, VehicleView
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
 from parkpool.schemas import Assignment, DecodeError, encode
 
-if TYPE_CHECKING:
-    from parkpool.gateway.gateway import Gateway
-
 
 class Dispatcher:
-    def __init__(self, gateway: Gateway) -> None:
-        settings = gateway.settings
-        self.gw = gateway
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        vehicles: VehicleBook,
+        ready: ReadyQueue,
+        leases: LeaseTable,
+        cancelled: CancelledJobs,
+        mqtt: MqttLink,
+        outcomes: TaskOutcomes,
+        metrics: GatewayMetrics,
+        events: FilteringBoundLogger,
+    ) -> None:
+        self.settings = settings
+        self.vehicles = vehicles
+        self.ready = ready
+        self.leases = leases
+        self.cancelled = cancelled
+        self.mqtt = mqtt
+        self.outcomes = outcomes
+        self.metrics = metrics
+        self.events = events
         self.signer = TaskSigner.load(settings.signing_key) if settings.signing_key else None
         self.box = GatewayBox.load(settings.box_keys)
+
+    def available(self, view: VehicleView) -> int:
+        """Tasks a car may still be sent: what it asked for, less what is on its way."""
+        if view.credits <= 0:
+            return 0
+        return view.credits - self.leases.count_after(view.vehicle_id, view.seen_epoch)
 
     def dispatch(self) -> None:
         # One task per hungry vehicle per turn, longest-waiting first; bounded by the
         # hungry count, so an empty queue costs nothing however large the fleet is.
-        vehicles = self.gw.vehicles
+        vehicles = self.vehicles
         for _ in range(vehicles.hungry_count()):
-            if not len(self.gw.ready):
+            if not len(self.ready):
                 return
             view = vehicles.first_hungry()
-            available = self.gw.available(view)
+            available = self.available(view)
             if available > 0 and self._send_one(view):
                 available -= 1
             vehicles.served(view.vehicle_id, available > 0)
 
     def _send_one(self, view: VehicleView) -> bool:
-        gw = self.gw
         task = self.next_dispatchable(_fit_for(view))
         if task is None:
-            if len(gw.ready):
-                gw.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
+            if len(self.ready):
+                self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
             return False
         inputs_key = self._inputs_key_for(task, view)
         if inputs_key is None:
             return False
-        lease_seconds = gw.settings.lease_seconds
-        lease = gw.leases.grant(view.vehicle_id, task, lease_seconds)
+        payload = self._assignment(task, view, inputs_key)
+        if payload is None:
+            return False
+        self.mqtt.send_assignment(view.vehicle_id, payload, self.settings.lease_seconds)
+        self.metrics.tasks.labels("dispatched").inc()
+        return True
+
+    def _assignment(self, task: PendingTask, view: VehicleView, inputs_key: bytes) -> bytes | None:
+        """The signed assignment under a new lease, or None when MQTT cannot carry it."""
+        lease_seconds = self.settings.lease_seconds
+        lease = self.leases.grant(view.vehicle_id, task, lease_seconds)
         task.dispatches += 1
         task.state = TaskState.LEASED
         assignment = Assignment(
-            gateway_id=gw.settings.gateway_id,
+            gateway_id=self.settings.gateway_id,
             vehicle_id=view.vehicle_id,
             epoch=lease.epoch,
             attempt=task.dispatches,
@@ -69,14 +106,20 @@ class Dispatcher:
         )
         if self.signer is not None:
             assignment = self.signer.sign(assignment)
-        gw.mqtt.send_assignment(view.vehicle_id, encode(assignment), lease_seconds)
-        gw.metrics.tasks.labels("dispatched").inc()
-        gw.events.debug(
+        payload = encode(assignment)
+        limit = self.settings.mqtt.max_message_bytes
+        if len(payload) > limit:
+            # No car behind this broker could ever be sent it: not worth an attempt each.
+            self.leases.end(lease.epoch)
+            detail = f"its assignment is {len(payload):,} bytes, over the MQTT limit of {limit:,}"
+            self.outcomes.dead_letter(task, "too_large_for_mqtt", detail)
+            return None
+        self.events.debug(
             "task_dispatched", **task.log_context(), vehicle_id=view.vehicle_id, epoch=lease.epoch
         )
-        gw.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
-        gw.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
-        return True
+        self.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
+        self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
+        return payload
 
     def _inputs_key_for(self, task: PendingTask, view: VehicleView) -> bytes | None:
         """A confidential task's data key sealed to this car (b"" for any other task).
@@ -93,31 +136,23 @@ class Dispatcher:
             return self.box.rewrap(task.task, caps.box_key)
         except DecodeError as exc:
             if exc.reason == "bad_box_key":
-                self.gw.metrics.dropped.labels("mqtt_pull", exc.reason).inc()
+                self.metrics.dropped.labels("mqtt_pull", exc.reason).inc()
                 view.capabilities = dataclasses.replace(caps, box_key=b"")
-                self.gw.ready.push_front(task)
+                self.ready.push_front(task)
                 return None
-            task.state = TaskState.FINISHING
-            self.gw.log.dead_letter(task.tp, task.offset, task.raw, exc.reason, exc.detail, task)
+            self.outcomes.dead_letter(task, exc.reason, exc.detail)
             return None
 
     def next_dispatchable(
         self, accept: Callable[[PendingTask], bool] | None = None
     ) -> PendingTask | None:
         """The next ready task, checking cancellation and deadline at dispatch time."""
-        gw = self.gw
-        while (task := gw.ready.pop(accept)) is not None:
-            if task.task.job_id in gw.cancelled:
-                gw.skip_cancelled(task)
+        while (task := self.ready.pop(accept)) is not None:
+            if task.task.job_id in self.cancelled:
+                self.outcomes.skip_cancelled(task)
             elif task.task.deadline < time.time():
-                gw.log.dead_letter(
-                    task.tp,
-                    task.offset,
-                    task.raw,
-                    "deadline_passed",
-                    "the job's deadline passed in the queue",
-                    task,
-                )
+                detail = "the job's deadline passed in the queue"
+                self.outcomes.dead_letter(task, "deadline_passed", detail)
             else:
                 return task
         return None

@@ -11,9 +11,10 @@ The ack chain for a result, in order:
 3. then the task's offset is finished, and the partition's commit point may move.
 A crash between any two steps redoes work; it never loses it.
 
-This module holds the loop, the Kafka side, cancels, retries and the figures; what each
-vehicle message does is ``gateway.handlers``, and who gets which task is
-``gateway.dispatch``.
+This module holds the loop and wires the parts: what each vehicle message does is
+``gateway.handlers``, who gets which task is ``gateway.dispatch``, how a task ends is
+``gateway.outcomes``, and the Kafka side is ``gateway.tasklog``. Each part is handed
+the few pieces of state it needs, not the gateway, so none of them imports this module.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,51 +34,18 @@ from parkpool.gateway.handlers import VehicleHandlers
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
+from parkpool.gateway.outcomes import TaskOutcomes
 from parkpool.gateway.retry import DelayQueue
+from parkpool.gateway.settings import GatewaySettings
 from parkpool.gateway.status import status_snapshot
 from parkpool.gateway.tasklog import TP, CancelRecord, TaskLog
-from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
-from parkpool.gateway.vehicles import VehicleBook, VehicleView
-from parkpool.runtime.backoff import compute_backoff
-from parkpool.runtime.settings import KafkaConnection, MqttConnection
-from parkpool.schemas import (
-    AttemptRecord,
-    GatewayState,
-    KafkaTopics,
-    MqttTopics,
-)
+from parkpool.gateway.tasks import PendingTask, ReadyQueue
+from parkpool.gateway.vehicles import VehicleBook
+from parkpool.schemas import GatewayState, KafkaTopics, MqttTopics
+
+__all__ = ["Gateway", "GatewaySettings"]
 
 log = structlog.get_logger("parkpool.gateway")
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    gateway_id: str
-    kafka: KafkaConnection
-    mqtt: MqttConnection
-    namespace: str = "parkpool"
-    group_id: str = ""  # empty: "<namespace>.gateways"
-    lease_seconds: float = 30.0
-    max_attempts: int = 5
-    window: int = 512
-    session_timeout_ms: int = 6000
-    vehicle_silence_s: float = 45.0
-    drain_seconds: float = 20.0  # on SIGTERM, how long leases may finish before revoking
-    batch: int = 256
-    # Per vehicle: far above an honest car (one pull and one result per task, tasks of
-    # at least tens of milliseconds), far below a flood.
-    pull_rate: float = 50.0
-    result_rate: float = 50.0
-    kafka_overrides: dict[str, object] = field(default_factory=dict)
-    signing_key: Path | None = None  # Ed25519 key that signs every assignment; None: unsigned
-    vehicle_keys: Path | None = None  # enrolled cars' public keys; results must be signed
-    # X25519 keys that open confidential tasks' data keys (newest first); none: such tasks
-    # are dead-lettered as unsealable, since no car could ever run them from here.
-    box_keys: tuple[Path, ...] = ()
-
-    @property
-    def group(self) -> str:
-        return self.group_id or f"{self.namespace}.gateways"
 
 
 class Gateway:
@@ -104,15 +70,44 @@ class Gateway:
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
         self.ready = ReadyQueue()
-        self.delayed = DelayQueue()
+        self.delayed: DelayQueue[PendingTask] = DelayQueue()
         self.cancelled = CancelledJobs()
         self.stopping = threading.Event()
         self.last_step = time.monotonic()
         self._draining = False
         self._last_sweep = 0.0
         self.events = log.bind(gateway_id=settings.gateway_id)
-        self.handlers = VehicleHandlers(self)
-        self.dispatcher = Dispatcher(self)
+        self.outcomes = TaskOutcomes(
+            max_attempts=settings.max_attempts,
+            log=self.log,
+            leases=self.leases,
+            ready=self.ready,
+            delayed=self.delayed,
+            metrics=self.metrics,
+            events=self.events,
+        )
+        self.handlers = VehicleHandlers(
+            settings,
+            vehicles=self.vehicles,
+            leases=self.leases,
+            fleet=self.fleet,
+            mqtt=self.mqtt,
+            log=self.log,
+            outcomes=self.outcomes,
+            metrics=self.metrics,
+            events=self.events,
+        )
+        self.dispatcher = Dispatcher(
+            settings,
+            vehicles=self.vehicles,
+            ready=self.ready,
+            leases=self.leases,
+            cancelled=self.cancelled,
+            mqtt=self.mqtt,
+            outcomes=self.outcomes,
+            metrics=self.metrics,
+            events=self.events,
+        )
 
     # ---------------------------------------------------------------- life cycle
 
@@ -186,9 +181,9 @@ class Gateway:
         items = self.log.poll(self.settings.batch)
         for item in items:
             if isinstance(item, CancelRecord):
-                self._cancel(item)
+                self._cancel_guarded(item)
             elif item.task.job_id in self.cancelled:
-                self.skip_cancelled(item)
+                self.outcomes.skip_cancelled(item)
             else:
                 self.ready.push(item)
         return bool(items)
@@ -200,33 +195,34 @@ class Gateway:
         for lease in self.leases.where(lambda lease: lease.task.tp in gone):
             self.leases.end(lease.epoch)
 
-    def finish(self, task: PendingTask) -> None:
-        task.state = TaskState.DONE
-        self.log.finish(task.tp, task.offset)
-
     def _starving(self) -> bool:
         """Work is piling up and nobody asks for it: stop reading more."""
         return len(self.ready) >= 64 and not self.vehicles.any_hungry()
 
     # ---------------------------------------------------------------- cancel
 
+    def _cancel_guarded(self, record: CancelRecord) -> None:
+        """A cancel whose handling fails is counted and still finished: re-reading it after
+        every restart would fail the same way."""
+        try:
+            self._cancel(record)
+        except Exception:
+            self.metrics.handler_errors.labels("kafka_cancel").inc()
+            self.events.exception("cancel_handler_failed", job_id=record.cancel.job_id)
+        self.log.finish(record.tp, record.offset)
+
     def _cancel(self, record: CancelRecord) -> None:
         job_id = record.cancel.job_id
         self.cancelled.add(job_id)
         for task in self.ready.remove_where(lambda t: t.task.job_id == job_id):
-            self.skip_cancelled(task)
+            self.outcomes.skip_cancelled(task)
         for task in self.delayed.remove_where(lambda t: t.task.job_id == job_id):
-            self.skip_cancelled(task)
+            self.outcomes.skip_cancelled(task)
         for lease in self.leases.where(lambda lease: lease.task.task.job_id == job_id):
             self.leases.end(lease.epoch)
             self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "job_cancelled")
-            self.skip_cancelled(lease.task)
-        self.log.finish(record.tp, record.offset)
+            self.outcomes.skip_cancelled(lease.task)
         self.events.info("job_cancelled", job_id=job_id, partition=record.tp[1])
-
-    def skip_cancelled(self, task: PendingTask) -> None:
-        self.metrics.tasks.labels("cancelled").inc()
-        self.finish(task)
 
     # ---------------------------------------------------------------- MQTT side
 
@@ -265,7 +261,7 @@ class Gateway:
                 vehicle_id=lease.vehicle_id,
                 epoch=lease.epoch,
             )
-            self.requeue(lease.task, "lease_expired", lease.vehicle_id, "", counts=True)
+            self.outcomes.requeue(lease.task, "lease_expired", lease.vehicle_id, "", counts=True)
         for task in self.delayed.pop_due(now):
             if self.log.owns(task.tp):
                 self.ready.push_front(task)
@@ -274,65 +270,17 @@ class Gateway:
         self._last_sweep = now
         self.mqtt.announce(GatewayState.ONLINE, queued=len(self.ready) + len(self.delayed))
         for vehicle_id in self.vehicles.silent_since(now - self.settings.vehicle_silence_s):
-            self.release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
+            self.outcomes.release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
         self._observe()
-
-    def release_vehicle(
-        self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
-    ) -> None:
-        for lease in self.leases.of_vehicle(vehicle_id):
-            self.leases.end(lease.epoch)
-            self.metrics.redelivered.labels(cause).inc()
-            self.requeue(lease.task, cause, vehicle_id, detail, counts=counts)
-
-    def requeue(
-        self,
-        task: PendingTask,
-        reason: str,
-        vehicle_id: str,
-        detail: str,
-        *,
-        counts: bool,
-        terminal: bool = False,
-        backoff: bool = False,
-    ) -> None:
-        if not self.log.owns(task.tp):
-            return  # partition revoked: its new owner has the task
-        task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:512]))
-        task.failures += int(counts)
-        if counts:
-            self.metrics.tasks.labels("failed").inc()
-            self.metrics.failures.labels(reason).inc()
-        self.events.info(
-            "task_requeued",
-            **task.log_context(),
-            vehicle_id=vehicle_id,
-            reason=reason,
-            failures=task.failures,
-        )
-        if terminal or task.failures >= self.settings.max_attempts:
-            task.state = TaskState.FINISHING
-            self.log.dead_letter(
-                task.tp,
-                task.offset,
-                task.raw,
-                reason,
-                detail or f"failed {task.failures} times",
-                task,
-            )
-            return
-        task.state = TaskState.QUEUED
-        if backoff:
-            self.delayed.push(task, compute_backoff(task.failures))
-        else:
-            self.ready.push_front(task)
 
     # ---------------------------------------------------------------- observability
 
     def _observe(self) -> None:
         """Once a second, not every step: the fleet and partition figures take full passes."""
-        fleet = self.fleet.count(self.vehicles.views(), self.leases.holds, self.available)
+        fleet = self.fleet.count(
+            self.vehicles.views(), self.leases.holds, self.dispatcher.available
+        )
         partitions = self.log.stats()
         for p in partitions:
             label = str(p.partition)
@@ -347,12 +295,16 @@ class Gateway:
         reconnects = self.mqtt.reconnects
         self.metrics.mqtt_reconnects.inc(max(0, reconnects - self._reconnects_counted))
         self._reconnects_counted = reconnects
-        self._snapshot = status_snapshot(self, ready, partitions, fleet)
-
-    def available(self, view: VehicleView) -> int:
-        if view.credits <= 0:
-            return 0
-        return view.credits - self.leases.count_after(view.vehicle_id, view.seen_epoch)
+        self._snapshot = status_snapshot(
+            self.settings.gateway_id,
+            ready=ready,
+            draining=self._draining,
+            queue=self.ready,
+            delayed=len(self.delayed),
+            leases=self.leases,
+            partitions=partitions,
+            fleet=fleet,
+        )
 
     def status_snapshot(self) -> Mapping[str, Any]:
         """The latest ``/status`` JSON, built on the loop thread; safe from any thread."""

@@ -5,6 +5,11 @@ nacks and lease heartbeats.
 Each message is rate limited per vehicle, decoded strictly, and fenced against the lease
 it quotes. Anything refused is acknowledged, counted with a reason and dropped, so a
 hostile car costs a counter increment, never a stalled loop or another car's task.
+
+Every message is acknowledged in ``handle`` and nowhere else, but for a result on its
+way to Kafka: that one is acknowledged from its delivery report, the middle of the ack
+chain. A handler that raises is counted by kind and its message still acknowledged, so
+that the broker does not hand it back after every restart of the gateway.
 Runs on the gateway's loop thread, like everything that touches its state.
 """
 
@@ -12,14 +17,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from confluent_kafka import KafkaError
+from structlog.typing import FilteringBoundLogger
 
-from parkpool.gateway.leases import Lease
-from parkpool.gateway.mqtt_link import MqttEvent
+from parkpool.gateway.fleet_stats import FleetStats
+from parkpool.gateway.leases import Lease, LeaseTable
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.mqtt_link import MqttEvent, MqttLink
+from parkpool.gateway.outcomes import TaskOutcomes
 from parkpool.gateway.ratelimit import RateLimiter
+from parkpool.gateway.settings import GatewaySettings
+from parkpool.gateway.tasklog import TaskLog
 from parkpool.gateway.tasks import TaskState
+from parkpool.gateway.vehicles import VehicleBook
+from parkpool.runtime.kafka import record_size
 from parkpool.runtime.signing import VehicleKeys
 from parkpool.schemas import (
     DecodeError,
@@ -34,24 +47,41 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.kernels import BUILTIN
 
-if TYPE_CHECKING:
-    from parkpool.gateway.gateway import Gateway
-
 M = TypeVar("M")
+Handler = Callable[[MqttEvent], bool]  # True: the message was handed on, acked later
 
 
 class VehicleHandlers:
     """One handler per MQTT message kind, with the per-vehicle limits in front of them."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        settings = gateway.settings
-        self.gw = gateway
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        vehicles: VehicleBook,
+        leases: LeaseTable,
+        fleet: FleetStats,
+        mqtt: MqttLink,
+        log: TaskLog,
+        outcomes: TaskOutcomes,
+        metrics: GatewayMetrics,
+        events: FilteringBoundLogger,
+    ) -> None:
+        self.settings = settings
+        self.vehicles = vehicles
+        self.leases = leases
+        self.fleet = fleet
+        self.mqtt = mqtt
+        self.log = log
+        self.outcomes = outcomes
+        self.metrics = metrics
+        self.events = events
         self.vehicle_keys = VehicleKeys(settings.vehicle_keys) if settings.vehicle_keys else None
         self._limits = {
             "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
             "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
         }
-        self._handlers: dict[str, Callable[[MqttEvent], None]] = {
+        self._handlers: dict[str, Handler] = {
             "pull": self._on_pull,
             "status": self._on_status,
             "result": self._on_result,
@@ -60,126 +90,146 @@ class VehicleHandlers:
         }
 
     def handle(self, event: MqttEvent) -> None:
+        """Handle one message, then acknowledge it, whatever happened."""
+        handed_on = False
+        try:
+            handed_on = self._route(event)
+        except Exception:
+            kind = event.kind if event.kind in self._handlers else "unknown"
+            self.metrics.handler_errors.labels(f"mqtt_{kind}").inc()
+            self.events.exception("message_handler_failed", kind=kind, vehicle_id=event.vehicle_id)
+        if not handed_on:
+            self.mqtt.ack(event)
+
+    def _route(self, event: MqttEvent) -> bool:
         handler = self._handlers.get(event.kind)
-        metrics = self.gw.metrics
         if handler is None:
-            metrics.dropped.labels("mqtt", "unknown_topic").inc()
-            self.gw.mqtt.ack(event)
-            return
+            self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
+            return False
         limiter = self._limits.get(event.kind)
         if limiter is not None and not limiter.allow(event.vehicle_id, time.monotonic()):
-            metrics.dropped.labels(f"mqtt_{event.kind}", "rate_limited").inc()
-            self.gw.mqtt.ack(event)
-            return
-        handler(event)
+            self.metrics.dropped.labels(f"mqtt_{event.kind}", "rate_limited").inc()
+            return False
+        return handler(event)
 
-    def _on_pull(self, event: MqttEvent) -> None:
+    def _on_pull(self, event: MqttEvent) -> bool:
         pull = self._decode(event, PullRequest)
-        self.gw.mqtt.ack(event)
         if pull is None:
-            return
+            return False
         if pull.vehicle_id != event.vehicle_id:
-            self.gw.metrics.dropped.labels("mqtt_pull", "vehicle_mismatch").inc()
-            return
-        self.gw.vehicles.on_pull(pull)
+            self.metrics.dropped.labels("mqtt_pull", "vehicle_mismatch").inc()
+            return False
+        self.vehicles.on_pull(pull)
+        return False
 
-    def _on_status(self, event: MqttEvent) -> None:
+    def _on_status(self, event: MqttEvent) -> bool:
         status = self._decode(event, VehicleStatus)
-        self.gw.mqtt.ack(event)
         if status is None:
-            return
+            return False
         if status.vehicle_id != event.vehicle_id:
-            self.gw.metrics.dropped.labels("mqtt_status", "vehicle_mismatch").inc()
-            return
-        view = self.gw.vehicles.set_state(status.vehicle_id, status.state)
-        self.gw.fleet.heard(view, status)
+            self.metrics.dropped.labels("mqtt_status", "vehicle_mismatch").inc()
+            return False
+        view = self.vehicles.set_state(status.vehicle_id, status.state)
+        self.fleet.heard(view, status)
         if status.state is VehicleState.OFFLINE:
-            self.gw.release_vehicle(status.vehicle_id, "vehicle_offline", status.reason)
+            self.outcomes.release_vehicle(status.vehicle_id, "vehicle_offline", status.reason)
         elif status.state is VehicleState.SUSPENDED:
             # A policy stopped the car (owner, battery, heat): not the task's fault.
-            self.gw.release_vehicle(
+            self.outcomes.release_vehicle(
                 status.vehicle_id, "vehicle_offline", status.reason, counts=False
             )
+        return False
 
-    def _on_result(self, event: MqttEvent) -> None:
+    def _on_result(self, event: MqttEvent) -> bool:
         result = self._decode(event, Result)
         lease = self._lease_for(event, result)
-        if lease is None or not self._signed_by_its_vehicle(result):
-            self.gw.mqtt.ack(event)
-            return
-        assert result is not None  # a lease was found for it
+        if lease is None or result is None or not self._signed_by_its_vehicle(result):
+            return False
         if lease.task.task.reply_key and not result.sealed_outputs:
             # The producer asked for sealed results: outputs in clear must not reach Kafka.
             # Dropped like a forgery, leaving the lease for a correct answer or its expiry.
-            self.gw.metrics.dropped.labels("mqtt_result", "unsealed_result").inc()
-            self.gw.events.warning(
-                "result_refused",
-                reason="unsealed_result",
-                vehicle_id=result.vehicle_id,
-                epoch=result.epoch,
-            )
-            self.gw.mqtt.ack(event)
-            return
-        self.gw.leases.end(lease.epoch)
-        lease.task.state = TaskState.FINISHING
-        self.gw.vehicles.heard(event.vehicle_id)
+            self._refuse_result(result, "unsealed_result")
+            return False
         chunk = lease.task.task
+        self.leases.end(lease.epoch)
+        self.vehicles.heard(event.vehicle_id)
+        if record_size(event.payload, chunk.job_id) > self.settings.kafka.max_record_bytes:
+            # Kafka will never take it; another car may answer smaller (a padded result),
+            # and a job whose answers are all this large ends in the dead-letter topic.
+            self._refuse_result(result, "result_too_large")
+            detail = f"{len(event.payload):,}-byte result is over the Kafka record limit"
+            self.outcomes.requeue(
+                lease.task, "result_too_large", lease.vehicle_id, detail, counts=True
+            )
+            return False
+        lease.task.state = TaskState.FINISHING
         seconds = result.exec_seconds
-        self.gw.log.produce(
+        self.log.produce(
             chunk.reply_topic,
             event.payload,
             chunk.job_id,
             lambda err: self._result_delivered(err, lease, event, seconds),
+        )
+        return True
+
+    def _refuse_result(self, result: Result, reason: str) -> None:
+        self.metrics.dropped.labels("mqtt_result", reason).inc()
+        self.events.warning(
+            "result_refused", reason=reason, vehicle_id=result.vehicle_id, epoch=result.epoch
         )
 
     def _result_delivered(
         self, err: KafkaError | None, lease: Lease, event: MqttEvent, exec_seconds: float
     ) -> None:
         """The ack chain's middle: the result is durable (or not), then the car's PUBACK."""
-        gw, task = self.gw, lease.task
-        gw.mqtt.ack(event)
+        task = lease.task
+        self.mqtt.ack(event)
         if err is not None:
             # Not durable: redoing the task is the way to get its result into Kafka.
-            gw.metrics.delivery_errors.labels("results").inc()
-            gw.events.error("result_not_durable", job_id=task.task.job_id, error=str(err))
+            self.metrics.delivery_errors.labels("results").inc()
+            self.events.error("result_not_durable", job_id=task.task.job_id, error=str(err))
             # A refusal Kafka will repeat (a result too large, say) counts as an attempt, so
-            # such a task ends in the dead-letter topic instead of being redone for ever.
+            # such a task ends in the dead-letter topic instead of being redone for ever;
+            # one it may not repeat (a broker outage) waits a backoff before the next car.
             permanent = not err.retriable()
-            gw.requeue(task, "delivery_failed", lease.vehicle_id, str(err), counts=permanent)
+            self.outcomes.requeue(
+                task,
+                "delivery_failed",
+                lease.vehicle_id,
+                str(err),
+                counts=permanent,
+                backoff=not permanent,
+            )
             return
-        gw.metrics.tasks.labels("completed").inc()
-        gw.metrics.execution.observe(time.monotonic() - lease.dispatched_at)
-        gw.metrics.end_to_end.observe(max(0.0, time.time() - task.task.created_at))
+        self.metrics.tasks.labels("completed").inc()
+        self.metrics.execution.observe(time.monotonic() - lease.dispatched_at)
+        self.metrics.end_to_end.observe(max(0.0, time.time() - task.task.created_at))
         kernel = task.task.kernel if task.task.kernel in BUILTIN else "other"
-        gw.metrics.kernel_execution.labels(kernel).observe(exec_seconds)
-        gw.finish(task)
-        gw.events.debug(
+        self.metrics.kernel_execution.labels(kernel).observe(exec_seconds)
+        self.outcomes.finish(task)
+        self.events.debug(
             "task_completed", **task.log_context(), vehicle_id=lease.vehicle_id, epoch=lease.epoch
         )
 
-    def _signed_by_its_vehicle(self, result: Result | None) -> bool:
+    def _signed_by_its_vehicle(self, result: Result) -> bool:
         """With enrolled keys, a result counts only if its car signed it; a forgery leaves
         the lease alone, so the real car's result can still come."""
-        if self.vehicle_keys is None or result is None:
+        if self.vehicle_keys is None:
             return True
         refusal = self.vehicle_keys.check(result)
         if refusal is not None:
-            self.gw.metrics.dropped.labels("mqtt_result", refusal).inc()
-            self.gw.events.warning(
-                "result_refused", reason=refusal, vehicle_id=result.vehicle_id, epoch=result.epoch
-            )
+            self._refuse_result(result, refusal)
             return False
         return True
 
-    def _on_nack(self, event: MqttEvent) -> None:
+    def _on_nack(self, event: MqttEvent) -> bool:
         nack = self._decode(event, Nack)
         lease = self._lease_for(event, nack)
-        self.gw.mqtt.ack(event)
         if nack is None or lease is None:
-            return
-        self.gw.leases.end(lease.epoch)
-        self.gw.metrics.redelivered.labels("nack").inc()
-        self.gw.requeue(
+            return False
+        self.leases.end(lease.epoch)
+        self.metrics.redelivered.labels("nack").inc()
+        self.outcomes.requeue(
             lease.task,
             nack.reason.value,
             lease.vehicle_id,
@@ -188,21 +238,22 @@ class VehicleHandlers:
             terminal=nack.reason.terminal,
             backoff=nack.reason is NackReason.KERNEL_ERROR,
         )
+        return False
 
-    def _on_heartbeat(self, event: MqttEvent) -> None:
+    def _on_heartbeat(self, event: MqttEvent) -> bool:
         beat = self._decode(event, LeaseHeartbeat)
         lease = self._lease_for(event, beat)
-        self.gw.mqtt.ack(event)
         if lease is not None:
-            self.gw.leases.extend(lease.epoch, self.gw.settings.lease_seconds)
-            self.gw.vehicles.heard(event.vehicle_id)
+            self.leases.extend(lease.epoch, self.settings.lease_seconds)
+            self.vehicles.heard(event.vehicle_id)
+        return False
 
     def _decode(self, event: MqttEvent, kind: type[M]) -> M | None:
         try:
             return decode(event.payload, kind)
         except DecodeError as exc:
-            self.gw.metrics.dropped.labels(f"mqtt_{event.kind}", exc.reason).inc()
-            self.gw.events.warning(
+            self.metrics.dropped.labels(f"mqtt_{event.kind}", exc.reason).inc()
+            self.events.warning(
                 "mqtt_malformed", kind=event.kind, vehicle_id=event.vehicle_id, reason=str(exc)
             )
             return None
@@ -213,16 +264,16 @@ class VehicleHandlers:
         """The lease a message speaks for, or None when it is stale or forged (fencing)."""
         if message is None:
             return None
-        lease = self.gw.leases.get(message.epoch)
+        lease = self.leases.get(message.epoch)
         valid = (
             lease is not None
             and message.vehicle_id == event.vehicle_id == lease.vehicle_id
-            and message.gateway_id == self.gw.settings.gateway_id
+            and message.gateway_id == self.settings.gateway_id
             and lease.task.task.key == (message.job_id, message.chunk_id)
         )
         if not valid:
-            self.gw.metrics.dropped.labels(f"mqtt_{event.kind}", "stale_or_fenced").inc()
-            self.gw.events.info(
+            self.metrics.dropped.labels(f"mqtt_{event.kind}", "stale_or_fenced").inc()
+            self.events.info(
                 "stale_message_dropped",
                 kind=event.kind,
                 vehicle_id=event.vehicle_id,

@@ -50,6 +50,18 @@ class GatewayMetrics:
             ["source", "reason"],
             registry=r,
         )
+        self.handler_errors = Counter(
+            "parkpool_gateway_handler_errors_total",
+            "Messages and records whose handling raised unexpectedly; each is still "
+            "acknowledged (or dead-lettered) so that it cannot stop the loop or come back",
+            ["source"],  # mqtt_pull, mqtt_status, mqtt_result, ..., kafka_tasks, kafka_delivery
+            registry=r,
+        )
+        self.dead_letter_bytes_dropped = Counter(
+            "parkpool_gateway_dead_letter_bytes_dropped_total",
+            "Dead letters written without the record's bytes, too large for one Kafka record",
+            registry=r,
+        )
         self.delivery_errors = Counter(
             "parkpool_gateway_kafka_delivery_errors_total",
             "Kafka delivery reports that failed",

@@ -1,40 +1,42 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The queue that holds failed tasks until their backoff is over
-(``parkpool.runtime.backoff``)."""
+"""Things waiting out a backoff (``parkpool.runtime.backoff``): failed tasks, and Kafka
+writes to try again, each released once its time has come."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from parkpool.gateway.tasks import PendingTask
+T = TypeVar("T")
 
 
-class DelayQueue:
-    """Tasks waiting out their backoff, ordered by the time they become ready."""
+class DelayQueue(Generic[T]):
+    """Items ordered by the time they become due; ties keep the order they came in."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, PendingTask]] = []
+        self._heap: list[tuple[float, int, T]] = []
         self._serial = itertools.count()
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, task: PendingTask, delay: float) -> None:
-        heapq.heappush(self._heap, (time.monotonic() + delay, next(self._serial), task))
+    def push(self, item: T, delay: float) -> None:
+        heapq.heappush(self._heap, (time.monotonic() + delay, next(self._serial), item))
 
-    def pop_due(self, now: float | None = None) -> list[PendingTask]:
+    def pop_due(self, now: float | None = None) -> list[T]:
         now = time.monotonic() if now is None else now
-        due: list[PendingTask] = []
+        due: list[T] = []
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap)[2])
         return due
 
-    def remove_where(self, predicate: object) -> list[PendingTask]:
-        removed = [t for _, _, t in self._heap if predicate(t)]  # type: ignore[operator]
+    def remove_where(self, predicate: Callable[[T], bool]) -> list[T]:
+        removed = [item for _, _, item in self._heap if predicate(item)]
         if removed:
-            gone = {id(t) for t in removed}
+            gone = {id(item) for item in removed}
             self._heap = [entry for entry in self._heap if id(entry[2]) not in gone]
             heapq.heapify(self._heap)
         return removed

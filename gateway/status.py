@@ -10,30 +10,36 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from parkpool.gateway.fleet_stats import FleetCounts
+from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.tasklog import PartitionStat
-from parkpool.gateway.tasks import PendingTask
-
-if TYPE_CHECKING:
-    from parkpool.gateway.gateway import Gateway
+from parkpool.gateway.tasks import PendingTask, ReadyQueue
 
 TOP_JOBS = 20
 
 
 def status_snapshot(
-    gateway: Gateway, ready: bool, partitions: list[PartitionStat], fleet: FleetCounts
+    gateway_id: str,
+    *,
+    ready: bool,
+    draining: bool,
+    queue: ReadyQueue,
+    delayed: int,
+    leases: LeaseTable,
+    partitions: list[PartitionStat],
+    fleet: FleetCounts,
 ) -> Mapping[str, Any]:
     return {
-        "gateway_id": gateway.settings.gateway_id,
+        "gateway_id": gateway_id,
         "ready": ready,
-        "draining": gateway.draining,
+        "draining": draining,
         "updated_at": time.time(),
-        "leases": len(gateway.leases),
-        "queued": len(gateway.ready) + len(gateway.delayed),
+        "leases": len(leases),
+        "queued": len(queue) + delayed,
         "partitions": [_partition(p) for p in partitions],
-        "jobs": _jobs(gateway.ready.tasks(), [lease.task for lease in gateway.leases.all()]),
+        "jobs": _jobs(queue.tasks(), [lease.task for lease in leases.all()]),
         "fleet": {
             "known": fleet.known,
             "by_state": fleet.by_state,

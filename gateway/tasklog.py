@@ -5,12 +5,17 @@ Offsets are stored (and auto-committed) only up to the lowest unfinished record 
 partition, so a crash at any point leads to records being read again, never skipped.
 A partition is paused when its window is full or no vehicle is asking for work, and
 ``poll`` keeps running meanwhile so the consumer stays in its group.
+
+Every record read ends here in one of two ways: it becomes a task (or a cancel) for the
+gateway, or it is dead-lettered (``gateway.deadletters``). A record whose handling raises
+is dead-lettered too, and counted, so no record can stop the loop or come back after a
+restart. Delivery reports, and writes Kafka refused at once, are answered from ``poll``
+on the loop's own turn, never from inside the call that produced.
 """
 
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,21 +23,22 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from parkpool.gateway.deadletters import Call, DeadLetters
 from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasks import PendingTask
 from parkpool.gateway.window import OffsetWindow
-from parkpool.runtime.kafka import consumer_config, coordinates, produce, producer_config
-from parkpool.runtime.settings import KafkaConnection
-from parkpool.schemas import (
-    CancelJob,
-    DeadLetter,
-    DecodeError,
-    KafkaTopics,
-    TaskChunk,
-    decode,
-    encode,
+from parkpool.runtime.kafka import (
+    consumer_config,
+    coordinates,
+    produce,
+    producer_config,
+    record_size,
 )
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import CancelJob, DecodeError, KafkaTopics, TaskChunk, decode
 from parkpool.schemas.codec import peek_type
+from parkpool.schemas.topics import parse_task_key
 
 TP = tuple[str, int]
 Delivered = Callable[[KafkaError | None], None]
@@ -89,7 +95,18 @@ class TaskLog:
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
         self._producer = Producer(producer_config(kafka))
+        self._max_record_bytes = kafka.max_record_bytes
+        self._later: DelayQueue[Call] = DelayQueue()
         self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
+        self.letters = DeadLetters(
+            topic=topics.dead_letter,
+            gateway_id=gateway_id,
+            max_record_bytes=kafka.max_record_bytes,
+            write=self.produce,
+            later=self._later,
+            finished=self.finish,
+            metrics=metrics,
+        )
 
     # ---------------------------------------------------------------- life cycle
 
@@ -103,8 +120,14 @@ class TaskLog:
         )
 
     def close(self, timeout: float) -> None:
-        """Make produced records durable, commit finished offsets, leave the group."""
+        """Make produced records durable, commit finished offsets, leave the group.
+
+        Writes still waiting for a retry are given up: their records' offsets are not
+        finished, so the partition's next owner reads them again.
+        """
         self._producer.flush(timeout)  # delivery reports fire here and finish offsets
+        if len(self._later):
+            self._log.warning("writes_abandoned_on_close", count=len(self._later))
         if self._consumer is not None:
             self._commit(list(self.windows))
             self._consumer.close()  # on_revoke runs for whatever is still assigned
@@ -124,6 +147,8 @@ class TaskLog:
         librdkafka hands over a whole batch before a pause takes effect, so records for a
         full window wait in a per-partition overflow (at most one batch) until it drains.
         """
+        for call in self._later.pop_due():
+            call()
         accepted = [self._accept(record) for record in self._from_overflow()]
         for record in self.consumer.consume(batch, timeout=0):
             if not self._ours(record):
@@ -159,14 +184,29 @@ class TaskLog:
         tp = (topic, partition)
         self.windows[tp].add(offset)
         raw = record.value() or b""
+        claimed = parse_task_key(record.key())
+        try:
+            return self._read(tp, offset, raw, claimed)
+        except Exception as exc:
+            # A bug met by one record must not stop the loop, nor meet every restart.
+            self.metrics.handler_errors.labels("kafka_tasks").inc()
+            self._log.exception("record_handler_failed", partition=partition, offset=offset)
+            self.letters.send(tp, offset, raw, "handler_error", repr(exc), claimed=claimed)
+            return None
+
+    def _read(
+        self, tp: TP, offset: int, raw: bytes, claimed: tuple[str, int] | None
+    ) -> PendingTask | CancelRecord | None:
         try:
             if peek_type(raw) == CancelJob.TYPE:
                 return CancelRecord(tp, offset, decode(raw, CancelJob))
-            task = PendingTask(topic, partition, offset, raw, decode(raw, TaskChunk))
+            task = PendingTask(*tp, offset, raw, decode(raw, TaskChunk))
         except DecodeError as exc:
             self.metrics.dropped.labels("kafka_tasks", exc.reason).inc()
-            self._log.warning("task_malformed", partition=partition, offset=offset, reason=str(exc))
-            self.dead_letter(tp, offset, raw, f"decode_{exc.reason}", str(exc))
+            self._log.warning(
+                "task_malformed", partition=tp[1], offset=offset, size=len(raw), reason=str(exc)
+            )
+            self.letters.send(tp, offset, raw, f"decode_{exc.reason}", str(exc), claimed=claimed)
             return None
         self.metrics.tasks.labels("consumed").inc()
         return task
@@ -174,7 +214,28 @@ class TaskLog:
     # ---------------------------------------------------------------- writing
 
     def produce(self, topic: str, value: bytes, key: str | None, done: Delivered) -> None:
-        produce(self._producer, topic, value, key, lambda err, _msg: done(err))
+        """Write a record; ``done`` hears how it went, always later, on the loop's turn."""
+        report = self._guarded(done)
+        size = record_size(value, key)
+        refused: KafkaError | None
+        if size > self._max_record_bytes:
+            reason = f"{size} bytes exceeds the {self._max_record_bytes}-byte record limit"
+            refused = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, reason)
+        else:
+            refused = produce(self._producer, topic, value, key, lambda err, _msg: report(err))
+        if refused is not None:
+            self._later.push(lambda: report(refused), 0.0)
+
+    def _guarded(self, done: Delivered) -> Delivered:
+        def report(err: KafkaError | None) -> None:
+            try:
+                done(err)
+            except Exception:
+                # Raised inside librdkafka's poll(), it would end the gateway's loop.
+                self.metrics.handler_errors.labels("kafka_delivery").inc()
+                self._log.exception("delivery_handler_failed", error=str(err))
+
+        return report
 
     def dead_letter(
         self,
@@ -186,33 +247,7 @@ class TaskLog:
         task: PendingTask | None = None,
     ) -> None:
         """Write a dead letter; its offset counts as finished once Kafka has it."""
-        letter = DeadLetter(
-            reason=reason,
-            detail=detail[:2048],
-            source_topic=tp[0],
-            partition=tp[1],
-            offset=offset,
-            original=raw,
-            dead_at=time.time(),
-            gateway_id=self.gateway_id,
-            job_id=task.task.job_id if task else "",
-            chunk_id=task.task.chunk_id if task else -1,
-            attempts=tuple(task.history[-64:]) if task else (),
-        )
-        payload = encode(letter)
-
-        def delivered(err: KafkaError | None) -> None:
-            if err is not None:
-                self.metrics.delivery_errors.labels("dead_letter").inc()
-                self.produce(self.topics.dead_letter, payload, letter.job_id or None, delivered)
-                return
-            self.metrics.dead_lettered.labels(reason).inc()
-            self.metrics.tasks.labels("dead_lettered").inc()
-            context = task.log_context() if task else {"partition": tp[1], "offset": offset}
-            self._log.warning("dead_lettered", reason=reason, **context)
-            self.finish(tp, offset)
-
-        self.produce(self.topics.dead_letter, payload, letter.job_id or None, delivered)
+        self.letters.send(tp, offset, raw, reason, detail, task)
 
     # ---------------------------------------------------------------- offsets and flow
 

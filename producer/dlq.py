@@ -34,7 +34,7 @@ from parkpool.schemas import (
     encode,
     peek_type,
 )
-from parkpool.schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER
+from parkpool.schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER, task_key
 
 ACTION_KEY = DLQ_ACTION_KEY
 DEFAULT_DEADLINE_S = 3600.0
@@ -313,6 +313,14 @@ def _plan_replay(entry: DeadLetterEntry, deadline_s: float, now: float) -> TaskC
     if entry.letter is None:
         detail = f"the record is not a dead letter ({entry.error}); purge it instead"
         return Outcome(entry.position, OutcomeKind.REFUSED, detail)
+    if not entry.letter.original_kept:
+        letter = entry.letter
+        detail = (
+            f"the record's bytes were not kept ({letter.original_size:,} bytes, too large for "
+            f"a dead letter; sha256 {letter.original_sha256}); it may still be in "
+            f"{letter.source_topic} partition {letter.partition} offset {letter.offset}"
+        )
+        return Outcome(entry.position, OutcomeKind.REFUSED, detail)
     try:
         return rebuild_task(entry.letter, deadline_s, now)
     except DecodeError as exc:
@@ -329,7 +337,7 @@ def _replay_tasks(
     sent = _send(
         producer,
         {
-            p: (topics.tasks, encode(t), f"{t.job_id}:{t.chunk_id}", [(REPLAY_HEADER, str(p))])
+            p: (topics.tasks, encode(t), task_key(t.job_id, t.chunk_id), [(REPLAY_HEADER, str(p))])
             for p, t in tasks.items()
         },
     )

@@ -239,12 +239,15 @@ def record(entry: DeadLetterEntry) -> dict[str, Any]:
 
 def original(letter: DeadLetter) -> dict[str, Any]:
     """Size of the original bytes, and the task they hold when they decode as one."""
+    size = letter.original_size if letter.original_size >= 0 else len(letter.original)
+    if not letter.original_kept:
+        return {"bytes": size, "kept": False, "sha256": letter.original_sha256, "is_task": False}
     task = dlq.decode_original(letter)
-    size = len(letter.original)
     if not isinstance(task, TaskChunk):
-        return {"bytes": size, "is_task": False, "error": str(task)}
+        return {"bytes": size, "kept": True, "is_task": False, "error": str(task)}
     return {
         "bytes": size,
+        "kept": True,
         "is_task": True,
         "kernel": task.kernel,
         "params": dict(task.params),
@@ -310,6 +313,9 @@ def _record_text(details: dict[str, Any]) -> str:
 
 
 def _original_text(info: dict[str, Any]) -> str:
+    if not info["kept"]:
+        size, digest = info["bytes"], info["sha256"]
+        return f"{size} bytes, not kept (too large for a dead letter), sha256 {digest}"
     if not info["is_task"]:
         return f"{info['bytes']} bytes, not a task: {info['error']}"
     inputs = ", ".join(f"{k}={v}" for k, v in info["inputs"].items())

@@ -8,6 +8,7 @@ exactly the checks that protect locally built messages.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import sys
@@ -41,6 +42,7 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Kafka's own topic-name rule, which also forbids "." and "..": a task whose reply topic
 # is one of those makes the gateway's producer raise when it writes the result.
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")
+_SHA256 = re.compile(r"^(|[0-9a-f]{64})$")
 
 
 def _vehicle(name: str, value: object) -> str:
@@ -416,7 +418,10 @@ class AttemptRecord:
 class DeadLetter:
     """A record that could not be completed, with everything needed to replay it.
 
-    ``original`` holds the record's bytes exactly as read, even when they did not decode.
+    ``original`` holds the record's bytes exactly as read, even when they did not decode;
+    or nothing, when the letter would not fit in one Kafka record with them (a foreign
+    record near or over the limit). Size and SHA-256 then still say what was read, and
+    partition and offset where it is, for as long as the topic keeps it.
     """
 
     TYPE: ClassVar[str] = "dead_letter"
@@ -431,6 +436,17 @@ class DeadLetter:
     job_id: str = ""
     chunk_id: int = -1
     attempts: tuple[AttemptRecord, ...] = ()
+    original_size: int = -1  # bytes of the record as read; -1 on letters from before 0.2
+    original_sha256: str = ""  # hex digest of those bytes; "" on letters from before 0.2
+
+    @property
+    def original_kept(self) -> bool:
+        """Whether ``original`` holds the record's bytes (a replay needs them)."""
+        return self.original_size < 0 or len(self.original) == self.original_size
+
+    def without_original(self) -> DeadLetter:
+        """The same letter without the record's bytes, for a record too large to carry."""
+        return dataclasses.replace(self, original=b"")
 
     def __post_init__(self) -> None:
         require_name("reason", self.reason)
@@ -450,6 +466,17 @@ class DeadLetter:
         if not all(isinstance(a, AttemptRecord) for a in self.attempts):
             raise _wrong("attempts must hold AttemptRecord records")
         object.__setattr__(self, "attempts", tuple(self.attempts))
+        self._check_original()
+
+    def _check_original(self) -> None:
+        require_int("original_size", self.original_size, -1)
+        require_str("original_sha256", self.original_sha256, pattern=_SHA256)
+        # The bytes travel whole or not at all: a cut record could be replayed as another.
+        if self.original and 0 <= self.original_size != len(self.original):
+            raise ValidationError(
+                "bad_value",
+                f"original holds {len(self.original)} bytes of a {self.original_size}-byte record",
+            )
 
 
 @dataclass(frozen=True)

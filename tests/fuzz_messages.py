@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import hashlib
 import re
 import struct
 import typing
@@ -122,6 +123,9 @@ BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
     ("VehicleStatus", "reason"): TEXT,
     ("DeadLetter", "job_id"): TEXT,
     ("DeadLetter", "chunk_id"): st.integers(-1, m.MAX_CHUNKS - 1),
+    # Set together with the bytes, in messages() below: they must agree with original.
+    ("DeadLetter", "original_size"): st.just(-1),
+    ("DeadLetter", "original_sha256"): st.just(""),
     ("AttemptRecord", "vehicle_id"): TEXT,
     ("TaskChunk", "inputs_key"): st.just(b""),  # set only with sealed inputs
 }
@@ -208,7 +212,16 @@ def messages(cls: type) -> st.SearchStrategy[Any]:
         return plain | plain.map(lambda t: seal_task(t, GATEWAY_BOX.public, REPLY_BOX.public))
     if cls is m.Result:
         return plain | plain.map(lambda r: seal_outputs(r, REPLY_BOX.public))
+    if cls is m.DeadLetter:
+        return plain | plain.flatmap(_measured)
     return plain
+
+
+def _measured(letter: m.DeadLetter) -> st.SearchStrategy[m.DeadLetter]:
+    """The letter with its original's size and hash, and sometimes without its bytes."""
+    digest = hashlib.sha256(letter.original).hexdigest()
+    whole = dataclasses.replace(letter, original_size=len(letter.original), original_sha256=digest)
+    return st.sampled_from([whole, whole.without_original()])
 
 
 ANY_MESSAGE = st.sampled_from(m.MESSAGE_TYPES).flatmap(messages)

@@ -260,7 +260,7 @@ class TestDocument:
         assert params["gatewayId"]["x-pattern"] == topics._ID_RE.pattern
 
     def test_every_pattern_is_one_the_code_uses(self) -> None:
-        known = {m._ID.pattern, m._TOPIC.pattern, NAME_RE.pattern}
+        known = {m._ID.pattern, m._TOPIC.pattern, m._SHA256.pattern, NAME_RE.pattern}
         assert {n["pattern"] for n in walk(SPEC) if "pattern" in n} == known
 
 

@@ -152,6 +152,20 @@ class TestConstruction:
         record = make(m.AttemptRecord)
         assert make(m.DeadLetter, attempts=[record]).attempts == (record,)
 
+    def test_a_dead_letter_keeps_the_record_whole_or_not_at_all(self) -> None:
+        # Given a letter that says how large the record was
+        digest = "ab" * 32
+        whole = make(m.DeadLetter, original=b"abc", original_size=3, original_sha256=digest)
+        # Then its bytes are kept, and a copy without them still says what was read
+        assert whole.original_kept
+        bare = whole.without_original()
+        assert not bare.original_kept
+        assert (bare.original, bare.original_size, bare.original_sha256) == (b"", 3, digest)
+        # And a letter holding part of a record is refused, since it would replay as another
+        assert reason_of(m.DeadLetter, original=b"ab", original_size=3) == "bad_value"
+        # And letters from before the size was recorded count as whole
+        assert make(m.DeadLetter).original_kept
+
     def test_keys(self) -> None:
         assert make(m.TaskChunk).key == ("job-1", 0)
         assert make(m.Result).key == ("job-1", 1)
@@ -227,6 +241,8 @@ class TestConstruction:
             (m.DeadLetter, "chunk_id", -2, "out_of_range"),
             (m.DeadLetter, "attempts", ({"vehicle_id": "v"},), "wrong_type"),
             (m.DeadLetter, "attempts", (m.AttemptRecord("v", "r", 1.0),) * 65, "wrong_type"),
+            (m.DeadLetter, "original_size", -2, "out_of_range"),
+            (m.DeadLetter, "original_sha256", "ABC", "bad_value"),
             (m.Capabilities, "kernels", "matmul", "wrong_type"),
             (m.Capabilities, "kernels", ["x"] * 257, "wrong_type"),
             (m.Capabilities, "kernels", ["bad kernel"], "bad_value"),

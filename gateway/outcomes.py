@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""How a task leaves the gateway's hands: done, skipped as cancelled, back in the queue
+for another car (now or after a backoff), or dead-lettered once it has failed too often.
+
+Every task ends in exactly one of these, which is what lets its partition's commit point
+move on. Runs on the gateway's loop thread, like everything that touches its state.
+"""
+
+from __future__ import annotations
+
+import time
+
+from structlog.typing import FilteringBoundLogger
+
+from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.retry import DelayQueue
+from parkpool.gateway.tasklog import TaskLog
+from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
+from parkpool.runtime.backoff import compute_backoff
+from parkpool.schemas import AttemptRecord
+
+MAX_DETAIL = 512
+
+
+class TaskOutcomes:
+    def __init__(
+        self,
+        *,
+        max_attempts: int,
+        log: TaskLog,
+        leases: LeaseTable,
+        ready: ReadyQueue,
+        delayed: DelayQueue[PendingTask],
+        metrics: GatewayMetrics,
+        events: FilteringBoundLogger,
+    ) -> None:
+        self._max_attempts = max_attempts
+        self._log = log
+        self._leases = leases
+        self._ready = ready
+        self._delayed = delayed
+        self._metrics = metrics
+        self._events = events
+
+    def finish(self, task: PendingTask) -> None:
+        """Its result is durable: the task's offset may be committed."""
+        task.state = TaskState.DONE
+        self._log.finish(task.tp, task.offset)
+
+    def skip_cancelled(self, task: PendingTask) -> None:
+        self._metrics.tasks.labels("cancelled").inc()
+        self.finish(task)
+
+    def dead_letter(self, task: PendingTask, reason: str, detail: str) -> None:
+        task.state = TaskState.FINISHING
+        self._log.dead_letter(task.tp, task.offset, task.raw, reason, detail, task)
+
+    def release_vehicle(
+        self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
+    ) -> None:
+        """Every lease the car holds goes back to the queue (it left, or was stopped)."""
+        for lease in self._leases.of_vehicle(vehicle_id):
+            self._leases.end(lease.epoch)
+            self._metrics.redelivered.labels(cause).inc()
+            self.requeue(lease.task, cause, vehicle_id, detail, counts=counts)
+
+    def requeue(
+        self,
+        task: PendingTask,
+        reason: str,
+        vehicle_id: str,
+        detail: str,
+        *,
+        counts: bool,
+        terminal: bool = False,
+        backoff: bool = False,
+    ) -> None:
+        """Record a failed attempt; then try the task again, or give up on it."""
+        if not self._log.owns(task.tp):
+            return  # partition revoked: its new owner has the task
+        task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:MAX_DETAIL]))
+        task.failures += int(counts)
+        if counts:
+            self._metrics.tasks.labels("failed").inc()
+            self._metrics.failures.labels(reason).inc()
+        self._events.info(
+            "task_requeued",
+            **task.log_context(),
+            vehicle_id=vehicle_id,
+            reason=reason,
+            failures=task.failures,
+        )
+        if terminal or task.failures >= self._max_attempts:
+            self.dead_letter(task, reason, detail or f"failed {task.failures} times")
+            return
+        task.state = TaskState.QUEUED
+        if backoff:
+            self._delayed.push(task, compute_backoff(max(1, task.failures)))
+        else:
+            self._ready.push_front(task)
