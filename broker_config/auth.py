@@ -8,9 +8,12 @@ it may read only ``<ns>/v/<its id>/task`` and the gateways' announcements, and w
 only its own pull, status, result, nack and heartbeat topics.
 
 The store is a directory: ``passwd`` (Mosquitto's ``$7$`` PBKDF2-SHA512 hashes, as
-``mosquitto_passwd`` writes them), ``acl``, and ``secrets/<id>`` (mode 0600) holding each
-identity's password for provisioning. After a change Mosquitto must re-read the files
-(SIGHUP); a revoked car keeps its current connection but cannot connect again.
+``mosquitto_passwd`` writes them), ``acl``, and ``keys/<id>.pub``, the cars' public
+result-signing keys for gateways. It keeps no secret: a password is returned once, when
+it is made, and a car's private key goes straight to its own credentials folder
+(``parkpool.runtime.credentials``) for the hand-over. A stolen store lets nobody log in.
+After a change Mosquitto must re-read the files (SIGHUP); a revoked car keeps its
+current connection but cannot connect again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import secrets
 from pathlib import Path
 
+from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.signing import generate
 from parkpool.schemas.errors import ConfigError
 
@@ -50,49 +54,49 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 
 class AuthStore:
-    """The password file, the ACL and the provisioning secrets in one directory."""
+    """The password file, the ACL and the cars' public keys in one directory."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.passwd = directory / "passwd"
         self.acl = directory / "acl"
-        self._secrets = directory / "secrets"
 
     def init(self) -> AuthStore:
-        self._secrets.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         if not self.passwd.exists():
             self._write(self.passwd, "")
         self._write_acl()
         return self
 
+    @property
+    def legacy_secrets(self) -> Path | None:
+        """The plaintext ``secrets/`` folder stores made before 0.2 kept, if still there."""
+        folder = self.directory / "secrets"
+        return folder if folder.is_dir() else None
+
     def enroll(self, identity: str) -> str:
-        """Create (or replace) an identity's password; returns it for provisioning."""
+        """Create (or replace) an identity's password; returns it, and only its hash stays."""
         _check(identity)
         password = secrets.token_urlsafe(24)
         entries = self._entries()
         entries[identity] = hash_password(password)
         self._save(entries)
-        self._write(self._secrets / identity, password + "\n")
         return password
 
-    def enroll_vehicle(self, vehicle_id: str) -> str:
-        """A car's login plus its own result-signing key: the public half goes to
-        ``keys/`` for gateways (``--vehicle-keys``), the private half to ``secrets/``."""
+    def enroll_vehicle(self, vehicle_id: str, car_dir: Path) -> CarCredentials:
+        """A car's login plus its own result-signing key: the public half stays here for
+        gateways (``--vehicle-keys``); the password and the private half are written to
+        ``car_dir/<vehicle_id>/`` for the hand-over to the car, and nowhere else."""
         password = self.enroll(vehicle_id)
-        generate(self.directory / "keys", vehicle_id)
-        private = self.directory / "keys" / f"{vehicle_id}.key"
-        os.replace(private, self._secrets / f"{vehicle_id}.key")
-        return password
-
-    def signing_key(self, vehicle_id: str) -> Path:
-        return self._secrets / f"{vehicle_id}.key"
+        private, _public = generate(self.vehicle_keys, vehicle_id)
+        return CarCredentials.of(car_dir, vehicle_id).write(password, private)
 
     @property
     def vehicle_keys(self) -> Path:
         return self.directory / "keys"
 
     def add_gateway(self, identity: str) -> str:
-        """A gateway identity: may read and write every topic."""
+        """A gateway identity: may read and write every topic. Returns its password."""
         password = self.enroll(identity)
         gateways = set(self._gateways()) | {identity}
         self._write(self.directory / "gateways", "".join(f"{g}\n" for g in sorted(gateways)))
@@ -104,16 +108,8 @@ class AuthStore:
         entries = self._entries()
         existed = entries.pop(identity, None) is not None
         self._save(entries)
-        (self._secrets / identity).unlink(missing_ok=True)
-        (self._secrets / f"{identity}.key").unlink(missing_ok=True)
-        (self.directory / "keys" / f"{identity}.pub").unlink(missing_ok=True)
+        (self.vehicle_keys / f"{identity}.pub").unlink(missing_ok=True)
         return existed
-
-    def password(self, identity: str) -> str:
-        try:
-            return (self._secrets / identity).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{identity} is not enrolled in {self.directory}") from exc
 
     def enrolled(self) -> list[str]:
         return sorted(self._entries())

@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """``parkpool fleet enroll|revoke|gateway``: per-vehicle MQTT identities.
 
-``enroll`` creates a vehicle's credentials and prints its password once, for the car's
-secure storage; ``revoke`` removes them, so its next connection is refused. Both make
-Mosquitto re-read its files when ``--broker-pid`` is given (SIGHUP).
+``enroll`` creates a vehicle's credentials: it prints the password once, writes the
+password and the car's private result-signing key to ``--car-dir`` for the hand-over to
+the car's secure storage, and keeps only the password's hash and the public key.
+``revoke`` removes them, so its next connection is refused. Both make Mosquitto re-read
+its files when ``--broker-pid`` is given (SIGHUP).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from parkpool.broker_config.auth import AuthStore
 from parkpool.runtime.settings import add_option
+from parkpool.schemas.errors import ConfigError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,13 +36,29 @@ def add_parser(subparsers: Any) -> None:
         add_option(
             action, "--broker-pid", "PARKPOOL_BROKER_PID", 0, "Mosquitto to reload (SIGHUP)", int
         )
+        if name == "enroll":
+            add_option(
+                action,
+                "--car-dir",
+                "PARKPOOL_CAR_DIR",
+                "",
+                "where the car's password and private result key are written (0600), one "
+                "folder per car, for the hand-over; move them to the car, then delete them",
+            )
         action.set_defaults(func=func)
 
 
 def _store(args: argparse.Namespace) -> AuthStore:
     if not args.auth_dir:
-        raise SystemExit("parkpool fleet: --auth-dir (or PARKPOOL_AUTH_DIR) is required")
-    return AuthStore(Path(args.auth_dir)).init()
+        raise ConfigError("--auth-dir (or PARKPOOL_AUTH_DIR) is required")
+    store = AuthStore(Path(args.auth_dir)).init()
+    if store.legacy_secrets is not None:
+        print(
+            f"warning: {store.legacy_secrets} holds plaintext passwords and keys from an "
+            "older parkpool; hand them to their cars, then delete the folder",
+            file=sys.stderr,
+        )
+    return store
 
 
 def _reload(args: argparse.Namespace) -> None:
@@ -48,9 +67,11 @@ def _reload(args: argparse.Namespace) -> None:
 
 
 def run_enroll(args: argparse.Namespace) -> int:
-    store = _store(args)
-    print(store.enroll_vehicle(args.identity))
-    print(f"result-signing key: {store.signing_key(args.identity)}", file=sys.stderr)
+    if not args.car_dir:
+        raise ConfigError("--car-dir (or PARKPOOL_CAR_DIR) is required: the car's secrets go there")
+    car = _store(args).enroll_vehicle(args.identity, Path(args.car_dir))
+    print(car.password())
+    print(f"the car's credentials, for its secure storage: {car.directory}", file=sys.stderr)
     _reload(args)
     return 0
 

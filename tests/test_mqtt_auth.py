@@ -28,6 +28,8 @@ from tests.helpers import hold_lease, wait_for
 
 pytestmark = pytest.mark.integration
 NS = "sec"
+# The store keeps only hashes: the tests hold the passwords, as the cars would.
+PASSWORDS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker
     with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("secured"), auth=True) as brokers:
         assert brokers.auth is not None
         for car in ("car-a", "car-b", "car-c"):
-            brokers.auth.enroll(car)
-        brokers.auth.add_gateway("gw-sec")
+            PASSWORDS[car] = brokers.auth.enroll(car)
+        PASSWORDS["gw-sec"] = brokers.auth.add_gateway("gw-sec")
         brokers.reload_mosquitto()
         time.sleep(0.5)  # SIGHUP is handled on the broker's next loop
         yield brokers
@@ -47,7 +49,7 @@ def _login(brokers: EmbeddedBrokers, who: str | None) -> list[str]:
     if who is None:
         return base
     assert brokers.auth is not None
-    return [*base, "-u", who, "-P", brokers.auth.password(who), "-i", f"{who}-{time.time_ns()}"]
+    return [*base, "-u", who, "-P", PASSWORDS[who], "-i", f"{who}-{time.time_ns()}"]
 
 
 def publish(brokers: EmbeddedBrokers, who: str | None, topic: str, message: str) -> int:
@@ -123,7 +125,7 @@ class TestIsolation:
     def test_revoked_car_cannot_connect_again(self, secured: EmbeddedBrokers) -> None:
         assert secured.auth is not None
         assert publish(secured, "car-c", f"{NS}/v/car-c/status", "here") == 0
-        password = secured.auth.password("car-c")
+        password = PASSWORDS["car-c"]
         assert secured.auth.revoke("car-c")
         secured.reload_mosquitto()
         time.sleep(0.5)
@@ -136,15 +138,31 @@ class TestIsolation:
 
 
 class TestStore:
-    """Identities are validated and their secrets kept private."""
+    """Identities are validated; the store keeps no secret, the car gets its own."""
 
-    def test_bad_identity_refused_and_secrets_private(self, tmp_path: Path) -> None:
+    def test_bad_identity_refused(self, tmp_path: Path) -> None:
         store = AuthStore(tmp_path / "auth").init()
         with pytest.raises(Exception, match="identity must match"):
             store.enroll("car/../x")
-        store.enroll("car-1")
+        assert store.enrolled() == []
+
+    def test_only_hashes_and_public_keys_stay(self, tmp_path: Path) -> None:
+        # When a car is enrolled
+        store = AuthStore(tmp_path / "auth").init()
+        car = store.enroll_vehicle("car-1", tmp_path / "cars")
+        password = car.password()
+        # Then the store holds its hash and public key, and nowhere its password or key
         assert store.enrolled() == ["car-1"]
-        assert (tmp_path / "auth" / "secrets" / "car-1").stat().st_mode & 0o077 == 0
+        assert (store.vehicle_keys / "car-1.pub").exists()
+        private = car.result_key.read_bytes()
+        for path in (tmp_path / "auth").rglob("*"):
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path
+                assert private.strip() not in path.read_bytes(), path
+        # And the car's own copy is for its eyes only
+        assert car.directory.stat().st_mode & 0o077 == 0
+        for secret in (car.password_file, car.result_key):
+            assert secret.stat().st_mode & 0o077 == 0
 
 
 class TestFleetCommand:
@@ -157,10 +175,22 @@ class TestFleetCommand:
             *("--broker-pid", str(secured.pids["mosquitto"])),
         ]
         cli = [sys.executable, "-m", "parkpool.app.cli", "fleet"]
-        enrolled = subprocess.run(
-            [*cli, "enroll", "car-d", *options], check=True, capture_output=True, text=True
+        # Without a place for the car's secrets, enroll refuses, by name
+        refused = subprocess.run(
+            [*cli, "enroll", "car-d", *options], check=False, capture_output=True, text=True
         )
+        assert refused.returncode == 2 and "--car-dir" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        cars = secured.run_dir / "cars"
+        enrolled = subprocess.run(
+            [*cli, "enroll", "car-d", *options, "--car-dir", str(cars)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        # It prints the password once, and the car's folder holds the same
         password = enrolled.stdout.strip()
+        assert (cars / "car-d" / "mqtt-password").read_text().strip() == password
         time.sleep(0.5)
         login = [*_login(secured, None), "-u", "car-d", "-P", password]
         status = [*login, "-t", f"{NS}/v/car-d/status", "-m", "here"]

@@ -15,6 +15,7 @@ import pytest
 from parkpool.broker_config.auth import AuthStore
 from parkpool.producer.client import ParkpoolClient
 from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.settings import MqttConnection
 from parkpool.runtime.signing import ResultSigner, TaskSigner, TaskVerifier, generate
 from parkpool.schemas import (
@@ -144,7 +145,7 @@ class TestSignedResults:
         namespace: str,
     ) -> None:
         store = AuthStore(tmp_path / "auth").init()
-        store.enroll_vehicle("holder")
+        car = store.enroll_vehicle("holder", tmp_path / "cars")
         gateway = gateway_factory(lease_seconds=300, vehicle_keys=store.vehicle_keys)
         # Given a scripted, enrolled car holding the only chunk's lease
         topics = MqttTopics(namespace)
@@ -164,7 +165,7 @@ class TestSignedResults:
         # Then nothing completed, and the lease is still the car's
         assert handle.progress.done == 0
         # And the car's own signature completes it
-        own = ResultSigner.load(store.signing_key("holder"))
+        own = ResultSigner.load(car.result_key)
         holder.car.publish(topics.result("holder", "gw1"), encode(own.sign(result)))
         handle.wait(timeout=30)
         # And replaying that genuine result later is refused as stale and counted
@@ -183,10 +184,14 @@ class TestSignedResults:
         namespace: str,
     ) -> None:
         store = AuthStore(tmp_path / "auth").init()
-        store.enroll_vehicle("keyed-00001")
+        store.enroll_vehicle("keyed-00001", tmp_path / "cars")
         gateway_factory(vehicle_keys=store.vehicle_keys)
         template = WorkerSettings("t", mqtt_conn, namespace, backend="numpy")
-        fleet = Fleet(template, prefix="keyed", result_key=store.signing_key)
+        fleet = Fleet(
+            template,
+            prefix="keyed",
+            result_key=lambda vid: CarCredentials.of(tmp_path / "cars", vid).result_key,
+        )
         try:
             fleet.add(1)
             chunks = [ChunkSpec({"op": "sum"}, {"x": np.full(4, float(i))}) for i in range(5)]

@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
-from parkpool.broker_config.auth import AuthStore
 from parkpool.runtime import logs
+from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.settings import (
     add_mqtt_options,
     add_namespace_option,
@@ -84,10 +84,11 @@ def add_parser(subparsers: Any) -> None:
     add_option(sim, "--owner-policy", "PARKPOOL_OWNER_POLICY", "", "TOML of policy changes")
     add_option(
         sim,
-        "--auth-dir",
-        "PARKPOOL_AUTH_DIR",
+        "--credentials-dir",
+        "PARKPOOL_CREDENTIALS_DIR",
         "",
-        "auth store with each simulated car's enrolled credentials (parkpool fleet enroll)",
+        "each simulated car's credentials, <dir>/<vehicle id>/, as parkpool fleet enroll "
+        "--car-dir writes them; empty: anonymous, unsigned results",
     )
     sim.set_defaults(func=run_sim)
 
@@ -168,12 +169,12 @@ def run_sim(args: argparse.Namespace) -> int:
     stop = stop_event()
     if args.realistic:
         return _run_realistic(args, stop)
-    store = AuthStore(Path(args.auth_dir)) if args.auth_dir else None
+    cars = Path(args.credentials_dir) if args.credentials_dir else None
     fleet = Fleet(
         _settings(args, f"{args.prefix}-0"),
         prefix=args.prefix,
-        login=store.password if store else None,
-        result_key=store.signing_key if store else None,
+        login=(lambda vid: CarCredentials.of(cars, vid).password()) if cars else None,
+        result_key=(lambda vid: CarCredentials.of(cars, vid).result_key) if cars else None,
     )
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)

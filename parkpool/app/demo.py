@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             "PARKPOOL_MQTT_PORT": str(brokers.mqtt_tls_port),
             "PARKPOOL_MQTT_TLS_CA": str(tls_dir / "ca.pem"),
         }
-        gateway_env = {**env, **_enroll(brokers, args.vehicles)}
+        cars = run_dir / "cars"  # each car's own credentials, as it would store them
+        gateway_env = {**env, **_enroll(brokers, args.vehicles, cars)}
         # Signed work, as in production: the cars run only what this gateway issued; and
         # the box key that lets gateways hand a confidential job's key to one car.
         private, public = generate(run_dir / "keys")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         sim_args = [
             *("sim", "--vehicles", str(args.vehicles), "--trusted-keys", str(public)),
-            *("--auth-dir", str(run_dir / "auth")),
+            *("--credentials-dir", str(cars)),
         ]
         with (
             role("gateway", gateway_args, gateway_env, run_dir),
@@ -118,11 +119,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _enroll(brokers: EmbeddedBrokers, vehicles: int) -> dict[str, str]:
-    """Every car and the gateway get their own MQTT identity; returns the gateway's login."""
+def _enroll(brokers: EmbeddedBrokers, vehicles: int, cars: Path) -> dict[str, str]:
+    """Every car and the gateway get their own MQTT identity; returns the gateway's login.
+
+    The broker keeps only hashes; each car's password and result key go to ``cars``,
+    which stands for the cars' own secure storage."""
     assert brokers.auth is not None
     for n in range(1, vehicles + 1):
-        brokers.auth.enroll_vehicle(f"car-{n:05d}")
+        brokers.auth.enroll_vehicle(f"car-{n:05d}", cars)
     password = brokers.auth.add_gateway("demo-gw")
     brokers.reload_mosquitto()
     return {"PARKPOOL_MQTT_USERNAME": "demo-gw", "PARKPOOL_MQTT_PASSWORD": password}
