@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from parkpool.schemas.errors import ValidationError
 from parkpool.worker.carstate import CarState, Charging, FileFeed, Gear, SimulatedBus
@@ -27,13 +28,19 @@ class TestCarState:
             ({"locked": "yes"}, "wrong_type"),
             ({"battery_temp_c": "hot"}, "wrong_type"),
             ({"soc_pct": True}, "wrong_type"),
-            ({"seats": 5}, "unknown_field"),
         ],
     )
     def test_bad_values_are_refused(self, data: dict[str, object], reason: str) -> None:
         with pytest.raises(ValidationError) as caught:
             CarState.from_mapping(data)
         assert caught.value.reason == reason
+
+    def test_unknown_keys_are_ignored_and_named(self) -> None:
+        # Given a feed from an integration newer than this agent
+        data = {"soc_pct": 80.0, "seats": 5, "cabin_overheat_protection": True}
+        # Then the state is read, and the keys it does not know are named
+        assert CarState.from_mapping(data).soc_pct == 80.0
+        assert CarState.unknown_fields(data) == ["cabin_overheat_protection", "seats"]
 
     def test_strings_become_enums(self) -> None:
         state = CarState.from_mapping({"gear": "drive", "charging": "dc_fast"})
@@ -80,6 +87,22 @@ class TestFileFeed:
             _write(path, {"soc_pct": 250})
             wait_for(lambda: feed.errors == 2, 5, "the out-of-range write to be counted")
             assert feed.current().soc_pct == 64.0
+        finally:
+            feed.close()
+
+    def test_fields_it_does_not_know_are_read_past(self, tmp_path: Path) -> None:
+        # Given an integration newer than the agent, writing a field the agent lacks
+        path = tmp_path / "car.json"
+        _write(path, {"soc_pct": 70.0, "v2g_export_kw": 3.5})
+        feed = FileFeed(path, poll_s=0.02)
+        try:
+            # Then the state is taken, the field named once, and nothing counted as bad
+            assert feed.current().soc_pct == 70.0
+            assert feed.unknown_fields == {"v2g_export_kw"} and feed.errors == 0
+            with capture_logs() as logs:
+                _write(path, {"soc_pct": 71.0, "v2g_export_kw": 3.0})
+                wait_for(lambda: feed.current().soc_pct == 71.0, 5, "the second state")
+            assert [e for e in logs if e["event"] == "car_state_unknown_fields"] == []
         finally:
             feed.close()
 

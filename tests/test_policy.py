@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from parkpool.schemas.errors import ConfigError
 from parkpool.schemas.reasons import POLICY_REASONS
@@ -175,7 +176,8 @@ class TestStickyPause:
 
 
 class TestConfig:
-    """The policy file: defaults as documented, unknown or bad settings refused."""
+    """The policy file: defaults as documented, bad settings refused, unknown ones
+    warned about and ignored (a policy pushed ahead of the software must not brick it)."""
 
     def test_shipped_file_is_the_defaults(self) -> None:
         assert PolicyConfig.load(DEFAULT_POLICY_FILE) == PolicyConfig()
@@ -187,10 +189,21 @@ class TestConfig:
         assert (config.require_plugged_in, config.soc_floor_pct) == (False, 60)
         assert config.battery_max_c == PolicyConfig().battery_max_c
 
+    def test_unknown_settings_are_ignored_with_a_warning(self, tmp_path: Path) -> None:
+        # Given a policy with a setting this agent does not know, beside one it does
+        path = tmp_path / "policy.toml"
+        path.write_text("night_mode_quiet_fans = true\nsoc_floor_pct = 60\n")
+        # When it is loaded
+        with capture_logs() as logs:
+            config = PolicyConfig.load(path)
+        # Then the known one applies, and the unknown one is named in a warning
+        assert config.soc_floor_pct == 60
+        (warning,) = [e for e in logs if e["event"] == "owner_policy_unknown_settings"]
+        assert warning["ignored"] == ["night_mode_quiet_fans"] and warning["log_level"] == "warning"
+
     @pytest.mark.parametrize(
         ("text", "message"),
         [
-            ("sco_floor_pct = 50\n", "unknown settings"),
             ("soc_floor_pct = 'high'\n", "must be a number"),
             ("require_plugged_in = 1\n", "true or false"),
             ("battery_resume_c = 45\n", "battery_resume_c"),

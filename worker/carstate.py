@@ -76,14 +76,18 @@ class CarState:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CarState:
-        """Build from a feed's JSON object; unknown keys are an error, missing keep defaults."""
+        """Build from a feed's JSON object; missing keys keep their defaults, and keys it
+        does not know are ignored (``unknown_fields`` names them): an in-car integration
+        newer than this agent must not stop the car from being read."""
         if not isinstance(data, Mapping):
             raise ValidationError("wrong_type", "a car state must be a JSON object")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValidationError("unknown_field", f"unknown car state fields {unknown}")
-        return cls(**dict(data))
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def unknown_fields(cls, data: Mapping[str, Any]) -> list[str]:
+        known = {f.name for f in fields(cls)}
+        return sorted(str(key) for key in data if key not in known)
 
 
 _RANGES = (
@@ -194,6 +198,7 @@ class FileFeed(_Broadcast):
         self.poll_s = poll_s
         self.stale_after_s = stale_after_s
         self.errors = 0
+        self.unknown_fields: set[str] = set()  # ignored keys seen so far, each warned once
         self._seen: tuple[int, int] | None = None
         # Until the first good read the car is assumed unavailable: stale on purpose.
         super().__init__(CarState(at=0.0))
@@ -229,6 +234,13 @@ class FileFeed(_Broadcast):
             self.errors += 1
             log.warning("car_state_invalid", path=str(self.path), error=str(exc)[:200])
             return
+        self._note_unknown(CarState.unknown_fields(data))
         if not state.at:
             state = replace(state, at=stat.st_mtime_ns / 1e9)
         self._publish(state)
+
+    def _note_unknown(self, keys: list[str]) -> None:
+        new = [key for key in keys if key not in self.unknown_fields]
+        if new:
+            self.unknown_fields.update(new)
+            log.warning("car_state_unknown_fields", path=str(self.path), ignored=new)

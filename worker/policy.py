@@ -18,11 +18,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from parkpool.schemas.errors import ConfigError
 from parkpool.schemas.reasons import COOLDOWN_SUFFIX
 from parkpool.worker.carstate import CarState, Charging, Gear
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("owner_policy.toml")
+log = structlog.get_logger("parkpool.worker.policy")
 
 
 class Mode(enum.StrEnum):
@@ -88,7 +91,12 @@ class PolicyConfig:
 
     @classmethod
     def load(cls, path: Path | None = None) -> PolicyConfig:
-        """Read a TOML file of ``key = value`` lines; unknown keys are an error."""
+        """Read a TOML file of ``key = value`` lines.
+
+        Unknown keys are warned about and ignored: a policy pushed over the air ahead of
+        the software that knows a new setting must not stop the agent from starting. A
+        known key with a bad value is still an error, since a wrong threshold is unsafe.
+        """
         path = path or DEFAULT_POLICY_FILE
         try:
             data: dict[str, Any] = tomllib.loads(path.read_text())
@@ -97,8 +105,8 @@ class PolicyConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"owner policy {path}: unknown settings {unknown}")
-        return cls(**data)
+            log.warning("owner_policy_unknown_settings", path=str(path), ignored=unknown)
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     def soc_needed(self, state: CarState) -> float:
         """State of charge the car must keep on battery: the owner's floor, or the next
