@@ -5,7 +5,10 @@ paho's own ``loop_start`` costs a thread per client; a fleet of thousands of veh
 in one process needs one selector instead. paho supports this through its socket
 callbacks; they may fire on any thread, so they only queue an operation and wake the
 loop, which alone touches the selector and calls ``loop_read``/``loop_write``.
-Clients that lose their connection are reconnected here, as ``loop_start`` would.
+Clients that lose their connection are reconnected here, as ``loop_start`` would, but
+after a capped exponential backoff with full jitter per client (``reconnect``): when a
+broker restarts, its cars come back spread over the backoff window instead of all in
+the same second.
 
 paho's write-registration flag is not guarded against publishes from other threads, so
 the register/unregister callbacks can arrive out of order. They are therefore only
@@ -17,23 +20,36 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import selectors
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
 
+from parkpool.runtime.backoff import Backoff
+
 log = structlog.get_logger("parkpool.worker.netloop")
 Op = tuple[str, mqtt.Client, Any]
 MISC_EVERY_S = 1.0  # keepalive pings and retries; paho wants this about once a second
+# The first retry comes within a second; each failure doubles the window, up to a minute.
+RECONNECT_BASE_S = 1.0
+RECONNECT_CAP_S = 60.0
+# A connection that lived this long was a success: the next loss starts the backoff over.
+STABLE_AFTER_S = 30.0
+
+
+def jittered_reconnects() -> Backoff:
+    return Backoff(base=RECONNECT_BASE_S, cap=RECONNECT_CAP_S)
 
 
 class NetworkLoop:
-    def __init__(self) -> None:
+    def __init__(self, reconnect: Callable[[], Backoff] = jittered_reconnects) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -46,7 +62,13 @@ class NetworkLoop:
         self._fds: dict[int, int] = {}  # id(client) -> registered fd
         self._writing: set[int] = set()  # ids of clients whose socket is watched for writes
         self._lost: dict[int, float] = {}  # id(client) -> when to try reconnecting
+        # The same, ordered; checked every turn, so a jittered retry is not held back to
+        # the once-a-second chores (which would bunch the cars up again).
+        self._due: list[tuple[float, int]] = []
         self._closing: set[int] = set()  # ids of clients leaving on purpose
+        self._reconnect = reconnect
+        self._backoffs: dict[int, Backoff] = {}  # id(client) -> its reconnect schedule
+        self._opened: dict[int, float] = {}  # id(client) -> when its socket last opened
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-netloop", daemon=True)
 
@@ -66,6 +88,7 @@ class NetworkLoop:
 
     def attach(self, client: mqtt.Client) -> None:
         self._clients[id(client)] = client
+        self._backoffs[id(client)] = self._reconnect()
         opened = client.on_socket_open  # new_client's TCP_NODELAY hook: keep it
 
         def on_open(c: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -77,6 +100,10 @@ class NetworkLoop:
         client.on_socket_close = lambda c, _u, s: self._queue("close", c, s)
         client.on_socket_register_write = lambda c, _u, s: self._queue("write", c, s)
         client.on_socket_unregister_write = lambda c, _u, s: self._queue("unwrite", c, s)
+
+    def has(self, client: mqtt.Client) -> bool:
+        """Whether the loop still serves this client (a detached one leaves on close)."""
+        return id(client) in self._clients
 
     def detach(self, client: mqtt.Client) -> None:
         """Forget a client once its socket closes (after a clean DISCONNECT): no reconnect."""
@@ -111,6 +138,7 @@ class NetworkLoop:
                 except Exception:
                     # A bug in one car's callback must not stop the loop serving the others.
                     log.exception("client_callback_failed")
+            self._reconnect_due()
             if time.monotonic() >= next_misc:
                 self._misc()
                 next_misc = time.monotonic() + MISC_EVERY_S
@@ -151,15 +179,35 @@ class NetworkLoop:
         self._writing.discard(id(client))
         self._selector.register(fd, selectors.EVENT_READ, client)
         self._lost.pop(id(client), None)
+        self._opened[id(client)] = time.monotonic()
         self._sync_write(client)
 
     def _op_close(self, client: mqtt.Client, _sock: Any) -> None:
         self._forget_fd(client)
         if id(client) in self._closing:
             self._closing.discard(id(client))
-            self._clients.pop(id(client), None)
+            self._forget(client)
         elif id(client) in self._clients:
-            self._lost[id(client)] = time.monotonic() + 1.0  # reconnect, as loop_start would
+            self._retry_later(id(client))
+
+    def _retry_later(self, key: int) -> float:
+        delay = self._retry_delay(key)
+        due = time.monotonic() + delay
+        self._lost[key] = due
+        heapq.heappush(self._due, (due, key))
+        return delay
+
+    def _retry_delay(self, key: int) -> float:
+        """The wait before this client's next connection attempt (its own backoff)."""
+        backoff = self._backoffs.setdefault(key, self._reconnect())
+        opened = self._opened.pop(key, None)
+        if opened is not None and time.monotonic() - opened >= STABLE_AFTER_S:
+            backoff.reset()
+        return backoff.next_delay()
+
+    def _forget(self, client: mqtt.Client) -> None:
+        for book in (self._clients, self._backoffs, self._opened, self._lost):
+            book.pop(id(client), None)
 
     def _op_write(self, client: mqtt.Client, _sock: Any) -> None:
         self._sync_write(client)
@@ -183,8 +231,7 @@ class NetworkLoop:
             self._writing.discard(id(client))
 
     def _op_kill(self, client: mqtt.Client, _sock: Any) -> None:
-        self._clients.pop(id(client), None)
-        self._lost.pop(id(client), None)
+        self._forget(client)
         self._forget_fd(client)
         sock = client.socket()
         if sock is not None:
@@ -199,19 +246,22 @@ class NetworkLoop:
                 self._selector.unregister(fd)
 
     def _misc(self) -> None:
-        now = time.monotonic()
         for client in list(self._clients.values()):
             client.loop_misc()
             try:
                 self._sync_write(client)
             except (OSError, KeyError, ValueError) as exc:
                 log.debug("socket_sync_skipped", error=str(exc))
-        for key, due in list(self._lost.items()):
+
+    def _reconnect_due(self) -> None:
+        now = time.monotonic()
+        while self._due and self._due[0][0] <= now:
+            due, key = heapq.heappop(self._due)
             lost = self._clients.get(key)
-            if lost is None or due > now:
-                continue
+            if lost is None or self._lost.get(key) != due:
+                continue  # reconnected, forgotten, or rescheduled since
             try:
                 lost.reconnect()
             except OSError as exc:
-                self._lost[key] = now + 2.0
-                log.debug("reconnect_failed", error=str(exc))
+                delay = self._retry_later(key)
+                log.debug("reconnect_failed", error=str(exc), retry_in_s=round(delay, 2))

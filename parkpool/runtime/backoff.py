@@ -30,10 +30,14 @@ class Backoff:
     cap: float = 60.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
     failures: int = 0
+    # Off only to measure what jitter buys: every client then waits the whole ceiling.
+    jitter: bool = True
 
     def next_delay(self) -> float:
         """Count one more failure and return the wait before the next attempt."""
         self.failures += 1
+        if not self.jitter:
+            return float(min(self.cap, self.base * 2 ** (self.failures - 1)))
         return compute_backoff(self.failures, base=self.base, cap=self.cap, rng=self.rng)
 
     def reset(self) -> None:
