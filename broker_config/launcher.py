@@ -124,9 +124,17 @@ class EmbeddedBrokers:
 
     def restart_mosquitto(self) -> None:
         """Stop and start Mosquitto on the same port with the same persistence dir."""
-        mqtt = self._require(self._mqtt)
-        mqtt.stop(self.stop_timeout)
-        self._launch(mqtt, time.monotonic() + self.start_timeout)
+        self.stop_mosquitto()
+        self.start_mosquitto()
+
+    def stop_mosquitto(self) -> None:
+        """Stop Mosquitto, keeping its port and persistence dir for ``start_mosquitto``."""
+        self._require(self._mqtt).stop(self.stop_timeout)
+
+    def start_mosquitto(self) -> None:
+        if self._mqtt is None:
+            raise BrokerError("embedded brokers are not running; call start() first")
+        self._launch(self._mqtt, time.monotonic() + self.start_timeout)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -134,7 +134,8 @@ def fleet_factory(namespace: str, mqtt_conn: MqttConnection) -> Iterator[Callabl
 
     def make(count: int, prefix: str = "car", **overrides: Any) -> Fleet:
         overrides.setdefault("heartbeat_s", 1.0)
-        template = WorkerSettings("template", mqtt_conn, namespace, backend="numpy", **overrides)
+        mqtt = overrides.pop("mqtt", mqtt_conn)
+        template = WorkerSettings("template", mqtt, namespace, backend="numpy", **overrides)
         fleet = Fleet(template, prefix=prefix)
         fleet.add(count)
         fleets.append(fleet)

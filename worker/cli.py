@@ -17,12 +17,14 @@ import structlog
 from parkpool.runtime import logs
 from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.settings import (
+    add_flag,
     add_mqtt_options,
     add_namespace_option,
     add_option,
     mqtt_from_args,
 )
 from parkpool.runtime.signals import stop_event
+from parkpool.worker.boot import check_safeguards, missing_safeguards, start_with_retries
 from parkpool.worker.carstate import FileFeed
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.policy import OwnerPolicy, PolicyConfig
@@ -47,8 +49,15 @@ def add_parser(subparsers: Any) -> None:
         "--car-feed",
         "PARKPOOL_CAR_FEED",
         "",
-        "JSON file an in-car integration keeps current (docs/OWNER_POLICY.md); "
-        "empty: no owner policy (a bench machine, not a car)",
+        "JSON file an in-car integration keeps current (docs/OWNER_POLICY.md); required "
+        "unless --dev",
+    )
+    add_flag(
+        worker,
+        "--dev",
+        "PARKPOOL_DEV",
+        "a development bench, not a car: allow running without --car-feed and "
+        "--trusted-keys (warned at every start)",
     )
     add_option(
         worker,
@@ -106,8 +115,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--trusted-keys",
         "PARKPOOL_TRUSTED_KEYS",
         "",
-        "comma-separated public key files of the gateways allowed to issue work; "
-        "empty: unsigned work is accepted (development only)",
+        "comma-separated public key files of the gateways allowed to issue work; required "
+        "by parkpool worker unless --dev",
     )
     add_option(
         p,
@@ -145,17 +154,25 @@ def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:
 
 def run_worker(args: argparse.Namespace) -> int:
     logs.configure()
+    # Checked before anything connects: a car must never run a moment without them.
+    check_safeguards(
+        missing_safeguards(args.car_feed, args.trusted_keys), dev=args.dev, command="worker"
+    )
     stop = stop_event()
     policy = PolicyConfig.load(Path(args.owner_policy) if args.owner_policy else None)
     car = FileFeed(Path(args.car_feed)) if args.car_feed else None
     settings = _settings(args, args.vehicle_id)
     if args.result_key:
         settings = replace(settings, result_key=Path(args.result_key))
-    worker = VehicleWorker(settings, car=car, policy=OwnerPolicy(policy) if car else None)
-    worker.start()
-    log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
-    stop.wait()
-    worker.stop("owner_stop")
+
+    def make() -> VehicleWorker:
+        return VehicleWorker(settings, car=car, policy=OwnerPolicy(policy) if car else None)
+
+    worker = start_with_retries(make, stop)
+    if worker is not None:
+        log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
+        stop.wait()
+        worker.stop("owner_stop")
     if car is not None:
         car.close()
     return 0
@@ -169,6 +186,9 @@ def run_sim(args: argparse.Namespace) -> int:
     stop = stop_event()
     if args.realistic:
         return _run_realistic(args, stop)
+    # A simulated car has no car signals, and a test fleet may trust no key: allowed,
+    # since nothing here drives away, but said at every start.
+    check_safeguards(missing_safeguards("", args.trusted_keys), dev=True, command="sim")
     cars = Path(args.credentials_dir) if args.credentials_dir else None
     fleet = Fleet(
         _settings(args, f"{args.prefix}-0"),

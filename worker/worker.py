@@ -11,6 +11,7 @@ the owner's guard, ``worker.runner``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 import threading
@@ -70,9 +71,11 @@ _STATE_OF_MODE = {
 
 
 class VehicleWorker:
-    """One vehicle. Standalone it runs its own MQTT loop, ticker and kernel pool; in a
+    """One vehicle. Standalone it runs its own network loop, ticker and kernel pool; in a
     simulated fleet the fleet passes a shared ``network`` loop and ``pool`` and calls
-    ``tick()`` itself, so thousands of vehicles fit in one process.
+    ``tick()`` itself, so thousands of vehicles fit in one process. Either way its MQTT
+    connection is driven by a ``NetworkLoop``, so a real car and a simulated one reconnect
+    by the same jittered backoff.
 
     With ``car`` signals, an owner policy guards it: the owner taking the car back stops
     its kernels between launches and hands every task back at once."""
@@ -112,6 +115,7 @@ class VehicleWorker:
         self._slots = threading.Semaphore(settings.concurrency)
         self.admission = Admission(settings.trusted_keys, self.vehicle_id)
         self.rejected = self.admission.rejected  # assignments refused: bad_signature, replayed
+        self.handler_errors: collections.Counter[str] = collections.Counter()
         self._signer = ResultSigner.load(settings.result_key) if settings.result_key else None
         self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
@@ -119,7 +123,8 @@ class VehicleWorker:
         self._last_pull = 0.0  # monotonic time of the last pull sent
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
         self._next_heartbeat = 0.0
-        self._network = network
+        self._owns_network = network is None
+        self._network = network if network is not None else NetworkLoop().start()
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
         self._log = log.bind(vehicle_id=self.vehicle_id)
@@ -137,14 +142,13 @@ class VehicleWorker:
     # ---------------------------------------------------------------- life cycle
 
     def start(self, timeout: float = 15.0) -> None:
-        if self._network is not None:
-            self._network.attach(self._client)
+        self._network.attach(self._client)
         connect_and_wait(
             self._client,
             self.settings.mqtt,
             connected=self._connected,
             timeout=timeout,
-            start_loop=self._network is None,
+            start_loop=False,
         )
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
@@ -154,7 +158,7 @@ class VehicleWorker:
         self._announce()
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         self.pull(force=True)
-        if self._network is None:
+        if self._owns_network:
             self._ticker.start()
 
     def stop(self, reason: str = "stopped") -> None:
@@ -169,11 +173,10 @@ class VehicleWorker:
         # last will or the missing heartbeats instead, and the nacks wait in paho's queue.
         with contextlib.suppress(RuntimeError, ValueError):
             self._status(VehicleState.OFFLINE, reason).wait_for_publish(timeout=5)
-        if self._network is not None:
-            self._network.detach(self._client)
+        self._network.detach(self._client)
         self._client.disconnect()
-        if self._network is None:
-            self._client.loop_stop()
+        if self._owns_network:
+            self._close_own_network()
         if self._owns_pool:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.backend.free_memory()
@@ -184,14 +187,22 @@ class VehicleWorker:
         The broker then publishes our last will, which is what the gateway must handle.
         """
         self._stopping.set()
-        if self._network is not None:
+        if not self._owns_network:
             self._network.kill(self._client)
             return
-        self._client.loop_stop()
+        self._network.close()
         sock = self._client.socket()
         if sock is not None:
             sock.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _close_own_network(self, timeout: float = 2.0) -> None:
+        """Let the DISCONNECT go out (the loop forgets the client once it is sent), then
+        stop the loop: a clean leave, so the broker does not publish our last will."""
+        deadline = time.monotonic() + timeout
+        while self._network.has(self._client) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._network.close()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -283,12 +294,21 @@ class VehicleWorker:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
-        if msg.topic != self.topics.task(self.vehicle_id):
-            self._on_gateway_status(msg.topic, payload)
-        elif peek_type(payload) == Revoke.TYPE:
-            self._on_revoke(payload)
-        else:
-            self._on_assignment(payload)
+        kind = "gateway_status"
+        try:
+            if msg.topic != self.topics.task(self.vehicle_id):
+                self._on_gateway_status(msg.topic, payload)
+            elif peek_type(payload) == Revoke.TYPE:
+                kind = "revoke"
+                self._on_revoke(payload)
+            else:
+                kind = "assignment"
+                self._on_assignment(payload)
+        except Exception:
+            # Raised into paho's network loop it would stop every car on that loop; a bug
+            # met by one message is counted and the message dropped (its lease expires).
+            self.handler_errors[kind] += 1
+            self._log.exception("message_handler_failed", kind=kind)
 
     def _on_gateway_status(self, topic: str, payload: bytes) -> None:
         try:
@@ -408,11 +428,18 @@ class VehicleWorker:
         if result is not None:
             if self._signer is not None:
                 result = self._signer.sign(result)
-            topic = self.topics.result(self.vehicle_id, result.gateway_id)
-            self._client.publish(topic, encode(result), qos=1)
-            self.completed += 1
-            self._log.debug("task_done", **task_context(item.assignment, item.task))
-        elif nack is not None:
+            payload = encode(result)
+            limit = self.settings.mqtt.max_message_bytes
+            if len(payload) <= limit:
+                topic = self.topics.result(self.vehicle_id, result.gateway_id)
+                self._client.publish(topic, payload, qos=1)
+                self.completed += 1
+                self._log.debug("task_done", **task_context(item.assignment, item.task))
+            else:
+                # The broker would drop it (or us); every car's answer would be as large.
+                detail = f"result of {len(payload):,} bytes is over the MQTT limit of {limit:,}"
+                nack = (NackReason.INVALID_TASK, detail)
+        if nack is not None:
             context = task_context(item.assignment, item.task)
             self._log.warning("task_failed", **context, reason=nack[0].value, detail=nack[1])
             self._nack(item.assignment, *nack, item.task)

@@ -101,6 +101,31 @@ def add_option(
     )
 
 
+def add_flag(parser: argparse.ArgumentParser, flag: str, env: str, help_text: str) -> None:
+    """A yes/no option: ``--flag`` alone means yes, ``--flag no`` no; the variable takes
+    1/0, true/false, yes/no or on/off, and a bad value is an error naming it."""
+    parser.add_argument(
+        flag,
+        nargs="?",
+        const=True,
+        default=env_default(env, False),
+        type=_converter(boolean),
+        metavar="yes|no",
+        help=f"{help_text} [env {env}; default no]",
+    )
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _BOOLEANS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_BOOLEANS)}")
+    return _BOOLEANS[value]
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS |= {"0": False, "false": False, "no": False, "off": False}
+
+
 def byte_limit(text: str) -> int:
     """A message or record size limit: a whole number of bytes, at least 16 KiB."""
     value = int(text)
