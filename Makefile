@@ -10,12 +10,14 @@ all: lint mypy test
 
 setup: $(STAMP) system-packages
 
-# Debian packages the tests run: mosquitto, and prometheus (the server and promtool).
+# Debian packages the tests run: mosquitto, prometheus (the server and promtool), and
+# systemd's systemd-analyze, which checks the deploy/systemd units.
 system-packages:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing="$$missing prometheus"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
