@@ -54,7 +54,7 @@ class TaskOutcomes:
 
     def dead_letter(self, task: PendingTask, reason: str, detail: str) -> None:
         task.state = TaskState.FINISHING
-        self._log.dead_letter(task.tp, task.offset, task.raw, reason, detail, task)
+        self._log.letters.send(task.tp, task.offset, task.raw, reason, detail, task)
 
     def release_vehicle(
         self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True

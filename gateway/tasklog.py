@@ -237,18 +237,6 @@ class TaskLog:
 
         return report
 
-    def dead_letter(
-        self,
-        tp: TP,
-        offset: int,
-        raw: bytes,
-        reason: str,
-        detail: str,
-        task: PendingTask | None = None,
-    ) -> None:
-        """Write a dead letter; its offset counts as finished once Kafka has it."""
-        self.letters.send(tp, offset, raw, reason, detail, task)
-
     # ---------------------------------------------------------------- offsets and flow
 
     def owns(self, tp: TP) -> bool:
