@@ -34,8 +34,16 @@ def add_parser(subparsers: Any) -> None:
     submit.add_argument("kernel", choices=sorted(PLANNERS))
     submit.add_argument("--size", type=int, default=1024, help="matrix side or array length")
     submit.add_argument("--tile", type=int, default=256, help="gemm tile side")
+    submit.add_argument(
+        "--k-tile",
+        type=int,
+        default=256,
+        help="gemm chunk depth (256 x 256 blocks of both operands make 512 KiB chunks)",
+    )
     submit.add_argument("--samples", type=int, default=10_000_000, help="monte_carlo_pi samples")
-    submit.add_argument("--chunk", type=int, default=1 << 20, help="elements/samples per chunk")
+    submit.add_argument(
+        "--chunk", type=int, default=0, help="elements/samples per chunk (0: the kernel's default)"
+    )
     submit.add_argument("--coeffs", default="1,0,-2,1", help="poly coefficients, highest first")
     submit.add_argument("--op", default="sum", help="reduce operation")
     submit.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
@@ -79,22 +87,31 @@ def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
     if args.kernel == "gemm":
         a = rng.standard_normal((args.size, args.size), dtype=np.float32)
         b = rng.standard_normal((args.size, args.size), dtype=np.float32)
-        return PLANNERS["gemm"](a, b, tile=args.tile), lambda: a @ b
+        plan = PLANNERS["gemm"](a, b, tile=args.tile, k_tile=args.k_tile)
+        return plan, lambda: a @ b
     if args.kernel == "monte_carlo_pi":
-        plan = PLANNERS["monte_carlo_pi"](args.samples, chunk_samples=args.chunk, seed=args.seed)
+        chunking = _chunking(args, "chunk_samples")
+        plan = PLANNERS["monte_carlo_pi"](args.samples, seed=args.seed, **chunking)
         return plan, lambda: np.pi
     x = rng.standard_normal(args.size)
     if args.kernel == "poly":
         coeffs = [float(c) for c in args.coeffs.split(",")]
-        return PLANNERS["poly"](x, coeffs, chunk_elems=args.chunk), lambda: np.polyval(coeffs, x)
+        plan = PLANNERS["poly"](x, coeffs, **_chunking(args, "chunk_elems"))
+        return plan, lambda: np.polyval(coeffs, x)
     ops: dict[str, Callable[[Any], Any]] = {
         "sum": np.sum,
         "sumsq": lambda v: np.sum(v * v),
         "min": np.min,
         "max": np.max,
     }
-    plan = PLANNERS["reduce"](x, args.op, chunk_elems=args.chunk)
+    plan = PLANNERS["reduce"](x, args.op, **_chunking(args, "chunk_elems"))
     return plan, lambda: ops[args.op](x)
+
+
+def _chunking(args: argparse.Namespace, option: str) -> dict[str, int]:
+    """The chunk size asked for, or nothing, so the planner's default (which fits one
+    Kafka record) applies."""
+    return {option: args.chunk} if args.chunk else {}
 
 
 def run_submit(args: argparse.Namespace) -> int:
