@@ -26,7 +26,6 @@ import secrets
 from pathlib import Path
 
 from parkpool.runtime.credentials import CarCredentials
-from parkpool.runtime.signing import generate
 from parkpool.schemas.errors import ConfigError
 
 ITERATIONS = 101  # what mosquitto_passwd uses for $7$
@@ -78,18 +77,25 @@ class AuthStore:
         """Create (or replace) an identity's password; returns it, and only its hash stays."""
         _check(identity)
         password = secrets.token_urlsafe(24)
-        entries = self._entries()
-        entries[identity] = hash_password(password)
-        self._save(entries)
+        self._accept(identity, password)
         return password
 
     def enroll_vehicle(self, vehicle_id: str, car_dir: Path) -> CarCredentials:
-        """A car's login plus its own result-signing key: the public half stays here for
-        gateways (``--vehicle-keys``); the password and the private half are written to
-        ``car_dir/<vehicle_id>/`` for the hand-over to the car, and nowhere else."""
-        password = self.enroll(vehicle_id)
-        private, _public = generate(self.vehicle_keys, vehicle_id)
-        return CarCredentials.of(car_dir, vehicle_id).write(password, private)
+        """A car's login plus its own result-signing key: the password and the key pair
+        are made in ``car_dir/<vehicle_id>/`` for the hand-over to the car, and only the
+        hash and the public half stay here (``keys/``, for gateways' ``--vehicle-keys``).
+        The broker accepts the password only once the car's copy is written."""
+        _check(vehicle_id)
+        car = CarCredentials.of(car_dir, vehicle_id).issue(secrets.token_urlsafe(24))
+        self.vehicle_keys.mkdir(parents=True, exist_ok=True)
+        (self.vehicle_keys / f"{vehicle_id}.pub").write_bytes(car.result_public_key.read_bytes())
+        self._accept(vehicle_id, car.password())
+        return car
+
+    def _accept(self, identity: str, password: str) -> None:
+        entries = self._entries()
+        entries[identity] = hash_password(password)
+        self._save(entries)
 
     @property
     def vehicle_keys(self) -> Path:

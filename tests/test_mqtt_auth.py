@@ -19,8 +19,10 @@ from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.producer.client import ParkpoolClient
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.settings import MqttConnection
+from parkpool.runtime.signing import ResultSigner, VehicleKeys
 from parkpool.schemas import (
     MqttTopics,
+    Result,
     encode,
 )
 from tests.conftest import RunningGateway
@@ -159,10 +161,15 @@ class TestStore:
             if path.is_file():
                 assert password.encode() not in path.read_bytes(), path
                 assert private.strip() not in path.read_bytes(), path
+        assert [p.name for p in store.vehicle_keys.iterdir()] == ["car-1.pub"]
         # And the car's own copy is for its eyes only
         assert car.directory.stat().st_mode & 0o077 == 0
         for secret in (car.password_file, car.result_key):
             assert secret.stat().st_mode & 0o077 == 0
+        # And the gateways' copy of the public key is the half of the car's private key
+        result = Result("job1", 0, 1, "car-1", "gw", 1, 1, {"y": np.ones(2)}, 0.1, 1.0, 0.0)
+        signed = ResultSigner.load(car.result_key).sign(result)
+        assert VehicleKeys(store.vehicle_keys).check(signed) is None
 
 
 class TestFleetCommand:
