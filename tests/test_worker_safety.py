@@ -92,6 +92,21 @@ class TestRefusesToRunUnprotected:
 class TestWaitsForTheNetwork:
     """An unreachable broker at boot is retried with backoff, never a reason to exit."""
 
+    def test_a_stop_ends_the_wait_for_a_broker_that_does_not_answer(
+        self, listener: socket.socket, tmp_path: Path
+    ) -> None:
+        # Given a port that accepts connections but never answers MQTT
+        child = worker_process(listener.getsockname()[1], "--dev", cwd=tmp_path)
+        try:
+            wait_for(lambda: anyone_connected(listener), 30, "the agent to connect")
+        finally:
+            # When the agent is stopped while it waits for the CONNACK
+            child.send_signal(signal.SIGTERM)
+            # Then it leaves cleanly, well before its 15 s connection timeout
+            _out, err = child.communicate(timeout=10)
+        assert child.returncode == 0, err
+        assert "Traceback" not in err
+
     def test_dev_bench_warns_then_keeps_retrying_until_stopped(self, tmp_path: Path) -> None:
         # Given no broker at all on the port
         closed = socket.create_server(("127.0.0.1", 0))
@@ -136,6 +151,33 @@ class TestWaitsForTheNetwork:
             (worker,) = started
             assert worker is not None and worker.eligible
             worker.stop("test_over")
+
+
+class TestSimulatedFleetSaysItIsUnprotected:
+    """parkpool sim is a development tool: it runs without a feed or keys, loudly."""
+
+    def test_warns_at_start(self, mqtt_conn: MqttConnection, tmp_path: Path) -> None:
+        # When a fleet with no trusted keys starts
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARKPOOL_")}
+        env |= {"PARKPOOL_MQTT_PORT": str(mqtt_conn.port), "PARKPOOL_LOG_JSON": "1"}
+        argv = [sys.executable, "-m", "parkpool", "sim", "--vehicles", "1", "--backend", "numpy"]
+        child = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert child.stderr is not None
+        lines = []
+        try:
+            for line in child.stderr:
+                lines.append(line)
+                if "fleet_started" in line:
+                    break
+        finally:
+            child.send_signal(signal.SIGTERM)
+            child.communicate(timeout=30)
+        # Then it said, before its cars connected, that they run without both safeguards
+        (warning,) = [line for line in lines if "unsafe_development_mode" in line]
+        assert "--car-feed" in warning and "--trusted-keys" in warning
+        assert "fleet_started" in lines[-1]
 
 
 def _failures(logs: list[dict[str, Any]]) -> int:
@@ -183,9 +225,11 @@ class TestNothingStopsTheAgent:
         # Given cars whose broker takes messages of 16 KiB at most
         gateway_factory()
         small = MqttConnection(mqtt_conn.host, mqtt_conn.port, max_message_bytes=16 << 10)
-        fleet_factory(1, mqtt=small)
+        (car,) = fleet_factory(1, mqtt=small).vehicles.values()
         # When a job's result is 32 KiB
         handle = client.submit("poly", {"x": np.ones(4096), "coeffs": [2.0, 0.0]})
         # Then the car does not send it, and the job fails by name instead of hanging
         with pytest.raises(JobFailed, match="invalid_task"):
             handle.wait(timeout=60)
+        # And the car counted it, once: the gateway dead-lettered it at the first nack
+        assert (car.results_too_large, car.completed) == (1, 0)

@@ -94,11 +94,18 @@ def start_with_retries(
     while not stop.is_set():
         worker = make()
         try:
-            worker.start()
+            worker.start(abort=stop)  # a stop ends the wait for the broker, too
         except (BrokerError, TimeoutError, OSError) as exc:
             worker.kill()
+            if stop.is_set():
+                break
             delay = backoff.next_delay()
-            log.warning("broker_unreachable", error=str(exc), retry_in_s=round(delay, 2))
+            log.warning(
+                "broker_unreachable",
+                error=str(exc),
+                attempt=backoff.failures,
+                retry_in_s=round(delay, 2),
+            )
             stop.wait(delay)
         else:
             return worker

@@ -24,6 +24,7 @@ from parkpool.runtime.settings import (
     mqtt_from_args,
 )
 from parkpool.runtime.signals import stop_event
+from parkpool.worker.backend import select_backend
 from parkpool.worker.boot import check_safeguards, missing_safeguards, start_with_retries
 from parkpool.worker.carstate import FileFeed
 from parkpool.worker.fleet import Fleet
@@ -164,9 +165,11 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, args.vehicle_id)
     if args.result_key:
         settings = replace(settings, result_key=Path(args.result_key))
+    backend = select_backend(settings.backend)  # once: a GPU is not set up again per try
 
     def make() -> VehicleWorker:
-        return VehicleWorker(settings, car=car, policy=OwnerPolicy(policy) if car else None)
+        guard = OwnerPolicy(policy) if car else None
+        return VehicleWorker(settings, backend, car=car, policy=guard)
 
     worker = start_with_retries(make, stop)
     if worker is not None:
@@ -184,11 +187,13 @@ def run_sim(args: argparse.Namespace) -> int:
     # would make each MQTT hand-off wait for a whole slice of some other vehicle.
     sys.setswitchinterval(0.0005)
     stop = stop_event()
+    # A simulated fleet is a development tool: its cars have no real signals (the
+    # realistic one simulates them) and it may trust no gateway key. Allowed, since
+    # nothing here drives away, but said at every start.
+    feed = "simulated" if args.realistic else ""
+    check_safeguards(missing_safeguards(feed, args.trusted_keys), dev=True, command="sim")
     if args.realistic:
         return _run_realistic(args, stop)
-    # A simulated car has no car signals, and a test fleet may trust no key: allowed,
-    # since nothing here drives away, but said at every start.
-    check_safeguards(missing_safeguards("", args.trusted_keys), dev=True, command="sim")
     cars = Path(args.credentials_dir) if args.credentials_dir else None
     fleet = Fleet(
         _settings(args, f"{args.prefix}-0"),

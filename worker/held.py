@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,69 @@ class Held:
     def beat_every(self) -> float:
         """A third of the lease, so two heartbeats may be lost before it expires."""
         return max(0.5, (self.assignment.lease_deadline - self.received_at) / 3)
+
+
+class HeldTasks:
+    """The tasks a car holds, by lease epoch; kernels, the network and the owner's guard
+    all touch them, each from its own thread."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, Held] = {}
+        self._lock = threading.Lock()
+        self._releasing = 0  # hand-backs whose nacks are still being sent
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def add(self, assignment: Assignment, task: TaskChunk) -> None:
+        with self._lock:
+            self._items[assignment.epoch] = Held(assignment, task)
+
+    def pop(self, epoch: int) -> Held | None:
+        with self._lock:
+            return self._items.pop(epoch, None)
+
+    def start(self, epoch: int) -> Held | None:
+        """Mark a task as running (its lease heartbeats start); None if it was let go."""
+        with self._lock:
+            item = self._items.get(epoch)
+            if item is not None:
+                item.running = True
+                item.next_beat = time.time() + item.beat_every
+            return item
+
+    def due_beats(self, now: float) -> list[Held]:
+        """Running tasks whose lease heartbeat is due, each then scheduled for the next."""
+        with self._lock:
+            due = [h for h in self._items.values() if h.running and h.next_beat <= now]
+            for held in due:
+                held.next_beat = now + held.beat_every
+        return due
+
+    def take_all(self) -> list[Held]:
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+    @contextlib.contextmanager
+    def releasing(self) -> Iterator[list[Held]]:
+        """Take every task to hand back; until the block ends, ``handed_back`` is False."""
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+            self._releasing += 1
+        try:
+            yield items
+        finally:
+            with self._lock:
+                self._releasing -= 1
+
+    def handed_back(self) -> bool:
+        """Nothing held, and every nack of a hand-back already sent."""
+        with self._lock:
+            return not self._items and not self._releasing
 
 
 def task_context(assignment: Assignment, task: TaskChunk) -> dict[str, object]:

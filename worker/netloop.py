@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import heapq
+import logging
 import selectors
 import socket
 import ssl
@@ -49,7 +50,15 @@ def jittered_reconnects() -> Backoff:
 
 
 class NetworkLoop:
-    def __init__(self, reconnect: Callable[[], Backoff] = jittered_reconnects) -> None:
+    """``reconnect`` makes each client's backoff. ``retry_log_level``: a car alone on its
+    loop logs every lost connection and failed attempt with the wait before the next
+    (warning); a simulated fleet of thousands keeps them at debug."""
+
+    def __init__(
+        self,
+        reconnect: Callable[[], Backoff] = jittered_reconnects,
+        retry_log_level: int = logging.DEBUG,
+    ) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -67,6 +76,7 @@ class NetworkLoop:
         self._due: list[tuple[float, int]] = []
         self._closing: set[int] = set()  # ids of clients leaving on purpose
         self._reconnect = reconnect
+        self._retry_log_level = retry_log_level
         self._backoffs: dict[int, Backoff] = {}  # id(client) -> its reconnect schedule
         self._opened: dict[int, float] = {}  # id(client) -> when its socket last opened
         self._stop = threading.Event()
@@ -188,7 +198,8 @@ class NetworkLoop:
             self._closing.discard(id(client))
             self._forget(client)
         elif id(client) in self._clients:
-            self._retry_later(id(client))
+            delay = self._retry_later(id(client))
+            self._log_retry("mqtt_connection_lost", id(client), delay)
 
     def _retry_later(self, key: int) -> float:
         delay = self._retry_delay(key)
@@ -199,7 +210,9 @@ class NetworkLoop:
 
     def _retry_delay(self, key: int) -> float:
         """The wait before this client's next connection attempt (its own backoff)."""
-        backoff = self._backoffs.setdefault(key, self._reconnect())
+        backoff = self._backoffs.get(key)
+        if backoff is None:
+            backoff = self._backoffs[key] = self._reconnect()
         opened = self._opened.pop(key, None)
         if opened is not None and time.monotonic() - opened >= STABLE_AFTER_S:
             backoff.reset()
@@ -264,4 +277,10 @@ class NetworkLoop:
                 lost.reconnect()
             except OSError as exc:
                 delay = self._retry_later(key)
-                log.debug("reconnect_failed", error=str(exc), retry_in_s=round(delay, 2))
+                self._log_retry("mqtt_reconnect_failed", key, delay, error=str(exc))
+
+    def _log_retry(self, event: str, key: int, delay: float, **context: str) -> None:
+        attempt = self._backoffs[key].failures if key in self._backoffs else 0
+        log.log(
+            self._retry_log_level, event, attempt=attempt, retry_in_s=round(delay, 2), **context
+        )

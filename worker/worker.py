@@ -4,15 +4,17 @@
 Nothing here survives a restart, and nothing needs to: a task the worker loses is
 redone elsewhere when its lease ends, so the worker can always just stop.
 
-What the car lets in is ``worker.admission``; what it says back, ``worker.replies``;
-how it splits its credits between gateways, ``worker.grants``; running a kernel under
-the owner's guard, ``worker.runner``.
+What becomes of each task it is given is ``worker.tasks``: what the car lets in,
+``worker.admission``; what it holds, ``worker.held``; running a kernel under the owner's
+guard, ``worker.runner``. What it says back is ``worker.replies``, and how that is sent,
+``worker.outbox``; how it splits its credits between gateways, ``worker.grants``.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -22,24 +24,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 
-from parkpool.runtime.mqtt import Will, connect_and_wait, new_client
+from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, wait_until
 from parkpool.runtime.signing import ResultSigner
 from parkpool.schemas import (
     Assignment,
     Capabilities,
     DecodeError,
     GatewayStatus,
-    KernelError,
     MqttTopics,
     NackReason,
-    Preempted,
     PullRequest,
-    Reject,
-    Result,
-    Retry,
     Revoke,
     TaskChunk,
-    ValidationError,
     VehicleState,
     VehicleStatus,
     decode,
@@ -51,12 +47,14 @@ from parkpool.worker.backend import Backend, select_backend
 from parkpool.worker.carstate import CarSignals, CarState
 from parkpool.worker.grants import GatewayBook
 from parkpool.worker.guard import REAL_TIME, OwnerGuard, TimeBase
-from parkpool.worker.held import Held, WorkerSettings, task_context
+from parkpool.worker.held import WorkerSettings, task_context
 from parkpool.worker.kernels import REGISTRY
 from parkpool.worker.netloop import NetworkLoop
+from parkpool.worker.outbox import Outbox
 from parkpool.worker.policy import RUN, Decision, Mode, OwnerPolicy
-from parkpool.worker.replies import heartbeat_of, nack_of, result_of, status_of
+from parkpool.worker.replies import heartbeat_of, status_of
 from parkpool.worker.runner import TaskRunner
+from parkpool.worker.tasks import TaskLine
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
 
@@ -95,9 +93,9 @@ class VehicleWorker:
         self.vehicle_id = settings.vehicle_id
         self.topics = MqttTopics(settings.namespace)
         self.backend = backend or select_backend(settings.backend)
-        self.completed = 0
         self.released = 0  # tasks handed back because the owner policy stopped the car
-        self._releasing = 0  # hand-backs whose nacks are still being sent
+        self.connected_at: float | None = None  # monotonic time of the latest CONNACK
+        self.connections = 0  # CONNACKs so far: the first connection, then reconnections
         self.guard = (
             OwnerGuard(car, policy or OwnerPolicy(), self._on_policy, timebase) if car else None
         )
@@ -109,14 +107,13 @@ class VehicleWorker:
             settings.gflops_per_s,
             settings.simulated_delay_s,
         )
-        self._held: dict[int, Held] = {}
         self.gateways = GatewayBook()
-        self._lock = threading.Lock()
-        self._slots = threading.Semaphore(settings.concurrency)
+        self._lock = threading.Lock()  # the pull schedule
         self.admission = Admission(settings.trusted_keys, self.vehicle_id)
         self.rejected = self.admission.rejected  # assignments refused: bad_signature, replayed
+        # Messages whose handling raised, by kind: counted and dropped, never fatal.
         self.handler_errors: collections.Counter[str] = collections.Counter()
-        self._signer = ResultSigner.load(settings.result_key) if settings.result_key else None
+        signer = ResultSigner.load(settings.result_key) if settings.result_key else None
         self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -124,7 +121,7 @@ class VehicleWorker:
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
         self._next_heartbeat = 0.0
         self._owns_network = network is None
-        self._network = network if network is not None else NetworkLoop().start()
+        self._network = network or NetworkLoop(retry_log_level=logging.WARNING).start()
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
         self._log = log.bind(vehicle_id=self.vehicle_id)
@@ -137,11 +134,28 @@ class VehicleWorker:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self.outbox = Outbox(self._client, self.topics, self.vehicle_id, settings.mqtt, signer)
+        self.tasks = TaskLine(
+            self.vehicle_id,
+            capacity=settings.capacity,
+            concurrency=settings.concurrency,
+            admission=self.admission,
+            gateways=self.gateways,
+            runner=self.runner,
+            outbox=self.outbox,
+            pool=self._pool,
+            stopping=self._stopping,
+            decision=lambda: self.decision,
+            on_room=lambda: self.pull(force=True),
+            on_preempted=self._after_preemption,
+        )
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
 
     # ---------------------------------------------------------------- life cycle
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, abort: threading.Event | None = None) -> None:
+        """Connect, subscribe and announce; raises BrokerError or TimeoutError when the
+        broker does not answer in ``timeout`` (or ``abort`` is set, a stop meanwhile)."""
         self._network.attach(self._client)
         connect_and_wait(
             self._client,
@@ -149,8 +163,9 @@ class VehicleWorker:
             connected=self._connected,
             timeout=timeout,
             start_loop=False,
+            abort=abort,
         )
-        if not self._subscribed.wait(timeout):
+        if not wait_until(self._subscribed, timeout, abort):
             raise TimeoutError(f"vehicle {self.vehicle_id}: task subscription not acknowledged")
         if self.guard is not None:
             self.guard.start()
@@ -164,10 +179,7 @@ class VehicleWorker:
     def stop(self, reason: str = "stopped") -> None:
         """Owner-first stop: hand every held task back at once, then leave cleanly."""
         self._stopping.set()
-        with self._lock:
-            held = list(self._held.values())
-            self._held.clear()
-        for item in held:
+        for item in self.tasks.held.take_all():
             self._nack(item.assignment, NackReason.RELEASED, reason, item.task)
         # Not connected (the broker is restarting, say): the gateway learns it from the
         # last will or the missing heartbeats instead, and the nacks wait in paho's queue.
@@ -220,8 +232,16 @@ class VehicleWorker:
 
     @property
     def held(self) -> int:
-        with self._lock:
-            return len(self._held)
+        return len(self.tasks.held)
+
+    @property
+    def completed(self) -> int:
+        return self.tasks.completed
+
+    @property
+    def results_too_large(self) -> int:
+        """Results not sent because they were over the MQTT limit (each task nacked)."""
+        return self.outbox.too_large
 
     # ---------------------------------------------------------------- pulling
 
@@ -233,18 +253,17 @@ class VehicleWorker:
         """
         if self._stopping.is_set() or not self.eligible:
             return
+        credits = self.settings.capacity - len(self.tasks.held)
         with self._lock:
-            credits = self.settings.capacity - len(self._held)
             due = time.monotonic() - self._last_pull >= self._refresh_s
             if credits <= 0 or not self.gateways.any_online() or not (force or due):
                 return
             self._last_pull = time.monotonic()
         seen, grants = self.gateways.split(credits)
         dwell = self.guard.dwell_s() if self.guard else 0.0
-        pull = PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
-        # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
-        # delays work briefly, while QoS 1 would double the packets on the busiest topic.
-        self._client.publish(self.topics.pull(self.vehicle_id), encode(pull), qos=0)
+        self.outbox.pull(
+            PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
+        )
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(0.5):
@@ -265,21 +284,17 @@ class VehicleWorker:
     def _beat_leases(self) -> None:
         """Keep the leases of running tasks alive, however long the kernel takes."""
         now = time.time()
-        with self._lock:
-            due = [h for h in self._held.values() if h.running and h.next_beat <= now]
-            for held in due:
-                held.next_beat = now + held.beat_every
-        for held in due:
-            beat = heartbeat_of(held, self.vehicle_id, now)
-            topic = self.topics.heartbeat(self.vehicle_id, beat.gateway_id)
-            self._client.publish(topic, encode(beat), qos=1)
+        for held in self.tasks.held.due_beats(now):
+            self.outbox.heartbeat(heartbeat_of(held, self.vehicle_id, now))
 
-    # ---------------------------------------------------------------- receiving tasks
+    # ---------------------------------------------------------------- receiving
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
             self._log.error("mqtt_connect_refused", reason=str(rc))
             return
+        self.connected_at = time.monotonic()
+        self.connections += 1
         self._connected.set()
         client.subscribe(
             [(self.topics.task(self.vehicle_id), 1), (self.topics.all_gateway_statuses, 1)]
@@ -322,128 +337,10 @@ class VehicleWorker:
             self.pull(force=True)
 
     def _on_revoke(self, payload: bytes) -> None:
-        try:
-            revoke = decode(payload, Revoke)
-        except DecodeError as exc:
-            self._log.warning("revoke_malformed", reason=str(exc))
-            return
-        with self._lock:
-            held = self._held.pop(revoke.epoch, None)
-        if held is not None:
-            self._log.info("lease_revoked", job_id=held.task.job_id, reason=revoke.reason)
-            self.pull(force=True)
+        self.tasks.revoke(payload)
 
     def _on_assignment(self, payload: bytes) -> None:
-        try:
-            assignment = decode(payload, Assignment)
-        except DecodeError as exc:
-            # Without a readable epoch there is nothing to nack; the lease will expire.
-            self._log.warning("assignment_malformed", reason=str(exc))
-            return
-        if not self.admission.authentic(assignment):
-            return
-        if assignment.vehicle_id == self.vehicle_id:  # another car's epochs mean nothing here
-            self.gateways.received(assignment.gateway_id, assignment.epoch)
-        refusal = self._refusal(assignment)
-        if refusal is not None:
-            self._nack(assignment, *refusal)
-            return
-        try:
-            task = decode(assignment.task, TaskChunk)
-        except DecodeError as exc:
-            self._nack(assignment, NackReason.INVALID_TASK, str(exc))
-            return
-        try:
-            task = self.admission.open(assignment, task)
-        except DecodeError as exc:
-            # Sealed to another key (this car restarted since its pull, say): counted as a
-            # failed attempt, so a task no car can open still ends in the dead-letter topic.
-            self._nack(assignment, NackReason.KERNEL_ERROR, f"sealed inputs: {exc}", task)
-            return
-        with self._lock:
-            self._held[assignment.epoch] = Held(assignment, task)
-        self._log.debug("task_received", **task_context(assignment, task))
-        self._pool.submit(self._run, assignment.epoch)
-
-    def _refusal(self, assignment: Assignment) -> tuple[NackReason, str] | None:
-        if self._stopping.is_set():
-            return NackReason.RELEASED, "worker stopping"
-        if not self.eligible:
-            return NackReason.RELEASED, f"owner policy: {self.decision.reason}"
-        if assignment.vehicle_id != self.vehicle_id:
-            return NackReason.INVALID_TASK, "assignment addressed to another vehicle"
-        if assignment.lease_deadline < time.time():
-            return NackReason.EXPIRED, "lease deadline passed before the task could start"
-        if self.held >= self.settings.capacity:
-            return NackReason.BUSY, "more tasks than credits given"
-        return None
-
-    # ---------------------------------------------------------------- running tasks
-
-    def _run(self, epoch: int) -> None:
-        # A shared fleet pool has threads to spare; the car runs only `concurrency` at once,
-        # and a prefetched task waits here until a slot frees.
-        with self._slots:
-            self._run_held(epoch)
-
-    def _run_held(self, epoch: int) -> None:
-        with self._lock:
-            item = self._held.get(epoch)
-            if item is None or self._stopping.is_set():
-                return  # released or revoked meanwhile
-            item.running = True
-            item.next_beat = time.time() + item.beat_every
-        try:
-            outputs, seconds = self.runner.run(item.task)
-        except Preempted:
-            # The guard's stop hands every task back, then says so. If that is done, say
-            # at once how long the stop took (its status could not know yet); if not, its
-            # status will, and announcing before its nacks would make them look stale.
-            if self.guard is not None and self.guard.running == 0 and self._handed_back():
-                self._announce()
-            return
-        except (ValidationError, Reject) as exc:
-            self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
-            return
-        except (KernelError, Retry) as exc:
-            self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
-            return
-        try:
-            result = result_of(item, self.vehicle_id, outputs, seconds)
-        except DecodeError as exc:  # a reply_key nothing can be sealed to: no car can answer
-            self._finish(epoch, nack=(NackReason.INVALID_TASK, f"reply_key: {exc}"))
-            return
-        self._finish(epoch, result=result)
-
-    def _finish(
-        self,
-        epoch: int,
-        result: Result | None = None,
-        nack: tuple[NackReason, str] | None = None,
-    ) -> None:
-        with self._lock:
-            item = self._held.pop(epoch, None)
-        if item is None or self._stopping.is_set():
-            return  # already released by stop(): the gateway has our nack
-        if result is not None:
-            if self._signer is not None:
-                result = self._signer.sign(result)
-            payload = encode(result)
-            limit = self.settings.mqtt.max_message_bytes
-            if len(payload) <= limit:
-                topic = self.topics.result(self.vehicle_id, result.gateway_id)
-                self._client.publish(topic, payload, qos=1)
-                self.completed += 1
-                self._log.debug("task_done", **task_context(item.assignment, item.task))
-            else:
-                # The broker would drop it (or us); every car's answer would be as large.
-                detail = f"result of {len(payload):,} bytes is over the MQTT limit of {limit:,}"
-                nack = (NackReason.INVALID_TASK, detail)
-        if nack is not None:
-            context = task_context(item.assignment, item.task)
-            self._log.warning("task_failed", **context, reason=nack[0].value, detail=nack[1])
-            self._nack(item.assignment, *nack, item.task)
-        self.pull(force=True)
+        self.tasks.receive(payload)
 
     def _nack(
         self,
@@ -452,9 +349,15 @@ class VehicleWorker:
         detail: str,
         task: TaskChunk | None = None,
     ) -> None:
-        nack = nack_of(assignment, self.vehicle_id, reason, detail, task)
-        topic = self.topics.nack(self.vehicle_id, assignment.gateway_id)
-        self._client.publish(topic, encode(nack), qos=1)
+        self.tasks.nack(assignment, reason, detail, task)
+
+    def _after_preemption(self) -> None:
+        """A kernel stopped by the guard. The guard's stop hands every task back, then
+        says so. If that is done, say at once how long the stop took (its status could
+        not know yet); if not, its status will, and announcing before its nacks would
+        make them look stale."""
+        if self.guard is not None and self.guard.running == 0 and self.tasks.held.handed_back():
+            self._announce()
 
     # ---------------------------------------------------------------- the owner's policy
 
@@ -476,28 +379,16 @@ class VehicleWorker:
 
     def _release_all(self, reason: str) -> None:
         """Nack every held task at once, so the gateway redispatches without waiting."""
-        with self._lock:
-            held = list(self._held.values())
-            self._held.clear()
-            self._releasing += 1
-        try:
+        with self.tasks.held.releasing() as held:
             for item in held:
                 detail = f"owner policy: {reason}"
                 self._nack(item.assignment, NackReason.RELEASED, detail, item.task)
                 self._log.info(
                     "task_released", **task_context(item.assignment, item.task), reason=reason
                 )
-        finally:
-            with self._lock:
-                self._releasing -= 1
         self.released += len(held)
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
-
-    def _handed_back(self) -> bool:
-        """Nothing held, and every nack of a hand-back already sent."""
-        with self._lock:
-            return not self._held and not self._releasing
 
     def _announce(self) -> mqtt.MQTTMessageInfo:
         decision = self.decision
@@ -508,4 +399,4 @@ class VehicleWorker:
         """Say how the car stands, and the figures the fleet's metrics are made of."""
         busy_s = self.runner.busy_s
         status = status_of(self.vehicle_id, state, reason, self.held, busy_s, self.guard)
-        return self._client.publish(self.topics.status(self.vehicle_id), encode(status), qos=1)
+        return self.outbox.status(status)

@@ -1,0 +1,199 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A car's tasks, from the assignment to the answer: let it in, hold it, wait for a
+slot, run it under the owner's guard, and send its result or a nack saying why not.
+
+The worker owns the connection, the pulls and the owner's policy; it hands this line
+every assignment and revoke it receives, and hears back when room frees up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import structlog
+
+from parkpool.schemas import (
+    Assignment,
+    DecodeError,
+    KernelError,
+    NackReason,
+    Preempted,
+    Reject,
+    Result,
+    Retry,
+    Revoke,
+    TaskChunk,
+    ValidationError,
+    decode,
+)
+from parkpool.worker.admission import Admission
+from parkpool.worker.grants import GatewayBook
+from parkpool.worker.held import HeldTasks, task_context
+from parkpool.worker.outbox import Outbox
+from parkpool.worker.policy import Decision
+from parkpool.worker.replies import nack_of, result_of
+from parkpool.worker.runner import TaskRunner
+
+Refusal = tuple[NackReason, str]
+
+
+class TaskLine:
+    """The tasks one car holds, and what becomes of each."""
+
+    def __init__(
+        self,
+        vehicle_id: str,
+        *,
+        capacity: int,
+        concurrency: int,
+        admission: Admission,
+        gateways: GatewayBook,
+        runner: TaskRunner,
+        outbox: Outbox,
+        pool: Executor,
+        stopping: threading.Event,
+        decision: Callable[[], Decision],
+        on_room: Callable[[], None],
+        on_preempted: Callable[[], None],
+    ) -> None:
+        self.vehicle_id = vehicle_id
+        self.capacity = capacity
+        self.held = HeldTasks()
+        self.completed = 0
+        self._slots = threading.Semaphore(concurrency)
+        self._admission = admission
+        self._gateways = gateways
+        self._runner = runner
+        self._outbox = outbox
+        self._pool = pool
+        self._stopping = stopping
+        self._decision = decision
+        self._on_room = on_room  # a task ended: the worker may pull again
+        self._on_preempted = on_preempted
+        self._log = structlog.get_logger("parkpool.worker").bind(vehicle_id=vehicle_id)
+
+    # ---------------------------------------------------------------- receiving
+
+    def receive(self, payload: bytes) -> None:
+        try:
+            assignment = decode(payload, Assignment)
+        except DecodeError as exc:
+            # Without a readable epoch there is nothing to nack; the lease will expire.
+            self._log.warning("assignment_malformed", reason=str(exc))
+            return
+        if not self._admission.authentic(assignment):
+            return
+        if assignment.vehicle_id == self.vehicle_id:  # another car's epochs mean nothing here
+            self._gateways.received(assignment.gateway_id, assignment.epoch)
+        refusal = self._refusal(assignment)
+        if refusal is not None:
+            self.nack(assignment, *refusal)
+            return
+        task = self._readable(assignment)
+        if task is not None:
+            self.held.add(assignment, task)
+            self._log.debug("task_received", **task_context(assignment, task))
+            self._pool.submit(self._run, assignment.epoch)
+
+    def _readable(self, assignment: Assignment) -> TaskChunk | None:
+        """The task in clear, or None once it has been nacked as unreadable."""
+        try:
+            task = decode(assignment.task, TaskChunk)
+        except DecodeError as exc:
+            self.nack(assignment, NackReason.INVALID_TASK, str(exc))
+            return None
+        try:
+            return self._admission.open(assignment, task)
+        except DecodeError as exc:
+            # Sealed to another key (this car restarted since its pull, say): counted as a
+            # failed attempt, so a task no car can open still ends in the dead-letter topic.
+            self.nack(assignment, NackReason.KERNEL_ERROR, f"sealed inputs: {exc}", task)
+            return None
+
+    def _refusal(self, assignment: Assignment) -> Refusal | None:
+        decision = self._decision()
+        if self._stopping.is_set():
+            return NackReason.RELEASED, "worker stopping"
+        if not decision.runs:
+            return NackReason.RELEASED, f"owner policy: {decision.reason}"
+        if assignment.vehicle_id != self.vehicle_id:
+            return NackReason.INVALID_TASK, "assignment addressed to another vehicle"
+        if assignment.lease_deadline < time.time():
+            return NackReason.EXPIRED, "lease deadline passed before the task could start"
+        if len(self.held) >= self.capacity:
+            return NackReason.BUSY, "more tasks than credits given"
+        return None
+
+    def revoke(self, payload: bytes) -> None:
+        try:
+            revoke = decode(payload, Revoke)
+        except DecodeError as exc:
+            self._log.warning("revoke_malformed", reason=str(exc))
+            return
+        held = self.held.pop(revoke.epoch)
+        if held is not None:
+            self._log.info("lease_revoked", job_id=held.task.job_id, reason=revoke.reason)
+            self._on_room()
+
+    # ---------------------------------------------------------------- running
+
+    def _run(self, epoch: int) -> None:
+        # A shared fleet pool has threads to spare; the car runs only `concurrency` at once,
+        # and a prefetched task waits here until a slot frees.
+        with self._slots:
+            self._run_held(epoch)
+
+    def _run_held(self, epoch: int) -> None:
+        item = self.held.start(epoch)
+        if item is None or self._stopping.is_set():
+            return  # released or revoked meanwhile
+        try:
+            outputs, seconds = self._runner.run(item.task)
+        except Preempted:
+            self._on_preempted()
+            return
+        except (ValidationError, Reject) as exc:
+            self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
+            return
+        except (KernelError, Retry) as exc:
+            self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
+            return
+        try:
+            result = result_of(item, self.vehicle_id, outputs, seconds)
+        except DecodeError as exc:  # a reply_key nothing can be sealed to: no car can answer
+            self._finish(epoch, nack=(NackReason.INVALID_TASK, f"reply_key: {exc}"))
+            return
+        self._finish(epoch, result=result)
+
+    def _finish(
+        self, epoch: int, result: Result | None = None, nack: Refusal | None = None
+    ) -> None:
+        item = self.held.pop(epoch)
+        if item is None or self._stopping.is_set():
+            return  # already released by stop(): the gateway has our nack
+        if result is not None:
+            too_large = self._outbox.result(result)
+            if too_large is None:
+                self.completed += 1
+                self._log.debug("task_done", **task_context(item.assignment, item.task))
+            else:
+                # Terminal: every car's answer would be as large, so the gateway
+                # dead-letters the task now instead of waiting out the lease.
+                nack = (NackReason.INVALID_TASK, too_large)
+        if nack is not None:
+            context = task_context(item.assignment, item.task)
+            self._log.warning("task_failed", **context, reason=nack[0].value, detail=nack[1])
+            self.nack(item.assignment, *nack, item.task)
+        self._on_room()
+
+    def nack(
+        self,
+        assignment: Assignment,
+        reason: NackReason,
+        detail: str,
+        task: TaskChunk | None = None,
+    ) -> None:
+        self._outbox.nack(nack_of(assignment, self.vehicle_id, reason, detail, task))
