@@ -17,8 +17,9 @@ Lines:
 - ``fleet_scale`` and ``backlog_memory``: see ``tests/bench_scale.py``.
 - ``preemption``: owner event to no kernel running, and to the gateway releasing the
   car's leases; see ``tests/bench_preemption.py``.
-- ``reconnect_spread``: how a fleet comes back after its broker restarts, with jittered
-  backoff and without; see ``tests/bench_reconnect.py``.
+- ``reconnect_spread``: how a simulated fleet comes back after its broker restarts, with
+  jittered backoff and without (the baseline, in the same run); see
+  ``tests/bench_reconnect.py``.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def main() -> int:
     p.add_argument("--fleet-tasks", type=int, default=2000)
     p.add_argument("--backlog-records", type=int, default=1_000_000, help="0 skips backlog_memory")
     p.add_argument("--preemption-events", type=int, default=50, help="0 skips preemption")
-    p.add_argument("--reconnect-clients", type=int, default=1000, help="0 skips reconnect_spread")
+    p.add_argument("--reconnect-cars", type=int, default=1000, help="0 skips reconnect_spread")
     p.add_argument("--broker-down-s", type=float, default=3.0)
     args = p.parse_args()
     logs.configure("error")
@@ -260,8 +261,8 @@ def main() -> int:
                 emit({**line, "machine": machine()})
         if args.preemption_events:
             emit({**preemption(brokers, args.preemption_events), "machine": machine()})
-        if args.reconnect_clients:
-            spread = reconnect_spread(brokers, args.reconnect_clients, args.broker_down_s)
+        if args.reconnect_cars:
+            spread = reconnect_spread(brokers, args.reconnect_cars, args.broker_down_s)
             emit({**spread, "machine": machine()})
         if args.backlog_records:
             for line in backlog_memory(brokers, run_dir, args.backlog_records):

@@ -52,3 +52,12 @@ class TestBackoff:
         for delay in first:
             buckets[min(9, int(delay * 10))] += 1
         assert max(buckets) < 0.15 * len(clients)
+
+    def test_without_jitter_every_client_waits_the_same(self) -> None:
+        # Given the bench's baseline: jitter off
+        clients = [
+            Backoff(base=1.0, cap=2.0, jitter=False, rng=random.Random(n)) for n in range(50)
+        ]
+        # Then every client waits the whole ceiling, in lockstep: 1 s, then 2 s for ever
+        waits = {tuple(client.next_delay() for _ in range(4)) for client in clients}
+        assert waits == {(1.0, 2.0, 2.0, 2.0)}

@@ -15,12 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from parkpool.runtime.backoff import Backoff
 from parkpool.runtime.settings import Secret
 from parkpool.schemas import ParkpoolError
 from parkpool.worker.backend import Backend, select_backend
 from parkpool.worker.carstate import CarSignals
 from parkpool.worker.guard import REAL_TIME, TimeBase
-from parkpool.worker.netloop import NetworkLoop
+from parkpool.worker.netloop import NetworkLoop, jittered_reconnects
 from parkpool.worker.policy import OwnerPolicy, PolicyConfig
 from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
@@ -42,9 +43,11 @@ class Fleet:
         timebase: TimeBase = REAL_TIME,
         login: Callable[[str], str] | None = None,
         result_key: Callable[[str], Path] | None = None,
+        reconnect: Callable[[], Backoff] = jittered_reconnects,
     ) -> None:
         """``car(vehicle_id)``, when given, makes each vehicle's signals, and each vehicle
-        gets its own owner policy (``policy`` settings) reading them on ``timebase``."""
+        gets its own owner policy (``policy`` settings) reading them on ``timebase``.
+        ``reconnect`` makes each car's reconnect backoff (the bench turns jitter off)."""
         self.template = template
         self.prefix = prefix
         self.car = car
@@ -55,7 +58,7 @@ class Fleet:
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
-        self._network = NetworkLoop().start()
+        self._network = NetworkLoop(reconnect).start()
         self._pool = ThreadPoolExecutor(kernel_threads, thread_name_prefix=f"{prefix}-kernels")
         self._lock = threading.Lock()
         self._closed = threading.Event()
