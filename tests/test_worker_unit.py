@@ -56,6 +56,14 @@ class TestPromises:
     def test_restarts_for_ever(self) -> None:
         assert values("Restart") == ["always"]
         assert ("Unit", "StartLimitIntervalSec", "0") in SETTINGS
+        # After a pause: a crash loop must not keep the car's processor busy
+        (pause,) = values("RestartSec")
+        assert 1 <= int(pause) <= 60
+
+    def test_the_gpu_is_the_only_device(self) -> None:
+        assert values("DevicePolicy") == ["closed"]
+        allowed = [item.split()[0] for item in values("DeviceAllow")]
+        assert allowed and all(node.startswith("/dev/nvidia") for node in allowed)
 
     def test_secrets_come_only_through_credentials(self) -> None:
         loaded = {item.split(":", 1)[0] for item in values("LoadCredential")}
