@@ -27,7 +27,6 @@ import structlog
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, wait_until
 from parkpool.runtime.signing import ResultSigner
 from parkpool.schemas import (
-    Assignment,
     Capabilities,
     DecodeError,
     GatewayStatus,
@@ -35,7 +34,6 @@ from parkpool.schemas import (
     NackReason,
     PullRequest,
     Revoke,
-    TaskChunk,
     VehicleState,
     VehicleStatus,
     decode,
@@ -180,7 +178,7 @@ class VehicleWorker:
         """Owner-first stop: hand every held task back at once, then leave cleanly."""
         self._stopping.set()
         for item in self.tasks.held.take_all():
-            self._nack(item.assignment, NackReason.RELEASED, reason, item.task)
+            self.tasks.nack(item.assignment, NackReason.RELEASED, reason, item.task)
         # Not connected (the broker is restarting, say): the gateway learns it from the
         # last will or the missing heartbeats instead, and the nacks wait in paho's queue.
         with contextlib.suppress(RuntimeError, ValueError):
@@ -342,15 +340,6 @@ class VehicleWorker:
     def _on_assignment(self, payload: bytes) -> None:
         self.tasks.receive(payload)
 
-    def _nack(
-        self,
-        assignment: Assignment,
-        reason: NackReason,
-        detail: str,
-        task: TaskChunk | None = None,
-    ) -> None:
-        self.tasks.nack(assignment, reason, detail, task)
-
     def _after_preemption(self) -> None:
         """A kernel stopped by the guard. The guard's stop hands every task back, then
         says so. If that is done, say at once how long the stop took (its status could
@@ -382,7 +371,7 @@ class VehicleWorker:
         with self.tasks.held.releasing() as held:
             for item in held:
                 detail = f"owner policy: {reason}"
-                self._nack(item.assignment, NackReason.RELEASED, detail, item.task)
+                self.tasks.nack(item.assignment, NackReason.RELEASED, detail, item.task)
                 self._log.info(
                     "task_released", **task_context(item.assignment, item.task), reason=reason
                 )
