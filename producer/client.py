@@ -13,7 +13,6 @@ crash) are dropped per job by chunk id.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import uuid
@@ -34,7 +33,6 @@ from parkpool.runtime.kafka import (
     produce,
     producer_config,
     reader_config,
-    record_size,
 )
 from parkpool.runtime.keyfiles import read_key_file
 from parkpool.runtime.sealing import BoxKey, open_result, seal, seal_task
@@ -278,18 +276,9 @@ class ParkpoolClient:
         a job is sent whole or not at all, and never as records the broker refuses."""
         key = task_key(task.job_id, task.chunk_id)
         value = encode(task)
-        kafka = self.settings.kafka
-        size = record_size(value, key)
-        if size > kafka.max_record_bytes:
-            finer = math.ceil(size / kafka.max_record_bytes)
-            hint = SPLIT_HINTS.get(task.kernel, "smaller chunks")
-            check_record(
-                kafka,
-                value,
-                key,
-                f"chunk {task.chunk_id} of this {task.kernel} job",
-                f"split the job at least {finer}x finer: {hint}",
-            )
+        what = f"chunk {task.chunk_id} of this {task.kernel} job"
+        how = SPLIT_HINTS.get(task.kernel, "smaller chunks")
+        check_record(self.settings.kafka, value, key, what, how)
         return key, value
 
     def _publish_all(self, records: list[tuple[str, bytes]]) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,16 +107,19 @@ def _length(data: str | bytes | None) -> int:
 
 
 def check_record(
-    conn: KafkaConnection, value: bytes, key: str | bytes | None, what: str, hint: str = ""
+    conn: KafkaConnection, value: bytes, key: str | bytes | None, what: str, how: str
 ) -> None:
-    """Refuse a record the connection's limit does not allow, before anything is sent."""
+    """Refuse a record the connection's limit does not allow, before anything is sent,
+    saying how much finer to split and ``how``."""
     size = record_size(value, key)
     if size > conn.max_record_bytes:
+        finer = math.ceil(size / conn.max_record_bytes)
         raise ValidationError(
             "record_too_large",
             f"{what} is {size:,} bytes as a Kafka record, over the limit of "
             f"{conn.max_record_bytes:,} (PARKPOOL_KAFKA_MAX_RECORD_BYTES; Apache Kafka's "
-            f"default max.message.bytes is 1 MiB)" + (f"; {hint}" if hint else ""),
+            f"default max.message.bytes is 1 MiB); split the job at least {finer}x finer: "
+            f"{how}",
         )
 
 
