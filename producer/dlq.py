@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from parkpool.runtime.kafka import coordinates, producer_config, reader_config
+from parkpool.runtime.kafka import coordinates, produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import (
     BrokerError,
@@ -429,13 +429,8 @@ def _send(producer: Producer, outgoing: dict[Position, Outgoing]) -> dict[Positi
         return report
 
     for position, (topic, value, key, headers) in outgoing.items():
-        while True:
-            try:
-                producer.produce(
-                    topic, value, key=key, headers=headers, on_delivery=reporter(position)
-                )
-                break
-            except BufferError:  # the local queue is full: serving reports frees room
-                producer.poll(0.05)
+        refused = produce(producer, topic, value, key, reporter(position), headers)
+        if refused is not None:  # too large, say: that entry fails, the others go on
+            errors[position] = str(refused)
     producer.flush(DELIVERY_TIMEOUT_S)
     return errors
