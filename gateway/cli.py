@@ -61,9 +61,40 @@ def add_parser(subparsers: Any) -> None:
         p,
         "--window",
         "PARKPOOL_WINDOW",
-        512,
-        "unfinished records per partition before it is paused",
+        1024,
+        "in-flight tasks per partition before it is paused (a count, not an offset span)",
         int,
+    )
+    add_option(
+        p,
+        "--window-span",
+        "PARKPOOL_WINDOW_SPAN",
+        0,
+        "how many offsets past the lowest unfinished one a partition may read (0: 64 x window)",
+        int,
+    )
+    add_option(
+        p,
+        "--cell",
+        "PARKPOOL_CELL",
+        "",
+        "the MQTT cell (one broker or broker cluster) this gateway serves; a label only",
+    )
+    add_option(
+        p,
+        "--max-vehicles",
+        "PARKPOOL_MAX_VEHICLES",
+        200_000,
+        "cars this gateway keeps state for at most (about K x cell cars / cell gateways)",
+        int,
+    )
+    add_option(
+        p,
+        "--standby-after-s",
+        "PARKPOOL_STANDBY_AFTER_S",
+        30.0,
+        "with no car heard for this long, leave the task group so other cells take the work",
+        float,
     )
     add_option(
         p,
@@ -149,6 +180,10 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
         window=args.window,
+        window_span=args.window_span,
+        cell=args.cell,
+        max_vehicles=args.max_vehicles,
+        standby_after_s=args.standby_after_s,
         session_timeout_ms=args.session_timeout_ms,
         drain_seconds=args.drain_seconds,
         pull_rate=args.pull_rate,

@@ -18,9 +18,19 @@ class GatewaySettings:
     group_id: str = ""  # empty: "<namespace>.gateways"
     lease_seconds: float = 30.0
     max_attempts: int = 5
-    window: int = 512
+    # In-flight tasks per partition before it is paused. Counted in tasks, not offsets,
+    # so one slow car cannot pin it; window_span (0: 64 x window) bounds how far past the
+    # lowest unfinished offset the partition may read, which bounds memory and redo.
+    window: int = 1024
+    window_span: int = 0
     session_timeout_ms: int = 6000
     vehicle_silence_s: float = 45.0
+    cell: str = ""  # the MQTT cell (one broker or cluster) this gateway serves; for labels
+    # Cars this gateway keeps state for at most: with K gateways per car that is about
+    # K x cell cars / gateways in the cell. Bounds the per-car tables (rate limits too).
+    max_vehicles: int = 200_000
+    # No car heard for this long: leave the task group so that other cells take the work.
+    standby_after_s: float = 30.0
     drain_seconds: float = 20.0  # on SIGTERM, how long leases may finish before revoking
     batch: int = 256
     # Per vehicle: far above an honest car (one pull and one result per task, tasks of

@@ -25,6 +25,12 @@ class WorkerSettings:
     # Re-send a pull while there is room: a gateway may have restarted and forgotten it.
     # Jittered per vehicle, so a large fleet does not refresh in lockstep.
     pull_refresh_s: float = 10.0
+    # The K gateways of its cell a car talks to, chosen by rendezvous hash over the
+    # cell's roster (0: every gateway, the pre-cell design kept as a baseline).
+    gateways_per_vehicle: int = 2
+    # The pull that follows a gateway or its backlog appearing waits up to this long, so
+    # that a restarted gateway is not met by its whole share of the cell at once.
+    pull_jitter_s: float = 1.0
     backend: str = "auto"
     simulated_delay_s: float = 0.0  # the fleet simulator's stand-in for a slower car
     gflops_per_s: float = 0.0  # the rate announced before any task was measured; 0 = unknown
