@@ -142,6 +142,19 @@ class GatewayMetrics:
             ["partition"],
             registry=r,
         )
+        self.window_span = Gauge(
+            "parkpool_gateway_partition_window_span",
+            "Offsets from a partition's commit point to the next to read: what a restart "
+            "reads again (a slow record holds the commit point while later ones finish)",
+            ["partition"],
+            registry=r,
+        )
+        self.window_max_span = Gauge(
+            "parkpool_gateway_partition_window_max_span",
+            "How far past its commit point a partition may read before it is paused",
+            ["partition"],
+            registry=r,
+        )
         self.lag = Gauge(
             "parkpool_gateway_kafka_lag",
             "Records between a partition's committed offset and its end",

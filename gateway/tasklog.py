@@ -3,8 +3,9 @@
 
 Offsets are stored (and auto-committed) only up to the lowest unfinished record of each
 partition, so a crash at any point leads to records being read again, never skipped.
-A partition is paused when its window is full or no vehicle is asking for work, and
-``poll`` keeps running meanwhile so the consumer stays in its group.
+A partition is paused when its window is full (too many records in flight, or read too
+far past the lowest unfinished one) or no vehicle is asking for work, and ``poll`` keeps
+running meanwhile so the consumer stays in its group.
 
 Every record read ends here in one of two ways: it becomes a task (or a cancel) for the
 gateway, or it is dead-lettered (``gateway.deadletters``). A record whose handling raises
@@ -57,11 +58,13 @@ class PartitionStat:
 
     topic: str
     partition: int
-    window_used: int
-    window_size: int
+    window_used: int  # records in flight (read, not finished)
+    window_size: int  # how many may be in flight (--window)
     paused: bool
     committed: int  # the next offset to process: the stored commit point
     end: int  # the high watermark last reported by the broker; -1 when not known yet
+    window_span: int = 0  # offsets from the commit point to the next to read
+    window_max_span: int = 0  # how far that may grow (--window-span)
 
     @property
     def lag(self) -> int:
@@ -77,6 +80,7 @@ class TaskLog:
         *,
         gateway_id: str,
         window: int,
+        window_span: int = 0,
         session_timeout_ms: int,
         metrics: GatewayMetrics,
         on_revoked: Callable[[set[TP]], None],
@@ -89,7 +93,8 @@ class TaskLog:
         self.paused: set[TP] = set()
         self._starts: dict[TP, int] = {}  # committed offset found at assignment
         self._overflow: dict[TP, collections.deque[Message]] = {}
-        self._window = window
+        self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
+        OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
         self._on_revoked = on_revoked
         self._config = consumer_config(kafka, group, session_timeout_ms, **(overrides or {}))
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
@@ -145,11 +150,11 @@ class TaskLog:
         """Records fetched so far (never blocks): tasks, cancels; bad ones dead-lettered.
 
         librdkafka hands over a whole batch before a pause takes effect, so records for a
-        full window wait in a per-partition overflow (at most one batch) until it drains.
+        full window wait in a per-partition overflow (at most one batch) until it has room.
         """
         for call in self._later.pop_due():
             call()
-        accepted = [self._accept(record) for record in self._from_overflow()]
+        accepted = self._from_overflow()
         for record in self.consumer.consume(batch, timeout=0):
             if not self._ours(record):
                 continue
@@ -170,14 +175,14 @@ class TaskLog:
         # A record fetched before its partition was revoked belongs to the new owner.
         return (record.topic(), record.partition()) in self.windows
 
-    def _from_overflow(self) -> list[Message]:
-        ready: list[Message] = []
+    def _from_overflow(self) -> list[PendingTask | CancelRecord | None]:
+        """Accept waiting records, oldest first, while their windows have room."""
+        accepted: list[PendingTask | CancelRecord | None] = []
         for tp, overflow in self._overflow.items():
-            room = self.windows[tp].room
-            while overflow and room > 0:
-                ready.append(overflow.popleft())
-                room -= 1
-        return ready
+            window = self.windows[tp]
+            while overflow and not window.full:  # each accept adds to the window
+                accepted.append(self._accept(overflow.popleft()))
+        return accepted
 
     def _accept(self, record: Message) -> PendingTask | CancelRecord | None:
         topic, partition, offset = coordinates(record)
@@ -275,8 +280,18 @@ class TaskLog:
             except KafkaException:
                 high = -1
             high = max(high, -1)  # librdkafka says -1001 until a fetch has reported it
-            paused = tp in self.paused
-            out.append(PartitionStat(*tp, window.used, window.capacity, paused, committed, high))
+            out.append(
+                PartitionStat(
+                    *tp,
+                    window_used=window.in_flight,
+                    window_size=window.capacity,
+                    paused=tp in self.paused,
+                    committed=committed,
+                    end=high,
+                    window_span=window.span,
+                    window_max_span=window.max_span,
+                )
+            )
         return out
 
     # ---------------------------------------------------------------- rebalance
@@ -289,7 +304,7 @@ class TaskLog:
         revoke; they would be skipped until the next restart.
         """
         for p in partitions:
-            self.windows[(p.topic, p.partition)] = OffsetWindow(self._window)
+            self.windows[(p.topic, p.partition)] = OffsetWindow(*self._window)
             self._overflow[(p.topic, p.partition)] = collections.deque()
         if partitions:
             starts = consumer.committed(partitions, timeout=10)  # -1001: use offset reset

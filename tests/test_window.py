@@ -1,5 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The offset window commits only up to the lowest unfinished offset of a partition."""
+"""The offset window commits only up to the lowest unfinished offset of a partition.
+
+It is full when ``capacity`` records are in flight, or when the next offset to read is
+``max_span`` past the commit point; finished records free room at once, wherever they are.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parkpool.gateway.window import OffsetWindow
+from parkpool.gateway.window import SPAN_PER_SLOT, OffsetWindow
 
 
-def window_with(*offsets: int, capacity: int = 16) -> OffsetWindow:
-    window = OffsetWindow(capacity)
+def window_with(*offsets: int, capacity: int = 16, max_span: int = 0) -> OffsetWindow:
+    window = OffsetWindow(capacity, max_span)
     for offset in offsets:
         window.add(offset)
     return window
@@ -117,30 +121,99 @@ class TestFinishNoOps:
 
 
 class TestCapacity:
-    """The window is full when it holds capacity offsets, finished-but-blocked ones included."""
+    """The window is full when capacity records are in flight; finished ones do not count."""
 
     def test_capacity_below_one_is_refused(self) -> None:
         with pytest.raises(ValueError, match="at least 1"):
             OffsetWindow(0)
 
-    def test_finished_but_blocked_offsets_keep_it_full(self) -> None:
+    def test_finished_records_above_an_unfinished_one_free_room(self) -> None:
         # Given a full window of three
         window = window_with(0, 1, 2, capacity=3)
         assert window.full
-        # When the two newest finish, the oldest still blocks them
+        assert window.room == 0
+        # When the two newest finish while the oldest is still in flight
         window.finish(1)
         window.finish(2)
-        # Then it is still full though only one is in flight
+        # Then two more may be read, though the commit point has not moved
         assert window.in_flight == 1
-        assert window.full
-        # When the oldest finishes, all three are released
-        window.finish(0)
+        assert window.room == 2
         assert not window.full
+        assert window.commit_point == 0
+        # And the finished ones are still remembered until the low end moves
+        assert window.used == 3
 
     def test_not_full_below_capacity(self) -> None:
         window = window_with(0, 1, capacity=3)
         assert not window.full
         window.add(2)
+        assert window.full
+
+
+class TestSpan:
+    """The window is full when the next offset to read is max_span past the commit point."""
+
+    def test_default_span_is_a_multiple_of_capacity(self) -> None:
+        window = OffsetWindow(4)
+        assert window.max_span == SPAN_PER_SLOT * 4
+        assert window.span == 0
+
+    def test_span_below_capacity_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="below the window capacity"):
+            OffsetWindow(8, max_span=4)
+
+    def test_one_slow_record_does_not_stop_the_others(self) -> None:
+        # Given a window of 4 in flight and a span of 32, and offset 0 held by a slow car
+        window = window_with(0, capacity=4, max_span=32)
+        # When the records after it are read and finished as fast as they come
+        offset = 1
+        while not window.full:
+            window.add(offset)
+            assert window.in_flight <= 2  # the slow one and the one just read
+            window.finish(offset)
+            offset += 1
+        # Then the partition was read on past it until the span was used up
+        assert offset == 32
+        assert window.span == 32
+        assert window.in_flight == 1
+        # And the commit point never passed the unfinished record
+        assert window.commit_point == 0
+
+    def test_slow_record_finishing_releases_the_span(self) -> None:
+        window = window_with(*range(32), capacity=4, max_span=32)
+        for offset in range(1, 32):
+            window.finish(offset)
+        assert window.full
+        # When the slow record finishes at last
+        assert window.finish(0)
+        # Then the commit point jumps past everything and the window is empty
+        assert window.commit_point == 32
+        assert (window.span, window.used, window.in_flight) == (0, 0, 0)
+        assert window.room == 4
+
+    def test_room_is_the_smaller_of_both_bounds(self) -> None:
+        window = window_with(0, 1, 2, capacity=4, max_span=8)
+        window.finish(1)
+        window.finish(2)
+        # One in flight of four (room 3), span 3 of 8 (room 5)
+        assert window.room == 3
+        window.add(7)  # Kafka skipped 3..6
+        # Two in flight (room 2), span 8 of 8 (room 0)
+        assert window.span == 8
+        assert window.room == 0
+
+    def test_skipped_offsets_count_towards_the_span(self) -> None:
+        # Given offsets with a gap, as Kafka may leave (transaction markers)
+        window = window_with(0, 10, capacity=4, max_span=64)
+        # Then the span is in offsets, which is what a restart reads again
+        assert window.span == 11
+        assert window.used == 2
+
+    def test_a_gap_past_the_span_is_still_taken_and_leaves_no_room(self) -> None:
+        window = window_with(0, capacity=4, max_span=8)
+        window.add(100)
+        assert window.span == 101
+        assert window.room == 0
         assert window.full
 
 
@@ -195,3 +268,50 @@ class TestCommitPointProperty:
             assert window.in_flight == len(unfinished)
         assert window.commit_point == offsets[-1] + 1
         assert not window.full
+        assert window.span == 0
+
+
+@st.composite
+def interleaved_steps(draw: st.DrawFn) -> list[tuple[str, int]]:
+    """Reads and finishes in any order a gateway could do them, unknown offsets included."""
+    steps: list[tuple[str, int]] = []
+    read: list[int] = []
+    offset = draw(st.integers(0, 1000))
+    for _ in range(draw(st.integers(1, 60))):
+        step = draw(st.sampled_from(["read", "finish_read", "finish_any"]))
+        if step == "read":
+            offset += draw(st.integers(1, 3))
+            read.append(offset)
+            steps.append(("add", offset))
+        elif step == "finish_read" and read:
+            steps.append(("finish", draw(st.sampled_from(read))))
+        else:
+            steps.append(("finish", draw(st.integers(0, 1200))))  # possibly never read
+    return steps
+
+
+class TestBoundsProperty:
+    """For any reads and finishes: in_flight, span, room and the commit point agree with a model."""
+
+    @given(interleaved_steps(), st.integers(1, 8), st.integers(0, 40))
+    def test_model(self, steps: list[tuple[str, int]], capacity: int, extra: int) -> None:
+        window = OffsetWindow(capacity, capacity + extra)
+        read: list[int] = []
+        unfinished: set[int] = set()
+        for op, offset in steps:
+            if op == "add":
+                window.add(offset)
+                read.append(offset)
+                unfinished.add(offset)
+            else:
+                window.finish(offset)
+                unfinished.discard(offset)
+            low = min(unfinished) if unfinished else read[-1] + 1 if read else None
+            span = read[-1] + 1 - low if read and low is not None else 0
+            assert window.commit_point == low
+            assert window.in_flight == len(unfinished)
+            assert window.span == span
+            assert window.used == len([o for o in read if low is not None and o >= low])
+            room = max(0, min(capacity - len(unfinished), window.max_span - span))
+            assert window.room == room
+            assert window.full == (room == 0)
