@@ -74,6 +74,13 @@ class GatewayMetrics:
             ["event"],  # assigned, revoked, lost
             registry=r,
         )
+        self.ratelimit_evictions = Counter(
+            "parkpool_gateway_ratelimit_evictions_total",
+            "Per-car rate-limit buckets dropped to stay within the table's size; lossy=true: "
+            "the bucket was not full, so that car's limit restarts from a whole burst",
+            ["kind", "lossy"],  # kind: pull, result; lossy: true, false
+            registry=r,
+        )
         self.mqtt_reconnects = Counter(
             "parkpool_gateway_mqtt_reconnects_total", "MQTT connections after the first", registry=r
         )
