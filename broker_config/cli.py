@@ -16,12 +16,16 @@ from parkpool.schemas.errors import ParkpoolError
 from parkpool.schemas.topics import check_namespace
 
 from .launcher import EmbeddedBrokers
-from .topics import bootstrap, load_specs
+from .topics import TopicSpec, bootstrap, load_specs, with_task_partitions
 
 __all__ = ["add_parser", "run_bootstrap", "run_up"]
 
 _TOPICS_HELP = "topic specs TOML (unset: the packaged kafka_topics.toml)"
 _RUN_DIR_HELP = "dir for logs, pids and MQTT data, kept on exit (unset: a temp dir)"
+_TASK_PARTITIONS_HELP = (
+    "partitions of the tasks and results topics; at least the number of gateways that "
+    "share the namespace, since a gateway beyond it reads nothing (unset: the topics file's)"
+)
 _Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
 
@@ -43,7 +47,7 @@ def _add_up(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     add_namespace_option(up)
     add_option(up, "--run-dir", "PARKPOOL_RUN_DIR", None, _RUN_DIR_HELP)
-    add_option(up, "--topics-file", "PARKPOOL_TOPICS_FILE", None, _TOPICS_HELP)
+    _add_topic_options(up)
     up.set_defaults(func=run_up)
 
 
@@ -56,15 +60,42 @@ def _add_bootstrap(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     add_kafka_options(bootstrap_parser)
     add_namespace_option(bootstrap_parser)
-    add_option(bootstrap_parser, "--topics-file", "PARKPOOL_TOPICS_FILE", None, _TOPICS_HELP)
+    _add_topic_options(bootstrap_parser)
     bootstrap_parser.set_defaults(func=run_bootstrap)
+
+
+def _add_topic_options(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--topics-file", "PARKPOOL_TOPICS_FILE", None, _TOPICS_HELP)
+    add_option(
+        parser,
+        "--task-partitions",
+        "PARKPOOL_TASK_PARTITIONS",
+        None,
+        _TASK_PARTITIONS_HELP,
+        _partition_count,
+    )
+
+
+def _partition_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a partition count (1 or more)")
+    return value
+
+
+def _specs(args: argparse.Namespace) -> tuple[TopicSpec, ...]:
+    """The topic specs the options ask for: the file's, with the task partitions set."""
+    return with_task_partitions(load_specs(args.topics_file), args.task_partitions)
 
 
 def run_up(args: argparse.Namespace) -> int:
     """Start brokers, bootstrap topics, print exports, and wait for Ctrl-C/SIGTERM."""
     try:
         namespace = check_namespace(args.namespace)
-        specs = load_specs(args.topics_file)
+        specs = _specs(args)
         stop = stop_event()
         with EmbeddedBrokers(args.run_dir) as brokers:
             bootstrap(brokers.kafka_bootstrap, namespace, specs=specs)
@@ -80,7 +111,7 @@ def run_up(args: argparse.Namespace) -> int:
 def run_bootstrap(args: argparse.Namespace) -> int:
     """Create or grow the topics of ``--namespace`` on ``--kafka-bootstrap``."""
     try:
-        specs = load_specs(args.topics_file)
+        specs = _specs(args)
         changed = bootstrap(
             args.kafka_bootstrap,
             check_namespace(args.namespace),

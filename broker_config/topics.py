@@ -30,9 +30,19 @@ from parkpool.runtime.settings import DEFAULT_MAX_RECORD_BYTES
 from parkpool.schemas.errors import BrokerError, ConfigError
 from parkpool.schemas.topics import KafkaTopics
 
-__all__ = ["SHORT_NAMES", "TopicLimitError", "TopicSpec", "bootstrap", "load_specs"]
+__all__ = [
+    "SHORT_NAMES",
+    "TASK_SIZED",
+    "TopicLimitError",
+    "TopicSpec",
+    "bootstrap",
+    "load_specs",
+    "with_task_partitions",
+]
 
 SHORT_NAMES = ("tasks", "results", "dead_letter")
+# The topics whose partitions follow the number of gateways (see kafka_topics.toml).
+TASK_SIZED = ("tasks", "results")
 _SPEC_KEYS = {"partitions", "replication_factor", "config"}
 
 
@@ -65,6 +75,22 @@ class TopicSpec:
     def with_partitions(self, partitions: int) -> TopicSpec:
         """A copy with another partition count (tests use fewer, for speed)."""
         return dataclasses.replace(self, partitions=partitions)
+
+
+def with_task_partitions(
+    specs: Iterable[TopicSpec], partitions: int | None
+) -> tuple[TopicSpec, ...]:
+    """``specs`` with the tasks and results topics at ``partitions`` (None: as they are).
+
+    Every gateway of a namespace reads the one tasks topic in one consumer group, so a
+    gateway beyond the partition count gets none and idles: size it for the gateways.
+    """
+    return tuple(
+        spec.with_partitions(partitions)
+        if partitions is not None and spec.name in TASK_SIZED
+        else spec
+        for spec in specs
+    )
 
 
 def load_specs(path: str | Path | None = None) -> tuple[TopicSpec, ...]:

@@ -35,9 +35,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from parkpool.app.cli import build_parser, main
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
-from parkpool.broker_config.topics import bootstrap, load_specs
+from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
 from parkpool.schemas.errors import BrokerError
 from parkpool.schemas.topics import KafkaTopics, MqttTopics
 
@@ -152,7 +153,7 @@ class TestTopicBootstrap:
         assert sorted(first) == sorted(topics.all())
         assert second == []
         # And the partition counts are those of kafka_topics.toml
-        expected = {topics.tasks: 6, topics.results: 6, topics.dead_letter: 3}
+        expected = {topics.tasks: 24, topics.results: 24, topics.dead_letter: 3}
         assert partition_counts(brokers, topics) == expected
 
     def test_topic_config_is_applied(self, brokers: EmbeddedBrokers) -> None:
@@ -189,6 +190,43 @@ class TestTopicBootstrap:
         # Then it is a BrokerError, not a silently under-partitioned topic
         with pytest.raises(BrokerError, match="cannot grow"):
             bootstrap(brokers.kafka_bootstrap, namespace)
+
+
+class TestTaskPartitions:
+    """--task-partitions sizes the tasks and results topics, and nothing else."""
+
+    def test_tasks_and_results_follow_the_setting(self) -> None:
+        specs = {s.name: s.partitions for s in with_task_partitions(load_specs(), 12)}
+        assert specs == {"tasks": 12, "results": 12, "dead_letter": 3}
+
+    def test_unset_keeps_the_topics_file(self) -> None:
+        assert with_task_partitions(load_specs(), None) == load_specs()
+
+    def test_flag_and_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        flag = ["brokers", "bootstrap", "--task-partitions", "12"]
+        assert build_parser().parse_args(flag).task_partitions == 12
+        # The variable is read when the parser is built
+        monkeypatch.setenv("PARKPOOL_TASK_PARTITIONS", "8")
+        assert build_parser().parse_args(["brokers", "bootstrap"]).task_partitions == 8
+        assert build_parser().parse_args(["brokers", "up"]).task_partitions == 8
+
+    @pytest.mark.parametrize("value", ["0", "-3", "many"])
+    def test_nonsense_is_refused(self, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["brokers", "bootstrap", "--task-partitions", value])
+        assert "--task-partitions" in capsys.readouterr().err
+
+    @pytest.mark.integration
+    def test_bootstrap_creates_that_many(self, brokers: EmbeddedBrokers) -> None:
+        # Given a namespace without topics
+        namespace = fresh_namespace()
+        # When `parkpool brokers bootstrap --task-partitions 4` runs
+        argv = ["brokers", "bootstrap", "--task-partitions", "4", "--namespace", namespace]
+        assert main([*argv, "--kafka-bootstrap", brokers.kafka_bootstrap]) == 0
+        # Then tasks and results have 4 partitions, dead letters those of the file
+        topics = KafkaTopics(namespace)
+        expected = {topics.tasks: 4, topics.results: 4, topics.dead_letter: 3}
+        assert partition_counts(brokers, topics) == expected
 
 
 @pytest.mark.integration
