@@ -4,8 +4,9 @@
 Every vehicle logs in with its own username (its vehicle id) and password; gateways have
 their own, privileged identities. The ACL uses Mosquitto's ``%u`` substitution, so one
 pattern confines every car to its own topics (docs/SECURITY.md):
-it may read only ``<ns>/v/<its id>/task`` and the gateways' announcements, and write
-only its own pull, status, result, nack and heartbeat topics.
+it may read only ``<ns>/v/<its id>/task`` and the cell's roster (the gateways' retained
+statuses), and write only its own topics: pull and status to a gateway it names, its
+last will, and result, nack and heartbeat to the lease holder.
 
 The store is a directory: ``passwd`` (Mosquitto's ``$7$`` PBKDF2-SHA512 hashes, as
 ``mosquitto_passwd`` writes them), ``acl``, and ``keys/<id>.pub``, the cars' public
@@ -36,7 +37,8 @@ ACL = """\
 # Vehicles: %u is the vehicle id they logged in with.
 pattern read +/v/%u/task
 pattern read +/gw/+/status
-pattern write +/v/%u/pull
+pattern write +/v/%u/pull/+
+pattern write +/v/%u/status/+
 pattern write +/v/%u/status
 pattern write +/v/%u/result/+
 pattern write +/v/%u/nack/+

@@ -90,6 +90,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--max-batch",
+        "PARKPOOL_MAX_BATCH",
+        8,
+        "tasks sent in one message to a car with several credits",
+        int,
+    )
+    add_option(
+        p,
         "--standby-after-s",
         "PARKPOOL_STANDBY_AFTER_S",
         30.0,
@@ -184,6 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         cell=args.cell,
         max_vehicles=args.max_vehicles,
         standby_after_s=args.standby_after_s,
+        max_batch=args.max_batch,
         session_timeout_ms=args.session_timeout_ms,
         drain_seconds=args.drain_seconds,
         pull_rate=args.pull_rate,

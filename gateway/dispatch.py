@@ -25,7 +25,11 @@ from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
-from parkpool.schemas import Assignment, DecodeError, encode
+from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
+
+# Car ids, queued and msgpack framing of a batch around its assignments, generously.
+BATCH_OVERHEAD = 1024
+MAX_NOTICES_PER_TURN = 256
 
 
 class Dispatcher:
@@ -61,35 +65,76 @@ class Dispatcher:
         return view.credits - self.leases.count_after(view.vehicle_id, view.seen_epoch)
 
     def dispatch(self) -> None:
-        # One task per hungry vehicle per turn, longest-waiting first; bounded by the
-        # hungry count, so an empty queue costs nothing however large the fleet is.
+        """Serve hungry cars, longest-waiting first, each with up to all it may take in one
+        message; tell cars that pulled while there is no work, and cars told so before
+        once work has come. Bounded by the hungry and waiting counts, so an idle gateway
+        costs nothing however many cars it serves."""
+        fresh = self.vehicles.take_fresh()
+        if not len(self.ready):
+            for view in fresh:
+                if view.told != 0 and self.available(view) > 0:
+                    self._tell(view, 0)
+            return
+        if self.vehicles.any_waiting():
+            # About one car per task waiting, a turn at a time: enough to take the work,
+            # not the whole waiting list at once.
+            for view in self.vehicles.waiting(min(len(self.ready), MAX_NOTICES_PER_TURN)):
+                self._tell(view, len(self.ready))
         vehicles = self.vehicles
         for _ in range(vehicles.hungry_count()):
             if not len(self.ready):
                 return
             view = vehicles.first_hungry()
             available = self.available(view)
-            if available > 0 and self._send_one(view):
-                available -= 1
+            if available > 0:
+                available -= self._send(view, min(available, self.settings.max_batch))
             vehicles.served(view.vehicle_id, available > 0)
 
-    def _send_one(self, view: VehicleView) -> bool:
-        task = self.next_dispatchable(_fit_for(view))
-        if task is None:
-            if len(self.ready):
-                self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
-            return False
-        inputs_key = self._inputs_key_for(task, view)
-        if inputs_key is None:
-            return False
-        payload = self._assignment(task, view, inputs_key)
-        if payload is None:
-            return False
-        self.mqtt.send_assignment(view.vehicle_id, payload, self.settings.lease_seconds)
-        self.metrics.tasks.labels("dispatched").inc()
-        return True
+    def _tell(self, view: VehicleView, queued: int) -> None:
+        self.mqtt.send_notice(view.vehicle_id, queued)
+        self.vehicles.told(view, queued)
 
-    def _assignment(self, task: PendingTask, view: VehicleView, inputs_key: bytes) -> bytes | None:
+    def _send(self, view: VehicleView, wanted: int) -> int:
+        """Lease up to ``wanted`` tasks to the car, in one message when more than one fits
+        under the MQTT limit; how many were sent."""
+        payloads: list[bytes] = []
+        for _ in range(wanted):
+            task = self.next_dispatchable(_fit_for(view))
+            if task is None:
+                if len(self.ready):
+                    self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
+                break
+            inputs_key = self._inputs_key_for(task, view)
+            if inputs_key is None:
+                continue
+            payload = self._assignment(task, view, inputs_key, len(self.ready))
+            if payload is not None:
+                payloads.append(payload)
+        if payloads:
+            self._deliver(view, payloads)
+            self.vehicles.told(view, len(self.ready))
+            self.metrics.tasks.labels("dispatched").inc(len(payloads))
+        return len(payloads)
+
+    def _deliver(self, view: VehicleView, payloads: list[bytes]) -> None:
+        """One message when one is enough; a batch over the MQTT limit is split in two."""
+        expiry, limit = self.settings.lease_seconds, self.settings.mqtt.max_message_bytes
+        if len(payloads) == 1:
+            self.mqtt.send_assignment(view.vehicle_id, payloads[0], expiry)
+            return
+        batch = AssignmentBatch(
+            self.settings.gateway_id, view.vehicle_id, tuple(payloads), len(self.ready)
+        )
+        if sum(map(len, payloads)) + BATCH_OVERHEAD > limit:
+            half = len(payloads) // 2
+            self._deliver(view, payloads[:half])
+            self._deliver(view, payloads[half:])
+            return
+        self.mqtt.send_batch(batch, expiry)
+
+    def _assignment(
+        self, task: PendingTask, view: VehicleView, inputs_key: bytes, queued: int
+    ) -> bytes | None:
         """The signed assignment under a new lease, or None when MQTT cannot carry it."""
         lease_seconds = self.settings.lease_seconds
         lease = self.leases.grant(view.vehicle_id, task, lease_seconds)
@@ -103,6 +148,7 @@ class Dispatcher:
             lease_deadline=time.time() + lease_seconds,
             task=task.raw,
             inputs_key=inputs_key,
+            queued=queued,
         )
         if self.signer is not None:
             assignment = self.signer.sign(assignment)

@@ -59,6 +59,7 @@ class Gateway:
             settings.group,
             gateway_id=settings.gateway_id,
             window=settings.window,
+            window_span=settings.window_span,
             session_timeout_ms=settings.session_timeout_ms,
             metrics=self.metrics,
             on_revoked=self._drop_partitions,
@@ -76,6 +77,7 @@ class Gateway:
         self.last_step = time.monotonic()
         self._draining = False
         self._last_sweep = 0.0
+        self._idle_since: float | None = None  # no car and no lease since then
         self.events = log.bind(gateway_id=settings.gateway_id)
         self.outcomes = TaskOutcomes(
             max_attempts=settings.max_attempts,
@@ -166,13 +168,16 @@ class Gateway:
         return stalled < 10.0, {"loop_stalled_s": round(stalled, 3)}
 
     def readiness(self) -> tuple[bool, Mapping[str, Any]]:
-        """Ready when MQTT is subscribed and Kafka partitions are assigned."""
+        """Ready when MQTT is subscribed and Kafka partitions are assigned (or, with no
+        car to serve, when it stands by outside the task group on purpose)."""
         details = {
             "mqtt_subscribed": self.mqtt.subscribed.is_set() and self.mqtt.connected,
             "partitions": len(self.log.windows),
+            "standby": self.log.standby,
             "draining": self._draining,
         }
-        ok = bool(details["mqtt_subscribed"]) and bool(details["partitions"])
+        consuming = bool(details["partitions"]) or self.log.standby
+        ok = bool(details["mqtt_subscribed"]) and consuming
         return ok and not self._draining, details
 
     # ---------------------------------------------------------------- Kafka side
@@ -268,11 +273,29 @@ class Gateway:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
-        self.mqtt.announce(GatewayState.ONLINE, queued=len(self.ready) + len(self.delayed))
+        self.mqtt.announce(GatewayState.ONLINE)  # once, and again after a broker restart
         for vehicle_id in self.vehicles.silent_since(now - self.settings.vehicle_silence_s):
             self.outcomes.release_vehicle(vehicle_id, "vehicle_offline", "no heartbeat")
             self.vehicles.forget(vehicle_id)
+        self._stand_by_or_join(now)
         self._observe()
+
+    def _stand_by_or_join(self, now: float) -> None:
+        """A gateway with no car to serve leaves the task group, so that its partitions
+        go to gateways that have cars, and joins again when a car turns up: a cell
+        without cars never holds work hostage."""
+        idle = not len(self.vehicles) and not len(self.leases) and not self._draining
+        if not idle:
+            self._idle_since = None
+            if self.log.standby and not self._draining:
+                self.events.info("gateway_joining", vehicles=len(self.vehicles))
+                self.log.join()
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        if not self.log.standby and now - self._idle_since >= self.settings.standby_after_s:
+            self.events.info("gateway_standing_by", idle_s=round(now - self._idle_since, 1))
+            self.log.leave()
 
     # ---------------------------------------------------------------- observability
 

@@ -77,13 +77,18 @@ class VehicleHandlers:
         self.metrics = metrics
         self.events = events
         self.vehicle_keys = VehicleKeys(settings.vehicle_keys) if settings.vehicle_keys else None
+        # Sized by the cars this gateway serves, so that its limits hold for all of them.
+        keys = 2 * settings.max_vehicles
         self._limits = {
-            "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate),
-            "result": RateLimiter(settings.result_rate, burst=2 * settings.result_rate),
+            "pull": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate, max_keys=keys),
+            "result": RateLimiter(
+                settings.result_rate, burst=2 * settings.result_rate, max_keys=keys
+            ),
         }
         self._handlers: dict[str, Handler] = {
             "pull": self._on_pull,
             "status": self._on_status,
+            "will": self._on_will,
             "result": self._on_result,
             "nack": self._on_nack,
             "heartbeat": self._on_heartbeat,
@@ -140,6 +145,12 @@ class VehicleHandlers:
             )
         return False
 
+    def _on_will(self, event: MqttEvent) -> bool:
+        """Every gateway of the cell hears each last will; only one of its own cars, or
+        one holding its leases, concerns this one (no state for the others)."""
+        known = self.vehicles.get(event.vehicle_id) or self.leases.holds(event.vehicle_id)
+        return self._on_status(event) if known else False
+
     def _on_result(self, event: MqttEvent) -> bool:
         result = self._decode(event, Result)
         lease = self._lease_for(event, result)
@@ -153,6 +164,7 @@ class VehicleHandlers:
         chunk = lease.task.task
         self.leases.end(lease.epoch)
         self.vehicles.heard(event.vehicle_id)
+        self.vehicles.wake(event.vehicle_id)  # its slot is free: refill without a pull
         if record_size(event.payload, chunk.job_id) > self.settings.kafka.max_record_bytes:
             # Kafka will never take it; another car may answer smaller (a padded result),
             # and a job whose answers are all this large ends in the dead-letter topic.
@@ -228,6 +240,9 @@ class VehicleHandlers:
         if nack is None or lease is None:
             return False
         self.leases.end(lease.epoch)
+        if nack.reason in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK):
+            # The car tried and its slot is free; after "busy" or "released" it is not.
+            self.vehicles.wake(event.vehicle_id)
         self.metrics.redelivered.labels("nack").inc()
         self.outcomes.requeue(
             lease.task,

@@ -20,7 +20,14 @@ import structlog
 
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, publish_properties
 from parkpool.runtime.settings import MqttConnection
-from parkpool.schemas import GatewayState, GatewayStatus, MqttTopics, Revoke, encode
+from parkpool.schemas import (
+    AssignmentBatch,
+    GatewayState,
+    GatewayStatus,
+    MqttTopics,
+    Revoke,
+    encode,
+)
 
 log = structlog.get_logger("parkpool.gateway.mqtt")
 SESSION_EXPIRY_S = 600
@@ -28,7 +35,7 @@ SESSION_EXPIRY_S = 600
 
 @dataclass(frozen=True)
 class MqttEvent:
-    kind: str  # pull, status, result, nack (last topic level)
+    kind: str  # pull, status, will, result, nack, heartbeat (the topic's kind level)
     vehicle_id: str
     payload: bytes
     mid: int
@@ -44,8 +51,8 @@ class MqttLink:
         self.subscribed = threading.Event()
         self.bad_topics = 0
         self.reconnects = 0
-        self._announced: tuple[GatewayState, int] | None = None
-        self._announced_at = 0.0
+        self._announced: GatewayState | None = None
+        self.sent: dict[str, int] = dict.fromkeys(("assignment", "batch", "notice", "revoke"), 0)
         self._connected = threading.Event()
         offline = GatewayStatus(gateway_id, GatewayState.OFFLINE, time.time())
         self.client = new_client(
@@ -73,23 +80,30 @@ class MqttLink:
             raise TimeoutError("MQTT subscriptions were not acknowledged")
         self.announce(GatewayState.ONLINE)
 
-    def announce(self, state: GatewayState, queued: int = 0) -> None:
-        """Publish the retained status, but only when the backlog changed in scale.
+    def announce(self, state: GatewayState) -> None:
+        """Publish the retained roster entry, on a change of state only.
 
-        Every vehicle receives it, so a status per second from every gateway would cost a
-        large fleet more than the work itself; its order of magnitude is what vehicles use.
+        Every car of the cell receives it, so it carries no backlog and is never
+        rebroadcast: a backlog reaches only the cars it concerns (``send_notice``).
         """
-        scale = (state, queued.bit_length())
-        if scale == self._announced and time.monotonic() - self._announced_at < 10.0:
+        if state == self._announced:
             return
-        self._announced, self._announced_at = scale, time.monotonic()
-        status = GatewayStatus(self.gateway_id, state, time.time(), queued)
+        self._announced = state
+        status = GatewayStatus(self.gateway_id, state, time.time())
         topic = self.topics.gateway_status(self.gateway_id)
         self.client.publish(topic, encode(status), qos=1, retain=True)
+
+    def send_notice(self, vehicle_id: str, queued: int) -> None:
+        """Tell one car how much work this gateway has: none, so it grants its credits
+        elsewhere, or some again, so it comes back."""
+        notice = GatewayStatus(self.gateway_id, GatewayState.ONLINE, time.time(), queued)
+        self.client.publish(self.topics.task(vehicle_id), encode(notice), qos=1)
+        self.sent["notice"] += 1
 
     def send_revoke(self, vehicle_id: str, epoch: int, reason: str) -> None:
         revoke = Revoke(self.gateway_id, vehicle_id, epoch, reason)
         self.client.publish(self.topics.task(vehicle_id), encode(revoke), qos=1)
+        self.sent["revoke"] += 1
 
     @property
     def connected(self) -> bool:
@@ -99,6 +113,13 @@ class MqttLink:
         self.client.publish(
             self.topics.task(vehicle_id), payload, qos=1, properties=publish_properties(expiry_s)
         )
+        self.sent["assignment"] += 1
+
+    def send_batch(self, batch: AssignmentBatch, expiry_s: float) -> None:
+        """Several assignments in one message; it expires with the shortest lease."""
+        topic, properties = self.topics.task(batch.vehicle_id), publish_properties(expiry_s)
+        self.client.publish(topic, encode(batch), qos=1, properties=properties)
+        self.sent["batch"] += 1
 
     def ack(self, event: MqttEvent) -> None:
         if event.qos > 0:
@@ -125,9 +146,12 @@ class MqttLink:
         self._announced = None  # a restarted broker may have lost the retained status
         t = self.topics
         me = self.gateway_id
+        # Only what concerns this gateway: its own cars' pulls and statuses, results for
+        # its leases, and the cell's last wills (the one thing a car cannot address).
         subs = [
-            (t.all_pulls, 1),
-            (t.all_statuses, 1),
+            (t.pulls_for(me), 1),
+            (t.statuses_for(me), 1),
+            (t.all_wills, 1),
             (t.results_for(me), 1),
             (t.nacks_for(me), 1),
             (t.heartbeats_for(me), 1),

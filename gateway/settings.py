@@ -31,6 +31,7 @@ class GatewaySettings:
     max_vehicles: int = 200_000
     # No car heard for this long: leave the task group so that other cells take the work.
     standby_after_s: float = 30.0
+    max_batch: int = 8  # tasks in one message to a car with several credits
     drain_seconds: float = 20.0  # on SIGTERM, how long leases may finish before revoking
     batch: int = 256
     # Per vehicle: far above an honest car (one pull and one result per task, tasks of

@@ -8,6 +8,7 @@ duplicated or reordered pull can therefore never make the gateway push unasked w
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class VehicleView:
     reason: str = ""  # why it is draining or suspended, from its last status
     busy_s: float = 0.0  # the cumulative figures of its last status, for fleet counters
     energy_j: float = 0.0
+    told: int = -1  # the backlog this gateway last told the car (-1: nothing said yet)
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.
@@ -48,6 +50,12 @@ class VehicleBook:
         self.gateway_id = gateway_id
         self._vehicles: dict[str, VehicleView] = {}
         self._hungry: OrderedDict[str, None] = OrderedDict()
+        # Cars told "no work here", to be told again when work comes: only those.
+        self._waiting: dict[str, None] = {}
+        self._fresh: dict[str, None] = {}  # granted credit since the last dispatch turn
+        # (last heard, vehicle): checked from the oldest, so finding the silent ones costs
+        # what they are, not a pass over the fleet. Stale entries are skipped when met.
+        self._silence: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._vehicles)
@@ -55,11 +63,14 @@ class VehicleBook:
     def get(self, vehicle_id: str) -> VehicleView | None:
         return self._vehicles.get(vehicle_id)
 
-    def heard(self, vehicle_id: str) -> VehicleView:
+    def heard(self, vehicle_id: str, now: float | None = None) -> VehicleView:
+        """Note a message from the car (at ``now``, monotonic; only ever forwards)."""
+        now = time.monotonic() if now is None else now
         view = self._vehicles.get(vehicle_id)
         if view is None:
             view = self._vehicles[vehicle_id] = VehicleView(vehicle_id)
-        view.last_heard = time.monotonic()
+            heapq.heappush(self._silence, (now, vehicle_id))
+        view.last_heard = now
         return view
 
     def on_pull(self, pull: PullRequest) -> VehicleView:
@@ -74,6 +85,7 @@ class VehicleBook:
             if pull.vehicle_id not in self._hungry:
                 view.asked_at = view.last_heard
             self._hungry[pull.vehicle_id] = None
+            self._fresh[pull.vehicle_id] = None
         else:
             self._hungry.pop(pull.vehicle_id, None)
         return view
@@ -89,6 +101,45 @@ class VehicleBook:
     def forget(self, vehicle_id: str) -> None:
         self._vehicles.pop(vehicle_id, None)
         self._hungry.pop(vehicle_id, None)
+        self._waiting.pop(vehicle_id, None)
+        self._fresh.pop(vehicle_id, None)
+
+    def wake(self, vehicle_id: str) -> None:
+        """One of the car's leases ended with its slot free again (a result, a failed
+        run): it is hungry once more, without a pull, if its grant allows."""
+        view = self._vehicles.get(vehicle_id)
+        if view is not None and view.credits > 0 and view.state is VehicleState.ONLINE:
+            self._hungry.setdefault(vehicle_id, None)
+
+    def told(self, view: VehicleView, queued: int) -> None:
+        """Note the backlog the car was just told; "none" puts it on the waiting list."""
+        view.told = queued
+        if queued == 0:
+            self._waiting[view.vehicle_id] = None
+        else:
+            self._waiting.pop(view.vehicle_id, None)
+
+    def waiting(self, limit: int) -> list[VehicleView]:
+        """Up to ``limit`` cars told there was no work here, oldest first."""
+        out: list[VehicleView] = []
+        for vehicle_id in list(self._waiting):
+            view = self._vehicles.get(vehicle_id)
+            if view is None:
+                del self._waiting[vehicle_id]
+                continue
+            out.append(view)
+            if len(out) >= limit:
+                break
+        return out
+
+    def take_fresh(self) -> list[VehicleView]:
+        """Cars granted credit since the last call: those to tell if there is no work."""
+        fresh = [v for vid in self._fresh if (v := self._vehicles.get(vid)) is not None]
+        self._fresh.clear()
+        return fresh
+
+    def any_waiting(self) -> bool:
+        return bool(self._waiting)
 
     def any_hungry(self) -> bool:
         return bool(self._hungry)
@@ -114,7 +165,20 @@ class VehicleBook:
         return list(self._vehicles.values())
 
     def silent_since(self, cutoff: float) -> list[str]:
-        return [v.vehicle_id for v in self._vehicles.values() if v.last_heard < cutoff]
+        """Cars not heard from since ``cutoff``, each reported once (the caller forgets
+        them); costs the heap entries older than the cutoff, not a pass over the fleet."""
+        silent: list[str] = []
+        heap = self._silence
+        while heap and heap[0][0] < cutoff:
+            _, vehicle_id = heapq.heappop(heap)
+            view = self._vehicles.get(vehicle_id)
+            if view is None:
+                continue
+            if view.last_heard < cutoff:
+                silent.append(vehicle_id)
+            else:  # heard since: check it again when it may have gone silent
+                heapq.heappush(heap, (view.last_heard, vehicle_id))
+        return silent
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -16,6 +16,7 @@ from parkpool.schemas.errors import (
 )
 from parkpool.schemas.messages import (
     Assignment,
+    AssignmentBatch,
     AttemptRecord,
     CancelJob,
     Capabilities,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "WIRE_VERSION",
     "Assignment",
+    "AssignmentBatch",
     "AttemptRecord",
     "BrokerError",
     "CancelJob",

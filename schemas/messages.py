@@ -33,6 +33,7 @@ from parkpool.schemas.validate import (
 
 MAX_CHUNKS = 1_000_000
 MAX_CREDITS = 1024
+MAX_BATCH = 64  # assignments in one AssignmentBatch
 MAX_ATTEMPTS_RECORDED = 64
 MAX_COUNTER = 1e15  # cumulative seconds or joules: decades of a car's life, far below float's limit
 MAX_GFLOP = 1e9  # 10^18 flops: far above any one task; rejects garbage, not real values
@@ -193,10 +194,15 @@ class Assignment:
     signature: bytes = b""
     # A confidential task's data key, sealed to this vehicle's box key (schemas.sealing).
     inputs_key: bytes = b""
+    # The sending gateway's backlog (-1: not said), so the car can weight its grants
+    # without any periodic announcement. A hint, not signed: it only moves the car's own
+    # credits between its gateways, and never makes a gateway send more than granted.
+    queued: int = -1
 
     def __post_init__(self) -> None:
         _vehicle("gateway_id", self.gateway_id)
         _vehicle("vehicle_id", self.vehicle_id)
+        require_int("queued", self.queued, -1)
         require_int("epoch", self.epoch, 1)
         require_int("attempt", self.attempt, 1, 1_000_000)
         require_float("lease_deadline", self.lease_deadline)
@@ -205,6 +211,32 @@ class Assignment:
             if len(require_bytes(name, getattr(self, name))) > 128:
                 raise _wrong(f"{name} is longer than 128 bytes")
         _sized("inputs_key", self.inputs_key, WRAPPED_KEY_BYTES)
+
+
+@dataclass(frozen=True)
+class AssignmentBatch:
+    """Several assignments for one car in one MQTT message, when it has several credits.
+
+    Each item is an encoded ``Assignment``, signed on its own, so the car checks each
+    exactly as if it had come alone; the batch only saves the per-message cost.
+    """
+
+    TYPE: ClassVar[str] = "assignments"
+    gateway_id: str
+    vehicle_id: str
+    assignments: tuple[bytes, ...]
+    queued: int = -1  # as on Assignment
+
+    def __post_init__(self) -> None:
+        _vehicle("gateway_id", self.gateway_id)
+        _vehicle("vehicle_id", self.vehicle_id)
+        require_int("queued", self.queued, -1)
+        items = self.assignments
+        if not isinstance(items, list | tuple) or not 1 <= len(items) <= MAX_BATCH:
+            raise _wrong(f"assignments must be a list of 1 to {MAX_BATCH} encoded assignments")
+        for item in items:
+            require_bytes("assignment", item)
+        object.__setattr__(self, "assignments", tuple(items))
 
 
 @dataclass(frozen=True)
@@ -383,7 +415,9 @@ class VehicleStatus:
 
 @dataclass(frozen=True)
 class GatewayStatus:
-    """Retained announcement of a gateway; a vehicle re-pulls when one comes online."""
+    """A gateway's state, two ways: retained on its own topic, the cell's roster (online
+    or offline, published on a change only); and sent to one car on that car's task
+    topic, with ``queued``, when the car should move credits to or from this gateway."""
 
     TYPE: ClassVar[str] = "gateway_status"
     gateway_id: str
@@ -565,6 +599,7 @@ class DlqAction:
 MESSAGE_TYPES: tuple[type, ...] = (
     TaskChunk,
     Assignment,
+    AssignmentBatch,
     Result,
     Nack,
     PullRequest,

@@ -18,7 +18,9 @@ DLQ_ACTION_KEY = b"dlq:action"
 REPLAY_HEADER = "parkpool-replay-of"
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TO_GATEWAY = frozenset({"result", "nack", "heartbeat"})  # kinds with a gateway level
+# Kinds with a gateway level: a car speaks only to the K gateways it chose (pull, status)
+# or to the lease holder (result, nack, heartbeat), never to every gateway.
+_TO_GATEWAY = frozenset({"pull", "status", "result", "nack", "heartbeat"})
 
 
 def task_key(job_id: str, chunk_id: int) -> str:
@@ -92,11 +94,16 @@ class MqttTopics:
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
 
-    # vehicle -> every gateway
-    def pull(self, vehicle_id: str) -> str:
-        return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/pull"
+    # vehicle -> one of the K gateways it talks to (its rendezvous set)
+    def pull(self, vehicle_id: str, gateway_id: str) -> str:
+        return self._to_gateway(vehicle_id, "pull", gateway_id)
 
-    def status(self, vehicle_id: str) -> str:
+    def status(self, vehicle_id: str, gateway_id: str) -> str:
+        return self._to_gateway(vehicle_id, "status", gateway_id)
+
+    # vehicle -> every gateway of its cell, by the broker only: the last will, published
+    # when a car drops without DISCONNECT (one will per connection, so it cannot name K).
+    def will(self, vehicle_id: str) -> str:
         return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/status"
 
     # vehicle -> the gateway that holds the lease (one level more: that gateway's id)
@@ -118,16 +125,19 @@ class MqttTopics:
         return f"{self.namespace}/v/{check_id('vehicle id', vehicle_id)}/task"
 
     def gateway_status(self, gateway_id: str) -> str:
-        """Retained announcement with the gateway's backlog; vehicles grant credits by it."""
+        """Retained online/offline state: the cell's roster, from which each car picks its
+        K gateways. Published on a change of state only, never as a periodic rebroadcast."""
         return f"{self.namespace}/gw/{check_id('gateway id', gateway_id)}/status"
 
     # subscriptions (wildcards)
-    @property
-    def all_pulls(self) -> str:
-        return f"{self.namespace}/v/+/pull"
+    def pulls_for(self, gateway_id: str) -> str:
+        return f"{self.namespace}/v/+/pull/{check_id('gateway id', gateway_id)}"
+
+    def statuses_for(self, gateway_id: str) -> str:
+        return f"{self.namespace}/v/+/status/{check_id('gateway id', gateway_id)}"
 
     @property
-    def all_statuses(self) -> str:
+    def all_wills(self) -> str:
         return f"{self.namespace}/v/+/status"
 
     def results_for(self, gateway_id: str) -> str:
@@ -153,5 +163,9 @@ class MqttTopics:
         return None
 
     def kind_of(self, topic: str) -> str | None:
-        """The kind level (pull, status, result, nack, heartbeat, task) of a vehicle topic."""
-        return topic.split("/")[3] if self.vehicle_of(topic) else None
+        """The kind level (pull, status, result, nack, heartbeat, task) of a vehicle topic;
+        ``will`` for the four-level status topic that only last wills use."""
+        if not self.vehicle_of(topic):
+            return None
+        parts = topic.split("/")
+        return "will" if len(parts) == 4 and parts[3] == "status" else parts[3]

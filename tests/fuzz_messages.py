@@ -128,6 +128,11 @@ BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
     ("DeadLetter", "original_sha256"): st.just(""),
     ("AttemptRecord", "vehicle_id"): TEXT,
     ("TaskChunk", "inputs_key"): st.just(b""),  # set only with sealed inputs
+    ("AssignmentBatch", "assignments"): st.lists(
+        st.binary(max_size=64), min_size=1, max_size=4
+    ).map(tuple),
+    ("Assignment", "queued"): st.integers(-1, 10**6),
+    ("AssignmentBatch", "queued"): st.integers(-1, 10**6),
 }
 GATEWAY_BOX = BoxKey.generate()
 REPLY_BOX = BoxKey.generate()
@@ -335,6 +340,7 @@ SMALL: Mapping[type, Any] = {
     m.DeadLetter: m.DeadLetter("r", "", "t", 0, 0, b"", 0.0, "g"),
     m.LeaseHeartbeat: m.LeaseHeartbeat("j", 0, "v", "g", 1, 0.0),
     m.Revoke: m.Revoke("g", "v", 1, "r"),
+    m.AssignmentBatch: m.AssignmentBatch("g", "v", (b"",)),
     m.CancelJob: m.CancelJob("j", 0.0),
     m.DlqAction: m.DlqAction(m.DlqActionKind.PURGED, 0, 0, 0.0),
 }

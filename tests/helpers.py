@@ -28,6 +28,7 @@ from parkpool.schemas import (
     decode,
     encode,
 )
+from parkpool.schemas.codec import peek_type
 from parkpool.worker.kernels import REGISTRY
 
 
@@ -147,6 +148,12 @@ def wait_committed_to_end(conn: KafkaConnection, group: str, topic: str) -> None
         raise AssertionError(f"{exc}: committed {seen}, ends {ends}") from None
 
 
+def first_assignment(car: RawMqtt) -> mqtt.MQTTMessage | None:
+    """The first Assignment a scripted car received; the gateway's notices ("no work
+    here yet") may come before it on the same topic."""
+    return next((m for m in car.received if peek_type(m.payload) == Assignment.TYPE), None)
+
+
 class RawMqtt:
     """A bare MQTT 5 client, to speak the protocol by hand as a scripted or hostile peer."""
 
@@ -216,8 +223,8 @@ def hold_lease(
     car.subscribe(topics.task(vehicle_id))
     caps = Capabilities("numpy", tuple(REGISTRY), box_key=box_key)
     pull = PullRequest(vehicle_id, 1, caps, {}, {gateway_id: 1})
-    car.publish(topics.pull(vehicle_id), encode(pull))
-    message = wait_for(lambda: car.received and car.received[0], 30, f"{vehicle_id}'s lease")
+    car.publish(topics.pull(vehicle_id, gateway_id), encode(pull))
+    message = wait_for(lambda: first_assignment(car), 30, f"{vehicle_id}'s lease")
     assignment = decode(message.payload, Assignment)
     return LeaseHolder(car, assignment, decode(assignment.task, TaskChunk))
 

@@ -164,7 +164,7 @@ class TestWhoMayOpen:
         )
         car, pull = _scripted_car(mqtt_conn, mqtt_topics, "zerocar", box_key=bytes(32))
         # When it asks for work
-        car.publish(mqtt_topics.pull("zerocar"), pull)
+        car.publish(mqtt_topics.pull("zerocar", "gw1"), pull)
         refused = {"source": "mqtt_pull", "reason": "bad_box_key"}
         wait_for(
             lambda: gateway.metric("parkpool_gateway_dropped_total", **refused) >= 1,
@@ -197,7 +197,7 @@ class TestWhoMayOpen:
         )
 
         def skipped() -> bool:
-            car.publish(mqtt_topics.pull("oldcar"), pull)
+            car.publish(mqtt_topics.pull("oldcar", "gw1"), pull)
             skips = gateway.metric("parkpool_gateway_dispatch_skipped_total", reason="no_box_key")
             return skips > 0
 

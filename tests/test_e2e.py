@@ -31,6 +31,7 @@ from parkpool.schemas import (
     decode,
     encode,
 )
+from parkpool.schemas.codec import peek_type
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.kernels import REGISTRY, reference
 from tests.conftest import RunningGateway
@@ -184,9 +185,12 @@ def _pull_until_assigned(
     raw: RawMqtt, topics: MqttTopics, caps: Any, job_id: str, timeout: float = 30.0
 ) -> Assignment:
     deadline = time.monotonic() + timeout
-    raw.publish(topics.pull("scripted"), encode(PullRequest("scripted", 1, caps, {}, {"gw1": 1})))
+    pull = PullRequest("scripted", 1, caps, {}, {"gw1": 1})
+    raw.publish(topics.pull("scripted", "gw1"), encode(pull))
     while time.monotonic() < deadline:
         for msg in list(raw.received):
+            if peek_type(msg.payload) != Assignment.TYPE:
+                continue  # the gateway's "no work here yet" notice
             assignment = decode(msg.payload, Assignment)
             if decode(assignment.task, TaskChunk).job_id == job_id:
                 return assignment

@@ -140,7 +140,7 @@ class TestMalformedInput:
         hostile = RawMqtt(mqtt_conn, f"hostile-{namespace}")
         # When a peer publishes garbage, and a well-formed result for a lease it never held
         hostile.publish(topics.result("evil", "gw1"), b"\xc1\xc1\xc1")
-        hostile.publish(topics.pull("evil"), b"")
+        hostile.publish(topics.pull("evil", "gw1"), b"")
         forged = Result(
             "job1", 0, 1, "evil", "gw1", 12345, 1, {"value": np.zeros(())}, 0.1, 1.0, 1.0
         )

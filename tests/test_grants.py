@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How a car splits its credits between gateways, and what it remembers of them."""
+"""Which gateways a car talks to, and how it splits its credits between them."""
 
 from __future__ import annotations
 
@@ -8,64 +8,147 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
+from parkpool.runtime.rendezvous import top
 from parkpool.schemas import GatewayState, GatewayStatus
-from parkpool.worker.grants import MAX_GATEWAYS, GatewayBook, allocate
+from parkpool.worker.grants import GatewayBook, PullTo, allocate
 
-BACKLOGS = st.dictionaries(st.from_regex(r"gw[0-9]{1,3}", fullmatch=True), st.integers(0, 10**6))
+WEIGHTS = st.dictionaries(st.from_regex(r"gw[0-9]{1,3}", fullmatch=True), st.integers(0, 10**6))
+
+
+def _status(gateway_id: str, online: bool = True) -> GatewayStatus:
+    state = GatewayState.ONLINE if online else GatewayState.OFFLINE
+    return GatewayStatus(gateway_id, state, time.time())
+
+
+def _book(*gateways: str, vehicle: str = "car-1", k: int = 2) -> GatewayBook:
+    book = GatewayBook(vehicle, k)
+    for gateway in gateways:
+        book.announced(_status(gateway))
+    return book
 
 
 class TestAllocate:
-    """Grants add up to exactly the credits, and follow the work."""
+    """Grants add up to exactly the credits, follow the work, and are stable."""
 
-    @given(credits=st.integers(0, 1024), backlog=BACKLOGS, rotation=st.integers(0, 100))
+    @given(credits=st.integers(0, 1024), weights=WEIGHTS)
     def test_grants_add_up_to_the_credits_and_name_only_known_gateways(
-        self, credits: int, backlog: dict[str, int], rotation: int
+        self, credits: int, weights: dict[str, int]
     ) -> None:
-        grants = allocate(credits, backlog, rotation)
-        assert set(grants) <= set(backlog)
+        grants = allocate(credits, weights)
+        assert set(grants) <= set(weights)
         assert all(n > 0 for n in grants.values())
-        assert sum(grants.values()) == (credits if backlog else 0)
+        assert sum(grants.values()) == (credits if weights else 0)
+        assert allocate(credits, weights) == grants  # the same inputs, the same split
 
     def test_credits_follow_the_backlog(self) -> None:
         assert allocate(10, {"busy": 900, "light": 100, "idle": 0}) == {"busy": 9, "light": 1}
 
-    def test_without_backlog_the_odd_credit_rotates(self) -> None:
-        firsts = {next(iter(allocate(1, {"a": 0, "b": 0, "c": 0}, r))) for r in range(3)}
-        assert firsts == {"a", "b", "c"}
+    def test_the_odd_credit_goes_to_the_first_ranked(self) -> None:
+        assert allocate(1, {"b": 5, "a": 5}) == {"b": 1}
+        assert allocate(3, {"a": 0, "b": 0}) == {"a": 2, "b": 1}  # none has work: even
 
 
-def _status(gateway_id: str, queued: int = 0, online: bool = True) -> GatewayStatus:
-    state = GatewayState.ONLINE if online else GatewayState.OFFLINE
-    return GatewayStatus(gateway_id, state, time.time(), queued)
+class TestRendezvous:
+    """Each car picks K gateways alone, and a new gateway moves only its share of cars."""
+
+    def test_a_car_talks_to_k_of_the_roster(self) -> None:
+        book = _book("gw1", "gw2", "gw3", "gw4")
+        assert book.mine() == top("car-1", ["gw1", "gw2", "gw3", "gw4"], 2)
+        assert len(book.mine()) == 2
+
+    def test_a_new_gateway_moves_about_k_over_n_of_the_cars(self) -> None:
+        # Given 2,000 cars on 3 gateways, when a 4th joins
+        cars = [f"car-{i}" for i in range(2000)]
+        before = {car: set(top(car, ["g1", "g2", "g3"], 2)) for car in cars}
+        after = {car: set(top(car, ["g1", "g2", "g3", "g4"], 2)) for car in cars}
+        moved = sum(before[car] != after[car] for car in cars)
+        # Then about K/N = 2/4 of them change one gateway, and none changes both
+        assert 0.4 < moved / len(cars) < 0.6
+        assert all(len(before[car] & after[car]) >= 1 for car in cars)
+
+    def test_zero_means_every_gateway(self) -> None:
+        assert _book("gw1", "gw2", "gw3", k=0).mine() == top("car-1", ["gw1", "gw2", "gw3"], 0)
+        assert len(_book("gw1", "gw2", "gw3", k=0).mine()) == 3
 
 
-class TestGatewayBook:
-    """A car pulls at once when a gateway appears or its backlog appears, and its pulls
-    stay within the contract's 64 gateways."""
+class TestPulls:
+    """A car pulls only when what a gateway may send it must change."""
 
-    def test_when_to_pull_at_once(self) -> None:
-        book = GatewayBook()
-        assert book.announced(_status("gw1")) is True  # new: knows nothing of our pull
-        assert book.announced(_status("gw1")) is False  # nothing changed
-        assert book.announced(_status("gw1", queued=5)) is True  # work appeared
-        assert book.announced(_status("gw1", queued=9)) is False  # more of it: no hurry
-        assert book.announced(_status("gw1", online=False)) is False
+    def test_the_first_pull_splits_evenly_between_gateways_not_heard_from(self) -> None:
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        assert book.pulls(2, []) == [PullTo(first, 0, 1), PullTo(second, 0, 1)]
+        assert book.pulls(2, []) == []  # nothing changed: nothing sent
+
+    def test_a_slot_a_gateway_refills_by_itself_needs_no_pull(self) -> None:
+        # Given a car that pulled for 2 and got one task from each gateway
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        book.pulls(2, [])
+        book.received(first, 10)
+        book.received(second, 20)
+        # When the task from `first` finishes (its lease ends there, freeing the slot)
+        # Then no pull: `first` counts that lease ended and may send one more
+        assert book.pulls(1, [(second, 20)]) == []
+
+    def test_credit_granted_to_nobody_is_pulled_for(self) -> None:
+        # Given a car that held a task from before its pull (gateways do not count it)
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        book.received(first, 5)
+        book.pulls(1, [(first, 5)])
+        # When that task finishes, 2 slots are free but only 1 is granted: it pulls
+        pulls = book.pulls(2, [])
+        assert sum(p.grant for p in pulls) >= 1
+        assert {p.gateway_id for p in pulls} <= {first, second}
+
+    def test_a_gateway_with_no_work_gets_no_credit(self) -> None:
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        book.pulls(2, [])
+        # When `first` says it has nothing, the car moves its credit to `second` at once
+        assert book.noticed(first, 0) is True
+        assert book.pulls(2, []) == [PullTo(first, 0, 0), PullTo(second, 0, 2)]
+        # And when work comes back there, the split follows again
+        assert book.noticed(first, 40) is True
+        assert sorted(p.grant for p in book.pulls(2, [])) == [1, 1]
+
+    def test_learning_a_backlog_it_assumed_is_no_reason_to_pull(self) -> None:
+        book = _book("gw1", "gw2")
+        book.pulls(2, [])
+        assert book.noticed(book.mine()[0], 12) is False
+        assert book.noticed(book.mine()[0], -1) is False  # "not said"
+
+    def test_a_gateway_that_leaves_the_k_is_told_zero(self) -> None:
+        # Given a car granting credit to its two gateways
+        book = _book("gw1", "gw2")
+        mine = book.mine()
+        book.pulls(2, [])
+        # When a gateway that outranks one of them joins
+        newcomer = next(
+            g for g in (f"gw{i}" for i in range(3, 99)) if top("car-1", [*mine, g], 2) != mine
+        )
+        assert book.announced(_status(newcomer)) is True
+        dropped = next(g for g in mine if g not in book.mine())
+        pulls = {p.gateway_id: p.grant for p in book.pulls(2, [])}
+        # Then the dropped one hears zero, the newcomer gets credit
+        assert pulls[dropped] == 0
+        assert pulls[newcomer] >= 1
+
+    def test_a_gateway_that_restarts_hears_the_car_again(self) -> None:
+        book = _book("gw1", "gw2")
+        first, _ = book.mine()
+        book.pulls(2, [])
+        book.announced(_status(first, online=False))
+        assert book.announced(_status(first)) is True
+        assert first in {p.gateway_id for p in book.pulls(2, [])}
+
+    def test_refresh_repeats_every_pull(self) -> None:
+        book = _book("gw1", "gw2")
+        book.pulls(2, [])
+        assert len(book.pulls(2, [], refresh=True)) == 2
+
+    def test_no_roster_no_pull(self) -> None:
+        book = GatewayBook("car-1")
         assert not book.any_online()
-
-    def test_seen_epochs_only_rise_and_only_name_online_gateways(self) -> None:
-        book = GatewayBook()
-        book.announced(_status("gw1", queued=1))
-        book.received("gw1", 7)
-        book.received("gw1", 3)  # an older assignment arriving late
-        book.received("gone", 99)
-        seen, grants = book.split(4)
-        assert seen == {"gw1": 7} and grants == {"gw1": 4}
-
-    def test_a_pull_names_at_most_the_busiest_64_gateways(self) -> None:
-        book = GatewayBook()
-        for n in range(MAX_GATEWAYS + 6):
-            book.announced(_status(f"gw{n}", queued=n + 1))
-            book.received(f"gw{n}", 1)
-        seen, grants = book.split(1024)
-        assert len(seen) == MAX_GATEWAYS and "gw0" not in seen
-        assert set(grants) <= set(seen) and sum(grants.values()) == 1024
+        assert book.pulls(2, []) == []

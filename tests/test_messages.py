@@ -79,6 +79,12 @@ VALID: dict[type, dict[str, Any]] = {
         "sent_at": 5.0,
     },
     m.Revoke: {"gateway_id": "gw-1", "vehicle_id": "car-1", "epoch": 1, "reason": "job_cancelled"},
+    m.AssignmentBatch: {
+        "gateway_id": "gw-1",
+        "vehicle_id": "car-1",
+        "assignments": [b"\x80", b"\x81"],
+        "queued": 3,
+    },
     m.CancelJob: {"job_id": "job-1", "requested_at": 4.0},
     m.DlqAction: {"action": "replayed", "partition": 0, "offset": 3, "at": 6.0},
     m.Capabilities: {"backend": "cuda", "kernels": ["matmul", "saxpy"]},
@@ -92,8 +98,10 @@ MAPPING_FIELDS = [
     (m.PullRequest, "grants"),
 ]
 
-VEHICLE_KINDS = ["pull", "status", "task"]  # one level per vehicle: no gateway id in them
-TO_GATEWAY_KINDS = ["result", "nack", "heartbeat"]  # topics to the lease's gateway only
+# One level per vehicle, no gateway id: its tasks, and its last will (on ".../status").
+VEHICLE_KINDS = {"will": "status", "task": "task"}
+# Topics to one gateway only: the car's K gateways (pull, status) or the lease holder.
+TO_GATEWAY_KINDS = ["pull", "status", "result", "nack", "heartbeat"]
 
 NACK_TABLE = {  # reason: (terminal, counts_as_failure)
     m.NackReason.RELEASED: (False, False),
@@ -310,14 +318,15 @@ class TestTopics:
     def test_mqtt_names(self) -> None:
         topics = MqttTopics("acme")
         # Vehicle-level topics, seen by every gateway,
-        for kind in VEHICLE_KINDS:
-            assert getattr(topics, kind)("car-1") == f"acme/v/car-1/{kind}"
+        for kind, level in VEHICLE_KINDS.items():
+            assert getattr(topics, kind)("car-1") == f"acme/v/car-1/{level}"
         # and topics to the one gateway that holds the lease.
         for kind in TO_GATEWAY_KINDS:
             assert getattr(topics, kind)("car-1", "gw-1") == f"acme/v/car-1/{kind}/gw-1"
         assert topics.gateway_status("gw_1") == "acme/gw/gw_1/status"
-        assert topics.all_pulls == "acme/v/+/pull"
-        assert topics.all_statuses == "acme/v/+/status"
+        assert topics.pulls_for("gw_1") == "acme/v/+/pull/gw_1"
+        assert topics.statuses_for("gw_1") == "acme/v/+/status/gw_1"
+        assert topics.all_wills == "acme/v/+/status"
         assert topics.results_for("gw-1") == "acme/v/+/result/gw-1"
         assert topics.nacks_for("gw-1") == "acme/v/+/nack/gw-1"
         assert topics.heartbeats_for("gw-1") == "acme/v/+/heartbeat/gw-1"
@@ -345,7 +354,7 @@ class TestTopics:
             "other/v/car-1/pull",
             "acme/gw/gw-1/status",
             "acme/v/car-1",
-            "acme/v/car-1/pull/extra",
+            "acme/v/car-1/pull/gw-1/extra",
             "acme/v/car-1/task/gw-1",
             "acme/v/car-1/result/",
             "acme/v/car-1/result/+",
@@ -376,7 +385,7 @@ class TestTopics:
     def test_bad_id(self, vehicle_id: Any) -> None:
         topics = MqttTopics("acme")
         with pytest.raises(ValueError, match="vehicle id"):
-            topics.pull(vehicle_id)
+            topics.will(vehicle_id)
         with pytest.raises(ValueError, match="gateway id"):
             topics.gateway_status(vehicle_id)
         for kind in TO_GATEWAY_KINDS:

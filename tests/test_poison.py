@@ -142,10 +142,6 @@ class TestHandlerThatRaises:
 
 
 def poison_topic(topics: MqttTopics, kind: str) -> str:
-    if kind == "pull":
-        return topics.pull(POISON_CAR)
-    if kind == "status":
-        return topics.status(POISON_CAR)
     return getattr(topics, kind)(POISON_CAR, "gw1")  # type: ignore[no-any-return]
 
 

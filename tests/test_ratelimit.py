@@ -111,7 +111,7 @@ class TestFloodingCar:
         gateway = gateway_factory(pull_rate=20.0)
         fleet_factory(2)
         flooder = RawMqtt(mqtt_conn, f"flooder-{namespace}")
-        topic = MqttTopics(namespace).pull("flooder")
+        topic = MqttTopics(namespace).pull("flooder", "gw1")
         pull = encode(PullRequest("flooder", 0, Capabilities("numpy", ("reduce",))))
         # When one car sends 400 pulls as fast as it can
         for _ in range(400):

@@ -28,7 +28,7 @@ from parkpool.schemas.errors import ConfigError
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, hold_lease, wait_for
+from tests.helpers import RawMqtt, first_assignment, hold_lease, wait_for
 
 
 def assignment(**changes: object) -> Assignment:
@@ -116,7 +116,7 @@ class TestSignedFleet:
         # When a job runs, it completes on signed work
         chunk = [ChunkSpec({"op": "sum"}, {"x": np.arange(4.0)})]
         assert client.publish("reduce", chunk).wait(timeout=60) is None
-        genuine = wait_for(lambda: spy.received and spy.received[0], 10, "the assignment")
+        genuine = wait_for(lambda: first_assignment(spy), 10, "the assignment")
         done = car.completed
         # When an attacker replays the genuine assignment, and sends a forged one
         spy.publish(topic, bytes(genuine.payload))

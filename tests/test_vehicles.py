@@ -185,26 +185,37 @@ class TestStates:
 
 
 class TestLiveness:
-    """silent_since lists vehicles not heard from since a cutoff."""
+    """silent_since reports each vehicle not heard from since a cutoff, once."""
 
     def test_silent_since(self) -> None:
         book = VehicleBook("gw1")
         now = time.monotonic()
-        book.heard("car-old").last_heard = now - 60
-        book.heard("car-new").last_heard = now - 1
-        assert book.silent_since(now - 30) == ["car-old"]
-        assert sorted(book.silent_since(now)) == ["car-new", "car-old"]
+        book.heard("car-old", now - 60)
+        book.heard("car-new", now - 1)
         assert book.silent_since(now - 120) == []
+        assert book.silent_since(now - 30) == ["car-old"]
+        assert book.silent_since(now) == ["car-new"]  # car-old was reported already
 
     def test_hearing_a_vehicle_refreshes_it(self) -> None:
         book = VehicleBook("gw1")
-        book.heard("car1").last_heard = time.monotonic() - 60
-        cutoff = time.monotonic() - 30
-        assert book.silent_since(cutoff) == ["car1"]
+        now = time.monotonic()
+        book.heard("car1", now - 60)
         # When any message arrives from it
-        book.heard("car1")
-        # Then it is no longer silent
-        assert book.silent_since(cutoff) == []
+        book.heard("car1", now)
+        # Then it is no longer silent, and is reported once it is silent again
+        assert book.silent_since(now - 30) == []
+        assert book.silent_since(now + 1) == ["car1"]
+
+    def test_the_cost_is_the_silent_cars_not_the_fleet(self) -> None:
+        # Given 10,000 cars heard just now and one silent for a minute
+        book = VehicleBook("gw1")
+        now = time.monotonic()
+        book.heard("quiet", now - 60)
+        for i in range(10_000):
+            book.heard(f"car-{i}", now)
+        # Then finding the silent one looks at the heap's head only
+        assert book.silent_since(now - 30) == ["quiet"]
+        assert len(book._silence) == 10_000
 
 
 class TestGrants:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from parkpool.runtime.backoff import Backoff
-from parkpool.runtime.settings import Secret
+from parkpool.runtime.rendezvous import top
+from parkpool.runtime.settings import MqttConnection, Secret
 from parkpool.schemas import ParkpoolError
 from parkpool.worker.backend import Backend, select_backend
 from parkpool.worker.carstate import CarSignals
@@ -44,11 +45,15 @@ class Fleet:
         login: Callable[[str], str] | None = None,
         result_key: Callable[[str], Path] | None = None,
         reconnect: Callable[[], Backoff] = jittered_reconnects,
+        cells: Mapping[str, MqttConnection] | None = None,
     ) -> None:
         """``car(vehicle_id)``, when given, makes each vehicle's signals, and each vehicle
         gets its own owner policy (``policy`` settings) reading them on ``timebase``.
-        ``reconnect`` makes each car's reconnect backoff (the bench turns jitter off)."""
+        ``reconnect`` makes each car's reconnect backoff (the bench turns jitter off).
+        ``cells`` (cell name -> its broker): each car joins the cell its id hashes to,
+        by rendezvous, so adding a cell moves only the cars that now belong to it."""
         self.template = template
+        self.cells = dict(cells or {})
         self.prefix = prefix
         self.car = car
         self.policy = policy or PolicyConfig()
@@ -100,6 +105,8 @@ class Fleet:
     def _make(self) -> VehicleWorker:
         self._serial += 1
         settings = replace(self.template, vehicle_id=f"{self.prefix}-{self._serial:05d}")
+        if self.cells:
+            settings = replace(settings, mqtt=self.cells[self.cell_of(settings.vehicle_id)])
         if self.login is not None:
             password = Secret(self.login(settings.vehicle_id))
             mqtt = replace(settings.mqtt, username=settings.vehicle_id, password=password)
@@ -116,6 +123,10 @@ class Fleet:
             policy=OwnerPolicy(self.policy) if car else None,
             timebase=self.timebase,
         )
+
+    def cell_of(self, vehicle_id: str) -> str:
+        """The cell a car belongs to ("" without cells)."""
+        return top(vehicle_id, self.cells, 1)[0] if self.cells else ""
 
     def _take(self, vehicle_id: str) -> VehicleWorker:
         with self._lock:

@@ -1,63 +1,110 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How a vehicle splits its free credits between gateways.
+"""Which gateways a car talks to, and how it splits its free credits between them.
 
-Every gateway sees every pull, and may send only what it was granted, so the grants
-must never add up to more than the vehicle can take. Credits go where the work is:
-in proportion to each gateway's announced backlog, or evenly (rotating who gets the
-odd credit) when no gateway has a backlog. ``GatewayBook`` keeps what a car knows of
-the gateways to do this with.
+A car talks to K gateways of its cell (two by default), chosen by rendezvous hash over
+the cell's roster: the gateways whose retained status says online. Nothing it sends
+reaches any other gateway, so a gateway's load follows its share of the cell, not the
+fleet. Each of the K gets its own pull with its own grant, and may send only that, so
+the grants must never add up to more than the car can take.
+
+Credits go where the work is. A gateway's backlog is learnt from what it sends this car
+(the ``queued`` of an assignment, or a notice when it has nothing, or has work again);
+a gateway not heard from yet is assumed to have work, so a new car tries both at once.
+The odd credit goes to the car's first-ranked gateway, not in turns: stable grants mean
+a pull goes only to a gateway whose grant changed, which is what keeps pulls near one
+per task.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
+from parkpool.runtime.rendezvous import top
 from parkpool.schemas import GatewayState, GatewayStatus
 
 MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
 
 
-def allocate(credits: int, backlog: Mapping[str, int], rotation: int = 0) -> dict[str, int]:
-    """Split ``credits`` between the gateways in ``backlog`` (gateway id -> queued tasks)."""
-    if credits <= 0 or not backlog:
+def allocate(credits: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """Split ``credits`` between gateways by weight (gateway id -> weight, in rank order).
+
+    Largest remainder, ties to the earlier gateway, so the total is exact and the same
+    inputs always give the same grants. Gateways of weight 0 get nothing unless all are 0,
+    and then the split is even.
+    """
+    if credits <= 0 or not weights:
         return {}
-    gateways = sorted(backlog)
-    start = rotation % len(gateways)
-    gateways = gateways[start:] + gateways[:start]
-    weights = {g: backlog[g] for g in gateways if backlog[g] > 0} or dict.fromkeys(gateways, 1)
-    total = sum(weights.values())
-    shares = {g: credits * w / total for g, w in weights.items()}
+    order = list(weights)
+    positive = {g: w for g, w in weights.items() if w > 0} or dict.fromkeys(order, 1)
+    total = sum(positive.values())
+    shares = {g: credits * w / total for g, w in positive.items()}
     grants = {g: int(share) for g, share in shares.items()}
-    # Largest remainder, ties broken by the rotated order, so the total is exact.
     left = credits - sum(grants.values())
-    for g in sorted(weights, key=lambda g: (grants[g] - shares[g], gateways.index(g)))[:left]:
+    for g in sorted(positive, key=lambda g: (grants[g] - shares[g], order.index(g)))[:left]:
         grants[g] += 1
     return {g: n for g, n in grants.items() if n > 0}
 
 
-class GatewayBook:
-    """The gateways a car knows to be online, with their backlogs, and the highest lease
-    epoch it has received from each: what each of its pulls is made of."""
+@dataclass(frozen=True)
+class PullTo:
+    """One pull to send: the gateway, the highest epoch seen from it, and its grant."""
 
-    def __init__(self) -> None:
-        self._online: dict[str, int] = {}  # gateway id -> announced backlog
+    gateway_id: str
+    seen: int
+    grant: int
+
+
+class GatewayBook:
+    """The cell's roster as this car knows it, its K gateways, their backlogs, and what
+    it last told each of them."""
+
+    def __init__(self, vehicle_id: str, k: int = 2) -> None:
+        self.vehicle_id = vehicle_id
+        self.k = k
+        self._roster: set[str] = set()
+        self._mine: tuple[str, ...] = ()
+        self._backlog: dict[str, int] = {}  # gateway -> last known backlog; absent: unknown
         self._seen: dict[str, int] = {}
-        self._rotation = 0
+        self._sent: dict[str, tuple[int, int]] = {}  # gateway -> (grant, seen) last pulled
+        self._resplit = False  # the roster or a backlog changed: the split must follow
         self._lock = threading.Lock()
 
     def announced(self, status: GatewayStatus) -> bool:
-        """Note a gateway's retained status; True when the car should pull at once: a
-        gateway that (re)appeared knows nothing of our last pull, and one whose backlog
-        just appeared has none of our credits yet."""
+        """A roster change (a retained status); True when one of the car's K gateways is
+        new to it, since a gateway that (re)appeared knows nothing of any earlier pull."""
         with self._lock:
-            before = self._online.get(status.gateway_id)
+            gateway = status.gateway_id
             if status.state is GatewayState.ONLINE:
-                self._online[status.gateway_id] = status.queued
+                self._roster.add(gateway)
             else:
-                self._online.pop(status.gateway_id, None)
-        online = status.state is GatewayState.ONLINE
-        return online and (before is None or (not before and bool(status.queued)))
+                self._roster.discard(gateway)
+                self._backlog.pop(gateway, None)
+                self._sent.pop(gateway, None)
+            before = self._mine
+            self._mine = top(self.vehicle_id, self._roster, self.k)
+            if status.state is GatewayState.ONLINE and gateway in self._mine:
+                self._sent.pop(gateway, None)  # whatever it had of us, it may have lost
+            changed = self._mine != before or gateway in self._mine
+            self._resplit |= changed
+            return changed and any(g not in self._sent for g in self._mine)
+
+    def noticed(self, gateway_id: str, queued: int) -> bool:
+        """A gateway's backlog, from a notice or an assignment; True when the split of
+        credits should change at once (work appeared at a gateway known to have none, or
+        one that was thought busy has nothing)."""
+        if queued < 0:
+            return False
+        with self._lock:
+            before = self._backlog.get(gateway_id)
+            self._backlog[gateway_id] = queued
+            # Unknown was taken to mean "has work", so only learning "none" changes it.
+            was_empty = before == 0
+            changed = gateway_id in self._mine and was_empty != (queued == 0)
+            self._resplit |= changed
+            return changed
 
     def received(self, gateway_id: str, epoch: int) -> None:
         """An assignment to this car arrived: it is no longer in transit."""
@@ -66,17 +113,60 @@ class GatewayBook:
 
     def any_online(self) -> bool:
         with self._lock:
-            return bool(self._online)
+            return bool(self._mine)
 
-    def split(self, credits: int) -> tuple[dict[str, int], dict[str, int]]:
-        """The ``seen`` and ``grants`` maps of a pull for ``credits`` free slots.
+    def mine(self) -> tuple[str, ...]:
+        """The car's K gateways, best first."""
+        with self._lock:
+            return self._mine
 
-        A pull names at most 64 gateways, the busiest online ones: a car that has seen
-        more gateway ids over time must not grow its pulls past the limit.
+    def reset(self) -> None:
+        """Forget what was sent (after a reconnect: every gateway must hear us again)."""
+        with self._lock:
+            self._sent.clear()
+
+    def pulls(
+        self, credits: int, held: Iterable[tuple[str, int]], refresh: bool = False
+    ) -> list[PullTo]:
+        """The pulls to send for ``credits`` free slots, given the (gateway, epoch) of
+        every task the car holds.
+
+        A gateway refills a slot by itself when one of its leases ends, so after a task
+        the car usually sends nothing. It pulls when some free credit is granted to no
+        gateway (tasks it held from before its last pull finished), when the split must
+        follow a roster or backlog change, and on ``refresh`` (every gateway, since one may
+        have restarted). Each pull goes only to a gateway whose grant would change; a
+        gateway that held a grant and is no longer among the K is told zero.
         """
         with self._lock:
-            busiest = sorted(self._online.items(), key=lambda g: -g[1])[:MAX_GATEWAYS]
-            gateways = dict(busiest)
-            seen = {g: e for g, e in self._seen.items() if g in gateways}
-            self._rotation += 1
-            return seen, allocate(credits, gateways, self._rotation)
+            effective = self._effective(held)
+            if not (refresh or self._resplit or sum(effective.values()) < credits):
+                return []
+            self._resplit = False
+            grants = allocate(max(0, credits), self._weights())
+            out: list[PullTo] = []
+            for gateway in self._mine:
+                pull = PullTo(gateway, self._seen.get(gateway, 0), grants.get(gateway, 0))
+                if refresh or pull.grant != effective.get(gateway, 0):
+                    out.append(pull)
+                    self._sent[gateway] = (pull.grant, pull.seen)
+            for gateway, (grant, _) in list(self._sent.items()):
+                if gateway not in self._mine:
+                    del self._sent[gateway]
+                    if grant > 0:
+                        out.append(PullTo(gateway, self._seen.get(gateway, 0), 0))
+            return out
+
+    def _effective(self, held: Iterable[tuple[str, int]]) -> dict[str, int]:
+        """What each gateway may still send us, as it sees it: its last grant less the
+        tasks we hold from it that came after the epoch that pull said we had seen."""
+        sent = self._sent
+        after = Counter(g for g, epoch in held if g in sent and epoch > sent[g][1])
+        return {g: max(0, grant - after[g]) for g, (grant, _) in sent.items() if g in self._mine}
+
+    def _weights(self) -> dict[str, int]:
+        """Each of the K gateways' weight, in rank order: its backlog when known, else
+        the largest known one (at least 1): a gateway not yet heard from may have work."""
+        known = [self._backlog[g] for g in self._mine if g in self._backlog]
+        guess = max([*known, 1])
+        return {g: self._backlog.get(g, guess) for g in self._mine}

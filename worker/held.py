@@ -75,6 +75,11 @@ class HeldTasks:
         with self._lock:
             self._items[assignment.epoch] = Held(assignment, task)
 
+    def sources(self) -> list[tuple[str, int]]:
+        """The (gateway, epoch) of every task held: what each gateway has of our credits."""
+        with self._lock:
+            return [(h.assignment.gateway_id, e) for e, h in self._items.items()]
+
     def pop(self, epoch: int) -> Held | None:
         with self._lock:
             return self._items.pop(epoch, None)

@@ -65,10 +65,12 @@ class Outbox:
         topic = self._topics.heartbeat(self._vehicle_id, beat.gateway_id)
         self._client.publish(topic, encode(beat), qos=1)
 
-    def pull(self, pull: PullRequest) -> None:
+    def pull(self, gateway_id: str, pull: PullRequest) -> None:
         # QoS 0: a pull is absolute and refreshed every pull_refresh_s, so a lost one only
         # delays work briefly, while QoS 1 would double the packets on the busiest topic.
-        self._client.publish(self._topics.pull(self._vehicle_id), encode(pull), qos=0)
+        topic = self._topics.pull(self._vehicle_id, gateway_id)
+        self._client.publish(topic, encode(pull), qos=0)
 
-    def status(self, status: VehicleStatus) -> mqtt.MQTTMessageInfo:
-        return self._client.publish(self._topics.status(self._vehicle_id), encode(status), qos=1)
+    def status(self, gateway_id: str, status: VehicleStatus) -> mqtt.MQTTMessageInfo:
+        topic = self._topics.status(self._vehicle_id, gateway_id)
+        return self._client.publish(topic, encode(status), qos=1)

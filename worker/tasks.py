@@ -77,26 +77,31 @@ class TaskLine:
 
     # ---------------------------------------------------------------- receiving
 
-    def receive(self, payload: bytes) -> None:
+    def receive(self, payload: bytes) -> Assignment | None:
+        """Take one encoded assignment; the assignment when it was authentic and ours."""
         try:
             assignment = decode(payload, Assignment)
         except DecodeError as exc:
             # Without a readable epoch there is nothing to nack; the lease will expire.
             self._log.warning("assignment_malformed", reason=str(exc))
-            return
+            return None
         if not self._admission.authentic(assignment):
-            return
-        if assignment.vehicle_id == self.vehicle_id:  # another car's epochs mean nothing here
-            self._gateways.received(assignment.gateway_id, assignment.epoch)
+            return None
+        if assignment.vehicle_id != self.vehicle_id:  # another car's epochs mean nothing here
+            detail = "assignment addressed to another vehicle"
+            self.nack(assignment, NackReason.INVALID_TASK, detail)
+            return None
+        self._gateways.received(assignment.gateway_id, assignment.epoch)
         refusal = self._refusal(assignment)
         if refusal is not None:
             self.nack(assignment, *refusal)
-            return
+            return assignment
         task = self._readable(assignment)
         if task is not None:
             self.held.add(assignment, task)
             self._log.debug("task_received", **task_context(assignment, task))
             self._pool.submit(self._run, assignment.epoch)
+        return assignment
 
     def _readable(self, assignment: Assignment) -> TaskChunk | None:
         """The task in clear, or None once it has been nacked as unreadable."""
@@ -119,8 +124,6 @@ class TaskLine:
             return NackReason.RELEASED, "worker stopping"
         if not decision.runs:
             return NackReason.RELEASED, f"owner policy: {decision.reason}"
-        if assignment.vehicle_id != self.vehicle_id:
-            return NackReason.INVALID_TASK, "assignment addressed to another vehicle"
         if assignment.lease_deadline < time.time():
             return NackReason.EXPIRED, "lease deadline passed before the task could start"
         if len(self.held) >= self.capacity:

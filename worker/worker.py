@@ -27,6 +27,7 @@ import structlog
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, wait_until
 from parkpool.runtime.signing import ResultSigner
 from parkpool.schemas import (
+    AssignmentBatch,
     Capabilities,
     DecodeError,
     GatewayStatus,
@@ -105,7 +106,7 @@ class VehicleWorker:
             settings.gflops_per_s,
             settings.simulated_delay_s,
         )
-        self.gateways = GatewayBook()
+        self.gateways = GatewayBook(self.vehicle_id, settings.gateways_per_vehicle)
         self._lock = threading.Lock()  # the pull schedule
         self.admission = Admission(settings.trusted_keys, self.vehicle_id)
         self.rejected = self.admission.rejected  # assignments refused: bad_signature, replayed
@@ -116,6 +117,7 @@ class VehicleWorker:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._last_pull = 0.0  # monotonic time of the last pull sent
+        self._pull_at: float | None = None  # a jittered pull waiting for its time
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
         self._next_heartbeat = 0.0
         self._owns_network = network is None
@@ -127,7 +129,7 @@ class VehicleWorker:
         self._client = new_client(
             f"veh-{settings.namespace}-{self.vehicle_id}",
             settings.mqtt,
-            will=Will(self.topics.status(self.vehicle_id), encode(will)),
+            will=Will(self.topics.will(self.vehicle_id), encode(will)),
         )
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -182,7 +184,8 @@ class VehicleWorker:
         # Not connected (the broker is restarting, say): the gateway learns it from the
         # last will or the missing heartbeats instead, and the nacks wait in paho's queue.
         with contextlib.suppress(RuntimeError, ValueError):
-            self._status(VehicleState.OFFLINE, reason).wait_for_publish(timeout=5)
+            for info in self._status(VehicleState.OFFLINE, reason):
+                info.wait_for_publish(timeout=5)
         self._network.detach(self._client)
         self._client.disconnect()
         if self._owns_network:
@@ -243,25 +246,41 @@ class VehicleWorker:
 
     # ---------------------------------------------------------------- pulling
 
-    def pull(self, *, force: bool = False) -> None:
-        """Ask for as many tasks as there is room for; absolute, so repeating it is safe.
+    def pull(self, *, force: bool = False, refresh: bool = False) -> None:
+        """Tell the car's gateways what each may send it; absolute, so repeating is safe.
 
-        Sent whenever room frees up (``force``), and again every ``pull_refresh_s`` while
-        there is room, because a gateway that restarted has forgotten the last one.
+        ``force`` (room freed, a backlog changed): send what changed, often nothing, as a
+        gateway refills a slot by itself when its lease ends. ``refresh`` (a reconnect, a
+        new dwell, the owner's policy letting the car run again), and every
+        ``pull_refresh_s`` while there is room: all K gateways hear it again, since one
+        may have restarted and forgotten the last.
         """
         if self._stopping.is_set() or not self.eligible:
             return
         credits = self.settings.capacity - len(self.tasks.held)
         with self._lock:
-            due = time.monotonic() - self._last_pull >= self._refresh_s
-            if credits <= 0 or not self.gateways.any_online() or not (force or due):
+            now = time.monotonic()
+            refresh |= credits > 0 and now - self._last_pull >= self._refresh_s
+            if not self.gateways.any_online() or not (force or refresh):
                 return
-            self._last_pull = time.monotonic()
-        seen, grants = self.gateways.split(credits)
+            pulls = self.gateways.pulls(credits, self.tasks.held.sources(), refresh)
+            if not pulls:
+                return
+            self._last_pull = now
+        capabilities = self.capabilities
         dwell = self.guard.dwell_s() if self.guard else 0.0
-        self.outbox.pull(
-            PullRequest(self.vehicle_id, credits, self.capabilities, seen, grants, dwell)
-        )
+        for p in pulls:
+            seen, grant = {p.gateway_id: p.seen}, {p.gateway_id: p.grant}
+            pull = PullRequest(self.vehicle_id, p.grant, capabilities, seen, grant, dwell)
+            self.outbox.pull(p.gateway_id, pull)
+
+    def _pull_soon(self) -> None:
+        """Pull within ``pull_jitter_s``: a gateway that appeared, or whose work did,
+        is not met by all its cars in the same instant."""
+        due = time.monotonic() + random.uniform(0.0, self.settings.pull_jitter_s)
+        with self._lock:
+            if self._pull_at is None or due < self._pull_at:
+                self._pull_at = due
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(0.5):
@@ -273,7 +292,11 @@ class VehicleWorker:
             return
         if self.guard is not None:
             self.guard.reconsider()  # rules that move with time: departure, dwell, budget
-        self.pull()
+        with self._lock:
+            due, self._pull_at = self._pull_at, None
+            if due is not None and due > time.monotonic():
+                self._pull_at, due = due, None
+        self.pull(force=due is not None)
         self._beat_leases()
         if time.monotonic() >= self._next_heartbeat:
             self._announce()
@@ -298,8 +321,9 @@ class VehicleWorker:
             [(self.topics.task(self.vehicle_id), 1), (self.topics.all_gateway_statuses, 1)]
         )
         if self._subscribed.is_set():  # a reconnect: say we are here again
+            self.gateways.reset()
             self._announce()
-            self.pull(force=True)
+            self._pull_soon()
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _m: int, codes: Any, _p: Any) -> None:
         if not any(code.is_failure for code in codes):
@@ -311,9 +335,14 @@ class VehicleWorker:
         try:
             if msg.topic != self.topics.task(self.vehicle_id):
                 self._on_gateway_status(msg.topic, payload)
-            elif peek_type(payload) == Revoke.TYPE:
-                kind = "revoke"
+                return
+            kind = peek_type(payload) or "assignment"
+            if kind == Revoke.TYPE:
                 self._on_revoke(payload)
+            elif kind == GatewayStatus.TYPE:
+                self._on_notice(payload)
+            elif kind == AssignmentBatch.TYPE:
+                self._on_batch(payload)
             else:
                 kind = "assignment"
                 self._on_assignment(payload)
@@ -332,13 +361,43 @@ class VehicleWorker:
             self._log.warning("gateway_status_misplaced", topic=topic)
             return  # one gateway (or anyone) speaking for another
         if self.gateways.announced(status):
-            self.pull(force=True)
+            self._pull_soon()
+
+    def _on_notice(self, payload: bytes) -> None:
+        """One of our gateways says how much work it has: none (move our credits to the
+        other one now) or some again (come back, after a jitter)."""
+        try:
+            notice = decode(payload, GatewayStatus)
+        except DecodeError:
+            return
+        if self.gateways.noticed(notice.gateway_id, notice.queued):
+            if notice.queued == 0:
+                self.pull(force=True)
+            else:
+                self._pull_soon()
+
+    def _on_batch(self, payload: bytes) -> None:
+        try:
+            batch = decode(payload, AssignmentBatch)
+        except DecodeError as exc:
+            self._log.warning("assignment_batch_malformed", reason=str(exc))
+            return
+        for item in batch.assignments:
+            self.tasks.receive(item)
+        self._learn_backlog(batch.gateway_id, batch.queued)
 
     def _on_revoke(self, payload: bytes) -> None:
         self.tasks.revoke(payload)
 
     def _on_assignment(self, payload: bytes) -> None:
-        self.tasks.receive(payload)
+        assignment = self.tasks.receive(payload)
+        if assignment is not None:
+            self._learn_backlog(assignment.gateway_id, assignment.queued)
+
+    def _learn_backlog(self, gateway_id: str, queued: int) -> None:
+        """An assignment's backlog figure: the car's split follows it, as after a notice."""
+        if self.gateways.noticed(gateway_id, queued):
+            self.pull(force=True)
 
     def _after_preemption(self) -> None:
         """A kernel stopped by the guard. The guard's stop hands every task back, then
@@ -358,13 +417,13 @@ class VehicleWorker:
             self._release_all(decision.reason)
         self._announce()
         if decision.runs:
-            self.pull(force=True)
+            self.pull(refresh=True)
 
     def _on_car_signals(self, state: CarState) -> None:
         """A new departure time changes the dwell gateways plan with: tell them now."""
         if state.next_departure != self._departure:
             self._departure = state.next_departure
-            self.pull(force=True)
+            self.pull(refresh=True)
 
     def _release_all(self, reason: str) -> None:
         """Nack every held task at once, so the gateway redispatches without waiting."""
@@ -379,13 +438,16 @@ class VehicleWorker:
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
 
-    def _announce(self) -> mqtt.MQTTMessageInfo:
+    def _announce(self) -> list[mqtt.MQTTMessageInfo]:
         decision = self.decision
         reason = "" if decision.runs else decision.reason
         return self._status(_STATE_OF_MODE[decision.mode], reason)
 
-    def _status(self, state: VehicleState, reason: str = "") -> mqtt.MQTTMessageInfo:
-        """Say how the car stands, and the figures the fleet's metrics are made of."""
+    def _status(self, state: VehicleState, reason: str = "") -> list[mqtt.MQTTMessageInfo]:
+        """Say how the car stands, and the figures the fleet's metrics are made of, to
+        its K gateways and to any other that holds one of its tasks."""
         busy_s = self.runner.busy_s
         status = status_of(self.vehicle_id, state, reason, self.held, busy_s, self.guard)
-        return self.outbox.status(status)
+        holders = {gateway for gateway, _ in self.tasks.held.sources()}
+        gateways = [*self.gateways.mine(), *sorted(holders - set(self.gateways.mine()))]
+        return [self.outbox.status(gateway, status) for gateway in gateways]
