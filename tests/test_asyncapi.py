@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import parkpool.schemas
+from parkpool.broker_config import auth
 from parkpool.schemas import codec, topics
 from parkpool.schemas import messages as m
 from parkpool.schemas.errors import DecodeError
@@ -51,22 +52,60 @@ EXPECTED_CHANNELS: dict[str, Channel] = {
     KAFKA.results: both_ways("send", m.Result),
     # The dead-letter tools, not gateways, write the DlqAction notes.
     KAFKA.dead_letter: Channel((m.DeadLetter, m.DlqAction), "send", (m.DeadLetter,)),
-    MQTT.pull("car-1"): both_ways("receive", m.PullRequest, qos=0),
-    MQTT.status("car-1"): both_ways("receive", m.VehicleStatus, qos=1),
+    # A car addresses each of these to one gateway: the last level is that gateway's id.
+    MQTT.pull("car-1", "gw-1"): both_ways("receive", m.PullRequest, qos=0),
+    MQTT.status("car-1", "gw-1"): both_ways("receive", m.VehicleStatus, qos=1),
     MQTT.result("car-1", "gw-1"): both_ways("receive", m.Result, qos=1),
     MQTT.nack("car-1", "gw-1"): both_ways("receive", m.Nack, qos=1),
     MQTT.heartbeat("car-1", "gw-1"): both_ways("receive", m.LeaseHeartbeat, qos=1),
-    MQTT.task("car-1"): both_ways("send", m.Assignment, m.Revoke, qos=1),
+    # The last will, the one thing a car sends that every gateway of its cell hears.
+    MQTT.will("car-1"): both_ways("receive", m.VehicleStatus, qos=1),
+    # Everything a gateway says to one car: leases, alone or batched, revokes, notices.
+    MQTT.task("car-1"): both_ways(
+        "send", m.Assignment, m.AssignmentBatch, m.Revoke, m.GatewayStatus, qos=1
+    ),
+    # The retained roster entry, the one thing a gateway sends that every car hears.
     MQTT.gateway_status("gw-1"): both_ways("send", m.GatewayStatus, qos=1),
 }
-# What the gateway subscribes to: every vehicle ('+'), but only what is addressed to it.
-GATEWAY_SUBSCRIPTIONS = {
-    MQTT.all_pulls,
-    MQTT.all_statuses,
-    MQTT.results_for("gw-1"),
-    MQTT.nacks_for("gw-1"),
-    MQTT.heartbeats_for("gw-1"),
-}
+
+
+def gateway_subscriptions(me: str) -> set[str]:
+    """What a gateway subscribes to: every vehicle ('+'), but only what is addressed to
+    it, and the cell's last wills."""
+    return {
+        MQTT.pulls_for(me),
+        MQTT.statuses_for(me),
+        MQTT.all_wills,
+        MQTT.results_for(me),
+        MQTT.nacks_for(me),
+        MQTT.heartbeats_for(me),
+    }
+
+
+def vehicle_subscriptions(car: str) -> set[str]:
+    """What a car subscribes to: its own task topic and the cell's roster."""
+    return {MQTT.task(car), MQTT.all_gateway_statuses}
+
+
+GATEWAY_SUBSCRIPTIONS = gateway_subscriptions("gw-1")
+VEHICLE_SUBSCRIPTIONS = vehicle_subscriptions("car-1")
+
+
+def matches(pattern: str, topic: str) -> bool:
+    """Whether an MQTT subscription (with '+' and '#') matches a topic."""
+    levels, wanted = topic.split("/"), pattern.split("/")
+    for i, level in enumerate(wanted):
+        if level == "#":
+            return True
+        if i >= len(levels) or level not in ("+", levels[i]):
+            return False
+    return len(wanted) == len(levels)
+
+
+def acl_patterns(access: str) -> set[str]:
+    """The ACL's per-vehicle patterns (``%u`` for the vehicle) of one access kind."""
+    lines = (line.split() for line in auth.ACL.splitlines())
+    return {words[2] for words in lines if words[:2] == ["pattern", access]}
 
 
 def resolve(node: Any) -> Any:
@@ -109,9 +148,21 @@ def payload_schema(cls: type) -> dict[str, Any]:
     return flatten(message_spec(cls)["payload"])
 
 
+def examples_of(cls: type) -> list[dict[str, Any]]:
+    return [example["payload"] for example in message_spec(cls)["examples"]]
+
+
 def example_of(cls: type) -> dict[str, Any]:
-    (example,) = message_spec(cls)["examples"]
-    return example["payload"]  # type: ignore[no-any-return]
+    """The message's first example: a message with several uses has one for each."""
+    return examples_of(cls)[0]
+
+
+# Every (message type, example number) of the document.
+EXAMPLES = [(cls, i) for cls in m.MESSAGE_TYPES for i in range(len(examples_of(cls)))]
+
+
+def example_id(case: tuple[type, int]) -> str:
+    return f"{case[0].__name__}-{case[1]}"
 
 
 def required_fields(cls: type) -> set[str]:
@@ -161,8 +212,8 @@ def from_example(schema: Any, value: Any) -> Any:
     return value
 
 
-def wire_bytes(cls: type) -> bytes:
-    body = from_example(message_spec(cls)["payload"], example_of(cls))
+def wire_bytes(cls: type, index: int = 0) -> bytes:
+    body = from_example(message_spec(cls)["payload"], examples_of(cls)[index])
     return msgpack.packb(body, default=codec._default, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -309,30 +360,75 @@ class TestChannels:
         qos = {o["bindings"]["mqtt"]["qos"] for o in operations if is_mqtt}
         assert qos == ({expected.qos} if is_mqtt else set())
 
-    def test_gateway_subscriptions_are_the_channels_it_receives(self) -> None:
-        # Given every MQTT channel the gateway receives on, with '+' for the vehicle,
-        received = {
-            self.address(channel, vehicleId="+")
+    @classmethod
+    def mqtt_channels(cls, action: str) -> list[dict[str, Any]]:
+        """The MQTT channels the gateway ``action``s on (receive: what cars send)."""
+        return [
+            channel
             for name, channel in SPEC["channels"].items()
             if "/" in channel["address"]
-            and any(o["action"] == "receive" for o in self.operations_on(name))
-        }
+            and any(o["action"] == action for o in cls.operations_on(name))
+        ]
+
+    def test_gateway_subscriptions_are_the_channels_it_receives(self) -> None:
+        # Given every MQTT channel the gateway receives on, with '+' for the vehicle,
+        received = {self.address(c, vehicleId="+") for c in self.mqtt_channels("receive")}
         # then they are exactly what the code subscribes to.
         assert received == GATEWAY_SUBSCRIPTIONS
 
+    def test_vehicle_subscriptions_are_the_channels_the_gateway_sends_on(self) -> None:
+        # Given every MQTT channel the gateway sends on, with '+' for the gateway,
+        sent = {self.address(c, gatewayId="+") for c in self.mqtt_channels("send")}
+        # then they are exactly what a car subscribes to.
+        assert sent == VEHICLE_SUBSCRIPTIONS
+
+    def test_no_broadcast_but_wills_and_the_roster(self) -> None:
+        # Given what car-1 sends to gw-1, and what gw-1 sends to car-1,
+        to_gateway = {self.address(c): c for c in self.mqtt_channels("receive")}
+        to_vehicle = {self.address(c): c for c in self.mqtt_channels("send")}
+        # then another gateway of the cell hears only the car's last will,
+        heard = {t for t in to_gateway for s in gateway_subscriptions("gw-2") if matches(s, t)}
+        assert heard == {MQTT.will("car-1")}
+        # and another car only the gateway's roster entry.
+        seen = {t for t in to_vehicle for s in vehicle_subscriptions("car-2") if matches(s, t)}
+        assert seen == {MQTT.gateway_status("gw-1")}
+        # They are also the only channels whose address does not name the addressee.
+        unaddressed = [t for t, c in to_gateway.items() if "gatewayId" not in c["parameters"]]
+        unaddressed += [t for t, c in to_vehicle.items() if "vehicleId" not in c["parameters"]]
+        assert sorted(unaddressed) == sorted([MQTT.will("car-1"), MQTT.gateway_status("gw-1")])
+
+    def test_acl_is_the_channels(self) -> None:
+        # Given the MQTT channels as broker ACL patterns: any namespace and gateway, and
+        # the logged-in vehicle's own id,
+        def pattern(channel: dict[str, Any]) -> str:
+            return self.address(channel, namespace="+", vehicleId="%u", gatewayId="+")
+
+        # then a car may write exactly what the gateway receives, and read exactly what
+        # the gateway sends.
+        assert acl_patterns("write") == {pattern(c) for c in self.mqtt_channels("receive")}
+        assert acl_patterns("read") == {pattern(c) for c in self.mqtt_channels("send")}
+        assert acl_patterns("readwrite") == set()
+
     @pytest.mark.parametrize("name", sorted(SPEC["channels"]))
     def test_vehicle_topics_parse(self, name: str) -> None:
-        # A vehicle topic yields its vehicle and its kind, the level after the vehicle id.
+        # A vehicle topic yields its vehicle and its kind, the level after the vehicle id
+        # (``will`` for the four-level status topic, which only last wills use).
         address = SPEC["channels"][name]["address"]
         if "/v/{vehicleId}/" in address:
             topic = self.address(SPEC["channels"][name])
             assert MQTT.vehicle_of(topic) == "car-1"
-            assert MQTT.kind_of(topic) == address.split("/")[3]
+            kind = "will" if topic == MQTT.will("car-1") else address.split("/")[3]
+            assert MQTT.kind_of(topic) == kind
 
     def test_mqtt_specifics(self) -> None:
         ops = SPEC["operations"]
+        # The roster entry is retained; a notice to one car is not.
         assert ops["announceGateway"]["bindings"]["mqtt"]["retain"] is True
+        assert ops["sendNotices"]["bindings"]["mqtt"].get("retain", False) is False
+        # Assignments, alone or batched, expire with their lease.
         assert "messageExpiryInterval" in ops["sendAssignments"]["bindings"]["mqtt"]
+        leases = [resolve(ref)["title"] for ref in ops["sendAssignments"]["messages"]]
+        assert leases == ["Assignment", "AssignmentBatch"]
 
 
 class TestMessages:
@@ -410,6 +506,14 @@ class TestMessages:
                 self.decode(cls, body | {name: "x" * schema["maxLength"]})
                 with pytest.raises(DecodeError, match=r"^too_large"):
                     self.decode(cls, body | {name: "x" * (schema["maxLength"] + 1)})
+            # A list of the example's first item: as long as declared is accepted, and
+            # one item more or fewer is refused.
+            for bound, delta in (("minItems", -1), ("maxItems", 1)):
+                if bound in schema and body.get(name):
+                    item = body[name][0]
+                    self.decode(cls, body | {name: [item] * schema[bound]})
+                    with pytest.raises(DecodeError):
+                        self.decode(cls, body | {name: [item] * (schema[bound] + delta)})
 
     def test_sum_limit_is_the_code_limit(self) -> None:
         # Given the one map whose values the document caps by another field's value,
@@ -435,19 +539,21 @@ class TestMessages:
 
 
 class TestExamples:
-    """Each message has one example, valid by its schema, that round-trips through the codec."""
+    """Each message has an example for each of its uses, valid by its schema, that
+    round-trips through the codec."""
 
-    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
-    def test_example_conforms_to_schema(self, cls: type) -> None:
-        assert conforms(message_spec(cls)["payload"], example_of(cls)) == []
-        assert set(example_of(cls)) <= set(payload_schema(cls)["properties"])
+    @pytest.mark.parametrize(("cls", "index"), EXAMPLES, ids=list(map(example_id, EXAMPLES)))
+    def test_example_conforms_to_schema(self, cls: type, index: int) -> None:
+        example = examples_of(cls)[index]
+        assert conforms(message_spec(cls)["payload"], example) == []
+        assert set(example) <= set(payload_schema(cls)["properties"])
 
-    @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
-    def test_example_round_trips(self, cls: type) -> None:
+    @pytest.mark.parametrize(("cls", "index"), EXAMPLES, ids=list(map(example_id, EXAMPLES)))
+    def test_example_round_trips(self, cls: type, index: int) -> None:
         # Given the example packed the way a peer would pack it,
-        example = from_example(message_spec(cls)["payload"], example_of(cls))
+        example = from_example(message_spec(cls)["payload"], examples_of(cls)[index])
         # when it is decoded, re-encoded and decoded again,
-        first = codec.decode(wire_bytes(cls), cls)
+        first = codec.decode(wire_bytes(cls, index), cls)
         second = codec.decode(codec.encode(first), cls)
         # then nothing changed on the way, and every field says what the example says.
         assert plain(second) == plain(first)
@@ -466,3 +572,30 @@ class TestExamples:
         for cls, field in ((m.Assignment, "task"), (m.DeadLetter, "original")):
             carried = getattr(codec.decode(wire_bytes(cls), cls), field)
             assert plain(codec.decode(carried, m.TaskChunk)) == task
+
+    def test_batch_items_are_assignments_of_the_batch(self) -> None:
+        # Given the example batch,
+        batch = codec.decode(wire_bytes(m.AssignmentBatch), m.AssignmentBatch)
+        assert len(batch.assignments) > 1
+        epochs = []
+        for item in batch.assignments:
+            # each item is an Assignment on its own, signed on its own, from the batch's
+            # gateway to the batch's vehicle, carrying a task that decodes.
+            assignment = codec.decode(item, m.Assignment)
+            assert (assignment.gateway_id, assignment.vehicle_id) == (
+                batch.gateway_id,
+                batch.vehicle_id,
+            )
+            assert assignment.signature and assignment.nonce
+            codec.decode(assignment.task, m.TaskChunk)
+            epochs.append(assignment.epoch)
+        # Each is its own lease, and the first leases the example task.
+        assert len(set(epochs)) == len(epochs)
+        first = codec.decode(batch.assignments[0], m.Assignment)
+        assert first.task == codec.decode(wire_bytes(m.Assignment), m.Assignment).task
+
+    def test_gateway_status_examples_show_both_uses(self) -> None:
+        # The retained roster entry says no backlog; the notices say none and some.
+        queued = [plain(example).get("queued", 0) for example in examples_of(m.GatewayStatus)]
+        assert queued[0] == 0
+        assert {q > 0 for q in queued[1:]} == {False, True}

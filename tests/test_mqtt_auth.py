@@ -30,6 +30,7 @@ from tests.helpers import hold_lease, wait_for
 
 pytestmark = pytest.mark.integration
 NS = "sec"
+GW = "gw-sec"  # the gateway identity; a car addresses its pulls and statuses to it
 # The store keeps only hashes: the tests hold the passwords, as the cars would.
 PASSWORDS: dict[str, str] = {}
 
@@ -40,7 +41,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker
         assert brokers.auth is not None
         for car in ("car-a", "car-b", "car-c"):
             PASSWORDS[car] = brokers.auth.enroll(car)
-        PASSWORDS["gw-sec"] = brokers.auth.add_gateway("gw-sec")
+        PASSWORDS[GW] = brokers.auth.add_gateway(GW)
         brokers.reload_mosquitto()
         time.sleep(0.5)  # SIGHUP is handled on the broker's next loop
         yield brokers
@@ -62,8 +63,9 @@ def publish(brokers: EmbeddedBrokers, who: str | None, topic: str, message: str)
 class Listener:
     """mosquitto_sub in the background, collecting what one identity receives."""
 
-    def __init__(self, brokers: EmbeddedBrokers, who: str, topic: str) -> None:
-        cmd = ["mosquitto_sub", *_login(brokers, who), "-t", topic, "-q", "1", "-v"]
+    def __init__(self, brokers: EmbeddedBrokers, who: str, *topics: str) -> None:
+        subscriptions = [arg for topic in topics for arg in ("-t", topic)]
+        cmd = ["mosquitto_sub", *_login(brokers, who), *subscriptions, "-q", "1", "-v"]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(0.5)  # connected and subscribed
 
@@ -90,13 +92,13 @@ class TestIsolation:
     """Anonymous clients are refused; each car reaches only its own topics."""
 
     def test_anonymous_is_refused(self, secured: EmbeddedBrokers) -> None:
-        assert publish(secured, None, f"{NS}/v/car-a/pull", "hi") != 0
+        assert publish(secured, None, f"{NS}/v/car-a/pull/{GW}", "hi") != 0
 
     def test_wrong_password_is_refused(self, secured: EmbeddedBrokers) -> None:
         cmd = [
             "mosquitto_pub",
             *_login(secured, None),
-            *("-u", "car-a", "-P", "guess", "-t", f"{NS}/v/car-a/pull", "-m", "x"),
+            *("-u", "car-a", "-P", "guess", "-t", f"{NS}/v/car-a/pull/{GW}", "-m", "x"),
         ]
         assert subprocess.run(cmd, check=False, capture_output=True, timeout=15).returncode != 0
 
@@ -105,7 +107,7 @@ class TestIsolation:
         spy = Listener(secured, "car-a", f"{NS}/v/car-b/task")
         owner = Listener(secured, "car-b", f"{NS}/v/car-b/task")
         # When the gateway sends B a task
-        assert publish(secured, "gw-sec", f"{NS}/v/car-b/task", "task-for-b") == 0
+        assert publish(secured, GW, f"{NS}/v/car-b/task", "task-for-b") == 0
         time.sleep(1.0)
         spied, _ = spy.stop()
         received, _ = owner.stop()
@@ -114,19 +116,54 @@ class TestIsolation:
         assert "task-for-b" not in spied
 
     def test_car_cannot_write_another_cars_results(self, secured: EmbeddedBrokers) -> None:
-        gateway = Listener(secured, "gw-sec", f"{NS}/v/+/result/+")
+        gateway = Listener(secured, GW, f"{NS}/v/+/result/+")
         # When A publishes on B's result topic, and on its own
-        publish(secured, "car-a", f"{NS}/v/car-b/result/gw-sec", "forged")
-        assert publish(secured, "car-a", f"{NS}/v/car-a/result/gw-sec", "honest") == 0
+        publish(secured, "car-a", f"{NS}/v/car-b/result/{GW}", "forged")
+        assert publish(secured, "car-a", f"{NS}/v/car-a/result/{GW}", "honest") == 0
         time.sleep(1.0)
         seen, _ = gateway.stop()
         # Then the gateway receives only A's own
-        assert f"{NS}/v/car-a/result/gw-sec honest" in seen
+        assert f"{NS}/v/car-a/result/{GW} honest" in seen
         assert "forged" not in seen
+
+    def test_car_pulls_and_reports_only_as_itself(self, secured: EmbeddedBrokers) -> None:
+        # Given the gateway listening to everything a car may send it, and to the roster
+        gateway = Listener(
+            secured,
+            GW,
+            f"{NS}/v/+/pull/+",
+            f"{NS}/v/+/status/+",
+            f"{NS}/v/+/status",
+            f"{NS}/v/+/pull",
+            f"{NS}/gw/+/status",
+        )
+        # When A pulls from and reports to a gateway, and leaves its will, on its own topics
+        own = {
+            f"{NS}/v/car-a/pull/{GW}": "own-pull",
+            f"{NS}/v/car-a/status/{GW}": "own-status",
+            f"{NS}/v/car-a/status": "own-will",
+        }
+        for topic, message in own.items():
+            assert publish(secured, "car-a", topic, message) == 0
+        # and tries the same on B's topics, the pull of the old layout that every gateway
+        # heard, and a roster entry that would draw the cell's cars to a gateway of its own
+        forged = {
+            f"{NS}/v/car-b/pull/{GW}": "forged-pull",
+            f"{NS}/v/car-b/status/{GW}": "forged-status",
+            f"{NS}/v/car-b/status": "forged-will",
+            f"{NS}/v/car-a/pull": "unaddressed-pull",
+            f"{NS}/gw/gw-evil/status": "forged-roster",
+        }
+        for topic, message in forged.items():
+            publish(secured, "car-a", topic, message)
+        time.sleep(1.0)
+        seen, _ = gateway.stop()
+        # Then the gateway receives A's own, each on its topic, and nothing else.
+        assert sorted(seen.splitlines()) == sorted(f"{t} {m}" for t, m in own.items())
 
     def test_revoked_car_cannot_connect_again(self, secured: EmbeddedBrokers) -> None:
         assert secured.auth is not None
-        assert publish(secured, "car-c", f"{NS}/v/car-c/status", "here") == 0
+        assert publish(secured, "car-c", f"{NS}/v/car-c/status/{GW}", "here") == 0
         password = PASSWORDS["car-c"]
         assert secured.auth.revoke("car-c")
         secured.reload_mosquitto()
@@ -134,7 +171,7 @@ class TestIsolation:
         cmd = [
             "mosquitto_pub",
             *_login(secured, None),
-            *("-u", "car-c", "-P", password, "-t", f"{NS}/v/car-c/status", "-m", "back"),
+            *("-u", "car-c", "-P", password, "-t", f"{NS}/v/car-c/status/{GW}", "-m", "back"),
         ]
         assert subprocess.run(cmd, check=False, capture_output=True, timeout=15).returncode != 0
 
@@ -200,7 +237,7 @@ class TestFleetCommand:
         assert (cars / "car-d" / "mqtt-password").read_text().strip() == password
         time.sleep(0.5)
         login = [*_login(secured, None), "-u", "car-d", "-P", password]
-        status = [*login, "-t", f"{NS}/v/car-d/status", "-m", "here"]
+        status = [*login, "-t", f"{NS}/v/car-d/status/{GW}", "-m", "here"]
         assert _pub(status) == 0
         subprocess.run([*cli, "revoke", "car-d", *options], check=True, capture_output=True)
         time.sleep(0.5)
