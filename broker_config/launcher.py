@@ -77,6 +77,7 @@ class EmbeddedBrokers:
         auth: bool = False,
         tls_dir: Path | None = None,
         client_certs: bool = True,
+        cells: int = 1,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -90,8 +91,12 @@ class EmbeddedBrokers:
         # itself, clients log in with their passwords over the encrypted connection.
         self.client_certs = client_certs
         self.mqtt_tls_port = 0
+        if cells < 1:
+            raise ConfigError("at least one cell (one Mosquitto) is needed")
+        self.cells = cells  # Mosquittos, one per cell; cell 0 is the one `mqtt_port` names
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
+        self._more_cells: list[BrokerProcess] = []
 
     # lifecycle
 
@@ -105,6 +110,10 @@ class EmbeddedBrokers:
             self._kafka = self._launch(self._tansu(free_port()), deadline)
             self._wait_kafka_api(deadline)
             self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
+            for cell in range(1, self.cells):
+                broker = self._mosquitto(free_port(), cell)
+                self._more_cells.append(broker)
+                self._launch(broker, deadline)
         except BaseException:
             self.stop()
             raise
@@ -112,29 +121,37 @@ class EmbeddedBrokers:
 
     def stop(self) -> None:
         """Stop both brokers (idempotent); removes the run dir only if we made it."""
-        for child in (self._mqtt, self._kafka):
+        for child in (*self._more_cells, self._mqtt, self._kafka):
             if child is not None:
                 child.stop(self.stop_timeout)
         self._mqtt = self._kafka = None
+        self._more_cells = []
         _live.discard(self)
         if self._own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         elif self.run_dir.exists():
             self._write_pids()
 
-    def restart_mosquitto(self) -> None:
-        """Stop and start Mosquitto on the same port with the same persistence dir."""
-        self.stop_mosquitto()
-        self.start_mosquitto()
+    def restart_mosquitto(self, cell: int = 0) -> None:
+        """Stop and start a cell's Mosquitto on the same port and persistence dir."""
+        self.stop_mosquitto(cell)
+        self.start_mosquitto(cell)
 
-    def stop_mosquitto(self) -> None:
-        """Stop Mosquitto, keeping its port and persistence dir for ``start_mosquitto``."""
-        self._require(self._mqtt).stop(self.stop_timeout)
+    def stop_mosquitto(self, cell: int = 0) -> None:
+        """Stop a cell's Mosquitto, keeping its port and persistence dir for
+        ``start_mosquitto``."""
+        self._require(self._cell(cell)).stop(self.stop_timeout)
 
-    def start_mosquitto(self) -> None:
-        if self._mqtt is None:
+    def start_mosquitto(self, cell: int = 0) -> None:
+        broker = self._cell(cell)
+        if broker is None:
             raise BrokerError("embedded brokers are not running; call start() first")
-        self._launch(self._mqtt, time.monotonic() + self.start_timeout)
+        self._launch(broker, time.monotonic() + self.start_timeout)
+
+    def _cell(self, cell: int) -> BrokerProcess | None:
+        if not 0 <= cell < self.cells:
+            raise ConfigError(f"cell {cell} does not exist (0 to {self.cells - 1})")
+        return self._mqtt if cell == 0 else self._more_cells[cell - 1]
 
     def __enter__(self) -> Self:
         return self.start()
@@ -162,9 +179,15 @@ class EmbeddedBrokers:
         return self._require(self._mqtt).port
 
     @property
+    def mqtt_ports(self) -> list[int]:
+        """Each cell's Mosquitto port, cell 0 first."""
+        return [self._require(self._cell(cell)).port for cell in range(self.cells)]
+
+    @property
     def pids(self) -> dict[str, int]:
         """Pid of each running broker process, by name ("tansu", "mosquitto")."""
-        return {c.name: c.popen.pid for c in (self._kafka, self._mqtt) if c and c.popen}
+        children = (self._kafka, self._mqtt, *self._more_cells)
+        return {c.name: c.popen.pid for c in children if c and c.popen}
 
     # internals
 
@@ -177,21 +200,24 @@ class EmbeddedBrokers:
         # exits at once, also with status 0. Memory storage has nothing to flush.
         return BrokerProcess("tansu", argv, port, (self.run_dir / "tansu.log",), env, signal.SIGINT)
 
-    def _mosquitto(self, port: int) -> BrokerProcess:
-        conf = self.run_dir / "mosquitto.conf"
+    def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:
+        run_dir = self.run_dir / f"cell-{cell}" if cell else self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        conf = run_dir / "mosquitto.conf"
         template = resources.files(__package__).joinpath("mosquitto.conf").read_text()
         user = pwd.getpwuid(os.geteuid()).pw_name
         conf.write_text(
             template.format(
                 port=port,
-                run_dir=self.run_dir,
+                run_dir=run_dir,
                 user=user,
                 auth=self._auth_lines(),
                 tls=self._tls_lines(),
             )
         )
-        logs = (self.run_dir / "mosquitto.out", self.run_dir / "mosquitto.log")
-        return BrokerProcess("mosquitto", [mosquitto_binary(), "-c", str(conf)], port, logs)
+        logs = (run_dir / "mosquitto.out", run_dir / "mosquitto.log")
+        name = f"mosquitto-{cell}" if cell else "mosquitto"
+        return BrokerProcess(name, [mosquitto_binary(), "-c", str(conf)], port, logs)
 
     def _auth_lines(self) -> str:
         if self.auth is None:
@@ -237,7 +263,8 @@ class EmbeddedBrokers:
             raise kafka.failure(f"did not answer Kafka metadata requests: {exc}") from exc
 
     def _write_pids(self, extra: BrokerProcess | None = None) -> None:
-        children = {c.name: c for c in (self._kafka, self._mqtt, extra) if c and c.popen}
+        every = (self._kafka, self._mqtt, *self._more_cells, extra)
+        children = {c.name: c for c in every if c and c.popen}
         record = {n: {"pid": c.popen.pid, "argv": c.argv} for n, c in children.items() if c.popen}
         (self.run_dir / PIDS_FILE).write_text(json.dumps(record, indent=2))
 

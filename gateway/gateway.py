@@ -70,6 +70,7 @@ class Gateway:
         self.fleet = FleetStats(self.metrics.registry)
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
+        self._sent_counted: dict[str, int] = {}
         self.ready = ReadyQueue()
         self.delayed: DelayQueue[PendingTask] = DelayQueue()
         self.cancelled = CancelledJobs()
@@ -315,6 +316,10 @@ class Gateway:
                 self.metrics.end_offset.labels(label).set(p.end)
         ready, _ = self.readiness()
         self.metrics.ready.set(1 if ready else 0)
+        for kind, sent in self.mqtt.sent.items():
+            counted = self._sent_counted.get(kind, 0)
+            self.metrics.mqtt_messages.labels("out", kind).inc(sent - counted)
+            self._sent_counted[kind] = sent
         reconnects = self.mqtt.reconnects
         self.metrics.mqtt_reconnects.inc(max(0, reconnects - self._reconnects_counted))
         self._reconnects_counted = reconnects

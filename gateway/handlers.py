@@ -111,6 +111,7 @@ class VehicleHandlers:
         if handler is None:
             self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
             return False
+        self.metrics.mqtt_messages.labels("in", event.kind).inc()
         limiter = self._limits.get(event.kind)
         if limiter is not None and not limiter.allow(event.vehicle_id, time.monotonic()):
             self.metrics.dropped.labels(f"mqtt_{event.kind}", "rate_limited").inc()

@@ -84,6 +84,14 @@ class GatewayMetrics:
         self.mqtt_reconnects = Counter(
             "parkpool_gateway_mqtt_reconnects_total", "MQTT connections after the first", registry=r
         )
+        # What scale is made of: per-gateway message rates must stay flat as cells are
+        # added (docs/SCALE.md); kinds are the topic's, so the label set is fixed.
+        self.mqtt_messages = Counter(
+            "parkpool_gateway_mqtt_messages_total",
+            "MQTT messages this gateway received from cars (in) or sent to them (out), by kind",
+            ["direction", "kind"],
+            registry=r,
+        )
         self.ready = Gauge(
             "parkpool_gateway_ready",
             "1 when MQTT is subscribed and partitions assigned",

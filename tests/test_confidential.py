@@ -31,7 +31,7 @@ from parkpool.schemas import (
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.kernels import REGISTRY
 from tests.conftest import RunningGateway
-from tests.helpers import RawMqtt, hold_lease, read_all, read_topic, wait_for
+from tests.helpers import RawMqtt, first_assignment, hold_lease, read_all, read_topic, wait_for
 
 MARKER = 4321.25  # sums of it are exact in float64; its bytes are what a leak shows
 CHUNK = 256
@@ -174,7 +174,7 @@ class TestWhoMayOpen:
         # Then it got nothing, no task was dead-lettered, and real cars complete the job
         fleet_factory(1)
         assert handle.wait(timeout=60) == 512.0
-        assert car.received == []
+        assert first_assignment(car) is None  # notices ("no work here") only
         assert read_all(kafka_conn, sealing_client.topics.dead_letter) == []
         car.close()
 
@@ -203,7 +203,7 @@ class TestWhoMayOpen:
 
         wait_for(skipped, 30, "the gateway to skip the car for want of a box key")
         # Then the car got nothing, and a car that can open the work completes the job
-        assert car.received == []
+        assert first_assignment(car) is None  # notices ("no work here") only
         car.close()
         fleet_factory(1)
         assert handle.wait(timeout=60) == 512.0

@@ -28,6 +28,7 @@ from parkpool.runtime.sealing import BoxKey, GatewayBox, seal_task
 from parkpool.runtime.settings import MqttConnection
 from parkpool.schemas import (
     Assignment,
+    AssignmentBatch,
     DecodeError,
     GatewayState,
     GatewayStatus,
@@ -52,7 +53,12 @@ pytestmark = pytest.mark.integration
 GatewayFactory = Callable[..., RunningGateway]
 FleetFactory = Callable[..., Fleet]
 Nacked = tuple[str, int, str]  # (gateway id, epoch, reason)
-MALFORMED = ("assignment_malformed", "revoke_malformed")
+MALFORMED = (
+    "assignment_malformed",
+    "assignment_batch_malformed",
+    "notice_malformed",
+    "revoke_malformed",
+)
 OTHER_GATEWAYS = ("gwa", "gwb", "gwc")  # not the running gateway's id: its leases stay clean
 _epochs = itertools.count(10**12)  # every assignment a lease of its own: none is a replay
 
@@ -72,11 +78,21 @@ def deliver(worker: VehicleWorker, topic: str, payload: bytes) -> None:
     worker._on_message(worker._client, None, message)
 
 
-def expected_log(payload: bytes) -> str | None:
-    """The event a malformed message on the task topic must be logged with (None: valid)."""
-    if peek_type(payload) == Revoke.TYPE:
-        return "revoke_malformed" if _fails(payload, Revoke) else None
-    return "assignment_malformed" if _fails(payload, Assignment) else None
+def expected_log(payload: bytes) -> list[str]:
+    """The events a malformed message on the task topic must be logged with, in order
+    (empty: it is valid, or holds something valid, and is not sent here)."""
+    kind = peek_type(payload)
+    if kind == Revoke.TYPE:
+        return ["revoke_malformed"] if _fails(payload, Revoke) else []
+    if kind == GatewayStatus.TYPE:
+        return ["notice_malformed"] if _fails(payload, GatewayStatus) else []
+    if kind == AssignmentBatch.TYPE:
+        batch = decode_outcome(payload, AssignmentBatch)
+        if isinstance(batch, DecodeError):
+            return ["assignment_batch_malformed"]
+        events = [expected_log(item) for item in batch.assignments]
+        return [e for found in events for e in found] if all(events) else []
+    return ["assignment_malformed"] if _fails(payload, Assignment) else []
 
 
 def _fails(payload: bytes, cls: type) -> bool:
@@ -165,9 +181,9 @@ class TestHostileTaskTopic:
                     elif topic == status_topic:
                         if _fails(item, GatewayStatus):
                             deliver(car, topic, item)
-                    elif (event := expected_log(item)) is not None:
+                    elif events := expected_log(item):
                         deliver(car, topic, item)
-                        logs.append(event)
+                        logs.extend(events)
             # Then nothing escaped (it would have failed here), each malformed one was
             # logged once, in order, with the reason it was refused
             logged = [e for e in entries if e["event"] in MALFORMED]
@@ -268,7 +284,7 @@ class TestWellFormedButHarmful:
     ) -> Iterator[tuple[RawMqtt, RawMqtt]]:
         """One peer listening to the car's pulls, one to its nacks."""
         pulls, nacks = RawMqtt(mqtt_conn, f"p-{namespace}"), RawMqtt(mqtt_conn, f"n-{namespace}")
-        pulls.subscribe(MqttTopics(namespace).pull(car.vehicle_id))
+        pulls.subscribe(f"{namespace}/v/{car.vehicle_id}/pull/+")
         nacks.subscribe(f"{namespace}/v/{car.vehicle_id}/nack/+")
         yield pulls, nacks
         pulls.close()
@@ -331,8 +347,9 @@ class TestWellFormedButHarmful:
         forged = Assignment("gw1", "someone-else", 2**62, 1, time.time() + 60, b"")
         pulls.publish(topics.task(car.vehicle_id), encode(forged))
         _nacks_to(nacks, 1)
-        # Then the epochs the car reports as seen do not move
-        assert _probe_pull(pulls, topics).seen.get("gw1", 0) < 2**62
+        # Then the epoch the car reports to gw1 as seen does not move
+        _probe_pull(pulls, topics)
+        assert car.gateways.seen_epoch("gw1") < 2**62
 
     def test_sixty_five_gateway_ids_do_not_stop_pulls(
         self,
@@ -351,8 +368,9 @@ class TestWellFormedButHarmful:
             pulls.publish(topics.task(car.vehicle_id), encode(old))
         # When they have been refused (nacked expired)
         _nacks_to(nacks, 65)
-        # Then the car still pulls, no thread died, and it still completes a job
-        assert "gw1" in _probe_pull(pulls, topics).grants
+        # Then the car still pulls, naming only the gateway it pulls from, no thread
+        # died, and it still completes a job
+        assert set(_probe_pull(pulls, topics).seen) <= {"probe"}
         assert thread_errors == []
         _job_completes(client)
 
@@ -365,5 +383,6 @@ class TestWellFormedButHarmful:
         # When another gateway's topic says gw1 is offline
         spoof = GatewayStatus("gw1", GatewayState.OFFLINE, time.time())
         pulls.publish(topics.gateway_status("evil"), encode(spoof))
-        # Then the car still grants gw1 credits
-        assert "gw1" in _probe_pull(pulls, topics).grants
+        # Then gw1 is still one of the car's gateways
+        _probe_pull(pulls, topics)
+        assert "gw1" in car.gateways.mine()

@@ -101,7 +101,7 @@ class TestKnownWorkload:
             for (name, _), v in scraped.samples().items()
             if name == "parkpool_gateway_partition_window_size"
         ]
-        assert sizes == [512.0] * 3
+        assert sizes == [1024.0] * 3
         # And the fleet series see the three cars and the work they reported
         wait_for(lambda: scraped.value("parkpool_fleet_vehicles_known") == 3, 10, "3 cars")
         wait_for(

@@ -91,7 +91,7 @@ class TestOwnerEvent:
         car = owned(1, simulated_delay_s=30.0)
         vehicle = next(iter(car.fleet.vehicles.values()))
         statuses = RawMqtt(mqtt_conn, f"watch-{namespace}")
-        statuses.subscribe(MqttTopics(namespace).status(vehicle.vehicle_id))
+        statuses.subscribe(MqttTopics(namespace).status(vehicle.vehicle_id, "gw1"))
         handle = client.publish("reduce", chunks(2))
         wait_for(
             lambda: vehicle.held == 2 and vehicle.guard.running == 1, 30, "one running, one held"

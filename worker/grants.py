@@ -111,6 +111,11 @@ class GatewayBook:
         with self._lock:
             self._seen[gateway_id] = max(self._seen.get(gateway_id, 0), epoch)
 
+    def seen_epoch(self, gateway_id: str) -> int:
+        """The highest lease epoch received from a gateway (0: none)."""
+        with self._lock:
+            return self._seen.get(gateway_id, 0)
+
     def any_online(self) -> bool:
         with self._lock:
             return bool(self._mine)

@@ -368,7 +368,8 @@ class VehicleWorker:
         other one now) or some again (come back, after a jitter)."""
         try:
             notice = decode(payload, GatewayStatus)
-        except DecodeError:
+        except DecodeError as exc:
+            self._log.warning("notice_malformed", reason=str(exc))
             return
         if self.gateways.noticed(notice.gateway_id, notice.queued):
             if notice.queued == 0:
