@@ -362,10 +362,10 @@ def _sized(
 def task_partitions(
     s: Scenario, c: Capacities, written: Flow, in_flight: float, gateways: int
 ) -> int:
-    """At least one per gateway, room for the tasks in flight, and a partition (of tasks
-    or of results) for each Kafka broker to lead."""
+    """At least one per gateway, windows for the tasks in flight within headroom, and a
+    partition (of tasks or of results) for each Kafka broker to lead."""
     brokers = _by_rate(c, written) / s.headroom
-    return ceil_at_least(max(in_flight / s.window, brokers / TOPICS), gateways)
+    return ceil_at_least(max(in_flight / s.window / s.headroom, brokers / TOPICS), gateways)
 
 
 def kafka_brokers(s: Scenario, c: Capacities, written: Flow, partitions: int) -> int:
