@@ -80,33 +80,40 @@ class TestPulls:
         assert book.pulls(2, []) == [PullTo(first, 0, 1), PullTo(second, 0, 1)]
         assert book.pulls(2, []) == []  # nothing changed: nothing sent
 
-    def test_a_slot_a_gateway_refills_by_itself_needs_no_pull(self) -> None:
-        # Given a car that pulled for 2 and got one task from each gateway
+    def test_steady_work_needs_no_pull(self) -> None:
+        # Given a car that pulled for 2 and then got one task from each gateway
         book = _book("gw1", "gw2")
         first, second = book.mine()
         book.pulls(2, [])
         book.received(first, 10)
         book.received(second, 20)
-        # When the task from `first` finishes (its lease ends there, freeing the slot)
-        # Then no pull: `first` counts that lease ended and may send one more
-        assert book.pulls(1, [(second, 20)]) == []
+        assert book.pulls(2, [(first, 10), (second, 20)]) == []
+        # When a task finishes (its lease ends there, freeing the slot), or the next
+        # arrives: still no pull, as each gateway refills its own slot
+        assert book.pulls(2, [(second, 20)]) == []
+        book.received(first, 11)
+        assert book.pulls(2, [(first, 11), (second, 20)]) == []
 
-    def test_credit_granted_to_nobody_is_pulled_for(self) -> None:
-        # Given a car that held a task from before its pull (gateways do not count it)
+    def test_a_task_from_before_the_pull_frees_credit_to_grant(self) -> None:
+        # Given a car that already held a task from `first` when it first pulled
         book = _book("gw1", "gw2")
         first, second = book.mine()
         book.received(first, 5)
-        book.pulls(1, [(first, 5)])
-        # When that task finishes, 2 slots are free but only 1 is granted: it pulls
-        pulls = book.pulls(2, [])
-        assert sum(p.grant for p in pulls) >= 1
-        assert {p.gateway_id for p in pulls} <= {first, second}
+        assert book.pulls(2, [(first, 5)]) == [PullTo(first, 5, 0), PullTo(second, 0, 1)]
+        # When that task finishes: `first` does not count it, so the car says so
+        assert book.pulls(2, []) == [PullTo(first, 5, 1)]
+
+    def test_tasks_from_a_gateway_outside_the_k_use_capacity(self) -> None:
+        book = _book("gw1", "gw2")
+        # A task still held from a gateway the car no longer talks to leaves one credit
+        pulls = book.pulls(2, [("old-gw", 3)])
+        assert sum(p.grant for p in pulls) == 1
 
     def test_a_gateway_with_no_work_gets_no_credit(self) -> None:
         book = _book("gw1", "gw2")
         first, second = book.mine()
         book.pulls(2, [])
-        # When `first` says it has nothing, the car moves its credit to `second` at once
+        # When `first` says it has nothing, the car moves its credit to `second`
         assert book.noticed(first, 0) is True
         assert book.pulls(2, []) == [PullTo(first, 0, 0), PullTo(second, 0, 2)]
         # And when work comes back there, the split follows again
@@ -135,13 +142,18 @@ class TestPulls:
         assert pulls[dropped] == 0
         assert pulls[newcomer] >= 1
 
-    def test_a_gateway_that_restarts_hears_the_car_again(self) -> None:
+    def test_a_gateway_that_restarts_hears_the_car_again_past_its_old_leases(self) -> None:
+        # Given a car holding a task from `first`'s previous run
         book = _book("gw1", "gw2")
         first, _ = book.mine()
         book.pulls(2, [])
+        book.received(first, 7)
+        # When `first` restarts (offline, then online again)
         book.announced(_status(first, online=False))
         assert book.announced(_status(first)) is True
-        assert first in {p.gateway_id for p in book.pulls(2, [])}
+        # Then its new run hears a pull whose seen covers the old task, which it never
+        # sent and so must not refill
+        assert PullTo(first, 7, 0) in book.pulls(2, [(first, 7)])
 
     def test_refresh_repeats_every_pull(self) -> None:
         book = _book("gw1", "gw2")

@@ -11,14 +11,13 @@ Credits go where the work is. A gateway's backlog is learnt from what it sends t
 (the ``queued`` of an assignment, or a notice when it has nothing, or has work again);
 a gateway not heard from yet is assumed to have work, so a new car tries both at once.
 The odd credit goes to the car's first-ranked gateway, not in turns: stable grants mean
-a pull goes only to a gateway whose grant changed, which is what keeps pulls near one
-per task.
+a pull goes only to a gateway whose grant changed, and a gateway refills a slot by
+itself when its lease ends, so a car in steady work sends no pull at all.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -69,7 +68,6 @@ class GatewayBook:
         self._backlog: dict[str, int] = {}  # gateway -> last known backlog; absent: unknown
         self._seen: dict[str, int] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # gateway -> (grant, seen) last pulled
-        self._resplit = False  # the roster or a backlog changed: the split must follow
         self._lock = threading.Lock()
 
     def announced(self, status: GatewayStatus) -> bool:
@@ -87,9 +85,7 @@ class GatewayBook:
             self._mine = top(self.vehicle_id, self._roster, self.k)
             if status.state is GatewayState.ONLINE and gateway in self._mine:
                 self._sent.pop(gateway, None)  # whatever it had of us, it may have lost
-            changed = self._mine != before or gateway in self._mine
-            self._resplit |= changed
-            return changed and any(g not in self._sent for g in self._mine)
+            return self._mine != before or gateway in self._mine
 
     def noticed(self, gateway_id: str, queued: int) -> bool:
         """A gateway's backlog, from a notice or an assignment; True when the split of
@@ -102,9 +98,7 @@ class GatewayBook:
             self._backlog[gateway_id] = queued
             # Unknown was taken to mean "has work", so only learning "none" changes it.
             was_empty = before == 0
-            changed = gateway_id in self._mine and was_empty != (queued == 0)
-            self._resplit |= changed
-            return changed
+            return gateway_id in self._mine and was_empty != (queued == 0)
 
     def received(self, gateway_id: str, epoch: int) -> None:
         """An assignment to this car arrived: it is no longer in transit."""
@@ -131,43 +125,39 @@ class GatewayBook:
             self._sent.clear()
 
     def pulls(
-        self, credits: int, held: Iterable[tuple[str, int]], refresh: bool = False
+        self, capacity: int, held: Iterable[tuple[str, int]], refresh: bool = False
     ) -> list[PullTo]:
-        """The pulls to send for ``credits`` free slots, given the (gateway, epoch) of
-        every task the car holds.
+        """The pulls to send, given the car's capacity and the (gateway, epoch) of every
+        task it holds: to each of its K gateways whose grant changed (all on
+        ``refresh``), and a zero grant to a gateway that held one and left the K.
 
-        A gateway refills a slot by itself when one of its leases ends, so after a task
-        the car usually sends nothing. It pulls when some free credit is granted to no
-        gateway (tasks it held from before its last pull finished), when the split must
-        follow a roster or backlog change, and on ``refresh`` (every gateway, since one may
-        have restarted). Each pull goes only to a gateway whose grant would change; a
-        gateway that held a grant and is no longer among the K is told zero.
+        Each gateway gets a share of the capacity (its *target*). A pull fixes a ``seen``
+        epoch once per gateway and then keeps it, and grants the target less the tasks
+        held from at or before it: the gateway counts every lease it sent after ``seen``
+        and refills a slot by itself when one ends, so in steady state nothing changes
+        and nothing is sent. A pull goes out when the split moves (roster, backlog), a
+        gateway (re)appears, or a task from before its ``seen`` ends.
         """
+        held = list(held)
         with self._lock:
-            effective = self._effective(held)
-            if not (refresh or self._resplit or sum(effective.values()) < credits):
-                return []
-            self._resplit = False
-            grants = allocate(max(0, credits), self._weights())
+            mine = self._mine
+            others = sum(1 for gateway, _ in held if gateway not in mine)
+            targets = allocate(max(0, capacity - others), self._weights())
             out: list[PullTo] = []
-            for gateway in self._mine:
-                pull = PullTo(gateway, self._seen.get(gateway, 0), grants.get(gateway, 0))
-                if refresh or pull.grant != effective.get(gateway, 0):
+            for gateway in mine:
+                sent = self._sent.get(gateway)
+                seen = sent[1] if sent is not None else self._seen.get(gateway, 0)
+                before = sum(1 for g, epoch in held if g == gateway and epoch <= seen)
+                pull = PullTo(gateway, seen, max(0, targets.get(gateway, 0) - before))
+                if refresh or sent != (pull.grant, pull.seen):
                     out.append(pull)
                     self._sent[gateway] = (pull.grant, pull.seen)
-            for gateway, (grant, _) in list(self._sent.items()):
-                if gateway not in self._mine:
+            for gateway, (grant, seen) in list(self._sent.items()):
+                if gateway not in mine:
                     del self._sent[gateway]
                     if grant > 0:
-                        out.append(PullTo(gateway, self._seen.get(gateway, 0), 0))
+                        out.append(PullTo(gateway, seen, 0))
             return out
-
-    def _effective(self, held: Iterable[tuple[str, int]]) -> dict[str, int]:
-        """What each gateway may still send us, as it sees it: its last grant less the
-        tasks we hold from it that came after the epoch that pull said we had seen."""
-        sent = self._sent
-        after = Counter(g for g, epoch in held if g in sent and epoch > sent[g][1])
-        return {g: max(0, grant - after[g]) for g, (grant, _) in sent.items() if g in self._mine}
 
     def _weights(self) -> dict[str, int]:
         """Each of the K gateways' weight, in rank order: its backlog when known, else

@@ -263,7 +263,8 @@ class VehicleWorker:
             refresh |= credits > 0 and now - self._last_pull >= self._refresh_s
             if not self.gateways.any_online() or not (force or refresh):
                 return
-            pulls = self.gateways.pulls(credits, self.tasks.held.sources(), refresh)
+            capacity, held = self.settings.capacity, self.tasks.held.sources()
+            pulls = self.gateways.pulls(capacity, held, refresh)
             if not pulls:
                 return
             self._last_pull = now
