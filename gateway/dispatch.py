@@ -30,6 +30,7 @@ from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
 # Car ids, queued and msgpack framing of a batch around its assignments, generously.
 BATCH_OVERHEAD = 1024
 MAX_NOTICES_PER_TURN = 256
+QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap between reads
 
 
 class Dispatcher:
@@ -56,6 +57,9 @@ class Dispatcher:
         self.metrics = metrics
         self.events = events
         self.signer = TaskSigner.load(settings.signing_key) if settings.signing_key else None
+        self._empty_since: float | None = None  # the ready queue has been empty since
+        self._told_idle = False  # the cars waiting here heard "no work" since then
+        self._fresh_while_quiet: list[VehicleView] = []
         self.box = GatewayBox.load(settings.box_keys)
 
     def available(self, view: VehicleView) -> int:
@@ -71,10 +75,9 @@ class Dispatcher:
         costs nothing however many cars it serves."""
         fresh = self.vehicles.take_fresh()
         if not len(self.ready):
-            for view in fresh:
-                if view.told != 0 and self.available(view) > 0:
-                    self._tell(view, 0)
+            self._tell_idle(fresh)
             return
+        self._empty_since, self._told_idle = None, False
         if self.vehicles.any_waiting():
             # About one car per task waiting, a turn at a time: enough to take the work,
             # not the whole waiting list at once.
@@ -89,6 +92,28 @@ class Dispatcher:
             if available > 0:
                 available -= self._send(view, min(available, self.settings.max_batch))
             vehicles.served(view.vehicle_id, available > 0)
+
+    def _tell_idle(self, fresh: list[VehicleView]) -> None:
+        """"No work here" goes only after the queue stayed empty for ``QUIET_S``: between
+        two Kafka reads it is empty for an instant, and telling cars then would only
+        send them away and back. Then every car waiting here hears it once, and after
+        that each car that pulls."""
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+        if now - self._empty_since < QUIET_S:
+            self._fresh_while_quiet.extend(fresh)
+            return
+        if not self._told_idle:
+            self._told_idle = True
+            hungry = (self.vehicles.get(v) for v in self.vehicles.hungry())
+            fresh = [v for v in hungry if v is not None]
+        else:
+            fresh = self._fresh_while_quiet + fresh
+        self._fresh_while_quiet = []
+        for view in fresh:
+            if view.told != 0 and self.available(view) > 0:
+                self._tell(view, 0)
 
     def _tell(self, view: VehicleView, queued: int) -> None:
         self.mqtt.send_notice(view.vehicle_id, queued)
@@ -112,7 +137,8 @@ class Dispatcher:
                 payloads.append(payload)
         if payloads:
             self._deliver(view, payloads)
-            self.vehicles.told(view, len(self.ready))
+            if len(self.ready):  # an empty queue now is no news: the next read may fill it
+                self.vehicles.told(view, len(self.ready))
             self.metrics.tasks.labels("dispatched").inc(len(payloads))
         return len(payloads)
 

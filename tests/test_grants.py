@@ -120,6 +120,20 @@ class TestPulls:
         assert book.noticed(first, 40) is True
         assert sorted(p.grant for p in book.pulls(2, [])) == [1, 1]
 
+    def test_a_shrunk_share_never_lets_the_other_gateway_overfill(self) -> None:
+        # Given a car whose 2 slots both hold tasks from `second` (`first` had no work)
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        book.noticed(first, 0)
+        book.pulls(2, [])
+        held = [(second, 1), (second, 2)]
+        # When `first` has work again, the even split cannot be granted yet: no slot free
+        book.noticed(first, 9)
+        assert {p.gateway_id: p.grant for p in book.pulls(2, held)}.get(first, 0) == 0
+        # And once one of `second`'s tasks ends, `first` gets that slot, not more
+        pulls = book.pulls(2, held[1:])
+        assert [p for p in pulls if p.gateway_id == first] == [PullTo(first, 0, 1)]
+
     def test_learning_a_backlog_it_assumed_is_no_reason_to_pull(self) -> None:
         book = _book("gw1", "gw2")
         book.pulls(2, [])

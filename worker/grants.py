@@ -7,9 +7,10 @@ reaches any other gateway, so a gateway's load follows its share of the cell, no
 fleet. Each of the K gets its own pull with its own grant, and may send only that, so
 the grants must never add up to more than the car can take.
 
-Credits go where the work is. A gateway's backlog is learnt from what it sends this car
-(the ``queued`` of an assignment, or a notice when it has nothing, or has work again);
-a gateway not heard from yet is assumed to have work, so a new car tries both at once.
+Credits go where the work is: evenly between the gateways that have some. Whether a
+gateway has work is learnt from what it sends this car (a notice when it has nothing,
+or has work again; an assignment's ``queued``); a gateway not heard from yet is assumed
+to have work, so a new car tries both at once.
 The odd credit goes to the car's first-ranked gateway, not in turns: stable grants mean
 a pull goes only to a gateway whose grant changed, and a gateway refills a slot by
 itself when its lease ends, so a car in steady work sends no pull at all.
@@ -143,25 +144,57 @@ class GatewayBook:
             mine = self._mine
             others = sum(1 for gateway, _ in held if gateway not in mine)
             targets = allocate(max(0, capacity - others), self._weights())
+            seen = {g: self._seen_for(g) for g in mine}
+            grants = {}
+            for gateway in mine:
+                before = sum(1 for g, epoch in held if g == gateway and epoch <= seen[gateway])
+                grants[gateway] = max(0, targets.get(gateway, 0) - before)
+            self._within_room(grants, seen, held, capacity)
             out: list[PullTo] = []
             for gateway in mine:
-                sent = self._sent.get(gateway)
-                seen = sent[1] if sent is not None else self._seen.get(gateway, 0)
-                before = sum(1 for g, epoch in held if g == gateway and epoch <= seen)
-                pull = PullTo(gateway, seen, max(0, targets.get(gateway, 0) - before))
-                if refresh or sent != (pull.grant, pull.seen):
+                pull = PullTo(gateway, seen[gateway], grants[gateway])
+                if refresh or self._sent.get(gateway) != (pull.grant, pull.seen):
                     out.append(pull)
                     self._sent[gateway] = (pull.grant, pull.seen)
-            for gateway, (grant, seen) in list(self._sent.items()):
+            for gateway, (grant, old_seen) in list(self._sent.items()):
                 if gateway not in mine:
                     del self._sent[gateway]
                     if grant > 0:
-                        out.append(PullTo(gateway, seen, 0))
+                        out.append(PullTo(gateway, old_seen, 0))
             return out
 
+    def _seen_for(self, gateway: str) -> int:
+        """The seen epoch of the last pull to a gateway, kept; or, for a first pull (or
+        one to a gateway that reappeared), the highest epoch received from it."""
+        sent = self._sent.get(gateway)
+        return sent[1] if sent is not None else self._seen.get(gateway, 0)
+
+    def _within_room(
+        self,
+        grants: dict[str, int],
+        seen: Mapping[str, int],
+        held: list[tuple[str, int]],
+        capacity: int,
+    ) -> None:
+        """Trim grants so that all gateways together may send no more than the free
+        slots: a gateway whose share just shrank may still hold more of the car than its
+        new share, and until those tasks end the others must wait (lowest rank first)."""
+        after = {
+            gateway: sum(1 for g, epoch in held if g == gateway and epoch > seen[gateway])
+            for gateway in grants
+        }
+        sendable = {g: max(0, grants[g] - after[g]) for g in grants}
+        excess = sum(sendable.values()) - max(0, capacity - len(held))
+        for gateway in reversed(list(grants)):
+            if excess <= 0:
+                break
+            cut = min(excess, sendable[gateway])
+            grants[gateway] -= cut
+            excess -= cut
+
     def _weights(self) -> dict[str, int]:
-        """Each of the K gateways' weight, in rank order: its backlog when known, else
-        the largest known one (at least 1): a gateway not yet heard from may have work."""
-        known = [self._backlog[g] for g in self._mine if g in self._backlog]
-        guess = max([*known, 1])
-        return {g: self._backlog.get(g, guess) for g in self._mine}
+        """Each of the K gateways' weight, in rank order: 1 with work (or not known to
+        have none), 0 without. Not the backlog's size: it moves with every read and
+        dispatch, and a split that followed it would change, and cost pulls, all the
+        time; the partitions spread the backlog over gateways evenly enough."""
+        return {g: 0 if self._backlog.get(g) == 0 else 1 for g in self._mine}

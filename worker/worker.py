@@ -118,6 +118,7 @@ class VehicleWorker:
         self._subscribed = threading.Event()
         self._last_pull = 0.0  # monotonic time of the last pull sent
         self._pull_at: float | None = None  # a jittered pull waiting for its time
+        self._room_since: float | None = None  # monotonic; free slots ever since
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
         self._next_heartbeat = 0.0
         self._owns_network = network is None
@@ -260,7 +261,14 @@ class VehicleWorker:
         credits = self.settings.capacity - len(self.tasks.held)
         with self._lock:
             now = time.monotonic()
-            refresh |= credits > 0 and now - self._last_pull >= self._refresh_s
+            # Room kept for a whole refresh period, not the instant between a result and
+            # the gateway's refill: a car in steady work never refreshes.
+            if credits <= 0:
+                self._room_since = None
+            elif self._room_since is None:
+                self._room_since = now
+            idle = self._room_since is not None and now - self._room_since >= self._refresh_s
+            refresh |= idle and now - self._last_pull >= self._refresh_s
             if not self.gateways.any_online() or not (force or refresh):
                 return
             capacity, held = self.settings.capacity, self.tasks.held.sources()
@@ -397,8 +405,10 @@ class VehicleWorker:
             self._learn_backlog(assignment.gateway_id, assignment.queued)
 
     def _learn_backlog(self, gateway_id: str, queued: int) -> None:
-        """An assignment's backlog figure: the car's split follows it, as after a notice."""
-        if self.gateways.noticed(gateway_id, queued):
+        """An assignment's backlog figure weights the car's split. Only a positive one
+        counts: a queue empty at the instant of sending is often refilled by the next
+        read, and "no work here" comes as a notice, when the gateway holds our credit."""
+        if queued > 0 and self.gateways.noticed(gateway_id, queued):
             self.pull(force=True)
 
     def _after_preemption(self) -> None:
