@@ -75,6 +75,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--max-in-flight",
+        "PARKPOOL_MAX_IN_FLIGHT",
+        4096,
+        "tasks read and not finished, over all partitions, before reading pauses",
+        int,
+    )
+    add_option(
+        p,
         "--cell",
         "PARKPOOL_CELL",
         "",
@@ -189,6 +197,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_attempts=args.max_attempts,
         window=args.window,
         window_span=args.window_span,
+        max_in_flight=args.max_in_flight,
         cell=args.cell,
         max_vehicles=args.max_vehicles,
         standby_after_s=args.standby_after_s,

@@ -136,7 +136,7 @@ class Gateway:
         self._sweep()
         if not self._draining:
             self.dispatcher.dispatch()
-        self.log.flow(starving=self._starving())
+        self.log.flow(starving=self._starving() or self._holding_enough())
         self._update_gauges()
         if not busy:
             self._idle(0.005)
@@ -200,6 +200,12 @@ class Gateway:
         self.delayed.remove_where(lambda t: t.tp in gone)
         for lease in self.leases.where(lambda lease: lease.task.tp in gone):
             self.leases.end(lease.epoch)
+
+    def _holding_enough(self) -> bool:
+        """The gateway-wide bound on tasks read and not finished, whatever the number of
+        partitions it owns: what bounds its memory (tasks x record size)."""
+        held = len(self.ready) + len(self.delayed) + len(self.leases)
+        return held >= self.settings.max_in_flight
 
     def _starving(self) -> bool:
         """Work is piling up and nobody asks for it: stop reading more."""
@@ -310,6 +316,8 @@ class Gateway:
             label = str(p.partition)
             self.metrics.window_used.labels(label).set(p.window_used)
             self.metrics.window_size.labels(label).set(p.window_size)
+            self.metrics.window_span.labels(label).set(p.window_span)
+            self.metrics.window_max_span.labels(label).set(p.window_max_span)
             self.metrics.committed.labels(label).set(p.committed)
             self.metrics.lag.labels(label).set(p.lag)
             if p.end >= 0:
@@ -320,6 +328,7 @@ class Gateway:
             counted = self._sent_counted.get(kind, 0)
             self.metrics.mqtt_messages.labels("out", kind).inc(sent - counted)
             self._sent_counted[kind] = sent
+        self.handlers.count_evictions()
         reconnects = self.mqtt.reconnects
         self.metrics.mqtt_reconnects.inc(max(0, reconnects - self._reconnects_counted))
         self._reconnects_counted = reconnects

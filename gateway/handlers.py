@@ -85,6 +85,7 @@ class VehicleHandlers:
                 settings.result_rate, burst=2 * settings.result_rate, max_keys=keys
             ),
         }
+        self._evicted: dict[str, tuple[int, int]] = {}  # kind -> (lossy, all) counted
         self._handlers: dict[str, Handler] = {
             "pull": self._on_pull,
             "status": self._on_status,
@@ -93,6 +94,17 @@ class VehicleHandlers:
             "nack": self._on_nack,
             "heartbeat": self._on_heartbeat,
         }
+
+    def count_evictions(self) -> None:
+        """Fold the rate limiters' evictions into their counter (once a second)."""
+        for kind, limiter in self._limits.items():
+            lossy, counted = self._evicted.get(kind, (0, 0))
+            self.metrics.ratelimit_evictions.labels(kind, "true").inc(
+                limiter.lossy_evictions - lossy
+            )
+            harmless = (limiter.evictions - limiter.lossy_evictions) - (counted - lossy)
+            self.metrics.ratelimit_evictions.labels(kind, "false").inc(harmless)
+            self._evicted[kind] = (limiter.lossy_evictions, limiter.evictions)
 
     def handle(self, event: MqttEvent) -> None:
         """Handle one message, then acknowledge it, whatever happened."""

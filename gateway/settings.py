@@ -23,6 +23,9 @@ class GatewaySettings:
     # lowest unfinished offset the partition may read, which bounds memory and redo.
     window: int = 1024
     window_span: int = 0
+    # Tasks read and not finished, over all partitions: bounds memory at this many
+    # records (1 MiB each at most) however many partitions the gateway owns.
+    max_in_flight: int = 4096
     session_timeout_ms: int = 6000
     vehicle_silence_s: float = 45.0
     cell: str = ""  # the MQTT cell (one broker or cluster) this gateway serves; for labels

@@ -99,6 +99,7 @@ class TaskLog:
         self._config = consumer_config(kafka, group, session_timeout_ms, **(overrides or {}))
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
+        self._standby = False
         self._producer = Producer(producer_config(kafka))
         self._max_record_bytes = kafka.max_record_bytes
         self._later: DelayQueue[Call] = DelayQueue()
@@ -117,12 +118,33 @@ class TaskLog:
 
     def open(self) -> None:
         self._consumer = Consumer(self._config)
-        self._consumer.subscribe(
+        self._subscribe(self._consumer)
+
+    def _subscribe(self, consumer: Consumer) -> None:
+        consumer.subscribe(
             [self.topics.tasks],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+
+    @property
+    def standby(self) -> bool:
+        """Out of the task group on purpose (``leave``), holding no partition."""
+        return self._standby
+
+    def leave(self) -> None:
+        """Leave the task group but keep producing: done work is committed on revoke, and
+        the partitions go to the other members at once."""
+        if self._consumer is not None and not self._standby:
+            self._standby = True
+            self._consumer.unsubscribe()
+
+    def join(self) -> None:
+        """Join the task group again after ``leave``."""
+        if self._consumer is not None and self._standby:
+            self._standby = False
+            self._subscribe(self._consumer)
 
     def close(self, timeout: float) -> None:
         """Make produced records durable, commit finished offsets, leave the group.
@@ -258,7 +280,8 @@ class TaskLog:
                 self._log.warning("store_offsets_failed", partition=tp[1], error=str(exc))
 
     def flow(self, starving: bool) -> None:
-        """Pause full partitions, or all of them when no vehicle asks for work."""
+        """Pause full partitions, or all of them (``starving``) when no vehicle asks for
+        work or the gateway holds as many unfinished tasks as it may."""
         wanted = {tp for tp, w in self.windows.items() if starving or w.full or self._overflow[tp]}
         if to_pause := wanted - self.paused:
             self.consumer.pause([TopicPartition(*tp) for tp in to_pause])
