@@ -341,6 +341,8 @@ class Gateway:
             leases=self.leases,
             partitions=partitions,
             fleet=fleet,
+            standby=self.log.standby,
+            cell=self.settings.cell,
         )
 
     def status_snapshot(self) -> Mapping[str, Any]:

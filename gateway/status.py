@@ -30,11 +30,15 @@ def status_snapshot(
     leases: LeaseTable,
     partitions: list[PartitionStat],
     fleet: FleetCounts,
+    standby: bool = False,
+    cell: str = "",
 ) -> Mapping[str, Any]:
     return {
         "gateway_id": gateway_id,
+        "cell": cell,
         "ready": ready,
         "draining": draining,
+        "standby": standby,
         "updated_at": time.time(),
         "leases": len(leases),
         "queued": len(queue) + delayed,
@@ -61,6 +65,7 @@ def _partition(p: PartitionStat) -> dict[str, Any]:
         "partition": p.partition,
         "window_used": p.window_used,
         "window_size": p.window_size,
+        "window_span": p.window_span,
         "paused": p.paused,
         "committed": p.committed,
         "end": p.end if p.end >= 0 else None,  # not reported by the broker yet

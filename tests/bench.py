@@ -20,6 +20,9 @@ Lines:
 - ``reconnect_spread``: how a simulated fleet comes back after its broker restarts, with
   jittered backoff and without (the baseline, in the same run); see
   ``tests/bench_reconnect.py``.
+- ``cells``: per-gateway and per-broker message rates, deliveries per task and gateway
+  memory with 1, 2 and 3 cells, beside the single-broker fan-in baseline; see
+  ``tests/bench_cells.py``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from parkpool.runtime.sealing import (
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import Result, TaskChunk, decode, encode
+from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
 from tests.bench_reconnect import reconnect_spread
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
@@ -216,6 +220,8 @@ def main() -> int:
     p.add_argument("--preemption-events", type=int, default=50, help="0 skips preemption")
     p.add_argument("--reconnect-cars", type=int, default=1000, help="0 skips reconnect_spread")
     p.add_argument("--broker-down-s", type=float, default=3.0)
+    p.add_argument("--cells-cars", type=int, default=1500, help="cars per cell; 0 skips cells")
+    p.add_argument("--cells-window-s", type=float, default=20.0)
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -267,6 +273,8 @@ def main() -> int:
         if args.backlog_records:
             for line in backlog_memory(brokers, run_dir, args.backlog_records):
                 emit({**line, "machine": machine()})
+    if args.cells_cars:  # its own brokers: one Mosquitto per cell
+        emit({**cells_line(run_dir, args.cells_cars, args.cells_window_s), "machine": machine()})
     return 0
 
 

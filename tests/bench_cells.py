@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,7 +158,7 @@ def _measure(
     settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
     try:
         short = grow(fleet, plan.cells * plan.cars_per_cell)
-        vehicles = len(fleet)
+        vehicles, fleet_ids = len(fleet), list(fleet.vehicles)
         with ParkpoolClient(settings) as client:
             tasks = plan.tasks or int(
                 3 * len(fleet) * (plan.warmup_s + plan.window_s) / plan.task_seconds
@@ -179,8 +180,10 @@ def _measure(
     finally:
         counters.close()
         fleet.stop_all()
+    cars_per_cell = Counter(fleet.cell_of(v) for v in fleet_ids)
     return {
         **_rates(before, after, elapsed, gateways),
+        "cell_vehicles": [cars_per_cell[f"cell-{c}"] for c in range(plan.cells)],
         "cells": plan.cells,
         "gateways": len(gateways),
         "vehicles": vehicles,
@@ -219,6 +222,11 @@ def _rates(
         broker_in.append((a.get("received", 0) - b.get("received", 0)) / elapsed)
         broker_out.append((a.get("sent", 0) - b.get("sent", 0) - monitor) / elapsed)
     rss = [rss_mb(pid)[0] for _, _, pid in gateways]
+    known = [a.get(("parkpool_fleet_vehicles_known", ()), 0.0) for a in after["gateways"]]
+    per_gateway = [
+        a.get(COMPLETED, 0.0) - b.get(COMPLETED, 0.0)
+        for a, b in zip(after["gateways"], before["gateways"], strict=True)
+    ]
     return {
         "window_s": round(elapsed, 1),
         "tasks_completed": int(completed),
@@ -230,6 +238,8 @@ def _rates(
         "broker_out_per_s": round(sum(broker_out) / len(broker_out), 1),
         "deliveries_per_task": round(sum(broker_out) * elapsed / max(completed, 1), 2),
         "gateway_rss_mb": max(rss),
+        "gateway_vehicles_known": [int(k) for k in known],
+        "gateway_tasks_completed": [int(n) for n in per_gateway],
     }
 
 
@@ -270,3 +280,29 @@ def cells_line(run_dir: Path, cars_per_cell: int, window_s: float) -> dict[str, 
             "runs": baseline,
         },
     }
+
+
+def main() -> int:
+    """``python -m tests.bench_cells``: the ``cells`` line alone."""
+    import argparse
+    import json
+
+    from parkpool.runtime import logs
+    from tests.bench import machine
+    from tests.bench_scale import raise_fd_limit
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cars-per-cell", type=int, default=1500)
+    p.add_argument("--window-s", type=float, default=20.0)
+    args = p.parse_args()
+    logs.configure("error")
+    raise_fd_limit()
+    run_dir = Path(".run/bench")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = cells_line(run_dir, args.cars_per_cell, args.window_s)
+    print(json.dumps({**line, "machine": machine()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,8 +4,12 @@
 Runs on its own embedded brokers: gateways as real child processes (SIGKILLed and
 restarted), a simulated fleet in this process (vehicles killed without a clean
 disconnect and replaced), Mosquitto restarted with persistence on, and an extra gateway
-joining and leaving to force rebalances. Prints one JSON line and exits non-zero unless
-``lost == 0`` and ``duplicates_to_caller == 0`` and every fault was injected.
+joining and leaving to force rebalances. The cell scenario runs two cells (a Mosquitto
+each, with its own gateways and cars, one Kafka task group): it kills gateways, restarts
+one cell's broker, kills cars, and changes a cell's gateway roster (a gateway leaves and
+comes back, so its cars re-pick their gateways by rendezvous). Prints one JSON line per
+run and exits non-zero unless, in every run, ``lost == 0`` and ``duplicates_to_caller ==
+0`` and every fault was injected.
 
 ``run_chaos`` is also what the reduced scenario in ``tests/test_chaos.py`` calls.
 """
@@ -23,7 +27,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,9 @@ NAMESPACE = "chaos"
 class ChaosPlan:
     tasks: int = 2000
     vehicles: int = 50
-    gateways: int = 2
+    gateways: int = 2  # per cell
+    cells: int = 1
+    roster_changes: int = 0  # a gateway of the last cell leaves (SIGTERM) and comes back
     gateway_kills: int = 3
     vehicle_waves: int = 3  # each wave kills vehicle_kill_fraction / waves of the fleet
     vehicle_kill_fraction: float = 0.3
@@ -79,6 +85,7 @@ class ChaosReport:
     vehicle_kills: int = 0
     broker_restarts: int = 0
     rebalances: int = 0
+    roster_changes: int = 0
     wall_s: float = 0.0
 
     def ok(self, plan: ChaosPlan) -> bool:
@@ -87,6 +94,7 @@ class ChaosReport:
             and self.vehicle_kills >= int(plan.vehicles * plan.vehicle_kill_fraction)
             and self.broker_restarts >= plan.broker_restarts
             and self.rebalances >= plan.rebalances
+            and self.roster_changes >= plan.roster_changes
         )
         return (
             injected and self.lost == 0 and self.duplicates_to_caller == 0 and not self.wrong_values
@@ -96,8 +104,11 @@ class ChaosReport:
 class Gateways:
     """Gateway child processes, killable and restartable by id."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, cells: dict[str, dict[str, str]] | None = None
+    ) -> None:
         self.env = env
+        self.cells = cells or {}  # gateway id -> its cell's environment (broker port)
         self.log_dir = log_dir
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
@@ -109,6 +120,7 @@ class Gateways:
         self.ports[gateway_id] = free_port()
         env = {
             **self.env,
+            **self.cells.get(gateway_id, {}),
             "PARKPOOL_GATEWAY_ID": gateway_id,
             "PARKPOOL_METRICS_PORT": str(self.ports[gateway_id]),
         }
@@ -175,6 +187,7 @@ def fault_schedule(plan: ChaosPlan) -> list[str]:
         ["vehicles"] * plan.vehicle_waves,
         ["rebalance"] * plan.rebalances,
         ["broker"] * plan.broker_restarts,
+        ["roster"] * plan.roster_changes,
     ]
     order: list[str] = []
     while any(queues):
@@ -182,9 +195,16 @@ def fault_schedule(plan: ChaosPlan) -> list[str]:
     return order
 
 
+def gateway_ids(plan: ChaosPlan) -> list[str]:
+    """Every gateway's id: ``gw<i>`` with one cell, ``c<cell>-gw<i>`` with several."""
+    if plan.cells == 1:
+        return [f"gw{i}" for i in range(plan.gateways)]
+    return [f"c{c}-gw{i}" for c in range(plan.cells) for i in range(plan.gateways)]
+
+
 @contextmanager
 def chaos_system(plan: ChaosPlan, run_dir: Path) -> Iterator[tuple[Any, Gateways, Fleet]]:
-    with EmbeddedBrokers(run_dir=run_dir) as brokers:
+    with EmbeddedBrokers(run_dir=run_dir, cells=plan.cells) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         env = {
             **role_env(brokers, NAMESPACE),
@@ -193,20 +213,25 @@ def chaos_system(plan: ChaosPlan, run_dir: Path) -> Iterator[tuple[Any, Gateways
             "PARKPOOL_MAX_ATTEMPTS": "1000",  # chaos kills many cars; no task is poison here
             "PARKPOOL_DRAIN_SECONDS": "5",
         }
-        gateways = Gateways(env, run_dir)
-        mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+        ids = gateway_ids(plan)
+        ports = brokers.mqtt_ports
+        cell_env = {
+            gateway_id: {"PARKPOOL_MQTT_PORT": str(ports[n // plan.gateways])}
+            for n, gateway_id in enumerate(ids)
+        }
+        gateways = Gateways(env, run_dir, cell_env)
+        cells = {f"cell-{c}": MqttConnection(brokers.mqtt_host, p) for c, p in enumerate(ports)}
         template = WorkerSettings(
             "template",
-            mqtt,
-            NAMESPACE,
+            namespace=NAMESPACE,
             backend="numpy",
             heartbeat_s=1.0,
             simulated_delay_s=plan.task_seconds,
         )
-        fleet = Fleet(template, prefix="car")
+        fleet = Fleet(template, prefix="car", cells=cells)
         try:
-            for i in range(plan.gateways):
-                gateways.start(f"gw{i}")
+            for gateway_id in ids:
+                gateways.start(gateway_id)
             fleet.add(plan.vehicles)
             yield brokers, gateways, fleet
         finally:
@@ -243,10 +268,11 @@ def _injector(
     fleet: Fleet,
 ) -> Callable[[str], None]:
     per_wave = max(1, round(plan.vehicles * plan.vehicle_kill_fraction / plan.vehicle_waves))
+    ids = gateway_ids(plan)
 
     def inject(kind: str) -> None:
         if kind == "gateway":
-            victim = f"gw{report.gateway_kills % plan.gateways}"
+            victim = ids[report.gateway_kills % len(ids)]
             gateways.kill(victim)
             gateways.start(victim)
             report.gateway_kills += 1
@@ -257,14 +283,22 @@ def _injector(
             fleet.add(len(victims))
             report.vehicle_kills += len(victims)
         elif kind == "broker":
-            brokers.restart_mosquitto()
+            brokers.restart_mosquitto(report.broker_restarts % plan.cells)
             report.broker_restarts += 1
+        elif kind == "roster":
+            # The last cell's roster loses a gateway (its retained status says offline),
+            # so its cars re-pick their K gateways, then regains it.
+            victim = ids[-1]
+            gateways.stop(victim)
+            time.sleep(plan.session_timeout_ms / 1000)
+            gateways.start(victim)
+            report.roster_changes += 1
         else:
             # Rebalance: one gateway leaves the group cleanly (SIGTERM) with leases in
             # flight, the other takes its partitions, then it rejoins and takes some back.
             # (A brand-new member joining while both stay stalls Tansu 0.6.0's cooperative
             # rebalance; see docs/DECISIONS.md.)
-            victim = f"gw{(report.rebalances + 1) % plan.gateways}"
+            victim = ids[(report.rebalances + 1) % len(ids)]
             gateways.stop(victim)
             time.sleep(plan.session_timeout_ms / 1000)
             gateways.start(victim)
@@ -329,23 +363,53 @@ def _results_topic_duplicates(kafka: KafkaConnection, completed: int) -> int:
     return sum(n - 1 for n in keys.values())
 
 
+# The cell scenario of `make chaos`: two cells, their gateways and cars, every fault.
+CELL_PLAN = ChaosPlan(
+    tasks=2000,
+    vehicles=60,
+    gateways=2,
+    cells=2,
+    gateway_kills=2,
+    vehicle_waves=2,
+    broker_restarts=1,
+    rebalances=0,
+    roster_changes=1,
+)
+SCENARIOS = {"single": ChaosPlan(), "cells": CELL_PLAN}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tasks", type=int, default=ChaosPlan.tasks)
-    p.add_argument("--vehicles", type=int, default=ChaosPlan.vehicles)
-    p.add_argument("--seed", type=int, default=ChaosPlan.seed)
+    p.add_argument("--tasks", type=int, default=0, help="override each scenario's task count")
+    p.add_argument("--vehicles", type=int, default=0, help="override each scenario's fleet")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds; each runs every scenario")
+    p.add_argument(
+        "--scenario", choices=[*SCENARIOS, "all"], default="all", help="which scenarios to run"
+    )
     p.add_argument(
         "--run-dir", type=Path, default=Path(".run/chaos"), help="brokers' and gateways' logs"
     )
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
-    plan = ChaosPlan(tasks=args.tasks, vehicles=args.vehicles, seed=args.seed)
-    run_dir = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report = run_chaos(plan, run_dir, say=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps({"name": "chaos", **asdict(report), "plan": asdict(plan)}), flush=True)
-    return 0 if report.ok(plan) else 1
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    ok = True
+    for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+        for name in names:
+            plan = replace(
+                SCENARIOS[name],
+                seed=seed,
+                tasks=args.tasks or SCENARIOS[name].tasks,
+                vehicles=args.vehicles or SCENARIOS[name].vehicles,
+            )
+            run_dir = args.run_dir / f"{name}-seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+            report = run_chaos(plan, run_dir, say=say)
+            line = {"name": "chaos", "scenario": name, **asdict(report), "plan": asdict(plan)}
+            print(json.dumps(line), flush=True)
+            ok &= report.ok(plan)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 It runs on its own brokers (it restarts Mosquitto), with two gateway processes, one of
 them SIGKILLed and restarted, 30 % of the vehicles killed without a clean disconnect and
 replaced, a Mosquitto restart and a forced rebalance, all while tasks are in flight.
+The cell scenario does the same across two cells (a Mosquitto each), restarting one
+cell's broker and changing the other's gateway roster.
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ class TestReducedChaos:
         assert report.duplicates_to_caller == 0
         assert report.wrong_values == 0
         assert report.ok(REDUCED)
+
+
+REDUCED_CELLS = ChaosPlan(
+    tasks=480,
+    vehicles=16,
+    gateways=2,
+    cells=2,
+    gateway_kills=1,
+    vehicle_waves=1,
+    broker_restarts=1,
+    rebalances=0,
+    roster_changes=1,
+    task_seconds=0.6,
+)
+
+
+class TestReducedCellChaos:
+    """Across two cells, under a gateway kill, a cell's broker restart, car kills and a
+    roster change, nothing is lost and the caller sees each chunk once."""
+
+    def test_nothing_lost_nothing_doubled_across_cells(self, tmp_path: Path) -> None:
+        report = run_chaos(REDUCED_CELLS, tmp_path, say=print)
+        assert report.gateway_kills >= 1 and report.broker_restarts >= 1
+        assert report.roster_changes >= 1
+        assert report.vehicle_kills >= int(REDUCED_CELLS.vehicles * 0.3)
+        assert (report.completed, report.lost) == (REDUCED_CELLS.tasks, 0)
+        assert report.duplicates_to_caller == 0 and report.wrong_values == 0
+        assert report.ok(REDUCED_CELLS)
 
 
 class TestFaultPlan:
