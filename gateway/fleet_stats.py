@@ -3,16 +3,19 @@
 
 Vehicles cannot be scraped. Their heartbeats (``VehicleStatus``) carry cumulative kernel
 time and energy and the owner-first stops since the previous heartbeat; this module turns
-them into counters and a histogram, and once a second counts the fleet by state. Every
-gateway hears every car's heartbeat, so each reports the whole fleet: aggregate across
-gateways with ``max``, never ``sum``. (``computing`` and credits are per gateway: a car
-computing for one gateway is eligible for another.)
+them into counters and a histogram, and counts the fleet by state in a rolling census
+that visits a bounded number of cars a second. A car sends its heartbeat to each of its
+K gateways, so each gateway reports the cars it serves, and a car is counted by K
+gateways: aggregate across gateways with ``sum`` and divide by K, or take the cell's
+gateways together. (``computing`` and credits are per gateway: a car computing for one
+gateway is eligible for another.)
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -24,6 +27,7 @@ from parkpool.schemas.reasons import POLICY_REASONS
 # Preemption latency objective is 100 ms; buckets resolve it well on both sides.
 PREEMPTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 STATES = ("eligible", "computing", "draining", "suspended", "offline")
+CENSUS_BUDGET = 5_000  # cars a census visits per second at most
 
 
 def reason_label(reason: str) -> str:
@@ -85,6 +89,7 @@ class FleetStats:
             "parkpool_fleet_energy_joules", "Energy the fleet's kernels used", registry=r
         )
         self._shown: set[tuple[str, str]] = set()
+        self._round: tuple[Iterator[VehicleView], _Tally] | None = None
 
     def heard(self, view: VehicleView, status: VehicleStatus) -> None:
         """Fold one heartbeat's figures into the fleet counters."""
@@ -102,24 +107,37 @@ class FleetStats:
         computing: Callable[[str], bool],
         available: Callable[[VehicleView], int],
     ) -> FleetCounts:
-        """Count the fleet by state and set the gauges; a full pass, so once a second."""
-        now = time.monotonic()
-        by_state = dict.fromkeys(STATES, 0)
-        reasons: dict[tuple[str, str], int] = {}
-        ages: list[float] = []
-        credits = 0
+        """Count the fleet by state in one pass and set the gauges."""
+        tally = _Tally(computing, available)
         for view in views:
-            state = _state_of(view, computing)
-            by_state[state] += 1
-            if state in ("draining", "suspended"):
-                key = (state, reason_label(view.reason))
-                reasons[key] = reasons.get(key, 0) + 1
-            if state != "offline":
-                ages.append(now - view.last_heard)
-                credits += max(0, available(view))
-        counts = FleetCounts(sum(by_state.values()), by_state, reasons, credits, *_median_max(ages))
+            tally.add(view)
+        counts = tally.finish()
         self._publish(counts)
         return counts
+
+    def census(
+        self,
+        views: Callable[[], list[VehicleView]],
+        computing: Callable[[str], bool],
+        available: Callable[[VehicleView], int],
+        budget: int = CENSUS_BUDGET,
+    ) -> FleetCounts | None:
+        """Go on with a census that visits at most ``budget`` cars per call (once a
+        second): no pass over the whole fleet every second, however many cars a gateway
+        serves. The gauges move when a census completes (every known / budget seconds,
+        at least every second); returns its counts then, else None."""
+        if self._round is None:
+            self._round = (iter(views()), _Tally(computing, available))
+        cars, tally = self._round
+        for view in itertools.islice(cars, budget):
+            tally.add(view)
+        if tally.seen < budget * tally.calls:
+            self._round = None
+            counts = tally.finish()
+            self._publish(counts)
+            return counts
+        tally.calls += 1
+        return None
 
     def _publish(self, counts: FleetCounts) -> None:
         shown = {(state, "") for state in ("eligible", "computing", "offline")} | set(
@@ -137,6 +155,40 @@ class FleetStats:
         self.credits.set(counts.credits_outstanding)
         self.heartbeat_age.labels("p50").set(counts.heartbeat_age_p50)
         self.heartbeat_age.labels("max").set(counts.heartbeat_age_max)
+
+
+class _Tally:
+    """One census in progress: what the cars visited so far add up to."""
+
+    def __init__(
+        self, computing: Callable[[str], bool], available: Callable[[VehicleView], int]
+    ) -> None:
+        self.computing = computing
+        self.available = available
+        self.by_state = dict.fromkeys(STATES, 0)
+        self.reasons: dict[tuple[str, str], int] = {}
+        self.ages: list[float] = []
+        self.credits = 0
+        self.seen = 0
+        self.calls = 1
+        self.now = time.monotonic()
+
+    def add(self, view: VehicleView) -> None:
+        self.seen += 1
+        state = _state_of(view, self.computing)
+        self.by_state[state] += 1
+        if state in ("draining", "suspended"):
+            key = (state, reason_label(view.reason))
+            self.reasons[key] = self.reasons.get(key, 0) + 1
+        if state != "offline":
+            self.ages.append(self.now - view.last_heard)
+            self.credits += max(0, self.available(view))
+
+    def finish(self) -> FleetCounts:
+        known = sum(self.by_state.values())
+        return FleetCounts(
+            known, self.by_state, self.reasons, self.credits, *_median_max(self.ages)
+        )
 
 
 def _state_of(view: VehicleView, computing: Callable[[str], bool]) -> str:

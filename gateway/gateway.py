@@ -29,7 +29,7 @@ import structlog
 
 from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.dispatch import Dispatcher
-from parkpool.gateway.fleet_stats import FleetStats
+from parkpool.gateway.fleet_stats import FleetCounts, FleetStats
 from parkpool.gateway.handlers import VehicleHandlers
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
@@ -71,6 +71,7 @@ class Gateway:
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
         self._sent_counted: dict[str, int] = {}
+        self._fleet = FleetCounts(0, {}, {}, 0, 0.0, 0.0)  # the last completed census
         self.ready = ReadyQueue()
         self.delayed: DelayQueue[PendingTask] = DelayQueue()
         self.cancelled = CancelledJobs()
@@ -307,10 +308,13 @@ class Gateway:
     # ---------------------------------------------------------------- observability
 
     def _observe(self) -> None:
-        """Once a second, not every step: the fleet and partition figures take full passes."""
-        fleet = self.fleet.count(
-            self.vehicles.views(), self.leases.holds, self.dispatcher.available
+        """Once a second, not every step: the partition figures and the fleet census take
+        work (the census a bounded slice of the cars each time)."""
+        census = self.fleet.census(
+            self.vehicles.views, self.leases.holds, self.dispatcher.available
         )
+        self._fleet = census or self._fleet
+        fleet = self._fleet
         partitions = self.log.stats()
         for p in partitions:
             label = str(p.partition)
@@ -325,8 +329,8 @@ class Gateway:
         ready, _ = self.readiness()
         self.metrics.ready.set(1 if ready else 0)
         for kind, sent in self.mqtt.sent.items():
-            counted = self._sent_counted.get(kind, 0)
-            self.metrics.mqtt_messages.labels("out", kind).inc(sent - counted)
+            before = self._sent_counted.get(kind, 0)
+            self.metrics.mqtt_messages.labels("out", kind).inc(sent - before)
             self._sent_counted[kind] = sent
         self.handlers.count_evictions()
         reconnects = self.mqtt.reconnects
