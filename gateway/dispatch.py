@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Handing ready tasks to hungry vehicles: which task, to whom, and the signed lease.
 
-A vehicle gets at most what it asked this gateway for, minus what is still in transit
-to it; a car about to leave gets only tasks that should finish first, and only a car
-that announced a box key gets confidential ones. Cancellation and deadlines are checked
-here, at dispatch time, not only when the task was read.
+A vehicle gets at most what it granted this gateway, minus the leases it holds from
+after the pull's ``seen`` epoch, several tasks in one message when it may take several;
+a car about to leave gets only tasks that should finish first, and only a car that
+announced a box key gets confidential ones. Cars that pull while there is no work are
+told so, and told again when work comes, so that they move their credits meanwhile.
+Cancellation and deadlines are checked here, at dispatch time, not only when the task
+was read.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class Dispatcher:
         if not len(self.ready):
             self._tell_idle(fresh)
             return
-        self._empty_since, self._told_idle = None, False
+        self._empty_since, self._told_idle, self._fresh_while_quiet = None, False, []
         if self.vehicles.any_waiting():
             # About one car per task waiting, a turn at a time: enough to take the work,
             # not the whole waiting list at once.
@@ -94,7 +97,7 @@ class Dispatcher:
             vehicles.served(view.vehicle_id, available > 0)
 
     def _tell_idle(self, fresh: list[VehicleView]) -> None:
-        """"No work here" goes only after the queue stayed empty for ``QUIET_S``: between
+        """Say "no work here" only once the queue stayed empty for ``QUIET_S``: between
         two Kafka reads it is empty for an instant, and telling cars then would only
         send them away and back. Then every car waiting here hears it once, and after
         that each car that pulls."""

@@ -84,7 +84,11 @@ class VehicleHandlers:
             "result": RateLimiter(
                 settings.result_rate, burst=2 * settings.result_rate, max_keys=keys
             ),
+            # Statuses come every 15 s, wills once per lost connection: the pull limit is
+            # far above both, and keeps a car from flooding its gateways with them.
+            "status": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate, max_keys=keys),
         }
+        self._limit_of = {"pull": "pull", "result": "result", "status": "status", "will": "status"}
         self._evicted: dict[str, tuple[int, int]] = {}  # kind -> (lossy, all) counted
         self._handlers: dict[str, Handler] = {
             "pull": self._on_pull,
@@ -124,7 +128,7 @@ class VehicleHandlers:
             self.metrics.dropped.labels("mqtt", "unknown_topic").inc()
             return False
         self.metrics.mqtt_messages.labels("in", event.kind).inc()
-        limiter = self._limits.get(event.kind)
+        limiter = self._limits.get(self._limit_of.get(event.kind, ""))
         if limiter is not None and not limiter.allow(event.vehicle_id, time.monotonic()):
             self.metrics.dropped.labels(f"mqtt_{event.kind}", "rate_limited").inc()
             return False

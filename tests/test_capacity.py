@@ -98,20 +98,21 @@ class TestArithmetic:
         assert design.gateways_per_cell == 2
         # When each car sends each of its 2 gateways a status every 10 s (0.1/s), its
         # refreshed pulls while idle (10 % of cars, every 10 s: 0.01/s), and half of its
-        # task messages (a grant pull and a result per task, 0.04 tasks/s: 0.04/s)
-        per_pair = 0.1 + 0.01 + 0.04
-        # Then a gateway receives K x V_cell / G_cell x that rate: 2 x 1000 / 2 x 0.15
+        # results (one per task, 0.04 tasks/s: 0.02/s; the slot refills without a pull)
+        per_pair = 0.1 + 0.01 + 0.02
+        # Then a gateway receives K x V_cell / G_cell x that rate: 2 x 1000 / 2 x 0.13
         assert design.loads["gateway_inbound"].load == pytest.approx(2 * 1000 / 2 * per_pair)
-        assert design.loads["gateway_inbound"].load == pytest.approx(150.0)
+        assert design.loads["gateway_inbound"].load == pytest.approx(130.0)
 
     def test_hops_tasks_and_counts(self) -> None:
         # Given the small scenario
         design = new_design(SMALL, ROUND)
         hops = design.hops
-        # Then 40 tasks/s move, and the car publishes 200 statuses, 60 pulls, 40 results
+        # Then 40 tasks/s move, and the car publishes 200 statuses, 20 pulls (idle cars'
+        # refreshes only), 40 results
         assert design.tasks_per_s == pytest.approx(40.0)
         assert hops["car_to_broker"]["status"].msgs == pytest.approx(200.0)
-        assert hops["car_to_broker"]["pull"].msgs == pytest.approx(60.0)
+        assert hops["car_to_broker"]["pull"].msgs == pytest.approx(20.0)
         assert hops["car_to_broker"]["result"].msgs == pytest.approx(40.0)
         assert hops["car_to_broker"]["heartbeat"].msgs == 0
         # And bytes follow the sizes: 40 tasks of 1 MiB out, 40 results of 0.25 MiB back

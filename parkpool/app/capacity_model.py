@@ -161,12 +161,17 @@ def beats_per_task(s: Scenario) -> int:
 
 def mqtt_hops(s: Scenario, c: Capacities, cars: Cars, gateways: int, cells: bool) -> Hops:
     """The four MQTT hops of one broker with ``gateways`` gateways. With cells, a car
-    publishes its statuses and refreshed pulls to each of its K gateways' own topic; in
-    the old design it publishes each once and every gateway receives it."""
+    publishes its statuses and refreshed pulls to each of its K gateways' own topic, and
+    pulls after a task only when its split moves (not modelled: rare); in the old design
+    it pulls after every task, publishes each message once, and every gateway receives
+    it."""
     k = min(s.gateways_per_vehicle, gateways) if cells else 1
     fan = 1 if cells else gateways
     status = of_size(cars.vehicles * k / s.heartbeat_s, c.status_bytes)
-    pull = of_size(cars.tasks_per_s + cars.idle * k / s.pull_refresh_s, c.pull_bytes)
+    # The old car pulled after every task; a cell car's gateway refills the slot when
+    # the lease ends, so only idle cars' refreshes remain (docs/ARCHITECTURE.md, Pull).
+    per_task = 0.0 if cells else cars.tasks_per_s
+    pull = of_size(per_task + cars.idle * k / s.pull_refresh_s, c.pull_bytes)
     result = Flow(cars.tasks_per_s, cars.tasks_per_s * s.output_mib)
     beats = of_size(cars.tasks_per_s * beats_per_task(s), c.lease_heartbeat_bytes)
     will = of_size(cars.departures_per_s * gateways, c.status_bytes)
