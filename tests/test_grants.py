@@ -169,10 +169,20 @@ class TestPulls:
         # sent and so must not refill
         assert PullTo(first, 7, 0) in book.pulls(2, [(first, 7)])
 
-    def test_refresh_repeats_every_pull(self) -> None:
+    def test_refresh_repeats_the_pulls_no_gateway_answered(self) -> None:
+        # Given a car that pulled from both gateways
         book = _book("gw1", "gw2")
+        first, second = book.mine()
         book.pulls(2, [])
-        assert len(book.pulls(2, [], refresh=True)) == 2
+        # When `first` answers (a notice, or an assignment), the periodic refresh goes
+        # only to `second`, whose answer may have been lost with a QoS 0 pull
+        book.answered(first)
+        assert [p.gateway_id for p in book.pulls(2, [], refresh=True)] == [second]
+        book.received(second, 9)
+        assert book.pulls(2, [], refresh=True) == []
+        # And after a reset (a reconnect), both hear it again
+        book.reset()
+        assert len(book.pulls(2, [])) == 2
 
     def test_no_roster_no_pull(self) -> None:
         book = GatewayBook("car-1")

@@ -69,6 +69,9 @@ class GatewayBook:
         self._backlog: dict[str, int] = {}  # gateway -> last known backlog; absent: unknown
         self._seen: dict[str, int] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # gateway -> (grant, seen) last pulled
+        # Gateways that answered our last pull (an assignment or a notice): they have it,
+        # so a periodic refresh skips them.
+        self._answered: set[str] = set()
         self._lock = threading.Lock()
 
     def announced(self, status: GatewayStatus) -> bool:
@@ -105,6 +108,12 @@ class GatewayBook:
         """An assignment to this car arrived: it is no longer in transit."""
         with self._lock:
             self._seen[gateway_id] = max(self._seen.get(gateway_id, 0), epoch)
+            self._answered.add(gateway_id)
+
+    def answered(self, gateway_id: str) -> None:
+        """A gateway spoke to this car (a notice): it has our last pull."""
+        with self._lock:
+            self._answered.add(gateway_id)
 
     def seen_epoch(self, gateway_id: str) -> int:
         """The highest lease epoch received from a gateway (0: none)."""
@@ -121,16 +130,19 @@ class GatewayBook:
             return self._mine
 
     def reset(self) -> None:
-        """Forget what was sent (after a reconnect: every gateway must hear us again)."""
+        """Forget what was sent, so that every gateway hears the next pull (after a
+        reconnect, or when what a pull says beside the grant changed)."""
         with self._lock:
             self._sent.clear()
+            self._answered.clear()
 
     def pulls(
         self, capacity: int, held: Iterable[tuple[str, int]], refresh: bool = False
     ) -> list[PullTo]:
         """The pulls to send, given the car's capacity and the (gateway, epoch) of every
-        task it holds: to each of its K gateways whose grant changed (all on
-        ``refresh``), and a zero grant to a gateway that held one and left the K.
+        task it holds: to each of its K gateways whose grant changed, on ``refresh`` also
+        to each that has not answered the last one (a QoS 0 pull may be lost), and a zero
+        grant to a gateway that held one and left the K.
 
         Each gateway gets a share of the capacity (its *target*). A pull fixes a ``seen``
         epoch once per gateway and then keeps it, and grants the target less the tasks
@@ -153,9 +165,11 @@ class GatewayBook:
             out: list[PullTo] = []
             for gateway in mine:
                 pull = PullTo(gateway, seen[gateway], grants[gateway])
-                if refresh or self._sent.get(gateway) != (pull.grant, pull.seen):
+                unanswered = refresh and gateway not in self._answered
+                if unanswered or self._sent.get(gateway) != (pull.grant, pull.seen):
                     out.append(pull)
                     self._sent[gateway] = (pull.grant, pull.seen)
+                    self._answered.discard(gateway)
             for gateway, (grant, old_seen) in list(self._sent.items()):
                 if gateway not in mine:
                     del self._sent[gateway]

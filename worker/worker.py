@@ -120,6 +120,7 @@ class VehicleWorker:
         self._pull_at: float | None = None  # a jittered pull waiting for its time
         self._room_since: float | None = None  # monotonic; free slots ever since
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
+        self._refresh_wait = self._refresh_s  # doubles while refreshes go unanswered
         self._next_heartbeat = 0.0
         self._owns_network = network is None
         self._network = network or NetworkLoop(retry_log_level=logging.WARNING).start()
@@ -251,10 +252,10 @@ class VehicleWorker:
         """Tell the car's gateways what each may send it; absolute, so repeating is safe.
 
         ``force`` (room freed, a backlog changed): send what changed, often nothing, as a
-        gateway refills a slot by itself when its lease ends. ``refresh`` (a reconnect, a
-        new dwell, the owner's policy letting the car run again), and every
-        ``pull_refresh_s`` while there is room: all K gateways hear it again, since one
-        may have restarted and forgotten the last.
+        gateway refills a slot by itself when its lease ends. ``refresh`` (a new dwell,
+        the owner's policy letting the car run again): every K gateway hears it again.
+        Every ``pull_refresh_s`` while there is room, a gateway that has not answered
+        the last pull hears it again: a QoS 0 pull may have been lost.
         """
         if self._stopping.is_set() or not self.eligible:
             return
@@ -264,18 +265,25 @@ class VehicleWorker:
             # Room kept for a whole refresh period, not the instant between a result and
             # the gateway's refill: a car in steady work never refreshes.
             if credits <= 0:
-                self._room_since = None
+                self._room_since, self._refresh_wait = None, self._refresh_s
             elif self._room_since is None:
                 self._room_since = now
             idle = self._room_since is not None and now - self._room_since >= self._refresh_s
-            refresh |= idle and now - self._last_pull >= self._refresh_s
-            if not self.gateways.any_online() or not (force or refresh):
+            periodic = idle and now - self._last_pull >= self._refresh_wait
+            if not self.gateways.any_online() or not (force or refresh or periodic):
                 return
+            if refresh:
+                self.gateways.reset()
             capacity, held = self.settings.capacity, self.tasks.held.sources()
-            pulls = self.gateways.pulls(capacity, held, refresh)
+            pulls = self.gateways.pulls(capacity, held, periodic)
+            if periodic or pulls:
+                self._last_pull = now
+            if periodic and pulls:
+                # Unanswered again: the gateway most likely has the pull and no work or no
+                # time for us, so each further refresh waits twice as long (up to 8x).
+                self._refresh_wait = min(2 * self._refresh_wait, 8 * self._refresh_s)
             if not pulls:
                 return
-            self._last_pull = now
         capabilities = self.capabilities
         dwell = self.guard.dwell_s() if self.guard else 0.0
         for p in pulls:
@@ -380,6 +388,7 @@ class VehicleWorker:
         except DecodeError as exc:
             self._log.warning("notice_malformed", reason=str(exc))
             return
+        self.gateways.answered(notice.gateway_id)
         if self.gateways.noticed(notice.gateway_id, notice.queued):
             if notice.queued == 0:
                 self.pull(force=True)
