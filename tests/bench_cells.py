@@ -210,6 +210,17 @@ def _rates(
                 total += value - before["gateways"][index].get((name, labels), 0.0)
         return total
 
+    def by_kind(direction: str) -> dict[str, float]:
+        """Mean per gateway, msgs/s, by topic kind: which part is periodic, which work."""
+        kinds: dict[str, float] = {}
+        for index in range(len(gateways)):
+            for (name, labels), value in after["gateways"][index].items():
+                found = dict(labels)
+                if name == MESSAGES and found.get("direction") == direction:
+                    was = before["gateways"][index].get((name, labels), 0.0)
+                    kinds[found["kind"]] = kinds.get(found["kind"], 0.0) + value - was
+        return {k: round(v / elapsed / len(gateways), 1) for k, v in sorted(kinds.items()) if v}
+
     completed = sum(
         a.get(COMPLETED, 0.0) - b.get(COMPLETED, 0.0)
         for a, b in zip(after["gateways"], before["gateways"], strict=True)
@@ -234,6 +245,8 @@ def _rates(
         "gateway_in_per_s": round(sum(inbound) / len(inbound), 1),
         "gateway_in_per_s_max": round(max(inbound), 1),
         "gateway_out_per_s": round(sum(outbound) / len(outbound), 1),
+        "gateway_in_by_kind": by_kind("in"),
+        "gateway_out_by_kind": by_kind("out"),
         "broker_in_per_s": round(sum(broker_in) / len(broker_in), 1),
         "broker_out_per_s": round(sum(broker_out) / len(broker_out), 1),
         "deliveries_per_task": round(sum(broker_out) * elapsed / max(completed, 1), 2),

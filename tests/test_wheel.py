@@ -8,6 +8,7 @@ the wheel leaves out or a top-level name it installs besides ``parkpool``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -105,6 +106,7 @@ class TestWheelContents:
             "parkpool/broker_config/mosquitto.conf",
             "parkpool/broker_config/kafka_topics.toml",
             "parkpool/worker/owner_policy.toml",
+            "parkpool/app/capacity_inputs.json",
         ):
             assert data in names
 
@@ -129,6 +131,12 @@ class TestInstalledWheel:
     def test_help(self, installed: Path, tmp_path: Path) -> None:
         done = run([str(installed / "bin" / "parkpool"), "--help"], tmp_path)
         assert "usage: parkpool" in done.stdout and "demo" in done.stdout
+
+    def test_capacity_reads_its_measured_inputs(self, installed: Path, tmp_path: Path) -> None:
+        argv = [str(installed / "bin" / "parkpool"), "capacity", "--vehicles", "7000000"]
+        done = run([*argv, "--json"], tmp_path)
+        report = json.loads(done.stdout)
+        assert report["new"]["cells"] > 1 and report["inputs"]["gateway_msgs_per_s"]["value"] > 0
 
     def test_demo_runs_a_job_end_to_end(self, installed: Path, tmp_path: Path) -> None:
         # Given only the installed package (the demo starts Tansu from the wheel's
