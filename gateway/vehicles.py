@@ -179,9 +179,3 @@ class VehicleBook:
             else:  # heard since: check it again when it may have gone silent
                 heapq.heappush(heap, (view.last_heard, vehicle_id))
         return silent
-
-    def by_state(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for view in self._vehicles.values():
-            counts[view.state.value] = counts.get(view.state.value, 0) + 1
-        return counts

@@ -173,16 +173,6 @@ class TestStates:
         assert book.hungry() == []
         assert len(book) == 0
 
-    def test_by_state_counts_vehicles(self) -> None:
-        book = VehicleBook("gw1")
-        book.on_pull(pull("car-a", 1))
-        book.on_pull(pull("car-b", 1))
-        book.set_state("car-c", VehicleState.SUSPENDED)
-        book.set_state("car-d", VehicleState.OFFLINE)
-        book.set_state("car-e", VehicleState.OFFLINE)
-        assert book.by_state() == {"online": 2, "suspended": 1, "offline": 2}
-        assert VehicleBook("gw1").by_state() == {}
-
 
 class TestLiveness:
     """silent_since reports each vehicle not heard from since a cutoff, once."""
