@@ -328,13 +328,14 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class PullRequest:
-    """A vehicle asks for work: it can take ``credits`` more tasks *right now*.
+    """A vehicle tells one of its K gateways how much work it may send.
 
-    Credits are absolute, not additive, so a duplicated pull grants nothing extra.
-    ``grants`` splits them between gateways (every gateway sees every pull, and each may
-    send only what it was granted), so several gateways can never over-fill a vehicle.
-    ``seen`` maps each gateway id to the highest lease epoch the vehicle has received from
-    it; the gateway subtracts what it sent after that (still in transit) from its grant.
+    A pull goes to one gateway's own topic and names that gateway alone in ``grants`` and
+    ``seen`` (``credits`` is its grant). Grants are absolute, not additive, so a
+    duplicated pull grants nothing extra, and the car's grants to its gateways never add
+    up to more than it can take. ``seen`` is a lease epoch the car fixes per gateway: the
+    gateway may have the grant less its leases to this car after ``seen`` in flight, and
+    so refills a slot by itself when one of those leases ends.
     """
 
     TYPE: ClassVar[str] = "pull"
