@@ -24,6 +24,7 @@ from parkpool.runtime.settings import (
     redact,
 )
 from parkpool.schemas.errors import ConfigError
+from parkpool.worker.cli import parse_cells
 
 PASSWORD = "hunter2-s3cr3t"
 
@@ -246,3 +247,21 @@ class TestPasswordFile:
         args = parser.parse_args(["--mqtt-password-file", str(tmp_path / "absent")])
         with pytest.raises(ConfigError, match="absent"):
             mqtt_from_args(args)
+
+
+class TestSimCells:
+    """``parkpool sim --cells`` names each cell's broker; a bad entry is refused by name."""
+
+    def test_each_cell_keeps_the_other_settings(self) -> None:
+        base = MqttConnection("ignored", 1, username="u", keepalive=30)
+        cells = parse_cells("east=10.0.0.1:1883, west=10.0.0.2:1884", base)
+        assert {n: (c.host, c.port, c.username) for n, c in cells.items()} == {
+            "east": ("10.0.0.1", 1883, "u"),
+            "west": ("10.0.0.2", 1884, "u"),
+        }
+        assert parse_cells("", base) == {}
+
+    def test_bad_entries_are_refused(self) -> None:
+        for text in ("east", "east=host", "east=host:0", "=h:1", "a=h:1,a=h:2"):
+            with pytest.raises(ConfigError, match="--cells"):
+                parse_cells(text, MqttConnection())

@@ -17,6 +17,7 @@ import structlog
 from parkpool.runtime import logs
 from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.settings import (
+    MqttConnection,
     add_flag,
     add_mqtt_options,
     add_namespace_option,
@@ -24,6 +25,7 @@ from parkpool.runtime.settings import (
     mqtt_from_args,
 )
 from parkpool.runtime.signals import stop_event
+from parkpool.schemas.errors import ConfigError
 from parkpool.worker.backend import select_backend
 from parkpool.worker.boot import check_safeguards, missing_safeguards, start_with_retries
 from parkpool.worker.carstate import FileFeed
@@ -79,6 +81,14 @@ def add_parser(subparsers: Any) -> None:
     _common(sim)
     add_option(sim, "--vehicles", "PARKPOOL_SIM_VEHICLES", 16, "how many vehicles", int)
     add_option(sim, "--prefix", "PARKPOOL_SIM_PREFIX", "car", "vehicle id prefix")
+    add_option(
+        sim,
+        "--cells",
+        "PARKPOOL_SIM_CELLS",
+        "",
+        "cells as name=host:port,...: each car joins the cell its id hashes to (rendezvous); "
+        "empty: every car on --mqtt-host",
+    )
     sim.add_argument(
         "--realistic",
         action="store_true",
@@ -130,6 +140,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 15.0, "status heartbeat period", float)
     add_option(
         p,
+        "--gateways-per-vehicle",
+        "PARKPOOL_GATEWAYS_PER_VEHICLE",
+        2,
+        "K: the gateways of its cell a car talks to, by rendezvous hash (0: all of them)",
+        int,
+    )
+    add_option(
+        p,
         "--simulated-delay-s",
         "PARKPOOL_SIMULATED_DELAY_S",
         0.0,
@@ -147,6 +165,7 @@ def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:
         prefetch=args.prefetch,
         backend=args.backend,
         heartbeat_s=args.heartbeat_s,
+        gateways_per_vehicle=args.gateways_per_vehicle,
         simulated_delay_s=args.simulated_delay_s,
         gflops_per_s=args.gflops_per_s,
         trusted_keys=tuple(Path(p) for p in args.trusted_keys.split(",") if p.strip()),
@@ -195,9 +214,11 @@ def run_sim(args: argparse.Namespace) -> int:
     if args.realistic:
         return _run_realistic(args, stop)
     cars = Path(args.credentials_dir) if args.credentials_dir else None
+    template = _settings(args, f"{args.prefix}-0")
     fleet = Fleet(
-        _settings(args, f"{args.prefix}-0"),
+        template,
         prefix=args.prefix,
+        cells=parse_cells(args.cells, template.mqtt),
         login=(lambda vid: CarCredentials.of(cars, vid).password()) if cars else None,
         result_key=(lambda vid: CarCredentials.of(cars, vid).result_key) if cars else None,
     )
@@ -207,6 +228,20 @@ def run_sim(args: argparse.Namespace) -> int:
     fleet.stop_all()
     log.info("fleet_stopped", completed=fleet.completed())
     return 0
+
+
+def parse_cells(text: str, base: MqttConnection) -> dict[str, MqttConnection]:
+    """``name=host:port,...`` as each cell's broker (the other settings as ``base``)."""
+    cells: dict[str, MqttConnection] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        if not (name and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"--cells: {item!r} is not name=host:port")
+        if name in cells:
+            raise ConfigError(f"--cells: cell {name!r} is named twice")
+        cells[name] = replace(base, host=host, port=int(port))
+    return cells
 
 
 def _run_realistic(args: argparse.Namespace, stop: threading.Event) -> int:
