@@ -5,10 +5,9 @@ Vehicles cannot be scraped. Their heartbeats (``VehicleStatus``) carry cumulativ
 time and energy and the owner-first stops since the previous heartbeat; this module turns
 them into counters and a histogram, and counts the fleet by state in a rolling census
 that visits a bounded number of cars a second. A car sends its heartbeat to each of its
-K gateways, so each gateway reports the cars it serves, and a car is counted by K
-gateways: aggregate across gateways with ``sum`` and divide by K, or take the cell's
-gateways together. (``computing`` and credits are per gateway: a car computing for one
-gateway is eligible for another.)
+K gateways and marks the first of them ``primary``; only that one counts the car, so
+every fleet series adds up across gateways with ``sum``. (Credits outstanding are per
+gateway, and add up too.)
 """
 
 from __future__ import annotations
@@ -91,12 +90,20 @@ class FleetStats:
         self._shown: set[tuple[str, str]] = set()
         self._round: tuple[Iterator[VehicleView], _Tally] | None = None
 
-    def heard(self, view: VehicleView, status: VehicleStatus) -> None:
-        """Fold one heartbeat's figures into the fleet counters."""
-        self.busy.inc(_increase(view.busy_s, status.busy_s))
-        self.energy.inc(_increase(view.energy_j, status.energy_j))
+    def heard(self, view: VehicleView, status: VehicleStatus, will: bool = False) -> None:
+        """Fold one heartbeat's figures into the fleet counters, if this gateway is the
+        one that counts the car (its first of K). A last will (which cannot say which
+        gateway is first) leaves that as it was, so the car counts as offline there."""
+        view.reason, view.held = status.reason, status.held
+        if will:
+            return
+        counted_before, view.primary = view.primary, status.primary
+        if not status.primary:
+            return
+        if counted_before:  # cumulative figures: from the first one counted here on
+            self.busy.inc(_increase(view.busy_s, status.busy_s))
+            self.energy.inc(_increase(view.energy_j, status.energy_j))
         view.busy_s, view.energy_j = status.busy_s, status.energy_j
-        view.reason = status.reason
         for stop in status.preemptions:
             self.preemptions.labels(reason_label(stop.reason)).inc()
             self.preemption_latency.observe(stop.stop_s)
@@ -175,6 +182,8 @@ class _Tally:
 
     def add(self, view: VehicleView) -> None:
         self.seen += 1
+        if not view.primary:
+            return  # counted by the gateway that is its first
         state = _state_of(view, self.computing)
         self.by_state[state] += 1
         if state in ("draining", "suspended"):
@@ -198,7 +207,9 @@ def _state_of(view: VehicleView, computing: Callable[[str], bool]) -> str:
         return "suspended"
     if view.state is VehicleState.DRAINING:
         return "draining"
-    return "computing" if computing(view.vehicle_id) else "eligible"
+    # Its leases here, or the tasks it said it holds (for its other gateway, say).
+    busy = computing(view.vehicle_id) or view.held > 0
+    return "computing" if busy else "eligible"
 
 
 def _increase(last: float, now: float) -> float:

@@ -152,7 +152,7 @@ class VehicleHandlers:
             self.metrics.dropped.labels("mqtt_status", "vehicle_mismatch").inc()
             return False
         view = self.vehicles.set_state(status.vehicle_id, status.state)
-        self.fleet.heard(view, status)
+        self.fleet.heard(view, status, will=event.kind == "will")
         if status.state is VehicleState.OFFLINE:
             self.outcomes.release_vehicle(status.vehicle_id, "vehicle_offline", status.reason)
         elif status.state is VehicleState.SUSPENDED:

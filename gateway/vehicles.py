@@ -31,6 +31,8 @@ class VehicleView:
     busy_s: float = 0.0  # the cumulative figures of its last status, for fleet counters
     energy_j: float = 0.0
     told: int = -1  # the backlog this gateway last told the car (-1: nothing said yet)
+    primary: bool = False  # this gateway is the car's first: it counts it in fleet series
+    held: int = 0  # tasks the car said it holds, in its last status
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.

@@ -23,6 +23,7 @@ from parkpool.schemas.errors import ValidationError
 from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 from parkpool.schemas.validate import (
     require_arrays,
+    require_bool,
     require_bytes,
     require_float,
     require_int,
@@ -398,10 +399,14 @@ class VehicleStatus:
     busy_s: float = 0.0
     energy_j: float = 0.0
     preemptions: tuple[PreemptionRecord, ...] = ()
+    # The receiving gateway is the first of the car's K: it alone counts the car in the
+    # fleet series, so that they add up across gateways (docs/OPERATIONS.md).
+    primary: bool = False
 
     def __post_init__(self) -> None:
         _vehicle("vehicle_id", self.vehicle_id)
         object.__setattr__(self, "state", _enum(VehicleState, "state", self.state))
+        require_bool("primary", self.primary)
         require_float("sent_at", self.sent_at)
         require_str("reason", self.reason)
         require_int("held", self.held, 0, MAX_CREDITS)

@@ -17,7 +17,7 @@ class TestRollingCensus:
     def test_counts_every_car_over_several_calls(self) -> None:
         # Given 12,000 cars, a sixth of them suspended, and a budget of 5,000 a call
         stats = FleetStats(CollectorRegistry())
-        views = [VehicleView(f"car-{i}") for i in range(12_000)]
+        views = [VehicleView(f"car-{i}", primary=True) for i in range(12_000)]
         for view in views[::6]:
             view.state = VehicleState.SUSPENDED
         visited: list[int] = []
@@ -40,7 +40,16 @@ class TestRollingCensus:
 
     def test_a_small_fleet_is_counted_every_call(self) -> None:
         stats = FleetStats(CollectorRegistry())
-        views = [VehicleView("a"), VehicleView("b")]
+        views = [VehicleView("a", primary=True), VehicleView("b", primary=True, held=1)]
         counts = stats.census(lambda: views, lambda v: v == "a", lambda v: 1)
-        assert counts is not None and counts.by_state["computing"] == 1
+        # "b" holds a task for another gateway: computing too
+        assert counts is not None and counts.by_state["computing"] == 2
         assert counts.credits_outstanding == 2
+
+    def test_only_cars_whose_first_gateway_this_is_are_counted(self) -> None:
+        # Given a car that names this gateway first and one that names another
+        stats = FleetStats(CollectorRegistry())
+        views = [VehicleView("mine", primary=True), VehicleView("theirs")]
+        counts = stats.census(lambda: views, lambda v: False, lambda v: 0)
+        # Then only the first is in this gateway's census: the other gateway counts it
+        assert counts is not None and counts.known == 1

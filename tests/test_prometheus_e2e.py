@@ -227,7 +227,7 @@ class TestPrometheusScrapesAJob:
         rate = 'status:parkpool_gateway_tasks:rate5m{status="completed"}'
         wait_for(lambda: prometheus.value(rate) is not None, 30, "throughput rule")
         wait_for(
-            lambda: prometheus.value("job:parkpool_fleet_vehicles_known:max") == 3, 30, "3 cars"
+            lambda: prometheus.value("job:parkpool_fleet_vehicles_known:sum") == 3, 30, "3 cars"
         )
         # And every rule of both files loaded and evaluates without error
         self._assert_rules_healthy(prometheus)

@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -119,6 +120,7 @@ class VehicleWorker:
         self._last_pull = 0.0  # monotonic time of the last pull sent
         self._pull_at: float | None = None  # a jittered pull waiting for its time
         self._room_since: float | None = None  # monotonic; free slots ever since
+        self._announced_to: tuple[str, ...] = ()  # the K gateways our last status went to
         self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
         self._refresh_wait = self._refresh_s  # doubles while refreshes go unanswered
         self._next_heartbeat = 0.0
@@ -315,7 +317,11 @@ class VehicleWorker:
                 self._pull_at, due = due, None
         self.pull(force=due is not None)
         self._beat_leases()
-        if time.monotonic() >= self._next_heartbeat:
+        # A gateway that just became one of ours (or first) hears how we stand at once,
+        # not a heartbeat later: it counts us in its fleet series from now on.
+        mine = self.gateways.mine()
+        if time.monotonic() >= self._next_heartbeat or mine != self._announced_to:
+            self._announced_to = mine
             self._announce()
             self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
 
@@ -469,6 +475,12 @@ class VehicleWorker:
         its K gateways and to any other that holds one of its tasks."""
         busy_s = self.runner.busy_s
         status = status_of(self.vehicle_id, state, reason, self.held, busy_s, self.guard)
+        mine = self.gateways.mine()
         holders = {gateway for gateway, _ in self.tasks.held.sources()}
-        gateways = [*self.gateways.mine(), *sorted(holders - set(self.gateways.mine()))]
-        return [self.outbox.status(gateway, status) for gateway in gateways]
+        gateways = [*mine, *sorted(holders - set(mine))]
+        # The first of the K counts the car in the fleet series; the others only track it.
+        first = mine[0] if mine else ""
+        return [
+            self.outbox.status(gateway, replace(status, primary=gateway == first))
+            for gateway in gateways
+        ]
