@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from parkpool.runtime.rendezvous import top
 from parkpool.schemas import GatewayState, GatewayStatus
+from parkpool.worker import grants
 from parkpool.worker.grants import GatewayBook, PullTo, allocate
 
 WEIGHTS = st.dictionaries(st.from_regex(r"gw[0-9]{1,3}", fullmatch=True), st.integers(0, 10**6))
@@ -133,6 +135,31 @@ class TestPulls:
         # And once one of `second`'s tasks ends, `first` gets that slot, not more
         pulls = book.pulls(2, held[1:])
         assert [p for p in pulls if p.gateway_id == first] == [PullTo(first, 0, 1)]
+
+    def test_no_work_is_believed_only_for_a_while(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Given a car told by `first` that it has no work
+        clock = [1000.0]
+        monkeypatch.setattr(grants.time, "monotonic", lambda: clock[0])
+        book = _book("gw1", "gw2")
+        first = book.mine()[0]
+        book.pulls(2, [])
+        book.noticed(first, 0)
+        assert {p.gateway_id: p.grant for p in book.pulls(2, [])}[first] == 0
+        # When the notice that work came back is lost, the car asks again after the TTL
+        clock[0] += grants.EMPTY_TTL_S + 1
+        assert PullTo(first, 0, 1) in book.pulls(2, [], refresh=True)
+
+    def test_a_reconnect_or_a_gateway_restart_forgets_no_work(self) -> None:
+        book = _book("gw1", "gw2")
+        first, second = book.mine()
+        book.noticed(first, 0)
+        book.noticed(second, 0)
+        book.reset()  # a reconnect: notices sent meanwhile were lost
+        assert sorted(p.grant for p in book.pulls(2, [])) == [1, 1]
+        book.noticed(first, 0)
+        book.pulls(2, [])
+        book.announced(_status(first))  # it restarted (without a will seen)
+        assert PullTo(first, 0, 1) in book.pulls(2, [])
 
     def test_learning_a_backlog_it_assumed_is_no_reason_to_pull(self) -> None:
         book = _book("gw1", "gw2")

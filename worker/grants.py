@@ -19,6 +19,7 @@ itself when its lease ends, so a car in steady work sends no pull at all.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from parkpool.runtime.rendezvous import top
 from parkpool.schemas import GatewayState, GatewayStatus
 
 MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
+# "No work here" is believed this long at most: a notice that work came back can be lost
+# (a broker restart, a reconnect), and a car must not stay away from a gateway for ever.
+EMPTY_TTL_S = 60.0
 
 
 def allocate(credits: int, weights: Mapping[str, int]) -> dict[str, int]:
@@ -67,6 +71,7 @@ class GatewayBook:
         self._roster: set[str] = set()
         self._mine: tuple[str, ...] = ()
         self._backlog: dict[str, int] = {}  # gateway -> last known backlog; absent: unknown
+        self._empty_at: dict[str, float] = {}  # gateway -> when it said it had no work
         self._seen: dict[str, int] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # gateway -> (grant, seen) last pulled
         # Gateways that answered our last pull (an assignment or a notice): they have it,
@@ -88,7 +93,9 @@ class GatewayBook:
             before = self._mine
             self._mine = top(self.vehicle_id, self._roster, self.k)
             if status.state is GatewayState.ONLINE and gateway in self._mine:
-                self._sent.pop(gateway, None)  # whatever it had of us, it may have lost
+                # Whatever it had of us (or told us) it may have lost in a restart.
+                self._sent.pop(gateway, None)
+                self._backlog.pop(gateway, None)
             return self._mine != before or gateway in self._mine
 
     def noticed(self, gateway_id: str, queued: int) -> bool:
@@ -100,6 +107,8 @@ class GatewayBook:
         with self._lock:
             before = self._backlog.get(gateway_id)
             self._backlog[gateway_id] = queued
+            if queued == 0:
+                self._empty_at[gateway_id] = time.monotonic()
             # Unknown was taken to mean "has work", so only learning "none" changes it.
             was_empty = before == 0
             return gateway_id in self._mine and was_empty != (queued == 0)
@@ -135,6 +144,8 @@ class GatewayBook:
         with self._lock:
             self._sent.clear()
             self._answered.clear()
+            # A notice sent while we were away is lost: what we believed may be stale.
+            self._backlog.clear()
 
     def pulls(
         self, capacity: int, held: Iterable[tuple[str, int]], refresh: bool = False
@@ -211,4 +222,9 @@ class GatewayBook:
         have none), 0 without. Not the backlog's size: it moves with every read and
         dispatch, and a split that followed it would change, and cost pulls, all the
         time; the partitions spread the backlog over gateways evenly enough."""
+        stale = time.monotonic() - EMPTY_TTL_S
+        for gateway in [g for g, at in self._empty_at.items() if at < stale]:
+            del self._empty_at[gateway]
+            if self._backlog.get(gateway) == 0:
+                del self._backlog[gateway]  # ask again: it will say so if still idle
         return {g: 0 if self._backlog.get(g) == 0 else 1 for g in self._mine}
