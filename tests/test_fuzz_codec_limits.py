@@ -59,6 +59,7 @@ REFUSALS: Mapping[str, list[tuple[Any, str]]] = {
     "str": _all("too_large", "x" * 5000) + _all("wrong_type", 1, None, b"x", True, []),
     "enum": _all("bad_value", "bogus", "") + _all("wrong_type", 1, None, b"online", []),
     "bytes": _all("wrong_type", "x", 1, None, [], True),
+    "bool": _all("wrong_type", 1, 0, "true", None, [], {}, b"1"),
     "map": _all("wrong_type", [], "x", 1, None, True),
     "record": _all("wrong_type", [], "x", 1, None, True),
     "records": _all("wrong_type", {}, "x", 1, None, [1], ["x"], [[]]),
@@ -77,7 +78,7 @@ def _kind(hint: Any) -> str:
         return "names" if inner is str else "records"
     if origin is not None and issubclass(origin, Mapping):
         return "map"
-    return {int: "int", float: "float", str: "str", bytes: "bytes"}[hint]
+    return {int: "int", float: "float", str: "str", bytes: "bytes", bool: "bool"}[hint]
 
 
 def _leaf_fields() -> list[tuple[type, str | None, str, str]]:
