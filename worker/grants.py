@@ -80,8 +80,8 @@ class GatewayBook:
         self._lock = threading.Lock()
 
     def announced(self, status: GatewayStatus) -> bool:
-        """A roster change (a retained status); True when one of the car's K gateways is
-        new to it, since a gateway that (re)appeared knows nothing of any earlier pull."""
+        """A roster entry (a retained status); True when the car should pull: its K
+        changed, or one of them (re)announced itself and may have forgotten us."""
         with self._lock:
             gateway = status.gateway_id
             if status.state is GatewayState.ONLINE:
