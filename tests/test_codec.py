@@ -42,15 +42,23 @@ def example_messages() -> dict[type, Any]:
         priority=m.Priority.HIGH,
     )
     caps = m.Capabilities(backend="cuda", kernels=("matmul", "saxpy"), device_memory_bytes=2**33)
+    assignment = m.Assignment(
+        gateway_id="gw-1",
+        vehicle_id="car-7",
+        epoch=9,
+        attempt=2,
+        lease_deadline=1_700_000_060.0,
+        task=encode(task),
+        queued=12,
+    )
     return {
         m.TaskChunk: task,
-        m.Assignment: m.Assignment(
+        m.Assignment: assignment,
+        m.AssignmentBatch: m.AssignmentBatch(
             gateway_id="gw-1",
             vehicle_id="car-7",
-            epoch=9,
-            attempt=2,
-            lease_deadline=1_700_000_060.0,
-            task=encode(task),
+            assignments=(encode(assignment), encode(dataclasses.replace(assignment, epoch=10))),
+            queued=11,
         ),
         m.Result: m.Result(
             job_id="job-1",
@@ -82,7 +90,12 @@ def example_messages() -> dict[type, Any]:
             grants={"gw-1": 2, "gw-2": 1},
         ),
         m.VehicleStatus: m.VehicleStatus(
-            vehicle_id="car-7", state=m.VehicleState.DRAINING, sent_at=1.5, reason="owner", held=1
+            vehicle_id="car-7",
+            state=m.VehicleState.DRAINING,
+            sent_at=1.5,
+            reason="owner",
+            held=1,
+            primary=True,
         ),
         m.GatewayStatus: m.GatewayStatus(
             gateway_id="gw-1", state=m.GatewayState.ONLINE, sent_at=2.0, queued=17
