@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from parkpool.runtime.rendezvous import top
 from parkpool.schemas import GatewayState, GatewayStatus
 
-MAX_GATEWAYS = 64  # a PullRequest's limit for its seen and grants maps
 # "No work here" is believed this long at most: a notice that work came back can be lost
 # (a broker restart, a reconnect), and a car must not stay away from a gateway for ever.
 EMPTY_TTL_S = 60.0
