@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
@@ -72,6 +79,9 @@ class ProducerSettings:
     # so results of jobs submitted before a restart cannot be read after it).
     gateway_box_key: Path | None = None
     reply_box_key: Path | None = None
+    # Kafka unreachable for this long while reading results: every running job fails
+    # with a BrokerError naming the broker, instead of a wait() that never returns.
+    results_unreachable_s: float = 60.0
 
 
 class ParkpoolClient:
@@ -324,6 +334,13 @@ class ParkpoolClient:
 
     # ---------------------------------------------------------------- results
 
+    def _broker_lost(self, error: BrokerError) -> None:
+        """The results can no longer be read: every running job ends with ``error``."""
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.lost(error)
+
     def handle(self, job_id: str) -> JobHandle | None:
         with self._lock:
             return self._handles.get(job_id)
@@ -359,12 +376,21 @@ def _gateway_key(path: Path | None) -> bytes | None:
 
 
 class _ResultReader(threading.Thread):
-    """Reads the reply and dead-letter topics from their current ends, for one client."""
+    """Reads the reply and dead-letter topics from their current ends, for one client.
+
+    librdkafka reconnects by itself, so a broker that is down for a moment costs nothing
+    here; one that stays out of reach for ``results_unreachable_s`` fails every running
+    job with a BrokerError that names it, so that no caller waits for ever.
+    """
 
     def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
         super().__init__(name="parkpool-results", daemon=True)
         self.client: ParkpoolClient | None = client
-        self.consumer = Consumer(reader_config(client.settings.kafka))
+        self._down_since: float | None = None  # monotonic; the broker went out of reach
+        self._last_error = ""
+        self._next_probe = 0.0
+        config = reader_config(client.settings.kafka, error_cb=self._on_error)
+        self.consumer = Consumer(config)
         self.consumer.assign(self._ends(topics))
 
     def _ends(self, topics: list[str]) -> list[TopicPartition]:
@@ -388,10 +414,48 @@ class _ResultReader(threading.Thread):
                 # poll() returns on the first record; consume(timeout=0) then takes the
                 # rest already fetched. consume() alone would wait out its whole timeout.
                 first = self.consumer.poll(0.05)
+                self._watch(client)
                 if first is None:
                     continue
                 for record in [first, *self.consumer.consume(500, timeout=0)]:
                     if record.error() is None:
+                        self._down_since = None
                         client._route(record)
         finally:
             self.consumer.close()
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's error events (from poll, on this thread): note when the broker
+        went out of reach; anything else is logged by librdkafka itself."""
+        if error.code() in _UNREACHABLE and self._down_since is None:
+            self._down_since = time.monotonic()
+        self._last_error = error.str()
+
+    def _watch(self, client: ParkpoolClient) -> None:
+        """While the broker is out of reach, ask it for metadata now and then; past the
+        limit, fail every running job with the reason."""
+        if self._down_since is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + 1.0
+            try:
+                self.consumer.list_topics(timeout=0.5)
+            except KafkaException:
+                pass
+            else:
+                self._down_since = None
+                return
+        waited = now - self._down_since
+        if waited >= client.settings.results_unreachable_s:
+            bootstrap = client.settings.kafka.bootstrap
+            error = BrokerError(
+                f"Kafka at {bootstrap} unreachable for {waited:.0f} s while reading results "
+                f"({self._last_error or 'no answer'}); the job's outcome is unknown"
+            )
+            client._broker_lost(error)
+            self._down_since = None  # told; a later outage counts from its own start
+
+
+# Error events that mean the client cannot reach the cluster (not one partition's issue).
+_UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT})

@@ -105,6 +105,7 @@ class JobHandle:
         self._duplicates = 0
         self._rejected = 0
         self._dead: dict[int, str] = {}
+        self._error: ParkpoolError | None = None  # why the outcome cannot be known
         self._state = JobState.RUNNING
         self._latencies: list[float] = []
         self._lock = threading.Lock()
@@ -147,6 +148,8 @@ class JobHandle:
                 if left is not None and left <= 0:
                     raise TimeoutError(f"job {self.job_id}: {self._done}/{self.n_chunks} chunks")
                 self._changed.wait(left)
+            if self._error is not None:
+                raise self._error
             if self._state is JobState.FAILED:
                 raise JobFailed(self.job_id, self._dead)
             if self._state is JobState.CANCELLED or self._assembler is None:
@@ -176,6 +179,15 @@ class JobHandle:
         return self.progress
 
     # ---------------------------------------------------------------- reader side
+
+    def lost(self, error: ParkpoolError) -> None:
+        """The client cannot read results any more: a running job fails with ``error``,
+        which ``wait()`` raises, rather than waiting for chunks that cannot arrive."""
+        with self._lock:
+            if self._state is not JobState.RUNNING:
+                return
+            self._error = error
+            self._end(JobState.FAILED)
 
     def deliver(self, result: Result, received_at: float) -> bool:
         """Take a result; False when it is a duplicate or does not fit the job."""
