@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parkpool.runtime.settings import add_kafka_options, add_namespace_option, add_option
+from parkpool.runtime.settings import (
+    add_flag,
+    add_kafka_options,
+    add_namespace_option,
+    add_option,
+)
 from parkpool.runtime.signals import stop_event
 from parkpool.schemas.errors import ParkpoolError
 from parkpool.schemas.topics import check_namespace
@@ -47,6 +52,13 @@ def _add_up(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     add_namespace_option(up)
     add_option(up, "--run-dir", "PARKPOOL_RUN_DIR", None, _RUN_DIR_HELP)
+    add_flag(
+        up,
+        "--durable",
+        "PARKPOOL_DURABLE",
+        "keep Kafka's log in an embedded S3 store (localbucket in <run-dir>/store), so it "
+        "survives a crash; otherwise in memory",
+    )
     _add_topic_options(up)
     up.set_defaults(func=run_up)
 
@@ -97,7 +109,7 @@ def run_up(args: argparse.Namespace) -> int:
         namespace = check_namespace(args.namespace)
         specs = _specs(args)
         stop = stop_event()
-        with EmbeddedBrokers(args.run_dir) as brokers:
+        with EmbeddedBrokers(args.run_dir, durable=args.durable) as brokers:
             bootstrap(brokers.kafka_bootstrap, namespace, specs=specs)
             _print_exports(brokers, namespace)
             stop.wait()

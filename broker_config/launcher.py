@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -29,7 +30,7 @@ from confluent_kafka.admin import AdminClient
 from parkpool.schemas.errors import BrokerError, ConfigError
 
 from .auth import AuthStore
-from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray
+from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray, signal_group
 
 __all__ = ["LOOPBACK", "EmbeddedBrokers", "free_port", "kill_stray"]
 
@@ -65,6 +66,18 @@ def mosquitto_binary() -> str:
     )
 
 
+STORE_BUCKET = "tansu"  # the durable Kafka's bucket in the embedded object store
+
+
+def localbucket_binary() -> str:
+    """PARKPOOL_LOCALBUCKET_BIN, else the ``localbucket`` installed beside this Python
+    (the ``embedded`` extra), else one on PATH."""
+    beside = Path(sys.executable).parent / "localbucket"
+    if os.environ.get("PARKPOOL_LOCALBUCKET_BIN"):
+        return os.environ["PARKPOOL_LOCALBUCKET_BIN"]
+    return str(beside) if beside.exists() else shutil.which("localbucket") or str(beside)
+
+
 class EmbeddedBrokers:
     """Tansu and Mosquitto for one test session or demo, stopped on exit no matter what."""
 
@@ -78,6 +91,7 @@ class EmbeddedBrokers:
         tls_dir: Path | None = None,
         client_certs: bool = True,
         cells: int = 1,
+        durable: bool = False,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -94,6 +108,10 @@ class EmbeddedBrokers:
         if cells < 1:
             raise ConfigError("at least one cell (one Mosquitto) is needed")
         self.cells = cells  # Mosquittos, one per cell; cell 0 is the one `mqtt_port` names
+        # Durable: Tansu keeps its log in an S3 store (localbucket over run_dir/store), so
+        # the embedded Kafka survives a SIGKILL; otherwise it keeps everything in memory.
+        self.durable = durable
+        self._store: BrokerProcess | None = None
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
         self._more_cells: list[BrokerProcess] = []
@@ -107,6 +125,8 @@ class EmbeddedBrokers:
         _live.add(self)
         try:
             deadline = time.monotonic() + self.start_timeout
+            if self.durable:
+                self._store = self._launch(self._localbucket(free_port()), deadline)
             self._kafka = self._launch(self._tansu(free_port()), deadline)
             self._wait_kafka_api(deadline)
             self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
@@ -121,16 +141,32 @@ class EmbeddedBrokers:
 
     def stop(self) -> None:
         """Stop both brokers (idempotent); removes the run dir only if we made it."""
-        for child in (*self._more_cells, self._mqtt, self._kafka):
+        for child in (*self._more_cells, self._mqtt, self._kafka, self._store):
             if child is not None:
                 child.stop(self.stop_timeout)
-        self._mqtt = self._kafka = None
+        self._mqtt = self._kafka = self._store = None
         self._more_cells = []
         _live.discard(self)
         if self._own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         elif self.run_dir.exists():
             self._write_pids()
+
+    def kill_kafka(self) -> None:
+        """SIGKILL Tansu, as a crash would; ``start_kafka`` brings it back on its port."""
+        kafka = self._require(self._kafka)
+        assert kafka.popen is not None
+        signal_group(kafka.popen.pid, signal.SIGKILL)
+        kafka.popen.wait()
+        kafka.popen = None
+
+    def start_kafka(self) -> None:
+        """Start Tansu again on the same port (and, when durable, the same store)."""
+        if self._kafka is None:
+            raise BrokerError("embedded brokers are not running; call start() first")
+        deadline = time.monotonic() + self.start_timeout
+        self._launch(self._kafka, deadline)
+        self._wait_kafka_api(deadline)
 
     def restart_mosquitto(self, cell: int = 0) -> None:
         """Stop and start a cell's Mosquitto on the same port and persistence dir."""
@@ -185,8 +221,8 @@ class EmbeddedBrokers:
 
     @property
     def pids(self) -> dict[str, int]:
-        """Pid of each running broker process, by name ("tansu", "mosquitto")."""
-        children = (self._kafka, self._mqtt, *self._more_cells)
+        """Pid of each running broker process, by name ("tansu", "mosquitto", ...)."""
+        children = (self._store, self._kafka, self._mqtt, *self._more_cells)
         return {c.name: c.popen.pid for c in children if c and c.popen}
 
     # internals
@@ -194,11 +230,29 @@ class EmbeddedBrokers:
     def _tansu(self, port: int) -> BrokerProcess:
         url = f"tcp://{LOOPBACK}:{port}"
         argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
-        argv += ["--storage-engine", "memory://tansu/"]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
+        if self._store is None:
+            argv += ["--storage-engine", "memory://tansu/"]
+        else:
+            argv += ["--storage-engine", f"s3://{STORE_BUCKET}/"]
+            # localbucket checks no credentials, but Tansu's S3 client wants some.
+            env |= {
+                "AWS_ENDPOINT": f"http://{LOOPBACK}:{self._store.port}",
+                "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "parkpool",
+                "AWS_SECRET_ACCESS_KEY": "embedded",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
         # On SIGTERM Tansu 0.6 waits ~5 s for connected clients to leave; on SIGINT it
         # exits at once, also with status 0. Memory storage has nothing to flush.
         return BrokerProcess("tansu", argv, port, (self.run_dir / "tansu.log",), env, signal.SIGINT)
+
+    def _localbucket(self, port: int) -> BrokerProcess:
+        """An S3-compatible server over a plain folder: Tansu's durable storage."""
+        store = self.run_dir / "store"
+        (store / STORE_BUCKET).mkdir(parents=True, exist_ok=True)
+        argv = [localbucket_binary(), "--port", str(port), str(store)]
+        return BrokerProcess("localbucket", argv, port, (self.run_dir / "localbucket.log",))
 
     def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:
         run_dir = self.run_dir / f"cell-{cell}" if cell else self.run_dir
@@ -263,7 +317,7 @@ class EmbeddedBrokers:
             raise kafka.failure(f"did not answer Kafka metadata requests: {exc}") from exc
 
     def _write_pids(self, extra: BrokerProcess | None = None) -> None:
-        every = (self._kafka, self._mqtt, *self._more_cells, extra)
+        every = (self._store, self._kafka, self._mqtt, *self._more_cells, extra)
         children = {c.name: c for c in every if c and c.popen}
         record = {n: {"pid": c.popen.pid, "argv": c.argv} for n, c in children.items() if c.popen}
         (self.run_dir / PIDS_FILE).write_text(json.dumps(record, indent=2))
