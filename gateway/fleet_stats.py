@@ -182,6 +182,9 @@ class _Tally:
 
     def add(self, view: VehicleView) -> None:
         self.seen += 1
+        # Credits are this gateway's own, whichever gateway counts the car.
+        if view.state is not VehicleState.OFFLINE:
+            self.credits += max(0, self.available(view))
         if not view.primary:
             return  # counted by the gateway that is its first
         state = _state_of(view, self.computing)
@@ -191,7 +194,6 @@ class _Tally:
             self.reasons[key] = self.reasons.get(key, 0) + 1
         if state != "offline":
             self.ages.append(self.now - view.last_heard)
-            self.credits += max(0, self.available(view))
 
     def finish(self) -> FleetCounts:
         known = sum(self.by_state.values())

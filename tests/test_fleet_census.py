@@ -50,6 +50,8 @@ class TestRollingCensus:
         # Given a car that names this gateway first and one that names another
         stats = FleetStats(CollectorRegistry())
         views = [VehicleView("mine", primary=True), VehicleView("theirs")]
-        counts = stats.census(lambda: views, lambda v: False, lambda v: 0)
+        counts = stats.census(lambda: views, lambda v: False, lambda v: 1)
         # Then only the first is in this gateway's census: the other gateway counts it
         assert counts is not None and counts.known == 1
+        # But credits are this gateway's own: both cars may still be sent work from here
+        assert counts.credits_outstanding == 2
