@@ -123,15 +123,20 @@ class VehicleBook:
 
     def waiting(self, limit: int) -> list[VehicleView]:
         """Up to ``limit`` cars told there was no work here, oldest first."""
+        # Called every turn while work waits: walk only as far as the limit, never copy
+        # the whole waiting list.
         out: list[VehicleView] = []
-        for vehicle_id in list(self._waiting):
+        gone: list[str] = []
+        for vehicle_id in self._waiting:
             view = self._vehicles.get(vehicle_id)
             if view is None:
-                del self._waiting[vehicle_id]
-                continue
-            out.append(view)
-            if len(out) >= limit:
+                gone.append(vehicle_id)
+            elif len(out) < limit:
+                out.append(view)
+            else:
                 break
+        for vehicle_id in gone:
+            del self._waiting[vehicle_id]
         return out
 
     def take_fresh(self) -> list[VehicleView]:
