@@ -22,13 +22,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from prometheus_client.parser import text_string_to_metric_families
 
 from parkpool.app.children import role, role_env
 from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
@@ -40,6 +38,7 @@ from parkpool.runtime.mqtt import connect_and_wait, new_client
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
+from tests.bench_scale import _wait_ready, scrape  # as old as the code it compares
 
 SENT = "$SYS/broker/publish/messages/sent"
 COMPLETED = ("parkpool_gateway_tasks_total", (("status", "completed"),))
@@ -72,22 +71,7 @@ class SysCounter:
 
 
 def completed(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            if (sample.name, tuple(sorted(sample.labels.items()))) == COMPLETED:
-                return float(sample.value)
-    return 0.0
-
-
-def wait_ready(port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"gateway on :{port} not ready")
+    return float(scrape(port).get(COMPLETED, 0.0))
 
 
 def measure(cars: int, window_s: float, run_dir: Path) -> dict[str, Any]:
@@ -105,7 +89,7 @@ def measure(cars: int, window_s: float, run_dir: Path) -> dict[str, Any]:
             }
             stack.enter_context(role(f"gw{i}", ["gateway"], env, run_dir))
         for port in ports:
-            wait_ready(port)
+            _wait_ready(port, timeout=120)
         # The cells bench's car: 10 s heartbeats, 5 s refreshes, 0.5 s of compute a task.
         template = WorkerSettings(
             "t",
