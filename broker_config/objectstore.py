@@ -1,0 +1,273 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The embedded object store: localbucket's S3 API over a folder, with SigV4 checked.
+
+localbucket serves the S3 API from a plain folder but accepts any request. parkpool's
+data plane leans on S3's own access control (docs/SECURITY.md, "Data plane"): cars hold no
+credentials, only presigned URLs a gateway made, so a car can open exactly one object, for
+exactly one method, until the URL expires. The embedded store must refuse what AWS S3
+would refuse, or the tests would prove nothing, so this server verifies every request's
+AWS Signature V4 (header or query form) before localbucket sees it.
+
+The signature is recomputed with botocore's own signer (the code that made it), from the
+request's method, path, query and signed headers, never hand-rolled. A signed payload
+hash (``x-amz-content-sha256``) is checked against the body it covers.
+
+Run: ``python -m parkpool.broker_config.objectstore --port P --access-key K
+--secret-key S FOLDER`` (the secret may come from PARKPOOL_STORE_SECRET_KEY instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+import localbucket
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+__all__ = ["StoreKeys", "verify_request"]
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+MAX_EXPIRES_S = 7 * 24 * 3600  # S3's own ceiling for a presigned URL
+MAX_SKEW_S = 15 * 60  # S3 refuses a header-signed request this far from its clock
+_AUTH_HEADER = re.compile(
+    r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*"
+    r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<sig>[0-9a-f]{64})$"
+)
+_UNSIGNED = {"UNSIGNED-PAYLOAD", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"}
+
+
+@dataclass(frozen=True)
+class StoreKeys:
+    """The access keys the store accepts; the secrets never appear in a repr."""
+
+    secrets: Mapping[str, str] = field(repr=False)
+
+    def secret_for(self, access_key: str) -> str | None:
+        return self.secrets.get(access_key)
+
+
+class Denied(Exception):  # noqa: N818 - S3's own name for the outcome
+    """Why a request was refused, as S3 would say it (not a parkpool error: it never
+    leaves this server, which answers it as an S3 error document)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def verify_request(
+    method: str,
+    raw_path: str,
+    headers: Mapping[str, str],
+    keys: StoreKeys,
+    now: float | None = None,
+) -> str:
+    """Check one request's SigV4 signature; return the payload hash it signed.
+
+    Raises Denied for an anonymous, expired, unknown-key or mismatched request. The hash is
+    what the body must hash to, or "" where the signer left the body unsigned.
+    """
+    now = time.time() if now is None else now
+    url = urlsplit(raw_path)
+    params = _query_pairs(url.query)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if any(name == "X-Amz-Signature" for name, _ in params):
+        return _verify_query(method, url.path, params, lowered, keys, now)
+    if "authorization" in lowered:
+        return _verify_header(method, url.path, params, lowered, keys, now)
+    raise Denied("AccessDenied", "Anonymous requests are not allowed")
+
+
+def _verify_query(
+    method: str,
+    path: str,
+    params: list[tuple[str, str]],
+    headers: Mapping[str, str],
+    keys: StoreKeys,
+    now: float,
+) -> str:
+    given = dict(params)
+    if given.get("X-Amz-Algorithm") != ALGORITHM:
+        raise Denied("AuthorizationQueryParametersError", "X-Amz-Algorithm must be SigV4")
+    stamp = given.get("X-Amz-Date", "")
+    signed_at = _parse_stamp(stamp)
+    try:
+        expires = int(given.get("X-Amz-Expires", ""))
+    except ValueError:
+        raise Denied("AuthorizationQueryParametersError", "X-Amz-Expires is not a number") from None
+    if not 0 < expires <= MAX_EXPIRES_S:
+        raise Denied("AuthorizationQueryParametersError", "X-Amz-Expires is out of range")
+    if now > signed_at + expires:
+        raise Denied("AccessDenied", "Request has expired")
+    unsigned = [(k, v) for k, v in params if k != "X-Amz-Signature"]
+    signed = given.get("X-Amz-SignedHeaders", "")
+    expected = _signature(
+        S3SigV4QueryAuth, method, path, unsigned, headers, signed,
+        given.get("X-Amz-Credential", ""), stamp, keys,
+    )  # fmt: skip
+    _compare(expected, given["X-Amz-Signature"])
+    return _payload_hash(headers, signed)
+
+
+def _verify_header(
+    method: str,
+    path: str,
+    params: list[tuple[str, str]],
+    headers: Mapping[str, str],
+    keys: StoreKeys,
+    now: float,
+) -> str:
+    match = _AUTH_HEADER.match(headers["authorization"].strip())
+    if match is None:
+        raise Denied("AccessDenied", "Only AWS Signature V4 is accepted")
+    stamp = headers.get("x-amz-date", "")
+    if abs(now - _parse_stamp(stamp)) > MAX_SKEW_S:
+        raise Denied("RequestTimeTooSkewed", "The request time is too far from the store's")
+    if "x-amz-content-sha256" not in headers:
+        raise Denied("InvalidRequest", "Missing x-amz-content-sha256")
+    signed = match["signed"]
+    expected = _signature(
+        S3SigV4Auth, method, path, params, headers, signed, match["cred"], stamp, keys
+    )
+    _compare(expected, match["sig"])
+    return _payload_hash(headers, signed)
+
+
+def _signature(
+    signer_type: type[S3SigV4Auth],
+    method: str,
+    path: str,
+    params: list[tuple[str, str]],
+    headers: Mapping[str, str],
+    signed_headers: str,
+    credential: str,
+    stamp: str,
+    keys: StoreKeys,
+) -> str:
+    access_key, date, region, service, terminal = (credential.split("/") + [""] * 5)[:5]
+    if service != "s3" or terminal != "aws4_request" or date != stamp[:8]:
+        raise Denied("AuthorizationHeaderMalformed", "The credential scope is malformed")
+    secret = keys.secret_for(access_key)
+    if secret is None:
+        raise Denied("InvalidAccessKeyId", "The access key id is not known to this store")
+    names = [name for name in signed_headers.split(";") if name]
+    if "host" not in names or any(name not in headers for name in names):
+        raise Denied("AccessDenied", "A signed header is missing")
+    request = AWSRequest(
+        method=method.upper(),
+        # S3 signs each path segment URI-encoded once; a client's own escaping may differ.
+        url="http://" + headers["host"] + quote(unquote(path), safe="/-_.~"),
+        headers={name: headers[name] for name in names},
+        params=params,
+    )
+    request.context["timestamp"] = stamp
+    signer = signer_type(Credentials(access_key, secret), "s3", region)
+    canonical = signer.canonical_request(request)
+    return str(signer.signature(signer.string_to_sign(request, canonical), request))
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        pairs.append((unquote(name), unquote(value)))
+    return pairs
+
+
+def _parse_stamp(stamp: str) -> float:
+    try:
+        return float(calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        raise Denied(
+            "AccessDenied", f"X-Amz-Date {stamp[:32]!r} is not a SigV4 timestamp"
+        ) from None
+
+
+def _compare(expected: str, given: str) -> None:
+    if not hmac.compare_digest(expected.encode(), given.encode()):
+        raise Denied("SignatureDoesNotMatch", "The request signature does not match")
+
+
+def _payload_hash(headers: Mapping[str, str], signed_headers: str) -> str:
+    if "x-amz-content-sha256" not in signed_headers.split(";"):
+        return ""
+    value = headers.get("x-amz-content-sha256", "")
+    return "" if value in _UNSIGNED or value.startswith("STREAMING-") else value
+
+
+class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
+    """localbucket's handler behind a SigV4 check; keys are set on the class at start."""
+
+    keys: StoreKeys = StoreKeys({})
+    _payload: str = ""
+
+    def _dispatch(self, action: object) -> None:
+        try:
+            self._payload = verify_request(self.command, self.path, dict(self.headers), self.keys)
+        except Denied as denied:
+            self._drain()
+            status = HTTPStatus.BAD_REQUEST if denied.code.startswith("Author") else None
+            self._send_error(
+                localbucket.S3Error(status or HTTPStatus.FORBIDDEN, denied.code, denied.message)
+            )
+            return
+        super()._dispatch(action)
+
+    def _read_body(self) -> bytes:
+        body: bytes = super()._read_body()
+        if self._payload and hashlib.sha256(body).hexdigest() != self._payload:
+            raise localbucket.S3Error(
+                HTTPStatus.BAD_REQUEST,
+                "XAmzContentSHA256Mismatch",
+                "The body does not hash to the signed x-amz-content-sha256",
+            )
+        return body
+
+    def _drain(self) -> None:
+        # The connection closes after an error, but an unread body must not be left for
+        # the client to block on writing.
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= 64 * 1024 * 1024:
+            self.rfile.read(length)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parkpool-objectstore", description=__doc__)
+    parser.add_argument("data_root", type=Path, help="folder that holds the buckets")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--access-key", default=os.environ.get("PARKPOOL_STORE_ACCESS_KEY"))
+    parser.add_argument("--secret-key", default=os.environ.get("PARKPOOL_STORE_SECRET_KEY"))
+    args = parser.parse_args(argv)
+    if not args.access_key or not args.secret_key:
+        parser.error("--access-key and --secret-key (or PARKPOOL_STORE_*) are required")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    root = args.data_root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    VerifyingHandler.data_root = root
+    VerifyingHandler.keys = StoreKeys({args.access_key: args.secret_key})
+    server = ThreadingHTTPServer((args.host, args.port), VerifyingHandler)
+    server.daemon_threads = True
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
