@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The wire contract: messages, codec, topic names and the error tree."""
 
+from parkpool.schemas.blobref import BlobRef
 from parkpool.schemas.codec import WIRE_VERSION, decode, encode, peek_type
 from parkpool.schemas.errors import (
     BrokerError,
@@ -45,6 +46,7 @@ __all__ = [
     "Assignment",
     "AssignmentBatch",
     "AttemptRecord",
+    "BlobRef",
     "BrokerError",
     "CancelJob",
     "Capabilities",

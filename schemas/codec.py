@@ -32,11 +32,16 @@ import numpy as np
 
 from parkpool.schemas.errors import DecodeError, ValidationError
 from parkpool.schemas.messages import MESSAGE_TYPES, NESTED_TYPES
-from parkpool.schemas.validate import MAX_ARRAYS, MAX_PARAM_ITEMS, require_arrays
+from parkpool.schemas.validate import (
+    ALLOWED_DTYPES,
+    MAX_ARRAYS,
+    MAX_NDIM,
+    MAX_PARAM_ITEMS,
+    require_arrays,
+)
 
 WIRE_VERSION = 1
 ARRAY_EXT = 1
-MAX_NDIM = 8
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # No message holds more nested records than this (attempts, preemptions: maxItems 64 in
 # asyncapi.yaml). A longer list is refused before any record of it is built, so a 1 MiB
@@ -49,28 +54,6 @@ MAX_NESTED_RECORDS = 64
 # arrays a million array headers to parse. Unpacking stops at the first one too many.
 MAX_CONTAINER_LEN = 2 * MAX_PARAM_ITEMS  # items of one msgpack array or map
 MAX_VALUES = 4 * MAX_PARAM_ITEMS  # arrays and maps in one message, plus their items
-# Only plain numeric dtypes: object, string and structured dtypes could smuggle pickles or
-# make a reader interpret bytes in surprising ways.
-ALLOWED_DTYPES = frozenset(
-    np.dtype(name).newbyteorder(order).str
-    for name in (
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    )
-    for order in ("<", ">")
-)
 
 M = TypeVar("M")
 C = TypeVar("C", list[Any], dict[str, Any])

@@ -19,9 +19,11 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from parkpool.schemas.blobref import BlobRef
 from parkpool.schemas.errors import ValidationError
 from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 from parkpool.schemas.validate import (
+    MAX_ARRAYS,
     require_arrays,
     require_bool,
     require_bytes,
@@ -45,6 +47,7 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # is one of those makes the gateway's producer raise when it writes the result.
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")
 _SHA256 = re.compile(r"^(|[0-9a-f]{64})$")
+_URL = re.compile(r"^https?://\S+$")  # a presigned store URL; its length is require_str's
 
 
 def _vehicle(name: str, value: object) -> str:
@@ -73,14 +76,45 @@ def _check_sealed_task(task: TaskChunk) -> None:
     """A confidential task has no inputs in clear, and everything needed to open them."""
     _sized("inputs_key", task.inputs_key, WRAPPED_KEY_BYTES)
     _sized("reply_key", task.reply_key, KEY_BYTES)
-    if not require_bytes("sealed_inputs", task.sealed_inputs):
+    sealed = bool(require_bytes("sealed_inputs", task.sealed_inputs)) or task.sealed_ref is not None
+    if not sealed:
         if task.inputs_key:
             raise _bad("inputs_key is set but there are no sealed inputs")
         return
-    if task.inputs:
+    if task.inputs or any(ref.is_array for ref in task.refs):
         raise _bad("a task with sealed inputs carries no inputs in clear")
+    if task.sealed_inputs and task.refs:
+        raise _bad("sealed inputs travel inline or in the store, not both")
     if not task.inputs_key or not task.reply_key:
         raise _bad("sealed inputs need an inputs_key and a reply_key")
+
+
+def _refs(name: str, value: object, most: int) -> tuple[BlobRef, ...]:
+    """Claim checks: at most ``most``, each a BlobRef, no name twice."""
+    if not isinstance(value, list | tuple) or len(value) > most:
+        raise _wrong(f"{name} must be a list of at most {most} blob refs")
+    if not all(isinstance(ref, BlobRef) for ref in value):
+        raise _wrong(f"{name} must hold blob refs")
+    names = [ref.name for ref in value]
+    if len(set(names)) != len(names):
+        raise _bad(f"{name} names one blob twice")
+    return tuple(value)
+
+
+def _check_task_refs(task: TaskChunk) -> None:
+    refs = _refs("refs", task.refs, MAX_ARRAYS)
+    object.__setattr__(task, "refs", refs)
+    if any(ref.name in task.inputs for ref in refs):
+        raise _bad("an input is both inline and in the store")
+    opaque = [ref for ref in refs if not ref.is_array]
+    if opaque and (len(refs) != 1 or opaque[0].name):
+        raise _bad("an opaque blob ref is only the unnamed sealed inputs of a task")
+    if any(ref.is_array and not ref.name for ref in refs):
+        raise _bad("an input array in the store needs a name")
+
+
+def _url(name: str, value: object) -> str:
+    return require_str(name, value, pattern=_URL)
 
 
 def _frozen_map(obj: object, name: str, value: Mapping[str, Any]) -> None:
@@ -101,6 +135,10 @@ class NackReason(enum.StrEnum):
     INVALID_TASK = "invalid_task"  # the task can never run (bad params, unknown kernel)
     EXPIRED = "expired"  # the lease deadline passed before the task could start
     BUSY = "busy"  # the vehicle got more than it asked for
+    # The store could not be reached, refused the URL or failed: another try may work.
+    FETCH_FAILED = "fetch_failed"
+    # What the store returned is not what the task names (hash, size), or is gone.
+    BAD_DATA = "bad_data"
 
     @property
     def terminal(self) -> bool:
@@ -110,7 +148,7 @@ class NackReason(enum.StrEnum):
     @property
     def counts_as_failure(self) -> bool:
         """True when the attempt counts towards the task's maximum attempts."""
-        return self in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK)
+        return self in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK, NackReason.BAD_DATA)
 
 
 class VehicleState(enum.StrEnum):
@@ -147,6 +185,9 @@ class TaskChunk:
     sealed_inputs: bytes = b""
     inputs_key: bytes = b""
     reply_key: bytes = b""
+    # Inputs held in the object store (schemas.blobref): named arrays, or the one unnamed
+    # blob of a confidential chunk's sealed inputs. ``inputs`` keeps what is small.
+    refs: tuple[BlobRef, ...] = ()
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -161,6 +202,7 @@ class TaskChunk:
         require_int("attempt", self.attempt, 0, 1_000_000)
         object.__setattr__(self, "priority", _enum(Priority, "priority", self.priority))
         require_float("cost_gflop", self.cost_gflop, 0.0, MAX_GFLOP)
+        _check_task_refs(self)
         _check_sealed_task(self)
 
     @property
@@ -169,7 +211,12 @@ class TaskChunk:
 
     @property
     def confidential(self) -> bool:
-        return bool(self.sealed_inputs)
+        return bool(self.sealed_inputs) or self.sealed_ref is not None
+
+    @property
+    def sealed_ref(self) -> BlobRef | None:
+        """The store object holding this chunk's sealed inputs, if they are there."""
+        return self.refs[0] if self.refs and not self.refs[0].is_array else None
 
 
 @dataclass(frozen=True)
@@ -199,11 +246,22 @@ class Assignment:
     # without any periodic announcement. A hint, not signed: it only moves the car's own
     # credits between its gateways, and never makes a gateway send more than granted.
     queued: int = -1
+    # Presigned GET URLs for the task's refs, in the same order, valid until the lease
+    # ends; and a presigned write-once PUT for this lease's outputs (schemas.blobref),
+    # "" when the gateway has no store. Both are signed: a car fetches only what its
+    # gateway chose.
+    urls: tuple[str, ...] = ()
+    upload_url: str = ""
 
     def __post_init__(self) -> None:
         _vehicle("gateway_id", self.gateway_id)
         _vehicle("vehicle_id", self.vehicle_id)
         require_int("queued", self.queued, -1)
+        if not isinstance(self.urls, list | tuple) or len(self.urls) > MAX_ARRAYS:
+            raise _wrong(f"urls must be a list of at most {MAX_ARRAYS} URLs")
+        object.__setattr__(self, "urls", tuple(_url("url", u) for u in self.urls))
+        if self.upload_url:
+            _url("upload_url", self.upload_url)
         require_int("epoch", self.epoch, 1)
         require_int("attempt", self.attempt, 1, 1_000_000)
         require_float("lease_deadline", self.lease_deadline)
@@ -262,6 +320,10 @@ class Result:
     # The outputs map of a confidential chunk, sealed to the task's reply_key; ``outputs``
     # is then empty.
     sealed_outputs: bytes = b""
+    # The outputs map in the object store (the lease's upload_url), as one opaque blob:
+    # encoded with codec.encode_arrays, or sealed like ``sealed_outputs``; then neither
+    # ``outputs`` nor ``sealed_outputs`` is set.
+    refs: tuple[BlobRef, ...] = ()
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -279,6 +341,14 @@ class Result:
             raise _wrong("signature is longer than 128 bytes")
         if require_bytes("sealed_outputs", self.sealed_outputs) and self.outputs:
             raise _bad("a result with sealed outputs carries no outputs in clear")
+        refs = _refs("refs", self.refs, 1)
+        object.__setattr__(self, "refs", refs)
+        if refs and (refs[0].is_array or self.outputs or self.sealed_outputs):
+            raise _bad("a result's outputs are inline or one blob in the store, not both")
+
+    @property
+    def outputs_ref(self) -> BlobRef | None:
+        return self.refs[0] if self.refs else None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -619,7 +689,12 @@ MESSAGE_TYPES: tuple[type, ...] = (
 )
 # Records nested inside messages; they travel as maps without a type tag.
 NESTED_TYPES: Mapping[str, type] = MappingProxyType(
-    {"capabilities": Capabilities, "attempts": AttemptRecord, "preemptions": PreemptionRecord}
+    {
+        "capabilities": Capabilities,
+        "attempts": AttemptRecord,
+        "preemptions": PreemptionRecord,
+        "refs": BlobRef,
+    }
 )
 
 

@@ -3,8 +3,9 @@
 
 Part of the wire contract, so any implementation of a vehicle can verify. The signature
 covers who issued it, to whom, under which lease (epoch, attempt, deadline), a fresh
-nonce, a SHA-256 of the task bytes exactly as they travel, and a confidential task's
-data key as sealed to the car; changing any of them breaks it. The primitive is
+nonce, a SHA-256 of the task bytes exactly as they travel, a confidential task's data key
+as sealed to the car, and the store URLs the car may fetch from and upload to; changing
+any of them breaks it. The primitive is
 Ed25519 (RFC 8032), with 32-byte public keys.
 """
 
@@ -33,6 +34,8 @@ def assignment_digest_input(assignment: Assignment) -> bytes:
         assignment.nonce,
         hashlib.sha256(assignment.task).digest(),
         assignment.inputs_key,
+        list(assignment.urls),
+        assignment.upload_url,
     ]
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return ASSIGNMENT_DOMAIN + packed

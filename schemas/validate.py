@@ -21,6 +21,29 @@ MAX_TEXT = 4096
 MAX_PARAM_DEPTH = 4
 MAX_PARAM_ITEMS = 4096
 MAX_ARRAYS = 64
+MAX_NDIM = 8
+# Only plain numeric dtypes: object, string and structured dtypes could smuggle pickles or
+# make a reader interpret bytes in surprising ways.
+ALLOWED_DTYPES = frozenset(
+    np.dtype(name).newbyteorder(order).str
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    )
+    for order in ("<", ">")
+)
 
 
 def require_str(name: str, value: object, *, pattern: re.Pattern[str] | None = None) -> str:

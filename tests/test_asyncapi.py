@@ -20,7 +20,7 @@ import yaml
 
 import parkpool.schemas
 from parkpool.broker_config import auth
-from parkpool.schemas import codec, topics
+from parkpool.schemas import blobref, codec, topics
 from parkpool.schemas import messages as m
 from parkpool.schemas.errors import DecodeError
 from parkpool.schemas.validate import NAME_RE
@@ -312,6 +312,7 @@ class TestDocument:
 
     def test_every_pattern_is_one_the_code_uses(self) -> None:
         known = {m._ID.pattern, m._TOPIC.pattern, m._SHA256.pattern, NAME_RE.pattern}
+        known |= {m._URL.pattern, blobref._SHA256.pattern, f"^(|{m._URL.pattern[1:-1]})$"}
         assert {n["pattern"] for n in walk(SPEC) if "pattern" in n} == known
 
 
@@ -465,14 +466,16 @@ class TestMessages:
 
     @pytest.mark.parametrize(("field", "record"), list(m.NESTED_TYPES.items()))
     def test_nested_records(self, field: str, record: type) -> None:
-        # Given the message that holds the record under ``field``,
-        (holder,) = [c for c in m.MESSAGE_TYPES if field in {f.name for f in dataclasses.fields(c)}]
-        schema = flatten(payload_schema(holder)["properties"][field])
-        schema = flatten(schema["items"]) if schema.get("type") == "array" else schema
-        # then the record is described with exactly its fields.
-        assert schema["x-parkpool-record"] == record.__name__
-        assert set(schema["properties"]) == {f.name for f in dataclasses.fields(record)}
-        assert set(schema["required"]) == required_fields(record)
+        # Given each message that holds the record under ``field``,
+        holders = [c for c in m.MESSAGE_TYPES if field in {f.name for f in dataclasses.fields(c)}]
+        assert holders
+        for holder in holders:
+            schema = flatten(payload_schema(holder)["properties"][field])
+            schema = flatten(schema["items"]) if schema.get("type") == "array" else schema
+            # then the record is described with exactly its fields.
+            assert schema["x-parkpool-record"] == record.__name__
+            assert set(schema["properties"]) == {f.name for f in dataclasses.fields(record)}
+            assert set(schema["required"]) == required_fields(record)
 
     def test_enums_are_the_code_enums(self) -> None:
         described = set()

@@ -109,6 +109,8 @@ NACK_TABLE = {  # reason: (terminal, counts_as_failure)
     m.NackReason.INVALID_TASK: (True, True),
     m.NackReason.EXPIRED: (False, False),
     m.NackReason.BUSY: (False, False),
+    m.NackReason.FETCH_FAILED: (False, False),  # the store may be back for the next car
+    m.NackReason.BAD_DATA: (False, True),  # a bad object fails every car: it must end
 }
 
 
