@@ -188,6 +188,74 @@ class MqttConnection:
     max_message_bytes: int = DEFAULT_MQTT_MAX_MESSAGE_BYTES
 
 
+# Arrays at least this large travel through the object store, not inside the record:
+# small ones stay inline, where they cost no extra round trip.
+DEFAULT_INLINE_MAX_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class StoreConnection:
+    """The S3-compatible object store that holds bulk arrays (schemas.blobref).
+
+    ``endpoint`` is what the SDK and gateways use; ``public_endpoint`` what cars reach
+    (a CDN or the public S3 name), and what presigned URLs name; "" means the same.
+    An empty endpoint turns the claim check off: everything travels inline.
+    """
+
+    endpoint: str = ""
+    bucket: str = "parkpool"
+    access_key: str = ""
+    secret_key: Secret = Secret("")
+    region: str = "us-east-1"
+    public_endpoint: str = ""
+    inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    add_option(
+        parser,
+        "--store-endpoint",
+        "PARKPOOL_STORE_ENDPOINT",
+        "",
+        "S3 endpoint URL for job data; empty: arrays travel inside the messages",
+    )
+    add_option(parser, "--store-bucket", "PARKPOOL_STORE_BUCKET", "parkpool", "S3 bucket")
+    add_option(parser, "--store-access-key", "PARKPOOL_STORE_ACCESS_KEY", "", "S3 access key id")
+    add_option(parser, "--store-secret-key", "PARKPOOL_STORE_SECRET_KEY", "", "S3 secret key")
+    add_option(parser, "--store-region", "PARKPOOL_STORE_REGION", "us-east-1", "S3 region")
+    add_option(
+        parser,
+        "--store-public-endpoint",
+        "PARKPOOL_STORE_PUBLIC_ENDPOINT",
+        "",
+        "the endpoint cars reach, named in presigned URLs; empty: --store-endpoint",
+    )
+    add_option(
+        parser,
+        "--inline-max-bytes",
+        "PARKPOOL_INLINE_MAX_BYTES",
+        DEFAULT_INLINE_MAX_BYTES,
+        "arrays (and results) at least this large go through the object store",
+        int,
+    )
+
+
+def store_from_args(args: argparse.Namespace) -> StoreConnection:
+    return StoreConnection(
+        endpoint=args.store_endpoint,
+        bucket=args.store_bucket,
+        access_key=args.store_access_key,
+        secret_key=Secret(args.store_secret_key),
+        region=args.store_region,
+        public_endpoint=args.store_public_endpoint,
+        inline_max_bytes=args.inline_max_bytes,
+    )
+
+
 def add_kafka_options(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,

@@ -1,0 +1,182 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The SDK's and gateways' side of the object store: upload once, presign, delete.
+
+boto3 is the reference S3 client and speaks to AWS S3, MinIO, Ceph RGW and GCS interop
+alike (docs/DECISIONS.md, "Claim check"). Presigning is local HMAC, so a gateway signs
+URLs without any round trip, and never moves bulk bytes itself. Cars do not import
+this module: they hold no credentials and fetch with the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from parkpool.runtime.settings import StoreConnection
+from parkpool.schemas.errors import BrokerError, ConfigError
+
+__all__ = ["BlobStore", "sha256_hex"]
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore:
+    """One bucket of one S3 endpoint. Thread-safe (boto3 clients are)."""
+
+    def __init__(self, conn: StoreConnection) -> None:
+        if not conn.enabled:
+            raise ConfigError("no object store configured (--store-endpoint)")
+        self.conn = conn
+        self.bucket = conn.bucket
+        self._client = _client(conn, conn.endpoint)
+        # URLs name the endpoint cars reach; SigV4 signs the host, so sign for that one.
+        public = conn.public_endpoint or conn.endpoint
+        self._signer = self._client if public == conn.endpoint else _client(conn, public)
+        self._lock = threading.Lock()
+        self.puts = 0  # objects written by this client (content addressing: once each)
+        self.put_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"BlobStore(endpoint={self.conn.endpoint!r}, bucket={self.bucket!r})"
+
+    # ---------------------------------------------------------------- writing
+
+    def ensure_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception:  # absent or unreadable: creating it says which
+            self._call("create bucket", self._client.create_bucket, Bucket=self.bucket)
+
+    def put_if_absent(self, key: str, data: bytes, sha256: str) -> bool:
+        """Write ``key`` unless it exists; True when this call wrote it.
+
+        ``If-None-Match: *`` makes the write atomic on S3 and on the embedded store, so two
+        writers of the same content race harmlessly and nothing is ever overwritten.
+        """
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+                ChecksumSHA256=_b64(sha256),
+            )
+        except Exception as exc:
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise BrokerError(f"object store refused to write {key}: {_why(exc)}") from None
+        with self._lock:
+            self.puts += 1
+            self.put_bytes += len(data)
+        return True
+
+    # ---------------------------------------------------------------- reading
+
+    def get(self, key: str) -> bytes:
+        response = self._call(f"read {key}", self._client.get_object, Bucket=self.bucket, Key=key)
+        body: bytes = response["Body"].read()
+        return body
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise BrokerError(f"object store cannot check {key}: {_why(exc)}") from None
+        return True
+
+    def keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, last-modified unix time) of every object under ``prefix``."""
+        pages = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"], item["LastModified"].timestamp()
+        except Exception as exc:
+            raise BrokerError(f"object store cannot list {prefix}: {_why(exc)}") from None
+
+    # ---------------------------------------------------------------- deleting
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; how many there were."""
+        keys = [key for key, _ in self.keys(prefix)]
+        for key in keys:
+            self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+        return len(keys)
+
+    def sweep(self, prefix: str, older_than_s: float, now: float | None = None) -> int:
+        """Delete objects under ``prefix`` older than ``older_than_s``: what a crashed SDK
+        left behind, where the store has no lifecycle rule of its own."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        old = [key for key, modified in self.keys(prefix) if modified < cutoff]
+        for key in old:
+            self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+        return len(old)
+
+    # ---------------------------------------------------------------- presigning
+
+    def presign_get(self, key: str, expires_s: float) -> str:
+        return self._presign("get_object", {"Bucket": self.bucket, "Key": key}, expires_s)
+
+    def presign_put(self, key: str, expires_s: float) -> str:
+        """A write-once URL: the car must send ``If-None-Match: *`` (it is signed), so
+        nothing, not even the same car, can replace what was written under it."""
+        params = {"Bucket": self.bucket, "Key": key, "IfNoneMatch": "*"}
+        return self._presign("put_object", params, expires_s)
+
+    def _presign(self, method: str, params: dict[str, str], expires_s: float) -> str:
+        expires = max(1, min(int(expires_s + 0.999), 7 * 24 * 3600))
+        url: str = self._signer.generate_presigned_url(method, Params=params, ExpiresIn=expires)
+        return url
+
+    def _call(self, what: str, method: Any, **kwargs: Any) -> Any:
+        try:
+            return method(**kwargs)
+        except Exception as exc:
+            raise BrokerError(f"object store cannot {what}: {_why(exc)}") from None
+
+
+def _client(conn: StoreConnection, endpoint: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        signature_version="s3v4",  # boto3 presigns SigV2 in us-east-1 by default
+        s3={"addressing_style": "path"},
+        # The body's SHA-256 is sent (ChecksumSHA256); no extra CRC trailer per upload.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"max_attempts": 4, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=16,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=conn.access_key or None,
+        aws_secret_access_key=conn.secret_key.value or None,
+        region_name=conn.region,
+        config=config,
+    )
+
+
+def _b64(sha256: str) -> str:
+    import base64
+
+    return base64.b64encode(bytes.fromhex(sha256)).decode()
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _why(exc: Exception) -> str:
+    return _code(exc) or f"{type(exc).__name__}: {exc}"
