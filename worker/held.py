@@ -38,6 +38,12 @@ class WorkerSettings:
     # (a development fleet). With keys, anything not signed by one of them is refused.
     trusted_keys: tuple[Path, ...] = ()
     result_key: Path | None = None  # this car's own Ed25519 key; signs every result
+    # Fetched inputs kept by content hash (worker.blobcache), so the tiles of one block
+    # cost one download. Bounded: the car's memory is the owner's, not ours.
+    cache_bytes: int = 256 << 20
+    # Outputs whose encoding is at least this large go to the store under the lease's
+    # upload URL, when the gateway gave one; smaller ones ride in the result message.
+    result_inline_bytes: int = 64 << 10
 
     @property
     def capacity(self) -> int:

@@ -17,6 +17,7 @@ import structlog
 
 from parkpool.schemas import (
     Assignment,
+    BrokerError,
     DecodeError,
     KernelError,
     NackReason,
@@ -30,8 +31,9 @@ from parkpool.schemas import (
     decode,
 )
 from parkpool.worker.admission import Admission
+from parkpool.worker.dataplane import CarData
 from parkpool.worker.grants import GatewayBook
-from parkpool.worker.held import HeldTasks, task_context
+from parkpool.worker.held import Held, HeldTasks, task_context
 from parkpool.worker.outbox import Outbox
 from parkpool.worker.policy import Decision
 from parkpool.worker.replies import nack_of, result_of
@@ -52,6 +54,7 @@ class TaskLine:
         admission: Admission,
         gateways: GatewayBook,
         runner: TaskRunner,
+        data: CarData,
         outbox: Outbox,
         pool: Executor,
         stopping: threading.Event,
@@ -67,6 +70,7 @@ class TaskLine:
         self._admission = admission
         self._gateways = gateways
         self._runner = runner
+        self._data = data
         self._outbox = outbox
         self._pool = pool
         self._stopping = stopping
@@ -154,22 +158,47 @@ class TaskLine:
         if item is None or self._stopping.is_set():
             return  # released or revoked meanwhile
         try:
-            outputs, seconds = self._runner.run(item.task)
+            answer = self._answer(item)
         except Preempted:
             self._on_preempted()
             return
+        if isinstance(answer, Result):
+            self._finish(epoch, result=answer)
+        else:
+            self._finish(epoch, nack=answer)
+
+    def _answer(self, item: Held) -> Result | Refusal:
+        """Fetch, run and wrap one task: its result, or why it has none."""
+        task = self._inputs(item)
+        if not isinstance(task, TaskChunk):
+            return task
+        try:
+            outputs, seconds = self._runner.run(task)
         except (ValidationError, Reject) as exc:
-            self._finish(epoch, nack=(NackReason.INVALID_TASK, str(exc)))
-            return
+            return NackReason.INVALID_TASK, str(exc)
         except (KernelError, Retry) as exc:
-            self._finish(epoch, nack=(NackReason.KERNEL_ERROR, str(exc)))
-            return
+            return NackReason.KERNEL_ERROR, str(exc)
         try:
             result = result_of(item, self.vehicle_id, outputs, seconds)
         except DecodeError as exc:  # a reply_key nothing can be sealed to: no car can answer
-            self._finish(epoch, nack=(NackReason.INVALID_TASK, f"reply_key: {exc}"))
-            return
-        self._finish(epoch, result=result)
+            return NackReason.INVALID_TASK, f"reply_key: {exc}"
+        try:
+            return self._data.offload(result, item.assignment)
+        except BrokerError as exc:
+            return NackReason.FETCH_FAILED, f"outputs: {exc}"
+
+    def _inputs(self, item: Held) -> TaskChunk | Refusal:
+        """The task with its stored inputs fetched, checked and, when sealed, opened; on
+        this task's thread, so a slow store never holds up the car's connection."""
+        if not item.task.refs:
+            return item.task
+        try:
+            task = self._data.hydrate(item.assignment, item.task)
+            return self._admission.open(item.assignment, task) if task.sealed_inputs else task
+        except BrokerError as exc:  # store unreachable or URL refused: another try may work
+            return NackReason.FETCH_FAILED, str(exc)
+        except DecodeError as exc:  # not the bytes the task names, or they do not open
+            return NackReason.BAD_DATA, str(exc)
 
     def _finish(
         self, epoch: int, result: Result | None = None, nack: Refusal | None = None

@@ -44,7 +44,9 @@ from parkpool.schemas import (
 from parkpool.schemas.codec import peek_type
 from parkpool.worker.admission import Admission
 from parkpool.worker.backend import Backend, select_backend
+from parkpool.worker.blobcache import BlobCache
 from parkpool.worker.carstate import CarSignals, CarState
+from parkpool.worker.dataplane import CarData
 from parkpool.worker.grants import GatewayBook
 from parkpool.worker.guard import REAL_TIME, OwnerGuard, TimeBase
 from parkpool.worker.held import WorkerSettings, task_context
@@ -138,6 +140,9 @@ class VehicleWorker:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self.data = CarData(
+            BlobCache(settings.cache_bytes), result_inline_bytes=settings.result_inline_bytes
+        )
         self.outbox = Outbox(self._client, self.topics, self.vehicle_id, settings.mqtt, signer)
         self.tasks = TaskLine(
             self.vehicle_id,
@@ -146,6 +151,7 @@ class VehicleWorker:
             admission=self.admission,
             gateways=self.gateways,
             runner=self.runner,
+            data=self.data,
             outbox=self.outbox,
             pool=self._pool,
             stopping=self._stopping,
