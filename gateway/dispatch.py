@@ -26,14 +26,17 @@ from parkpool.gateway.outcomes import TaskOutcomes
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
+from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
 from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
+from parkpool.schemas.blobref import input_key, output_key
 
 # Car ids, queued and msgpack framing of a batch around its assignments, generously.
 BATCH_OVERHEAD = 1024
 MAX_NOTICES_PER_TURN = 256
 QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap between reads
+BLOBS_REMEMBERED = 16  # per car: the stored inputs last sent to it, for cache-aware picks
 
 
 class Dispatcher:
@@ -64,6 +67,7 @@ class Dispatcher:
         self._told_idle = False  # the cars waiting here heard "no work" since then
         self._fresh_while_quiet: list[VehicleView] = []
         self.box = GatewayBox.load(settings.box_keys)
+        self.store = BlobStore(settings.store) if settings.store.enabled else None
 
     def available(self, view: VehicleView) -> int:
         """Tasks a car may still be sent: what it asked for, less what is on its way."""
@@ -127,7 +131,7 @@ class Dispatcher:
         under the MQTT limit; how many were sent."""
         payloads: list[bytes] = []
         for _ in range(wanted):
-            task = self.next_dispatchable(_fit_for(view))
+            task = self.next_dispatchable(_fit_for(view), _holds_inputs(view))
             if task is None:
                 if len(self.ready):
                     self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
@@ -166,9 +170,16 @@ class Dispatcher:
     ) -> bytes | None:
         """The signed assignment under a new lease, or None when MQTT cannot carry it."""
         lease_seconds = self.settings.lease_seconds
+        if task.task.refs and self.store is None:
+            detail = "its inputs are in the object store and this gateway has no --store-endpoint"
+            self.outcomes.dead_letter(task, "no_object_store", detail)
+            return None
         lease = self.leases.grant(view.vehicle_id, task, lease_seconds)
         task.dispatches += 1
         task.state = TaskState.LEASED
+        urls, upload_url = self._urls(task, lease.epoch)
+        if task.task.refs:
+            _remember_inputs(view, task)
         assignment = Assignment(
             gateway_id=self.settings.gateway_id,
             vehicle_id=view.vehicle_id,
@@ -178,6 +189,8 @@ class Dispatcher:
             task=task.raw,
             inputs_key=inputs_key,
             queued=queued,
+            urls=urls,
+            upload_url=upload_url,
         )
         if self.signer is not None:
             assignment = self.signer.sign(assignment)
@@ -195,6 +208,19 @@ class Dispatcher:
         self.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
         self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
         return payload
+
+    def _urls(self, task: PendingTask, epoch: int) -> tuple[tuple[str, ...], str]:
+        """Presigned URLs for the lease: a GET per stored input, good until the lease
+        ends (a car fetches before it starts), and a write-once PUT for its outputs under
+        a key no other lease shares. Local HMAC: no bytes and no round trip here."""
+        if self.store is None:
+            return (), ""
+        t = task.task
+        get_s = self.settings.lease_seconds
+        urls = tuple(self.store.presign_get(input_key(t.job_id, r.sha256), get_s) for r in t.refs)
+        put_s = min(self.settings.upload_url_s, max(1.0, t.deadline - time.time()))
+        upload = self.store.presign_put(output_key(t.job_id, t.chunk_id, epoch), put_s)
+        return urls, upload
 
     def _inputs_key_for(self, task: PendingTask, view: VehicleView) -> bytes | None:
         """A confidential task's data key sealed to this car (b"" for any other task).
@@ -219,10 +245,12 @@ class Dispatcher:
             return None
 
     def next_dispatchable(
-        self, accept: Callable[[PendingTask], bool] | None = None
+        self,
+        accept: Callable[[PendingTask], bool] | None = None,
+        prefer: Callable[[PendingTask], bool] | None = None,
     ) -> PendingTask | None:
         """The next ready task, checking cancellation and deadline at dispatch time."""
-        while (task := self.ready.pop(accept)) is not None:
+        while (task := self.ready.pop(accept, prefer=prefer)) is not None:
             if task.task.job_id in self.cancelled:
                 self.outcomes.skip_cancelled(task)
             elif task.task.deadline < time.time():
@@ -243,6 +271,20 @@ def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool] | None:
     return lambda task: (
         (can_open or not task.task.confidential) and view.fits(task.task.cost_gflop, now)
     )
+
+
+def _holds_inputs(view: VehicleView) -> Callable[[PendingTask], bool] | None:
+    """Prefer a task that reuses a stored input this car was sent lately (its cache
+    likely holds it): gemm tiles of one row or column block then share one download."""
+    if not view.blobs:
+        return None
+    held = set(view.blobs)
+    return lambda task: any(ref.sha256[:16] in held for ref in task.task.refs)
+
+
+def _remember_inputs(view: VehicleView, task: PendingTask) -> None:
+    new = [ref.sha256[:16] for ref in task.task.refs if ref.sha256[:16] not in view.blobs]
+    view.blobs = (*view.blobs, *new)[-BLOBS_REMEMBERED:]
 
 
 def _can_open(view: VehicleView) -> bool:

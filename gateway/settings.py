@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class GatewaySettings:
     # X25519 keys that open confidential tasks' data keys (newest first); none: such tasks
     # are dead-lettered as unsealable, since no car could ever run them from here.
     box_keys: tuple[Path, ...] = ()
+    # The object store holding tasks' bulk inputs (schemas.blobref): the gateway only
+    # presigns URLs for cars, it never moves those bytes. Disabled: tasks with stored
+    # inputs are dead-lettered as ``no_object_store``.
+    store: StoreConnection = field(default_factory=StoreConnection)
+    # A lease's upload URL lives this long at most (and never past the job's deadline):
+    # long enough for a long kernel whose lease heartbeats extend it.
+    upload_url_s: float = 900.0
 
     @property
     def group(self) -> str:

@@ -72,15 +72,19 @@ class ReadyQueue:
         self._queues[task.task.priority].appendleft(task)
 
     def pop(
-        self, accept: Callable[[PendingTask], bool] | None = None, scan: int = 32
+        self,
+        accept: Callable[[PendingTask], bool] | None = None,
+        scan: int = 32,
+        prefer: Callable[[PendingTask], bool] | None = None,
     ) -> PendingTask | None:
         """The next task by priority; with ``accept``, the first of the next ``scan`` in
-        each queue that it accepts (a vehicle about to leave takes only short tasks)."""
+        each queue that it accepts (a vehicle about to leave takes only short tasks);
+        with ``prefer``, the first of those it prefers, if any (a car's cached inputs)."""
         high, batch = self._queues[Priority.HIGH], self._queues[Priority.BATCH]
         batch_turn = bool(batch) and self._high_streak >= self._high_burst
         order = (batch, high) if batch_turn else (high, batch)
         for queue in order:
-            task = _take(queue, accept, scan)
+            task = _take(queue, accept, scan, prefer)
             if task is not None:
                 self._high_streak = self._high_streak + 1 if queue is high else 0
                 return task
@@ -101,15 +105,26 @@ class ReadyQueue:
 
 
 def _take(
-    queue: deque[PendingTask], accept: Callable[[PendingTask], bool] | None, scan: int
+    queue: deque[PendingTask],
+    accept: Callable[[PendingTask], bool] | None,
+    scan: int,
+    prefer: Callable[[PendingTask], bool] | None = None,
 ) -> PendingTask | None:
     if not queue:
         return None
-    if accept is None:
+    if accept is None and prefer is None:
         return queue.popleft()
+    first: int | None = None
     for index in range(min(scan, len(queue))):
-        if accept(queue[index]):
-            task = queue[index]
-            del queue[index]
-            return task
-    return None
+        task = queue[index]
+        if accept is not None and not accept(task):
+            continue
+        if prefer is None or prefer(task):
+            first = index
+            break
+        first = index if first is None else first
+    if first is None:
+        return None
+    task = queue[first]
+    del queue[first]
+    return task
