@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
+from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
     check_record,
@@ -43,7 +46,7 @@ from parkpool.runtime.kafka import (
 )
 from parkpool.runtime.keyfiles import read_key_file
 from parkpool.runtime.sealing import BoxKey, open_result, seal, seal_task
-from parkpool.runtime.settings import KafkaConnection
+from parkpool.runtime.settings import KafkaConnection, StoreConnection
 from parkpool.schemas import (
     BrokerError,
     CancelJob,
@@ -58,6 +61,7 @@ from parkpool.schemas import (
     decode,
     encode,
 )
+from parkpool.schemas.blobref import job_prefix
 from parkpool.schemas.kernels import cost_gflop, validate_task
 from parkpool.schemas.kernels import spec as kernel_spec
 from parkpool.schemas.topics import task_key
@@ -82,6 +86,8 @@ class ProducerSettings:
     # Kafka unreachable for this long while reading results: every running job fails
     # with a BrokerError naming the broker, instead of a wait() that never returns.
     results_unreachable_s: float = 60.0
+    # The object store for bulk arrays (producer.claimcheck); disabled: inline only.
+    store: StoreConnection = field(default_factory=StoreConnection)
 
 
 class ParkpoolClient:
@@ -103,6 +109,9 @@ class ParkpoolClient:
         self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
         self._reader.start()
         self._status = self._serve_metrics(settings)
+        self._store = BlobStore(settings.store) if settings.store.enabled else None
+        # A job's objects are deleted when it ends, off the reader's thread.
+        self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
 
     def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
         if settings.metrics_port is None:
@@ -138,6 +147,7 @@ class ParkpoolClient:
             self._status.close()
         self._closed.set()
         self._reader.join(timeout=10)
+        self._cleaner.shutdown(wait=True)
         self._producer.flush(10)
         # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
         # are freed now, not at some later garbage collection while brokers may be gone.
@@ -219,9 +229,15 @@ class ParkpoolClient:
         job_id = job_id or uuid.uuid4().hex
         with self._counting_refusals():
             tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
+            tasks = self._offload(job_id, tasks)
             records = [self._record(task) for task in tasks]
         handle = JobHandle(
-            job_id, len(tasks), assembler, canceller=self.cancel, observer=self.metrics
+            job_id,
+            len(tasks),
+            assembler,
+            canceller=self.cancel,
+            observer=self.metrics,
+            on_end=self._job_ended,
         )
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
@@ -271,6 +287,40 @@ class ParkpoolClient:
             reply = self._reply_box.public
             tasks = [seal_task(task, self._gateway_key, reply) for task in tasks]
         return tasks
+
+    def _offload(self, job_id: str, tasks: list[TaskChunk]) -> list[TaskChunk]:
+        """Large inputs to the object store, every upload done before any record goes
+        out: a record never points at an object that is not there yet."""
+        if self._store is None:
+            return tasks
+        uploads = JobUploads(
+            self._store,
+            job_id,
+            self.settings.store.inline_max_bytes,
+            self.settings.kafka.max_record_bytes,
+        )
+        try:
+            tasks = [uploads.offload(task) for task in tasks]
+        finally:
+            written = uploads.wait()
+        self.metrics.blobs_uploaded.inc(written)
+        log.info("job_inputs_stored", job_id=job_id, distinct=uploads.distinct, written=written)
+        return tasks
+
+    def _job_ended(self, job_id: str) -> None:
+        """Completed, failed or cancelled: its stored inputs and outputs are deleted now
+        (a store lifecycle rule catches what a crashed client leaves behind)."""
+        if self._store is not None and not self._closed.is_set():
+            self._cleaner.submit(self._delete_job, job_id)
+
+    def _delete_job(self, job_id: str) -> None:
+        assert self._store is not None
+        try:
+            deleted = self._store.delete_prefix(job_prefix(job_id))
+        except BrokerError as exc:
+            log.warning("job_objects_not_deleted", job_id=job_id, reason=str(exc))
+            return
+        self.metrics.blobs_deleted.inc(deleted)
 
     @contextlib.contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -352,14 +402,28 @@ class ParkpoolClient:
             return  # another caller's job, or one we stopped following
         try:
             if record.topic() == self.reply_topic:
-                result = open_result(decode(record.value() or b"", Result), self._reply_box)
-                handle.deliver(result, time.time())
+                result = self._stored_outputs(handle, decode(record.value() or b"", Result))
+                handle.deliver(open_result(result, self._reply_box), time.time())
             else:
                 handle.dead_lettered(decode(record.value() or b"", DeadLetter))
         except DecodeError as exc:
             self.decode_errors += 1
             self.metrics.results_refused.labels(exc.reason).inc()
             log.warning("result_malformed", job_id=key, topic=record.topic(), reason=str(exc))
+
+    def _stored_outputs(self, handle: JobHandle, result: Result) -> Result:
+        """Outputs left in the store by the car, read back and checked by hash; only for
+        a chunk still awaited, so a duplicate costs no download."""
+        if not result.refs or not handle.awaits(result.chunk_id):
+            return result
+        if self._store is None:
+            raise DecodeError("bad_data", "outputs are in the object store; no store is set")
+        try:
+            return fetch_outputs(self._store, result)
+        except (BrokerError, DecodeError) as exc:
+            # The result was already acknowledged: say so on the job, never hang on it.
+            handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
+            raise DecodeError("bad_data", str(exc)) from None
 
 
 def _gateway_key(path: Path | None) -> bytes | None:

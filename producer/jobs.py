@@ -93,8 +93,10 @@ class JobHandle:
         assembler: Assembler | None,
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
+        on_end: Callable[[str], None] | None = None,
     ) -> None:
         self.job_id = job_id
+        self._on_end = on_end  # called once, as the job ends: the SDK deletes its objects
         self._observer: JobObserver = observer or _Unobserved()
         self._canceller = canceller
         self.n_chunks = n_chunks
@@ -218,14 +220,28 @@ class JobHandle:
             self._changed.notify_all()
             return True
 
-    def dead_lettered(self, letter: DeadLetter) -> None:
+    def awaits(self, chunk_id: int) -> bool:
+        """Whether a result for this chunk would still count (running, not yet seen)."""
         with self._lock:
-            chunk = letter.chunk_id
+            running = self._state is JobState.RUNNING
+            return running and 0 <= chunk_id < self.n_chunks and not self._seen[chunk_id]
+
+    def refused(self, chunk_id: int, reason: str) -> None:
+        """A result came back whose outputs cannot be used (their bytes are not what the
+        car named): the chunk counts as failed with ``reason`` unless another attempt's
+        result still arrives, rather than the job waiting for ever."""
+        self._fail_chunk(chunk_id, reason)
+
+    def dead_lettered(self, letter: DeadLetter) -> None:
+        self._fail_chunk(letter.chunk_id, letter.reason)
+
+    def _fail_chunk(self, chunk: int, reason: str) -> None:
+        with self._lock:
             if self._state is not JobState.RUNNING or not 0 <= chunk < self.n_chunks:
                 return
             if self._seen[chunk] or chunk in self._dead:
                 return  # an earlier attempt's result already came back: that one counts
-            self._dead[chunk] = letter.reason
+            self._dead[chunk] = reason
             self._observer.chunk_dead_lettered()
             if self._done + len(self._dead) == self.n_chunks:
                 self._end(JobState.FAILED)
@@ -244,5 +260,7 @@ class JobHandle:
     def _end(self, state: JobState) -> None:
         self._state = state
         self._observer.job_ended(state)
+        if self._on_end is not None:
+            self._on_end(self.job_id)
         self._chunks.put(None)
         self._changed.notify_all()

@@ -47,6 +47,16 @@ class SdkMetrics:
             ["reason"],  # the DecodeError reason: malformed, unsealable, ...
             registry=r,
         )
+        self.blobs_uploaded = Counter(
+            "parkpool_sdk_blobs_uploaded",
+            "Objects written to the store: each distinct input block once per job",
+            registry=r,
+        )
+        self.blobs_deleted = Counter(
+            "parkpool_sdk_blobs_deleted",
+            "Objects deleted from the store as their jobs ended",
+            registry=r,
+        )
         self.end_to_end = Histogram(
             "parkpool_sdk_end_to_end_seconds",
             "From a chunk's creation to its result reaching the caller",

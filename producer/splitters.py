@@ -116,16 +116,24 @@ def plan_gemm(a: Array, b: Array, *, tile: int = 256, k_tile: int | None = None)
         for cols in span_slices(b.shape[1], tile)
         for ks in span_slices(a.shape[1], depth)
     ]
+    # One snapshot per distinct block, shared by every tile that reads it: a row panel
+    # is copied once, not once per column, and the claim check stores it once.
+    a_blocks = {_span(r, k): wire_copy(a[r, k]) for r, _, k in tiles}
+    b_blocks = {_span(k, c): wire_copy(b[k, c]) for _, c, k in tiles}
     chunks = validated(
         "gemm",
         tuple(
-            ChunkSpec({}, {"a": wire_copy(a[rows, ks]), "b": wire_copy(b[ks, cols])})
+            ChunkSpec({}, {"a": a_blocks[_span(rows, ks)], "b": b_blocks[_span(ks, cols)]})
             for rows, cols, ks in tiles
         ),
     )
     targets = tuple((rows, cols) for rows, cols, _ in tiles)
     shape = (a.shape[0], b.shape[1])
     return JobPlan("gemm", chunks, partial(_GemmAssembler, shape, a.dtype, targets))
+
+
+def _span(first: slice, second: slice) -> tuple[int, int, int, int]:
+    return (first.start, first.stop, second.start, second.stop)
 
 
 # --- monte_carlo_pi -----------------------------------------------------------------

@@ -1,0 +1,290 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The claim check against the real object store and real brokers: bulk arrays go to
+the store once per distinct block, records and messages carry references, cars fetch
+with presigned URLs and check every hash, the SDK checks the hash of stored outputs,
+confidential jobs store only ciphertext, and a job's objects go when the job ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parkpool.broker_config.process import free_port
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobFailed, JobState
+from parkpool.runtime.blobstore import BlobStore, sha256_hex
+from parkpool.runtime.sealing import generate_box_key
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
+from parkpool.schemas import (
+    Assignment,
+    BlobRef,
+    BrokerError,
+    DecodeError,
+    MqttTopics,
+    TaskChunk,
+    decode,
+    encode,
+)
+from parkpool.schemas.blobref import input_key, job_prefix, output_key
+from parkpool.worker.dataplane import fetch, upload
+from parkpool.worker.fleet import Fleet
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, hold_lease, read_all, wait_for
+
+SMALL = 4096  # inline threshold for these tests: a 64x64 float32 block goes to the store
+
+
+@pytest.fixture(scope="module")
+def store_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreConnection]:
+    """The embedded store (SigV4 checked) on a free port, with a bucket for job data."""
+    folder = tmp_path_factory.mktemp("store")
+    port = free_port()
+    env = {**os.environ, "PARKPOOL_STORE_SECRET_KEY": "test-secret"}
+    argv = [sys.executable, "-m", "parkpool.broker_config.objectstore", "--port", str(port)]
+    proc = subprocess.Popen([*argv, "--access-key", "test-key", str(folder)], env=env)
+    conn = StoreConnection(
+        f"http://127.0.0.1:{port}", "parkpool", "test-key", Secret("test-secret")
+    )
+    store = BlobStore(conn)
+    wait_for(lambda: _try(store.ensure_bucket), 20, "the object store")
+    yield conn
+    proc.terminate()
+    proc.wait(10)
+
+
+def _try(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except BrokerError:
+        return False
+    return True
+
+
+@pytest.fixture
+def store(store_conn: StoreConnection) -> BlobStore:
+    return BlobStore(store_conn)
+
+
+def _status(url: str, method: str = "GET", data: bytes | None = None, **headers: str) -> int:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.integration
+class TestStoreAccess:
+    """What a car can do with a presigned URL, and nothing more (the store checks SigV4)."""
+
+    def test_a_url_opens_only_its_own_object_for_its_own_method(self, store: BlobStore) -> None:
+        # Given two objects and a GET URL for one
+        store.put_if_absent("jobs/sec/in/a", b"A" * 100, sha256_hex(b"A" * 100))
+        store.put_if_absent("jobs/sec/in/b", b"B" * 100, sha256_hex(b"B" * 100))
+        url = store.presign_get("jobs/sec/in/a", 30)
+        # Then it reads its object, and neither the other one nor a write nor a listing
+        assert _status(url) == 200
+        assert _status(url.replace("/in/a?", "/in/b?")) == 403
+        assert _status(url, "PUT", b"x") == 403
+        endpoint = store.conn.endpoint
+        assert _status(f"{endpoint}/parkpool?list-type=2") == 403  # anonymous
+        assert _status(f"{endpoint}/parkpool/jobs/sec/in/a") == 403
+
+    def test_a_url_expires(self, store: BlobStore) -> None:
+        # Given a URL that lives one second
+        data = b"expiring" * 10
+        store.put_if_absent("jobs/exp/in/x", data, sha256_hex(data))
+        url = store.presign_get("jobs/exp/in/x", 1)
+        ref = BlobRef("x", sha256_hex(data), len(data))
+        assert fetch(url, ref, 5) == data
+        # When it has expired, Then the store refuses it and the car sees a store error
+        time.sleep(2.1)
+        with pytest.raises(BrokerError, match="HTTP 403"):
+            fetch(url, ref, 5)
+
+    def test_an_upload_url_writes_once(self, store: BlobStore) -> None:
+        # Given a lease's write-once upload URL
+        url = store.presign_put(output_key("once", 3, 7), 30)
+        # Then without the signed If-None-Match it is refused, with it it writes once
+        assert _status(url, "PUT", b"first") == 403
+        upload(url, b"first", 5)
+        upload(url, b"second", 5)  # a retry is answered 412 and changes nothing
+        assert store.get(output_key("once", 3, 7)) == b"first"
+        # And it cannot write another lease's key
+        other = url.replace("/out/3-7?", "/out/3-8?")
+        assert _status(other, "PUT", b"x", **{"If-None-Match": "*"}) == 403
+
+    def test_the_car_refuses_bytes_that_are_not_the_ones_named(self, store: BlobStore) -> None:
+        # Given an object whose bytes differ from what a ref names
+        store.put_if_absent("jobs/bad/in/y", b"tampered", sha256_hex(b"tampered"))
+        url = store.presign_get("jobs/bad/in/y", 30)
+        # Then the car refuses it by hash, and by size
+        with pytest.raises(DecodeError, match="does not hash"):
+            fetch(url, BlobRef("y", sha256_hex(b"original"), len(b"tampered")), 5)
+        with pytest.raises(DecodeError, match="bytes, not"):
+            fetch(url, BlobRef("y", sha256_hex(b"tampered"), 99), 5)
+
+
+def _client(
+    namespace: str, kafka: KafkaConnection, store: StoreConnection, **more: object
+) -> ParkpoolClient:
+    conn = StoreConnection(
+        store.endpoint, store.bucket, store.access_key, store.secret_key, inline_max_bytes=SMALL
+    )
+    return ParkpoolClient(ProducerSettings(kafka, namespace, store=conn, **more))  # type: ignore[arg-type]
+
+
+def _job_objects(store: BlobStore, job_id: str) -> list[str]:
+    return [key for key, _ in store.keys(job_prefix(job_id))]
+
+
+@pytest.mark.integration
+class TestClaimCheckJob:
+    def test_gemm_stores_each_block_once_and_deletes_them_at_the_end(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        store_conn: StoreConnection,
+        store: BlobStore,
+    ) -> None:
+        # Given a gateway and cars that share the store, and someone reading all of MQTT
+        sniffer = RawMqtt(mqtt_conn, f"sniff-{namespace}")
+        sniffer.subscribe(f"{namespace}/#")
+        gateway_factory(store=store_conn)
+        fleet = fleet_factory(3, result_inline_bytes=SMALL)
+        rng = np.random.default_rng(7)
+        a = rng.standard_normal((256, 128)).astype(np.float32)
+        b = rng.standard_normal((128, 256)).astype(np.float32)
+        # When a gemm of 4 x 4 tiles runs: 4 row blocks and 4 column blocks
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            handle = sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="ccgemm")
+            # Then each distinct block was uploaded once, and nothing else
+            inputs = [k for k in _job_objects(store, "ccgemm") if "/in/" in k]
+            assert len(inputs) == 8
+            assert sdk.metrics.blobs_uploaded._value.get() == 8
+            # And the answer is right, outputs having come back through the store
+            np.testing.assert_allclose(handle.wait(timeout=60), a @ b, rtol=1e-4, atol=1e-4)
+            # And when the job has ended its objects are deleted
+            wait_for(lambda: not _job_objects(store, "ccgemm"), 15, "the job's objects deleted")
+        # And no record or message carried a block: references only
+        records = read_all(kafka_conn, sdk.topics.tasks) + read_all(kafka_conn, sdk.topics.results)
+        sizes = [len(r.value() or b"") for r in records]
+        assert len(sizes) == 32 and max(sizes) < 2048
+        mqtt = [len(m.payload) for m in sniffer.received]
+        sniffer.close()
+        assert mqtt and max(mqtt) < 8192
+        fetched = sum(w.data.cache.stats().bytes_fetched for w in fleet.vehicles.values())
+        assert fetched >= 8 * 64 * 128 * 4  # every block reached some car from the store
+
+    def test_confidential_jobs_store_only_ciphertext(
+        self,
+        tmp_path: Path,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        store_conn: StoreConnection,
+        store: BlobStore,
+    ) -> None:
+        # Given gateways holding the box key, and a job whose inputs carry a marker
+        private, public = generate_box_key(tmp_path / "keys", "gateway-box")
+        gateway_factory(store=store_conn, box_keys=(private,))
+        fleet_factory(2)
+        marker = 4321.25
+        x = np.full(4096, marker)
+        seen: list[bytes] = []
+        with _client(namespace, kafka_conn, store_conn, gateway_box_key=public) as sdk:
+            handle = sdk.submit(
+                "reduce",
+                {"x": x, "op": "sum"},
+                chunk_elems=1024,
+                confidential=True,
+                job_id="ccsealed",
+            )
+            # When the inputs are in the store (read them before the job can end)
+            for key in _job_objects(store, "ccsealed"):
+                seen.append(store.get(key))
+            # Then the caller gets the right answer
+            assert handle.wait(timeout=60) == marker * 4096
+        # And what the store held is one sealed blob per chunk, none in clear
+        assert len(seen) == 4
+        needle = np.float64(marker).tobytes()
+        assert not [blob for blob in seen if needle in blob]
+
+    def test_a_tampered_input_is_refused_by_every_car(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        store_conn: StoreConnection,
+        store: BlobStore,
+    ) -> None:
+        # Given a job whose one stored input was replaced after upload (a bad disk, or
+        # someone with write access to the bucket)
+        gateway = gateway_factory(store=store_conn, max_attempts=2)
+        x = np.arange(2048, dtype=np.float64)
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            # Submitted before any car exists, so the swap happens before any fetch
+            handle = sdk.submit(
+                "reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="cctamper"
+            )
+            (key,) = _job_objects(store, "cctamper")
+            store._client.put_object(Bucket=store.bucket, Key=key, Body=b"\0" * (2048 * 8))
+            fleet_factory(2)
+            # Then no car runs it: each refuses it as bad_data, and the job fails
+            with pytest.raises(JobFailed):
+                handle.wait(timeout=60)
+        failures = gateway.metric("parkpool_gateway_task_failures_total", reason="bad_data")
+        assert failures == 2
+
+    def test_the_sdk_refuses_stored_outputs_that_are_not_the_ones_named(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+        store_conn: StoreConnection,
+        store: BlobStore,
+    ) -> None:
+        # Given a scripted car holding the lease of a job's only chunk
+        gateway_factory(store=store_conn)
+        x = np.arange(2048, dtype=np.float64)
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
+            holder = hold_lease(mqtt_conn, mqtt_topics)
+            assignment: Assignment = holder.assignment
+            assert decode(assignment.task, TaskChunk).refs and assignment.upload_url
+            # When it uploads one thing and names another in its result
+            upload(assignment.upload_url, b"not the answer", 5)
+            ref = BlobRef("outputs", sha256_hex(b"the answer"), len(b"not the answer"))
+            result = holder.result({}, refs=(ref,))
+            holder.car.publish(mqtt_topics.result(assignment.vehicle_id, "gw1"), encode(result))
+            # Then the caller is told, by name, instead of waiting for ever
+            with pytest.raises(JobFailed) as failed:
+                handle.wait(timeout=30)
+            assert "outputs_unreadable" in next(iter(failed.value.reasons.values()))
+            assert handle.state is JobState.FAILED
+            holder.close()
+
+
+def test_keys_are_per_job_and_content_addressed() -> None:
+    sha = sha256_hex(b"x")
+    assert input_key("job1", sha) == f"jobs/job1/in/{sha}"
+    assert output_key("job1", 2, 9) == "jobs/job1/out/2-9"
+    with pytest.raises(DecodeError):
+        input_key("../etc", sha)
