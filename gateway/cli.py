@@ -16,8 +16,10 @@ from parkpool.runtime.settings import (
     add_mqtt_options,
     add_namespace_option,
     add_option,
+    add_store_options,
     kafka_from_args,
     mqtt_from_args,
+    store_from_args,
 )
 from parkpool.runtime.signals import stop_event
 
@@ -26,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("gateway", help="run an edge gateway (Kafka <-> MQTT)")
     add_kafka_options(p)
     add_mqtt_options(p)
+    add_store_options(p)
     add_namespace_option(p)
     add_option(
         p,
@@ -209,6 +212,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         signing_key=Path(args.signing_key) if args.signing_key else None,
         vehicle_keys=Path(args.vehicle_keys) if args.vehicle_keys else None,
         box_keys=tuple(Path(p) for p in args.box_key.split(",") if p),
+        store=store_from_args(args),
     )
 
 

@@ -23,7 +23,9 @@ from parkpool.runtime.settings import (
     add_kafka_options,
     add_namespace_option,
     add_option,
+    add_store_options,
     kafka_from_args,
+    store_from_args,
 )
 from parkpool.schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
 
@@ -71,6 +73,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _connection(p: argparse.ArgumentParser) -> None:
     add_kafka_options(p)
+    add_store_options(p)
     add_namespace_option(p)
     add_option(
         p,
@@ -122,6 +125,7 @@ def run_submit(args: argparse.Namespace) -> int:
         args.namespace,
         args.reply_topic,
         gateway_box_key=Path(args.gateway_box_key) if args.gateway_box_key else None,
+        store=store_from_args(args),
     )
     with ParkpoolClient(settings) as client:
         started = time.monotonic()

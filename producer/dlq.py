@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import coordinates, produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import (
@@ -34,6 +35,7 @@ from parkpool.schemas import (
     encode,
     peek_type,
 )
+from parkpool.schemas.blobref import input_key
 from parkpool.schemas.topics import DLQ_ACTION_KEY, REPLAY_HEADER, task_key
 
 ACTION_KEY = DLQ_ACTION_KEY
@@ -293,10 +295,15 @@ def replay(
     deadline_s: float = DEFAULT_DEADLINE_S,
     dry_run: bool = False,
     note: str = "",
+    store: BlobStore | None = None,
 ) -> ActionReport:
-    """Put the pending entries' tasks back on the tasks topic, then note them replayed."""
+    """Put the pending entries' tasks back on the tasks topic, then note them replayed.
+
+    A task whose inputs are in the object store is replayed only when every one of them
+    is still there (``store`` checks): its job's end deleted them otherwise.
+    """
     now = time.time()
-    plans = {entry.position: _plan_replay(entry, deadline_s, now) for entry in entries}
+    plans = {entry.position: _plan_replay(entry, deadline_s, now, store) for entry in entries}
     tasks = {p: plan for p, plan in plans.items() if isinstance(plan, TaskChunk)}
     if dry_run:
         done = {p: Outcome(p, OutcomeKind.WOULD_REPLAY, _task_text(t)) for p, t in tasks.items()}
@@ -307,7 +314,9 @@ def replay(
     )
 
 
-def _plan_replay(entry: DeadLetterEntry, deadline_s: float, now: float) -> TaskChunk | Outcome:
+def _plan_replay(
+    entry: DeadLetterEntry, deadline_s: float, now: float, store: BlobStore | None
+) -> TaskChunk | Outcome:
     if entry.state is not EntryState.PENDING:
         return Outcome(entry.position, OutcomeKind.SKIPPED, f"already {entry.state}")
     if entry.letter is None:
@@ -322,10 +331,33 @@ def _plan_replay(entry: DeadLetterEntry, deadline_s: float, now: float) -> TaskC
         )
         return Outcome(entry.position, OutcomeKind.REFUSED, detail)
     try:
-        return rebuild_task(entry.letter, deadline_s, now)
+        task = rebuild_task(entry.letter, deadline_s, now)
     except DecodeError as exc:
         detail = f"original ({entry.letter.reason}) does not decode as a task: {exc}"
         return Outcome(entry.position, OutcomeKind.REFUSED, detail)
+    missing = _missing_input(task, store)
+    return task if missing is None else Outcome(entry.position, OutcomeKind.REFUSED, missing)
+
+
+def _missing_input(task: TaskChunk, store: BlobStore | None) -> str | None:
+    """Why a task's stored inputs cannot be read any more, or None when they all can."""
+    if not task.refs:
+        return None
+    what = _task_text(task)
+    if store is None:
+        return f"{what}: its inputs are in the object store; give --store-endpoint to replay it"
+    for ref in task.refs:
+        try:
+            present = store.exists(input_key(task.job_id, ref.sha256))
+        except BrokerError as exc:
+            return f"{what}: cannot check its inputs in the object store: {exc}"
+        if not present:
+            name = ref.name or "sealed inputs"
+            return (
+                f"{what}: input {name!r} (sha256 {ref.sha256[:16]}) is no longer in the "
+                "object store (deleted when the job ended, or by the TTL); submit the job again"
+            )
+    return None
 
 
 def _replay_tasks(

@@ -18,11 +18,14 @@ from typing import Any
 from parkpool.producer import dlq
 from parkpool.producer.dlq import ActionReport, DeadLetterEntry, EntryState, Position
 from parkpool.runtime import logs
+from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.settings import (
     add_kafka_options,
     add_namespace_option,
     add_option,
+    add_store_options,
     kafka_from_args,
+    store_from_args,
 )
 from parkpool.schemas import DeadLetter, TaskChunk
 from parkpool.schemas.topics import check_namespace
@@ -62,6 +65,7 @@ def _action(
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = actions.add_parser(name, help=what, description=what)
     add_kafka_options(parser)
+    add_store_options(parser)
     add_namespace_option(parser)
     add_option(
         parser,
@@ -140,8 +144,14 @@ def run_replay(args: argparse.Namespace) -> int:
             args.deadline_s,
             args.dry_run,
             args.note,
+            _store(args),
         ),
     )
+
+
+def _store(args: argparse.Namespace) -> BlobStore | None:
+    conn = store_from_args(args)
+    return BlobStore(conn) if conn.enabled else None
 
 
 def run_purge(args: argparse.Namespace) -> int:

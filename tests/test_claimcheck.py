@@ -6,6 +6,7 @@ confidential jobs store only ciphertext, and a job's objects go when the job end
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 
 from parkpool.broker_config.process import free_port
+from parkpool.gateway.settings import GatewaySettings
+from parkpool.producer import dlq
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
@@ -37,7 +40,7 @@ from parkpool.schemas import (
 from parkpool.schemas.blobref import input_key, job_prefix, output_key
 from parkpool.worker.dataplane import fetch, upload
 from parkpool.worker.fleet import Fleet
-from tests.conftest import RunningGateway
+from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import RawMqtt, hold_lease, read_all, wait_for
 
 SMALL = 4096  # inline threshold for these tests: a 64x64 float32 block goes to the store
@@ -250,6 +253,15 @@ class TestClaimCheckJob:
                 handle.wait(timeout=60)
         failures = gateway.metric("parkpool_gateway_task_failures_total", reason="bad_data")
         assert failures == 2
+        # And once the failed job's objects are deleted, a replay of its dead letter is
+        # refused by name instead of sending cars after an object that is gone
+        wait_for(lambda: not _job_objects(store, "cctamper"), 15, "the job's objects deleted")
+        entries = [e for e in dlq.read_dead_letters(kafka_conn, namespace) if e.letter]
+        mine = [e for e in entries if e.letter and e.letter.job_id == "cctamper"]
+        report = dlq.replay(kafka_conn, namespace, mine, store=store)
+        (outcome,) = report.outcomes
+        assert outcome.kind is dlq.OutcomeKind.REFUSED
+        assert "input 'x'" in outcome.detail and "no longer in the object store" in outcome.detail
 
     def test_the_sdk_refuses_stored_outputs_that_are_not_the_ones_named(
         self,
@@ -280,6 +292,41 @@ class TestClaimCheckJob:
             assert "outputs_unreadable" in next(iter(failed.value.reasons.values()))
             assert handle.state is JobState.FAILED
             holder.close()
+
+
+@pytest.mark.integration
+def test_jobs_fit_128_kib_records_and_messages(
+    fleet_factory: Callable[..., Fleet],
+    namespace: str,
+    kafka_conn: KafkaConnection,
+    mqtt_conn: MqttConnection,
+    store_conn: StoreConnection,
+) -> None:
+    # Given every limit at 128 KiB (AWS IoT Core's), and blocks of 256 KiB each
+    limit = 128 << 10
+    kafka = dataclasses.replace(kafka_conn, max_record_bytes=limit)
+    mqtt = dataclasses.replace(mqtt_conn, max_message_bytes=limit)
+    settings = GatewaySettings(
+        "gw1", kafka, mqtt, namespace, session_timeout_ms=TEST_SESSION_TIMEOUT_MS, store=store_conn
+    )
+    gateway = RunningGateway(settings)
+    try:
+        fleet_factory(2, mqtt=mqtt)
+        rng = np.random.default_rng(3)
+        a = rng.standard_normal((256, 512)).astype(np.float32)
+        b = rng.standard_normal((512, 256)).astype(np.float32)
+        # When a gemm runs whose tiles could never travel inline
+        with _client(namespace, kafka, store_conn) as sdk:
+            handle = sdk.submit("gemm", {"a": a, "b": b}, tile=128)
+            # Then it completes, through the store
+            np.testing.assert_allclose(handle.wait(timeout=60), a @ b, rtol=1e-4, atol=1e-4)
+            records = read_all(kafka_conn, sdk.topics.tasks) + read_all(
+                kafka_conn, sdk.topics.results
+            )
+    finally:
+        gateway.stop()
+    mine = [r for r in records if (r.key() or b"").startswith(handle.job_id.encode())]
+    assert len(mine) == 8 and max(len(r.value() or b"") for r in mine) < limit
 
 
 def test_keys_are_per_job_and_content_addressed() -> None:

@@ -140,6 +140,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_option(p, "--heartbeat-s", "PARKPOOL_HEARTBEAT_S", 15.0, "status heartbeat period", float)
     add_option(
         p,
+        "--cache-mb",
+        "PARKPOOL_CACHE_MB",
+        256,
+        "memory for fetched inputs kept by content hash, so one block is fetched once",
+        int,
+    )
+    add_option(
+        p,
         "--gateways-per-vehicle",
         "PARKPOOL_GATEWAYS_PER_VEHICLE",
         2,
@@ -169,6 +177,7 @@ def _settings(args: argparse.Namespace, vehicle_id: str) -> WorkerSettings:
         simulated_delay_s=args.simulated_delay_s,
         gflops_per_s=args.gflops_per_s,
         trusted_keys=tuple(Path(p) for p in args.trusted_keys.split(",") if p.strip()),
+        cache_bytes=max(0, args.cache_mb) << 20,
     )
 
 
