@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Embedded brokers: Tansu (Kafka API) and Mosquitto (MQTT 5) on free loopback ports.
+"""Embedded brokers: an S3 object store, Tansu (Kafka API) and Mosquitto (MQTT 5) on free
+loopback ports.
 
 Tests and the demo use :class:`EmbeddedBrokers` so that they never depend on, or
 disturb, brokers already running on the machine (a system Mosquitto usually owns
-1883). Each broker logs into a run dir, which also records the pids so that
-:func:`kill_stray` can clean up after a crashed run.
+1883). The object store always runs: it holds job data, and by default Tansu's log too,
+so that the embedded Kafka survives a crash. Each broker logs into a run dir, which also
+records the pids so that :func:`kill_stray` can clean up after a crashed run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib.util
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import sys
@@ -32,7 +35,7 @@ from parkpool.schemas.errors import BrokerError, ConfigError
 from .auth import AuthStore
 from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray, signal_group
 
-__all__ = ["LOOPBACK", "EmbeddedBrokers", "free_port", "kill_stray"]
+__all__ = ["DATA_BUCKET", "LOOPBACK", "STORE_BUCKET", "EmbeddedBrokers", "free_port", "kill_stray"]
 
 # Tansu reads these from the environment; a stray STORAGE_ENGINE=postgres://... in the
 # caller's shell would otherwise turn the embedded broker into a different one.
@@ -66,16 +69,19 @@ def mosquitto_binary() -> str:
     )
 
 
-STORE_BUCKET = "tansu"  # the durable Kafka's bucket in the embedded object store
-
-
-def localbucket_binary() -> str:
-    """PARKPOOL_LOCALBUCKET_BIN, else the ``localbucket`` installed beside this Python
-    (the ``embedded`` extra), else one on PATH."""
-    beside = Path(sys.executable).parent / "localbucket"
-    if os.environ.get("PARKPOOL_LOCALBUCKET_BIN"):
-        return os.environ["PARKPOOL_LOCALBUCKET_BIN"]
-    return str(beside) if beside.exists() else shutil.which("localbucket") or str(beside)
+# The embedded object store's buckets: Kafka's log (when durable) and job data.
+STORE_BUCKET = "tansu"
+DATA_BUCKET = "parkpool"
+STORE_REGION = "us-east-1"
+# The store runs as `python -m parkpool.broker_config.objectstore`, with Nagle's algorithm
+# off: its responses go out as headers, then body, and with Nagle on each one waited for
+# the client's delayed ACK (~40 ms), which made Tansu's fetches return nothing at all
+# (docs/DECISIONS.md, "A durable embedded Kafka"). Setting the flag here is harmless
+# once the module sets it itself.
+_STORE_MAIN = (
+    "import sys; from parkpool.broker_config import objectstore as store; "
+    "store.VerifyingHandler.disable_nagle_algorithm = True; store.main(sys.argv[1:])"
+)
 
 
 class EmbeddedBrokers:
@@ -91,7 +97,7 @@ class EmbeddedBrokers:
         tls_dir: Path | None = None,
         client_certs: bool = True,
         cells: int = 1,
-        durable: bool = False,
+        durable: bool = True,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -108,9 +114,10 @@ class EmbeddedBrokers:
         if cells < 1:
             raise ConfigError("at least one cell (one Mosquitto) is needed")
         self.cells = cells  # Mosquittos, one per cell; cell 0 is the one `mqtt_port` names
-        # Durable: Tansu keeps its log in an S3 store (localbucket over run_dir/store), so
-        # the embedded Kafka survives a SIGKILL; otherwise it keeps everything in memory.
+        # The object store (run_dir/store) always runs. Durable: Tansu keeps its log in it,
+        # so the embedded Kafka survives a SIGKILL; otherwise Tansu keeps it in memory.
         self.durable = durable
+        self._store_keys = (secrets.token_hex(10), secrets.token_hex(20))  # per instance
         self._store: BrokerProcess | None = None
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
@@ -125,8 +132,7 @@ class EmbeddedBrokers:
         _live.add(self)
         try:
             deadline = time.monotonic() + self.start_timeout
-            if self.durable:
-                self._store = self._launch(self._localbucket(free_port()), deadline)
+            self._store = self._launch(self._object_store(free_port()), deadline)
             self._kafka = self._launch(self._tansu(free_port()), deadline)
             self._wait_kafka_api(deadline)
             self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
@@ -140,7 +146,8 @@ class EmbeddedBrokers:
         return self
 
     def stop(self) -> None:
-        """Stop both brokers (idempotent); removes the run dir only if we made it."""
+        """Stop every broker, the store last (idempotent); removes the run dir only if we
+        made it."""
         for child in (*self._more_cells, self._mqtt, self._kafka, self._store):
             if child is not None:
                 child.stop(self.stop_timeout)
@@ -154,19 +161,37 @@ class EmbeddedBrokers:
 
     def kill_kafka(self) -> None:
         """SIGKILL Tansu, as a crash would; ``start_kafka`` brings it back on its port."""
-        kafka = self._require(self._kafka)
-        assert kafka.popen is not None
-        signal_group(kafka.popen.pid, signal.SIGKILL)
-        kafka.popen.wait()
-        kafka.popen = None
+        _sigkill(self._require(self._kafka))
 
     def start_kafka(self) -> None:
         """Start Tansu again on the same port (and, when durable, the same store)."""
-        if self._kafka is None:
-            raise BrokerError("embedded brokers are not running; call start() first")
+        self.revive("tansu")
+
+    def kill_store(self) -> None:
+        """SIGKILL the object store, as a crash would; ``start_store`` brings it back."""
+        _sigkill(self._require(self._store))
+
+    def start_store(self) -> None:
+        """Start the object store again on the same port, over the same folder."""
+        self.revive("store")
+
+    def exited(self) -> dict[str, int | None]:
+        """Each broker that is not running, by name, with its exit status (None: killed
+        here, or never started); the store first, then Tansu, then the Mosquittos."""
+        return {c.name: c.returncode for c in self._children() if not c.running}
+
+    def revive(self, name: str) -> None:
+        """Start one broker again on its own port (the store over its own folder); Tansu
+        is back once it answers a Metadata request."""
+        child = next((c for c in self._children() if c.name == name), None)
+        if child is None:
+            raise BrokerError(f"no embedded broker named {name!r}; call start() first")
+        if child.running:
+            raise BrokerError(f"{name} on port {child.port} is still running")
         deadline = time.monotonic() + self.start_timeout
-        self._launch(self._kafka, deadline)
-        self._wait_kafka_api(deadline)
+        self._launch(child, deadline)
+        if child is self._kafka:
+            self._wait_kafka_api(deadline)
 
     def restart_mosquitto(self, cell: int = 0) -> None:
         """Stop and start a cell's Mosquitto on the same port and persistence dir."""
@@ -220,39 +245,67 @@ class EmbeddedBrokers:
         return [self._require(self._cell(cell)).port for cell in range(self.cells)]
 
     @property
+    def store_endpoint(self) -> str:
+        """The object store's S3 endpoint URL."""
+        return f"http://{LOOPBACK}:{self._require(self._store).port}"
+
+    @property
+    def store_access_key(self) -> str:
+        return self._store_keys[0]
+
+    @property
+    def store_secret_key(self) -> str:
+        return self._store_keys[1]
+
+    @property
+    def data_bucket(self) -> str:
+        """The bucket for job data (Tansu's log has its own)."""
+        return DATA_BUCKET
+
+    @property
     def pids(self) -> dict[str, int]:
-        """Pid of each running broker process, by name ("tansu", "mosquitto", ...)."""
-        children = (self._store, self._kafka, self._mqtt, *self._more_cells)
-        return {c.name: c.popen.pid for c in children if c and c.popen}
+        """Pid of each running broker process, by name ("store", "tansu", "mosquitto", ...)."""
+        return {c.name: c.popen.pid for c in self._children() if c.popen}
 
     # internals
+
+    def _children(self) -> list[BrokerProcess]:
+        every = (self._store, self._kafka, self._mqtt, *self._more_cells)
+        return [child for child in every if child is not None]
 
     def _tansu(self, port: int) -> BrokerProcess:
         url = f"tcp://{LOOPBACK}:{port}"
         argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
-        if self._store is None:
+        if not self.durable:
             argv += ["--storage-engine", "memory://tansu/"]
         else:
             argv += ["--storage-engine", f"s3://{STORE_BUCKET}/"]
-            # localbucket checks no credentials, but Tansu's S3 client wants some.
             env |= {
-                "AWS_ENDPOINT": f"http://{LOOPBACK}:{self._store.port}",
+                "AWS_ENDPOINT": self.store_endpoint,
                 "AWS_ALLOW_HTTP": "true",
-                "AWS_ACCESS_KEY_ID": "parkpool",
-                "AWS_SECRET_ACCESS_KEY": "embedded",
-                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": self.store_access_key,
+                "AWS_SECRET_ACCESS_KEY": self.store_secret_key,
+                "AWS_DEFAULT_REGION": STORE_REGION,
             }
         # On SIGTERM Tansu 0.6 waits ~5 s for connected clients to leave; on SIGINT it
-        # exits at once, also with status 0. Memory storage has nothing to flush.
+        # exits at once, also with status 0, having written every acknowledged batch.
         return BrokerProcess("tansu", argv, port, (self.run_dir / "tansu.log",), env, signal.SIGINT)
 
-    def _localbucket(self, port: int) -> BrokerProcess:
-        """An S3-compatible server over a plain folder: Tansu's durable storage."""
-        store = self.run_dir / "store"
-        (store / STORE_BUCKET).mkdir(parents=True, exist_ok=True)
-        argv = [localbucket_binary(), "--port", str(port), str(store)]
-        return BrokerProcess("localbucket", argv, port, (self.run_dir / "localbucket.log",))
+    def _object_store(self, port: int) -> BrokerProcess:
+        """The S3 API over run_dir/store, which checks every request's signature."""
+        folder = self.run_dir / "store"
+        for bucket in (STORE_BUCKET, DATA_BUCKET):
+            (folder / bucket).mkdir(parents=True, exist_ok=True)
+        # The secret travels in the environment: an argv is world-readable in /proc and
+        # would be written to the pid record.
+        env = {**os.environ, "PARKPOOL_STORE_SECRET_KEY": self.store_secret_key}
+        logs = (self.run_dir / "store.log",)
+        return BrokerProcess("store", self._store_argv(port, folder), port, logs, env)
+
+    def _store_argv(self, port: int, folder: Path) -> list[str]:
+        access = ["--access-key", self.store_access_key]
+        return [sys.executable, "-c", _STORE_MAIN, "--port", str(port), *access, str(folder)]
 
     def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:
         run_dir = self.run_dir / f"cell-{cell}" if cell else self.run_dir
@@ -317,7 +370,7 @@ class EmbeddedBrokers:
             raise kafka.failure(f"did not answer Kafka metadata requests: {exc}") from exc
 
     def _write_pids(self, extra: BrokerProcess | None = None) -> None:
-        every = (self._store, self._kafka, self._mqtt, *self._more_cells, extra)
+        every = (*self._children(), extra)
         children = {c.name: c for c in every if c and c.popen}
         record = {n: {"pid": c.popen.pid, "argv": c.argv} for n, c in children.items() if c.popen}
         (self.run_dir / PIDS_FILE).write_text(json.dumps(record, indent=2))
@@ -327,6 +380,13 @@ class EmbeddedBrokers:
         if child is None or child.popen is None:
             raise BrokerError("embedded brokers are not running; call start() first")
         return child
+
+
+def _sigkill(child: BrokerProcess) -> None:
+    assert child.popen is not None
+    signal_group(child.popen.pid, signal.SIGKILL)
+    child.popen.wait()
+    child.popen = None
 
 
 @atexit.register

@@ -59,6 +59,17 @@ class BrokerProcess:
             except OSError as exc:
                 raise BrokerError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
 
+    @property
+    def running(self) -> bool:
+        """Started here and not exited since."""
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """How the process ended (negative: killed by that signal); None while it runs,
+        or once it is stopped or killed here."""
+        return None if self.popen is None else self.popen.poll()
+
     def wait_ready(self, deadline: float) -> None:
         """Return once the port accepts connections; raise if the process dies or stalls."""
         while True:

@@ -339,10 +339,10 @@ class TestLifecycle:
         # Given brokers that started
         brokers = EmbeddedBrokers(run_dir=tmp_path).start()
         pids = brokers.pids
-        assert set(pids) == {"tansu", "mosquitto"}
+        assert set(pids) == {"store", "tansu", "mosquitto"}
         # When they stop
         brokers.stop()
-        # Then both processes are gone and the pid record is empty
+        # Then every process is gone and the pid record is empty
         assert not [pid for pid in pids.values() if pid_alive(pid)]
         assert (tmp_path / "pids.json").read_text() == "{}"
 
@@ -374,7 +374,7 @@ class TestLifecycle:
         assert harness.stdout is not None
         assert harness.stdout.readline() == b"up\n"
         pids = [entry["pid"] for entry in json.loads((tmp_path / "pids.json").read_text()).values()]
-        assert len(pids) == 2
+        assert len(pids) == 3
         # When it is sent SIGTERM
         harness.send_signal(signal.SIGTERM)
         # Then it exits through its finally blocks, and no broker outlives it

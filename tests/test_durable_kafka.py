@@ -1,18 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The embedded Kafka with durable storage (Tansu on localbucket) survives a SIGKILL: its
-records and its topics' partition counts are there after a restart on the same port."""
+"""The embedded Kafka is durable by default (Tansu keeps its log in the embedded object
+store), so a SIGKILL of Tansu or of the store loses nothing: records and partition counts
+are there after a restart on the same port, and a reader that ``assign()``s partitions,
+as the SDK's result reader does, reads them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
-from confluent_kafka import Consumer, Producer
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.launcher import DATA_BUCKET, STORE_BUCKET, EmbeddedBrokers
 from parkpool.broker_config.topics import bootstrap
-from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.kafka import producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import KafkaTopics
 
@@ -26,42 +32,105 @@ def partition_counts(kafka: KafkaConnection, names: tuple[str, ...]) -> dict[str
     return {name: len(metadata.topics[name].partitions) for name in names}
 
 
-def read_everything(kafka: KafkaConnection, topic: str) -> list[bytes]:
-    """Every record of the topic, read by a fresh consumer group from the beginning."""
-    group = kafka.client_config(**{"group.id": "durable-check", "auto.offset.reset": "earliest"})
-    consumer = Consumer(group | {"session.timeout.ms": 6000, "enable.auto.commit": False})
-    consumer.subscribe([topic])
+def produce(kafka: KafkaConnection, topic: str, values: range) -> None:
+    producer = Producer(producer_config(kafka))
+    for i in values:
+        producer.produce(topic, f"record-{i}".encode(), key=str(i).encode())
+    assert producer.flush(30) == 0
+
+
+def read_assigned(kafka: KafkaConnection, topic: str, wanted: int) -> list[bytes]:
+    """Every record of the topic, read from offset 0 by a consumer that assign()s each
+    partition with the SDK's own reader settings (no group)."""
+    consumer = Consumer(reader_config(kafka))
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     values: list[bytes] = []
     try:
-        for _ in range(300):
+        for _ in range(150):  # 30 s at most
             for record in consumer.consume(500, timeout=0.2):
                 if record.error() is None:
                     values.append(record.value() or b"")
-            if len(values) >= RECORDS:
+            if len(values) >= wanted:
                 break
     finally:
         consumer.close()
     return values
 
 
+def expected(count: int) -> list[bytes]:
+    return sorted(f"record-{i}".encode() for i in range(count))
+
+
 class TestDurableEmbeddedKafka:
     """Records written before a crash are read after it, from the same topics."""
 
     def test_sigkill_and_restart_lose_nothing(self, tmp_path: Path) -> None:
-        # Given the durable embedded Kafka with the namespace's topics, and 300 records
-        with EmbeddedBrokers(run_dir=tmp_path, durable=True) as brokers:
+        # Given the embedded Kafka (durable by default) with the namespace's topics
+        with EmbeddedBrokers(run_dir=tmp_path) as brokers:
             kafka = KafkaConnection(brokers.kafka_bootstrap)
             topics = KafkaTopics("durable")
             bootstrap(brokers.kafka_bootstrap, "durable")
             counts = partition_counts(kafka, topics.all())
-            producer = Producer(producer_config(kafka))
-            for i in range(RECORDS):
-                producer.produce(topics.tasks, f"record-{i}".encode(), key=str(i).encode())
-            assert producer.flush(30) == 0
+            # And 300 records
+            produce(kafka, topics.tasks, range(RECORDS))
             # When Tansu is SIGKILLed and started again on the same port
             brokers.kill_kafka()
             brokers.start_kafka()
-            # Then every topic has the partitions it had, and every record is there
+            # Then every topic has the partitions it had
             assert partition_counts(kafka, topics.all()) == counts
-            values = read_everything(kafka, topics.tasks)
-            assert sorted(values) == sorted(f"record-{i}".encode() for i in range(RECORDS))
+            # And an assigning reader with a short fetch wait reads every record
+            assert sorted(read_assigned(kafka, topics.tasks, RECORDS)) == expected(RECORDS)
+
+    def test_store_restart_loses_nothing(self, tmp_path: Path) -> None:
+        # Given records written before the object store is SIGKILLed and restarted
+        with EmbeddedBrokers(run_dir=tmp_path) as brokers:
+            kafka = KafkaConnection(brokers.kafka_bootstrap)
+            topic = KafkaTopics("durable").results
+            bootstrap(brokers.kafka_bootstrap, "durable")
+            produce(kafka, topic, range(RECORDS // 2))
+            port = brokers.store_endpoint
+            brokers.kill_store()
+            brokers.start_store()
+            # When Tansu, which kept running, takes more records
+            produce(kafka, topic, range(RECORDS // 2, RECORDS))
+            # Then the store is back on its port and every record is read
+            assert brokers.store_endpoint == port
+            assert sorted(read_assigned(kafka, topic, RECORDS)) == expected(RECORDS)
+
+
+def s3(brokers: EmbeddedBrokers, secret: str | None = None) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=brokers.store_endpoint,
+        aws_access_key_id=brokers.store_access_key,
+        aws_secret_access_key=secret or brokers.store_secret_key,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+class TestEmbeddedObjectStore:
+    """The store always runs, with its two buckets and credentials of its own."""
+
+    def test_buckets_and_credentials(self, tmp_path: Path) -> None:
+        # Given brokers with Kafka kept in memory (the opt-out)
+        with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
+            kafka = KafkaConnection(brokers.kafka_bootstrap)
+            bootstrap(brokers.kafka_bootstrap, "memory")
+            produce(kafka, KafkaTopics("memory").tasks, range(10))
+            # Then the store runs anyway, with Kafka's bucket and the job data bucket
+            client = s3(brokers)
+            names = {b["Name"] for b in client.list_buckets()["Buckets"]}
+            assert names == {STORE_BUCKET, DATA_BUCKET} and brokers.data_bucket == DATA_BUCKET
+            # And Kafka's log is not in it
+            assert not list((tmp_path / "store" / STORE_BUCKET).iterdir())
+            # And a request signed with another secret is refused
+            with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+                s3(brokers, secret="0" * 40).list_buckets()
+
+    def test_each_instance_has_its_own_keys(self, tmp_path: Path) -> None:
+        one, other = EmbeddedBrokers(tmp_path / "one"), EmbeddedBrokers(tmp_path / "other")
+        assert one.store_access_key != other.store_access_key
+        assert one.store_secret_key != other.store_secret_key
+        assert len(one.store_secret_key) >= 32
