@@ -215,6 +215,9 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
 
     keys: StoreKeys = StoreKeys({})
     _payload: str = ""
+    # Small responses (HEAD, errors, ListObjects) otherwise wait ~40 ms for the client's
+    # delayed ACK; S3 clients (Tansu's, boto3) pay that on every request.
+    disable_nagle_algorithm = True
 
     def _dispatch(self, action: object) -> None:
         try:

@@ -22,6 +22,10 @@ def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
         "PARKPOOL_MQTT_HOST": brokers.mqtt_host,
         "PARKPOOL_MQTT_PORT": str(brokers.mqtt_port),
         "PARKPOOL_NAMESPACE": namespace,
+        "PARKPOOL_STORE_ENDPOINT": brokers.store_endpoint,
+        "PARKPOOL_STORE_BUCKET": brokers.data_bucket,
+        "PARKPOOL_STORE_ACCESS_KEY": brokers.store_access_key,
+        "PARKPOOL_STORE_SECRET_KEY": brokers.store_secret_key,
         "PARKPOOL_LOG_JSON": "1",
         # Many simulated vehicles share few cores: one BLAS thread each, no oversubscription.
         "OPENBLAS_NUM_THREADS": "1",
