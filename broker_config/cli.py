@@ -2,7 +2,8 @@
 """``parkpool brokers``: run embedded brokers, or bootstrap topics on any Kafka.
 
 ``parkpool brokers up`` prints ``export`` lines for the other commands, then holds the
-brokers until Ctrl-C or SIGTERM; ``parkpool brokers bootstrap`` is safe to re-run.
+brokers until Ctrl-C or SIGTERM, restarting any that dies (``broker_config.supervisor``);
+``parkpool brokers bootstrap`` is safe to re-run.
 """
 
 from __future__ import annotations
@@ -10,23 +11,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from parkpool.runtime import logs
 from parkpool.runtime.settings import (
-    add_flag,
     add_kafka_options,
     add_namespace_option,
     add_option,
+    boolean,
 )
 from parkpool.runtime.signals import stop_event
-from parkpool.schemas.errors import ParkpoolError
-from parkpool.schemas.topics import check_namespace
+from parkpool.schemas.errors import BrokerError, ParkpoolError
+from parkpool.schemas.topics import KafkaTopics, check_namespace
 
 from .launcher import EmbeddedBrokers
+from .supervisor import Supervisor
 from .topics import TopicSpec, bootstrap, load_specs, with_task_partitions
 
 __all__ = ["add_parser", "run_bootstrap", "run_up"]
 
 _TOPICS_HELP = "topic specs TOML (unset: the packaged kafka_topics.toml)"
-_RUN_DIR_HELP = "dir for logs, pids and MQTT data, kept on exit (unset: a temp dir)"
+_RUN_DIR_HELP = (
+    "dir for logs, pids, MQTT data and the object store, kept on exit (unset: a temp dir)"
+)
+_DURABLE_HELP = (
+    "keep Kafka's log in the embedded object store (<run-dir>/store), so that it survives "
+    "a crash; 'no' (or --memory) keeps it in memory"
+)
 _TASK_PARTITIONS_HELP = (
     "partitions of the tasks and results topics; at least the number of gateways that "
     "share the namespace, since a gateway beyond it reads nothing (unset: the topics file's)"
@@ -46,19 +58,15 @@ def add_parser(subparsers: _Subparsers[argparse.ArgumentParser]) -> argparse.Arg
 def _add_up(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     up = commands.add_parser(
         "up",
-        help="start Tansu and Mosquitto on free loopback ports until Ctrl-C",
+        help="start an object store, Tansu and Mosquitto on free loopback ports until Ctrl-C",
         description="Start embedded brokers, create the namespace's topics, print the "
-        "connection settings as export lines, and stop cleanly on Ctrl-C or SIGTERM.",
+        "connection settings as export lines, restart any broker that dies on its own "
+        "port, and stop cleanly on Ctrl-C or SIGTERM.",
     )
     add_namespace_option(up)
     add_option(up, "--run-dir", "PARKPOOL_RUN_DIR", None, _RUN_DIR_HELP)
-    add_flag(
-        up,
-        "--durable",
-        "PARKPOOL_DURABLE",
-        "keep Kafka's log in an embedded S3 store (localbucket in <run-dir>/store), so it "
-        "survives a crash; otherwise in memory",
-    )
+    add_option(up, "--durable", "PARKPOOL_DURABLE", True, _DURABLE_HELP, boolean)
+    up.add_argument("--memory", dest="durable", action="store_false", help="same as --durable no")
     _add_topic_options(up)
     up.set_defaults(func=run_up)
 
@@ -104,20 +112,51 @@ def _specs(args: argparse.Namespace) -> tuple[TopicSpec, ...]:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    """Start brokers, bootstrap topics, print exports, and wait for Ctrl-C/SIGTERM."""
+    """Start brokers, bootstrap topics, print exports, and keep the brokers running until
+    Ctrl-C/SIGTERM; exits 1 if a broker keeps dying."""
     try:
+        logs.configure()
         namespace = check_namespace(args.namespace)
         specs = _specs(args)
         stop = stop_event()
         with EmbeddedBrokers(args.run_dir, durable=args.durable) as brokers:
             bootstrap(brokers.kafka_bootstrap, namespace, specs=specs)
+            counts = partition_counts(brokers.kafka_bootstrap, namespace)
             _print_exports(brokers, namespace)
-            stop.wait()
+
+            def after_restart(name: str) -> None:
+                if name == "tansu":
+                    _check_topics(brokers, namespace, specs, counts)
+
+            Supervisor(brokers, on_restart=after_restart).run(stop)
             print("stopping brokers", file=sys.stderr)
     except (ParkpoolError, ValueError) as exc:
         print(f"parkpool brokers up: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def partition_counts(kafka_bootstrap: str, namespace: str) -> dict[str, int]:
+    """Partitions of each of the namespace's topics (0: the topic does not exist)."""
+    try:
+        metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
+    except KafkaException as exc:
+        raise BrokerError(f"Kafka at {kafka_bootstrap} did not list its topics: {exc}") from exc
+    found = metadata.topics
+    return {t: len(found[t].partitions) if t in found else 0 for t in KafkaTopics(namespace).all()}
+
+
+def _check_topics(
+    brokers: EmbeddedBrokers, namespace: str, specs: tuple[TopicSpec, ...], counts: dict[str, int]
+) -> None:
+    """After Tansu restarts: create the topics again if they are gone (Kafka in memory),
+    then refuse to go on if any has other partitions than before (keys would move)."""
+    bootstrap(brokers.kafka_bootstrap, namespace, specs=specs)
+    now = partition_counts(brokers.kafka_bootstrap, namespace)
+    if now != counts:
+        raise BrokerError(f"partition counts changed across a Kafka restart: {counts} -> {now}")
+    if not brokers.durable:
+        print("Kafka restarted in memory: its records are gone, topics recreated", file=sys.stderr)
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:
@@ -146,5 +185,10 @@ def _print_exports(brokers: EmbeddedBrokers, namespace: str) -> None:
     print(f"export PARKPOOL_KAFKA_BOOTSTRAP={brokers.kafka_bootstrap}")
     print(f"export PARKPOOL_MQTT_HOST={brokers.mqtt_host}")
     print(f"export PARKPOOL_MQTT_PORT={brokers.mqtt_port}")
-    print(f"export PARKPOOL_NAMESPACE={namespace}", flush=True)
-    print(f"brokers up (logs in {brokers.run_dir}); Ctrl-C to stop", file=sys.stderr)
+    print(f"export PARKPOOL_NAMESPACE={namespace}")
+    print(f"export PARKPOOL_STORE_ENDPOINT={brokers.store_endpoint}")
+    print(f"export PARKPOOL_STORE_BUCKET={brokers.data_bucket}")
+    print(f"export PARKPOOL_STORE_ACCESS_KEY={brokers.store_access_key}")
+    print(f"export PARKPOOL_STORE_SECRET_KEY={brokers.store_secret_key}", flush=True)
+    kafka = "durable, in <run-dir>/store" if brokers.durable else "in memory"
+    print(f"brokers up (logs in {brokers.run_dir}; Kafka {kafka}); Ctrl-C to stop", file=sys.stderr)

@@ -182,16 +182,23 @@ class EmbeddedBrokers:
 
     def revive(self, name: str) -> None:
         """Start one broker again on its own port (the store over its own folder); Tansu
-        is back once it answers a Metadata request."""
-        child = next((c for c in self._children() if c.name == name), None)
-        if child is None:
-            raise BrokerError(f"no embedded broker named {name!r}; call start() first")
+        is back once it answers a Metadata request. One that does not come up is stopped
+        again, so that ``exited`` still names it."""
+        child = self._child(name)
         if child.running:
             raise BrokerError(f"{name} on port {child.port} is still running")
         deadline = time.monotonic() + self.start_timeout
-        self._launch(child, deadline)
-        if child is self._kafka:
-            self._wait_kafka_api(deadline)
+        try:
+            self._launch(child, deadline)
+            if child is self._kafka:
+                self._wait_kafka_api(deadline)
+        except BrokerError:
+            child.stop(self.stop_timeout)
+            raise
+
+    def log_tail(self, name: str) -> str:
+        """The last lines of one broker's logs."""
+        return self._child(name).log_tail()
 
     def restart_mosquitto(self, cell: int = 0) -> None:
         """Stop and start a cell's Mosquitto on the same port and persistence dir."""
@@ -268,6 +275,12 @@ class EmbeddedBrokers:
         return {c.name: c.popen.pid for c in self._children() if c.popen}
 
     # internals
+
+    def _child(self, name: str) -> BrokerProcess:
+        child = next((c for c in self._children() if c.name == name), None)
+        if child is None:
+            raise BrokerError(f"no embedded broker named {name!r}; call start() first")
+        return child
 
     def _children(self) -> list[BrokerProcess]:
         every = (self._store, self._kafka, self._mqtt, *self._more_cells)

@@ -229,6 +229,43 @@ class TestTaskPartitions:
         assert partition_counts(brokers, topics) == expected
 
 
+class TestDurableOption:
+    """`brokers up` keeps Kafka in the object store unless told --memory or
+    PARKPOOL_DURABLE=0."""
+
+    @pytest.mark.parametrize(
+        ("variable", "argv", "durable"),
+        [
+            (None, [], True),
+            (None, ["--memory"], False),
+            (None, ["--durable", "no"], False),
+            ("0", [], False),
+            ("0", ["--durable", "yes"], True),
+            ("1", ["--memory"], False),
+        ],
+    )
+    def test_durable_unless_opted_out(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        variable: str | None,
+        argv: list[str],
+        durable: bool,
+    ) -> None:
+        if variable is None:
+            monkeypatch.delenv("PARKPOOL_DURABLE", raising=False)
+        else:
+            monkeypatch.setenv("PARKPOOL_DURABLE", variable)
+        assert build_parser().parse_args(["brokers", "up", *argv]).durable is durable
+
+    def test_a_bad_variable_is_named(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("PARKPOOL_DURABLE", "perhaps")
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["brokers", "up"])
+        assert "PARKPOOL_DURABLE='perhaps'" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 class TestKafkaRoundTrip:
     """A record produced idempotently with acks=all is consumed back unchanged."""
