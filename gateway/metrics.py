@@ -68,6 +68,12 @@ class GatewayMetrics:
             ["topic_kind"],
             registry=r,
         )
+        self.producer_recreated = Counter(
+            "parkpool_gateway_kafka_producer_recreated_total",
+            "Kafka producers replaced because the broker fenced them or lost their id; "
+            "what they had not delivered is produced again by the new one",
+            registry=r,
+        )
         self.rebalances = Counter(
             "parkpool_gateway_rebalances_total",
             "Consumer-group rebalance events",

@@ -12,6 +12,8 @@ gateway, or it is dead-lettered (``gateway.deadletters``). A record whose handli
 is dead-lettered too, and counted, so no record can stop the loop or come back after a
 restart. Delivery reports, and writes Kafka refused at once, are answered from ``poll``
 on the loop's own turn, never from inside the call that produced.
+
+Writes go through ``gateway.kafkawriter``, which replaces a producer the broker fenced.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from parkpool.gateway.deadletters import Call, DeadLetters
+from parkpool.gateway.kafkawriter import KafkaWriter
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasks import PendingTask
@@ -32,9 +35,7 @@ from parkpool.gateway.window import OffsetWindow
 from parkpool.runtime.kafka import (
     consumer_config,
     coordinates,
-    produce,
     producer_config,
-    record_size,
 )
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import CancelJob, DecodeError, KafkaTopics, TaskChunk, decode
@@ -100,9 +101,15 @@ class TaskLog:
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
         self._standby = False
-        self._producer = Producer(producer_config(kafka))
-        self._max_record_bytes = kafka.max_record_bytes
         self._later: DelayQueue[Call] = DelayQueue()
+        self.writer = KafkaWriter(
+            producer_config(kafka),
+            max_record_bytes=kafka.max_record_bytes,
+            later=self._later,
+            metrics=metrics,
+            gateway_id=gateway_id,
+            new_producer=Producer,  # looked up here, so that tests may replace it
+        )
         self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
         self.letters = DeadLetters(
             topic=topics.dead_letter,
@@ -152,7 +159,7 @@ class TaskLog:
         Writes still waiting for a retry are given up: their records' offsets are not
         finished, so the partition's next owner reads them again.
         """
-        self._producer.flush(timeout)  # delivery reports fire here and finish offsets
+        self.writer.flush(timeout)  # delivery reports fire here and finish offsets
         if len(self._later):
             self._log.warning("writes_abandoned_on_close", count=len(self._later))
         if self._consumer is not None:
@@ -185,7 +192,7 @@ class TaskLog:
                 self._overflow[tp].append(record)  # keeps the partition's order
             else:
                 accepted.append(self._accept(record))
-        self._producer.poll(0)
+        self.writer.serve()
         return [item for item in accepted if item is not None]
 
     def _ours(self, record: Message) -> bool:
@@ -242,27 +249,7 @@ class TaskLog:
 
     def produce(self, topic: str, value: bytes, key: str | None, done: Delivered) -> None:
         """Write a record; ``done`` hears how it went, always later, on the loop's turn."""
-        report = self._guarded(done)
-        size = record_size(value, key)
-        refused: KafkaError | None
-        if size > self._max_record_bytes:
-            reason = f"{size} bytes exceeds the {self._max_record_bytes}-byte record limit"
-            refused = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, reason)
-        else:
-            refused = produce(self._producer, topic, value, key, lambda err, _msg: report(err))
-        if refused is not None:
-            self._later.push(lambda: report(refused), 0.0)
-
-    def _guarded(self, done: Delivered) -> Delivered:
-        def report(err: KafkaError | None) -> None:
-            try:
-                done(err)
-            except Exception:
-                # Raised inside librdkafka's poll(), it would end the gateway's loop.
-                self.metrics.handler_errors.labels("kafka_delivery").inc()
-                self._log.exception("delivery_handler_failed", error=str(err))
-
-        return report
+        self.writer.produce(topic, value, key, done)
 
     # ---------------------------------------------------------------- offsets and flow
 
