@@ -98,6 +98,7 @@ class EmbeddedBrokers:
         client_certs: bool = True,
         cells: int = 1,
         durable: bool = True,
+        fresh: bool = False,
     ) -> None:
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="parkpool-brokers-")).resolve()
@@ -117,6 +118,7 @@ class EmbeddedBrokers:
         # The object store (run_dir/store) always runs. Durable: Tansu keeps its log in it,
         # so the embedded Kafka survives a SIGKILL; otherwise Tansu keeps it in memory.
         self.durable = durable
+        self.fresh = fresh  # empty the store first, even in a run dir kept from a past run
         self._store_keys = (secrets.token_hex(10), secrets.token_hex(20))  # per instance
         self._store: BrokerProcess | None = None
         self._kafka: BrokerProcess | None = None
@@ -129,6 +131,8 @@ class EmbeddedBrokers:
         """Start both brokers; on any failure stop whatever did start, then raise."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         kill_stray(self.run_dir)
+        if self.fresh:
+            shutil.rmtree(self.run_dir / "store", ignore_errors=True)
         _live.add(self)
         try:
             deadline = time.monotonic() + self.start_timeout

@@ -1,13 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Shared fixtures: one pair of real brokers per session, one namespace per test.
 
-The brokers are real (Tansu and Mosquitto on free loopback ports). If they cannot
-start, every test that needs them fails: a missing broker must never pass as a skip.
+The brokers are real (the object store, Tansu and Mosquitto on free loopback ports), and
+Kafka is durable, as it is by default (PARKPOOL_DURABLE=0 runs the session with Kafka in
+memory). If they cannot start, every test that needs them fails: a missing broker must
+never pass as a skip.
 Each test gets its own namespace, so its Kafka topics and MQTT topics are its own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,8 +40,9 @@ TEST_TOPIC_SPECS: tuple[TopicSpec, ...] = tuple(
 
 @pytest.fixture(scope="session")
 def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrokers]:
-    """Tansu and Mosquitto for the whole session; logs stay in pytest's tmp dir."""
-    with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("brokers")) as running:
+    """The store, Tansu and Mosquitto for the whole session; logs stay in pytest's tmp dir."""
+    durable = os.environ.get("PARKPOOL_DURABLE", "1") != "0"
+    with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("brokers"), durable=durable) as running:
         yield running
 
 

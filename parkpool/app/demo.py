@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     # TLS as in production: the broker proves itself with a certificate from a local CA,
     # and every client logs in with its own password over the encrypted connection.
     tls_dir = make_certs(run_dir / "tls", [])
-    brokers_tls = EmbeddedBrokers(run_dir=run_dir, auth=True, tls_dir=tls_dir, client_certs=False)
+    brokers_tls = EmbeddedBrokers(
+        run_dir=run_dir, auth=True, tls_dir=tls_dir, client_certs=False, fresh=True
+    )
     with brokers_tls as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         metrics_port = free_port()
