@@ -73,19 +73,11 @@ def mosquitto_binary() -> str:
 STORE_BUCKET = "tansu"
 DATA_BUCKET = "parkpool"
 STORE_REGION = "us-east-1"
-# The store runs as `python -m parkpool.broker_config.objectstore`, with Nagle's algorithm
-# off: its responses go out as headers, then body, and with Nagle on each one waited for
-# the client's delayed ACK (~40 ms), which made Tansu's fetches return nothing at all
-# (docs/DECISIONS.md, "A durable embedded Kafka"). Setting the flag here is harmless
-# once the module sets it itself.
-_STORE_MAIN = (
-    "import sys; from parkpool.broker_config import objectstore as store; "
-    "store.VerifyingHandler.disable_nagle_algorithm = True; store.main(sys.argv[1:])"
-)
 
 
 class EmbeddedBrokers:
-    """Tansu and Mosquitto for one test session or demo, stopped on exit no matter what."""
+    """The object store, Tansu and Mosquitto for one test session or demo, stopped on exit
+    no matter what."""
 
     def __init__(
         self,
@@ -322,7 +314,8 @@ class EmbeddedBrokers:
 
     def _store_argv(self, port: int, folder: Path) -> list[str]:
         access = ["--access-key", self.store_access_key]
-        return [sys.executable, "-c", _STORE_MAIN, "--port", str(port), *access, str(folder)]
+        store = "parkpool.broker_config.objectstore"
+        return [sys.executable, "-m", store, "--port", str(port), *access, str(folder)]
 
     def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:
         run_dir = self.run_dir / f"cell-{cell}" if cell else self.run_dir
