@@ -50,7 +50,7 @@ class BlobRef:
     shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.name:
+        if self.name != "":  # anything else, even a falsy non-string, must be a name
             require_name("ref name", self.name)
         require_str("sha256", self.sha256, pattern=_SHA256)
         require_int("size", self.size, 0, MAX_BLOB_BYTES)

@@ -260,7 +260,7 @@ class Assignment:
         if not isinstance(self.urls, list | tuple) or len(self.urls) > MAX_ARRAYS:
             raise _wrong(f"urls must be a list of at most {MAX_ARRAYS} URLs")
         object.__setattr__(self, "urls", tuple(_url("url", u) for u in self.urls))
-        if self.upload_url:
+        if self.upload_url != "":
             _url("upload_url", self.upload_url)
         require_int("epoch", self.epoch, 1)
         require_int("attempt", self.attempt, 1, 1_000_000)

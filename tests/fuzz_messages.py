@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from parkpool.runtime.sealing import BoxKey, seal_outputs, seal_task
-from parkpool.schemas import codec
+from parkpool.schemas import BlobRef, codec
 from parkpool.schemas import messages as m
 from parkpool.schemas.codec import ALLOWED_DTYPES, MAX_NDIM, WIRE_VERSION, decode, encode, peek_type
 from parkpool.schemas.errors import DecodeError
@@ -73,6 +73,25 @@ ARRAYS = hnp.arrays(
 )
 ARRAY_MAPS = st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), ARRAYS, max_size=3)
 
+URLS = st.from_regex(r"https?://[a-z0-9.:-]{1,40}/[A-Za-z0-9/%&=._-]{0,200}", fullmatch=True)
+
+
+@st.composite
+def _array_ref(draw: st.DrawFn) -> BlobRef:
+    """A claim check for an array: its size agrees with its dtype and shape."""
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 256), max_size=3)))  # far under 5 GiB
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    name = draw(st.from_regex(r"R[0-9]{1,3}", fullmatch=True))  # never an inline name
+    return BlobRef(name, draw(HEX64), size, dtype.str, shape)
+
+
+HEX64 = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+BLOB_REFS = st.lists(_array_ref(), max_size=3, unique_by=lambda ref: ref.name).map(tuple)
+OPAQUE_REFS = st.builds(
+    lambda sha, size: (BlobRef("outputs", sha, size),), HEX64, st.integers(0, 1 << 30)
+)
+
 # Fields whose valid values are narrower than their type says, by name (any message) ...
 BY_FIELD: Mapping[str, st.SearchStrategy[Any]] = {
     "job_id": IDS,
@@ -116,6 +135,9 @@ BY_FIELD: Mapping[str, st.SearchStrategy[Any]] = {
     # its own would break the rules that tie it to the others.
     "sealed_inputs": st.just(b""),
     "sealed_outputs": st.just(b""),
+    "urls": st.lists(URLS, max_size=3).map(tuple),
+    "upload_url": st.just("") | URLS,
+    "refs": BLOB_REFS,
 }
 # ... and by (message, field) where one name means different things in different messages.
 BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
@@ -132,6 +154,8 @@ BY_CLASS_FIELD: Mapping[tuple[str, str], st.SearchStrategy[Any]] = {
         st.binary(max_size=64), min_size=1, max_size=4
     ).map(tuple),
     ("Assignment", "queued"): st.integers(-1, 10**6),
+    # Stored outputs replace the inline ones: drawn whole in messages() below.
+    ("Result", "refs"): st.just(()),
     ("AssignmentBatch", "queued"): st.integers(-1, 10**6),
 }
 GATEWAY_BOX = BoxKey.generate()
@@ -212,11 +236,19 @@ def _instance(draw: st.DrawFn, cls: type) -> Any:
 def messages(cls: type) -> st.SearchStrategy[Any]:
     """Valid instances of a message or nested record, built field by field; tasks and
     results are sometimes confidential ones, sealed for real."""
+    if cls is BlobRef:  # its size must agree with its dtype and shape
+        return _array_ref()
     plain = _instance(cls)
     if cls is m.TaskChunk:
-        return plain | plain.map(lambda t: seal_task(t, GATEWAY_BOX.public, REPLY_BOX.public))
+        unstored = plain.map(lambda t: dataclasses.replace(t, refs=()))
+        return plain | unstored.map(lambda t: seal_task(t, GATEWAY_BOX.public, REPLY_BOX.public))
     if cls is m.Result:
-        return plain | plain.map(lambda r: seal_outputs(r, REPLY_BOX.public))
+        stored = st.builds(
+            lambda r, refs: dataclasses.replace(r, outputs={}, sealed_outputs=b"", refs=refs),
+            plain,
+            OPAQUE_REFS,
+        )
+        return plain | plain.map(lambda r: seal_outputs(r, REPLY_BOX.public)) | stored
     if cls is m.DeadLetter:
         return plain | plain.flatmap(_measured)
     return plain

@@ -64,6 +64,7 @@ REFUSALS: Mapping[str, list[tuple[Any, str]]] = {
     "record": _all("wrong_type", [], "x", 1, None, True),
     "records": _all("wrong_type", {}, "x", 1, None, [1], ["x"], [[]]),
     "names": _all("wrong_type", {}, "x", 1, None, [1], [None], [b"k"]),
+    "ints": _all("wrong_type", {}, "x", 1, None, [None], ["x"], [1.5], [True]),
 }
 
 
@@ -75,7 +76,7 @@ def _kind(hint: Any) -> str:
         return "record"
     if origin is tuple:
         inner = typing.get_args(hint)[0]
-        return "names" if inner is str else "records"
+        return {str: "names", int: "ints"}.get(inner, "records")
     if origin is not None and issubclass(origin, Mapping):
         return "map"
     return {int: "int", float: "float", str: "str", bytes: "bytes", bool: "bool"}[hint]
