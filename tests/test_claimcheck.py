@@ -177,7 +177,7 @@ class TestClaimCheckJob:
             # Then each distinct block was uploaded once, and nothing else
             inputs = [k for k in _job_objects(store, "ccgemm") if "/in/" in k]
             assert len(inputs) == 8
-            assert sdk.metrics.blobs_uploaded._value.get() == 8
+            assert sdk.metrics.registry.get_sample_value("parkpool_sdk_blobs_uploaded_total") == 8
             # And the answer is right, outputs having come back through the store
             np.testing.assert_allclose(handle.wait(timeout=60), a @ b, rtol=1e-4, atol=1e-4)
             # And when the job has ended its objects are deleted
@@ -327,6 +327,20 @@ def test_jobs_fit_128_kib_records_and_messages(
         gateway.stop()
     mine = [r for r in records if (r.key() or b"").startswith(handle.job_id.encode())]
     assert len(mine) == 8 and max(len(r.value() or b"") for r in mine) < limit
+
+
+@pytest.mark.integration
+def test_the_ttl_sweep_deletes_what_a_crashed_client_left(store: BlobStore) -> None:
+    # Given objects of a job whose client died before the job ended
+    for n in range(3):
+        data = f"left over {n}".encode()
+        store.put_if_absent(input_key("crashed", sha256_hex(data)), data, sha256_hex(data))
+    # When the sweep runs before the TTL has passed, Then it keeps them
+    assert store.sweep(job_prefix("crashed"), older_than_s=3600) == 0
+    assert len(_job_objects(store, "crashed")) == 3
+    # And once they are older than the TTL it deletes them all
+    assert store.sweep(job_prefix("crashed"), older_than_s=3600, now=time.time() + 7200) == 3
+    assert _job_objects(store, "crashed") == []
 
 
 def test_keys_are_per_job_and_content_addressed() -> None:

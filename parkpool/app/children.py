@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.runtime.settings import Secret, StoreConnection
 
 
 def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
@@ -30,6 +31,16 @@ def role_env(brokers: EmbeddedBrokers, namespace: str) -> dict[str, str]:
         # Many simulated vehicles share few cores: one BLAS thread each, no oversubscription.
         "OPENBLAS_NUM_THREADS": "1",
     }
+
+
+def store_connection(brokers: EmbeddedBrokers) -> StoreConnection:
+    """The embedded object store, as the SDK and gateways reach it."""
+    return StoreConnection(
+        brokers.store_endpoint,
+        brokers.data_bucket,
+        brokers.store_access_key,
+        Secret(brokers.store_secret_key),
+    )
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from parkpool.app.children import role, role_env
+from parkpool.app.children import role, role_env, store_connection
 from parkpool.broker_config.certs import make_certs
 from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
 from parkpool.broker_config.topics import bootstrap
@@ -25,7 +25,7 @@ from parkpool.producer.cli import follow
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime import logs
 from parkpool.runtime.sealing import generate_box_key
-from parkpool.runtime.settings import KafkaConnection
+from parkpool.runtime.settings import KafkaConnection, StoreConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.runtime.signing import generate
 
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                 "each car with its own login and ACL; work and results signed)"
             )
             print(f"watch it: parkpool top --url http://127.0.0.1:{metrics_port}")
-            ok = run_job(args, brokers.kafka_bootstrap, metrics_port, box_public)
+            store = store_connection(brokers)
+            ok = run_job(args, brokers.kafka_bootstrap, metrics_port, box_public, store)
     print("all processes stopped")
     return 0 if ok else 1
 
@@ -135,13 +136,18 @@ def _enroll(brokers: EmbeddedBrokers, vehicles: int, cars: Path) -> dict[str, st
 
 
 def run_job(
-    args: argparse.Namespace, bootstrap_servers: str, metrics_port: int, box_public: Path
+    args: argparse.Namespace,
+    bootstrap_servers: str,
+    metrics_port: int,
+    box_public: Path,
+    store: StoreConnection,
 ) -> bool:
     rng = np.random.default_rng(7)
     a = rng.standard_normal((args.size, args.size), dtype=np.float32)
     b = rng.standard_normal((args.size, args.size), dtype=np.float32)
     kafka = KafkaConnection(bootstrap_servers)
-    settings = ProducerSettings(kafka, NAMESPACE, gateway_box_key=box_public)
+    # Bulk bytes go to the object store; Kafka and MQTT carry references (claim check).
+    settings = ProducerSettings(kafka, NAMESPACE, gateway_box_key=box_public, store=store)
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
         sealed = not args.plain
@@ -154,6 +160,8 @@ def run_job(
             f"{args.tile}x{args.k_tile} @ {args.k_tile}x{args.tile}"
             + (" (inputs and results sealed)" if sealed else "")
         )
+        stored = client.metrics.registry.get_sample_value("parkpool_sdk_blobs_uploaded_total")
+        print(f"inputs in the object store: {stored:.0f} objects; records carry references")
         answer = follow(handle, args.timeout)
         wall = time.monotonic() - started
     expected = a.astype(np.float64) @ b.astype(np.float64)

@@ -119,6 +119,23 @@ class BlobStore:
             self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
         return len(old)
 
+    def expire_after(self, prefix: str, days: int) -> None:
+        """A bucket lifecycle rule: objects under ``prefix`` expire ``days`` after they
+        were written (AWS S3, MinIO, Ceph RGW; the embedded store has none: sweep)."""
+        rule = {
+            "ID": "parkpool-job-ttl",
+            "Filter": {"Prefix": prefix},
+            "Status": "Enabled",
+            "Expiration": {"Days": days},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+        }
+        self._call(
+            "set the lifecycle rule",
+            self._client.put_bucket_lifecycle_configuration,
+            Bucket=self.bucket,
+            LifecycleConfiguration={"Rules": [rule]},
+        )
+
     # ---------------------------------------------------------------- presigning
 
     def presign_get(self, key: str, expires_s: float) -> str:
