@@ -313,8 +313,9 @@ class EmbeddedBrokers:
         return BrokerProcess("store", self._store_argv(port, folder), port, logs, env)
 
     def _store_argv(self, port: int, folder: Path) -> list[str]:
+        # objectstore, with the If-Match check Tansu's log depends on (see that module).
         access = ["--access-key", self.store_access_key]
-        store = "parkpool.broker_config.objectstore"
+        store = "parkpool.broker_config.conditional_store"
         return [sys.executable, "-m", store, "--port", str(port), *access, str(folder)]
 
     def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:
