@@ -34,11 +34,14 @@ from parkpool.schemas import (
     DecodeError,
     MqttTopics,
     TaskChunk,
+    ValidationError,
     decode,
     encode,
 )
 from parkpool.schemas.blobref import input_key, job_prefix, output_key
-from parkpool.worker.dataplane import fetch, upload
+from parkpool.schemas.kernels import MAX_ELEMS
+from parkpool.worker.blobcache import BlobCache
+from parkpool.worker.dataplane import CarData, fetch, upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import RawMqtt, hold_lease, read_all, wait_for
@@ -341,6 +344,20 @@ def test_the_ttl_sweep_deletes_what_a_crashed_client_left(store: BlobStore) -> N
     # And once they are older than the TTL it deletes them all
     assert store.sweep(job_prefix("crashed"), older_than_s=3600, now=time.time() + 7200) == 3
     assert _job_objects(store, "crashed") == []
+
+
+def test_a_car_refuses_an_oversized_input_before_fetching_it() -> None:
+    # Given a task naming a stored input larger than any kernel may take
+    shape = (MAX_ELEMS + 1,)
+    ref = BlobRef("x", "0" * 64, (MAX_ELEMS + 1) * 4, "<f4", shape)
+    task = TaskChunk("big", 0, 1, "reduce", {"op": "sum"}, {}, "r", 1e10, 0.0, refs=(ref,))
+    # Its URL points nowhere: a fetch would fail with a store error, not this one
+    lease = Assignment("gw1", "car", 1, 1, 1e10, encode(task), urls=("http://127.0.0.1:9/x",))
+    # Then the car refuses it as a task no car may run, without a byte fetched
+    data = CarData(BlobCache(1 << 20))
+    with pytest.raises(ValidationError, match="too_large"):
+        data.hydrate(lease, task)
+    assert data.cache.stats().misses == 0
 
 
 def test_keys_are_per_job_and_content_addressed() -> None:

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import urllib.error
 import urllib.request
 from dataclasses import replace
 
 import numpy as np
 
-from parkpool.schemas import Assignment, BlobRef, BrokerError, DecodeError, Result, TaskChunk
-from parkpool.schemas.codec import encode_arrays
+from parkpool.schemas import (
+    Assignment,
+    BlobRef,
+    BrokerError,
+    DecodeError,
+    Result,
+    TaskChunk,
+    ValidationError,
+)
+from parkpool.schemas.codec import MAX_MESSAGE_BYTES, encode_arrays
+from parkpool.schemas.kernels import MAX_ELEMS
 from parkpool.worker.blobcache import BlobCache
 
 __all__ = ["DEFAULT_RESULT_INLINE_BYTES", "CarData", "fetch", "upload"]
@@ -46,14 +56,17 @@ class CarData:
     def hydrate(self, assignment: Assignment, task: TaskChunk) -> TaskChunk:
         """The task with every input in hand: fetched (or cached) and checked.
 
-        Raises DecodeError ``bad_data`` when the store's bytes are not the ones named (or
-        are gone), and BrokerError when the store cannot be reached or refuses the URL.
+        Raises ValidationError for an input no kernel may take (before fetching it),
+        DecodeError ``bad_data`` when the store's bytes are not the ones named (or are
+        gone), and BrokerError when the store cannot be reached or refuses the URL.
         """
         if not task.refs:
             return task
         if len(assignment.urls) != len(task.refs):
             detail = f"{len(assignment.urls)} URLs for {len(task.refs)} stored inputs"
             raise DecodeError("bad_data", detail)
+        for ref in task.refs:
+            _check_size(ref)
         arrays: dict[str, np.ndarray] = {}
         for ref, url in zip(task.refs, assignment.urls, strict=True):
             data = self._blob(ref, url)
@@ -83,6 +96,16 @@ class CarData:
         upload(assignment.upload_url, blob, self.timeout_s)
         ref = BlobRef("sealed_outputs" if sealed else "outputs", digest, len(blob))
         return replace(result, outputs={}, sealed_outputs=b"", refs=(ref,))
+
+
+def _check_size(ref: BlobRef) -> None:
+    """Refuse, before a byte is fetched, an input no kernel may take: the car's memory
+    is the owner's, and a ref's size is the producer's word until the bytes arrive."""
+    count = math.prod(ref.shape)
+    if ref.is_array and count > MAX_ELEMS:
+        raise ValidationError("too_large", f"input {_short(ref)} has {count:,} elements")
+    if not ref.is_array and ref.size > MAX_MESSAGE_BYTES:
+        raise ValidationError("too_large", f"sealed inputs of {ref.size:,} bytes")
 
 
 def fetch(url: str, ref: BlobRef, timeout_s: float) -> bytes:

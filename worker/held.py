@@ -90,6 +90,10 @@ class HeldTasks:
         with self._lock:
             return self._items.pop(epoch, None)
 
+    def get(self, epoch: int) -> Held | None:
+        with self._lock:
+            return self._items.get(epoch)
+
     def start(self, epoch: int) -> Held | None:
         """Mark a task as running (its lease heartbeats start); None if it was let go."""
         with self._lock:

@@ -148,17 +148,22 @@ class TaskLine:
     # ---------------------------------------------------------------- running
 
     def _run(self, epoch: int) -> None:
-        # A shared fleet pool has threads to spare; the car runs only `concurrency` at once,
-        # and a prefetched task waits here until a slot frees.
+        # Stored inputs are fetched before waiting for a slot, so a prefetched task's
+        # bytes arrive while the running kernel computes. A shared fleet pool has threads
+        # to spare; the car runs only `concurrency` kernels at once.
+        item = self.held.get(epoch)
+        if item is None or self._stopping.is_set():
+            return  # released or revoked meanwhile
+        inputs = self._inputs(item)
         with self._slots:
-            self._run_held(epoch)
+            self._run_held(epoch, inputs)
 
-    def _run_held(self, epoch: int) -> None:
+    def _run_held(self, epoch: int, inputs: TaskChunk | Refusal) -> None:
         item = self.held.start(epoch)
         if item is None or self._stopping.is_set():
             return  # released or revoked meanwhile
         try:
-            answer = self._answer(item)
+            answer = self._answer(item, inputs)
         except Preempted:
             self._on_preempted()
             return
@@ -167,9 +172,8 @@ class TaskLine:
         else:
             self._finish(epoch, nack=answer)
 
-    def _answer(self, item: Held) -> Result | Refusal:
-        """Fetch, run and wrap one task: its result, or why it has none."""
-        task = self._inputs(item)
+    def _answer(self, item: Held, task: TaskChunk | Refusal) -> Result | Refusal:
+        """Run and wrap one task whose inputs are in hand: its result, or why not."""
         if not isinstance(task, TaskChunk):
             return task
         try:
@@ -197,6 +201,8 @@ class TaskLine:
             return self._admission.open(item.assignment, task) if task.sealed_inputs else task
         except BrokerError as exc:  # store unreachable or URL refused: another try may work
             return NackReason.FETCH_FAILED, str(exc)
+        except ValidationError as exc:  # no car may take it: refused before any fetch
+            return NackReason.INVALID_TASK, str(exc)
         except DecodeError as exc:  # not the bytes the task names, or they do not open
             return NackReason.BAD_DATA, str(exc)
 
