@@ -110,8 +110,10 @@ class ParkpoolClient:
         self._reader.start()
         self._status = self._serve_metrics(settings)
         self._store = BlobStore(settings.store) if settings.store.enabled else None
-        # A job's objects are deleted when it ends, off the reader's thread.
+        # A job's objects are deleted when it ends, and stored outputs read back, off
+        # the reader's thread.
         self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
+        self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
 
     def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
         if settings.metrics_port is None:
@@ -147,6 +149,7 @@ class ParkpoolClient:
             self._status.close()
         self._closed.set()
         self._reader.join(timeout=10)
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._cleaner.shutdown(wait=True)
         self._producer.flush(10)
         # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
@@ -400,16 +403,33 @@ class ParkpoolClient:
         handle = self.handle(key)
         if handle is None:
             return  # another caller's job, or one we stopped following
-        try:
-            if record.topic() == self.reply_topic:
-                result = self._stored_outputs(handle, decode(record.value() or b"", Result))
-                handle.deliver(open_result(result, self._reply_box), time.time())
-            else:
+        with self._refusing(key, record.topic()):
+            if record.topic() != self.reply_topic:
                 handle.dead_lettered(decode(record.value() or b"", DeadLetter))
+                return
+            result = decode(record.value() or b"", Result)
+            if result.refs and handle.awaits(result.chunk_id):
+                # Read back off the reader's thread: one slow GET must not hold up
+                # every other job's results.
+                self._fetcher.submit(self._deliver_stored, handle, result)
+            else:
+                handle.deliver(open_result(result, self._reply_box), time.time())
+
+    def _deliver_stored(self, handle: JobHandle, result: Result) -> None:
+        with self._refusing(handle.job_id, self.reply_topic):
+            result = self._stored_outputs(handle, result)
+            handle.deliver(open_result(result, self._reply_box), time.time())
+
+    @contextlib.contextmanager
+    def _refusing(self, job_id: str, topic: str | None) -> Iterator[None]:
+        """A record of ours that cannot be read is counted and logged, never raised."""
+        try:
+            yield
         except DecodeError as exc:
-            self.decode_errors += 1
+            with self._lock:
+                self.decode_errors += 1
             self.metrics.results_refused.labels(exc.reason).inc()
-            log.warning("result_malformed", job_id=key, topic=record.topic(), reason=str(exc))
+            log.warning("result_malformed", job_id=job_id, topic=topic, reason=str(exc))
 
     def _stored_outputs(self, handle: JobHandle, result: Result) -> Result:
         """Outputs left in the store by the car, read back and checked by hash; only for
