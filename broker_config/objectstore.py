@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
 import localbucket
@@ -240,6 +241,23 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                 "The body does not hash to the signed x-amz-content-sha256",
             )
         return body
+
+    def _send_file(
+        self,
+        status: HTTPStatus,
+        file: BinaryIO,
+        start: int,
+        length: int,
+        headers: Mapping[str, str],
+        include_body: bool,
+    ) -> None:
+        # Zero-copy from the page cache: the data plane's bulk GETs otherwise cost this
+        # server a read and a write in Python per MiB, on the cores the cars need.
+        self._send_headers(status, length, headers)
+        if include_body and length:
+            sent = self.connection.sendfile(file, start, length)
+            if sent < length:
+                self.close_connection = True
 
     def _drain(self) -> None:
         # The connection closes after an error, but an unread body must not be left for
