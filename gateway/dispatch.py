@@ -36,7 +36,9 @@ from parkpool.schemas.blobref import input_key, output_key
 BATCH_OVERHEAD = 1024
 MAX_NOTICES_PER_TURN = 256
 QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap between reads
-BLOBS_REMEMBERED = 16  # per car: the stored inputs last sent to it, for cache-aware picks
+# Per car, the stored inputs last sent to it, for cache-aware picks: as 64-bit hash
+# prefixes, about 300 bytes a car, so 200,000 cars cost some 60 MB at most.
+BLOBS_REMEMBERED = 8
 
 
 class Dispatcher:
@@ -279,12 +281,17 @@ def _holds_inputs(view: VehicleView) -> Callable[[PendingTask], bool] | None:
     if not view.blobs:
         return None
     held = set(view.blobs)
-    return lambda task: any(ref.sha256[:16] in held for ref in task.task.refs)
+    return lambda task: any(_short_hash(ref.sha256) in held for ref in task.task.refs)
 
 
 def _remember_inputs(view: VehicleView, task: PendingTask) -> None:
-    new = [ref.sha256[:16] for ref in task.task.refs if ref.sha256[:16] not in view.blobs]
+    hashes = [_short_hash(ref.sha256) for ref in task.task.refs]
+    new = [h for h in hashes if h not in view.blobs]
     view.blobs = (*view.blobs, *new)[-BLOBS_REMEMBERED:]
+
+
+def _short_hash(sha256: str) -> int:
+    return int(sha256[:16], 16)
 
 
 def _can_open(view: VehicleView) -> bool:

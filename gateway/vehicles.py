@@ -33,9 +33,9 @@ class VehicleView:
     told: int = -1  # the backlog this gateway last told the car (-1: nothing said yet)
     primary: bool = False  # this gateway is the car's first: it counts it in fleet series
     held: int = 0  # tasks the car said it holds, in its last status
-    # Content hashes (16 hex digits) of the stored inputs last sent to it, newest last:
-    # what its cache likely holds, so dispatch can send it tasks that reuse them.
-    blobs: tuple[str, ...] = ()
+    # Content hashes (their first 64 bits) of the stored inputs last sent to it, newest
+    # last: what its cache likely holds, so dispatch can send it tasks that reuse them.
+    blobs: tuple[int, ...] = ()
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.

@@ -175,3 +175,41 @@ class TestAccept:
         task = queue.pop(lambda t: t.task.priority is Priority.BATCH)
         assert task is not None and task.offset == 2
         assert [t.offset for t in drain(queue)] == [1]
+
+
+class TestPreferred:
+    """A car's cached inputs steer which of the next tasks it gets, never past others."""
+
+    def test_the_first_preferred_task_of_the_scan_goes_first(self) -> None:
+        # Given five batch tasks, of which the fourth reuses what the car holds
+        queue = ReadyQueue()
+        for offset in range(5):
+            queue.push(batch(offset))
+        # When the car's pick prefers offset 3
+        task = queue.pop(prefer=lambda t: t.offset == 3)
+        # Then it gets offset 3, and the others keep their order
+        assert task is not None and task.offset == 3
+        assert [t.offset for t in drain(queue)] == [0, 1, 2, 4]
+
+    def test_without_a_preferred_task_the_order_is_kept(self) -> None:
+        queue = ReadyQueue()
+        for offset in range(3):
+            queue.push(batch(offset))
+        task = queue.pop(prefer=lambda _t: False)
+        assert task is not None and task.offset == 0
+
+    def test_preference_never_overrides_what_the_car_may_take(self) -> None:
+        # Given a preferred task the car may not take (it leaves too soon, say)
+        queue = ReadyQueue()
+        for offset in range(3):
+            queue.push(batch(offset))
+        task = queue.pop(accept=lambda t: t.offset != 1, prefer=lambda t: t.offset == 1)
+        # Then it gets the first task it may take
+        assert task is not None and task.offset == 0
+
+    def test_preference_looks_only_as_far_as_the_scan(self) -> None:
+        queue = ReadyQueue()
+        for offset in range(40):
+            queue.push(batch(offset))
+        task = queue.pop(prefer=lambda t: t.offset == 35, scan=32)
+        assert task is not None and task.offset == 0
