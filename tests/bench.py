@@ -23,6 +23,9 @@ Lines:
 - ``cells``: per-gateway and per-broker message rates, deliveries per task and gateway
   memory with 1, 2 and 3 cells, beside the single-broker fan-in baseline; see
   ``tests/bench_cells.py``.
+- ``bulk_data``: a 4096² gemm through the object store (claim check) and inline, bytes
+  per plane, cache hit rate, input rate to cars against the store's bare GET rate, and
+  the durable Kafka's produce rate beside the in-memory one; see ``tests/bench_bulk.py``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from parkpool.runtime.sealing import (
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import Result, TaskChunk, decode, encode
+from tests.bench_bulk import bulk_data_line
 from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
 from tests.bench_reconnect import reconnect_spread
@@ -222,6 +226,8 @@ def main() -> int:
     p.add_argument("--broker-down-s", type=float, default=3.0)
     p.add_argument("--cells-cars", type=int, default=1500, help="cars per cell; 0 skips cells")
     p.add_argument("--cells-window-s", type=float, default=20.0)
+    p.add_argument("--bulk-size", type=int, default=4096, help="gemm side; 0 skips bulk_data")
+    p.add_argument("--bulk-cars", type=int, default=8)
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -275,6 +281,9 @@ def main() -> int:
                 emit({**line, "machine": machine()})
     if args.cells_cars:  # its own brokers: one Mosquitto per cell
         emit({**cells_line(run_dir, args.cells_cars, args.cells_window_s), "machine": machine()})
+    if args.bulk_size:  # its own brokers: durable for the claim check, in memory inline
+        line = bulk_data_line(run_dir, args.bulk_size, 512, args.bulk_cars)
+        emit({**line, "machine": machine()})
     return 0
 
 

@@ -1,0 +1,243 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``bulk_data`` bench line: a 4096² float32 gemm (tile 512) through the object store
+(the claim check) and, in the same run, inline through the brokers as before.
+
+Per path it reports what crossed each plane for the one job:
+- ``kafka_bytes``: task and result records produced, and the largest one;
+- ``mqtt_bytes``: every MQTT payload published in the job's namespace, and the largest;
+- ``store_bytes_fetched`` and ``cache_hit_rate``: what the cars fetched from the store,
+  and how often a block was already in a car's cache;
+- ``input_mib_per_s``: the input bytes the cars' tasks received (fetched or cached, or
+  inline) divided by the job's wall time, submit to last result;
+- ``wall_s``.
+
+``bare_get_mib_per_s`` is the same store serving the same objects to as many concurrent
+readers as there are cars, with the cars' own HTTP client, measured in the same run;
+``throughput_ratio`` divides the store path's input rate by it. The durable Tansu's
+produce rate is measured beside the in-memory one (``tests.bench_durable``).
+
+Run alone: ``python -m tests.bench_bulk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parkpool.app.children import store_connection
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import bootstrap, load_specs
+from parkpool.gateway.settings import GatewaySettings
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.runtime import logs
+from parkpool.runtime.blobstore import BlobStore, sha256_hex
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
+from parkpool.schemas import BlobRef
+from parkpool.worker.dataplane import fetch
+from parkpool.worker.fleet import Fleet
+from parkpool.worker.held import WorkerSettings
+from tests.conftest import RunningGateway
+from tests.helpers import RawMqtt, read_all
+
+MIB = 1 << 20
+INLINE_LIMIT = 32 * MIB  # what the inline path needs: a 16 MiB tile in one record
+
+
+class Sniffer:
+    """Counts every MQTT payload published under the namespace, as the broker sees it."""
+
+    def __init__(self, conn: MqttConnection, namespace: str) -> None:
+        self.bytes = self.count = self.largest = 0
+        self._lock = threading.Lock()
+        self._raw = RawMqtt(conn, f"sniff-{namespace}")
+        self._raw.client.on_message = self._seen
+        self._raw.subscribe(f"{namespace}/#")
+
+    def _seen(self, _client: object, _userdata: object, message: Any) -> None:
+        size = len(message.payload)
+        with self._lock:
+            self.bytes += size
+            self.count += 1
+            self.largest = max(self.largest, size)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def run_job(
+    brokers: EmbeddedBrokers,
+    namespace: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    stored: bool,
+    cars: int,
+    tile: int,
+) -> dict[str, Any]:
+    """One gemm job, start to end, on the store path or the inline one."""
+    limit = INLINE_LIMIT if not stored else 1 * MIB
+    # The inline path needs topics that take 16 MiB records; Apache Kafka's default is 1 MiB.
+    specs = [
+        replace(s, config={**s.config, "max.message.bytes": str(limit + MIB)}) for s in load_specs()
+    ]
+    bootstrap(brokers.kafka_bootstrap, namespace, specs=specs, max_record_bytes=limit)
+    kafka = KafkaConnection(brokers.kafka_bootstrap, max_record_bytes=limit)
+    mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port, max_message_bytes=limit + MIB)
+    store = store_connection(brokers) if stored else StoreConnection()
+    sniffer = Sniffer(mqtt, namespace)
+    gateway = RunningGateway(GatewaySettings("bulk-gw", kafka, mqtt, namespace, store=store))
+    template = WorkerSettings("template", mqtt, namespace, backend="numpy", heartbeat_s=2.0)
+    fleet = Fleet(template, prefix=f"{namespace}-car")
+    try:
+        fleet.add(cars)
+        with ParkpoolClient(ProducerSettings(kafka, namespace, store=store)) as sdk:
+            cpu_before = cpu_seconds(brokers)
+            started = time.monotonic()
+            handle = sdk.submit("gemm", {"a": a, "b": b}, tile=tile)
+            submitted = time.monotonic() - started
+            answer = handle.wait(timeout=900)
+            wall = time.monotonic() - started
+            cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_seconds(brokers).items()}
+            records = read_all(kafka, sdk.topics.tasks) + read_all(kafka, sdk.topics.results)
+        stats = [w.data.cache.stats() for w in fleet.vehicles.values()]
+        correct = bool(np.allclose(answer, a @ b, rtol=1e-3, atol=1e-3 * np.sqrt(a.shape[1])))
+    finally:
+        fleet.stop_all()
+        gateway.stop()
+        sniffer.close()
+    sizes = [len(r.value() or b"") + len(r.key() or b"") for r in records]
+    hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+    tiles = handle.n_chunks
+    inline_input = tiles * 2 * tile * a.shape[1] * a.itemsize
+    delivered = sum(s.bytes_served for s in stats) if stored else inline_input
+    return {
+        "correct": correct,
+        "chunks": tiles,
+        "kafka_bytes": sum(sizes),
+        "kafka_records": len(sizes),
+        "max_record_bytes": max(sizes),
+        "mqtt_bytes": sniffer.bytes,
+        "mqtt_messages": sniffer.count,
+        "max_mqtt_message_bytes": sniffer.largest,
+        "store_bytes_fetched": sum(s.bytes_fetched for s in stats),
+        "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else 0.0,
+        "input_mib_delivered": round(delivered / MIB, 1),
+        "input_mib_per_s": round(delivered / MIB / wall, 1),
+        "submit_s": round(submitted, 2),
+        "cpu_s": cpu,
+        "wall_s": round(wall, 2),
+    }
+
+
+def cpu_seconds(brokers: EmbeddedBrokers) -> dict[str, float]:
+    """CPU seconds used so far by this process (SDK, gateway and cars) and each broker:
+    on a small machine they share the cores, which bounds every rate measured here."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    spent = {"bench_process": usage.ru_utime + usage.ru_stime}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name, pid in brokers.pids.items():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            spent[name] = (int(fields[11]) + int(fields[12])) / tick
+    return spent
+
+
+def bare_get_rate(brokers: EmbeddedBrokers, readers: int, block_bytes: int, blocks: int) -> float:
+    """MiB/s of presigned GETs of ``blocks`` objects by ``readers`` concurrent readers,
+    with the cars' own fetch (and hash check): the store's ceiling for the data plane."""
+    store = BlobStore(store_connection(brokers))
+    rng = np.random.default_rng(1)
+    refs = []
+    for _ in range(blocks):
+        data = rng.bytes(block_bytes)
+        sha = sha256_hex(data)
+        store.put_if_absent(f"jobs/bare/in/{sha}", data, sha)
+        refs.append((store.presign_get(f"jobs/bare/in/{sha}", 600), BlobRef("", sha, len(data))))
+    rounds = max(1, (4 * readers) // blocks)
+    work = [item for _ in range(rounds) for item in refs]
+    started = time.monotonic()
+    with ThreadPoolExecutor(readers) as pool:
+        list(pool.map(lambda item: fetch(item[0], item[1], 60), work))
+    elapsed = time.monotonic() - started
+    store.delete_prefix("jobs/bare/")
+    return len(work) * block_bytes / MIB / elapsed
+
+
+def bulk_data_line(
+    run_dir: Path, size: int = 4096, tile: int = 512, cars: int = 8
+) -> dict[str, Any]:
+    rng = np.random.default_rng(42)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    with EmbeddedBrokers(run_dir=run_dir / "bulk") as brokers:  # durable, the default
+        bare = bare_get_rate(brokers, cars, tile * size * 4, 2 * (size // tile))
+        stored = run_job(brokers, "bulkstore", a, b, stored=True, cars=cars, tile=tile)
+    # The inline baseline runs on an in-memory Tansu: on the durable one, 1 MiB inline
+    # results made the gateway's idempotent producer fail with OUT_OF_ORDER_SEQUENCE_NUMBER
+    # (docs/BENCHMARKS.md). Its byte counts do not depend on where Kafka keeps its log.
+    with EmbeddedBrokers(run_dir=run_dir / "inline", durable=False) as brokers:
+        inline = run_job(brokers, "bulkinline", a, b, stored=False, cars=cars, tile=tile)
+    line: dict[str, Any] = {
+        "name": "bulk_data",
+        "job": f"gemm {size}x{size} float32, tile {tile}, {cars} cars",
+        "store": stored,
+        "inline": inline,
+        "bare_get_mib_per_s": round(bare, 1),
+        "kafka_bytes_reduction": round(inline["kafka_bytes"] / stored["kafka_bytes"], 1),
+        "mqtt_bytes_reduction": round(inline["mqtt_bytes"] / stored["mqtt_bytes"], 1),
+        "throughput_ratio": round(stored["input_mib_per_s"] / bare, 3),
+        "max_record_bytes": stored["max_record_bytes"],
+        "max_mqtt_message_bytes": stored["max_mqtt_message_bytes"],
+        "cache_hit_rate": stored["cache_hit_rate"],
+        "wall_s": stored["wall_s"],
+        "inline_wall_s": inline["wall_s"],
+        "inline_kafka": "in memory",
+    }
+    line.update(_durable_rates())
+    return line
+
+
+def _durable_rates() -> dict[str, Any]:
+    try:
+        from tests.bench_durable import produce_rates
+    except ImportError:  # measured by its own module once it exists
+        return {}
+    return dict(produce_rates())
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--cars", type=int, default=8)
+    args = parser.parse_args()
+    logs.configure(level="warning")
+    run_dir = Path(tempfile.mkdtemp(prefix="parkpool-bulk-"))
+    try:
+        line = bulk_data_line(run_dir, args.size, args.tile, args.cars)
+        print(json.dumps({**line, "machine": machine()}), flush=True)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
