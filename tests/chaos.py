@@ -1,15 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``make chaos``: a sustained workload while gateways, vehicles and the broker fail.
+"""``make chaos``: a sustained workload while gateways, vehicles and the brokers fail.
 
 Runs on its own embedded brokers: gateways as real child processes (SIGKILLed and
 restarted), a simulated fleet in this process (vehicles killed without a clean
-disconnect and replaced), Mosquitto restarted with persistence on, and an extra gateway
-joining and leaving to force rebalances. The cell scenario runs two cells (a Mosquitto
-each, with its own gateways and cars, one Kafka task group): it kills gateways, restarts
-one cell's broker, kills cars, and changes a cell's gateway roster (a gateway leaves and
-comes back, so its cars re-pick their gateways by rendezvous). Prints one JSON line per
-run and exits non-zero unless, in every run, ``lost == 0`` and ``duplicates_to_caller ==
-0`` and every fault was injected.
+disconnect and replaced), Mosquitto restarted with persistence on, Tansu (the durable
+Kafka) SIGKILLed and restarted on its port, the object store under it SIGKILLed and
+restarted, and an extra gateway joining and leaving to force rebalances. The cell
+scenario runs two cells (a Mosquitto each, with its own gateways and cars, one Kafka task
+group): it kills gateways, restarts one cell's broker, kills cars, changes a cell's
+gateway roster (a gateway leaves and comes back, so its cars re-pick their gateways by
+rendezvous), and kills Kafka and the store too. Prints one JSON line per run and exits
+non-zero unless, in every run, ``lost == 0`` and ``duplicates_to_caller == 0`` and every
+fault was injected.
 
 ``run_chaos`` is also what the reduced scenario in ``tests/test_chaos.py`` calls.
 """
@@ -61,6 +63,9 @@ class ChaosPlan:
     vehicle_waves: int = 3  # each wave kills vehicle_kill_fraction / waves of the fleet
     vehicle_kill_fraction: float = 0.3
     broker_restarts: int = 1
+    kafka_restarts: int = 1  # Tansu SIGKILLed, down for down_s, started on its port
+    store_restarts: int = 1  # the object store under Tansu, the same way
+    down_s: float = 1.0
     rebalances: int = 1
     task_seconds: float = 1.0  # simulated compute per task
     # Faults are spread over this span of the job's progress, so they all land while work
@@ -84,6 +89,8 @@ class ChaosReport:
     gateway_kills: int = 0
     vehicle_kills: int = 0
     broker_restarts: int = 0
+    kafka_restarts: int = 0
+    store_restarts: int = 0
     rebalances: int = 0
     roster_changes: int = 0
     wall_s: float = 0.0
@@ -93,6 +100,8 @@ class ChaosReport:
             self.gateway_kills >= plan.gateway_kills
             and self.vehicle_kills >= int(plan.vehicles * plan.vehicle_kill_fraction)
             and self.broker_restarts >= plan.broker_restarts
+            and self.kafka_restarts >= plan.kafka_restarts
+            and self.store_restarts >= plan.store_restarts
             and self.rebalances >= plan.rebalances
             and self.roster_changes >= plan.roster_changes
         )
@@ -187,6 +196,8 @@ def fault_schedule(plan: ChaosPlan) -> list[str]:
         ["vehicles"] * plan.vehicle_waves,
         ["rebalance"] * plan.rebalances,
         ["broker"] * plan.broker_restarts,
+        ["kafka"] * plan.kafka_restarts,
+        ["store"] * plan.store_restarts,
         ["roster"] * plan.roster_changes,
     ]
     order: list[str] = []
@@ -204,7 +215,8 @@ def gateway_ids(plan: ChaosPlan) -> list[str]:
 
 @contextmanager
 def chaos_system(plan: ChaosPlan, run_dir: Path) -> Iterator[tuple[Any, Gateways, Fleet]]:
-    with EmbeddedBrokers(run_dir=run_dir, cells=plan.cells) as brokers:
+    # fresh: a run dir kept from an earlier run must not bring its Kafka records along.
+    with EmbeddedBrokers(run_dir=run_dir, cells=plan.cells, fresh=True) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         env = {
             **role_env(brokers, NAMESPACE),
@@ -285,6 +297,16 @@ def _injector(
         elif kind == "broker":
             brokers.restart_mosquitto(report.broker_restarts % plan.cells)
             report.broker_restarts += 1
+        elif kind == "kafka":
+            brokers.kill_kafka()
+            time.sleep(plan.down_s)
+            brokers.start_kafka()
+            report.kafka_restarts += 1
+        elif kind == "store":
+            brokers.kill_store()
+            time.sleep(plan.down_s)
+            brokers.start_store()
+            report.store_restarts += 1
         elif kind == "roster":
             # The last cell's roster loses a gateway (its retained status says offline),
             # so its cars re-pick their K gateways, then regains it.

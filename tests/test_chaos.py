@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The chaos scenarios of `make chaos`, reduced so that every CI run checks the semantics.
 
-It runs on its own brokers (it restarts Mosquitto), with two gateway processes, one of
-them SIGKILLed and restarted, 30 % of the vehicles killed without a clean disconnect and
-replaced, a Mosquitto restart and a forced rebalance, all while tasks are in flight.
+It runs on its own brokers (it restarts them), with two gateway processes, one of them
+SIGKILLed and restarted, 30 % of the vehicles killed without a clean disconnect and
+replaced, a Mosquitto restart, a Kafka SIGKILL and restart, an object-store SIGKILL and
+restart, and a forced rebalance, all while tasks are in flight.
 The cell scenario does the same across two cells (a Mosquitto each), restarting one
 cell's broker and changing the other's gateway roster.
 """
@@ -40,6 +41,7 @@ class TestReducedChaos:
         assert report.gateway_kills >= REDUCED.gateway_kills
         assert report.vehicle_kills >= int(REDUCED.vehicles * REDUCED.vehicle_kill_fraction)
         assert report.broker_restarts >= 1
+        assert report.kafka_restarts >= 1 and report.store_restarts >= 1
         assert report.rebalances >= 1
         # And every chunk came back exactly once, with its own value
         assert (report.completed, report.lost) == (REDUCED.tasks, 0)
@@ -85,6 +87,7 @@ class TestFaultPlan:
     def test_every_fault_kind_is_scheduled_as_planned(self) -> None:
         plan = ChaosPlan(gateway_kills=3, vehicle_waves=3, broker_restarts=1, rebalances=1)
         order = fault_schedule(plan)
-        assert sorted(order) == sorted(["gateway"] * 3 + ["vehicles"] * 3 + ["rebalance", "broker"])
+        once = ["rebalance", "broker", "kafka", "store"]
+        assert sorted(order) == sorted(["gateway"] * 3 + ["vehicles"] * 3 + once)
         # Round-robin: each kind appears before any kind repeats.
-        assert set(order[:4]) == {"gateway", "vehicles", "rebalance", "broker"}
+        assert set(order[:6]) == {"gateway", "vehicles", *once}
