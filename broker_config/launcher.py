@@ -315,7 +315,7 @@ class EmbeddedBrokers:
     def _store_argv(self, port: int, folder: Path) -> list[str]:
         # objectstore, with the If-Match check Tansu's log depends on (see that module).
         access = ["--access-key", self.store_access_key]
-        store = "parkpool.broker_config.conditional_store"
+        store = "parkpool.broker_config.objectstore"
         return [sys.executable, "-m", store, "--port", str(port), *access, str(folder)]
 
     def _mosquitto(self, port: int, cell: int = 0) -> BrokerProcess:

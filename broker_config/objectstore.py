@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import collections
 import hashlib
 import hmac
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
 import localbucket
@@ -211,8 +213,15 @@ def _payload_hash(headers: Mapping[str, str], signed_headers: str) -> str:
     return "" if value in _UNSIGNED or value.startswith("STREAMING-") else value
 
 
+_locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
+    threading.Lock
+)
+_locks_guard = threading.Lock()
+
+
 class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
-    """localbucket's handler behind a SigV4 check; keys are set on the class at start."""
+    """localbucket's handler behind a SigV4 check, with S3's conditional writes made
+    atomic per object; keys are set on the class at start."""
 
     keys: StoreKeys = StoreKeys({})
     _payload: str = ""
@@ -231,6 +240,25 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             )
             return
         super()._dispatch(action)
+
+    def _write_object(self, bucket: str, key: str, write: Callable[[Any], str]) -> str:
+        # Tansu keeps each partition's watermark and its producers' sequences in small
+        # objects it updates optimistically (PUT with If-Match, retry on 412). localbucket
+        # ignores If-Match, and checks If-None-Match apart from the write: two produces
+        # to one partition could both win, hand out offsets twice and hide acknowledged
+        # records. Here the check and the write happen under one lock per object.
+        expected = self.headers.get("If-Match")
+        if expected is None and "If-None-Match" not in self.headers:
+            return str(super()._write_object(bucket, key, write))
+        with _locks_guard:
+            lock = _locks[(bucket, key)]
+        with lock:
+            if expected is not None:
+                target = self._object_path(bucket, key)
+                current = localbucket.object_etag(target) if target.is_file() else None
+                if current is None or not localbucket.etag_matches(expected, current):
+                    raise self._precondition_failed_error()
+            return str(super()._write_object(bucket, key, write))
 
     def _read_body(self) -> bytes:
         body: bytes = super()._read_body()
