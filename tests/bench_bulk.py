@@ -186,10 +186,6 @@ def bulk_data_line(
     with EmbeddedBrokers(run_dir=run_dir / "bulk") as brokers:  # durable, the default
         bare = bare_get_rate(brokers, cars, tile * size * 4, 2 * (size // tile))
         stored = run_job(brokers, "bulkstore", a, b, stored=True, cars=cars, tile=tile)
-    # The inline baseline runs on an in-memory Tansu: on the durable one, 1 MiB inline
-    # results made the gateway's idempotent producer fail with OUT_OF_ORDER_SEQUENCE_NUMBER
-    # (docs/BENCHMARKS.md). Its byte counts do not depend on where Kafka keeps its log.
-    with EmbeddedBrokers(run_dir=run_dir / "inline", durable=False) as brokers:
         inline = run_job(brokers, "bulkinline", a, b, stored=False, cars=cars, tile=tile)
     line: dict[str, Any] = {
         "name": "bulk_data",
@@ -205,7 +201,6 @@ def bulk_data_line(
         "cache_hit_rate": stored["cache_hit_rate"],
         "wall_s": stored["wall_s"],
         "inline_wall_s": inline["wall_s"],
-        "inline_kafka": "in memory",
     }
     line.update(_durable_rates())
     return line
