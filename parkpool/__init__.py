@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from parkpool.producer.client import ParkpoolClient as Client
     from parkpool.producer.client import ProducerSettings
     from parkpool.producer.jobs import ChunkResult, JobFailed, JobHandle, JobState, Progress
-    from parkpool.runtime.settings import KafkaConnection, Secret
+    from parkpool.runtime.settings import KafkaConnection, Secret, StoreConnection
     from parkpool.schemas.errors import (
         BrokerError,
         ConfigError,
@@ -53,6 +53,7 @@ __all__ = [
     "ProducerSettings",
     "Progress",
     "Secret",
+    "StoreConnection",
     "ValidationError",
     "__version__",
 ]
@@ -68,6 +69,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Progress": ("parkpool.producer.jobs", "Progress"),
     "KafkaConnection": ("parkpool.runtime.settings", "KafkaConnection"),
     "Secret": ("parkpool.runtime.settings", "Secret"),
+    "StoreConnection": ("parkpool.runtime.settings", "StoreConnection"),
     "BrokerError": ("parkpool.schemas.errors", "BrokerError"),
     "ConfigError": ("parkpool.schemas.errors", "ConfigError"),
     "DecodeError": ("parkpool.schemas.errors", "DecodeError"),
