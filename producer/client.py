@@ -465,7 +465,16 @@ class _ResultReader(threading.Thread):
     librdkafka reconnects by itself, so a broker that is down for a moment costs nothing
     here; one that stays out of reach for ``results_unreachable_s`` fails every running
     job with a BrokerError that names it, so that no caller waits for ever.
+
+    Fetches may wait up to ``FETCH_WAIT_MS`` (librdkafka's default), not the 20 ms of
+    ``reader_config``: Tansu on its object store lists every batch of a partition within
+    that wait, and drops the partition's records when the list takes longer, so with
+    20 ms a results partition of a few hundred batches could no longer be read at all
+    (docs/DECISIONS.md, "A durable embedded Kafka"). Records already there come at once;
+    a record arriving during an empty fetch costs ~50 ms more (median, measured).
     """
+
+    FETCH_WAIT_MS = 500
 
     def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
         super().__init__(name="parkpool-results", daemon=True)
@@ -473,7 +482,11 @@ class _ResultReader(threading.Thread):
         self._down_since: float | None = None  # monotonic; the broker went out of reach
         self._last_error = ""
         self._next_probe = 0.0
-        config = reader_config(client.settings.kafka, error_cb=self._on_error)
+        config = reader_config(
+            client.settings.kafka,
+            error_cb=self._on_error,
+            **{"fetch.wait.max.ms": self.FETCH_WAIT_MS},
+        )
         self.consumer = Consumer(config)
         self.consumer.assign(self._ends(topics))
 
