@@ -275,6 +275,10 @@ class Gateway:
                 epoch=lease.epoch,
             )
             self.outcomes.requeue(lease.task, "lease_expired", lease.vehicle_id, "", counts=True)
+            # Its slot is free again: a car that stays silent is dropped by the silence
+            # check, but one whose answer was refused would otherwise wait for a pull it
+            # has no reason to send.
+            self.vehicles.wake(lease.vehicle_id)
         for task in self.delayed.pop_due(now):
             if self.log.owns(task.tp):
                 self.ready.push_front(task)

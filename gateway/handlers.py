@@ -173,7 +173,7 @@ class VehicleHandlers:
         lease = self._lease_for(event, result)
         if lease is None or result is None or not self._signed_by_its_vehicle(result):
             return False
-        if lease.task.task.reply_key and not result.sealed_outputs:
+        if lease.task.task.reply_key and not result.sealed:
             # The producer asked for sealed results: outputs in clear must not reach Kafka.
             # Dropped like a forgery, leaving the lease for a correct answer or its expiry.
             self._refuse_result(result, "unsealed_result")

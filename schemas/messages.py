@@ -351,6 +351,12 @@ class Result:
         return self.refs[0] if self.refs else None
 
     @property
+    def sealed(self) -> bool:
+        """Whether the outputs travel sealed: inline, or as the stored sealed blob."""
+        ref = self.outputs_ref
+        return bool(self.sealed_outputs) or (ref is not None and ref.name == "sealed_outputs")
+
+    @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.chunk_id)
 

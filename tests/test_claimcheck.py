@@ -21,7 +21,9 @@ import pytest
 
 from parkpool.broker_config.process import free_port
 from parkpool.gateway.settings import GatewaySettings
+from parkpool.producer import client as client_module
 from parkpool.producer import dlq
+from parkpool.producer.claimcheck import fetch_outputs
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
@@ -33,6 +35,7 @@ from parkpool.schemas import (
     BrokerError,
     DecodeError,
     MqttTopics,
+    Result,
     TaskChunk,
     ValidationError,
     decode,
@@ -198,6 +201,7 @@ class TestClaimCheckJob:
     def test_confidential_jobs_store_only_ciphertext(
         self,
         tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
         gateway_factory: Callable[..., RunningGateway],
         fleet_factory: Callable[..., Fleet],
         namespace: str,
@@ -205,30 +209,35 @@ class TestClaimCheckJob:
         store_conn: StoreConnection,
         store: BlobStore,
     ) -> None:
-        # Given gateways holding the box key, and a job whose inputs carry a marker
+        # Given gateways holding the box key, cars that store outputs of 4 KiB or more,
+        # and a sealed gemm whose inputs and outputs are known constants
         private, public = generate_box_key(tmp_path / "keys", "gateway-box")
         gateway_factory(store=store_conn, box_keys=(private,))
-        fleet_factory(2)
-        marker = 4321.25
-        x = np.full(4096, marker)
-        seen: list[bytes] = []
+        fleet_factory(2, result_inline_bytes=SMALL)
+        a = np.full((128, 64), 2.5, dtype=np.float32)
+        b = np.full((64, 128), 1.5, dtype=np.float32)
+        # Everything the SDK reads back from the store, as the store held it
+        outputs_read: list[bytes] = []
+
+        def reading(store_: BlobStore, result: Result) -> Result:
+            blob = store_.get(output_key(result.job_id, result.chunk_id, result.epoch))
+            outputs_read.append(blob)
+            return fetch_outputs(store_, result)
+
+        monkeypatch.setattr(client_module, "fetch_outputs", reading)
         with _client(namespace, kafka_conn, store_conn, gateway_box_key=public) as sdk:
             handle = sdk.submit(
-                "reduce",
-                {"x": x, "op": "sum"},
-                chunk_elems=1024,
-                confidential=True,
-                job_id="ccsealed",
+                "gemm", {"a": a, "b": b}, tile=64, confidential=True, job_id="ccsealed"
             )
             # When the inputs are in the store (read them before the job can end)
-            for key in _job_objects(store, "ccsealed"):
-                seen.append(store.get(key))
-            # Then the caller gets the right answer
-            assert handle.wait(timeout=60) == marker * 4096
-        # And what the store held is one sealed blob per chunk, none in clear
-        assert len(seen) == 4
-        needle = np.float64(marker).tobytes()
-        assert not [blob for blob in seen if needle in blob]
+            inputs = [store.get(key) for key in _job_objects(store, "ccsealed")]
+            # Then the caller gets the right answer, its outputs read back from the store
+            np.testing.assert_allclose(handle.wait(timeout=60), a @ b)
+        # And the store held one sealed blob per chunk for the inputs and the outputs,
+        # neither with the data in clear
+        assert len(inputs) == 4 and len(outputs_read) == 4
+        for needle in (a[0, :4].tobytes(), (a @ b)[0, :4].tobytes()):
+            assert not [blob for blob in inputs + outputs_read if needle in blob]
 
     def test_a_tampered_input_is_refused_by_every_car(
         self,

@@ -23,13 +23,15 @@ from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.producer.client import ParkpoolClient
 from parkpool.runtime.kafka import producer_config
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
-from parkpool.schemas import DeadLetter, MqttTopics, Result, decode, encode
+from parkpool.schemas import Assignment, DeadLetter, MqttTopics, Result, decode, encode
+from parkpool.schemas.codec import peek_type
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.kernels import REGISTRY, Kernel, Tolerance, register
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import (
     RawMqtt,
     end_offsets,
+    hold_lease,
     produce_raw_task,
     read_topic,
     wait_committed_to_end,
@@ -157,6 +159,36 @@ class TestMalformedInput:
         # And the gateway still completes real work
         handle = client.submit("reduce", {"x": np.ones(100), "op": "max"}, chunk_elems=50)
         assert handle.wait(timeout=60) == 1.0
+
+
+class TestSilentLease:
+    def test_a_car_whose_lease_expired_gets_work_again_without_a_pull(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+    ) -> None:
+        # Given a car that granted one credit, took a task, and never answers (its
+        # result refused, say, or lost), under a short lease
+        gateway_factory(lease_seconds=1.5)
+        handle = client.submit("reduce", {"x": np.ones(100), "op": "sum"}, chunk_elems=50)
+        holder = hold_lease(mqtt_conn, mqtt_topics, "mute")
+        first = holder.assignment
+        # When the lease expires, Then its slot is filled again though it sent no new pull
+        again = wait_for(
+            lambda: [
+                a
+                for m in holder.car.received
+                if peek_type(m.payload) == Assignment.TYPE
+                and (a := decode(m.payload, Assignment)).epoch != first.epoch
+            ],
+            15,
+            "a second assignment to the same car",
+        )
+        assert again[0].vehicle_id == "mute"
+        holder.close()
+        handle.cancel()
 
 
 @pytest.fixture
