@@ -16,6 +16,13 @@ not reported delivered. Some of those may have been written: results are at leas
 and the SDK drops the copies by chunk id, as it does after a gateway crash. While Kafka is
 down, a stalled producer is replaced after ``stall_s``, then after twice as long each
 time up to ``MAX_STALL_S``: a reconnect each time, nothing lost.
+
+A write whose retry the broker calls a duplicate is reported delivered by librdkafka
+("previous send succeeded but was not acknowledged"), with an offset that cannot be its
+own: below zero, or not past one this writer already had acknowledged in that
+partition. Tansu records a batch's sequence before it writes the batch, so when it is
+killed in between, that "duplicate" was never stored. Such a write is produced again
+(up to ``MAX_REPEATS`` times, then believed).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
@@ -55,6 +62,8 @@ SALVAGE_S = 1.0
 # A producer with writes outstanding that delivered nothing for this long is replaced.
 STALL_S = 15.0
 MAX_STALL_S = 120.0
+# How often a write acknowledged at an impossible offset is produced again.
+MAX_REPEATS = 3
 
 
 @dataclass(eq=False)
@@ -67,6 +76,7 @@ class _Write:
     report: Delivered
     producer: Any = field(default=None, repr=False)  # the current attempt's producer
     sent_at: float = 0.0  # monotonic, of the current attempt
+    repeats: int = 0  # produced again after an acknowledgement at an impossible offset
 
 
 class KafkaWriter:
@@ -89,6 +99,7 @@ class KafkaWriter:
         self._later = later
         self.metrics = metrics
         self._unsettled: dict[int, _Write] = {}  # produced, delivery not reported yet
+        self._acked: dict[tuple[str, int], int] = {}  # highest acknowledged offset, by TP
         self._fenced = ""  # why the producer can deliver nothing more; "" while it can
         self._clock = clock
         self._stall_s = self._next_stall_s = stall_s
@@ -146,7 +157,7 @@ class KafkaWriter:
                 write.topic,
                 write.value,
                 write.key,
-                lambda err, _msg: self._delivered(producer, write, err),
+                lambda err, msg: self._delivered(producer, write, err, msg),
             )
         except KafkaException as exc:  # raised by a poll for room in a full queue
             refused = exc.args[0]
@@ -155,16 +166,37 @@ class KafkaWriter:
         del self._unsettled[id(write)]
         self._later.push(lambda: write.report(refused), 0.0)
 
-    def _delivered(self, producer: Producer, write: _Write, err: KafkaError | None) -> None:
+    def _delivered(
+        self, producer: Producer, write: _Write, err: KafkaError | None, msg: Message
+    ) -> None:
         if write.producer is not producer:
             return  # a late report of an attempt already made again
         if err is not None and self._fenced_by(producer, err):
+            return
+        if err is None and not self._believable(write, msg):
+            write.repeats += 1
+            self.metrics.writes_repeated.inc()
+            self._log.warning(
+                "kafka_write_repeated", partition=msg.partition(), offset=msg.offset()
+            )
+            self._send(write)  # a new sequence number: stored this time
             return
         del self._unsettled[id(write)]
         if err is None:
             self._delivered_at = self._clock()
             self._next_stall_s = self._stall_s
         write.report(err)
+
+    def _believable(self, write: _Write, msg: Message) -> bool:
+        """Whether an acknowledgement's offset can be the write's own (see the module)."""
+        tp = (msg.topic() or "", msg.partition() or 0)
+        offset = msg.offset()
+        if offset is None or offset < 0:
+            return False
+        if offset <= self._acked.get(tp, -1) and write.repeats < MAX_REPEATS:
+            return False  # after MAX_REPEATS, the partition's log itself went back
+        self._acked[tp] = offset
+        return True
 
     def _fenced_by(self, producer: Producer, err: KafkaError) -> bool:
         """Whether ``err`` means the producer delivers nothing more; if it is the
@@ -190,6 +222,7 @@ class KafkaWriter:
     def _replace(self) -> None:
         old, reason = self._producer, self._fenced
         self._producer, self._fenced = self._start(), ""
+        self._acked.clear()  # a Kafka that lost its log (in memory) starts offsets again
         self._delivered_at = self._clock()
         self._next_stall_s = min(2 * self._next_stall_s, MAX_STALL_S)  # reset by a delivery
         with contextlib.suppress(KafkaException):

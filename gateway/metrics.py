@@ -74,6 +74,12 @@ class GatewayMetrics:
             "what they had not delivered is produced again by the new one",
             registry=r,
         )
+        self.writes_repeated = Counter(
+            "parkpool_gateway_kafka_writes_repeated_total",
+            "Kafka writes acknowledged at an offset that cannot be theirs (a retry the broker "
+            "called a duplicate, which Tansu killed mid-write never stored); written again",
+            registry=r,
+        )
         self.rebalances = Counter(
             "parkpool_gateway_rebalances_total",
             "Consumer-group rebalance events",

@@ -9,6 +9,7 @@ tests/test_kafka_restart.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
@@ -21,15 +22,34 @@ from parkpool.gateway.retry import DelayQueue
 Report = Callable[[KafkaError | None, Any], None]
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """What librdkafka hands a delivery report: where the record went."""
+
+    value: bytes
+    offset_: int
+
+    def topic(self) -> str:
+        return "results"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self.offset_
+
+
 class StubProducer:
-    """Keeps what it was asked to produce; reports fire from poll or flush."""
+    """Keeps what it was asked to produce; reports fire from poll or flush. Offsets go on
+    from where the last producer's left off, as a partition's log does."""
 
     made: ClassVar[list[StubProducer]] = []
+    next_offset: ClassVar[int] = 0
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.pending: list[tuple[bytes, Report]] = []
-        self.reports: list[tuple[Report, KafkaError | None]] = []
+        self.reports: list[tuple[Report, KafkaError | None, Delivered]] = []
         self.raise_on_poll: KafkaError | None = None
         self.refuse: KafkaError | None = None
         self.purged = False
@@ -40,9 +60,16 @@ class StubProducer:
             raise KafkaException(self.refuse)
         self.pending.append((value, on_delivery))
 
-    def deliver(self, err: KafkaError | None = None) -> None:
-        """The broker answers every pending write with ``err`` (None: delivered)."""
-        self.reports += [(report, err) for _, report in self.pending]
+    def deliver(self, err: KafkaError | None = None, offset: int | None = None) -> None:
+        """The broker answers every pending write with ``err`` (None: delivered), at the
+        log's next offsets, or from ``offset`` (librdkafka's "duplicate" acknowledgement)."""
+        for value, report in self.pending:
+            if offset is None:
+                at = StubProducer.next_offset
+                StubProducer.next_offset += 1
+            else:
+                at, offset = offset, offset + 1
+            self.reports.append((report, err, Delivered(value, at)))
         self.pending.clear()
 
     def poll(self, _timeout: float) -> int:
@@ -50,8 +77,8 @@ class StubProducer:
             error, self.raise_on_poll = self.raise_on_poll, None
             raise KafkaException(error)
         served, self.reports = self.reports, []
-        for report, err in served:
-            report(err, None)
+        for report, err, message in served:
+            report(err, message)
         return len(served)
 
     def purge(self) -> None:
@@ -66,6 +93,7 @@ class StubProducer:
 @pytest.fixture(autouse=True)
 def fresh_stubs() -> None:
     StubProducer.made = []
+    StubProducer.next_offset = 100
 
 
 class Outcomes:
@@ -199,6 +227,48 @@ class TestSilentProducer:
         clock.now += 3600
         kafka.serve()
         assert len(StubProducer.made) == 1
+
+
+class TestUnbelievableAcknowledgements:
+    """A write acknowledged at an offset that cannot be its own (a retry the broker
+    called a duplicate, which Tansu may never have stored) is written again."""
+
+    @pytest.mark.parametrize("offset", [-1, 0, 100], ids=["none", "restarted", "repeated"])
+    def test_it_is_written_again(self, offset: int) -> None:
+        # Given a write delivered at offset 100
+        kafka, metrics, _ = writer()
+        outcomes = Outcomes()
+        producer = StubProducer.made[0]
+        kafka.produce("results", b"a", "job", outcomes.done(b"a"))
+        producer.deliver()
+        kafka.serve()
+        # When the next one is acknowledged at an offset not past it
+        kafka.produce("results", b"b", "job", outcomes.done(b"b"))
+        producer.deliver(offset=offset)
+        kafka.serve()
+        # Then it is produced again, nobody told yet, and counted
+        assert [value for value, _ in producer.pending] == [b"b"]
+        assert b"b" not in outcomes.heard
+        assert metrics.value("parkpool_gateway_kafka_writes_repeated_total") == 1
+        # And once stored at a real offset, it hears success once
+        producer.deliver()
+        kafka.serve()
+        assert outcomes.heard == {b"a": [None], b"b": [None]}
+
+    def test_a_log_that_went_back_is_believed_in_the_end(self) -> None:
+        # Given a partition whose offsets start again (a Kafka that lost its log)
+        kafka, _, _ = writer()
+        outcomes = Outcomes()
+        producer = StubProducer.made[0]
+        kafka.produce("results", b"a", "job", outcomes.done(b"a"))
+        producer.deliver()
+        kafka.serve()
+        kafka.produce("results", b"b", "job", outcomes.done(b"b"))
+        # When every attempt comes back at offset 0, it is believed after three repeats
+        for _ in range(4):
+            producer.deliver(offset=0)
+            kafka.serve()
+        assert outcomes.heard[b"b"] == [None]
 
 
 class TestOrdinaryErrors:
