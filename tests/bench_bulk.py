@@ -112,7 +112,13 @@ def run_job(
             answer = handle.wait(timeout=900)
             wall = time.monotonic() - started
             cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_seconds(brokers).items()}
-            records = read_all(kafka, sdk.topics.tasks) + read_all(kafka, sdk.topics.results)
+            # 16 MiB inline records can take seconds per fetch from the durable Kafka: a
+            # short idle time would stop reading early and under-count the inline bytes.
+            records = [
+                r
+                for t in (sdk.topics.tasks, sdk.topics.results)
+                for r in read_all(kafka, t, idle=10.0)
+            ]
         stats = [w.data.cache.stats() for w in fleet.vehicles.values()]
         correct = bool(np.allclose(answer, a @ b, rtol=1e-3, atol=1e-3 * np.sqrt(a.shape[1])))
     finally:
@@ -120,6 +126,8 @@ def run_job(
         gateway.stop()
         sniffer.close()
     sizes = [len(r.value() or b"") + len(r.key() or b"") for r in records]
+    if len(sizes) != 2 * handle.n_chunks:  # every task and one result each, or say so
+        raise RuntimeError(f"read {len(sizes)} records back, expected {2 * handle.n_chunks}")
     hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
     tiles = handle.n_chunks
     inline_input = tiles * 2 * tile * a.shape[1] * a.itemsize
