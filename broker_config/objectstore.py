@@ -295,6 +295,13 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             self.rfile.read(length)
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 resets connections when a fleet of cars, the
+    # SDK and Tansu connect at once; a real S3 endpoint never does that.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parkpool-objectstore", description=__doc__)
     parser.add_argument("data_root", type=Path, help="folder that holds the buckets")
@@ -310,8 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     VerifyingHandler.data_root = root
     VerifyingHandler.keys = StoreKeys({args.access_key: args.secret_key})
-    server = ThreadingHTTPServer((args.host, args.port), VerifyingHandler)
-    server.daemon_threads = True
+    server = _Server((args.host, args.port), VerifyingHandler)
     try:
         server.serve_forever()
     finally:

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.blobref import input_key, job_prefix, output_key
 from parkpool.schemas.kernels import MAX_ELEMS
+from parkpool.worker import dataplane
 from parkpool.worker.blobcache import BlobCache
 from parkpool.worker.dataplane import CarData, fetch, upload
 from parkpool.worker.fleet import Fleet
@@ -367,6 +369,30 @@ def test_a_car_refuses_an_oversized_input_before_fetching_it() -> None:
     with pytest.raises(ValidationError, match="too_large"):
         data.hydrate(lease, task)
     assert data.cache.stats().misses == 0
+
+
+def test_a_dropped_connection_is_tried_again_but_an_http_answer_is_not() -> None:
+    # Given calls that fail with a reset connection twice, then succeed
+    outcomes: list[Exception | bytes] = [ConnectionResetError(), ConnectionResetError(), b"ok"]
+
+    def call() -> bytes:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    # Then the third try's answer comes back
+    assert dataplane._with_retries(call) == b"ok"
+    # And an HTTP answer (the store's word) is returned at once, not retried
+    refusals: list[int] = []
+
+    def refused() -> bytes:
+        refusals.append(1)
+        raise urllib.error.HTTPError("http://s/x", 403, "Forbidden", Message(), None)
+
+    with pytest.raises(urllib.error.HTTPError):
+        dataplane._with_retries(refused)
+    assert refusals == [1]
 
 
 def test_keys_are_per_job_and_content_addressed() -> None:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import math
+import random
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -37,6 +40,8 @@ __all__ = ["DEFAULT_RESULT_INLINE_BYTES", "CarData", "fetch", "upload"]
 
 # Outputs whose encoding is at least this large go to the lease's upload URL.
 DEFAULT_RESULT_INLINE_BYTES = 64 << 10
+RETRIES = 3  # per GET or PUT, on a dropped connection only
+RETRY_BASE_S = 0.1
 
 
 class CarData:
@@ -111,8 +116,8 @@ def _check_size(ref: BlobRef) -> None:
 def fetch(url: str, ref: BlobRef, timeout_s: float) -> bytes:
     """GET one blob and check it is exactly what ``ref`` names."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            data: bytes = response.read(ref.size + 1)  # one byte more shows a longer body
+        # One byte more than named shows a longer body.
+        data = _with_retries(lambda: _get(url, ref.size + 1, timeout_s))
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise DecodeError("bad_data", f"input {_short(ref)} is gone from the store") from None
@@ -140,6 +145,32 @@ def upload(url: str, blob: bytes, timeout_s: float) -> None:
         raise BrokerError(f"store refused the result upload: HTTP {exc.code}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise BrokerError(f"cannot upload the result: {exc}") from None
+
+
+def _get(url: str, most: int, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        data: bytes = response.read(most)
+        return data
+
+
+def _send(request: urllib.request.Request, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(request, timeout=timeout_s):
+        return b""
+
+
+def _with_retries(call: Callable[[], bytes], tries: int = RETRIES) -> bytes:
+    """A dropped or reset connection is tried again, shortly, as S3 clients do; an HTTP
+    answer (403, 404, 412, 5xx) is the store's word and goes back to the caller."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except urllib.error.HTTPError:
+            raise
+        except (OSError, http.client.HTTPException):
+            if attempt == tries - 1:
+                raise
+            time.sleep(RETRY_BASE_S * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 def _short(ref: BlobRef) -> str:
