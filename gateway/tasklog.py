@@ -315,7 +315,10 @@ class TaskLog:
 
         A partition revoked and later assigned back to this same consumer would otherwise
         resume at librdkafka's old fetch position, past records this gateway dropped on
-        revoke; they would be skipped until the next restart.
+        revoke; they would be skipped until the next restart. It would also still be
+        paused if it was when it went (librdkafka keeps that across assignments), while
+        ``flow`` counts it as running and would never resume it: a Kafka restart that
+        timed out the session left partitions unread for good that way.
         """
         for p in partitions:
             self.windows[(p.topic, p.partition)] = OffsetWindow(*self._window)
@@ -327,6 +330,7 @@ class TaskLog:
                 consumer.assign(starts)
             else:
                 consumer.incremental_assign(starts)
+            consumer.resume([TopicPartition(p.topic, p.partition) for p in partitions])
         self.metrics.rebalances.labels("assigned").inc()
         self._log.info("partitions_assigned", partitions=[p.partition for p in partitions])
 

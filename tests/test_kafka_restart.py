@@ -21,10 +21,14 @@ import pytest
 from parkpool.broker_config.launcher import STORE_BUCKET, EmbeddedBrokers
 from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
 from parkpool.gateway.gateway import GatewaySettings
+from parkpool.gateway.metrics import GatewayMetrics
+from parkpool.gateway.tasklog import TaskLog
+from parkpool.gateway.tasks import PendingTask
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas import KafkaTopics
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
@@ -135,3 +139,44 @@ class TestStoreRestart:
 
         handle = mid_job(system, restart_store)
         every_chunk_once(system, handle)
+
+
+class TestPartitionsComeBackRunning:
+    """A partition that was paused when it went (lost in a session timeout after a
+    Kafka restart, or revoked) is read again when it comes back to the same gateway."""
+
+    def test_paused_then_reassigned_partitions_are_read(
+        self, namespace: str, kafka_conn: KafkaConnection, client: ParkpoolClient
+    ) -> None:
+        # Given a gateway's task log that owns every partition, all paused (no car asks)
+        log = TaskLog(
+            kafka_conn,
+            KafkaTopics(namespace),
+            f"{namespace}.gateways",
+            gateway_id="gw1",
+            window=64,
+            session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+            metrics=GatewayMetrics(),
+            on_revoked=lambda _gone: None,
+        )
+        log.open()
+        try:
+            wait_for(lambda: log.poll(8) == [] and bool(log.windows), 30, "an assignment")
+            log.flow(starving=True)
+            # When its partitions go and come back to it
+            log.leave()
+            wait_for(lambda: log.poll(8) == [] and not log.windows, 30, "the revocation")
+            log.join()
+            wait_for(lambda: log.poll(8) == [] and bool(log.windows), 30, "the reassignment")
+            # Then, once cars ask for work again, a job's tasks are read
+            log.flow(starving=False)
+            client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.array([1.0])})])
+            read: list[PendingTask] = []
+
+            def some_read() -> bool:
+                read.extend(t for t in log.poll(8) if isinstance(t, PendingTask))
+                return bool(read)
+
+            wait_for(some_read, 30, "the task")
+        finally:
+            log.close(5)
