@@ -38,8 +38,8 @@ class JobUploads:
         self.inline_max_bytes = inline_max_bytes
         self.max_record_bytes = max_record_bytes
         self._sent: dict[str, Future[bool]] = {}  # sha256 -> its upload, once per job
-        # (address, shape, strides, dtype) -> sha256: the planners hand out views of one
-        # block to many tiles, and hashing each view again would cost a pass per tile.
+        # (address, shape, dtype) of a C-contiguous array -> sha256: the planners hand one
+        # block to many tiles, and hashing it again would cost a pass per tile.
         # The array rides along so its address cannot be reused while the job is built.
         self._hashed: dict[tuple[object, ...], tuple[str, np.ndarray]] = {}
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="pp-upload")

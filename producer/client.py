@@ -233,7 +233,11 @@ class ParkpoolClient:
         with self._counting_refusals():
             tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
             tasks = self._offload(job_id, tasks)
-            records = [self._record(task) for task in tasks]
+            try:
+                records = [self._record(task) for task in tasks]
+            except ValidationError:
+                self._job_ended(job_id)  # refused after its uploads: take them back
+                raise
         handle = JobHandle(
             job_id,
             len(tasks),
@@ -249,6 +253,7 @@ class ParkpoolClient:
         except BrokerError:
             with self._lock:
                 self._handles.pop(job_id, None)
+            self._job_ended(job_id)  # the caller was told it failed: nobody reads it
             raise
         self.metrics.job_submitted(len(tasks))
         log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
