@@ -416,7 +416,8 @@ class ParkpoolClient:
             if result.refs and handle.awaits(result.chunk_id):
                 # Read back off the reader's thread: one slow GET must not hold up
                 # every other job's results.
-                self._fetcher.submit(self._deliver_stored, handle, result)
+                with contextlib.suppress(RuntimeError):  # closing: nobody waits for it
+                    self._fetcher.submit(self._deliver_stored, handle, result)
             else:
                 handle.deliver(open_result(result, self._reply_box), time.time())
 
