@@ -7,20 +7,18 @@ confidential jobs store only ciphertext, and a job's objects go when the job end
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from parkpool.broker_config.process import free_port
+from parkpool.app.children import store_connection
+from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.producer import client as client_module
 from parkpool.producer import dlq
@@ -29,7 +27,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
 from parkpool.runtime.sealing import generate_box_key
-from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 from parkpool.schemas import (
     Assignment,
     BlobRef,
@@ -55,29 +53,9 @@ SMALL = 4096  # inline threshold for these tests: a 64x64 float32 block goes to 
 
 
 @pytest.fixture(scope="module")
-def store_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreConnection]:
-    """The embedded store (SigV4 checked) on a free port, with a bucket for job data."""
-    folder = tmp_path_factory.mktemp("store")
-    port = free_port()
-    env = {**os.environ, "PARKPOOL_STORE_SECRET_KEY": "test-secret"}
-    argv = [sys.executable, "-m", "parkpool.broker_config.objectstore", "--port", str(port)]
-    proc = subprocess.Popen([*argv, "--access-key", "test-key", str(folder)], env=env)
-    conn = StoreConnection(
-        f"http://127.0.0.1:{port}", "parkpool", "test-key", Secret("test-secret")
-    )
-    store = BlobStore(conn)
-    wait_for(lambda: _try(store.ensure_bucket), 20, "the object store")
-    yield conn
-    proc.terminate()
-    proc.wait(10)
-
-
-def _try(call: Callable[[], object]) -> bool:
-    try:
-        call()
-    except BrokerError:
-        return False
-    return True
+def store_conn(brokers: EmbeddedBrokers) -> StoreConnection:
+    """The session's embedded store (SigV4 checked), the one Tansu also writes to."""
+    return store_connection(brokers)
 
 
 @pytest.fixture
