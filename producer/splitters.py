@@ -118,8 +118,13 @@ def plan_gemm(a: Array, b: Array, *, tile: int = 256, k_tile: int | None = None)
     ]
     # One snapshot per distinct block, shared by every tile that reads it: a row panel
     # is copied once, not once per column, and the claim check stores it once.
-    a_blocks = {_span(r, k): wire_copy(a[r, k]) for r, _, k in tiles}
-    b_blocks = {_span(k, c): wire_copy(b[k, c]) for _, c, k in tiles}
+    a_blocks: dict[tuple[int, int, int, int], Array] = {}
+    b_blocks: dict[tuple[int, int, int, int], Array] = {}
+    for rows, cols, ks in tiles:
+        if _span(rows, ks) not in a_blocks:
+            a_blocks[_span(rows, ks)] = wire_copy(a[rows, ks])
+        if _span(ks, cols) not in b_blocks:
+            b_blocks[_span(ks, cols)] = wire_copy(b[ks, cols])
     chunks = validated(
         "gemm",
         tuple(

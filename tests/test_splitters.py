@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from parkpool.producer import splitters
 from parkpool.producer.splitters import (
     PLANNERS,
     JobPlan,
@@ -92,6 +93,23 @@ class TestPlanGemm:
             for array in spec.inputs.values():
                 assert array.flags.c_contiguous and not array.flags.writeable
                 assert np.all(array == 1)
+
+    def test_each_block_is_copied_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Given a 4x4-tile gemm: 16 tiles read 4 row panels of A and 4 column panels of B
+        copies: list[tuple[int, ...]] = []
+        real = splitters.wire_copy
+
+        def counting(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            copies.append(array.shape)
+            return real(array)
+
+        monkeypatch.setattr(splitters, "wire_copy", counting)
+        # When planned
+        plan = plan_gemm(np.ones((8, 8), np.float32), np.ones((8, 8), np.float32), tile=2)
+        # Then each panel was snapshotted once (not once per tile), and tiles share it
+        assert len(plan.chunks) == 16 and len(copies) == 8
+        assert len({id(c.inputs["a"]) for c in plan.chunks}) == 4
+        assert len({id(c.inputs["b"]) for c in plan.chunks}) == 4
 
     @pytest.mark.parametrize(
         ("a", "b", "reason"),
