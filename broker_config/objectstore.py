@@ -260,6 +260,41 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                     raise self._precondition_failed_error()
             return str(super()._write_object(bucket, key, write))
 
+    def _list_entries(
+        self,
+        bucket_dir: Path,
+        prefix: str,
+        delimiter: str,
+        marker: str,
+        marker_is_prefix: bool,
+        max_keys: int,
+    ) -> tuple[list[tuple[str, Path]], list[str], bool, str]:
+        # localbucket walks the whole bucket for every list. Tansu lists a partition's
+        # folder on every fetch, so each fetch cost a walk over every topic's history and
+        # every job's blobs. Every key under a prefix lies under the prefix's folder part,
+        # so walking only that folder gives the same page.
+        folder, _, rest = prefix.rpartition("/")
+        parts = folder.split("/") if folder else []
+        if any(part in ("", ".", "..") for part in parts):
+            return super()._list_entries(  # type: ignore[no-any-return]
+                bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
+            )
+        start = f"{folder}/" if folder else ""
+        if marker and not marker.startswith(start):
+            skipped = start.startswith(marker) if marker_is_prefix else False
+            if skipped or marker.encode() > start.encode():
+                return [], [], False, ""  # the folder's keys all come before the marker
+            marker, marker_is_prefix = "", False  # or all after it
+        below = bucket_dir.joinpath(*parts)
+        if not below.is_dir():
+            return [], [], False, ""
+        contents, common, truncated, last = super()._list_entries(
+            below, rest, delimiter, marker[len(start) :], marker_is_prefix, max_keys
+        )
+        contents = [(start + key, path) for key, path in contents]
+        last = f"{last[:2]}{start}{last[2:]}" if last else ""  # "K:" or "P:", then the key
+        return contents, [start + c for c in common], truncated, last
+
     def _read_body(self) -> bytes:
         body: bytes = super()._read_body()
         if self._payload and hashlib.sha256(body).hexdigest() != self._payload:
