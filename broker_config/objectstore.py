@@ -10,7 +10,8 @@ AWS Signature V4 (header or query form) before localbucket sees it.
 
 The signature is recomputed with botocore's own signer (the code that made it), from the
 request's method, path, query and signed headers, never hand-rolled. A signed payload
-hash (``x-amz-content-sha256``) is checked against the body it covers.
+hash (``x-amz-content-sha256``), or else an ``x-amz-checksum-sha256``, is checked against
+the body it covers.
 
 Run: ``python -m parkpool.broker_config.objectstore --port P --access-key K
 --secret-key S FOLDER`` (the secret may come from PARKPOOL_STORE_SECRET_KEY instead).
@@ -19,6 +20,7 @@ Run: ``python -m parkpool.broker_config.objectstore --port P --access-key K
 from __future__ import annotations
 
 import argparse
+import base64
 import calendar
 import collections
 import hashlib
@@ -207,10 +209,19 @@ def _compare(expected: str, given: str) -> None:
 
 
 def _payload_hash(headers: Mapping[str, str], signed_headers: str) -> str:
-    if "x-amz-content-sha256" not in signed_headers.split(";"):
-        return ""
-    value = headers.get("x-amz-content-sha256", "")
-    return "" if value in _UNSIGNED or value.startswith("STREAMING-") else value
+    signed = signed_headers.split(";")
+    value = headers.get("x-amz-content-sha256", "") if "x-amz-content-sha256" in signed else ""
+    if value and value not in _UNSIGNED and not value.startswith("STREAMING-"):
+        return value
+    # An unsigned body with a SHA-256 checksum (the SDK's uploads: it knows the hash
+    # already, so the body is not hashed a second time to sign it) must match that, as
+    # on S3. The SDK signs the header, so the body is bound to the signature all the same.
+    if "x-amz-checksum-sha256" in headers:
+        try:
+            return base64.b64decode(headers.get("x-amz-checksum-sha256", ""), validate=True).hex()
+        except ValueError:
+            raise Denied("InvalidRequest", "x-amz-checksum-sha256 is not base64") from None
+    return ""
 
 
 _locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
@@ -301,7 +312,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             raise localbucket.S3Error(
                 HTTPStatus.BAD_REQUEST,
                 "XAmzContentSHA256Mismatch",
-                "The body does not hash to the signed x-amz-content-sha256",
+                "The body does not hash to the SHA-256 its request signed",
             )
         return body
 

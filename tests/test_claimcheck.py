@@ -113,6 +113,17 @@ class TestStoreAccess:
         other = url.replace("/out/3-7?", "/out/3-8?")
         assert _status(other, "PUT", b"x", **{"If-None-Match": "*"}) == 403
 
+    def test_the_store_refuses_an_upload_that_is_not_what_its_checksum_names(
+        self, store: BlobStore
+    ) -> None:
+        # Given the SDK's upload, whose body is bound by its SHA-256 checksum only
+        # When the bytes sent are not the ones the checksum names
+        with pytest.raises(BrokerError, match="XAmzContentSHA256Mismatch"):
+            store.put_if_absent("jobs/bad/in/z", b"corrupted", sha256_hex(b"original"))
+        # Then nothing was stored, and the right bytes are taken
+        assert not store.exists("jobs/bad/in/z")
+        assert store.put_if_absent("jobs/bad/in/z", b"original", sha256_hex(b"original"))
+
     def test_the_car_refuses_bytes_that_are_not_the_ones_named(self, store: BlobStore) -> None:
         # Given an object whose bytes differ from what a ref names
         store.put_if_absent("jobs/bad/in/y", b"tampered", sha256_hex(b"tampered"))

@@ -165,7 +165,9 @@ def _client(conn: StoreConnection, endpoint: str) -> Any:
 
     config = Config(
         signature_version="s3v4",  # boto3 presigns SigV2 in us-east-1 by default
-        s3={"addressing_style": "path"},
+        # The body is not hashed again to sign it: the signed ChecksumSHA256 header binds
+        # it, and the store checks it (as S3 does over TLS by default).
+        s3={"addressing_style": "path", "payload_signing_enabled": False},
         # The body's SHA-256 is sent (ChecksumSHA256); no extra CRC trailer per upload.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
