@@ -10,7 +10,8 @@ a redispatch or a DLQ replay reads the same objects. Records keep only what is s
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 
 import numpy as np
@@ -28,7 +29,12 @@ UPLOAD_THREADS = 4
 
 
 class JobUploads:
-    """One job's inputs on their way to the store; ``wait()`` before publishing."""
+    """One job's inputs on their way to the store.
+
+    ``offload_all`` hashes and starts every upload; a task's record may go out once
+    ``ready(task)`` returns, so the first cars start while later blocks still upload.
+    ``close()`` when done, whatever happened: it waits for the uploads still running.
+    """
 
     def __init__(
         self, store: BlobStore, job_id: str, inline_max_bytes: int, max_record_bytes: int
@@ -38,11 +44,22 @@ class JobUploads:
         self.inline_max_bytes = inline_max_bytes
         self.max_record_bytes = max_record_bytes
         self._sent: dict[str, Future[bool]] = {}  # sha256 -> its upload, once per job
-        # (address, shape, dtype) of a C-contiguous array -> sha256: the planners hand one
-        # block to many tiles, and hashing it again would cost a pass per tile.
+        # (address, shape, dtype) of a C-contiguous array -> its hash: the planners hand
+        # one block to many tiles, and hashing it again would cost a pass per tile.
         # The array rides along so its address cannot be reused while the job is built.
-        self._hashed: dict[tuple[object, ...], tuple[str, np.ndarray]] = {}
+        self._hashed: dict[tuple[object, ...], tuple[Future[str], np.ndarray]] = {}
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="pp-upload")
+
+    def offload_all(self, tasks: Sequence[TaskChunk]) -> list[TaskChunk]:
+        """Every task with its large inputs replaced by refs (uploads started). The
+        distinct blocks are hashed on the pool's threads at once: hashlib lets go of the
+        GIL, and a 4096² gemm has 128 MiB to hash before its first record."""
+        for task in tasks:
+            if not task.sealed_inputs:
+                for array in task.inputs.values():
+                    if array.nbytes >= self.inline_max_bytes:
+                        self._digest(np.ascontiguousarray(array))
+        return [self.offload(task) for task in tasks]
 
     def offload(self, task: TaskChunk) -> TaskChunk:
         """The task with large inputs replaced by refs (uploads started, not finished)."""
@@ -65,13 +82,17 @@ class JobUploads:
             task = replace(task, inputs=rest, refs=(*task.refs, extra))
         return task
 
-    def wait(self) -> int:
-        """Block until every upload is done; how many objects this job wrote. Raises
-        BrokerError naming the first failure: no record may point at a missing object."""
-        try:
-            return sum(1 for upload in self._sent.values() if upload.result())
-        finally:
-            self._pool.shutdown(wait=True)
+    def ready(self, task: TaskChunk) -> None:
+        """Block until every object ``task`` names is stored. Raises BrokerError naming
+        the failure: no record may point at a missing object."""
+        for ref in task.refs:
+            self._sent[ref.sha256].result()
+
+    def close(self) -> int:
+        """Wait for every upload, failed or not; how many objects this job wrote."""
+        done = wait(self._sent.values())
+        self._pool.shutdown(wait=True)
+        return sum(1 for upload in done.done if not upload.exception() and upload.result())
 
     @property
     def distinct(self) -> int:
@@ -83,12 +104,17 @@ class JobUploads:
 
     def _array(self, name: str, array: np.ndarray) -> BlobRef:
         array = np.ascontiguousarray(array)
-        where = (array.__array_interface__["data"][0], array.shape, array.dtype.str)
-        known = self._hashed.get(where)
-        sha = known[0] if known else hashlib.sha256(array.data).hexdigest()
-        self._hashed[where] = (sha, array)
+        sha = self._digest(array).result()
         self._start(sha, array)
         return BlobRef(name, sha, array.nbytes, array.dtype.str, array.shape)
+
+    def _digest(self, array: np.ndarray) -> Future[str]:
+        where = (array.__array_interface__["data"][0], array.shape, array.dtype.str)
+        known = self._hashed.get(where)
+        if known is None:
+            known = (self._pool.submit(_sha256, array), array)
+            self._hashed[where] = known
+        return known[0]
 
     def _blob(self, name: str, data: bytes) -> BlobRef:
         sha = hashlib.sha256(data).hexdigest()
@@ -97,9 +123,16 @@ class JobUploads:
 
     def _start(self, sha: str, data: np.ndarray | bytes) -> None:
         if sha not in self._sent:
-            key = input_key(self.job_id, sha)
-            body = data.tobytes() if isinstance(data, np.ndarray) else data
-            self._sent[sha] = self._pool.submit(self.store.put_if_absent, key, body, sha)
+            self._sent[sha] = self._pool.submit(self._put, input_key(self.job_id, sha), data, sha)
+
+    def _put(self, key: str, data: np.ndarray | bytes, sha: str) -> bool:
+        # The copy to bytes happens here, on the upload's thread, not before the next hash.
+        body = data.tobytes() if isinstance(data, np.ndarray) else data
+        return self.store.put_if_absent(key, body, sha)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(array.data).hexdigest()
 
 
 def fetch_outputs(store: BlobStore, result: Result) -> Result:

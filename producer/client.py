@@ -230,14 +230,16 @@ class ParkpoolClient:
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         job_id = job_id or uuid.uuid4().hex
-        with self._counting_refusals():
-            tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
-            tasks = self._offload(job_id, tasks)
-            try:
+        uploads = self._uploads(job_id)
+        try:
+            with self._counting_refusals():
+                tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
+                if uploads is not None:
+                    tasks = uploads.offload_all(tasks)
                 records = [self._record(task) for task in tasks]
-            except ValidationError:
-                self._job_ended(job_id)  # refused after its uploads: take them back
-                raise
+        except BaseException:
+            self._abandon(job_id, uploads)  # refused after its uploads began: take them back
+            raise
         handle = JobHandle(
             job_id,
             len(tasks),
@@ -249,12 +251,14 @@ class ParkpoolClient:
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
-            self._publish_all(records)
+            self._publish_all(job_id, records, tasks, uploads)
         except BrokerError:
             with self._lock:
                 self._handles.pop(job_id, None)
-            self._job_ended(job_id)  # the caller was told it failed: nobody reads it
+            self._abandon(job_id, uploads)  # the caller was told it failed: nobody reads it
             raise
+        if uploads is not None:
+            self._stored(job_id, uploads)
         self.metrics.job_submitted(len(tasks))
         log.info("job_submitted", job_id=job_id, kernel=kernel, chunks=len(tasks))
         return handle
@@ -296,24 +300,26 @@ class ParkpoolClient:
             tasks = [seal_task(task, self._gateway_key, reply) for task in tasks]
         return tasks
 
-    def _offload(self, job_id: str, tasks: list[TaskChunk]) -> list[TaskChunk]:
-        """Large inputs to the object store, every upload done before any record goes
-        out: a record never points at an object that is not there yet."""
+    def _uploads(self, job_id: str) -> JobUploads | None:
         if self._store is None:
-            return tasks
-        uploads = JobUploads(
+            return None
+        return JobUploads(
             self._store,
             job_id,
             self.settings.store.inline_max_bytes,
             self.settings.kafka.max_record_bytes,
         )
-        try:
-            tasks = [uploads.offload(task) for task in tasks]
-        finally:
-            written = uploads.wait()
+
+    def _stored(self, job_id: str, uploads: JobUploads) -> None:
+        written = uploads.close()
         self.metrics.blobs_uploaded.inc(written)
         log.info("job_inputs_stored", job_id=job_id, distinct=uploads.distinct, written=written)
-        return tasks
+
+    def _abandon(self, job_id: str, uploads: JobUploads | None) -> None:
+        """A job that was not submitted: its objects go once no upload can still add one."""
+        if uploads is not None:
+            self.metrics.blobs_uploaded.inc(uploads.close())
+            self._job_ended(job_id)
 
     def _job_ended(self, job_id: str) -> None:
         """Completed, failed or cancelled: its stored inputs and outputs are deleted now
@@ -349,17 +355,33 @@ class ParkpoolClient:
         check_record(self.settings.kafka, value, key, what, how)
         return key, value
 
-    def _publish_all(self, records: list[tuple[str, bytes]]) -> None:
+    def _publish_all(
+        self,
+        job_id: str,
+        records: list[tuple[str, bytes]],
+        tasks: list[TaskChunk],
+        uploads: JobUploads | None,
+    ) -> None:
+        """Produce each record once the objects it names are stored (the first cars start
+        while later blocks upload), then wait for Kafka to confirm them all."""
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 failures.append(str(err))
 
-        for key, value in records:
-            refused = produce(self._producer, self.topics.tasks, value, key, report)
-            if refused is not None:
-                failures.append(str(refused))
+        sent = 0
+        try:
+            for (key, value), task in zip(records, tasks, strict=True):
+                if uploads is not None:
+                    uploads.ready(task)
+                refused = produce(self._producer, self.topics.tasks, value, key, report)
+                if refused is not None:
+                    failures.append(str(refused))
+                sent += 1
+        except BrokerError:
+            self._withdraw(job_id, sent)
+            raise
         remaining = self._producer.flush(self.settings.publish_timeout_s)
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
@@ -367,6 +389,18 @@ class ParkpoolClient:
                 f"{len(failures) + remaining} of {len(records)} chunks not confirmed by "
                 f"Kafka: {failures[:3]}"
             )
+
+    def _withdraw(self, job_id: str, sent: int) -> None:
+        """An upload failed after part of the job went to Kafka: gateways are told to
+        drop it, so no car is sent after objects about to be deleted. (When Kafka itself
+        fails, a cancel would only wait out the same outage; leases and the dead-letter
+        topic end what got through.)"""
+        if not sent:
+            return
+        try:
+            self.cancel(job_id, "submit_failed")
+        except BrokerError as exc:  # the lease expiries and the dead-letter topic remain
+            log.warning("failed_job_not_withdrawn", job_id=job_id, reason=str(exc))
 
     def cancel(self, job_id: str, reason: str = "cancelled_by_caller") -> None:
         """Tell every gateway to drop the job: one CancelJob record on each task partition.

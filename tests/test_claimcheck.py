@@ -27,7 +27,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
 from parkpool.runtime.sealing import generate_box_key
-from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
 from parkpool.schemas import (
     Assignment,
     BlobRef,
@@ -330,6 +330,22 @@ def test_jobs_fit_128_kib_records_and_messages(
         gateway.stop()
     mine = [r for r in records if (r.key() or b"").startswith(handle.job_id.encode())]
     assert len(mine) == 8 and max(len(r.value() or b"") for r in mine) < limit
+
+
+@pytest.mark.integration
+def test_a_job_whose_inputs_cannot_be_stored_sends_no_record(
+    namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection
+) -> None:
+    # Given a client whose store credentials are wrong: every upload is refused
+    wrong = dataclasses.replace(store_conn, secret_key=Secret("not-the-key"))
+    a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
+    with _client(namespace, kafka_conn, wrong) as sdk:
+        # When a job that needs the store is submitted
+        with pytest.raises(BrokerError, match="object store refused"):
+            sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unstored")
+        # Then it fails by name, and no record points at an object that is not there
+        assert sdk.handle("unstored") is None
+        assert not read_all(kafka_conn, sdk.topics.tasks)
 
 
 @pytest.mark.integration
