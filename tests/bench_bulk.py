@@ -11,8 +11,15 @@ Per path it reports what crossed each plane for the one job:
   inline) divided by the job's wall time, submit to last result;
 - ``wall_s``.
 
-``bare_get_mib_per_s`` is the same store serving the same objects to as many concurrent
-readers as there are cars, with the cars' own HTTP client, measured in the same run;
+Each job runs on a gateway that already holds its partitions, after one small job
+through the same client and cars: a service's SDK client and a cell's gateways live for
+many jobs, and a consumer group's first join or a producer's first id is not the data
+plane. The store path runs ``STORE_RUNS`` times and the run with the median wall time is
+reported (all walls in ``wall_s_runs``): this machine is noisy.
+
+``bare_get_mib_per_s`` is the same store serving objects of the job's block size to as
+many concurrent readers as there are cars, with the cars' own HTTP client and hash check,
+measured in the same run: the best of three tries of 1 GiB each;
 ``throughput_ratio`` divides the store path's input rate by it. The durable Tansu's
 produce rate is measured beside the in-memory one (``tests.bench_durable``).
 
@@ -54,7 +61,9 @@ from tests.conftest import RunningGateway
 from tests.helpers import RawMqtt, read_all
 
 MIB = 1 << 20
+GIB = 1 << 30
 INLINE_LIMIT = 32 * MIB  # what the inline path needs: a 16 MiB tile in one record
+STORE_RUNS = 3
 
 
 class Sniffer:
@@ -104,7 +113,9 @@ def run_job(
     fleet = Fleet(template, prefix=f"{namespace}-car")
     try:
         fleet.add(cars)
+        serving(gateway)
         with ParkpoolClient(ProducerSettings(kafka, namespace, store=store)) as sdk:
+            warm_up(sdk)
             cpu_before = cpu_seconds(brokers)
             started = time.monotonic()
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=tile)
@@ -118,6 +129,7 @@ def run_job(
                 r
                 for t in (sdk.topics.tasks, sdk.topics.results)
                 for r in read_all(kafka, t, idle=10.0)
+                if (r.key() or b"").startswith(handle.job_id.encode())  # not the warm-up's
             ]
         stats = [w.data.cache.stats() for w in fleet.vehicles.values()]
         correct = bool(np.allclose(answer, a @ b, rtol=1e-3, atol=1e-3 * np.sqrt(a.shape[1])))
@@ -151,6 +163,26 @@ def run_job(
     }
 
 
+def serving(gateway: RunningGateway, timeout: float = 60.0) -> None:
+    """Wait until the gateway holds its task partitions: a production gateway is up before
+    a job comes, and its consumer group's first join (seconds) is not the data plane."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, details = gateway.gateway.readiness()
+        if ready and details["partitions"]:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"gateway not serving after {timeout} s: {details}")
+
+
+def warm_up(sdk: ParkpoolClient) -> None:
+    """One small job first, through the same client, gateway and cars: a service's SDK
+    client lives for many jobs, and its first record waits for the idempotent producer's
+    id and the reader's first fetch, which are not the data plane."""
+    small = np.ones((64, 64), np.float32)
+    sdk.submit("gemm", {"a": small, "b": small}, tile=64).wait(timeout=120)
+
+
 def cpu_seconds(brokers: EmbeddedBrokers) -> dict[str, float]:
     """CPU seconds used so far by this process (SDK, gateway and cars) and each broker:
     on a small machine they share the cores, which bounds every rate measured here."""
@@ -164,9 +196,13 @@ def cpu_seconds(brokers: EmbeddedBrokers) -> dict[str, float]:
     return spent
 
 
-def bare_get_rate(brokers: EmbeddedBrokers, readers: int, block_bytes: int, blocks: int) -> float:
+def bare_get_rate(
+    brokers: EmbeddedBrokers, readers: int, block_bytes: int, blocks: int, repeats: int = 3
+) -> float:
     """MiB/s of presigned GETs of ``blocks`` objects by ``readers`` concurrent readers,
-    with the cars' own fetch (and hash check): the store's ceiling for the data plane."""
+    with the cars' own fetch (and hash check): the store's ceiling for the data plane.
+    Each try reads 1 GiB or more, and the best of ``repeats`` tries is the ceiling (a
+    short or unlucky try would flatter the ratio measured against it)."""
     store = BlobStore(store_connection(brokers))
     rng = np.random.default_rng(1)
     refs = []
@@ -175,14 +211,16 @@ def bare_get_rate(brokers: EmbeddedBrokers, readers: int, block_bytes: int, bloc
         sha = sha256_hex(data)
         store.put_if_absent(f"jobs/bare/in/{sha}", data, sha)
         refs.append((store.presign_get(f"jobs/bare/in/{sha}", 600), BlobRef("", sha, len(data))))
-    rounds = max(1, (4 * readers) // blocks)
+    rounds = max(1, -(-GIB // (blocks * block_bytes)))
     work = [item for _ in range(rounds) for item in refs]
-    started = time.monotonic()
-    with ThreadPoolExecutor(readers) as pool:
-        list(pool.map(lambda item: fetch(item[0], item[1], 60), work))
-    elapsed = time.monotonic() - started
+    rates = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        with ThreadPoolExecutor(readers) as pool:
+            list(pool.map(lambda item: fetch(item[0], item[1], 60), work))
+        rates.append(len(work) * block_bytes / MIB / (time.monotonic() - started))
     store.delete_prefix("jobs/bare/")
-    return len(work) * block_bytes / MIB / elapsed
+    return max(rates)
 
 
 def bulk_data_line(
@@ -193,7 +231,12 @@ def bulk_data_line(
     b = rng.standard_normal((size, size), dtype=np.float32)
     with EmbeddedBrokers(run_dir=run_dir / "bulk") as brokers:  # durable, the default
         bare = bare_get_rate(brokers, cars, tile * size * 4, 2 * (size // tile))
-        stored = run_job(brokers, "bulkstore", a, b, stored=True, cars=cars, tile=tile)
+        runs = [
+            run_job(brokers, f"bulkstore{i}", a, b, stored=True, cars=cars, tile=tile)
+            for i in range(STORE_RUNS)
+        ]
+        stored = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        stored["wall_s_runs"] = [r["wall_s"] for r in runs]
         inline = run_job(brokers, "bulkinline", a, b, stored=False, cars=cars, tile=tile)
     line: dict[str, Any] = {
         "name": "bulk_data",
