@@ -76,6 +76,11 @@ class Sniffer:
         self._raw.client.on_message = self._seen
         self._raw.subscribe(f"{namespace}/#")
 
+    def reset(self) -> None:
+        """Start counting afresh: what came before (the warm-up job) is not the job's."""
+        with self._lock:
+            self.bytes = self.count = self.largest = 0
+
     def _seen(self, _client: object, _userdata: object, message: Any) -> None:
         size = len(message.payload)
         with self._lock:
@@ -116,6 +121,8 @@ def run_job(
         serving(gateway)
         with ParkpoolClient(ProducerSettings(kafka, namespace, store=store)) as sdk:
             warm_up(sdk)
+            time.sleep(0.5)  # the warm-up's last acks and statuses, before the count starts
+            sniffer.reset()
             cpu_before = cpu_seconds(brokers)
             started = time.monotonic()
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=tile)
