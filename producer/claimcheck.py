@@ -19,7 +19,7 @@ import numpy as np
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import record_size
 from parkpool.schemas import BlobRef, DecodeError, Result, TaskChunk, encode
-from parkpool.schemas.blobref import input_key, output_key
+from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, input_key, output_key
 from parkpool.schemas.codec import decode_arrays
 from parkpool.schemas.topics import task_key
 
@@ -145,6 +145,6 @@ def fetch_outputs(store: BlobStore, result: Result) -> Result:
     data = store.get(output_key(result.job_id, result.chunk_id, result.epoch))
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s stored outputs do not match")
-    if ref.name == "sealed_outputs":
+    if ref.name == SEALED_OUTPUTS_BLOB:
         return replace(result, sealed_outputs=data, refs=())
     return replace(result, outputs=decode_arrays(data), refs=())

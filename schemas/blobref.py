@@ -30,10 +30,23 @@ from parkpool.schemas.validate import (
     require_str,
 )
 
-__all__ = ["BLOB", "MAX_BLOB_BYTES", "BlobRef", "input_key", "job_prefix", "output_key"]
+__all__ = [
+    "BLOB",
+    "MAX_BLOB_BYTES",
+    "OUTPUTS_BLOB",
+    "SEALED_OUTPUTS_BLOB",
+    "BlobRef",
+    "input_key",
+    "job_prefix",
+    "output_key",
+]
 
 BLOB = ""  # the dtype of a ref that is not one array: sealed inputs, an outputs map
 MAX_BLOB_BYTES = 5 * 1024**3  # S3's single-PUT ceiling
+# The name of a result's one stored blob says how to read it: an encoded outputs map, or
+# the sealed one only the caller can open (the wire contract; asyncapi.yaml).
+OUTPUTS_BLOB = "outputs"
+SEALED_OUTPUTS_BLOB = "sealed_outputs"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

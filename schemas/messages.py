@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from parkpool.schemas.blobref import BlobRef
+from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, BlobRef
 from parkpool.schemas.errors import ValidationError
 from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 from parkpool.schemas.validate import (
@@ -354,7 +354,7 @@ class Result:
     def sealed(self) -> bool:
         """Whether the outputs travel sealed: inline, or as the stored sealed blob."""
         ref = self.outputs_ref
-        return bool(self.sealed_outputs) or (ref is not None and ref.name == "sealed_outputs")
+        return bool(self.sealed_outputs) or (ref is not None and ref.name == SEALED_OUTPUTS_BLOB)
 
     @property
     def key(self) -> tuple[str, int]:

@@ -32,6 +32,7 @@ from parkpool.schemas import (
     TaskChunk,
     ValidationError,
 )
+from parkpool.schemas.blobref import OUTPUTS_BLOB, SEALED_OUTPUTS_BLOB
 from parkpool.schemas.codec import MAX_MESSAGE_BYTES, encode_arrays
 from parkpool.schemas.kernels import MAX_ELEMS
 from parkpool.worker.blobcache import BlobCache
@@ -99,7 +100,7 @@ class CarData:
             return result
         digest = hashlib.sha256(blob).hexdigest()
         upload(assignment.upload_url, blob, self.timeout_s)
-        ref = BlobRef("sealed_outputs" if sealed else "outputs", digest, len(blob))
+        ref = BlobRef(SEALED_OUTPUTS_BLOB if sealed else OUTPUTS_BLOB, digest, len(blob))
         return replace(result, outputs={}, sealed_outputs=b"", refs=(ref,))
 
 
