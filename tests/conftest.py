@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Shared fixtures: one pair of real brokers per session, one namespace per test.
 
-The brokers are real (the object store, Tansu and Mosquitto on free loopback ports). The
-session's Kafka keeps its log in memory unless PARKPOOL_DURABLE=1: Tansu 0.6's durable
-engine lists a partition's whole history on every read and has no retention, so over a
-20-minute session of thousands of namespaces its reads slow until readers with short
-fetch waits see nothing (docs/DECISIONS.md). The durable Kafka has its own tests, which
-start their own brokers: test_durable_kafka, test_kafka_restart and the chaos runs.
+The brokers are real (the object store, Tansu and Mosquitto on free loopback ports), and
+the session's Kafka keeps its log in that store, as `make demo` and `parkpool brokers up`
+do. PARKPOOL_DURABLE=0 keeps it in memory instead (a quicker local loop). The durable
+session became possible once the store listed a prefix's folder instead of the whole
+bucket (docs/DECISIONS.md). Kafka and store restarts have their own tests, which start
+their own brokers: test_durable_kafka, test_kafka_restart and the chaos runs.
 If the brokers cannot start, every test that needs them fails: a missing broker must
 never pass as a skip.
 Each test gets its own namespace, so its Kafka topics and MQTT topics are its own.
@@ -45,7 +45,7 @@ TEST_TOPIC_SPECS: tuple[TopicSpec, ...] = tuple(
 @pytest.fixture(scope="session")
 def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrokers]:
     """The store, Tansu and Mosquitto for the whole session; logs stay in pytest's tmp dir."""
-    durable = os.environ.get("PARKPOOL_DURABLE", "0") == "1"
+    durable = os.environ.get("PARKPOOL_DURABLE", "1") != "0"
     with EmbeddedBrokers(run_dir=tmp_path_factory.mktemp("brokers"), durable=durable) as running:
         yield running
 
