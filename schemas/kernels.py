@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.reputation import Level
 
 Array = npt.NDArray[Any]
 Params = Mapping[str, Any]  # plain msgpack-able values: int, float, str, list
@@ -112,6 +113,10 @@ class KernelSpec:
     tolerance: Tolerance  # for float32, the loosest dtype each kernel accepts
     cost: CostFn  # 10^9 floating-point operations of a valid task
     optional_inputs: tuple[str, ...] = ()
+    # The strongest check of one chunk's result that needs no second car: ALGEBRAIC where
+    # the inputs alone can check it cheaply (gemm: Freivalds, producer.freivalds), else
+    # QUORUM, a second car's result within twice the tolerance (docs/KERNELS.md).
+    verification: Level = Level.QUORUM
 
     def validate(self, params: Params, inputs: Inputs) -> None:
         """Raise ValidationError(reason, detail) unless the task can run as given."""
@@ -385,7 +390,14 @@ _SPECS = (
     # A K-long float32 dot product errs by about sqrt(K) * 6e-8 of the result's scale,
     # 1.5e-5 at K = 65536. cuBLAS and OpenBLAS block K differently, and the K tiles add
     # in another order, so 1e-4 leaves headroom while catching any wrong tile or offset.
-    KernelSpec("gemm", ("a", "b"), _check_gemm, Tolerance(1e-4, 0.0), _cost_gemm),
+    KernelSpec(
+        "gemm",
+        ("a", "b"),
+        _check_gemm,
+        Tolerance(1e-4, 0.0),
+        _cost_gemm,
+        verification=Level.ALGEBRAIC,
+    ),
     # Each layer is a gemm with K <= 16384 (sqrt(K) * 6e-8 = 8e-6 of its scale); ReLU
     # cannot amplify an error, so <= 8 layers stay within 8 * 8e-6, under 1e-4.
     KernelSpec("mlp", ("x",), _check_mlp, Tolerance(1e-4, 0.0), _cost_mlp, _mlp_names()),

@@ -21,6 +21,7 @@ import numpy as np
 
 from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, BlobRef
 from parkpool.schemas.errors import ValidationError
+from parkpool.schemas.reputation import CarTally, Evidence, QuarantineNotice
 from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 from parkpool.schemas.validate import (
     MAX_ARRAYS,
@@ -38,6 +39,7 @@ MAX_CHUNKS = 1_000_000
 MAX_CREDITS = 1024
 MAX_BATCH = 64  # assignments in one AssignmentBatch
 MAX_ATTEMPTS_RECORDED = 64
+MAX_AVOIDED = 16  # cars a chunk may be kept from: the quorum's and the redo's
 MAX_COUNTER = 1e15  # cumulative seconds or joules: decades of a car's life, far below float's limit
 MAX_GFLOP = 1e9  # 10^18 flops: far above any one task; rejects garbage, not real values
 MAX_GFLOPS_PER_S = 1e7  # 10 PFLOP/s: far above any one car's accelerator
@@ -111,6 +113,12 @@ def _check_task_refs(task: TaskChunk) -> None:
         raise _bad("an opaque blob ref is only the unnamed sealed inputs of a task")
     if any(ref.is_array and not ref.name for ref in refs):
         raise _bad("an input array in the store needs a name")
+
+
+def _avoid(value: object) -> tuple[str, ...]:
+    if not isinstance(value, tuple | list) or len(value) > MAX_AVOIDED:
+        raise _wrong(f"avoid must be a list of at most {MAX_AVOIDED} vehicle ids")
+    return tuple(_vehicle("avoid", item) for item in value)
 
 
 def _url(name: str, value: object) -> str:
@@ -188,12 +196,16 @@ class TaskChunk:
     # Inputs held in the object store (schemas.blobref): named arrays, or the one unnamed
     # blob of a confidential chunk's sealed inputs. ``inputs`` keeps what is small.
     refs: tuple[BlobRef, ...] = ()
+    # Cars that must not run this chunk: a redo after a wrong result, or a second opinion
+    # for a quorum, goes to a different car than the ones whose results it checks.
+    avoid: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
         require_int("n_chunks", self.n_chunks, 1, MAX_CHUNKS)
         require_int("chunk_id", self.chunk_id, 0, self.n_chunks - 1)
         require_name("kernel", self.kernel)
+        object.__setattr__(self, "avoid", _avoid(self.avoid))
         _frozen_map(self, "params", require_params("params", self.params))
         _frozen_map(self, "inputs", require_arrays("inputs", self.inputs))
         require_str("reply_topic", self.reply_topic, pattern=_TOPIC)
@@ -692,6 +704,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Revoke,
     CancelJob,
     DlqAction,
+    CarTally,
+    QuarantineNotice,
 )
 # Records nested inside messages; they travel as maps without a type tag.
 NESTED_TYPES: Mapping[str, type] = MappingProxyType(
@@ -700,6 +714,7 @@ NESTED_TYPES: Mapping[str, type] = MappingProxyType(
         "attempts": AttemptRecord,
         "preemptions": PreemptionRecord,
         "refs": BlobRef,
+        "evidence": Evidence,
     }
 )
 

@@ -77,8 +77,13 @@ class KafkaTopics:
         """Tasks and records that could not be completed, with reason and history."""
         return f"{self.namespace}.deadletter"
 
-    def all(self) -> tuple[str, str, str]:
-        return (self.tasks, self.results, self.dead_letter)
+    @property
+    def reputation(self) -> str:
+        """Each car's verification record and quarantine state; compacted, read by all."""
+        return f"{self.namespace}.reputation"
+
+    def all(self) -> tuple[str, ...]:
+        return (self.tasks, self.results, self.dead_letter, self.reputation)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import yaml
 
 import parkpool.schemas
 from parkpool.broker_config import auth
-from parkpool.schemas import blobref, codec, topics
+from parkpool.schemas import blobref, codec, reputation, topics
 from parkpool.schemas import messages as m
 from parkpool.schemas.errors import DecodeError
 from parkpool.schemas.validate import NAME_RE
@@ -52,6 +52,8 @@ EXPECTED_CHANNELS: dict[str, Channel] = {
     KAFKA.results: both_ways("send", m.Result),
     # The dead-letter tools, not gateways, write the DlqAction notes.
     KAFKA.dead_letter: Channel((m.DeadLetter, m.DlqAction), "send", (m.DeadLetter,)),
+    # SDK clients and operators write it; gateways read it for the quarantines alone.
+    KAFKA.reputation: Channel((m.CarTally, m.QuarantineNotice), "receive", (m.QuarantineNotice,)),
     # A car addresses each of these to one gateway: the last level is that gateway's id.
     MQTT.pull("car-1", "gw-1"): both_ways("receive", m.PullRequest, qos=0),
     MQTT.status("car-1", "gw-1"): both_ways("receive", m.VehicleStatus, qos=1),
@@ -478,16 +480,21 @@ class TestMessages:
             assert set(schema["required"]) == required_fields(record)
 
     def test_enums_are_the_code_enums(self) -> None:
+        code = {
+            name: value
+            for module in (m, reputation)
+            for name, value in vars(module).items()
+            if isinstance(value, type) and issubclass(value, enum.Enum)
+        }
         described = set()
         for node in (n for n in walk(SPEC) if "enum" in n):
             name = node["x-parkpool-enum"]
             if name == "codec.ALLOWED_DTYPES":
                 assert sorted(node["enum"]) == sorted(codec.ALLOWED_DTYPES)
             else:
-                assert node["enum"] == [member.value for member in getattr(m, name)]
+                assert node["enum"] == [member.value for member in code[name]]
             described.add(name)
-        code = {n for n, v in vars(m).items() if isinstance(v, type) and issubclass(v, enum.Enum)}
-        assert described == code | {"codec.ALLOWED_DTYPES"}
+        assert described == set(code) | {"codec.ALLOWED_DTYPES"}
 
     @pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
     def test_bounds_are_the_code_bounds(self, cls: type) -> None:

@@ -21,6 +21,7 @@ from parkpool.schemas import codec
 from parkpool.schemas import messages as m
 from parkpool.schemas.codec import ALLOWED_DTYPES, ARRAY_EXT, MAX_NDIM, decode, encode, peek_type
 from parkpool.schemas.errors import DecodeError
+from parkpool.schemas.reputation import CarState, Evidence, Level
 
 DTYPES = sorted(ALLOWED_DTYPES)
 FAST = settings(max_examples=40, deadline=None)
@@ -126,6 +127,16 @@ def example_messages() -> dict[type, Any]:
         m.CancelJob: m.CancelJob(job_id="job-1", requested_at=1_700_000_004.0, reason="timeout"),
         m.DlqAction: m.DlqAction(
             action=m.DlqActionKind.PURGED, partition=1, offset=42, at=4.0, note="bad input"
+        ),
+        m.CarTally: m.CarTally("car-7", "sdk-1", 2, 40, 1, 7, 1_700_000_006.0),
+        m.QuarantineNotice: m.QuarantineNotice(
+            "car-7",
+            CarState.QUARANTINED,
+            2,
+            1_700_000_007.0,
+            "sdk-1",
+            "wrong_result",
+            (Evidence("job-1", 2, Level.ALGEBRAIC, "Freivalds residual 9.1 over 0.4", 6.5),),
         ),
     }
 

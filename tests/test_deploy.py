@@ -21,7 +21,8 @@ class TestProductionTopics:
             assert spec.partitions == embedded[name].partitions
             assert spec.replication_factor == 3
             assert spec.config["min.insync.replicas"] == "2"
-            assert spec.config["retention.ms"] == embedded[name].config["retention.ms"]
+            assert spec.config.get("retention.ms") == embedded[name].config.get("retention.ms")
+            assert spec.config["cleanup.policy"] == embedded[name].config["cleanup.policy"]
 
 
 class TestGatewayEnvExample:

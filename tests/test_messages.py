@@ -87,6 +87,23 @@ VALID: dict[type, dict[str, Any]] = {
     },
     m.CancelJob: {"job_id": "job-1", "requested_at": 4.0},
     m.DlqAction: {"action": "replayed", "partition": 0, "offset": 3, "at": 6.0},
+    m.CarTally: {
+        "vehicle_id": "car-1",
+        "writer": "sdk-1",
+        "generation": 0,
+        "valid": 3,
+        "invalid": 0,
+        "unchecked": 1,
+        "at": 7.0,
+    },
+    m.QuarantineNotice: {
+        "vehicle_id": "car-1",
+        "state": "released",
+        "generation": 1,
+        "at": 8.0,
+        "by": "operator",
+        "reason": "released",
+    },
     m.Capabilities: {"backend": "cuda", "kernels": ["matmul", "saxpy"]},
     m.AttemptRecord: {"vehicle_id": "car-1", "reason": "kernel_error", "at": 2.0},
 }
@@ -314,7 +331,8 @@ class TestTopics:
             "acme.results",
             "acme.deadletter",
         )
-        assert topics.all() == ("acme.tasks", "acme.results", "acme.deadletter")
+        assert topics.reputation == "acme.reputation"
+        assert topics.all() == ("acme.tasks", "acme.results", "acme.deadletter", "acme.reputation")
         assert KafkaTopics().tasks == f"{DEFAULT_NAMESPACE}.tasks"
 
     def test_mqtt_names(self) -> None:
