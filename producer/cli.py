@@ -28,6 +28,7 @@ from parkpool.runtime.settings import (
     store_from_args,
 )
 from parkpool.schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
+from parkpool.schemas.reputation import Level
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,7 +52,20 @@ def add_parser(subparsers: Any) -> None:
     submit.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
-    submit.add_argument("--verify", action="store_true", help="check the answer against NumPy")
+    submit.add_argument(
+        "--verify",
+        action="store_true",
+        help="also recompute the whole answer with NumPy here (a demo; --verification is "
+        "how the fleet's results are checked)",
+    )
+    add_option(
+        submit,
+        "--verification",
+        "PARKPOOL_VERIFICATION",
+        Level.RINGER_TRUSTED.value,
+        "least check each chunk must pass before it is accepted: unchecked, ringer_trusted, "
+        "quorum or algebraic (docs/KERNELS.md)",
+    )
     submit.add_argument(
         "--confidential",
         action="store_true",
@@ -129,7 +143,9 @@ def run_submit(args: argparse.Namespace) -> int:
     )
     with ParkpoolClient(settings) as client:
         started = time.monotonic()
-        handle = client.submit_plan(plan, confidential=args.confidential)
+        handle = client.submit_plan(
+            plan, confidential=args.confidential, verification=args.verification
+        )
         if args.no_wait:
             print(handle.job_id)
             return 0

@@ -32,10 +32,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
+from parkpool.producer.verify import reachable
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
@@ -64,6 +66,7 @@ from parkpool.schemas import (
 from parkpool.schemas.blobref import job_prefix
 from parkpool.schemas.kernels import cost_gflop, validate_task
 from parkpool.schemas.kernels import spec as kernel_spec
+from parkpool.schemas.reputation import Level
 from parkpool.schemas.topics import task_key
 
 log = structlog.get_logger("parkpool.producer")
@@ -88,6 +91,12 @@ class ProducerSettings:
     results_unreachable_s: float = 60.0
     # The object store for bulk arrays (producer.claimcheck); disabled: inline only.
     store: StoreConnection = field(default_factory=StoreConnection)
+    # Results are checked before the caller sees them (producer.verify); off, every
+    # result is handed over unchecked and no car's record is kept.
+    verify: bool = True
+    freivalds_rounds: int = 1  # each round halves the chance a wrong gemm tile passes
+    # The level a job demands when its submit names none (schemas.reputation.Level).
+    verification: Level = Level.RINGER_TRUSTED
 
 
 class ParkpoolClient:
@@ -114,6 +123,18 @@ class ParkpoolClient:
         # the reader's thread.
         self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
         self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
+        self._checks = (
+            ResultChecks(
+                settings.kafka,
+                self.topics.reputation,
+                uuid.uuid4().hex[:16],
+                self.metrics,
+                self._send_task,
+                settings.freivalds_rounds,
+            )
+            if settings.verify
+            else None
+        )
 
     def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
         if settings.metrics_port is None:
@@ -151,6 +172,8 @@ class ParkpoolClient:
         self._reader.join(timeout=10)
         self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._cleaner.shutdown(wait=True)
+        if self._checks is not None:
+            self._checks.close()
         self._producer.flush(10)
         # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
         # are freed now, not at some later garbage collection while brokers may be gone.
@@ -169,12 +192,16 @@ class ParkpoolClient:
         deadline_s: float | None = None,
         job_id: str | None = None,
         confidential: bool = False,
+        verification: Level | str | None = None,
         **split_options: Any,
     ) -> JobHandle:
         """Split a job with the kernel's planner and publish it; see producer.splitters.
 
         ``confidential`` seals every chunk's inputs and results (``parkpool.runtime.sealing``), so
         brokers, logs and other cars never see them; it needs ``gateway_box_key``.
+        ``verification`` is the least check every chunk must pass before it reaches the
+        caller (``schemas.reputation.Level``; None: the settings' default); a kernel that
+        cannot reach it is refused.
         """
         with self._counting_refusals():
             planner = PLANNERS.get(kernel)
@@ -190,6 +217,7 @@ class ParkpoolClient:
             deadline_s=deadline_s,
             job_id=job_id,
             confidential=confidential,
+            verification=verification,
         )
 
     def submit_plan(
@@ -200,6 +228,7 @@ class ParkpoolClient:
         deadline_s: float | None = None,
         job_id: str | None = None,
         confidential: bool = False,
+        verification: Level | str | None = None,
     ) -> JobHandle:
         return self.publish(
             plan.kernel,
@@ -209,6 +238,7 @@ class ParkpoolClient:
             deadline_s=deadline_s,
             job_id=job_id,
             confidential=confidential,
+            verification=verification,
         )
 
     def publish(
@@ -221,6 +251,7 @@ class ParkpoolClient:
         deadline_s: float | None = None,
         job_id: str | None = None,
         confidential: bool = False,
+        verification: Level | str | None = None,
     ) -> JobHandle:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
@@ -230,6 +261,10 @@ class ParkpoolClient:
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         job_id = job_id or uuid.uuid4().hex
+        with self._counting_refusals():
+            minimum = _level(verification or self.settings.verification)
+            if self._checks is not None:
+                reachable(kernel_spec(kernel), minimum)
         uploads = self._uploads(job_id)
         try:
             with self._counting_refusals():
@@ -248,6 +283,9 @@ class ParkpoolClient:
             observer=self.metrics,
             on_end=self._job_ended,
         )
+        if self._checks is not None:
+            inputs = [spec.inputs for spec in chunks]
+            self._checks.begin(job_id, kernel, inputs, tasks, minimum)
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
@@ -255,6 +293,8 @@ class ParkpoolClient:
         except BrokerError:
             with self._lock:
                 self._handles.pop(job_id, None)
+            if self._checks is not None:
+                self._checks.end(job_id)
             self._abandon(job_id, uploads)  # the caller was told it failed: nobody reads it
             raise
         if uploads is not None:
@@ -324,6 +364,8 @@ class ParkpoolClient:
     def _job_ended(self, job_id: str) -> None:
         """Completed, failed or cancelled: its stored inputs and outputs are deleted now
         (a store lifecycle rule catches what a crashed client leaves behind)."""
+        if self._checks is not None:
+            self._checks.end(job_id)
         if self._store is not None and not self._closed.is_set():
             self._cleaner.submit(self._delete_job, job_id)
 
@@ -390,6 +432,21 @@ class ParkpoolClient:
                 f"Kafka: {failures[:3]}"
             )
 
+    def _send_task(self, task: TaskChunk) -> None:
+        """One more record of a task (a redo or second opinion), from a reader thread:
+        produce and move on; a refusal is raised, a failed delivery only logged (the
+        chunk's deadline then ends it through the dead-letter topic)."""
+        key, value = self._record(task)
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.warning("redo_not_delivered", job_id=task.job_id, reason=str(err))
+
+        refused = produce(self._producer, self.topics.tasks, value, key, report)
+        if refused is not None:
+            raise BrokerError(f"redo of chunk {task.chunk_id} refused: {refused}")
+        self._producer.poll(0)
+
     def _withdraw(self, job_id: str, sent: int) -> None:
         """An upload failed after part of the job went to Kafka: gateways are told to
         drop it, so no car is sent after objects about to be deleted. (When Kafka itself
@@ -444,21 +501,36 @@ class ParkpoolClient:
             return  # another caller's job, or one we stopped following
         with self._refusing(key, record.topic()):
             if record.topic() != self.reply_topic:
-                handle.dead_lettered(decode(record.value() or b"", DeadLetter))
+                letter = decode(record.value() or b"", DeadLetter)
+                handle.dead_lettered(letter)
+                if self._checks is not None:
+                    self._checks.abandoned(handle, letter.chunk_id)
                 return
             result = decode(record.value() or b"", Result)
-            if result.refs and handle.awaits(result.chunk_id):
+            if result.refs and self._wanted(handle, result):
                 # Read back off the reader's thread: one slow GET must not hold up
                 # every other job's results.
                 with contextlib.suppress(RuntimeError):  # closing: nobody waits for it
                     self._fetcher.submit(self._deliver_stored, handle, result)
             else:
-                handle.deliver(open_result(result, self._reply_box), time.time())
+                self._take(handle, open_result(result, self._reply_box))
+
+    def _wanted(self, handle: JobHandle, result: Result) -> bool:
+        if self._checks is None:
+            return handle.awaits(result.chunk_id)
+        return self._checks.wants(handle, result)
+
+    def _take(self, handle: JobHandle, result: Result) -> None:
+        """A result with its outputs in clear: checked, then handed to the job."""
+        if self._checks is None:
+            handle.deliver(result, time.time())
+        else:
+            self._checks.take(handle, result)
 
     def _deliver_stored(self, handle: JobHandle, result: Result) -> None:
         with self._refusing(handle.job_id, self.reply_topic):
             result = self._stored_outputs(handle, result)
-            handle.deliver(open_result(result, self._reply_box), time.time())
+            self._take(handle, open_result(result, self._reply_box))
 
     @contextlib.contextmanager
     def _refusing(self, job_id: str, topic: str | None) -> Iterator[None]:
@@ -474,7 +546,7 @@ class ParkpoolClient:
     def _stored_outputs(self, handle: JobHandle, result: Result) -> Result:
         """Outputs left in the store by the car, read back and checked by hash; only for
         a chunk still awaited, so a duplicate costs no download."""
-        if not result.refs or not handle.awaits(result.chunk_id):
+        if not result.refs or not self._wanted(handle, result):
             return result
         if self._store is None:
             raise DecodeError("bad_data", "outputs are in the object store; no store is set")
@@ -484,6 +556,15 @@ class ParkpoolClient:
             # The result was already acknowledged: say so on the job, never hang on it.
             handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
             raise DecodeError("bad_data", str(exc)) from None
+
+
+def _level(value: Level | str) -> Level:
+    try:
+        return Level(value)
+    except ValueError:
+        allowed = ", ".join(level.value for level in Level)
+        detail = f"verification {value!r}: one of {allowed}"
+        raise ValidationError("bad_verification", detail) from None
 
 
 def _gateway_key(path: Path | None) -> bytes | None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from parkpool.producer.splitters import Assembler
 from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
+from parkpool.schemas.reputation import Level
 
 
 class JobState(enum.StrEnum):
@@ -54,6 +55,7 @@ class ChunkResult:
     outputs: Mapping[str, np.ndarray]
     vehicle_id: str
     latency_s: float  # from the chunk's submission to its arrival here
+    verification: Level = Level.UNCHECKED  # how this result was checked before it came
 
 
 class JobObserver(Protocol):
@@ -191,8 +193,9 @@ class JobHandle:
             self._error = error
             self._end(JobState.FAILED)
 
-    def deliver(self, result: Result, received_at: float) -> bool:
-        """Take a result; False when it is a duplicate or does not fit the job."""
+    def deliver(self, result: Result, received_at: float, level: Level = Level.UNCHECKED) -> bool:
+        """Take a result, verified to ``level``; False when it is a duplicate or does not
+        fit the job."""
         with self._lock:
             if self._state is not JobState.RUNNING or result.n_chunks != self.n_chunks:
                 return False
@@ -211,7 +214,7 @@ class JobHandle:
             self._latencies.append(latency)
             self._observer.chunk_completed(latency)
             self._chunks.put(
-                ChunkResult(result.chunk_id, result.outputs, result.vehicle_id, latency)
+                ChunkResult(result.chunk_id, result.outputs, result.vehicle_id, latency, level)
             )
             if self._done == self.n_chunks:
                 self._end(JobState.DONE)

@@ -64,6 +64,29 @@ class SdkMetrics:
             registry=r,
         )
         self.running = Gauge("parkpool_sdk_jobs_running", "Jobs not yet ended", registry=r)
+        self.verdicts = Counter(
+            "parkpool_sdk_verdicts",
+            "Car results judged by this client's checks",
+            ["outcome"],  # valid, invalid, unchecked (handed over on the car's record)
+            registry=r,
+        )
+        self.chunks_verified = Counter(
+            "parkpool_sdk_chunks_verified",
+            "Chunks handed to the caller, by how they were verified",
+            ["level"],  # algebraic, quorum, ringer_trusted, unchecked
+            registry=r,
+        )
+        self.redone = Counter(
+            "parkpool_sdk_chunks_redone",
+            "Chunks sent again for verification",
+            ["why"],  # second_opinion, wrong_result, quarantined_car, ringer
+            registry=r,
+        )
+        self.quarantines = Counter(
+            "parkpool_sdk_quarantines",
+            "Cars this client quarantined for a proven wrong result",
+            registry=r,
+        )
 
     # JobObserver: called by JobHandle, under its lock, so each must be quick.
 

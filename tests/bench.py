@@ -26,6 +26,10 @@ Lines:
 - ``bulk_data``: a 4096² gemm through the object store (claim check) and inline, bytes
   per plane, cache hit rate, input rate to cars against the store's bare GET rate, and
   the durable Kafka's produce rate beside the in-memory one; see ``tests/bench_bulk.py``.
+- ``verification``: the Freivalds check's cost against a 4096² gemm, and a fleet of 16
+  simulated cars through the SDK's verifier: replication overhead, how soon a liar is
+  quarantined, wrong chunks that reached the caller, false quarantines; see
+  ``tests/bench_verification.py``.
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ from parkpool.runtime.sealing import (
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import Result, TaskChunk, decode, encode
+from parkpool.schemas.reputation import Level
 from tests.bench_bulk import bulk_data_line
 from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
 from tests.bench_reconnect import reconnect_spread
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
+from tests.bench_verification import verification_line
 
 NAMESPACE = "bench"
 
@@ -228,6 +234,9 @@ def main() -> int:
     p.add_argument("--cells-window-s", type=float, default=20.0)
     p.add_argument("--bulk-size", type=int, default=4096, help="gemm side; 0 skips bulk_data")
     p.add_argument("--bulk-cars", type=int, default=8)
+    p.add_argument(
+        "--verification-chunks", type=int, default=5000, help="per kernel; 0 skips verification"
+    )
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -236,6 +245,8 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     emit(codec())
     emit(sealing())
+    if args.verification_chunks:  # first, while nothing else runs: it times a gemm
+        emit({**verification_line(args.verification_chunks), "machine": machine()})
     with EmbeddedBrokers(run_dir=run_dir) as brokers:
         bootstrap(brokers.kafka_bootstrap, NAMESPACE)
         mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
@@ -254,7 +265,9 @@ def main() -> int:
             role("gateway", ["gateway", "--gateway-id", "bench-gw"], env, run_dir),
             role("fleet", sim, env, run_dir),
         ):
-            settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), NAMESPACE)
+            settings = ProducerSettings(
+                KafkaConnection(brokers.kafka_bootstrap), NAMESPACE, verification=Level.UNCHECKED
+            )
             with ParkpoolClient(settings) as client:
                 result = e2e(client, args.tasks, args.probes)
         emit(

@@ -32,6 +32,7 @@ from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime.mqtt import connect_and_wait, new_client
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.bench_scale import _wait_ready, grow, rss_mb, scrape, small_chunks
@@ -155,7 +156,9 @@ def _measure(
     )
     fleet = Fleet(template, prefix="car", cells=cells)
     counters = BrokerCounters(brokers.mqtt_ports)
-    settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
+    settings = ProducerSettings(
+        KafkaConnection(brokers.kafka_bootstrap), namespace, verification=Level.UNCHECKED
+    )
     try:
         short = grow(fleet, plan.cells * plan.cars_per_cell)
         vehicles, fleet_ids = len(fleet), list(fleet.vehicles)

@@ -36,6 +36,7 @@ from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime import logs
 from parkpool.runtime.mqtt import connect_and_wait, new_client
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.bench_scale import _wait_ready, scrape  # as old as the code it compares
@@ -105,7 +106,9 @@ def measure(cars: int, window_s: float, run_dir: Path) -> dict[str, Any]:
         while len(fleet) < cars:
             fleet.add(min(500, cars - len(fleet)), parallel=32)
         x = np.arange(16, dtype=np.float64)
-        settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), NAMESPACE)
+        settings = ProducerSettings(
+            KafkaConnection(brokers.kafka_bootstrap), NAMESPACE, verification=Level.UNCHECKED
+        )
         with ParkpoolClient(settings) as client:
             handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": x})] * 20_000)
             time.sleep(5)  # warm-up: every car's first pull, the gateways' first reads

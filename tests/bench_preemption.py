@@ -27,6 +27,7 @@ from parkpool.gateway.gateway import Gateway, GatewaySettings
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.splitters import plan_monte_carlo_pi
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.carstate import SimulatedBus
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.policy import PolicyConfig
@@ -68,7 +69,9 @@ def preemption(brokers: EmbeddedBrokers, events: int, vehicles: int = 4) -> dict
         return buses[vehicle_id]
 
     template = WorkerSettings("template", mqtt, NAMESPACE, backend="numpy", prefetch=1)
-    settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), NAMESPACE)
+    settings = ProducerSettings(
+        KafkaConnection(brokers.kafka_bootstrap), NAMESPACE, verification=Level.UNCHECKED
+    )
     with running_gateway(brokers) as gateway, ParkpoolClient(settings) as client:
         fleet = Fleet(template, prefix="owned", car=bus_for, policy=BENCH_POLICY)
         try:

@@ -34,6 +34,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import ParkpoolError
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 
@@ -113,7 +114,9 @@ def fleet_scale(
     }
     mqtt = MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
     template = WorkerSettings("template", mqtt, namespace, backend="numpy")
-    settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
+    settings = ProducerSettings(
+        KafkaConnection(brokers.kafka_bootstrap), namespace, verification=Level.UNCHECKED
+    )
     with role("scale-gateway", ["gateway"], env, run_dir) as gateway:
         _wait_ready(port)
         fleet = Fleet(template, prefix="scale")
@@ -222,7 +225,9 @@ def backlog_memory(
     for more than the windows hold (it reads until every partition's window is full)."""
     namespace = "benchbacklog"
     bootstrap(brokers.kafka_bootstrap, namespace)
-    settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
+    settings = ProducerSettings(
+        KafkaConnection(brokers.kafka_bootstrap), namespace, verification=Level.UNCHECKED
+    )
     started = time.perf_counter()
     with ParkpoolClient(settings) as client:
         for first in range(0, records, 100_000):

@@ -47,6 +47,7 @@ from parkpool.runtime.kafka import reader_config
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import KafkaTopics, Result, decode
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 
@@ -261,7 +262,9 @@ def run_chaos(
     started = time.monotonic()
     with chaos_system(plan, run_dir) as (brokers, gateways, fleet):
         kafka = KafkaConnection(brokers.kafka_bootstrap)
-        with ParkpoolClient(ProducerSettings(kafka, NAMESPACE)) as client:
+        with ParkpoolClient(
+            ProducerSettings(kafka, NAMESPACE, verification=Level.UNCHECKED)
+        ) as client:
             handle = client.publish("reduce", chunks(plan.tasks))
             faults = fault_schedule(plan)
             inject = _injector(plan, rng, report, brokers, gateways, fleet)

@@ -16,6 +16,7 @@ from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
 from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.bench_cells import CellsPlan, run_cells
@@ -74,7 +75,11 @@ class TestCellWithoutCars:
                 # When the empty cell's gateway has had no car for its standby time
                 wait_for(lambda: _standing_by(ports["empty"]), 60, "the empty cell to stand by")
                 # Then a job whose chunks span every partition completes in cell 0 alone
-                settings = ProducerSettings(KafkaConnection(brokers.kafka_bootstrap), namespace)
+                settings = ProducerSettings(
+                    KafkaConnection(brokers.kafka_bootstrap),
+                    namespace,
+                    verification=Level.UNCHECKED,
+                )
                 with ParkpoolClient(settings) as client:
                     handle = client.publish("reduce", small_chunks(96))
                     handle.wait(timeout=120)

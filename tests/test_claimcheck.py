@@ -42,6 +42,7 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.blobref import input_key, job_prefix, output_key
 from parkpool.schemas.kernels import MAX_ELEMS
+from parkpool.schemas.reputation import Level
 from parkpool.worker import dataplane
 from parkpool.worker.blobcache import BlobCache
 from parkpool.worker.dataplane import CarData, fetch, upload
@@ -141,7 +142,9 @@ def _client(
     conn = StoreConnection(
         store.endpoint, store.bucket, store.access_key, store.secret_key, inline_max_bytes=SMALL
     )
-    return ParkpoolClient(ProducerSettings(kafka, namespace, store=conn, **more))  # type: ignore[arg-type]
+    return ParkpoolClient(
+        ProducerSettings(kafka, namespace, store=conn, **{"verification": Level.UNCHECKED, **more})
+    )  # type: ignore[arg-type]
 
 
 def _job_objects(store: BlobStore, job_id: str) -> list[str]:

@@ -28,6 +28,7 @@ from parkpool.schemas import (
     decode,
     encode,
 )
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.kernels import REGISTRY
 from tests.conftest import RunningGateway
@@ -46,7 +47,9 @@ def box_key(tmp_path: Path) -> tuple[Path, Path]:
 def sealing_client(
     namespace: str, kafka_conn: KafkaConnection, box_key: tuple[Path, Path]
 ) -> Iterator[ParkpoolClient]:
-    settings = ProducerSettings(kafka_conn, namespace, gateway_box_key=box_key[1])
+    settings = ProducerSettings(
+        kafka_conn, namespace, gateway_box_key=box_key[1], verification=Level.UNCHECKED
+    )
     with ParkpoolClient(settings) as sdk:
         yield sdk
 

@@ -29,6 +29,7 @@ from parkpool.producer.jobs import JobHandle
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import KafkaTopics
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
@@ -68,7 +69,9 @@ def system(tmp_path: Path) -> Iterator[System]:
         fleet = Fleet(template, prefix="car")
         fleet.add(4)
         try:
-            with ParkpoolClient(ProducerSettings(kafka, NAMESPACE)) as client:
+            with ParkpoolClient(
+                ProducerSettings(kafka, NAMESPACE, verification=Level.UNCHECKED)
+            ) as client:
                 yield System(brokers, gateway, client)
         finally:
             fleet.stop_all()

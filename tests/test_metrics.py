@@ -16,6 +16,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.http import StatusServer
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.carstate import SimulatedBus
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.policy import PolicyConfig
@@ -159,7 +160,9 @@ class TestSdkMetrics:
     ) -> None:
         gateway_factory()
         fleet_factory(2)
-        settings = ProducerSettings(kafka_conn, namespace, metrics_port=0)
+        settings = ProducerSettings(
+            kafka_conn, namespace, metrics_port=0, verification=Level.UNCHECKED
+        )
         with ParkpoolClient(settings) as sdk:
             assert sdk.metrics_port is not None
             chunks = [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})] * 12

@@ -28,6 +28,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 from tests.helpers import wait_for
@@ -183,7 +184,13 @@ def gateway_status(
 @pytest.fixture
 def sdk(namespace: str, kafka_conn: KafkaConnection) -> Iterator[ParkpoolClient]:
     """An SDK client serving its metrics on a free loopback port."""
-    settings = ProducerSettings(kafka_conn, namespace, metrics_port=0, metrics_addr=LOOPBACK)
+    settings = ProducerSettings(
+        kafka_conn,
+        namespace,
+        metrics_port=0,
+        metrics_addr=LOOPBACK,
+        verification=Level.UNCHECKED,
+    )
     with ParkpoolClient(settings) as client:
         yield client
 

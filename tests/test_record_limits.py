@@ -33,6 +33,7 @@ from parkpool.schemas import (
     encode,
     peek_type,
 )
+from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_TOPIC_SPECS, RunningGateway
 from tests.helpers import produce_raw_task, read_all, wait_for
@@ -83,7 +84,9 @@ class TestSubmitRefusesLargeChunks:
     def test_a_lower_limit_is_honoured(self, namespace: str, brokers: EmbeddedBrokers) -> None:
         # Given a client told that its Kafka takes records of 128 KiB at most
         conn = KafkaConnection(brokers.kafka_bootstrap, max_record_bytes=128 << 10)
-        with ParkpoolClient(ProducerSettings(conn, namespace)) as small:
+        with ParkpoolClient(
+            ProducerSettings(conn, namespace, verification=Level.UNCHECKED)
+        ) as small:
             x = np.zeros(floats_filling(256 << 10))
             # When a job with one 256 KiB chunk is submitted, it is refused
             with pytest.raises(ValidationError, match="131,072"):

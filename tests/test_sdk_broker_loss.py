@@ -16,6 +16,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobState
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError
+from parkpool.schemas.reputation import Level
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,9 @@ class TestResultsUnreachable:
         with EmbeddedBrokers(run_dir=tmp_path) as brokers:
             bootstrap(brokers.kafka_bootstrap, "lost")
             kafka = KafkaConnection(brokers.kafka_bootstrap)
-            settings = ProducerSettings(kafka, "lost", results_unreachable_s=3.0)
+            settings = ProducerSettings(
+                kafka, "lost", results_unreachable_s=3.0, verification=Level.UNCHECKED
+            )
             with ParkpoolClient(settings) as client:
                 handle = client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
                 # When Kafka dies and stays dead

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The client's side of verification: each job's verifier, the fleet's reputation, redos.
+
+A result goes through its job's ``JobVerifier`` before the caller sees it; this module
+carries out what the verifier decides: it hands a checked chunk to the ``JobHandle``
+with its level, sends a chunk again (to other cars) for a second opinion, a ringer or
+a redo, records each verdict on the reputation topic, and quarantines a car proven
+wrong, with the evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import structlog
+
+from parkpool.producer.jobs import JobHandle
+from parkpool.producer.metrics import SdkMetrics
+from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, Misfit, Redo
+from parkpool.runtime.reputation import ReputationBook, ReputationReader, ReputationWriter
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import BrokerError, Result, TaskChunk
+from parkpool.schemas.kernels import spec as kernel_spec
+from parkpool.schemas.messages import MAX_AVOIDED
+from parkpool.schemas.reputation import Level
+
+log = structlog.get_logger("parkpool.producer")
+
+SendTask = Callable[[TaskChunk], None]  # produce one task record; raises BrokerError
+
+
+@dataclasses.dataclass
+class _Job:
+    verifier: JobVerifier
+    tasks: Sequence[TaskChunk]
+
+
+class ResultChecks:
+    """Verification for one client's jobs; thread-safe."""
+
+    def __init__(
+        self,
+        conn: KafkaConnection,
+        topic: str,
+        writer: str,
+        metrics: SdkMetrics,
+        send_task: SendTask,
+        rounds: int = 1,
+    ) -> None:
+        self.book = ReputationBook()
+        self.reader = ReputationReader(conn, topic, self.book)
+        self.reader.start()
+        self.writer = ReputationWriter(conn, topic, writer, self.book)
+        self.metrics = metrics
+        self.rounds = rounds
+        self._send_task = send_task
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+
+    def begin(
+        self,
+        job_id: str,
+        kernel: str,
+        inputs: Sequence[Mapping[str, np.ndarray]],
+        tasks: Sequence[TaskChunk],
+        minimum: Level,
+    ) -> None:
+        verifier = JobVerifier(
+            job_id, kernel_spec(kernel), inputs, self.book, minimum=minimum, rounds=self.rounds
+        )
+        with self._lock:
+            self._jobs[job_id] = _Job(verifier, tasks)
+
+    def end(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def _job(self, job_id: str) -> _Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def wants(self, handle: JobHandle, result: Result) -> bool:
+        """Whether a result is worth reading back: awaited, or needed by a check."""
+        job = self._job(handle.job_id)
+        if job is None:
+            return handle.awaits(result.chunk_id)
+        return handle.awaits(result.chunk_id) or job.verifier.wants(result.chunk_id)
+
+    def take(self, handle: JobHandle, result: Result) -> None:
+        job = self._job(handle.job_id)
+        if job is None or not job.verifier.wants(result.chunk_id):
+            handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
+            return
+        self._act(handle, job, job.verifier.take(result))
+
+    def abandoned(self, handle: JobHandle, chunk_id: int) -> None:
+        job = self._job(handle.job_id)
+        if job is not None and 0 <= chunk_id < len(job.tasks):
+            self._act(handle, job, job.verifier.abandoned(chunk_id))
+
+    def close(self) -> None:
+        self.reader.stop()
+        self.writer.close()
+        self._send_task = _closed  # and no cycle back to the client keeps it alive
+
+    # ---------------------------------------------------------------- actions
+
+    def _act(self, handle: JobHandle, job: _Job, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Accept):
+                if handle.deliver(action.result, time.time(), action.level):
+                    self.metrics.chunks_verified.labels(action.level.value).inc()
+            elif isinstance(action, Judged):
+                self._judged(action)
+            elif isinstance(action, Redo):
+                self._redo(handle, job, action)
+            elif isinstance(action, Fail):
+                handle.refused(action.chunk_id, action.reason)
+            elif isinstance(action, Misfit):
+                handle.deliver(action.result, time.time(), Level.UNCHECKED)
+
+    def _judged(self, verdict: Judged) -> None:
+        outcome = {True: "valid", False: "invalid", None: "unchecked"}[verdict.valid]
+        self.metrics.verdicts.labels(outcome).inc()
+        self.writer.judge(verdict.vehicle_id, [verdict.valid])
+        if verdict.valid is False and verdict.evidence is not None:
+            if not self.book.quarantined(verdict.vehicle_id):
+                self.metrics.quarantines.inc()
+            self.writer.quarantine(verdict.vehicle_id, (verdict.evidence,), "wrong_result")
+
+    def _redo(self, handle: JobHandle, job: _Job, redo: Redo) -> None:
+        task = job.tasks[redo.chunk_id]
+        avoid = redo.avoid[-MAX_AVOIDED:]
+        self.metrics.redone.labels(self._why(handle, redo)).inc()
+        try:
+            self._send_task(dataclasses.replace(task, avoid=avoid))
+        except BrokerError as exc:
+            handle.refused(redo.chunk_id, f"redo_not_sent: {exc}")
+            return
+        log.info("chunk_redone", job_id=handle.job_id, chunk_id=redo.chunk_id, avoid=avoid)
+
+    def _why(self, handle: JobHandle, redo: Redo) -> str:
+        if not handle.awaits(redo.chunk_id):
+            return "ringer"
+        if any(self.book.quarantined(car) for car in redo.avoid):
+            return "quarantined_car"
+        return "second_opinion"
+
+
+def _closed(task: TaskChunk) -> None:
+    raise BrokerError(f"the client is closed; chunk {task.chunk_id} was not sent again")

@@ -1,0 +1,323 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checking cars' results: Freivalds for gemm, quorum and ringers, reputation (pure logic)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from parkpool.producer.freivalds import GemmCheck
+from parkpool.producer.splitters import plan_gemm
+from parkpool.producer.verify import (
+    Accept,
+    AdaptivePolicy,
+    Fail,
+    JobVerifier,
+    Judged,
+    Misfit,
+    Redo,
+    reachable,
+)
+from parkpool.runtime.reputation import TRUST_AFTER, ReputationBook
+from parkpool.schemas import Result, TaskChunk, ValidationError, decode, encode
+from parkpool.schemas.kernels import spec
+from parkpool.schemas.reputation import CarState, CarTally, Evidence, Level, QuarantineNotice
+
+GEMM_TOL = spec("gemm").tolerance
+
+
+def tiles(a: np.ndarray, b: np.ndarray, tile: int, k_tile: int | None = None) -> list:
+    return [c.inputs for c in plan_gemm(a, b, tile=tile, k_tile=k_tile).chunks]
+
+
+def honest(inputs: dict, gpu_like: bool = False) -> np.ndarray:
+    """A tile as a CPU (float32 BLAS) or a GPU (another summation order) returns it."""
+    a, b = inputs["a"], inputs["b"]
+    if gpu_like:
+        return (a.astype(np.float64) @ b.astype(np.float64)).astype(a.dtype)
+    return a @ b
+
+
+def result(chunk: int, n: int, car: str, **outputs: np.ndarray) -> Result:
+    return Result("job1", chunk, n, car, "gw1", 1, 1, outputs, 0.1, time.time(), 0.0)
+
+
+def operands(rng: np.random.Generator, m: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    return a, rng.standard_normal((k, n)).astype(np.float32)
+
+
+class TestFreivalds:
+    """A wrong tile fails, an honest one (CPU or GPU rounding) never does."""
+
+    @pytest.mark.parametrize("gpu_like", [False, True], ids=["cpu", "gpu-order"])
+    @pytest.mark.parametrize("k_tile", [None, 96])
+    def test_honest_tiles_pass(self, gpu_like: bool, k_tile: int | None) -> None:
+        # Given a job's tiles computed honestly, in either summation order
+        rng = np.random.default_rng(1)
+        a, b = operands(rng, 300, 250, 310)
+        chunks = tiles(a, b, 128, k_tile)
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        # When every tile is checked
+        verdicts = [v for i, c in enumerate(chunks) for v in check.add(i, honest(c, gpu_like))]
+        # Then each is judged once, and valid
+        assert sorted(v.chunk_id for v in verdicts) == list(range(len(chunks)))
+        assert all(v.valid for v in verdicts)
+
+    def test_tiles_wait_for_their_group_then_are_judged_together(self) -> None:
+        rng = np.random.default_rng(2)
+        a, b = operands(rng, 256, 64, 256)
+        chunks = tiles(a, b, 128)  # 2 row panels x 2 column panels
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        # When the first tile of a row panel arrives, nothing can be said yet
+        assert check.add(0, honest(chunks[0])) == []
+        # Then the second tile of that panel settles both
+        assert [v.chunk_id for v in check.add(1, honest(chunks[1]))] == [0, 1]
+
+    @pytest.mark.parametrize(
+        "lie",
+        ["one_element", "noise", "zeroed", "nan", "inf", "transposed_blocks"],
+    )
+    def test_wrong_tiles_are_caught_and_only_they(self, lie: str) -> None:
+        # Given a job in which tile 5 is wrong
+        rng = np.random.default_rng(3)
+        a, b = operands(rng, 512, 256, 512)
+        chunks = tiles(a, b, 128)
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        verdicts = []
+        for i, chunk in enumerate(chunks):
+            c = honest(chunk)
+            if i == 5:
+                c = _lie(c, lie, rng)
+            verdicts += check.add(i, c)
+        # Then tile 5 alone is invalid, with the residual in the detail
+        wrong = [v for v in verdicts if not v.valid]
+        assert [v.chunk_id for v in wrong] == [5]
+        assert "Freivalds residual" in wrong[0].detail
+
+    def test_a_redone_tile_is_checked_alone(self) -> None:
+        rng = np.random.default_rng(4)
+        a, b = operands(rng, 128, 64, 256)
+        chunks = tiles(a, b, 128)
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        check.add(0, honest(chunks[0]) + 1.0)
+        verdicts = check.add(1, honest(chunks[1]))
+        assert [(v.chunk_id, v.valid) for v in verdicts] == [(0, False), (1, True)]
+        check.forget(0)
+        # When the redo comes back right
+        (redo,) = check.add(0, honest(chunks[0]))
+        assert redo.valid and redo.chunk_id == 0
+
+    def test_a_group_missing_a_tile_for_good_judges_the_rest_alone(self) -> None:
+        rng = np.random.default_rng(5)
+        a, b = operands(rng, 128, 64, 256)
+        chunks = tiles(a, b, 128)
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        assert check.add(0, honest(chunks[0])) == []
+        # When tile 1 was dead-lettered
+        (verdict,) = check.release(1)
+        assert verdict.chunk_id == 0 and verdict.valid
+
+    def test_no_honest_tile_is_accused_over_many_trials(self) -> None:
+        # Given many small jobs of varied shapes and scales, in both summation orders
+        rng = np.random.default_rng(6)
+        accused = 0
+        for trial in range(200):
+            m, k, n = (int(v) for v in rng.integers(8, 200, size=3))
+            a, b = operands(rng, m, k, n)
+            a *= 10.0 ** rng.integers(-3, 4)
+            chunks = tiles(a, b, 64)
+            check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+            for i, chunk in enumerate(chunks):
+                accused += sum(not v.valid for v in check.add(i, honest(chunk, trial % 2 == 0)))
+        # Then none is
+        assert accused == 0
+
+
+def _lie(c: np.ndarray, lie: str, rng: np.random.Generator) -> np.ndarray:
+    c = c.copy()
+    scale = float(np.abs(c).max())
+    if lie == "one_element":
+        c[17, 33] += 0.05 * scale
+    elif lie == "noise":
+        c += (rng.standard_normal(c.shape) * 1e-3 * scale).astype(c.dtype)
+    elif lie == "zeroed":
+        c[:] = 0
+    elif lie == "nan":
+        c[3, 3] = np.nan
+    elif lie == "inf":
+        c[3, 3] = np.inf
+    else:
+        c = np.ascontiguousarray(c.T)
+    return c
+
+
+def trusted_book(*cars: str) -> ReputationBook:
+    book = ReputationBook()
+    for car in cars:
+        book.apply(CarTally(car, "w", 0, 10**12, 0, 0, 1.0))  # spot-checked 1e-11 of the time
+    return book
+
+
+class TestQuorum:
+    """Kernels without an algebraic check get a second car's opinion when policy says."""
+
+    def verifier(self, book: ReputationBook, minimum: Level = Level.RINGER_TRUSTED) -> JobVerifier:
+        inputs = [{"x": np.arange(4.0)}] * 3
+        policy = AdaptivePolicy(spot_floor=0.0, ringer_rate=0.0)
+        return JobVerifier("job1", spec("reduce"), inputs, book, minimum=minimum, policy=policy)
+
+    def test_a_new_car_is_confirmed_by_a_second_one(self) -> None:
+        v = self.verifier(ReputationBook())
+        # When a new car returns chunk 0
+        assert v.take(result(0, 3, "new", y=np.array([6.0]))) == [Redo(0, ("new",))]
+        # Then a second car's matching result settles it, both counted valid
+        actions = v.take(result(0, 3, "other", y=np.array([6.0])))
+        assert isinstance(actions[0], Accept) and actions[0].level is Level.QUORUM
+        assert actions[1:] == [Judged("new", True), Judged("other", True)]
+
+    def test_a_disagreement_is_settled_by_a_third_car(self) -> None:
+        v = self.verifier(ReputationBook())
+        v.take(result(1, 3, "liar", y=np.array([7.0])))
+        # When the second car disagrees, a third is asked, avoiding both
+        assert v.take(result(1, 3, "a", y=np.array([6.0]))) == [Redo(1, ("liar", "a"))]
+        actions = v.take(result(1, 3, "b", y=np.array([6.0])))
+        # Then the majority's answer is accepted and the odd one out proven wrong
+        accepted = actions[0]
+        assert isinstance(accepted, Accept) and accepted.result.vehicle_id == "a"
+        (bad,) = [a for a in actions if isinstance(a, Judged) and a.valid is False]
+        assert bad.vehicle_id == "liar" and bad.evidence is not None
+        assert bad.evidence.check is Level.QUORUM
+
+    def test_no_quorum_after_the_most_opinions_fails_the_chunk(self) -> None:
+        v = self.verifier(ReputationBook())
+        actions: list = []
+        for i in range(AdaptivePolicy().max_opinions):
+            actions = v.take(result(2, 3, f"car{i}", y=np.array([float(i)])))
+        assert actions == [Fail(2, "no_quorum")]
+
+    def test_a_trusted_car_is_taken_on_its_record(self) -> None:
+        v = self.verifier(trusted_book("old"))
+        actions = v.take(result(0, 3, "old", y=np.array([6.0])))
+        assert actions[0] == Judged("old", None)
+        assert isinstance(actions[1], Accept) and actions[1].level is Level.RINGER_TRUSTED
+
+    def test_a_job_demanding_quorum_checks_even_a_trusted_car(self) -> None:
+        v = self.verifier(trusted_book("old"), minimum=Level.QUORUM)
+        assert v.take(result(0, 3, "old", y=np.array([6.0]))) == [Redo(0, ("old",))]
+
+    def test_a_quarantined_cars_result_is_redone_elsewhere(self) -> None:
+        book = ReputationBook()
+        book.apply(QuarantineNotice("bad", CarState.QUARANTINED, 0, 1.0, "sdk", "wrong_result"))
+        v = self.verifier(book)
+        assert v.take(result(0, 3, "bad", y=np.array([6.0]))) == [Redo(0, ("bad",))]
+
+    def test_a_ringer_is_judged_against_the_known_answer(self) -> None:
+        inputs = [{"x": np.arange(4.0)}]
+        policy = AdaptivePolicy(spot_floor=0.0, ringer_rate=1.0)
+        v = JobVerifier("job1", spec("reduce"), inputs, ReputationBook(), policy=policy)
+        v.take(result(0, 1, "a", y=np.array([6.0])))
+        actions = v.take(result(0, 1, "b", y=np.array([6.0])))
+        assert actions[-1] == Redo(0, ("a", "b"))  # sent again, as a ringer
+        assert v.wants(0)
+        # When a third car runs the ringer and gets it wrong
+        (judged,) = v.take(result(0, 1, "c", y=np.array([5.0])))
+        assert isinstance(judged, Judged) and judged.valid is False
+        assert judged.evidence is not None and judged.evidence.check is Level.RINGER_TRUSTED
+
+    def test_a_level_the_kernel_cannot_reach_is_refused(self) -> None:
+        with pytest.raises(ValidationError) as caught:
+            reachable(spec("reduce"), Level.ALGEBRAIC)
+        assert caught.value.reason == "verification_unreachable"
+        reachable(spec("gemm"), Level.ALGEBRAIC)
+
+
+class TestAlgebraicVerifier:
+    """gemm results are checked and, when wrong, redone on another car."""
+
+    def test_a_wrong_tile_is_redone_and_its_car_proven_wrong(self) -> None:
+        rng = np.random.default_rng(8)
+        a, b = operands(rng, 128, 64, 128)
+        chunks = tiles(a, b, 128)
+        v = JobVerifier("job1", spec("gemm"), chunks, ReputationBook())
+        actions = v.take(result(0, 1, "liar", c=honest(chunks[0]) * 1.1))
+        assert actions[0] == Judged("liar", False, actions[0].evidence)  # type: ignore[union-attr]
+        assert actions[1] == Redo(0, ("liar",))
+        actions = v.take(result(0, 1, "good", c=honest(chunks[0])))
+        assert actions[0] == Judged("good", True)
+        assert isinstance(actions[1], Accept) and actions[1].level is Level.ALGEBRAIC
+
+    def test_a_tile_of_the_wrong_shape_goes_to_the_assembler(self) -> None:
+        rng = np.random.default_rng(9)
+        a, b = operands(rng, 64, 32, 64)
+        chunks = tiles(a, b, 64)
+        v = JobVerifier("job1", spec("gemm"), chunks, ReputationBook())
+        odd = result(0, 1, "car", c=np.zeros((3, 3), np.float32))
+        assert v.take(odd) == [Misfit(odd)]
+
+
+class TestReputationBook:
+    """Tallies add up across writers; a release starts a new generation."""
+
+    def test_tallies_of_writers_add_and_the_last_of_each_wins(self) -> None:
+        book = ReputationBook()
+        book.apply(CarTally("car", "w1", 0, 3, 0, 1, 1.0))
+        book.apply(CarTally("car", "w1", 0, 5, 0, 2, 2.0))  # w1's newer absolute counts
+        book.apply(CarTally("car", "w2", 0, TRUST_AFTER, 0, 0, 2.0))
+        record = book.record("car")
+        assert (record.valid, record.invalid, record.unchecked) == (5 + TRUST_AFTER, 0, 2)
+        assert record.trusted
+
+    def test_release_starts_the_car_again_as_new(self) -> None:
+        book = ReputationBook()
+        book.apply(CarTally("car", "w1", 0, 50, 1, 0, 1.0))
+        evidence = (Evidence("job1", 3, Level.ALGEBRAIC, "residual", 1.0),)
+        book.apply(QuarantineNotice("car", "quarantined", 0, 1.0, "w1", "wrong_result", evidence))
+        assert book.quarantined("car") and book.quarantined_cars() == ["car"]
+        book.apply(QuarantineNotice("car", "released", 1, 2.0, "operator", "released"))
+        record = book.record("car")
+        assert not record.quarantined and record.generation == 1
+        assert (record.valid, record.invalid) == (0, 0) and not record.trusted
+
+
+class TestWire:
+    """The new records round-trip and refuse what is malformed."""
+
+    def test_records_round_trip(self) -> None:
+        evidence = (Evidence("job1", 3, Level.ALGEBRAIC, "residual 9 over 1", 1.5),)
+        notice = QuarantineNotice("car", "quarantined", 2, 1.0, "sdk", "wrong_result", evidence)
+        assert decode(encode(notice), QuarantineNotice) == notice
+        tally = CarTally("car", "w1", 2, 10, 1, 4, 1.0)
+        assert decode(encode(tally), CarTally) == tally
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"vehicle_id": "car/1"},
+            {"valid": -1},
+            {"generation": math.inf},
+        ],
+    )
+    def test_a_bad_tally_is_refused(self, bad: dict) -> None:
+        fields = {
+            "vehicle_id": "car",
+            "writer": "w1",
+            "generation": 0,
+            "valid": 1,
+            "invalid": 0,
+            "unchecked": 0,
+            "at": 1.0,
+        }
+        with pytest.raises(ValidationError):
+            CarTally(**{**fields, **bad})
+
+    def test_a_task_avoids_at_most_16_valid_vehicle_ids(self) -> None:
+        base = ("job1", 0, 1, "reduce", {}, {}, "topic", 1.0, 0.0)
+        assert TaskChunk(*base, avoid=("a", "b")).avoid == ("a", "b")
+        with pytest.raises(ValidationError):
+            TaskChunk(*base, avoid=tuple(f"c{i}" for i in range(17)))
+        with pytest.raises(ValidationError):
+            TaskChunk(*base, avoid=("car/1",))
