@@ -27,6 +27,7 @@ from parkpool.gateway.settings import GatewaySettings
 from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
 from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.reputation import ReputationBook
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
 from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
@@ -54,8 +55,10 @@ class Dispatcher:
         outcomes: TaskOutcomes,
         metrics: GatewayMetrics,
         events: FilteringBoundLogger,
+        reputation: ReputationBook | None = None,
     ) -> None:
         self.settings = settings
+        self.reputation = reputation or ReputationBook()
         self.vehicles = vehicles
         self.ready = ready
         self.leases = leases
@@ -97,6 +100,12 @@ class Dispatcher:
             if not len(self.ready):
                 return
             view = vehicles.first_hungry()
+            if self.reputation.quarantined(view.vehicle_id):
+                # Its results cannot be trusted: it gets no work until an operator
+                # releases it (docs/OPERATIONS.md, "A quarantined car").
+                self.metrics.dispatch_skipped.labels("quarantined").inc()
+                vehicles.served(view.vehicle_id, False)
+                continue
             available = self.available(view)
             if available > 0:
                 available -= self._send(view, min(available, self.settings.max_batch))
@@ -263,15 +272,18 @@ class Dispatcher:
         return None
 
 
-def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool] | None:
-    """Only tasks that should finish before the car leaves, and confidential ones only for
-    a car that can open them; None when any task will do."""
+def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool]:
+    """Only tasks that should finish before the car leaves, confidential ones only for a
+    car that can open them, and never one that checks or redoes this car's result."""
     can_open = _can_open(view)
+    car = view.vehicle_id
     if view.dwell_s <= 0 and can_open:
-        return None
+        return lambda task: car not in task.task.avoid
     now = time.monotonic()
     return lambda task: (
-        (can_open or not task.task.confidential) and view.fits(task.task.cost_gflop, now)
+        (can_open or not task.task.confidential)
+        and view.fits(task.task.cost_gflop, now)
+        and car not in task.task.avoid
     )
 
 
@@ -300,4 +312,5 @@ def _can_open(view: VehicleView) -> bool:
 
 
 def _skip_reason(view: VehicleView) -> str:
+    """Why no queued task fit the car: the likeliest of its filters."""
     return "dwell" if _can_open(view) else "no_box_key"

@@ -41,6 +41,7 @@ from parkpool.gateway.status import status_snapshot
 from parkpool.gateway.tasklog import TP, CancelRecord, TaskLog
 from parkpool.gateway.tasks import PendingTask, ReadyQueue
 from parkpool.gateway.vehicles import VehicleBook
+from parkpool.runtime.reputation import ReputationBook, ReputationReader
 from parkpool.schemas import GatewayState, KafkaTopics, MqttTopics
 
 __all__ = ["Gateway", "GatewaySettings"]
@@ -101,8 +102,11 @@ class Gateway:
             metrics=self.metrics,
             events=self.events,
         )
+        self.reputation = ReputationBook()
+        self._reputation_reader: ReputationReader | None = None
         self.dispatcher = Dispatcher(
             settings,
+            reputation=self.reputation,
             vehicles=self.vehicles,
             ready=self.ready,
             leases=self.leases,
@@ -118,6 +122,12 @@ class Gateway:
     def start(self) -> None:
         """Subscribe on MQTT first: no task is consumed before results can come back."""
         self.mqtt.start()
+        # Quarantines first: a car caught lying must not get work from a fresh gateway.
+        self._reputation_reader = ReputationReader(
+            self.settings.kafka, KafkaTopics(self.settings.namespace).reputation, self.reputation
+        )
+        self._reputation_reader.start()
+        self._reputation_reader.caught_up.wait(10)
         self.log.open()
         self.events.info("gateway_started", group=self.settings.group)
 
@@ -158,6 +168,8 @@ class Gateway:
         self.events.info("gateway_stopping", leases=len(self.leases))
         self.log.close(timeout)
         self.mqtt.stop()
+        if self._reputation_reader is not None:
+            self._reputation_reader.stop()
         self.events.info("gateway_stopped")
 
     @property
@@ -359,5 +371,6 @@ class Gateway:
 
     def _update_gauges(self) -> None:
         self.metrics.leases.set(len(self.leases))
+        self.metrics.quarantined.set(len(self.reputation.quarantined_cars()))
         self.metrics.queued.set(len(self.ready) + len(self.delayed))
         self.metrics.paused.set(len(self.log.paused))

@@ -110,6 +110,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.leases = Gauge("parkpool_gateway_leases", "Leases in flight", registry=r)
+        self.quarantined = Gauge(
+            "parkpool_gateway_quarantined_vehicles",
+            "Cars the reputation topic says are quarantined: none gets work here",
+            registry=r,
+        )
         self.queued = Gauge(
             "parkpool_gateway_queued_tasks", "Tasks waiting for a vehicle", registry=r
         )
@@ -120,7 +125,8 @@ class GatewayMetrics:
             "parkpool_gateway_dispatch_skipped_total",
             "Times a hungry vehicle got no task although tasks were ready",
             # dwell: none would finish before the car is due to leave; no_box_key: all
-            # were confidential, and the car announced no key to open them with
+            # were confidential, and the car announced no key to open them with;
+            # quarantined: the car was caught returning wrong results
             ["reason"],
             registry=r,
         )
