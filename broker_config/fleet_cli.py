@@ -22,8 +22,9 @@ from parkpool.runtime.settings import add_option
 from parkpool.schemas.errors import ConfigError
 
 
-def add_parser(subparsers: Any) -> None:
-    fleet = subparsers.add_parser("fleet", help="per-vehicle MQTT identities")
+def add_parser(subparsers: Any) -> Any:
+    """The ``fleet`` command; returns its actions, for commands other layers add."""
+    fleet = subparsers.add_parser("fleet", help="per-vehicle identities and quarantine")
     actions = fleet.add_subparsers(dest="action", required=True)
     for name, helptext, func in (
         ("enroll", "create a vehicle's credentials; prints its password", run_enroll),
@@ -46,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
                 "folder per car, for the hand-over; move them to the car, then delete them",
             )
         action.set_defaults(func=func)
+    return actions
 
 
 def _store(args: argparse.Namespace) -> AuthStore:
