@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-import numpy as np
 import structlog
 
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
+from parkpool.producer.plans import ChunkSpec
 from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, Misfit, Redo
 from parkpool.runtime.reputation import ReputationBook, ReputationReader, ReputationWriter
 from parkpool.runtime.settings import KafkaConnection
@@ -65,12 +65,12 @@ class ResultChecks:
         self,
         job_id: str,
         kernel: str,
-        inputs: Sequence[Mapping[str, np.ndarray]],
+        chunks: Sequence[ChunkSpec],
         tasks: Sequence[TaskChunk],
         minimum: Level,
     ) -> None:
         verifier = JobVerifier(
-            job_id, kernel_spec(kernel), inputs, self.book, minimum=minimum, rounds=self.rounds
+            job_id, kernel_spec(kernel), chunks, self.book, minimum=minimum, rounds=self.rounds
         )
         with self._lock:
             self._jobs[job_id] = _Job(verifier, tasks)

@@ -284,8 +284,7 @@ class ParkpoolClient:
             on_end=self._job_ended,
         )
         if self._checks is not None:
-            inputs = [spec.inputs for spec in chunks]
-            self._checks.begin(job_id, kernel, inputs, tasks, minimum)
+            self._checks.begin(job_id, kernel, chunks, tasks, minimum)
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:

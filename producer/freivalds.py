@@ -54,6 +54,8 @@ class _Tile:
 class GemmCheck:
     """Freivalds over one job's gemm chunks; feed tiles as they arrive."""
 
+    output = "c"
+
     def __init__(
         self,
         inputs: Sequence[Mapping[str, Array]],

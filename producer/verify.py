@@ -4,7 +4,8 @@
 The checks run in the SDK because only it holds every job's inputs in clear (a
 confidential job's gateway never does). Per kernel (``KernelSpec.verification``):
 
-- **algebraic** (gemm): every tile is checked against the inputs (producer.freivalds).
+- **algebraic** (gemm, fft): every chunk is checked against its inputs
+  (producer.freivalds, producer.fftcheck).
 - **quorum** (the rest): a result is compared with a second car's, within twice the
   kernel's tolerance (each may be that far from the exact answer). Whether a second
   opinion is asked depends on the car's record (``AdaptivePolicy``); a chunk already
@@ -19,12 +20,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
+from parkpool.producer.fftcheck import FftCheck
 from parkpool.producer.freivalds import GemmCheck, TileVerdict
+from parkpool.producer.plans import ChunkSpec
 from parkpool.runtime.reputation import TRUST_AFTER, ReputationBook
 from parkpool.schemas import Result, ValidationError
 from parkpool.schemas.kernels import KernelSpec, Tolerance
@@ -90,6 +94,32 @@ class Misfit:
 Action = Accept | Redo | Judged | Fail | Misfit
 
 
+class AlgebraicCheck(Protocol):
+    """A kernel's check of results against their inputs (gemm: Freivalds)."""
+
+    output: str  # the output it checks
+
+    def shape(self, chunk_id: int) -> tuple[int, ...]: ...
+
+    def add(self, chunk_id: int, value: np.ndarray) -> list[TileVerdict]: ...
+
+    def release(self, chunk_id: int) -> list[TileVerdict]: ...
+
+    def forget(self, chunk_id: int) -> None: ...
+
+
+def algebraic_check(
+    spec: KernelSpec, chunks: Sequence[ChunkSpec], rounds: int, rng: np.random.Generator
+) -> AlgebraicCheck | None:
+    """The kernel's algebraic check of this job's chunks, if its contract has one."""
+    inputs = [chunk.inputs for chunk in chunks]
+    if spec.name == "gemm":
+        return GemmCheck(inputs, spec.tolerance, rounds, rng)
+    if spec.name == "fft":
+        return FftCheck(inputs, [chunk.params for chunk in chunks], spec.tolerance, rounds, rng)
+    return None
+
+
 @dataclass
 class _Chunk:
     opinions: list[Result] = field(default_factory=list)
@@ -113,7 +143,7 @@ class JobVerifier:
         self,
         job_id: str,
         spec: KernelSpec,
-        inputs: Sequence[Mapping[str, np.ndarray]],
+        chunks: Sequence[ChunkSpec],
         book: ReputationBook,
         *,
         minimum: Level = Level.RINGER_TRUSTED,
@@ -129,22 +159,20 @@ class JobVerifier:
         self.policy = policy or AdaptivePolicy()
         self._random = random.Random(seed)
         self._pair = Tolerance(2 * spec.tolerance.rtol, 2 * spec.tolerance.atol)
-        self._chunks = [_Chunk() for _ in inputs]
-        self._gemm = (
-            GemmCheck(inputs, spec.tolerance, rounds, np.random.default_rng(seed))
-            if spec.verification is Level.ALGEBRAIC
-            else None
-        )
+        self._chunks = [_Chunk() for _ in chunks]
+        self._check = algebraic_check(spec, chunks, rounds, np.random.default_rng(seed))
+        if (self._check is None) != (spec.verification is not Level.ALGEBRAIC):
+            raise ValueError(f"{spec.name}: its contract and its algebraic check disagree")
         self._lock = threading.Lock()
 
     def abandoned(self, chunk_id: int) -> list[Action]:
         """A chunk that failed for good (dead-lettered): tiles held for its check group
         are judged alone now rather than waiting for it."""
         with self._lock:
-            if self._gemm is None:
+            if self._check is None:
                 return []
             actions: list[Action] = []
-            for verdict in self._gemm.release(chunk_id):
+            for verdict in self._check.release(chunk_id):
                 actions += self._settle_tile(verdict)
             return actions
 
@@ -163,19 +191,19 @@ class JobVerifier:
                 return []  # the same car twice (a redelivery) is no second opinion
             if self.book.quarantined(result.vehicle_id):
                 return [Redo(result.chunk_id, self._avoid(chunk, result))]
-            if self._gemm is not None:
+            if self._check is not None:
                 return self._algebraic(result)
             return self._quorum(chunk, result)
 
     # ---------------------------------------------------------------- algebraic
 
     def _algebraic(self, result: Result) -> list[Action]:
-        assert self._gemm is not None
-        c = result.outputs.get("c")
-        if c is None or c.shape != self._gemm.shape(result.chunk_id):
+        assert self._check is not None
+        value = result.outputs.get(self._check.output)
+        if value is None or value.shape != self._check.shape(result.chunk_id):
             return [Misfit(result)]
         self._chunks[result.chunk_id].opinions.append(result)
-        verdicts = self._gemm.add(result.chunk_id, c)
+        verdicts = self._check.add(result.chunk_id, value)
         actions: list[Action] = []
         for verdict in verdicts:
             actions += self._settle_tile(verdict)
@@ -187,8 +215,8 @@ class JobVerifier:
         if verdict.valid:
             chunk.settled = result
             return [Judged(result.vehicle_id, True), Accept(result, Level.ALGEBRAIC)]
-        assert self._gemm is not None
-        self._gemm.forget(verdict.chunk_id)
+        assert self._check is not None
+        self._check.forget(verdict.chunk_id)
         evidence = self._evidence(result, Level.ALGEBRAIC, verdict.detail)
         return [
             Judged(result.vehicle_id, False, evidence),
@@ -238,7 +266,7 @@ class JobVerifier:
 
     def _ringer(self, chunk: _Chunk, result: Result) -> list[Action]:
         known = chunk.settled
-        if not chunk.ringers or known is None or self._gemm is not None:
+        if not chunk.ringers or known is None or self._check is not None:
             return []
         if any(r.vehicle_id == result.vehicle_id for r in chunk.opinions):
             return []

@@ -114,8 +114,9 @@ class KernelSpec:
     cost: CostFn  # 10^9 floating-point operations of a valid task
     optional_inputs: tuple[str, ...] = ()
     # The strongest check of one chunk's result that needs no second car: ALGEBRAIC where
-    # the inputs alone can check it cheaply (gemm: Freivalds, producer.freivalds), else
-    # QUORUM, a second car's result within twice the tolerance (docs/KERNELS.md).
+    # the inputs alone can check it cheaply (gemm: Freivalds; fft: a random linear
+    # functional), else QUORUM, a second car's result within twice the tolerance
+    # (docs/KERNELS.md).
     verification: Level = Level.QUORUM
 
     def validate(self, params: Params, inputs: Inputs) -> None:
@@ -413,7 +414,14 @@ _SPECS = (
     ),
     # A radix FFT errs by about log2(n) * eps of the output's norm: 20 * 6e-8 = 1.2e-6 at
     # the longest transform in complex64; cuFFT and pocketfft factor n differently.
-    KernelSpec("fft", ("x",), _check_fft, Tolerance(1e-5, 0.0), _cost_fft),
+    KernelSpec(
+        "fft",
+        ("x",),
+        _check_fft,
+        Tolerance(1e-5, 0.0),
+        _cost_fft,
+        verification=Level.ALGEBRAIC,
+    ),
     # With non-expansive weights each iteration adds at most ~10 float32 roundings of
     # the input's scale: 1024 * 10 * 6e-8 = 6e-4 after the most iterations allowed.
     KernelSpec("stencil2d", ("u",), _check_stencil2d, Tolerance(1e-3, 0.0), _cost_stencil2d),

@@ -121,7 +121,7 @@ class Fleet:
         self.quarantined_after: dict[str, int] = {}  # car -> its tasks when quarantined
 
     def run_job(self, kernel: str, chunks: tuple[ChunkSpec, ...]) -> None:
-        verifier = JobVerifier("bench", spec(kernel), [c.inputs for c in chunks], self.book)
+        verifier = JobVerifier("bench", spec(kernel), chunks, self.book)
         exact = [_exact(kernel, c) for c in chunks]
         queue = collections.deque((i, ()) for i in range(len(chunks)))
         while queue:

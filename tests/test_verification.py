@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from parkpool.producer.fftcheck import FftCheck
 from parkpool.producer.freivalds import GemmCheck
+from parkpool.producer.plans import ChunkSpec
 from parkpool.producer.splitters import plan_gemm
 from parkpool.producer.verify import (
     Accept,
@@ -31,6 +33,10 @@ GEMM_TOL = spec("gemm").tolerance
 
 def tiles(a: np.ndarray, b: np.ndarray, tile: int, k_tile: int | None = None) -> list:
     return [c.inputs for c in plan_gemm(a, b, tile=tile, k_tile=k_tile).chunks]
+
+
+def specs(inputs: list) -> list[ChunkSpec]:
+    return [ChunkSpec({}, chunk) for chunk in inputs]
 
 
 def honest(inputs: dict, gpu_like: bool = False) -> np.ndarray:
@@ -137,6 +143,40 @@ class TestFreivalds:
         assert accused == 0
 
 
+class TestFftFunctional:
+    """fft chunks are checked by a random linear functional: cheap, and exact enough."""
+
+    @pytest.mark.parametrize("inverse", [False, True])
+    @pytest.mark.parametrize("dtype", [np.float32, np.complex64, np.float64])
+    def test_honest_transforms_pass_and_wrong_ones_fail(self, inverse: bool, dtype: type) -> None:
+        # Given a batch of rows, transformed by NumPy (a CPU) and in float64 (another order)
+        rng = np.random.default_rng(10)
+        x = rng.standard_normal((64, 1024)).astype(dtype)
+        if np.issubdtype(dtype, np.complexfloating):
+            x = (x + 1j * rng.standard_normal(x.shape)).astype(dtype)
+        out = np.complex64 if dtype in (np.float32, np.complex64) else np.complex128
+        transform = np.fft.ifft if inverse else np.fft.fft
+        cpu = transform(x, axis=-1).astype(out)
+        exact = transform(x.astype(np.complex128), axis=-1).astype(out)
+        params = {"inverse": inverse}
+        check = FftCheck([{"x": x}] * 3, [params] * 3, spec("fft").tolerance, 1, rng)
+        # Then both honest results pass
+        assert check.add(0, cpu)[0].valid and check.add(1, exact)[0].valid
+        # And one element off by 1 % of the largest fails
+        wrong = cpu.copy()
+        wrong[5, 9] += 0.01 * np.abs(cpu).max()
+        (verdict,) = check.add(2, wrong)
+        assert not verdict.valid and "linear functional residual" in verdict.detail
+
+    def test_fft_is_checked_algebraically_by_the_verifier(self) -> None:
+        rng = np.random.default_rng(11)
+        x = rng.standard_normal((8, 256)).astype(np.float32)
+        chunks = [ChunkSpec({}, {"x": x})]
+        v = JobVerifier("job1", spec("fft"), chunks, ReputationBook())
+        actions = v.take(result(0, 1, "car", y=np.fft.fft(x).astype(np.complex64)))
+        assert isinstance(actions[-1], Accept) and actions[-1].level is Level.ALGEBRAIC
+
+
 def _lie(c: np.ndarray, lie: str, rng: np.random.Generator) -> np.ndarray:
     c = c.copy()
     scale = float(np.abs(c).max())
@@ -166,9 +206,9 @@ class TestQuorum:
     """Kernels without an algebraic check get a second car's opinion when policy says."""
 
     def verifier(self, book: ReputationBook, minimum: Level = Level.RINGER_TRUSTED) -> JobVerifier:
-        inputs = [{"x": np.arange(4.0)}] * 3
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.arange(4.0)})] * 3
         policy = AdaptivePolicy(spot_floor=0.0, ringer_rate=0.0)
-        return JobVerifier("job1", spec("reduce"), inputs, book, minimum=minimum, policy=policy)
+        return JobVerifier("job1", spec("reduce"), chunks, book, minimum=minimum, policy=policy)
 
     def test_a_new_car_is_confirmed_by_a_second_one(self) -> None:
         v = self.verifier(ReputationBook())
@@ -216,9 +256,9 @@ class TestQuorum:
         assert v.take(result(0, 3, "bad", y=np.array([6.0]))) == [Redo(0, ("bad",))]
 
     def test_a_ringer_is_judged_against_the_known_answer(self) -> None:
-        inputs = [{"x": np.arange(4.0)}]
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.arange(4.0)})]
         policy = AdaptivePolicy(spot_floor=0.0, ringer_rate=1.0)
-        v = JobVerifier("job1", spec("reduce"), inputs, ReputationBook(), policy=policy)
+        v = JobVerifier("job1", spec("reduce"), chunks, ReputationBook(), policy=policy)
         v.take(result(0, 1, "a", y=np.array([6.0])))
         actions = v.take(result(0, 1, "b", y=np.array([6.0])))
         assert actions[-1] == Redo(0, ("a", "b"))  # sent again, as a ringer
@@ -233,6 +273,7 @@ class TestQuorum:
             reachable(spec("reduce"), Level.ALGEBRAIC)
         assert caught.value.reason == "verification_unreachable"
         reachable(spec("gemm"), Level.ALGEBRAIC)
+        reachable(spec("fft"), Level.ALGEBRAIC)
 
 
 class TestAlgebraicVerifier:
@@ -242,7 +283,7 @@ class TestAlgebraicVerifier:
         rng = np.random.default_rng(8)
         a, b = operands(rng, 128, 64, 128)
         chunks = tiles(a, b, 128)
-        v = JobVerifier("job1", spec("gemm"), chunks, ReputationBook())
+        v = JobVerifier("job1", spec("gemm"), specs(chunks), ReputationBook())
         actions = v.take(result(0, 1, "liar", c=honest(chunks[0]) * 1.1))
         assert actions[0] == Judged("liar", False, actions[0].evidence)  # type: ignore[union-attr]
         assert actions[1] == Redo(0, ("liar",))
@@ -254,7 +295,7 @@ class TestAlgebraicVerifier:
         rng = np.random.default_rng(9)
         a, b = operands(rng, 64, 32, 64)
         chunks = tiles(a, b, 64)
-        v = JobVerifier("job1", spec("gemm"), chunks, ReputationBook())
+        v = JobVerifier("job1", spec("gemm"), specs(chunks), ReputationBook())
         odd = result(0, 1, "car", c=np.zeros((3, 3), np.float32))
         assert v.take(odd) == [Misfit(odd)]
 
