@@ -31,6 +31,10 @@ class TestDemo:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "CHECK PASSED" in done.stdout
         assert "confidential job" in done.stdout and "inputs and results sealed" in done.stdout
+        # And every chunk was checked against its inputs before it was accepted
+        chunks = re.search(r"in (\d+) chunks", done.stdout)
+        assert chunks is not None
+        assert f"(Freivalds): {chunks.group(1)} chunks" in done.stdout
         # And every car and the gateway came in through the TLS listener, with a login
         run = tmp_path / ".run" / "demo"
         conf = (run / "mosquitto.conf").read_text()

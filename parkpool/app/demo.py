@@ -164,6 +164,10 @@ def run_job(
         print(f"inputs in the object store: {stored:.0f} objects; records carry references")
         answer = follow(handle, args.timeout)
         wall = time.monotonic() - started
+        checked = client.metrics.registry.get_sample_value(
+            "parkpool_sdk_chunks_verified_total", {"level": "algebraic"}
+        )
+        print(f"results checked against the inputs (Freivalds): {checked or 0:.0f} chunks")
     expected = a.astype(np.float64) @ b.astype(np.float64)
     # float32 accumulation over K terms: the error grows like sqrt(K) * eps * |a||b|.
     ok = bool(np.allclose(answer, expected, rtol=1e-3, atol=1e-3 * np.sqrt(args.size)))
