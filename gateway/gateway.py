@@ -102,7 +102,7 @@ class Gateway:
             metrics=self.metrics,
             events=self.events,
         )
-        self.reputation = ReputationBook()
+        self.reputation = ReputationBook(tallies=False)  # who is quarantined, nothing more
         self._reputation_reader: ReputationReader | None = None
         self.dispatcher = Dispatcher(
             settings,

@@ -312,6 +312,13 @@ class TestReputationBook:
         assert (record.valid, record.invalid, record.unchecked) == (5 + TRUST_AFTER, 0, 2)
         assert record.trusted
 
+    def test_a_gateways_book_keeps_quarantines_only(self) -> None:
+        book = ReputationBook(tallies=False)
+        book.apply(CarTally("car", "w1", 0, 50, 0, 0, 1.0))
+        assert book.cars() == []
+        book.apply(QuarantineNotice("car", "quarantined", 0, 1.0, "w1", "wrong_result"))
+        assert book.quarantined_cars() == ["car"]
+
     def test_release_starts_the_car_again_as_new(self) -> None:
         book = ReputationBook()
         book.apply(CarTally("car", "w1", 0, 50, 1, 0, 1.0))
