@@ -124,7 +124,7 @@ def algebraic_check(
 class _Chunk:
     opinions: list[Result] = field(default_factory=list)
     settled: Result | None = None  # the answer the caller got
-    ringers: set[str] = field(default_factory=set)  # cars a ringer may still come from
+    ringer_out: bool = False  # sent again as a ringer; its result not yet judged
 
 
 def reachable(spec: KernelSpec, level: Level) -> None:
@@ -180,7 +180,7 @@ class JobVerifier:
         """Whether a result would still be used: its chunk unsettled, or a ringer's."""
         with self._lock:
             chunk = self._chunks[chunk_id]
-            return chunk.settled is None or bool(chunk.ringers)
+            return chunk.settled is None or chunk.ringer_out
 
     def take(self, result: Result) -> list[Action]:
         with self._lock:
@@ -261,16 +261,16 @@ class JobVerifier:
     def _maybe_ringer(self, chunk: _Chunk, chunk_id: int) -> list[Action]:
         if self._random.random() >= self.policy.ringer_rate:
             return []
-        chunk.ringers.add("any")  # whichever car runs it; checked against the known answer
+        chunk.ringer_out = True  # whichever car runs it; checked against the known answer
         return [Redo(chunk_id, tuple(r.vehicle_id for r in chunk.opinions))]
 
     def _ringer(self, chunk: _Chunk, result: Result) -> list[Action]:
         known = chunk.settled
-        if not chunk.ringers or known is None or self._check is not None:
+        if not chunk.ringer_out or known is None:
             return []
         if any(r.vehicle_id == result.vehicle_id for r in chunk.opinions):
             return []
-        chunk.ringers.clear()
+        chunk.ringer_out = False
         chunk.opinions.append(result)
         if self._same(result, known):
             return [Judged(result.vehicle_id, True)]
