@@ -114,10 +114,7 @@ class QuarantineNotice:
 
     def __post_init__(self) -> None:
         _vehicle(self.vehicle_id)
-        try:
-            object.__setattr__(self, "state", CarState(self.state))
-        except ValueError:
-            raise ValidationError("bad_value", f"state {self.state!r} is unknown") from None
+        object.__setattr__(self, "state", _state(self.state))
         require_int("generation", self.generation, 0, MAX_COUNT)
         require_float("at", self.at)
         require_str("by", self.by)
@@ -134,6 +131,15 @@ class QuarantineNotice:
 
 def tally_key(vehicle_id: str, writer: str) -> str:
     return f"{vehicle_id}/{writer}"
+
+
+def _state(value: object) -> CarState:
+    if not isinstance(value, str):
+        raise ValidationError("wrong_type", f"state must be a string, got {type(value).__name__}")
+    try:
+        return CarState(value)
+    except ValueError:
+        raise ValidationError("bad_value", f"state {value!r} is unknown") from None
 
 
 def _level(value: object) -> Level:
