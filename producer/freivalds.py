@@ -32,7 +32,10 @@ from parkpool.schemas.kernels import Tolerance
 Array = npt.NDArray[np.floating]
 DELTA = 1e-12  # the chance an honest row's residual exceeds the bound
 Z = math.sqrt(2 * math.log(2 / DELTA))
-SCALE_STRIDE = 8  # rows sampled for max|C|: a liar cannot know which
+# Rows sampled for max|C| in the fast path. A sample can only be smaller than the true
+# maximum, so its bound is stricter: a group it passes would pass with the full one,
+# and a tile is only ever judged wrong against its full max|C| (``_alone``).
+SCALE_STRIDE = 64
 DEFAULT_ROUNDS = 1
 
 
@@ -48,7 +51,8 @@ class _Tile:
     a: Array
     b: Array
     cx: Array | None = None  # C·x once the tile arrived
-    scale: float = 0.0
+    scale: float = 0.0  # sampled max|C|
+    c: Array | None = None  # the tile, for its full max|C| if it must be judged alone
 
 
 class GemmCheck:
@@ -84,7 +88,8 @@ class GemmCheck:
         its group waits for other tiles)."""
         tile = self._tiles[chunk_id]
         tile.cx = c @ self._signs(tile.b)
-        tile.scale = _sampled_max(c)
+        tile.scale = float(np.abs(c[::SCALE_STRIDE]).max(initial=0.0))
+        tile.c = c
         group = id(tile.a)
         if group in self._settled:
             return [self._alone(chunk_id)]
@@ -106,6 +111,7 @@ class GemmCheck:
     def forget(self, chunk_id: int) -> None:
         """A tile judged wrong: its redo will be checked alone when it comes."""
         self._tiles[chunk_id].cx = None
+        self._tiles[chunk_id].c = None
 
     def _signs(self, b: Array) -> Array:
         key = id(b)
@@ -117,17 +123,19 @@ class GemmCheck:
         return x
 
     def _bx(self, b: Array) -> Array:
-        key = id(b)
-        y = self._y.get(key)
-        if y is None:
-            y = b @ self._signs(b)
-            self._y[key] = y
-        return y
+        return self._bx_all([b])[0]
+
+    def _bx_all(self, blocks: list[Array]) -> list[Array]:
+        """B·x of each block, computed once per job."""
+        for b in blocks:
+            if id(b) not in self._y:
+                self._y[id(b)] = b @ self._signs(b)
+        return [self._y[id(b)] for b in blocks]
 
     def _judge_group(self, members: list[int]) -> list[TileVerdict]:
         tiles = [self._tiles[m] for m in members]
         a = tiles[0].a
-        y = sum((self._bx(t.b) for t in tiles), np.zeros((a.shape[1], self._rounds), a.dtype))
+        y = sum(self._bx_all([t.b for t in tiles]), np.zeros((a.shape[1], self._rounds), a.dtype))
         residual = sum((t.cx for t in tiles if t.cx is not None), -(a @ y))
         width = sum(t.b.shape[1] for t in tiles)
         bound = self._bound(width, max(t.scale for t in tiles), a.dtype)
@@ -137,10 +145,10 @@ class GemmCheck:
 
     def _alone(self, chunk_id: int) -> TileVerdict:
         tile = self._tiles[chunk_id]
-        assert tile.cx is not None
+        assert tile.cx is not None and tile.c is not None
         expected = tile.a @ self._bx(tile.b)
         residual = float(np.max(np.abs(tile.cx - expected), initial=0.0))
-        bound = self._bound(tile.b.shape[1], tile.scale, tile.a.dtype)
+        bound = self._bound(tile.b.shape[1], _max_abs(tile.c), tile.a.dtype)
         if not np.all(np.isfinite(expected)):
             # The inputs overflow the dtype: no car can be held to a bound; say so.
             return TileVerdict(chunk_id, True, "unchecked: the exact product overflows")
@@ -156,8 +164,7 @@ class GemmCheck:
         return (Z * self._rtol + 8 * eps) * math.sqrt(width) * scale
 
 
-def _sampled_max(c: Array) -> float:
-    if c.size == 0:
+def _max_abs(values: Array) -> float:
+    if values.size == 0:
         return 0.0
-    sample = c[::SCALE_STRIDE]
-    return float(max(np.max(sample), -np.min(sample)))
+    return float(max(np.max(values), -np.min(values)))
