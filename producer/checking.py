@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import ChunkSpec
@@ -68,9 +69,16 @@ class ResultChecks:
         chunks: Sequence[ChunkSpec],
         tasks: Sequence[TaskChunk],
         minimum: Level,
+        prepared: Prepared | None = None,
     ) -> None:
         verifier = JobVerifier(
-            job_id, kernel_spec(kernel), chunks, self.book, minimum=minimum, rounds=self.rounds
+            job_id,
+            kernel_spec(kernel),
+            chunks,
+            self.book,
+            minimum=minimum,
+            rounds=self.rounds,
+            prepared=prepared,
         )
         with self._lock:
             self._jobs[job_id] = _Job(verifier, tasks)

@@ -34,6 +34,7 @@ from confluent_kafka import (
 
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
+from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
@@ -239,6 +240,7 @@ class ParkpoolClient:
             job_id=job_id,
             confidential=confidential,
             verification=verification,
+            prepared=plan.prepared,
         )
 
     def publish(
@@ -252,6 +254,7 @@ class ParkpoolClient:
         job_id: str | None = None,
         confidential: bool = False,
         verification: Level | str | None = None,
+        prepared: Prepared | None = None,
     ) -> JobHandle:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
@@ -284,7 +287,7 @@ class ParkpoolClient:
             on_end=self._job_ended,
         )
         if self._checks is not None:
-            self._checks.begin(job_id, kernel, chunks, tasks, minimum)
+            self._checks.begin(job_id, kernel, chunks, tasks, minimum, prepared)
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:

@@ -40,6 +40,64 @@ DEFAULT_ROUNDS = 1
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """The input side of a job's check, computed by its planner while each block it
+    copied was still in cache (``Preparer``): the secret signs and B·x per block of B,
+    and A·Σ_j B_j·x_j per block of A. Keyed by the blocks' identity in the plan."""
+
+    signs: Mapping[int, Array]
+    bx: Mapping[int, Array]
+    abx: Mapping[int, Array]
+
+
+class Preparer:
+    """Copies a gemm plan's blocks and computes the check's products on the way: each
+    step copies about 512 KiB and multiplies it while it is in cache, so the two passes
+    over A and B that the check needs cost little more than the copies the plan makes
+    anyway. Copy every block of B before any block of A."""
+
+    STEP_BYTES = 2 * 1024 * 1024
+
+    def __init__(self, rounds: int = DEFAULT_ROUNDS, rng: np.random.Generator | None = None):
+        self._rounds = rounds
+        self._rng = rng or np.random.default_rng()
+        self._signs: dict[int, Array] = {}
+        self._bx: dict[int, Array] = {}
+        self._abx: dict[int, Array] = {}
+        self._y: dict[tuple[int, int], Array] = {}  # rows of B -> Σ B·x over its blocks
+
+    def b_block(self, source: Array, rows: tuple[int, int]) -> Array:
+        x = self._rng.choice(np.array([-1.0, 1.0], source.dtype), (source.shape[1], self._rounds))
+        block, bx = _copy_times(source, x, self.STEP_BYTES)
+        self._signs[id(block)], self._bx[id(block)] = x, bx
+        total = self._y.get(rows)
+        self._y[rows] = bx if total is None else total + bx
+        return block
+
+    def a_block(self, source: Array, columns: tuple[int, int]) -> Array:
+        block, abx = _copy_times(source, self._y[columns], self.STEP_BYTES)
+        self._abx[id(block)] = abx
+        return block
+
+    def prepared(self) -> Prepared:
+        return Prepared(dict(self._signs), dict(self._bx), dict(self._abx))
+
+
+def _copy_times(source: Array, vectors: Array, step_bytes: int) -> tuple[Array, Array]:
+    """A C-contiguous, read-only copy of ``source`` and ``source @ vectors``, one
+    cache-sized band of rows at a time."""
+    copy = np.empty(source.shape, source.dtype)
+    product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
+    step = max(1, step_bytes // max(1, source.shape[1] * source.itemsize))
+    for start in range(0, source.shape[0], step):
+        band = slice(start, start + step)
+        copy[band] = source[band]
+        product[band] = copy[band] @ vectors
+    copy.flags.writeable = False
+    return copy, product
+
+
+@dataclass(frozen=True)
 class TileVerdict:
     chunk_id: int
     valid: bool
@@ -66,6 +124,7 @@ class GemmCheck:
         tolerance: Tolerance,
         rounds: int = DEFAULT_ROUNDS,
         rng: np.random.Generator | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         self._rtol = tolerance.rtol
         self._rng = rng or np.random.default_rng()
@@ -76,6 +135,13 @@ class GemmCheck:
             self._groups.setdefault(id(tile.a), []).append(chunk_id)
         self._x: dict[int, Array] = {}  # id(B block) -> its secret signs
         self._y: dict[int, Array] = {}  # id(B block) -> B·x
+        self._z: dict[int, Array] = {}  # id(A block) -> A·Σ B·x over its group
+        if prepared is not None:
+            self._x, self._y = dict(prepared.signs), dict(prepared.bx)
+            self._z = dict(prepared.abx)
+            if self._x.keys() != {id(t.b) for t in self._tiles}:
+                raise ValueError("the prepared check was made for another plan's blocks")
+            self._rounds = next(iter(self._x.values())).shape[1] if self._x else rounds
         self._settled: set[int] = set()  # groups checked once: later tiles go alone
 
     def shape(self, chunk_id: int) -> tuple[int, int]:
@@ -135,13 +201,20 @@ class GemmCheck:
     def _judge_group(self, members: list[int]) -> list[TileVerdict]:
         tiles = [self._tiles[m] for m in members]
         a = tiles[0].a
-        y = sum(self._bx_all([t.b for t in tiles]), np.zeros((a.shape[1], self._rounds), a.dtype))
-        residual = sum((t.cx for t in tiles if t.cx is not None), -(a @ y))
+        residual = sum((t.cx for t in tiles if t.cx is not None), -self._abx(a, tiles))
         width = sum(t.b.shape[1] for t in tiles)
         bound = self._bound(width, max(t.scale for t in tiles), a.dtype)
         if math.isfinite(bound) and float(np.max(np.abs(residual), initial=0.0)) <= bound:
             return [TileVerdict(m, True, "") for m in members]
         return [self._alone(m) for m in members]
+
+    def _abx(self, a: Array, tiles: list[_Tile]) -> Array:
+        """A·Σ_j B_j·x_j for a group: from the planner when it prepared one."""
+        z = self._z.get(id(a))
+        if z is None:
+            zero = np.zeros((a.shape[1], self._rounds), a.dtype)
+            z = a @ sum(self._bx_all([t.b for t in tiles]), zero)
+        return z
 
     def _alone(self, chunk_id: int) -> TileVerdict:
         tile = self._tiles[chunk_id]

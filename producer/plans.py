@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from parkpool.producer.freivalds import Prepared
 from parkpool.schemas.errors import ValidationError
 from parkpool.schemas.kernels import (
     validate_task,
@@ -50,6 +51,9 @@ class JobPlan:
     kernel: str
     chunks: tuple[ChunkSpec, ...]
     make_assembler: Callable[[], Assembler]
+    # What the planner computed for the results' check while it had the inputs in
+    # cache (gemm: producer.freivalds.Prepared); None: the SDK computes it itself.
+    prepared: Prepared | None = None
 
 
 # --- shared helpers -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from parkpool.producer.freivalds import Preparer
 from parkpool.producer.plans import (
     Array,
     Assembler,
@@ -97,11 +98,21 @@ def _check_gemm_operands(a: Array, b: Array) -> None:
         raise ValidationError("bad_shape", f"gemm of empty operands {a.shape}, {b.shape}")
 
 
-def plan_gemm(a: Array, b: Array, *, tile: int = 256, k_tile: int | None = None) -> JobPlan:
+def plan_gemm(
+    a: Array,
+    b: Array,
+    *,
+    tile: int = 256,
+    k_tile: int | None = None,
+    prepare_check: bool = True,
+) -> JobPlan:
     """Tile C = A @ B: chunk (i, j[, l]) is a[rows_i, k_l] @ b[k_l, cols_j].
 
     Without ``k_tile`` each chunk is a full-K row panel times a column panel; with it,
     the assembler sums the partial products. Edge tiles are simply smaller.
+    ``prepare_check`` computes the input side of the results' Freivalds check while
+    the blocks are copied (producer.freivalds.Preparer); without it the SDK computes
+    it when the first results arrive, at about twice the cost.
     """
     a, b = np.asarray(a), np.asarray(b)
     _check_gemm_operands(a, b)
@@ -110,21 +121,23 @@ def plan_gemm(a: Array, b: Array, *, tile: int = 256, k_tile: int | None = None)
     largest = max(min(tile, a.shape[0]), min(tile, b.shape[1]), min(depth, a.shape[1]))
     if largest > MAX_GEMM_DIM:
         raise ValidationError("too_large", f"tiles exceed {MAX_GEMM_DIM}; lower tile or k_tile")
-    tiles = [
-        (rows, cols, ks)
-        for rows in span_slices(a.shape[0], tile)
-        for cols in span_slices(b.shape[1], tile)
-        for ks in span_slices(a.shape[1], depth)
-    ]
+    row_spans, k_spans = span_slices(a.shape[0], tile), span_slices(a.shape[1], depth)
+    col_spans = span_slices(b.shape[1], tile)
+    tiles = [(rows, cols, ks) for rows in row_spans for cols in col_spans for ks in k_spans]
     # One snapshot per distinct block, shared by every tile that reads it: a row panel
-    # is copied once, not once per column, and the claim check stores it once.
-    a_blocks: dict[tuple[int, int, int, int], Array] = {}
-    b_blocks: dict[tuple[int, int, int, int], Array] = {}
-    for rows, cols, ks in tiles:
-        if _span(rows, ks) not in a_blocks:
-            a_blocks[_span(rows, ks)] = wire_copy(a[rows, ks])
-        if _span(ks, cols) not in b_blocks:
-            b_blocks[_span(ks, cols)] = wire_copy(b[ks, cols])
+    # is copied once, not once per column, and the claim check stores it once. Every
+    # block of B first: the check's product for a block of A needs all of them.
+    preparer = Preparer() if prepare_check else None
+    b_blocks = {
+        _span(ks, cols): _snapshot(b[ks, cols], preparer, _ends(ks))
+        for ks in k_spans
+        for cols in col_spans
+    }
+    a_blocks = {
+        _span(rows, ks): _snapshot(a[rows, ks], preparer, _ends(ks), of_a=True)
+        for rows in row_spans
+        for ks in k_spans
+    }
     chunks = validated(
         "gemm",
         tuple(
@@ -134,7 +147,21 @@ def plan_gemm(a: Array, b: Array, *, tile: int = 256, k_tile: int | None = None)
     )
     targets = tuple((rows, cols) for rows, cols, _ in tiles)
     shape = (a.shape[0], b.shape[1])
-    return JobPlan("gemm", chunks, partial(_GemmAssembler, shape, a.dtype, targets))
+    assembler = partial(_GemmAssembler, shape, a.dtype, targets)
+    prepared = preparer.prepared() if preparer is not None else None
+    return JobPlan("gemm", chunks, assembler, prepared)
+
+
+def _snapshot(
+    source: Array, preparer: Preparer | None, ks: tuple[int, int], of_a: bool = False
+) -> Array:
+    if preparer is None:
+        return wire_copy(source)
+    return preparer.a_block(source, ks) if of_a else preparer.b_block(source, ks)
+
+
+def _ends(span: slice) -> tuple[int, int]:
+    return (span.start, span.stop)
 
 
 def _span(first: slice, second: slice) -> tuple[int, int, int, int]:

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from parkpool.producer.fftcheck import FftCheck
-from parkpool.producer.freivalds import GemmCheck, TileVerdict
+from parkpool.producer.freivalds import GemmCheck, Prepared, TileVerdict
 from parkpool.producer.plans import ChunkSpec
 from parkpool.runtime.reputation import TRUST_AFTER, ReputationBook
 from parkpool.schemas import Result, ValidationError
@@ -109,12 +109,16 @@ class AlgebraicCheck(Protocol):
 
 
 def algebraic_check(
-    spec: KernelSpec, chunks: Sequence[ChunkSpec], rounds: int, rng: np.random.Generator
+    spec: KernelSpec,
+    chunks: Sequence[ChunkSpec],
+    rounds: int,
+    rng: np.random.Generator,
+    prepared: Prepared | None = None,
 ) -> AlgebraicCheck | None:
     """The kernel's algebraic check of this job's chunks, if its contract has one."""
     inputs = [chunk.inputs for chunk in chunks]
     if spec.name == "gemm":
-        return GemmCheck(inputs, spec.tolerance, rounds, rng)
+        return GemmCheck(inputs, spec.tolerance, rounds, rng, prepared)
     if spec.name == "fft":
         return FftCheck(inputs, [chunk.params for chunk in chunks], spec.tolerance, rounds, rng)
     return None
@@ -150,6 +154,7 @@ class JobVerifier:
         policy: AdaptivePolicy | None = None,
         rounds: int = 1,
         seed: int | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         reachable(spec, minimum)
         self.job_id = job_id
@@ -160,7 +165,8 @@ class JobVerifier:
         self._random = random.Random(seed)
         self._pair = Tolerance(2 * spec.tolerance.rtol, 2 * spec.tolerance.atol)
         self._chunks = [_Chunk() for _ in chunks]
-        self._check = algebraic_check(spec, chunks, rounds, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        self._check = algebraic_check(spec, chunks, rounds, rng, prepared)
         if (self._check is None) != (spec.verification is not Level.ALGEBRAIC):
             raise ValueError(f"{spec.name}: its contract and its algebraic check disagree")
         self._lock = threading.Lock()

@@ -94,22 +94,31 @@ class TestPlanGemm:
                 assert array.flags.c_contiguous and not array.flags.writeable
                 assert np.all(array == 1)
 
-    def test_each_block_is_copied_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    @pytest.mark.parametrize("prepare_check", [True, False])
+    def test_each_block_is_copied_once(
+        self, monkeypatch: pytest.MonkeyPatch, prepare_check: bool
+    ) -> None:
         # Given a 4x4-tile gemm: 16 tiles read 4 row panels of A and 4 column panels of B
         copies: list[tuple[int, ...]] = []
-        real = splitters.wire_copy
+        real = splitters._snapshot
 
-        def counting(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        def counting(array: npt.NDArray[Any], *args: Any, **kwargs: Any) -> npt.NDArray[Any]:
             copies.append(array.shape)
-            return real(array)
+            return real(array, *args, **kwargs)
 
-        monkeypatch.setattr(splitters, "wire_copy", counting)
+        monkeypatch.setattr(splitters, "_snapshot", counting)
         # When planned
-        plan = plan_gemm(np.ones((8, 8), np.float32), np.ones((8, 8), np.float32), tile=2)
+        a, b = np.ones((8, 8), np.float32), np.ones((8, 8), np.float32)
+        plan = plan_gemm(a, b, tile=2, prepare_check=prepare_check)
         # Then each panel was snapshotted once (not once per tile), and tiles share it
         assert len(plan.chunks) == 16 and len(copies) == 8
         assert len({id(c.inputs["a"]) for c in plan.chunks}) == 4
         assert len({id(c.inputs["b"]) for c in plan.chunks}) == 4
+        # And every snapshot is a C-contiguous, read-only copy, whichever way it was made
+        for chunk in plan.chunks:
+            for block in chunk.inputs.values():
+                assert block.flags.c_contiguous and not block.flags.writeable
+                assert not np.shares_memory(block, a) and not np.shares_memory(block, b)
 
     @pytest.mark.parametrize(
         ("a", "b", "reason"),

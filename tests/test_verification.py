@@ -73,6 +73,32 @@ class TestFreivalds:
         assert sorted(v.chunk_id for v in verdicts) == list(range(len(chunks)))
         assert all(v.valid for v in verdicts)
 
+    @pytest.mark.parametrize("k_tile", [None, 96])
+    def test_a_check_prepared_by_the_planner_judges_the_same(self, k_tile: int | None) -> None:
+        # Given one plan whose planner prepared the check, honest tiles and one wrong one
+        rng = np.random.default_rng(12)
+        a, b = operands(rng, 300, 250, 310)
+        plan = plan_gemm(a, b, tile=128, k_tile=k_tile)
+        assert plan.prepared is not None
+        inputs = [c.inputs for c in plan.chunks]
+        check = GemmCheck(inputs, GEMM_TOL, prepared=plan.prepared)
+        verdicts = []
+        for i, chunk in enumerate(inputs):
+            c = honest(chunk)
+            if i == 3:
+                c = _lie(c, "one_element", rng)
+            verdicts += check.add(i, c)
+        # Then every tile is judged once, and only the wrong one is invalid
+        assert sorted(v.chunk_id for v in verdicts) == list(range(len(inputs)))
+        assert [v.chunk_id for v in verdicts if not v.valid] == [3]
+
+    def test_a_prepared_check_refuses_another_plans_blocks(self) -> None:
+        rng = np.random.default_rng(13)
+        a, b = operands(rng, 64, 32, 64)
+        first, second = plan_gemm(a, b, tile=32), plan_gemm(a, b, tile=32)
+        with pytest.raises(ValueError, match="another plan"):
+            GemmCheck([c.inputs for c in second.chunks], GEMM_TOL, prepared=first.prepared)
+
     def test_tiles_wait_for_their_group_then_are_judged_together(self) -> None:
         rng = np.random.default_rng(2)
         a, b = operands(rng, 256, 64, 256)
