@@ -21,6 +21,7 @@ an element that wrong, which the same check catches.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Prepared:
     signs: Mapping[int, Array]
     bx: Mapping[int, Array]
     abx: Mapping[int, Array]
+    seconds: float = 0.0  # what the products and signs added to planning
 
 
 class Preparer:
@@ -65,36 +67,40 @@ class Preparer:
         self._bx: dict[int, Array] = {}
         self._abx: dict[int, Array] = {}
         self._y: dict[tuple[int, int], Array] = {}  # rows of B -> Σ B·x over its blocks
+        self._seconds = 0.0
 
     def b_block(self, source: Array, rows: tuple[int, int]) -> Array:
+        started = time.perf_counter()
         x = self._rng.choice(np.array([-1.0, 1.0], source.dtype), (source.shape[1], self._rounds))
-        block, bx = _copy_times(source, x, self.STEP_BYTES)
+        self._seconds += time.perf_counter() - started
+        block, bx = self._copy_times(source, x)
         self._signs[id(block)], self._bx[id(block)] = x, bx
         total = self._y.get(rows)
         self._y[rows] = bx if total is None else total + bx
         return block
 
     def a_block(self, source: Array, columns: tuple[int, int]) -> Array:
-        block, abx = _copy_times(source, self._y[columns], self.STEP_BYTES)
+        block, abx = self._copy_times(source, self._y[columns])
         self._abx[id(block)] = abx
         return block
 
     def prepared(self) -> Prepared:
-        return Prepared(dict(self._signs), dict(self._bx), dict(self._abx))
+        return Prepared(dict(self._signs), dict(self._bx), dict(self._abx), self._seconds)
 
-
-def _copy_times(source: Array, vectors: Array, step_bytes: int) -> tuple[Array, Array]:
-    """A C-contiguous, read-only copy of ``source`` and ``source @ vectors``, one
-    cache-sized band of rows at a time."""
-    copy = np.empty(source.shape, source.dtype)
-    product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
-    step = max(1, step_bytes // max(1, source.shape[1] * source.itemsize))
-    for start in range(0, source.shape[0], step):
-        band = slice(start, start + step)
-        copy[band] = source[band]
-        product[band] = copy[band] @ vectors
-    copy.flags.writeable = False
-    return copy, product
+    def _copy_times(self, source: Array, vectors: Array) -> tuple[Array, Array]:
+        """A C-contiguous, read-only copy of ``source`` and ``source @ vectors``, one
+        cache-sized band of rows at a time; the products' time is counted."""
+        copy = np.empty(source.shape, source.dtype)
+        product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
+        step = max(1, self.STEP_BYTES // max(1, source.shape[1] * source.itemsize))
+        for start in range(0, source.shape[0], step):
+            band = slice(start, start + step)
+            copy[band] = source[band]
+            started = time.perf_counter()
+            product[band] = copy[band] @ vectors
+            self._seconds += time.perf_counter() - started
+        copy.flags.writeable = False
+        return copy, product
 
 
 @dataclass(frozen=True)
