@@ -5,7 +5,7 @@ For a secret random sign vector x, A·(B·x) costs two matrix-vector products, a
 C·x one more; a wrong C shows as a residual C·x - A·(B·x) far from zero. Tiles that
 share a block of A are checked together (Σ_j C_j·x_j against A·Σ_j B_j·x_j), so each
 block of A, each block of B and each tile is read once per job: three memory-bound
-passes, 1.2-1.5 % of the 4096² gemm's own time on a 2-core machine (`make bench`,
+passes, 1.0-1.5 % of the 4096² gemm's own time on a 2-core machine (`make bench`,
 "verification"). Only a group that fails is checked tile by tile, to find the liar.
 
 Honest results differ from the exact product by floating point, up to the contract's
