@@ -116,14 +116,7 @@ class ParkpoolClient:
         self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
-        self._reader.start()
-        self._status = self._serve_metrics(settings)
-        self._store = BlobStore(settings.store) if settings.store.enabled else None
-        # A job's objects are deleted when it ends, and stored outputs read back, off
-        # the reader's thread.
-        self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
-        self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
+        # Before the result reader, which hands what it reads to the checks.
         self._checks = (
             ResultChecks(
                 settings.kafka,
@@ -136,6 +129,14 @@ class ParkpoolClient:
             if settings.verify
             else None
         )
+        self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
+        self._reader.start()
+        self._status = self._serve_metrics(settings)
+        self._store = BlobStore(settings.store) if settings.store.enabled else None
+        # A job's objects are deleted when it ends, and stored outputs read back, off
+        # the reader's thread.
+        self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
+        self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
 
     def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
         if settings.metrics_port is None:
@@ -260,6 +261,8 @@ class ParkpoolClient:
 
         Every chunk is checked against the kernel's contract first: a job with one bad
         chunk, or naming no built-in kernel, raises ValidationError and sends nothing.
+        ``verification`` is as for ``submit``; ``prepared`` is what a planner computed
+        for the results' check (``JobPlan.prepared``), or None.
         """
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")

@@ -120,13 +120,21 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user() -> str:
+    """Who released the car, for the record; containers often have no passwd entry."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def run_release(args: argparse.Namespace) -> int:
     book = _book(args)
     if not book.record(args.vehicle_id).quarantined:
         print(f"{args.vehicle_id} is not quarantined", file=sys.stderr)
         return NOT_FOUND
     topic = KafkaTopics(args.namespace).reputation
-    who = f"operator {getpass.getuser()}"
+    who = f"operator {_user()}"
     notice = release(kafka_from_args(args), topic, book, args.vehicle_id, who, args.note)
     if args.json:
         print(json.dumps({"vehicle_id": notice.vehicle_id, "generation": notice.generation}))
