@@ -103,7 +103,14 @@ class ResultChecks:
         if job is None or not job.verifier.wants(result.chunk_id):
             handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
             return
-        self._act(handle, job, job.verifier.take(result))
+        try:
+            actions = job.verifier.take(result)
+        except Exception as exc:  # a bug in a check must fail the chunk, not the reader
+            log.exception("result_check_failed", job_id=handle.job_id, chunk_id=result.chunk_id)
+            self.metrics.results_refused.labels("check_error").inc()
+            handle.refused(result.chunk_id, f"check_error: {exc}")
+            return
+        self._act(handle, job, actions)
 
     def abandoned(self, handle: JobHandle, chunk_id: int) -> None:
         job = self._job(handle.job_id)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from parkpool.runtime.kafka import produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
@@ -204,7 +204,9 @@ class ReputationWriter:
         self.topic = topic
         self.writer = writer
         self.book = book
+        self._conn = conn
         self._producer = Producer(producer_config(conn))
+        self._renew = False  # the producer hit a fatal error (e.g. the broker forgot it)
         self._mine: dict[str, CarTally] = {}
         self._lock = threading.Lock()
         self.failed = 0  # records Kafka did not take; the next tally of the car repeats them
@@ -252,18 +254,39 @@ class ReputationWriter:
         )
 
     def _send(self, key: str, value: bytes) -> None:
-        refused = produce(self._producer, self.topic, value, key, self._report)
+        """Write one record; a failure is logged and counted, never raised: verdicts must
+        not stop results reaching callers, and the car's next tally repeats the counts.
+        A producer with a fatal error (a restarted broker forgot its id) is replaced."""
+        if self._renew:
+            self._renew = False
+            self._producer = Producer(producer_config(self._conn))
+            log.warning("reputation_producer_recreated")
+        try:
+            refused = produce(self._producer, self.topic, value, key, self._report)
+            self._producer.poll(0)
+        except KafkaException as exc:
+            refused = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            self._renew = refused is None or refused.fatal()
+            log.warning("reputation_not_written", key=key, reason=str(exc))
+            self.failed += 1
+            return
         if refused is not None:
+            self.failed += 1
+            self._renew = refused.fatal()
             log.warning("reputation_not_written", key=key, reason=str(refused))
-        self._producer.poll(0)
 
     def _report(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
             self.failed += 1
+            self._renew = self._renew or err.fatal()
             log.warning("reputation_not_written", reason=str(err))
 
     def flush(self, timeout: float = 10.0) -> int:
-        return int(self._producer.flush(timeout))
+        try:
+            return int(self._producer.flush(timeout))
+        except KafkaException as exc:
+            log.warning("reputation_not_flushed", reason=str(exc))
+            return -1
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is pending, then free the producer now, not at some later garbage
