@@ -7,7 +7,7 @@ The SDK a backend service needs is importable from here::
 
     with Client(ProducerSettings(KafkaConnection("kafka:9092"))) as pool:
         job = pool.submit("gemm", {"a": a, "b": b}, tile=64)
-        c = job.wait(timeout=600)
+        c = job.wait(timeout=600)  # or job.future.result(), or ``await job``
 
 Everything else lives in the layers below (docs/ARCHITECTURE.md): ``parkpool.app`` (the
 command line and the demo), the roles ``parkpool.producer``, ``parkpool.gateway``,
@@ -27,6 +27,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from parkpool.producer.client import ParkpoolClient as Client
     from parkpool.producer.client import ProducerSettings
+    from parkpool.producer.futures import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
+        as_completed,
+        wait,
+    )
     from parkpool.producer.jobs import ChunkResult, JobFailed, JobHandle, JobState, Progress
     from parkpool.runtime.settings import KafkaConnection, Secret, StoreConnection
     from parkpool.schemas.errors import (
@@ -39,6 +46,9 @@ if TYPE_CHECKING:
     from parkpool.schemas.messages import Priority
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "BrokerError",
     "ChunkResult",
     "Client",
@@ -56,12 +66,19 @@ __all__ = [
     "StoreConnection",
     "ValidationError",
     "__version__",
+    "as_completed",
+    "wait",
 ]
 
 # Public name -> (module, attribute in it).
 _EXPORTS: dict[str, tuple[str, str]] = {
     "Client": ("parkpool.producer.client", "ParkpoolClient"),
     "ProducerSettings": ("parkpool.producer.client", "ProducerSettings"),
+    "as_completed": ("parkpool.producer.futures", "as_completed"),
+    "wait": ("parkpool.producer.futures", "wait"),
+    "ALL_COMPLETED": ("parkpool.producer.futures", "ALL_COMPLETED"),
+    "FIRST_COMPLETED": ("parkpool.producer.futures", "FIRST_COMPLETED"),
+    "FIRST_EXCEPTION": ("parkpool.producer.futures", "FIRST_EXCEPTION"),
     "ChunkResult": ("parkpool.producer.jobs", "ChunkResult"),
     "JobFailed": ("parkpool.producer.jobs", "JobFailed"),
     "JobHandle": ("parkpool.producer.jobs", "JobHandle"),

@@ -12,6 +12,7 @@ crash) are dropped per job by chunk id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -166,6 +167,19 @@ class ParkpoolClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> ParkpoolClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await asyncio.to_thread(self.close)  # it joins the client's threads
+
+    async def asubmit(
+        self, kernel: str, inputs: Mapping[str, Any] | None = None, **options: Any
+    ) -> JobHandle:
+        """``submit`` for asyncio: the wait for Kafka's acknowledgements happens off the
+        event loop; ``await`` the handle for the answer, ``async for`` its chunks."""
+        return await asyncio.to_thread(self.submit, kernel, inputs, **options)
 
     def close(self) -> None:
         if self._status is not None:
@@ -447,10 +461,13 @@ class ParkpoolClient:
             if err is not None:
                 log.warning("redo_not_delivered", job_id=task.job_id, reason=str(err))
 
-        refused = produce(self._producer, self.topics.tasks, value, key, report)
+        try:
+            refused = produce(self._producer, self.topics.tasks, value, key, report)
+            self._producer.poll(0)
+        except KafkaException as exc:  # a fatal producer error, raised by poll
+            raise BrokerError(f"redo of chunk {task.chunk_id} not sent: {exc}") from None
         if refused is not None:
             raise BrokerError(f"redo of chunk {task.chunk_id} refused: {refused}")
-        self._producer.poll(0)
 
     def _withdraw(self, job_id: str, sent: int) -> None:
         """An upload failed after part of the job went to Kafka: gateways are told to

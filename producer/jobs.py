@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from parkpool.producer.splitters import Assembler
+from parkpool.producer.streams import ChunkStream, ProgressStream, awaitable
 from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
 from parkpool.schemas.reputation import Level
 
@@ -114,7 +116,15 @@ class JobHandle:
         self._latencies: list[float] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._chunks: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
+        self._delivered: list[ChunkResult] = []  # every chunk so far, for any reader
+        self._version = 0  # bumped on every change, for progress readers
+        self._watchers: list[Callable[[], None]] = []  # woken on every change
+        self._listeners: list[Callable[[Progress], None]] = []
+        # The assembled answer, as a concurrent.futures.Future: settled once the job
+        # ends, outside the lock (its callbacks may call back into this handle).
+        self._future: Future[Any] = Future()
+        self._settled = False
+        self._future.add_done_callback(self._future_cancelled)
 
     # ---------------------------------------------------------------- caller side
 
@@ -143,30 +153,94 @@ class JobHandle:
         with self._lock:
             return list(self._latencies)
 
+    @property
+    def future(self) -> Future[Any]:
+        """The assembled answer as a ``concurrent.futures.Future``: it raises JobFailed
+        (or the BrokerError that cut the job off), and is cancelled with the job.
+        Cancelling it cancels the job."""
+        return self._future
+
     def wait(self, timeout: float | None = None) -> Any:
-        """Block until the job ends; return the assembled answer (None without assembler)."""
+        """Block until the job ends; return the assembled answer (None without assembler,
+        or when the job was cancelled)."""
+        try:
+            return self._future.result(timeout)
+        except CancelledError:
+            return None
+        except TimeoutError:
+            progress = self.progress
+            raise TimeoutError(
+                f"job {self.job_id}: {progress.done}/{self.n_chunks} chunks"
+            ) from None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await job``: the answer, as ``wait()`` gives it, without blocking the loop;
+        a task cancelled while it awaits leaves the job running."""
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        try:
+            return await awaitable(self._future, asyncio.get_running_loop())
+        except CancelledError:
+            return None
+
+    def chunks(self, timeout: float | None = None) -> ChunkStream[ChunkResult]:
+        """Each chunk's outputs as they arrive, each once, until the job ends; every call
+        starts from the first chunk, so several readers, threads or ``async for`` loops
+        each see them all. ``timeout``: TimeoutError when no chunk comes for that long."""
+        return ChunkStream(self, timeout)
+
+    def progress_updates(self, timeout: float | None = None) -> ProgressStream[Progress]:
+        """A ``Progress`` snapshot now and after every change, until the job ends."""
+        return ProgressStream(self, timeout)
+
+    def on_progress(self, callback: Callable[[Progress], None]) -> None:
+        """Call ``callback(progress)`` after every change (on the SDK's reader threads,
+        so it must be quick), and once now."""
+        with self._lock:
+            self._listeners.append(callback)
+            progress = self._progress()
+        callback(progress)
+
+    # ---------------------------------------------------------------- for the streams
+
+    def _chunk_at(self, index: int) -> tuple[ChunkResult | None, bool]:
+        """The chunk at ``index`` if it came, and whether more may still come."""
+        with self._lock:
+            item = self._delivered[index] if index < len(self._delivered) else None
+            return item, self._state is JobState.RUNNING
+
+    def _wait_chunk(self, index: int, timeout: float | None) -> ChunkResult | None:
+        """The chunk at ``index`` once it comes; None once the job ended without it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._state is JobState.RUNNING:
+            while index >= len(self._delivered) and self._state is JobState.RUNNING:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"job {self.job_id}: {self._done}/{self.n_chunks} chunks")
+                    raise TimeoutError(f"job {self.job_id}: no chunk for {timeout} s")
                 self._changed.wait(left)
-            if self._error is not None:
-                raise self._error
-            if self._state is JobState.FAILED:
-                raise JobFailed(self.job_id, self._dead)
-            if self._state is JobState.CANCELLED or self._assembler is None:
-                return None
-        return self._assembler.result()
+            return self._delivered[index] if index < len(self._delivered) else None
 
-    def chunks(self, timeout: float | None = None) -> Iterator[ChunkResult]:
-        """Each chunk's outputs as they arrive, each exactly once, until the job ends."""
-        while True:
-            item = self._chunks.get(timeout=timeout)
-            if item is None:
-                return
-            yield item
+    def _wait_version(self, seen: int, timeout: float | None) -> tuple[int, Progress, bool]:
+        """The next snapshot after version ``seen``, its version, and whether the job
+        still runs (the last snapshot is the final one)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._version == seen and self._state is JobState.RUNNING:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {self.job_id}: no progress for {timeout} s")
+                self._changed.wait(left)
+            return self._version, self._progress(), self._state is JobState.RUNNING
+
+    def _watch(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._watchers.append(wake)
+
+    def _unwatch(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._watchers:
+                self._watchers.remove(wake)
 
     def cancel(self) -> Progress:
         """Cancel the job: gateways skip its queued chunks and stop vehicles running them.
@@ -178,6 +252,7 @@ class JobHandle:
             if self._state is not JobState.RUNNING:
                 return self._progress()
             self._end(JobState.CANCELLED)
+        self._after_change()
         if self._canceller is not None:
             self._canceller(self.job_id)
         return self.progress
@@ -192,6 +267,7 @@ class JobHandle:
                 return
             self._error = error
             self._end(JobState.FAILED)
+        self._after_change()
 
     def deliver(self, result: Result, received_at: float, level: Level = Level.UNCHECKED) -> bool:
         """Take a result, verified to ``level``; False when it is a duplicate or does not
@@ -213,15 +289,16 @@ class JobHandle:
             latency = max(0.0, received_at - result.task_created_at)
             self._latencies.append(latency)
             self._observer.chunk_completed(latency)
-            self._chunks.put(
+            self._delivered.append(
                 ChunkResult(result.chunk_id, result.outputs, result.vehicle_id, latency, level)
             )
             if self._done == self.n_chunks:
                 self._end(JobState.DONE)
             elif self._dead and self._done + len(self._dead) == self.n_chunks:
                 self._end(JobState.FAILED)
-            self._changed.notify_all()
-            return True
+            self._changed_locked()
+        self._after_change()
+        return True
 
     def awaits(self, chunk_id: int) -> bool:
         """Whether a result for this chunk would still count (running, not yet seen)."""
@@ -248,7 +325,8 @@ class JobHandle:
             self._observer.chunk_dead_lettered()
             if self._done + len(self._dead) == self.n_chunks:
                 self._end(JobState.FAILED)
-            self._changed.notify_all()
+            self._changed_locked()
+        self._after_change()
 
     def _assemble(self, result: Result) -> bool:
         if self._assembler is None:
@@ -265,5 +343,44 @@ class JobHandle:
         self._observer.job_ended(state)
         if self._on_end is not None:
             self._on_end(self.job_id)
-        self._chunks.put(None)
+        self._changed_locked()
+
+    def _changed_locked(self) -> None:
+        """Under the lock: something changed; wake blocked readers and async ones."""
+        self._version += 1
         self._changed.notify_all()
+        for wake in self._watchers:
+            wake()  # only schedules a wake-up on its loop: never blocks, never re-enters
+
+    def _after_change(self) -> None:
+        """Outside the lock: tell progress listeners, and settle the future once the job
+        ended (its callbacks may call back into this handle)."""
+        with self._lock:
+            progress = self._progress()
+            listeners = list(self._listeners)
+            ending = self._state is not JobState.RUNNING and not self._settled
+            self._settled = self._settled or ending
+        for listener in listeners:
+            listener(progress)
+        if ending:
+            self._settle(progress.state)
+
+    def _settle(self, state: JobState) -> None:
+        if state is JobState.CANCELLED:
+            self._future.cancel()
+        elif self._error is not None:
+            self._future.set_exception(self._error)
+        elif state is JobState.FAILED:
+            self._future.set_exception(JobFailed(self.job_id, self._dead))
+        else:
+            try:
+                answer = None if self._assembler is None else self._assembler.result()
+            except ParkpoolError as exc:
+                self._future.set_exception(exc)
+            else:
+                self._future.set_result(answer)
+
+    def _future_cancelled(self, future: Future[Any]) -> None:
+        """Whoever cancels the future cancels the job (a no-op once it ended)."""
+        if future.cancelled():
+            self.cancel()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Mapping
@@ -270,3 +271,122 @@ class TestCancel:
         finally:
             timer.join()
         assert job.state is JobState.CANCELLED
+
+
+class TestFuture:
+    """A handle's answer is a concurrent.futures.Future that ends with the job."""
+
+    def test_the_future_holds_the_answer_once_the_last_chunk_arrives(self) -> None:
+        job = sum_job()
+        assert not job.future.done()
+        for chunk_id in range(N_CHUNKS):
+            job.deliver(result(chunk_id), received_at=CREATED_AT)
+        assert job.future.result(timeout=0) == X.sum()
+
+    def test_a_failed_job_raises_through_its_future(self) -> None:
+        job = sum_job()
+        job.dead_lettered(dead_letter(0))
+        job.deliver(result(1), received_at=CREATED_AT)
+        job.deliver(result(2), received_at=CREATED_AT)
+        with pytest.raises(JobFailed) as caught:
+            job.future.result(timeout=0)
+        assert caught.value.reasons == {0: "max_attempts"}
+
+    def test_cancelling_the_future_cancels_the_job(self) -> None:
+        cancelled: list[str] = []
+        plan = plan_reduce(X, "sum", chunk_elems=CHUNK_ELEMS)
+        job = JobHandle(JOB, N_CHUNKS, plan.make_assembler(), canceller=cancelled.append)
+        assert job.future.cancel()
+        assert job.state is JobState.CANCELLED and cancelled == [JOB]
+        assert job.wait(timeout=0) is None
+
+    def test_wait_times_out_with_a_timeout_error_naming_the_progress(self) -> None:
+        job = sum_job()
+        job.deliver(result(0), received_at=CREATED_AT)
+        with pytest.raises(TimeoutError, match="1/3 chunks"):
+            job.wait(timeout=0.01)
+
+
+class TestStreams:
+    """Chunks and progress can be read again, from several readers, without hanging."""
+
+    def test_every_reader_sees_every_chunk_from_the_first(self) -> None:
+        job = sum_job()
+        job.deliver(result(1), received_at=CREATED_AT)
+        seen: list[list[int]] = [[], []]
+
+        def read(into: list[int]) -> None:
+            into.extend(c.chunk_id for c in job.chunks(timeout=5))
+
+        readers = [threading.Thread(target=read, args=(ids,)) for ids in seen]
+        for reader in readers:
+            reader.start()
+        job.deliver(result(0), received_at=CREATED_AT)
+        job.deliver(result(2), received_at=CREATED_AT)
+        for reader in readers:
+            reader.join(5)
+        assert seen == [[1, 0, 2], [1, 0, 2]]
+        assert [c.chunk_id for c in job.chunks(timeout=1)] == [1, 0, 2]  # and again later
+
+    def test_a_reader_with_nothing_coming_times_out(self) -> None:
+        job = sum_job()
+        job.deliver(result(0), received_at=CREATED_AT)
+        chunks = job.chunks(timeout=0.05)
+        assert next(chunks).chunk_id == 0
+        with pytest.raises(TimeoutError, match="no chunk"):
+            next(chunks)
+
+    def test_progress_arrives_as_snapshots_and_through_a_callback(self) -> None:
+        job = sum_job()
+        heard: list[Progress] = []
+        job.on_progress(heard.append)
+        updates = job.progress_updates(timeout=1)
+        assert next(updates).done == 0
+        job.deliver(result(0), received_at=CREATED_AT)
+        assert next(updates).done == 1
+        job.deliver(result(1), received_at=CREATED_AT)
+        job.deliver(result(2), received_at=CREATED_AT)
+        rest = list(updates)  # changes may merge; the last is always the final state
+        assert rest[-1].state is JobState.DONE and rest[-1].done == 3
+        assert [p.done for p in heard] == [0, 1, 2, 3]
+        assert heard[-1].state is JobState.DONE
+
+
+class TestAsyncio:
+    """A handle is awaitable and its chunks async-iterable, fed from another thread."""
+
+    def test_await_and_async_for_under_a_running_loop(self) -> None:
+        job = sum_job()
+
+        async def main() -> tuple[float, list[int]]:
+            feeder = threading.Timer(
+                0.02,
+                lambda: [job.deliver(result(i), received_at=CREATED_AT) for i in range(N_CHUNKS)],
+            )
+            feeder.start()
+            ids = [chunk.chunk_id async for chunk in job.chunks(timeout=5)]
+            answer = await job
+            feeder.join()
+            return answer, ids
+
+        answer, ids = asyncio.run(main())
+        assert answer == X.sum() and ids == [0, 1, 2]
+
+    def test_a_task_that_stops_waiting_leaves_the_job_running(self) -> None:
+        job = sum_job()
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.ensure_future(job._result()), 0.02)
+
+        asyncio.run(main())
+        assert job.state is JobState.RUNNING and not job.future.done()
+
+    def test_awaiting_a_cancelled_job_gives_none(self) -> None:
+        job = sum_job()
+
+        async def main() -> object:
+            asyncio.get_running_loop().call_later(0.02, job.cancel)
+            return await job
+
+        assert asyncio.run(main()) is None
