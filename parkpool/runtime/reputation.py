@@ -31,6 +31,7 @@ from parkpool.schemas.reputation import (
 )
 
 log = structlog.get_logger("parkpool.reputation")
+FETCH_WAIT_MS = 500  # as the SDK's result reader
 
 # BOINC's adaptive replication trusts a host after 10 consecutive valid results; so do
 # we, counting only results of the car's current generation with no invalid one.
@@ -135,7 +136,10 @@ class ReputationReader(threading.Thread):
         self.caught_up = threading.Event()
         self._halt = threading.Event()
         self._on_error = on_error
-        self.consumer = Consumer(reader_config(conn))
+        # Quarantines are rare and nothing waits on them by the millisecond: long fetch
+        # waits keep many idle readers (every gateway, every client) from loading the
+        # brokers; a durable Tansu lists its store on every fetch (docs/DECISIONS.md).
+        self.consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
         self._ends = self._assign()
 
     def _assign(self) -> dict[int, int]:
