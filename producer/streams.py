@@ -10,6 +10,7 @@ event loop is never blocked and no executor is involved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Any, Generic, Protocol, TypeVar
@@ -52,7 +53,11 @@ def awaitable(future: Future[T], loop: asyncio.AbstractEventLoop) -> asyncio.Fut
         else:
             mirror.set_result(done.result())
 
-    future.add_done_callback(lambda done: loop.call_soon_threadsafe(copy, done))
+    def forward(done: Future[T]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+            loop.call_soon_threadsafe(copy, done)
+
+    future.add_done_callback(forward)
     return mirror
 
 
@@ -115,7 +120,8 @@ async def _when(
         woken: asyncio.Future[None] = loop.create_future()
 
         def wake(woken: asyncio.Future[None] = woken) -> None:
-            loop.call_soon_threadsafe(_set, woken)
+            with contextlib.suppress(RuntimeError):  # a loop closed under a parked reader
+                loop.call_soon_threadsafe(_set, woken)
 
         handle._watch(wake)  # before probing: a chunk arriving in between still wakes us
         try:
