@@ -32,6 +32,7 @@ from parkpool.schemas.reputation import (
 
 log = structlog.get_logger("parkpool.reputation")
 FETCH_WAIT_MS = 500  # as the SDK's result reader
+TALLY_EVERY_S = 1.0  # a client writes each changed tally at most this often
 
 # BOINC's adaptive replication trusts a host after 10 consecutive valid results; so do
 # we, counting only results of the car's current generation with no invalid one.
@@ -212,6 +213,8 @@ class ReputationWriter:
         self._producer = Producer(producer_config(conn))
         self._renew = False  # the producer hit a fatal error (e.g. the broker forgot it)
         self._mine: dict[str, CarTally] = {}
+        self._dirty: set[str] = set()  # cars whose tally changed since it was written
+        self._sent_at = 0.0
         self._lock = threading.Lock()
         self.failed = 0  # records Kafka did not take; the next tally of the car repeats them
 
@@ -231,9 +234,23 @@ class ReputationWriter:
                 vehicle_id, self.writer, generation, valid, invalid, unchecked, time.time()
             )
             self._mine[vehicle_id] = tally
+            self._dirty.add(vehicle_id)
         self.book.apply(tally)
-        self._send(tally_key(vehicle_id, self.writer), encode(tally))
+        self._send_due()
         return tally
+
+    def _send_due(self, now: bool = False) -> None:
+        """Write the tallies that changed, at most once per ``TALLY_EVERY_S``: each is
+        absolute, so only a car's latest counts matter, and a job of thousands of chunks
+        costs a few records per car rather than one per chunk."""
+        with self._lock:
+            if not now and time.monotonic() - self._sent_at < TALLY_EVERY_S:
+                return
+            self._sent_at = time.monotonic()
+            due = [self._mine[car] for car in self._dirty]
+            self._dirty.clear()
+        for tally in due:
+            self._send(tally_key(tally.vehicle_id, self.writer), encode(tally))
 
     def quarantine(self, vehicle_id: str, evidence: tuple[Evidence, ...], reason: str) -> None:
         record = self.book.record(vehicle_id)
@@ -295,6 +312,7 @@ class ReputationWriter:
     def close(self, timeout: float = 10.0) -> None:
         """Send what is pending, then free the producer now, not at some later garbage
         collection while the brokers may already be gone."""
+        self._send_due(now=True)
         left = self.flush(timeout)
         if left:
             log.warning("reputation_records_lost", records=left)
