@@ -28,6 +28,7 @@ from parkpool.schemas.validate import (
     require_arrays,
     require_bool,
     require_bytes,
+    require_enum,
     require_float,
     require_int,
     require_name,
@@ -723,13 +724,7 @@ E = TypeVar("E", bound=enum.StrEnum)
 
 
 def _enum(kind: type[E], name: str, value: object) -> E:
-    if not isinstance(value, str):
-        raise _wrong(f"{name} must be a string, got {type(value).__name__}")
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in kind)
-        raise _bad(f"{name} {value!r} is not one of: {allowed}") from None
+    return require_enum(kind, name, value)
 
 
 def _wrong(detail: str) -> ValidationError:

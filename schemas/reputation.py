@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from parkpool.schemas.errors import ValidationError
-from parkpool.schemas.validate import require_float, require_int, require_name, require_str
+from parkpool.schemas.validate import (
+    require_enum,
+    require_float,
+    require_int,
+    require_name,
+    require_str,
+)
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_EVIDENCE = 8  # the first wrong results are proof enough; more only grow the record
@@ -94,7 +100,7 @@ class Evidence:
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
         require_int("chunk_id", self.chunk_id, 0, MAX_COUNT)
-        object.__setattr__(self, "check", _level(self.check))
+        object.__setattr__(self, "check", require_enum(Level, "check", self.check))
         require_str("detail", self.detail)
         require_float("at", self.at)
 
@@ -114,7 +120,7 @@ class QuarantineNotice:
 
     def __post_init__(self) -> None:
         _vehicle(self.vehicle_id)
-        object.__setattr__(self, "state", _state(self.state))
+        object.__setattr__(self, "state", require_enum(CarState, "state", self.state))
         require_int("generation", self.generation, 0, MAX_COUNT)
         require_float("at", self.at)
         require_str("by", self.by)
@@ -131,21 +137,3 @@ class QuarantineNotice:
 
 def tally_key(vehicle_id: str, writer: str) -> str:
     return f"{vehicle_id}/{writer}"
-
-
-def _state(value: object) -> CarState:
-    if not isinstance(value, str):
-        raise ValidationError("wrong_type", f"state must be a string, got {type(value).__name__}")
-    try:
-        return CarState(value)
-    except ValueError:
-        raise ValidationError("bad_value", f"state {value!r} is unknown") from None
-
-
-def _level(value: object) -> Level:
-    if not isinstance(value, str):
-        raise ValidationError("wrong_type", f"check must be a string, got {type(value).__name__}")
-    try:
-        return Level(value)
-    except ValueError:
-        raise ValidationError("bad_value", f"check {value!r} is not a level") from None

@@ -7,14 +7,17 @@ buggy peer gets a readable answer and metrics can count rejections by reason.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from parkpool.schemas.errors import ValidationError
+
+E = TypeVar("E", bound=enum.StrEnum)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_TEXT = 4096
@@ -77,6 +80,17 @@ def require_float(name: str, value: object, lo: float = 0.0, hi: float = math.in
     if not (math.isfinite(value) and lo <= value <= hi):
         raise ValidationError("out_of_range", f"{name}={value} is outside [{lo}, {hi}]")
     return float(value)
+
+
+def require_enum(kind: type[E], name: str, value: object) -> E:
+    """A member of the string enum ``kind``: wrong_type unless a string, else bad_value."""
+    if not isinstance(value, str):
+        raise ValidationError("wrong_type", f"{name} must be a string, got {type(value).__name__}")
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise ValidationError("bad_value", f"{name} {value!r} is not one of: {allowed}") from None
 
 
 def require_bool(name: str, value: object) -> bool:
