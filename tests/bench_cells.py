@@ -54,7 +54,7 @@ class CellsPlan:
     heartbeat_s: float = 10.0  # production: 15 s; shorter amplifies periodic traffic
     pull_refresh_s: float = 5.0  # production: 10 s
     task_seconds: float = 0.5
-    warmup_s: float = 8.0
+    warmup_s: float = 8.0  # steady windows only: a whole job (tasks > 0) is measured whole
     window_s: float = 20.0
     tasks: int = 0  # 0: more than the window can finish (the job is cancelled after it)
 
@@ -167,13 +167,19 @@ def _measure(
                 3 * len(fleet) * (plan.warmup_s + plan.window_s) / plan.task_seconds
             )
             tasks = min(tasks, 60_000)
-            handle = client.publish("reduce", small_chunks(tasks))
-            time.sleep(plan.warmup_s)
-            before = _sample(gateways, counters)
-            started = time.monotonic()
             if plan.tasks:
+                # A whole job is measured from before it is published to after its last
+                # chunk: the $SYS counters tick once a second, so a window cut inside a
+                # job of a few seconds would count one edge's traffic and not its tasks.
+                before = _sample(gateways, counters)
+                started = time.monotonic()
+                handle = client.publish("reduce", small_chunks(tasks))
                 handle.wait(timeout=600)
             else:
+                handle = client.publish("reduce", small_chunks(tasks))
+                time.sleep(plan.warmup_s)
+                before = _sample(gateways, counters)
+                started = time.monotonic()
                 time.sleep(plan.window_s)
             elapsed = time.monotonic() - started
             after = _sample(gateways, counters)

@@ -32,7 +32,7 @@ class TestTwoCells:
 
     def test_a_job_across_two_cells(self, tmp_path: Path) -> None:
         # Given two cells of two gateways and 40 cars each, When a 600-chunk job runs
-        plan = CellsPlan(2, cars_per_cell=40, tasks=600, warmup_s=0.0, heartbeat_s=5.0)
+        plan = CellsPlan(2, cars_per_cell=40, tasks=600, heartbeat_s=5.0)
         report = run_cells(plan, tmp_path)
         # Then every chunk came back, and gateways of both cells did work
         assert report["job_chunks_done"] == 600
@@ -44,7 +44,9 @@ class TestTwoCells:
         g = plan.gateways_per_cell
         per_cell = [sum(known[c * g : (c + 1) * g]) for c in range(plan.cells)]
         assert per_cell == report["cell_vehicles"]
-        # And the brokers sent at most 6 messages per task, to gateways and cars together
+        # And the brokers sent at most 6 messages per task, to gateways and cars together,
+        # over a window that holds the whole job
+        assert report["tasks_completed"] >= 600
         assert 0 < report["deliveries_per_task"] <= 6
 
 
