@@ -10,6 +10,7 @@ this module: they hold no credentials and fetch with the standard library.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -148,7 +149,9 @@ class BlobStore:
         return self._presign("put_object", params, expires_s)
 
     def _presign(self, method: str, params: dict[str, str], expires_s: float) -> str:
-        expires = max(1, min(int(expires_s + 0.999), 7 * 24 * 3600))
+        # SigV4 signs the time truncated to the second, so one second more makes the
+        # URL live at least as long as asked, never up to a second less.
+        expires = max(1, min(math.ceil(expires_s) + 1, 7 * 24 * 3600))
         url: str = self._signer.generate_presigned_url(method, Params=params, ExpiresIn=expires)
         return url
 
