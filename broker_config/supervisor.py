@@ -16,13 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.schemas.errors import BrokerError
 
 __all__ = ["Supervised", "Supervisor"]
 
-log = structlog.get_logger("parkpool.brokers")
+log = logs.get_logger("parkpool.brokers")
 
 
 class Supervised(Protocol):

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import structlog
 from confluent_kafka import KafkaError
 
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasks import PendingTask
+from parkpool.runtime import logs
 from parkpool.runtime.backoff import Backoff
 from parkpool.runtime.kafka import record_size
 from parkpool.schemas import DeadLetter, encode
@@ -71,7 +71,7 @@ class DeadLetters:
         self._later = later
         self._finished = finished
         self._metrics = metrics
-        self._log = structlog.get_logger("parkpool.gateway.deadletters").bind(gateway_id=gateway_id)
+        self._log = logs.get_logger("parkpool.gateway.deadletters").bind(gateway_id=gateway_id)
 
     def send(
         self,

@@ -16,8 +16,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from structlog.typing import FilteringBoundLogger
-
 from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
@@ -27,6 +25,7 @@ from parkpool.gateway.settings import GatewaySettings
 from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
 from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.logs import Logger
 from parkpool.runtime.reputation import ReputationBook
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
@@ -54,7 +53,7 @@ class Dispatcher:
         mqtt: MqttLink,
         outcomes: TaskOutcomes,
         metrics: GatewayMetrics,
-        events: FilteringBoundLogger,
+        events: Logger,
         reputation: ReputationBook | None = None,
     ) -> None:
         self.settings = settings

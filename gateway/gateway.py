@@ -25,8 +25,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
 from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.dispatch import Dispatcher
 from parkpool.gateway.fleet_stats import FleetCounts, FleetStats
@@ -41,12 +39,13 @@ from parkpool.gateway.status import status_snapshot
 from parkpool.gateway.tasklog import TP, CancelRecord, TaskLog
 from parkpool.gateway.tasks import PendingTask, ReadyQueue
 from parkpool.gateway.vehicles import VehicleBook
+from parkpool.runtime import logs
 from parkpool.runtime.reputation import ReputationBook, ReputationReader
 from parkpool.schemas import GatewayState, KafkaTopics, MqttTopics
 
 __all__ = ["Gateway", "GatewaySettings"]
 
-log = structlog.get_logger("parkpool.gateway")
+log = logs.get_logger("parkpool.gateway")
 
 
 class Gateway:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from confluent_kafka import KafkaError
-from structlog.typing import FilteringBoundLogger
 
 from parkpool.gateway.fleet_stats import FleetStats
 from parkpool.gateway.leases import Lease, LeaseTable
@@ -33,6 +32,7 @@ from parkpool.gateway.tasklog import TaskLog
 from parkpool.gateway.tasks import TaskState
 from parkpool.gateway.vehicles import VehicleBook
 from parkpool.runtime.kafka import record_size
+from parkpool.runtime.logs import Logger
 from parkpool.runtime.signing import VehicleKeys
 from parkpool.schemas import (
     DecodeError,
@@ -65,7 +65,7 @@ class VehicleHandlers:
         log: TaskLog,
         outcomes: TaskOutcomes,
         metrics: GatewayMetrics,
-        events: FilteringBoundLogger,
+        events: Logger,
     ) -> None:
         self.settings = settings
         self.vehicles = vehicles

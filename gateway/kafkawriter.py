@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
+from parkpool.runtime import logs
 from parkpool.runtime.kafka import produce, record_size
 
 Delivered = Callable[[KafkaError | None], None]
@@ -104,7 +104,7 @@ class KafkaWriter:
         self._clock = clock
         self._stall_s = self._next_stall_s = stall_s
         self._delivered_at = clock()  # the current producer's last delivery, or its start
-        self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
+        self._log = logs.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
 
     def produce(self, topic: str, value: bytes, key: str | None, done: Delivered) -> None:
         """Write a record; ``done`` hears how it went, always later, on the loop's turn."""

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import structlog
 
+from parkpool.runtime import logs
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, publish_properties
 from parkpool.runtime.settings import MqttConnection
 from parkpool.schemas import (
@@ -29,7 +29,7 @@ from parkpool.schemas import (
     encode,
 )
 
-log = structlog.get_logger("parkpool.gateway.mqtt")
+log = logs.get_logger("parkpool.gateway.mqtt")
 SESSION_EXPIRY_S = 600
 
 

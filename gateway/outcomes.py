@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 
-from structlog.typing import FilteringBoundLogger
-
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasklog import TaskLog
 from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
 from parkpool.runtime.backoff import compute_backoff
+from parkpool.runtime.logs import Logger
 from parkpool.schemas import AttemptRecord
 
 MAX_DETAIL = 512
@@ -33,7 +32,7 @@ class TaskOutcomes:
         ready: ReadyQueue,
         delayed: DelayQueue[PendingTask],
         metrics: GatewayMetrics,
-        events: FilteringBoundLogger,
+        events: Logger,
     ) -> None:
         self._max_attempts = max_attempts
         self._log = log

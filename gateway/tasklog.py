@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from parkpool.gateway.deadletters import Call, DeadLetters
@@ -32,6 +31,7 @@ from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasks import PendingTask
 from parkpool.gateway.window import OffsetWindow
+from parkpool.runtime import logs
 from parkpool.runtime.kafka import (
     consumer_config,
     coordinates,
@@ -114,7 +114,7 @@ class TaskLog:
             gateway_id=gateway_id,
             new_producer=Producer,  # looked up here, so that tests may replace it
         )
-        self._log = structlog.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
+        self._log = logs.get_logger("parkpool.gateway.kafka").bind(gateway_id=gateway_id)
         self.letters = DeadLetters(
             topic=topics.dead_letter,
             gateway_id=gateway_id,

@@ -15,13 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import structlog
-
 from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import ChunkSpec
 from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, Misfit, Redo
+from parkpool.runtime import logs
 from parkpool.runtime.reputation import ReputationBook, ReputationReader, ReputationWriter
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, Result, TaskChunk
@@ -29,7 +28,7 @@ from parkpool.schemas.kernels import spec as kernel_spec
 from parkpool.schemas.messages import MAX_AVOIDED
 from parkpool.schemas.reputation import Level
 
-log = structlog.get_logger("parkpool.producer")
+log = logs.get_logger("parkpool.producer")
 
 SendTask = Callable[[TaskChunk], None]  # produce one task record; raises BrokerError
 

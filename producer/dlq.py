@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import coordinates, produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
@@ -47,7 +47,7 @@ RawRecord = tuple[int, int, bytes]  # partition, offset, value
 Header = tuple[str, str | bytes | None]
 Outgoing = tuple[str, bytes, str, list[Header]]  # topic, value, key, headers
 
-log = structlog.get_logger("parkpool.dlq")
+log = logs.get_logger("parkpool.dlq")
 
 
 class EntryState(enum.StrEnum):

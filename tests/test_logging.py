@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
+import ast
+import logging
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from parkpool.producer.client import ParkpoolClient
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime import logs
+from parkpool.runtime.http import StatusServer
 from parkpool.runtime.settings import MqttConnection
 from parkpool.schemas import MqttTopics
 from parkpool.worker.carstate import SimulatedBus
@@ -25,6 +32,9 @@ from tests.conftest import RunningGateway
 from tests.helpers import hold_lease, wait_for
 
 TASK_KEYS = {"job_id", "task_id", "attempt"}
+PRODUCER = Path(__file__).resolve().parent.parent / "producer"
+# The SDK's command-line modules: the only ones in producer/ that may print.
+CLI_MODULES = {"cli.py", "dlq_cli.py"}
 
 
 def _event(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -132,3 +142,108 @@ class TestNoPayloadsInLogs:
             for value in entry.values():
                 assert not isinstance(value, bytes | bytearray | np.ndarray), entry
                 assert "98765" not in str(value) and "296296" not in str(value), entry
+
+
+class _Records(logging.Handler):
+    """Keeps every record it is handed, as a host's own handler would see them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def host_logging() -> Iterator[_Records]:
+    """A host that never set structlog up and keeps a handler on ``parkpool``."""
+    structlog.reset_defaults()  # capture_logs and configure elsewhere leave it set up
+    handler, parkpool_logger = _Records(), logging.getLogger("parkpool")
+    parkpool_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        parkpool_logger.removeHandler(handler)
+        parkpool_logger.setLevel(logging.NOTSET)
+        structlog.reset_defaults()
+
+
+def _raises() -> tuple[bool, Mapping[str, Any]]:
+    raise RuntimeError("probe broke")
+
+
+class TestAsALibrary:
+    """In a host that did not set structlog up, parkpool logs through stdlib logging only."""
+
+    def test_a_status_server_event_is_a_stdlib_record_and_nothing_prints(
+        self, host_logging: _Records, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # Given the status server the SDK serves its metrics from, with a probe that raises
+        server = StatusServer("127.0.0.1", 0, CollectorRegistry(), _raises, _raises).start()
+        try:
+            # When /healthz is asked
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+        finally:
+            server.close()
+        assert answer.value.code == 503
+        # Then the event is a warning record of parkpool.http, its fields on the record
+        [record] = [r for r in host_logging.records if r.name == "parkpool.http"]
+        assert record.levelno == logging.WARNING
+        assert record.getMessage() == "probe_raised probe=healthz error=RuntimeError"
+        assert record.parkpool == {"probe": "healthz", "error": "RuntimeError"}
+        assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+        # And nothing was printed
+        assert capsys.readouterr() == ("", "")
+
+    def test_the_hosts_levels_decide_and_the_record_points_at_the_caller(
+        self, host_logging: _Records, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # Given a host that wants warnings and worse from parkpool
+        logging.getLogger("parkpool").setLevel(logging.WARNING)
+        log = logs.get_logger("parkpool.producer").bind(job_id="j1")
+        # When the SDK logs an info and a warning
+        log.info("job_submitted", chunks=3)
+        log.warning("job_objects_not_deleted", reason="store down")
+        # Then only the warning reaches the host, from this function, with its context
+        [record] = host_logging.records
+        assert record.name == "parkpool.producer"
+        assert record.getMessage() == "job_objects_not_deleted job_id=j1 reason='store down'"
+        assert (record.funcName, Path(record.pathname).name) == (
+            "test_the_hosts_levels_decide_and_the_record_points_at_the_caller",
+            "test_logging.py",
+        )
+        assert capsys.readouterr() == ("", "")
+
+    def test_parkpool_adds_only_a_null_handler(self) -> None:
+        # Given the parkpool logger once parkpool's logging is imported
+        handlers = logging.getLogger("parkpool").handlers
+        # Then its only handler is the library convention's NullHandler (no output of its own)
+        assert [type(h) for h in handlers] == [logging.NullHandler]
+
+    def test_a_process_that_set_structlog_up_gets_the_events_through_it(
+        self, host_logging: _Records
+    ) -> None:
+        # Given structlog set up (capture_logs does it, as configure or a host would)
+        with capture_logs() as entries:
+            # When parkpool logs
+            logs.get_logger("parkpool.producer").bind(job_id="j2").info("job_submitted")
+        # Then structlog has the event, and stdlib logging never saw it
+        assert entries == [{"job_id": "j2", "event": "job_submitted", "log_level": "info"}]
+        assert host_logging.records == []
+
+    def test_sdk_modules_never_print(self) -> None:
+        # Given every module of the SDK that a host imports (not its command lines)
+        modules = sorted(p for p in PRODUCER.glob("*.py") if p.name not in CLI_MODULES)
+        assert len(modules) > 10
+        # Then none calls print
+        printing = [
+            f"{path.name}:{node.lineno}"
+            for path in modules
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "print"
+        ]
+        assert printing == []

@@ -12,8 +12,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.runtime.sealing import BoxKey, open_task
 from parkpool.runtime.signing import TaskVerifier
 from parkpool.schemas import Assignment, TaskChunk
@@ -30,7 +29,7 @@ class Admission:
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._lock = threading.Lock()
         self.rejected: Counter[str] = Counter()  # bad_signature, replayed
-        self._log = structlog.get_logger("parkpool.worker").bind(vehicle_id=vehicle_id)
+        self._log = logs.get_logger("parkpool.worker").bind(vehicle_id=vehicle_id)
 
     @property
     def box_key(self) -> bytes:

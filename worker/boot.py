@@ -17,13 +17,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.runtime.backoff import Backoff
 from parkpool.schemas.errors import BrokerError, ConfigError
 from parkpool.worker.worker import VehicleWorker
 
-log = structlog.get_logger("parkpool.worker.boot")
+log = logs.get_logger("parkpool.worker.boot")
 
 # A car retries within a second at first, then backs off to a minute: a fleet whose
 # broker is down for long sends each broker node a trickle, not a stampede.

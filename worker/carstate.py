@@ -22,11 +22,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.schemas.errors import ValidationError
 
-log = structlog.get_logger("parkpool.worker.carstate")
+log = logs.get_logger("parkpool.worker.carstate")
 
 
 class Gear(enum.StrEnum):

@@ -12,8 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from parkpool.runtime import logs
 from parkpool.runtime.credentials import CarCredentials
 from parkpool.runtime.settings import (
@@ -34,7 +32,7 @@ from parkpool.worker.policy import OwnerPolicy, PolicyConfig
 from parkpool.worker.realistic import RealisticFleet, RealisticPlan
 from parkpool.worker.worker import VehicleWorker, WorkerSettings
 
-log = structlog.get_logger("parkpool.worker")
+log = logs.get_logger("parkpool.worker")
 
 
 def add_parser(subparsers: Any) -> None:

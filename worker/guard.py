@@ -16,13 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.schemas.errors import Preempted
 from parkpool.worker.carstate import CarSignals, CarState
 from parkpool.worker.policy import RUN, Decision, Mode, OwnerPolicy
 
-log = structlog.get_logger("parkpool.worker.guard")
+log = logs.get_logger("parkpool.worker.guard")
 OnChange = Callable[[Decision, Decision], None]
 
 

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import structlog
 
+from parkpool.runtime import logs
 from parkpool.runtime.backoff import Backoff
 
-log = structlog.get_logger("parkpool.worker.netloop")
+log = logs.get_logger("parkpool.worker.netloop")
 Op = tuple[str, mqtt.Client, Any]
 MISC_EVERY_S = 1.0  # keepalive pings and retries; paho wants this about once a second
 # The first retry comes within a second; each failure doubles the window, up to a minute.

@@ -18,14 +18,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.schemas.errors import ConfigError
 from parkpool.schemas.reasons import COOLDOWN_SUFFIX
 from parkpool.worker.carstate import CarState, Charging, Gear
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("owner_policy.toml")
-log = structlog.get_logger("parkpool.worker.policy")
+log = logs.get_logger("parkpool.worker.policy")
 
 
 class Mode(enum.StrEnum):

@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-import structlog
-
+from parkpool.runtime import logs
 from parkpool.schemas import (
     Assignment,
     BrokerError,
@@ -77,7 +76,7 @@ class TaskLine:
         self._decision = decision
         self._on_room = on_room  # a task ended: the worker may pull again
         self._on_preempted = on_preempted
-        self._log = structlog.get_logger("parkpool.worker").bind(vehicle_id=vehicle_id)
+        self._log = logs.get_logger("parkpool.worker").bind(vehicle_id=vehicle_id)
 
     # ---------------------------------------------------------------- receiving
 

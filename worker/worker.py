@@ -23,8 +23,8 @@ from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import structlog
 
+from parkpool.runtime import logs
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, wait_until
 from parkpool.runtime.signing import ResultSigner
 from parkpool.schemas import (
@@ -60,7 +60,7 @@ from parkpool.worker.tasks import TaskLine
 
 __all__ = ["VehicleWorker", "WorkerSettings"]
 
-log = structlog.get_logger("parkpool.worker")
+log = logs.get_logger("parkpool.worker")
 
 
 _STATE_OF_MODE = {

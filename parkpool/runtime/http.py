@@ -22,16 +22,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
+
+from parkpool.runtime import logs
 
 __all__ = ["Probe", "StatusServer", "request_counter"]
 
 Probe = Callable[[], tuple[bool, Mapping[str, Any]]]
 Snapshot = Callable[[], Mapping[str, Any]]
 
-log = structlog.get_logger("parkpool.http")
+log = logs.get_logger("parkpool.http")
 
 JSON = "application/json"
 KNOWN_PATHS = ("/metrics", "/healthz", "/readyz", "/status")

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from parkpool.runtime import logs
 from parkpool.runtime.kafka import produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, DecodeError, decode, encode, peek_type
@@ -30,7 +30,7 @@ from parkpool.schemas.reputation import (
     tally_key,
 )
 
-log = structlog.get_logger("parkpool.reputation")
+log = logs.get_logger("parkpool.reputation")
 FETCH_WAIT_MS = 500  # as the SDK's result reader
 TALLY_EVERY_S = 1.0  # a client writes each changed tally at most this often
 
