@@ -32,6 +32,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from prometheus_client import CollectorRegistry
 
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
@@ -99,6 +100,9 @@ class ProducerSettings:
     freivalds_rounds: int = 1  # each round halves the chance a wrong gemm tile passes
     # The level a job demands when its submit names none (schemas.reputation.Level).
     verification: Level = Level.RINGER_TRUSTED
+    # The host's Prometheus registry for the SDK's series (producer.metrics); None: one of
+    # the client's own. An object, not configuration: no repr, no comparison.
+    registry: CollectorRegistry | None = field(default=None, repr=False, compare=False)
 
 
 class ParkpoolClient:
@@ -112,7 +116,7 @@ class ParkpoolClient:
         self.topics = KafkaTopics(settings.namespace)
         self.reply_topic = settings.reply_topic or self.topics.results
         self.decode_errors = 0
-        self.metrics = SdkMetrics()
+        self.metrics = SdkMetrics.on(settings.registry)
         self._producer = Producer(producer_config(settings.kafka))
         self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()

@@ -1,11 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """The SDK's Prometheus series: what a backend service sees of its own jobs.
 
-One registry per client. Served only when asked (``ProducerSettings.metrics_port``), on
+A registry of the client's own, unless the host hands in its registry
+(``ProducerSettings.registry``): then one set of series per registry, shared by every
+client given it, as a process's series are (a client made again counts on from where
+the last one stopped). Served only when asked (``ProducerSettings.metrics_port``), on
 127.0.0.1 by default, because a library must never open a port its host did not choose.
 """
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -13,11 +18,28 @@ from parkpool.producer.jobs import JobState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
+# Hosts' registries and their series, for the life of the process (the series hold on to
+# nothing else, and a host has one registry, or a few).
+_SHARED: dict[CollectorRegistry, SdkMetrics] = {}
+_SHARED_LOCK = threading.Lock()
+
 
 class SdkMetrics:
     """Counts jobs and chunks; a ``JobHandle`` reports to it as results arrive."""
 
+    @classmethod
+    def on(cls, registry: CollectorRegistry | None) -> SdkMetrics:
+        """The series on a host's ``registry``, made on first use; None: a new registry."""
+        if registry is None:
+            return cls()
+        with _SHARED_LOCK:
+            found = _SHARED.get(registry)
+            if found is None:
+                found = _SHARED[registry] = cls(registry)
+            return found
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Registers the series on ``registry`` (None: a new one); ``on`` shares them."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.jobs = Counter(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
@@ -182,3 +183,32 @@ class TestSdkMetrics:
         assert samples[("parkpool_sdk_chunks_total", (("status", "completed"),))] == 12
         assert samples[("parkpool_sdk_end_to_end_seconds_count", ())] == 12
         assert samples[("parkpool_sdk_jobs_running", ())] == 0
+
+    def test_a_hosts_registry_holds_the_series_of_every_client_on_it(
+        self, kafka_conn: KafkaConnection, namespace: str
+    ) -> None:
+        # Given a host's registry with a series of its own
+        host = CollectorRegistry()
+        Counter("host_requests", "The host's own", registry=host).inc()
+        settings = ProducerSettings(
+            kafka_conn, namespace, verification=Level.UNCHECKED, registry=host, metrics_port=0
+        )
+        chunks = [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})] * 3
+        # When two clients on it each publish a job, and a third is made after they close
+        with ParkpoolClient(settings) as first, ParkpoolClient(settings) as second:
+            first.publish("reduce", chunks)
+            second.publish("reduce", chunks)
+        with ParkpoolClient(settings) as third:
+            pass
+        # Then the host's registry holds the SDK's series, counting both jobs, beside its own
+        assert first.metrics is second.metrics is third.metrics
+        assert first.metrics.registry is host
+        submitted = {"status": "submitted"}
+        assert host.get_sample_value("parkpool_sdk_jobs_total", submitted) == 2
+        assert host.get_sample_value("parkpool_sdk_chunks_total", {"status": "published"}) == 6
+        assert host.get_sample_value("host_requests_total") == 1
+        # And the registry is no setting: not in the settings' repr, not compared
+        assert "registry" not in repr(settings)
+        assert settings == ProducerSettings(
+            kafka_conn, namespace, verification=Level.UNCHECKED, metrics_port=0
+        )

@@ -14,6 +14,7 @@ import json
 import socket
 import socketserver
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -42,16 +43,27 @@ OTHER_PATH = "other"
 CLIENT_TIMEOUT_S = 10.0
 # How often the serving loop checks for close(); the upper bound on how long close() waits.
 SHUTDOWN_POLL_S = 0.1
+# Each registry's request counters, by role; gone with the registry (a counter does
+# not refer to it).
+_COUNTERS: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Counter]] = (
+    weakref.WeakKeyDictionary()
+)
+_COUNTERS_LOCK = threading.Lock()
 
 
 def request_counter(registry: CollectorRegistry, role: str = "gateway") -> Counter:
-    """Register ``parkpool_<role>_http_requests_total{path,code}`` on *registry*."""
-    return Counter(
-        f"parkpool_{role}_http_requests",
-        "Requests to the status server",
-        ["path", "code"],
-        registry=registry,
-    )
+    """``parkpool_<role>_http_requests_total{path,code}`` on *registry*, registered once:
+    SDK clients sharing a host's registry share it too."""
+    with _COUNTERS_LOCK:
+        counters = _COUNTERS.setdefault(registry, {})
+        if role not in counters:
+            counters[role] = Counter(
+                f"parkpool_{role}_http_requests",
+                "Requests to the status server",
+                ["path", "code"],
+                registry=registry,
+            )
+        return counters[role]
 
 
 @dataclass(frozen=True)
