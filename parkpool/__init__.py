@@ -98,12 +98,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        from importlib.metadata import PackageNotFoundError, version
+        from parkpool.runtime.build_info import version
 
-        try:
-            return version("parkpool")
-        except PackageNotFoundError:  # a source tree that was never installed
-            return "0+unknown"
+        return version()
     try:
         module, attribute = _EXPORTS[name]
     except KeyError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime import build_info
 from parkpool.runtime.http import StatusServer
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas.reputation import Level
@@ -112,6 +114,23 @@ class TestKnownWorkload:
         status = scraped.status()
         assert status["ready"] is True and len(status["partitions"]) == 3
         assert status["fleet"]["known"] == 3 and status["queued"] == 0
+
+
+class TestProcessSeries:
+    """A gateway says which parkpool and Python it runs, and how its process fares."""
+
+    def test_build_info_and_process_series(self, scraped: Scraper) -> None:
+        # Given a running gateway, When its /metrics is read
+        samples = scraped.samples()
+        # Then parkpool_build_info is 1 with the installed version and this Python
+        build = {"python": platform.python_version(), "version": build_info.version()}
+        assert samples[("parkpool_build_info", tuple(sorted(build.items())))] == 1
+        assert build["version"] != "0+unknown"  # the package is installed (make setup)
+        # And the process series are this process's
+        assert samples[("process_cpu_seconds_total", ())] > 0
+        assert samples[("process_open_fds", ())] >= 1
+        assert samples[("process_start_time_seconds", ())] > 0
+        assert any(name == "python_info" for name, _ in samples)
 
 
 class TestFleetFromHeartbeats:

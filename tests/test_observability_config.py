@@ -91,8 +91,9 @@ def _families(registry: CollectorRegistry) -> dict[str, str]:
 def exposed_families() -> dict[str, str]:
     """Every family the gateway and SDK processes expose, from their real registries.
 
-    Built the way the processes build them: ``Gateway`` adds ``FleetStats`` to its
-    ``GatewayMetrics`` registry, and each status server adds its request counter.
+    Built the way the processes build them: ``GatewayMetrics`` holds the process's own
+    series (``runtime.build_info``), ``Gateway`` adds ``FleetStats`` to its registry, and
+    each status server adds its request counter.
     """
     from parkpool.gateway.fleet_stats import FleetStats
     from parkpool.gateway.metrics import GatewayMetrics
@@ -195,9 +196,10 @@ def unknown(exprs: Iterable[str]) -> dict[str, set[str]]:
 
 
 def documented_metrics() -> set[str]:
-    """Names in the first column of the metrics tables (rows starting ``| `parkpool_``)."""
-    rows = re.findall(r"^\|\s*`(parkpool_[a-z0-9_]+)`", OPERATIONS.read_text(), re.MULTILINE)
-    return set(rows)
+    """Names in the first column of the metrics tables (rows starting ``| `parkpool_``, or
+    ``process_`` and ``python_`` for prometheus_client's process series)."""
+    first_column = r"^\|\s*`((?:parkpool|process|python)_[a-z0-9_]+)`"
+    return set(re.findall(first_column, OPERATIONS.read_text(), re.MULTILINE))
 
 
 def exposed_metric_names() -> set[str]:
@@ -254,6 +256,9 @@ class TestExposedSeries:
             "parkpool_sdk_http_requests_total",
             "parkpool_gateway_http_requests_total",
             "parkpool_fleet_vehicles",
+            "parkpool_build_info",
+            "process_cpu_seconds_total",
+            "python_info",
         } <= series
         assert "parkpool_gateway_tasks" not in series
 
