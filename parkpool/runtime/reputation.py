@@ -210,8 +210,8 @@ class ReputationWriter:
         self.writer = writer
         self.book = book
         self._conn = conn
-        self._producer = Producer(producer_config(conn))
         self._renew = False  # the producer hit a fatal error (e.g. the broker forgot it)
+        self._producer = self._new_producer()
         self._mine: dict[str, CarTally] = {}
         self._dirty: set[str] = set()  # cars whose tally changed since it was written
         self._sent_at = 0.0
@@ -280,7 +280,7 @@ class ReputationWriter:
         A producer with a fatal error (a restarted broker forgot its id) is replaced."""
         if self._renew:
             self._renew = False
-            self._producer = Producer(producer_config(self._conn))
+            self._producer = self._new_producer()
             log.warning("reputation_producer_recreated")
         try:
             refused = produce(self._producer, self.topic, value, key, self._report)
@@ -295,6 +295,17 @@ class ReputationWriter:
             self.failed += 1
             self._renew = refused.fatal()
             log.warning("reputation_not_written", key=key, reason=str(refused))
+
+    def _new_producer(self) -> Producer:
+        # With an error callback, librdkafka reports a fatal error (a broker that lost
+        # the producer's sequence, say) here; without one, flush() raised it while the
+        # delivery reports it also triggered ran, and the client's close() crashed.
+        return Producer(producer_config(self._conn, error_cb=self._on_error))
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._renew = True
+            log.warning("reputation_producer_failed", reason=err.str())
 
     def _report(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
