@@ -40,7 +40,7 @@ __all__ = [
     "with_task_partitions",
 ]
 
-SHORT_NAMES = ("tasks", "results", "dead_letter", "reputation")
+SHORT_NAMES = ("tasks", "results", "dead_letter", "reputation", "jobs")
 # The topics whose partitions follow the number of gateways (see kafka_topics.toml).
 TASK_SIZED = ("tasks", "results")
 _SPEC_KEYS = {"partitions", "replication_factor", "config"}

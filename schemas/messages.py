@@ -663,6 +663,33 @@ class CancelJob:
         require_name("reason", self.reason)
 
 
+@dataclass(frozen=True)
+class JobSubmitted:
+    """What a later reader needs to follow a job by its id alone: produced by the SDK to
+    the jobs topic (keyed by job id) before the job's first task.
+
+    ``parkpool attach`` / ``client.attach`` find it from the time in the job id, then
+    read the job's results from ``submitted_at`` on, not from the topics' start.
+    """
+
+    TYPE: ClassVar[str] = "job"
+    job_id: str
+    kernel: str
+    n_chunks: int
+    reply_topic: str
+    submitted_at: float  # the submitting client's clock, unix seconds
+    # Outputs are sealed to the submitter's reply key: a reader needs that key to open them.
+    sealed: bool = False
+
+    def __post_init__(self) -> None:
+        require_str("job_id", self.job_id, pattern=_ID)
+        require_name("kernel", self.kernel)
+        require_int("n_chunks", self.n_chunks, 1, MAX_CHUNKS)
+        require_str("reply_topic", self.reply_topic, pattern=_TOPIC)
+        require_float("submitted_at", self.submitted_at)
+        require_bool("sealed", self.sealed)
+
+
 class DlqActionKind(enum.StrEnum):
     REPLAYED = "replayed"
     PURGED = "purged"
@@ -704,6 +731,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     LeaseHeartbeat,
     Revoke,
     CancelJob,
+    JobSubmitted,
     DlqAction,
     CarTally,
     QuarantineNotice,

@@ -82,8 +82,13 @@ class KafkaTopics:
         """Each car's verification record and quarantine state; compacted, read by all."""
         return f"{self.namespace}.reputation"
 
+    @property
+    def jobs(self) -> str:
+        """One JobSubmitted per job, keyed by job id: how a job is followed by id alone."""
+        return f"{self.namespace}.jobs"
+
     def all(self) -> tuple[str, ...]:
-        return (self.tasks, self.results, self.dead_letter, self.reputation)
+        return (self.tasks, self.results, self.dead_letter, self.reputation, self.jobs)
 
 
 @dataclass(frozen=True)

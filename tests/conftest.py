@@ -34,7 +34,7 @@ from parkpool.worker.worker import WorkerSettings
 
 # Fewer partitions than production: creating them is cheap either way, but tests
 # that read a whole topic finish sooner with fewer partitions to drain.
-_TEST_PARTITIONS = {"tasks": 3, "results": 3, "dead_letter": 1, "reputation": 1}
+_TEST_PARTITIONS = {"tasks": 3, "results": 3, "dead_letter": 1, "reputation": 1, "jobs": 1}
 TEST_TOPIC_SPECS: tuple[TopicSpec, ...] = tuple(
     spec.with_partitions(_TEST_PARTITIONS[spec.name]) for spec in load_specs()
 )

@@ -125,6 +125,14 @@ def example_messages() -> dict[type, Any]:
         ),
         m.Revoke: m.Revoke(gateway_id="gw-1", vehicle_id="car-7", epoch=9, reason="job_cancelled"),
         m.CancelJob: m.CancelJob(job_id="job-1", requested_at=1_700_000_004.0, reason="timeout"),
+        m.JobSubmitted: m.JobSubmitted(
+            job_id="job-1",
+            kernel="gemm",
+            n_chunks=16,
+            reply_topic="acme.results",
+            submitted_at=1_700_000_004.0,
+            sealed=True,
+        ),
         m.DlqAction: m.DlqAction(
             action=m.DlqActionKind.PURGED, partition=1, offset=42, at=4.0, note="bad input"
         ),
@@ -501,6 +509,9 @@ class TestFieldErrors:
             (m.CancelJob, "job_id", "job/1", "bad_value"),
             (m.CancelJob, "requested_at", math.inf, "out_of_range"),
             (m.CancelJob, "reason", "", "bad_value"),
+            (m.JobSubmitted, "n_chunks", 0, "out_of_range"),
+            (m.JobSubmitted, "reply_topic", "..", "bad_value"),
+            (m.JobSubmitted, "sealed", "yes", "wrong_type"),
             (m.DlqAction, "action", "deleted", "bad_value"),
             (m.DlqAction, "action", 1, "wrong_type"),
             (m.DlqAction, "partition", -1, "out_of_range"),
