@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``parkpool submit`` and ``parkpool status``: the command line for backend services."""
+"""``parkpool submit``, ``status`` and ``wait``: the command line for backend services."""
 
 from __future__ import annotations
 
@@ -7,19 +7,28 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message
 
+from parkpool.producer.attach import (
+    CLOCK_SKEW_S,
+    FETCH_WAIT_MS,
+    find_job,
+    high_watermarks,
+    read_until,
+    start_offsets,
+)
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobHandle
 from parkpool.producer.splitters import PLANNERS, JobPlan
 from parkpool.runtime import logs
-from parkpool.runtime.kafka import coordinates, reader_config
+from parkpool.runtime.kafka import reader_config
 from parkpool.runtime.settings import (
+    KafkaConnection,
     add_kafka_options,
     add_namespace_option,
     add_option,
@@ -27,7 +36,16 @@ from parkpool.runtime.settings import (
     kafka_from_args,
     store_from_args,
 )
-from parkpool.schemas import DeadLetter, DecodeError, KafkaTopics, Result, decode
+from parkpool.schemas import (
+    BrokerError,
+    ConfigError,
+    DeadLetter,
+    DecodeError,
+    JobSubmitted,
+    KafkaTopics,
+    Result,
+    decode,
+)
 from parkpool.schemas.reputation import Level
 
 
@@ -82,7 +100,15 @@ def add_parser(subparsers: Any) -> None:
     status = subparsers.add_parser("status", help="report a job's progress from the topics")
     _connection(status)
     status.add_argument("job_id")
+    status.add_argument("--timeout", type=float, default=60.0, help="seconds to find the job")
     status.set_defaults(func=run_status)
+    wait = subparsers.add_parser(
+        "wait", help="follow a job submitted elsewhere (or earlier) by its id, to its end"
+    )
+    _connection(wait)
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    wait.set_defaults(func=run_wait)
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -215,65 +241,88 @@ class _ProgressBar:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Scan the reply and dead-letter topics for one job; print its progress as JSON."""
-    topics = KafkaTopics(args.namespace)
-    status = scan_job(
-        kafka_from_args(args), [args.reply_topic or topics.results, topics.dead_letter], args.job_id
-    )
-    print(json.dumps(status))
-    return 0 if status["total"] else 1
-
-
-def scan_job(conn: Any, topics: list[str], job_id: str) -> dict[str, Any]:
-    consumer = Consumer(reader_config(conn))
+    """Read one job's results and dead letters from its submit time on; print its
+    progress as JSON."""
+    conn, topics = kafka_from_args(args), KafkaTopics(args.namespace)
     try:
-        metadata = consumer.list_topics(timeout=10)
-        ends: dict[tuple[str, int], int] = {}
-        for topic in topics:
-            for partition in metadata.topics[topic].partitions:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
-                if high > 0:
-                    ends[(topic, partition)] = high
-        consumer.assign([TopicPartition(t, p, 0) for t, p in ends])
-        return _collect(consumer, ends, job_id, topics[0])
+        job = find_job(conn, topics.jobs, args.job_id, args.timeout)
+        status = job_status(conn, job, topics.dead_letter, args.timeout)
+    except BrokerError as exc:
+        print(f"parkpool status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status))
+    return 0
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    """Attach to a job by id and follow it to its end, with the submit's progress."""
+    logs.configure()
+    settings = ProducerSettings(
+        kafka_from_args(args),
+        args.namespace,
+        args.reply_topic,
+        store=store_from_args(args),
+        verify=False,  # only the submitter can check; this reads what it accepted
+    )
+    started = time.monotonic()
+    try:
+        with ParkpoolClient(settings) as client:
+            handle = client.attach(args.job_id, timeout=args.timeout)
+            follow(handle, args.timeout)
+    except (JobFailed, TimeoutError, BrokerError, ConfigError) as exc:
+        print(f"job {args.job_id} did not complete: {exc}", file=sys.stderr)
+        return 1
+    p = handle.progress
+    summary = {
+        "job_id": args.job_id,
+        "state": p.state.value,
+        "done": p.done,
+        "total": p.total,
+        "duplicates": p.duplicates,
+        "wall_s": round(time.monotonic() - started, 3),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def job_status(
+    conn: KafkaConnection, job: JobSubmitted, dead_letter: str, timeout_s: float
+) -> dict[str, Any]:
+    """A job's progress from the records on its topics now, read from its submit time."""
+    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    try:
+        ends = high_watermarks(consumer, [job.reply_topic, dead_letter])
+        starts = start_offsets(consumer, ends, job.submitted_at - CLOCK_SKEW_S)
+        done, dead = _collect(read_until(consumer, starts, ends, timeout_s), job)
     finally:
         consumer.close()
-
-
-def _collect(
-    consumer: Consumer, ends: dict[tuple[str, int], int], job_id: str, reply_topic: str
-) -> dict[str, Any]:
-    done: set[int] = set()
-    dead: dict[int, str] = {}
-    total = 0
-    key = job_id.encode()
-    while ends:
-        for record in consumer.consume(500, timeout=1.0):
-            if record.error() is not None:
-                continue
-            topic, partition, offset = coordinates(record)
-            tp = (topic, partition)
-            if offset + 1 >= ends.get(tp, 0):
-                ends.pop(tp, None)
-            if record.key() != key:
-                continue
-            try:
-                if record.topic() == reply_topic:
-                    result = decode(record.value() or b"", Result)
-                    done.add(result.chunk_id)
-                    total = result.n_chunks
-                else:
-                    letter = decode(record.value() or b"", DeadLetter)
-                    dead[letter.chunk_id] = letter.reason
-            except DecodeError:
-                continue
-    state = "done" if total and len(done) == total else "running"
-    if dead and len(done) + len(dead.keys() - done) == total:
+    left = dead.keys() - done
+    state = "done" if len(done) == job.n_chunks else "running"
+    if left and len(done) + len(left) == job.n_chunks:
         state = "failed"
     return {
-        "job_id": job_id,
+        "job_id": job.job_id,
+        "kernel": job.kernel,
         "state": state,
         "done": len(done),
-        "total": total,
-        "dead_lettered": len(dead.keys() - done),
+        "total": job.n_chunks,
+        "dead_lettered": len(left),
     }
+
+
+def _collect(records: Iterable[Message], job: JobSubmitted) -> tuple[set[int], dict[int, str]]:
+    done: set[int] = set()
+    dead: dict[int, str] = {}
+    key = job.job_id.encode()
+    for record in records:
+        if record.key() != key:
+            continue
+        try:
+            if record.topic() == job.reply_topic:
+                done.add(decode(record.value() or b"", Result).chunk_id)
+            else:
+                letter = decode(record.value() or b"", DeadLetter)
+                dead[letter.chunk_id] = letter.reason
+        except DecodeError:
+            continue  # not this job's record after all, or damaged: it counts as neither
+    return done, dead

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
 import uuid
@@ -34,9 +35,11 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
+from parkpool.producer.attach import CLOCK_SKEW_S, find_job, job_starts
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.freivalds import Prepared
+from parkpool.producer.jobids import new_job_id
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
@@ -58,6 +61,7 @@ from parkpool.schemas import (
     ConfigError,
     DeadLetter,
     DecodeError,
+    JobSubmitted,
     KafkaTopics,
     Priority,
     Result,
@@ -119,6 +123,7 @@ class ParkpoolClient:
         self.metrics = SdkMetrics.on(settings.registry)
         self._producer = Producer(producer_config(settings.kafka))
         self._handles: dict[str, JobHandle] = {}
+        self._attached: set[str] = set()  # jobs this client did not submit: no checks here
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # Before the result reader, which hands what it reads to the checks.
@@ -284,7 +289,7 @@ class ParkpoolClient:
         """
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
-        job_id = job_id or uuid.uuid4().hex
+        job_id = job_id or new_job_id()
         with self._counting_refusals():
             minimum = _level(verification or self.settings.verification)
             if self._checks is not None:
@@ -312,7 +317,7 @@ class ParkpoolClient:
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
-            self._publish_all(job_id, records, tasks, uploads)
+            self._publish_all(job_id, self._header(kernel, tasks), records, tasks, uploads)
         except BrokerError:
             with self._lock:
                 self._handles.pop(job_id, None)
@@ -420,15 +425,28 @@ class ParkpoolClient:
         check_record(self.settings.kafka, value, key, what, how)
         return key, value
 
+    def _header(self, kernel: str, tasks: list[TaskChunk]) -> JobSubmitted:
+        first = tasks[0]
+        return JobSubmitted(
+            first.job_id,
+            kernel,
+            len(tasks),
+            first.reply_topic,
+            time.time(),
+            sealed=bool(first.reply_key),
+        )
+
     def _publish_all(
         self,
         job_id: str,
+        header: JobSubmitted,
         records: list[tuple[str, bytes]],
         tasks: list[TaskChunk],
         uploads: JobUploads | None,
     ) -> None:
-        """Produce each record once the objects it names are stored (the first cars start
-        while later blocks upload), then wait for Kafka to confirm them all."""
+        """Produce the job's JobSubmitted, then each task once the objects it names are
+        stored (the first cars start while later blocks upload), then wait for Kafka to
+        confirm them all."""
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
@@ -437,6 +455,9 @@ class ParkpoolClient:
 
         sent = 0
         try:
+            refused = produce(self._producer, self.topics.jobs, encode(header), job_id, report)
+            if refused is not None:
+                failures.append(str(refused))
             for (key, value), task in zip(records, tasks, strict=True):
                 if uploads is not None:
                     uploads.ready(task)
@@ -451,7 +472,7 @@ class ParkpoolClient:
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
             raise BrokerError(
-                f"{len(failures) + remaining} of {len(records)} chunks not confirmed by "
+                f"{len(failures) + remaining} of {len(records) + 1} records not confirmed by "
                 f"Kafka: {failures[:3]}"
             )
 
@@ -520,6 +541,57 @@ class ParkpoolClient:
         with self._lock:
             return self._handles.get(job_id)
 
+    def attach(
+        self,
+        job_id: str,
+        assembler: Assembler | None = None,
+        *,
+        timeout: float = 60.0,
+    ) -> JobHandle:
+        """A live handle on a job submitted by another client or process, or before a
+        restart, found by its id: its chunks so far come at once, the rest as they finish.
+
+        Results are read from the job's submit time on (``offsets_for_times``), never
+        from the topics' start. ``assembler`` (``plan.make_assembler()`` of the same
+        plan) gives the handle an answer; without it the answer is None and the chunks
+        are the result. Only the submitting client can check results against their
+        inputs, so an attached job's chunks come as their cars sent them (the level
+        ``unchecked``); the submitter, if it still runs, still checks its own.
+        A job of this client gives its own handle. BrokerError when the job cannot be
+        found in ``timeout`` s; ConfigError when this client cannot read its results.
+        """
+        own = self.handle(job_id)
+        if own is not None:
+            return own
+        job = find_job(self.settings.kafka, self.topics.jobs, job_id, timeout)
+        self._can_follow(job)
+        starts = job_starts(
+            self.settings.kafka,
+            [self.reply_topic, self.topics.dead_letter],
+            job.submitted_at - CLOCK_SKEW_S,
+        )
+        handle = JobHandle(
+            job_id, job.n_chunks, assembler, canceller=self.cancel, observer=self.metrics
+        )
+        with self._lock:
+            self._attached.add(job_id)
+            self._handles[job_id] = handle  # before the rewind: the live reader goes on
+        self._reader.rewind(job_id, starts, timeout)
+        log.info("job_attached", job_id=job_id, kernel=job.kernel, chunks=job.n_chunks)
+        return handle
+
+    def _can_follow(self, job: JobSubmitted) -> None:
+        if job.reply_topic != self.reply_topic:
+            raise ConfigError(
+                f"job {job.job_id} replies on {job.reply_topic}; this client reads "
+                f"{self.reply_topic}: attach with reply_topic={job.reply_topic!r}"
+            )
+        if job.sealed and self.settings.reply_box_key is None:
+            raise ConfigError(
+                f"job {job.job_id}'s results are sealed to its submitter's reply key: "
+                "attach with that key (reply_box_key)"
+            )
+
     def _route(self, record: Message) -> None:
         key = (record.key() or b"").decode("utf-8", "replace")
         handle = self.handle(key)
@@ -542,13 +614,13 @@ class ParkpoolClient:
                 self._take(handle, open_result(result, self._reply_box))
 
     def _wanted(self, handle: JobHandle, result: Result) -> bool:
-        if self._checks is None:
+        if self._checks is None or handle.job_id in self._attached:
             return handle.awaits(result.chunk_id)
         return self._checks.wants(handle, result)
 
     def _take(self, handle: JobHandle, result: Result) -> None:
         """A result with its outputs in clear: checked, then handed to the job."""
-        if self._checks is None:
+        if self._checks is None or handle.job_id in self._attached:
             handle.deliver(result, time.time())
         else:
             self._checks.take(handle, result)
@@ -606,6 +678,13 @@ def _gateway_key(path: Path | None) -> bytes | None:
     return key
 
 
+@dataclass(frozen=True)
+class _Rewind:
+    job: bytes  # the job id, as the records' key
+    starts: list[TopicPartition]
+    done: threading.Event
+
+
 class _ResultReader(threading.Thread):
     """Reads the reply and dead-letter topics from their current ends, for one client.
 
@@ -635,7 +714,53 @@ class _ResultReader(threading.Thread):
             **{"fetch.wait.max.ms": self.FETCH_WAIT_MS},
         )
         self.consumer = Consumer(config)
-        self.consumer.assign(self._ends(topics))
+        # Where each partition is read next; moved back by an attach (``rewind``).
+        self._next = {(tp.topic, tp.partition): tp.offset for tp in self._ends(topics)}
+        self.consumer.assign(self._assignment())
+        # Read again for attached jobs only: (up to this offset, those jobs) per partition.
+        self._replaying: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
+        self._rewinds: queue.SimpleQueue[_Rewind] = queue.SimpleQueue()
+
+    def _assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, offset) for (t, p), offset in self._next.items()]
+
+    def rewind(self, job_id: str, starts: list[TopicPartition], timeout: float) -> None:
+        """Have this reader go back to ``starts`` for ``job_id``'s records (an attach);
+        returns once it has. Records read again are routed for that job alone."""
+        request = _Rewind(job_id.encode(), starts, threading.Event())
+        self._rewinds.put(request)
+        if not request.done.wait(timeout):
+            raise BrokerError(f"the result reader did not go back for job {job_id} in time")
+
+    def _serve_rewinds(self) -> None:
+        moved = False
+        while not self._rewinds.empty():
+            request = self._rewinds.get()
+            for tp in request.starts:
+                where = (tp.topic, tp.partition)
+                now = self._next.get(where)
+                if now is None or tp.offset >= now:
+                    continue  # not read yet, or a partition this reader does not know
+                until, jobs = self._replaying.get(where, (now, set()))
+                self._replaying[where] = (max(until, now), jobs | {request.job})
+                self._next[where] = tp.offset
+                moved = True
+            if moved:
+                self.consumer.assign(self._assignment())
+            request.done.set()
+
+    def _routes(self, record: Message) -> bool:
+        """Whether to route a record: past any rewind, or one of the rewound jobs'."""
+        where = (record.topic() or "", record.partition() or 0)
+        offset = record.offset() or 0
+        self._next[where] = offset + 1
+        replay = self._replaying.get(where)
+        if replay is None:
+            return True
+        until, jobs = replay
+        if offset + 1 >= until:
+            del self._replaying[where]
+        return offset >= until or record.key() in jobs
 
     def _ends(self, topics: list[str]) -> list[TopicPartition]:
         metadata = self.consumer.list_topics(timeout=10)
@@ -657,6 +782,7 @@ class _ResultReader(threading.Thread):
             while not client._closed.is_set():
                 # poll() returns on the first record; consume(timeout=0) then takes the
                 # rest already fetched. consume() alone would wait out its whole timeout.
+                self._serve_rewinds()
                 first = self.consumer.poll(0.05)
                 self._watch(client)
                 if first is None:
@@ -664,7 +790,8 @@ class _ResultReader(threading.Thread):
                 for record in [first, *self.consumer.consume(500, timeout=0)]:
                     if record.error() is None:
                         self._down_since = None
-                        client._route(record)
+                        if self._routes(record):
+                            client._route(record)
         finally:
             self.consumer.close()
 

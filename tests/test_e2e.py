@@ -262,6 +262,7 @@ class TestCommandLine:
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout) == {
             "job_id": summary["job_id"],
+            "kernel": "poly",
             "state": "done",
             "done": 5,
             "total": 5,

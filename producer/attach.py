@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Following a job by its id alone: find its JobSubmitted record, then read its results
+from its submit time on (``offsets_for_times``), never from the topics' start.
+
+A results topic holds a week of every caller's results (millions of records); a reader
+that starts at offset 0 pays for all of them before it sees the job's first chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from parkpool.producer.jobids import id_time
+from parkpool.runtime.kafka import reader_config
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import BrokerError, DecodeError, JobSubmitted
+from parkpool.schemas.codec import decode
+
+# How far a gateway's clock may run behind the submitter's: a result stamped by such a
+# gateway is still read. Results are written after their job, so this is the only slack.
+CLOCK_SKEW_S = 60.0
+# A JobSubmitted is stamped by the client that minted the id, one clock: a second covers
+# Kafka's millisecond stamps and the gap between minting the id and producing the record.
+ID_SLACK_S = 1.0
+# Tansu's S3 engine lists a partition's batches within the fetch wait (see
+# producer.client._ResultReader); librdkafka's default leaves room for it.
+FETCH_WAIT_MS = 500
+# With every partition read to its watermark, how long nothing more must come before a
+# read is complete (see ``read_until``): two fetch waits.
+IDLE_S = 2 * FETCH_WAIT_MS / 1000
+
+
+def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -> JobSubmitted:
+    """The job's JobSubmitted record, read from the time in its id (or, for an id that
+    carries none, from the topic's start); BrokerError when it is not found in time."""
+    minted = id_time(job_id)
+    since = None if minted is None else minted - ID_SLACK_S
+    key = job_id.encode()
+    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    try:
+        ends = high_watermarks(consumer, [topic])
+        starts = start_offsets(consumer, ends, since)
+        for record in read_until(consumer, starts, ends, timeout_s):
+            if record.key() == key:
+                try:
+                    return decode(record.value() or b"", JobSubmitted)
+                except DecodeError as exc:
+                    detail = f"job {job_id}'s record on {topic} is unreadable: {exc}"
+                    raise BrokerError(detail) from None
+    finally:
+        consumer.close()
+    where = "the topic's start" if since is None else f"its id's time ({since:.0f})"
+    raise BrokerError(f"job {job_id} is not on {topic} (read from {where}); wrong id or namespace?")
+
+
+def job_starts(conn: KafkaConnection, topics: list[str], since: float) -> list[TopicPartition]:
+    """Where a job's records begin in each partition of ``topics``: read from ``since``."""
+    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    try:
+        return start_offsets(consumer, high_watermarks(consumer, topics), since)
+    finally:
+        consumer.close()
+
+
+def high_watermarks(consumer: Consumer, topics: Iterable[str]) -> dict[TopicPartition, int]:
+    """Each partition of ``topics`` and its end now (the offset the next record gets)."""
+    try:
+        metadata = consumer.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise BrokerError(f"Kafka did not answer: {exc}") from None
+    ends: dict[TopicPartition, int] = {}
+    for topic in topics:
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise BrokerError(f"topic {topic} does not exist; run `parkpool brokers bootstrap`")
+        for partition in found.partitions:
+            tp = TopicPartition(topic, partition)
+            ends[tp] = consumer.get_watermark_offsets(tp, timeout=10)[1]
+    return ends
+
+
+def start_offsets(
+    consumer: Consumer, ends: dict[TopicPartition, int], since: float | None
+) -> list[TopicPartition]:
+    """Where to read each partition from: the first record stamped at or after ``since``
+    (None: the start), as Kafka's ``offsets_for_times`` answers, checked.
+
+    Kafka answers -1 for a partition with nothing that recent: its end. Tansu 0.6 answers
+    0 instead, so a 0 for a non-empty partition is believed only if the record there is
+    recent enough; else the partition is read from its end, not from its start.
+    """
+    if since is None:
+        return [TopicPartition(tp.topic, tp.partition, 0) for tp in ends]
+    ms = int(since * 1000)
+    asked = [TopicPartition(tp.topic, tp.partition, ms) for tp in ends]
+    try:
+        found = consumer.offsets_for_times(asked, timeout=10)
+    except KafkaException as exc:
+        raise BrokerError(f"Kafka did not answer offsets_for_times: {exc}") from None
+    starts = []
+    for tp in found:
+        end = ends[TopicPartition(tp.topic, tp.partition)]
+        offset = tp.offset
+        if _nothing_since(consumer, tp, end, ms):
+            offset = end
+        starts.append(TopicPartition(tp.topic, tp.partition, offset))
+    return starts
+
+
+def _nothing_since(consumer: Consumer, found: TopicPartition, end: int, ms: int) -> bool:
+    """Whether ``offsets_for_times``'s answer means "no record that recent"."""
+    if found.offset < 0 or found.offset > end:
+        return True
+    if found.offset == 0 and end > 0:  # Kafka: the first record is recent; Tansu: maybe not
+        return _stamp_at(consumer, found.topic, found.partition, 0) < ms
+    return False
+
+
+def _stamp_at(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
+    """The timestamp (ms) of the record at ``offset``, read with ``consumer`` before it
+    is assigned its real partitions; -1 when it cannot be read."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            record = consumer.poll(0.5)
+            if record is not None and record.error() is None:
+                return int(record.timestamp()[1])
+        return -1
+    finally:
+        consumer.unassign()
+
+
+def read_until(
+    consumer: Consumer,
+    starts: list[TopicPartition],
+    ends: dict[TopicPartition, int],
+    timeout_s: float,
+) -> Iterator[Message]:
+    """Every record from ``starts`` (assigned here) to the partitions' ends; BrokerError
+    when they are not reached in ``timeout_s``.
+
+    A partition is done once a record at its high watermark or past it came, then one
+    more fetch wait brought nothing: Tansu 0.6 reports a batch's base offset + 1 as the
+    watermark, so records of a partition's last batch may lie past the one it gave.
+    """
+    consumer.assign(starts)
+    left = {
+        (tp.topic, tp.partition): end
+        for tp in starts
+        if tp.offset < (end := ends[TopicPartition(tp.topic, tp.partition)])
+    }
+    deadline = time.monotonic() + timeout_s
+    quiet_since: float | None = None  # every watermark reached; nothing came since then
+    while True:
+        if time.monotonic() > deadline:
+            detail = f"{len(left)} partitions not read to their end in {timeout_s:.0f} s"
+            raise BrokerError(f"Kafka gave back too little: {detail}")
+        records = [r for r in consumer.consume(500, timeout=0.25) if r.error() is None]
+        for record in records:
+            where = (record.topic() or "", record.partition() or 0)
+            if where in left and (record.offset() or 0) + 1 >= left[where]:
+                del left[where]
+            yield record
+        if left:
+            continue
+        if records or quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= IDLE_S:
+            return
