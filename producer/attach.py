@@ -28,9 +28,16 @@ ID_SLACK_S = 1.0
 # Tansu's S3 engine lists a partition's batches within the fetch wait (see
 # producer.client._ResultReader); librdkafka's default leaves room for it.
 FETCH_WAIT_MS = 500
+
+Where = tuple[str, int]  # a topic's partition
 # With every partition read to its watermark, how long nothing more must come before a
 # read is complete (see ``read_until``): two fetch waits.
 IDLE_S = 2 * FETCH_WAIT_MS / 1000
+
+
+def seeker(conn: KafkaConnection) -> Consumer:
+    """A reader for looking a job up (assign(), never a group)."""
+    return Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
 
 
 def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -> JobSubmitted:
@@ -39,7 +46,7 @@ def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -
     minted = id_time(job_id)
     since = None if minted is None else minted - ID_SLACK_S
     key = job_id.encode()
-    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    consumer = seeker(conn)
     try:
         ends = high_watermarks(consumer, [topic])
         starts = start_offsets(consumer, ends, since)
@@ -58,7 +65,7 @@ def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -
 
 def job_starts(conn: KafkaConnection, topics: list[str], since: float) -> list[TopicPartition]:
     """Where a job's records begin in each partition of ``topics``: read from ``since``."""
-    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    consumer = seeker(conn)
     try:
         return start_offsets(consumer, high_watermarks(consumer, topics), since)
     finally:
@@ -100,36 +107,46 @@ def start_offsets(
         found = consumer.offsets_for_times(asked, timeout=10)
     except KafkaException as exc:
         raise BrokerError(f"Kafka did not answer offsets_for_times: {exc}") from None
+    ambiguous = [tp for tp in found if tp.offset == 0 and ends[tp] > 0]
+    latest = _last_stamps(consumer, ambiguous, ends)
     starts = []
     for tp in found:
-        end = ends[TopicPartition(tp.topic, tp.partition)]
+        end = ends[tp]
         offset = tp.offset
-        if _nothing_since(consumer, tp, end, ms):
+        # Kafka's -1, or Tansu's 0 where the last record is older: nothing that recent
+        # there. An answer past the end is kept: Tansu's end can lag its log.
+        if offset < 0 or latest.get((tp.topic, tp.partition), ms) < ms:
             offset = end
         starts.append(TopicPartition(tp.topic, tp.partition, offset))
     return starts
 
 
-def _nothing_since(consumer: Consumer, found: TopicPartition, end: int, ms: int) -> bool:
-    """Whether ``offsets_for_times``'s answer means "no record that recent"."""
-    if found.offset < 0 or found.offset > end:
-        return True
-    if found.offset == 0 and end > 0:  # Kafka: the first record is recent; Tansu: maybe not
-        return _stamp_at(consumer, found.topic, found.partition, 0) < ms
-    return False
+def _last_stamps(
+    consumer: Consumer, partitions: list[TopicPartition], ends: dict[TopicPartition, int]
+) -> dict[Where, int]:
+    """The timestamp (ms) of the record before each partition's end, read in one go
+    with ``consumer`` before it is assigned its real partitions; -1 for one not read.
 
-
-def _stamp_at(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
-    """The timestamp (ms) of the record at ``offset``, read with ``consumer`` before it
-    is assigned its real partitions; -1 when it cannot be read."""
-    consumer.assign([TopicPartition(topic, partition, offset)])
+    Kafka answers ``offsets_for_times`` with -1 for a partition with nothing that
+    recent; Tansu 0.6 answers 0, so a 0 is believed only if the last record is recent.
+    The last record costs one small fetch; the first would cost Tansu a read from the
+    partition's start. (Tansu's end is its last batch's first offset + 1, so there this
+    reads that batch's first record, and reading "from the end" re-reads the rest.)
+    """
+    stamps = {(tp.topic, tp.partition): -1 for tp in partitions}
+    if not partitions:
+        return stamps
+    consumer.assign([TopicPartition(tp.topic, tp.partition, ends[tp] - 1) for tp in partitions])
     try:
+        left = set(stamps)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            record = consumer.poll(0.5)
-            if record is not None and record.error() is None:
-                return int(record.timestamp()[1])
-        return -1
+        while left and time.monotonic() < deadline:
+            for record in _take(consumer, 0.5):
+                where = (record.topic() or "", record.partition() or 0)
+                if record.error() is None and where in left:
+                    stamps[where] = int(record.timestamp()[1])
+                    left.discard(where)
+        return stamps
     finally:
         consumer.unassign()
 
@@ -147,7 +164,10 @@ def read_until(
     more fetch wait brought nothing: Tansu 0.6 reports a batch's base offset + 1 as the
     watermark, so records of a partition's last batch may lie past the one it gave.
     """
-    consumer.assign(starts)
+    # An empty partition adds nothing but a wait: Tansu holds a fetch that names one
+    # for the whole fetch wait. (Its end is never 0 once it holds a record, even where
+    # it lags.)
+    consumer.assign([tp for tp in starts if ends[tp] > 0 or tp.offset > 0])
     left = {
         (tp.topic, tp.partition): end
         for tp in starts
@@ -159,7 +179,7 @@ def read_until(
         if time.monotonic() > deadline:
             detail = f"{len(left)} partitions not read to their end in {timeout_s:.0f} s"
             raise BrokerError(f"Kafka gave back too little: {detail}")
-        records = [r for r in consumer.consume(500, timeout=0.25) if r.error() is None]
+        records = [r for r in _take(consumer, 0.25) if r.error() is None]
         for record in records:
             where = (record.topic() or "", record.partition() or 0)
             if where in left and (record.offset() or 0) + 1 >= left[where]:
@@ -171,3 +191,12 @@ def read_until(
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= IDLE_S:
             return
+
+
+def _take(consumer: Consumer, timeout: float) -> list[Message]:
+    """What has arrived, waiting up to ``timeout`` for the first record only:
+    ``consume(n, timeout)`` alone waits out its whole timeout unless n records come."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(500, timeout=0)]

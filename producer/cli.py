@@ -12,21 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Message
 
 from parkpool.producer.attach import (
     CLOCK_SKEW_S,
-    FETCH_WAIT_MS,
     find_job,
     high_watermarks,
     read_until,
+    seeker,
     start_offsets,
 )
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobHandle
 from parkpool.producer.splitters import PLANNERS, JobPlan
 from parkpool.runtime import logs
-from parkpool.runtime.kafka import reader_config
 from parkpool.runtime.settings import (
     KafkaConnection,
     add_kafka_options,
@@ -262,7 +261,6 @@ def run_wait(args: argparse.Namespace) -> int:
         args.namespace,
         args.reply_topic,
         store=store_from_args(args),
-        verify=False,  # only the submitter can check; this reads what it accepted
     )
     started = time.monotonic()
     try:
@@ -289,7 +287,7 @@ def job_status(
     conn: KafkaConnection, job: JobSubmitted, dead_letter: str, timeout_s: float
 ) -> dict[str, Any]:
     """A job's progress from the records on its topics now, read from its submit time."""
-    consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    consumer = seeker(conn)
     try:
         ends = high_watermarks(consumer, [job.reply_topic, dead_letter])
         starts = start_offsets(consumer, ends, job.submitted_at - CLOCK_SKEW_S)

@@ -556,7 +556,9 @@ class ParkpoolClient:
         plan) gives the handle an answer; without it the answer is None and the chunks
         are the result. Only the submitting client can check results against their
         inputs, so an attached job's chunks come as their cars sent them (the level
-        ``unchecked``); the submitter, if it still runs, still checks its own.
+        ``unchecked``), but for those of a car the fleet quarantined (with ``verify``,
+        the default), which are skipped for the chunk's redo; the submitter, if it
+        still runs, checks its own.
         A job of this client gives its own handle. BrokerError when the job cannot be
         found in ``timeout`` s; ConfigError when this client cannot read its results.
         """
@@ -570,6 +572,8 @@ class ParkpoolClient:
             [self.reply_topic, self.topics.dead_letter],
             job.submitted_at - CLOCK_SKEW_S,
         )
+        if self._checks is not None:  # the quarantines so far, before any result
+            self._checks.reader.caught_up.wait(timeout)
         handle = JobHandle(
             job_id, job.n_chunks, assembler, canceller=self.cancel, observer=self.metrics
         )
@@ -614,16 +618,30 @@ class ParkpoolClient:
                 self._take(handle, open_result(result, self._reply_box))
 
     def _wanted(self, handle: JobHandle, result: Result) -> bool:
-        if self._checks is None or handle.job_id in self._attached:
+        if handle.job_id in self._attached:
+            return handle.awaits(result.chunk_id) and not self._quarantined(result)
+        if self._checks is None:
             return handle.awaits(result.chunk_id)
         return self._checks.wants(handle, result)
 
     def _take(self, handle: JobHandle, result: Result) -> None:
         """A result with its outputs in clear: checked, then handed to the job."""
-        if self._checks is None or handle.job_id in self._attached:
+        if handle.job_id in self._attached:
+            if not self._quarantined(result):
+                handle.deliver(result, time.time())
+        elif self._checks is None:
             handle.deliver(result, time.time())
         else:
             self._checks.take(handle, result)
+
+    def _quarantined(self, result: Result) -> bool:
+        """An attached job's result from a car the fleet quarantined: the submitter
+        caught it lying (one wrong result is enough) and had the chunk redone, so the
+        redo's result is the one to take. Without checks no quarantine is known."""
+        if self._checks is None or not self._checks.book.quarantined(result.vehicle_id):
+            return False
+        self.metrics.results_refused.labels("quarantined_car").inc()
+        return True
 
     def _deliver_stored(self, handle: JobHandle, result: Result) -> None:
         with self._refusing(handle.job_id, self.reply_topic):

@@ -24,9 +24,10 @@ from parkpool.producer.jobids import id_time, new_job_id
 from parkpool.producer.jobs import JobState
 from parkpool.producer.splitters import plan_reduce
 from parkpool.runtime.kafka import reader_config
+from parkpool.runtime.reputation import ReputationBook, ReputationWriter
 from parkpool.runtime.settings import KafkaConnection
-from parkpool.schemas import BrokerError
-from parkpool.schemas.reputation import Level
+from parkpool.schemas import BrokerError, JobSubmitted, KafkaTopics, Result, encode
+from parkpool.schemas.reputation import Evidence, Level
 from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
 
@@ -189,6 +190,42 @@ class TestAttach:
     ) -> None:
         handle = client.submit("reduce", {"x": X}, chunk_elems=CHUNK)
         assert client.attach(handle.job_id) is handle
+
+
+class TestAttachedResultsOfAQuarantinedCar:
+    """The submitter caught a car lying and had the chunk redone; an attached reader
+    takes the redo, not the lie that is still in the results topic."""
+
+    def test_the_redo_is_taken(self, kafka_conn: KafkaConnection, namespace: str) -> None:
+        # Given a car quarantined by the submitter, and the job's records as gateways
+        # wrote them: the liar's chunk 0 first, then the redo's, then chunk 1
+        topics = KafkaTopics(namespace)
+        writer = ReputationWriter(kafka_conn, topics.reputation, "sdk-9", ReputationBook())
+        evidence = Evidence("j", 0, Level.ALGEBRAIC, "Freivalds residual over bound", 1.0)
+        writer.quarantine("liar", (evidence,), "wrong_result")
+        writer.close()
+        job_id = new_job_id()
+        producer = Producer({"bootstrap.servers": kafka_conn.bootstrap})
+        header = JobSubmitted(job_id, "reduce", 2, topics.results, time.time())
+        producer.produce(topics.jobs, encode(header), job_id)
+        for car, chunk, value in (("liar", 0, 666.0), ("honest", 0, 1.0), ("honest", 1, 2.0)):
+            result = Result(
+                job_id, chunk, 2, car, "gw1", 1, 1, {"value": np.array(value)}, 0.1, 1.0, 1.0
+            )
+            producer.produce(topics.results, encode(result), job_id)
+        producer.flush(10)
+        # When a client attaches to the job
+        with ParkpoolClient(ProducerSettings(kafka_conn, namespace)) as client:
+            handle = client.attach(job_id)
+            handle.wait(timeout=60)
+            # Then each chunk came from the honest car, and the lie was counted, not taken
+            chunks = {
+                c.chunk_id: (c.vehicle_id, float(c.outputs["value"]))
+                for c in handle.chunks(timeout=5)
+            }
+            assert chunks == {0: ("honest", 1.0), 1: ("honest", 2.0)}
+            refused = client.metrics.results_refused.labels("quarantined_car")._value.get()
+            assert refused == 1
 
 
 class TestCommandLine:
