@@ -26,6 +26,9 @@ Lines:
 - ``bulk_data``: a 4096² gemm through the object store (claim check) and inline, bytes
   per plane, cache hit rate, input rate to cars against the store's bare GET rate, and
   the durable Kafka's produce rate beside the in-memory one; see ``tests/bench_bulk.py``.
+- ``attach``: following a job by id on a results topic of 1M records, beside reading
+  every partition from offset 0 (the baseline, in the same run); see
+  ``tests/bench_attach.py``.
 - ``verification``: the Freivalds check's cost against a 4096² gemm, and a fleet of 16
   simulated cars through the SDK's verifier: replication overhead, how soon a liar is
   quarantined, wrong chunks that reached the caller, false quarantines; see
@@ -65,6 +68,7 @@ from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import Result, TaskChunk, decode, encode
 from parkpool.schemas.reputation import Level
+from tests.bench_attach import attach_line
 from tests.bench_bulk import bulk_data_line
 from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
@@ -237,6 +241,9 @@ def main() -> int:
     p.add_argument(
         "--verification-chunks", type=int, default=5000, help="per kernel; 0 skips verification"
     )
+    p.add_argument(
+        "--attach-records", type=int, default=1_000_000, help="results topic size; 0 skips attach"
+    )
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -294,6 +301,8 @@ def main() -> int:
                 emit({**line, "machine": machine()})
     if args.cells_cars:  # its own brokers: one Mosquitto per cell
         emit({**cells_line(run_dir, args.cells_cars, args.cells_window_s), "machine": machine()})
+    if args.attach_records:  # its own brokers, in memory (see tests/bench_attach.py)
+        emit({**attach_line(run_dir, args.attach_records), "machine": machine()})
     if args.bulk_size:  # its own brokers: durable for the claim check, in memory inline
         line = bulk_data_line(run_dir, args.bulk_size, 512, args.bulk_cars)
         emit({**line, "machine": machine()})
