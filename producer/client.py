@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -44,6 +43,7 @@ from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
 from parkpool.producer.verify import reachable
+from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
@@ -76,7 +76,7 @@ from parkpool.schemas.kernels import spec as kernel_spec
 from parkpool.schemas.reputation import Level
 from parkpool.schemas.topics import task_key
 
-log = structlog.get_logger("parkpool.producer")
+log = logs.get_logger("parkpool.producer")
 
 
 @dataclass(frozen=True)
