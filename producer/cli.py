@@ -9,10 +9,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import numpy as np
 from confluent_kafka import Message
+from rich import progress as rich_progress
+from rich.console import Console
 
 from parkpool.producer.attach import (
     CLOCK_SKEW_S,
@@ -22,8 +23,9 @@ from parkpool.producer.attach import (
     seeker,
     start_offsets,
 )
+from parkpool.producer.cli_inputs import close_enough, save_answer, submitted_job
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.producer.jobs import JobFailed, JobHandle
+from parkpool.producer.jobs import JobFailed, JobHandle, Progress
 from parkpool.producer.splitters import PLANNERS, JobPlan
 from parkpool.runtime import logs
 from parkpool.runtime.settings import (
@@ -67,8 +69,14 @@ def add_parser(subparsers: Any) -> None:
     submit.add_argument("--coeffs", default="1,0,-2,1", help="poly coefficients, highest first")
     submit.add_argument("--op", default="sum", help="reduce operation")
     submit.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    _own_data(submit)
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
+    submit.add_argument(
+        "--json",
+        action="store_true",
+        help='the summary is JSON already; with --no-wait, {"job_id": ...} for the bare id',
+    )
     submit.add_argument(
         "--verify",
         action="store_true",
@@ -108,6 +116,36 @@ def add_parser(subparsers: Any) -> None:
     wait.add_argument("job_id")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     wait.set_defaults(func=run_wait)
+    for command in (status, wait):
+        command.add_argument(
+            "--json", action="store_true", help="accepted for scripts: the output is JSON already"
+        )
+
+
+def _own_data(submit: argparse.ArgumentParser) -> None:
+    own = submit.add_argument_group(
+        "your own data",
+        "With --input or --param the job is these, not generated inputs: the kernel's "
+        "arguments come from them alone (--size, --tile, --op and the like are ignored). "
+        "docs/KERNELS.md names each kernel's arguments.",
+    )
+    own.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an array argument from a .npy file (or PATH.npz:KEY); repeat a NAME for a list",
+    )
+    own.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option: an int, a float, true/false, a comma list of numbers, or a string",
+    )
+    own.add_argument(
+        "--output", type=Path, metavar="PATH", help="write the answer here (np.save; .npz: parts)"
+    )
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -123,42 +161,11 @@ def _connection(p: argparse.ArgumentParser) -> None:
     )
 
 
-def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
-    """Generated inputs for a kernel, and the NumPy answer to check against."""
-    rng = np.random.default_rng(args.seed)
-    if args.kernel == "gemm":
-        a = rng.standard_normal((args.size, args.size), dtype=np.float32)
-        b = rng.standard_normal((args.size, args.size), dtype=np.float32)
-        plan = PLANNERS["gemm"](a, b, tile=args.tile, k_tile=args.k_tile)
-        return plan, lambda: a @ b
-    if args.kernel == "monte_carlo_pi":
-        chunking = _chunking(args, "chunk_samples")
-        plan = PLANNERS["monte_carlo_pi"](args.samples, seed=args.seed, **chunking)
-        return plan, lambda: np.pi
-    x = rng.standard_normal(args.size)
-    if args.kernel == "poly":
-        coeffs = [float(c) for c in args.coeffs.split(",")]
-        plan = PLANNERS["poly"](x, coeffs, **_chunking(args, "chunk_elems"))
-        return plan, lambda: np.polyval(coeffs, x)
-    ops: dict[str, Callable[[Any], Any]] = {
-        "sum": np.sum,
-        "sumsq": lambda v: np.sum(v * v),
-        "min": np.min,
-        "max": np.max,
-    }
-    plan = PLANNERS["reduce"](x, args.op, **_chunking(args, "chunk_elems"))
-    return plan, lambda: ops[args.op](x)
-
-
-def _chunking(args: argparse.Namespace, option: str) -> dict[str, int]:
-    """The chunk size asked for, or nothing, so the planner's default (which fits one
-    Kafka record) applies."""
-    return {option: args.chunk} if args.chunk else {}
-
-
 def run_submit(args: argparse.Namespace) -> int:
+    """Submit generated inputs, or the user's own (--input/--param); follow the job to its
+    end and print its summary. A usage error raises ConfigError (exit 2, from main)."""
     logs.configure()
-    plan, expected = example_plan(args)
+    plan, expected = submitted_job(args)
     settings = ProducerSettings(
         kafka_from_args(args),
         args.namespace,
@@ -166,77 +173,113 @@ def run_submit(args: argparse.Namespace) -> int:
         gateway_box_key=Path(args.gateway_box_key) if args.gateway_box_key else None,
         store=store_from_args(args),
     )
-    with ParkpoolClient(settings) as client:
-        started = time.monotonic()
-        handle = client.submit_plan(
-            plan, confidential=args.confidential, verification=args.verification
-        )
-        if args.no_wait:
-            print(handle.job_id)
-            return 0
+    try:
+        with ParkpoolClient(settings) as client:
+            return _submit_and_follow(args, client, plan, expected)
+    except BrokerError as exc:
+        print(f"parkpool submit: {exc}", file=sys.stderr)
+        return 1
+
+
+def _submit_and_follow(
+    args: argparse.Namespace,
+    client: ParkpoolClient,
+    plan: JobPlan,
+    expected: Callable[[], Any] | None,
+) -> int:
+    started = time.monotonic()
+    handle = client.submit_plan(
+        plan, confidential=args.confidential, verification=args.verification
+    )
+    if args.no_wait:
+        print(json.dumps({"job_id": handle.job_id}) if args.json else handle.job_id)
+        return 0
+    try:
+        answer = follow(handle, args.timeout)
+    except (JobFailed, TimeoutError) as exc:
+        print(f"job {handle.job_id} did not complete: {exc}", file=sys.stderr)
+        return 1
+    summary: dict[str, Any] = {
+        "job_id": handle.job_id,
+        "chunks": handle.n_chunks,
+        "duplicates": handle.progress.duplicates,
+        "wall_s": round(time.monotonic() - started, 3),
+    }
+    if args.verify and expected is not None:
+        summary["verified"] = close_enough(answer, expected(), args.kernel)
+    if args.output is not None:
         try:
-            answer = follow(handle, args.timeout)
-        except (JobFailed, TimeoutError) as exc:
-            print(f"job {handle.job_id} did not complete: {exc}", file=sys.stderr)
+            save_answer(args.output, answer)
+        except (OSError, ValueError) as exc:  # ValueError: no array to save (np.save)
+            print(f"parkpool submit: --output {args.output}: {exc}", file=sys.stderr)
             return 1
-        summary = {
-            "job_id": handle.job_id,
-            "chunks": handle.n_chunks,
-            "duplicates": handle.progress.duplicates,
-            "wall_s": round(time.monotonic() - started, 3),
-        }
-        if args.verify:
-            summary["verified"] = _close(answer, expected(), args.kernel)
-        print(json.dumps(summary))
-        return 0 if summary.get("verified", True) else 1
-
-
-def _close(answer: Any, expected: Any, kernel: str) -> bool:
-    if kernel == "monte_carlo_pi":
-        return abs(float(answer) - float(expected)) < 0.01
-    return bool(np.allclose(answer, expected, rtol=1e-4, atol=1e-3))
+        summary["output"] = str(args.output)
+    print(json.dumps(summary))
+    return 0 if summary.get("verified", True) else 1
 
 
 def follow(handle: JobHandle, timeout: float) -> Any:
-    """Wait for the job, showing progress on stderr: a bar on a terminal, lines elsewhere."""
+    """Wait for the job, showing progress on stderr: a rich bar on a terminal, a line at
+    every quarter elsewhere."""
     deadline = time.monotonic() + timeout
-    bar = _ProgressBar(sys.stderr.isatty())
-    while True:
-        try:
-            answer = handle.wait(timeout=0.25)
-            break
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-            bar.draw(handle)
-    bar.draw(handle)
-    bar.close()
+    bar = _RichBar(Console(stderr=True)) if sys.stderr.isatty() else _QuarterLines(sys.stderr)
+    try:
+        while True:
+            try:
+                answer = handle.wait(timeout=0.25)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                bar.draw(handle.progress)
+        bar.draw(handle.progress)
+    finally:
+        bar.close()
     return answer
 
 
-class _ProgressBar:
-    """A redrawn bar on a terminal; elsewhere (logs, CI) a line at every quarter."""
+class _RichBar:
+    """On a terminal: a bar redrawn in place, with the chunk count and time taken."""
 
-    def __init__(self, tty: bool) -> None:
-        self.tty = tty
-        self.last_quarter = -1
+    def __init__(self, console: Console) -> None:
+        self._bar = rich_progress.Progress(
+            rich_progress.BarColumn(),
+            rich_progress.MofNCompleteColumn(),
+            rich_progress.TextColumn("chunks{task.fields[dead]}"),
+            rich_progress.TimeElapsedColumn(),
+            console=console,
+        )
+        self._task = self._bar.add_task("job", total=None, dead="")
+        self._bar.start()
 
-    def draw(self, handle: JobHandle) -> None:
-        p = handle.progress
+    def draw(self, p: Progress) -> None:
+        dead = f", [red]{p.dead_lettered} dead-lettered[/]" if p.dead_lettered else ""
+        self._bar.update(self._task, completed=p.done, total=p.total, dead=dead)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+class _QuarterLines:
+    """Off a terminal (logs, CI): a line at every quarter of the chunks."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._last_quarter = -1
+
+    def draw(self, p: Progress) -> None:
+        if int(p.fraction * 4) <= self._last_quarter:
+            return
+        self._last_quarter = int(p.fraction * 4)
         filled = int(30 * p.fraction)
         line = f"[{'#' * filled}{'.' * (30 - filled)}] {p.done}/{p.total} chunks"
         if p.dead_lettered:
             line += f", {p.dead_lettered} dead-lettered"
-        if self.tty:
-            sys.stderr.write(f"\r{line}")
-        elif int(p.fraction * 4) > self.last_quarter:
-            self.last_quarter = int(p.fraction * 4)
-            sys.stderr.write(f"{line}\n")
-        sys.stderr.flush()
+        self._stream.write(f"{line}\n")
+        self._stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+        return None
 
 
 def run_status(args: argparse.Namespace) -> int:
