@@ -53,6 +53,7 @@ from parkpool.runtime.kafka import (
     reader_config,
 )
 from parkpool.runtime.keyfiles import read_key_file
+from parkpool.runtime.offsets import PATIENCE_S, OffsetLedger
 from parkpool.runtime.sealing import BoxKey, open_result, seal, seal_task
 from parkpool.runtime.settings import KafkaConnection, StoreConnection
 from parkpool.schemas import (
@@ -732,12 +733,18 @@ class _ResultReader(threading.Thread):
             **{"fetch.wait.max.ms": self.FETCH_WAIT_MS},
         )
         self.consumer = Consumer(config)
-        # Where each partition is read next; moved back by an attach (``rewind``).
+        # Where each partition is read next; moved back by an attach (``rewind``) and
+        # for a hole (``_reread_holes``).
         self._next = {(tp.topic, tp.partition): tp.offset for tp in self._ends(topics)}
+        # Which offsets were had: a record read again goes to an attached job only.
+        self._ledger = OffsetLedger()
+        for where, offset in self._next.items():
+            self._ledger.start(where, offset)
         self.consumer.assign(self._assignment())
         # Read again for attached jobs only: (up to this offset, those jobs) per partition.
         self._replaying: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
         self._rewinds: queue.SimpleQueue[_Rewind] = queue.SimpleQueue()
+        self._holes_counted = (0, 0)  # the ledger's (filled, lost) last logged
 
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, offset) for (t, p), offset in self._next.items()]
@@ -768,17 +775,36 @@ class _ResultReader(threading.Thread):
             request.done.set()
 
     def _routes(self, record: Message) -> bool:
-        """Whether to route a record: past any rewind, or one of the rewound jobs'."""
+        """Whether to route a record: one never had, or one of the rewound jobs'."""
         where = (record.topic() or "", record.partition() or 0)
         offset = record.offset() or 0
         self._next[where] = offset + 1
+        new = self._ledger.admit(where, offset)
         replay = self._replaying.get(where)
         if replay is None:
-            return True
+            return new
         until, jobs = replay
         if offset + 1 >= until:
             del self._replaying[where]
-        return offset >= until or record.key() in jobs
+        return new or record.key() in jobs
+
+    def _reread_holes(self) -> None:
+        """Go back for records a fetch passed over (see ``runtime.offsets``): without
+        this, a result Tansu showed late never reached its job, which waited for ever."""
+        due = self._ledger.due()
+        for where, offset in due:
+            self._next[where] = min(self._next.get(where, offset), offset)
+        if due:
+            self.consumer.assign(self._assignment())
+        counted = (self._ledger.filled, self._ledger.lost)
+        if counted != self._holes_counted:
+            filled, lost = (a - b for a, b in zip(counted, self._holes_counted, strict=True))
+            self._holes_counted = counted
+            assert self.client is not None
+            self.client.metrics.offset_holes.labels("filled").inc(filled)
+            self.client.metrics.offset_holes.labels("lost").inc(lost)
+            if lost:
+                log.error("results_never_read", records=lost, patience_s=PATIENCE_S)
 
     def _ends(self, topics: list[str]) -> list[TopicPartition]:
         metadata = self.consumer.list_topics(timeout=10)
@@ -801,6 +827,7 @@ class _ResultReader(threading.Thread):
                 # poll() returns on the first record; consume(timeout=0) then takes the
                 # rest already fetched. consume() alone would wait out its whole timeout.
                 self._serve_rewinds()
+                self._reread_holes()
                 first = self.consumer.poll(0.05)
                 self._watch(client)
                 if first is None:

@@ -69,6 +69,12 @@ class SdkMetrics:
             ["reason"],  # the DecodeError reason: malformed, unsealable, ...
             registry=r,
         )
+        self.offset_holes = Counter(
+            "parkpool_sdk_offset_holes",
+            "Reply-topic offsets a fetch passed over, by outcome once read again",
+            ["outcome"],  # filled (read on a second look) or lost (not there in time)
+            registry=r,
+        )
         self.blobs_uploaded = Counter(
             "parkpool_sdk_blobs_uploaded",
             "Objects written to the store: each distinct input block once per job",
