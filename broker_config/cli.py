@@ -9,6 +9,7 @@ brokers until Ctrl-C or SIGTERM, restarting any that dies (``broker_config.super
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from confluent_kafka import KafkaException
@@ -81,6 +82,7 @@ def _add_bootstrap(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     add_kafka_options(bootstrap_parser)
     add_namespace_option(bootstrap_parser)
     _add_topic_options(bootstrap_parser)
+    bootstrap_parser.add_argument("--json", action="store_true", help="print one JSON object")
     bootstrap_parser.set_defaults(func=run_bootstrap)
 
 
@@ -173,6 +175,9 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     except (ParkpoolError, ValueError) as exc:
         print(f"parkpool brokers bootstrap: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps({"namespace": args.namespace, "created_or_grown": list(changed)}))
+        return 0
     for topic in changed:
         print(f"created or grew {topic}")
     if not changed:

@@ -11,6 +11,7 @@ its files when ``--broker-pid`` is given (SIGHUP).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -46,6 +47,7 @@ def add_parser(subparsers: Any) -> Any:
                 "where the car's password and private result key are written (0600), one "
                 "folder per car, for the hand-over; move them to the car, then delete them",
             )
+        action.add_argument("--json", action="store_true", help="print one JSON object")
         action.set_defaults(func=func)
     return actions
 
@@ -72,14 +74,20 @@ def run_enroll(args: argparse.Namespace) -> int:
     if not args.car_dir:
         raise ConfigError("--car-dir (or PARKPOOL_CAR_DIR) is required: the car's secrets go there")
     car = _store(args).enroll_vehicle(args.identity, Path(args.car_dir))
-    print(car.password())
-    print(f"the car's credentials, for its secure storage: {car.directory}", file=sys.stderr)
+    # Printed before the reload: the password is shown this once, even if that fails.
+    if args.json:
+        identity = {"identity": args.identity, "password": car.password()}
+        print(json.dumps(identity | {"car_dir": str(car.directory)}), flush=True)
+    else:
+        print(car.password(), flush=True)
+        print(f"the car's credentials, for its secure storage: {car.directory}", file=sys.stderr)
     _reload(args)
     return 0
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    print(_store(args).add_gateway(args.identity))
+    password = _store(args).add_gateway(args.identity)
+    print(json.dumps({"identity": args.identity, "password": password}) if args.json else password)
     _reload(args)
     return 0
 
@@ -87,7 +95,8 @@ def run_gateway(args: argparse.Namespace) -> int:
 def run_revoke(args: argparse.Namespace) -> int:
     existed = _store(args).revoke(args.identity)
     _reload(args)
-    if not existed:
+    if args.json:
+        print(json.dumps({"identity": args.identity, "revoked": existed}))
+    elif not existed:
         print(f"{args.identity} was not enrolled")
-        return 1
-    return 0
+    return 0 if existed else 1

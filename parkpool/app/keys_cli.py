@@ -5,6 +5,7 @@ vehicles, or with ``--box`` the gateways' box key pair (X25519) for confidential
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,21 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="an X25519 box key for confidential jobs instead of a signing key",
     )
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if args.box:
         private, public = generate_box_key(args.directory, args.name or "gateway-box")
-        print(f"private key (gateways: --box-key): {private}")
-        print(f"public key (producers: --gateway-box-key): {public}")
-        return 0
-    private, public = generate(args.directory, args.name or "task-signing")
-    print(f"private key (gateways: --signing-key): {private}")
-    print(f"public key (vehicles: --trusted-keys): {public}")
+        uses = ("gateways: --box-key", "producers: --gateway-box-key")
+    else:
+        private, public = generate(args.directory, args.name or "task-signing")
+        uses = ("gateways: --signing-key", "vehicles: --trusted-keys")
+    if args.json:
+        kind = "box" if args.box else "signing"
+        print(json.dumps({"kind": kind, "private_key": str(private), "public_key": str(public)}))
+    else:
+        print(f"private key ({uses[0]}): {private}")
+        print(f"public key ({uses[1]}): {public}")
     return 0

@@ -10,6 +10,7 @@ one) ``parkpool store sweep``, run from a timer, does the same.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from parkpool.runtime import logs
@@ -35,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
             "objects of jobs older than this are left over by a crashed client",
             float,
         )
+        command.add_argument("--json", action="store_true", help="print one JSON object")
     sweep.set_defaults(func=run_sweep)
     lifecycle.set_defaults(func=run_lifecycle)
 
@@ -48,7 +50,10 @@ def _store(args: argparse.Namespace) -> BlobStore:
 def run_sweep(args: argparse.Namespace) -> int:
     logs.configure()
     deleted = _store(args).sweep(JOBS_PREFIX, args.ttl_hours * 3600)
-    print(f"deleted {deleted} job objects older than {args.ttl_hours:g} h")
+    if args.json:
+        print(json.dumps({"prefix": JOBS_PREFIX, "deleted": deleted, "ttl_hours": args.ttl_hours}))
+    else:
+        print(f"deleted {deleted} job objects older than {args.ttl_hours:g} h")
     return 0
 
 
@@ -56,5 +61,8 @@ def run_lifecycle(args: argparse.Namespace) -> int:
     logs.configure()
     days = max(1, round(args.ttl_hours / 24))  # S3 expiry counts whole days
     _store(args).expire_after(JOBS_PREFIX, days)
-    print(f"objects under {JOBS_PREFIX} now expire {days} day(s) after they were written")
+    if args.json:
+        print(json.dumps({"prefix": JOBS_PREFIX, "expire_days": days}))
+    else:
+        print(f"objects under {JOBS_PREFIX} now expire {days} day(s) after they were written")
     return 0
