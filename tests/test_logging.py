@@ -216,6 +216,24 @@ class TestAsALibrary:
         )
         assert capsys.readouterr() == ("", "")
 
+    @pytest.mark.integration
+    def test_a_published_job_is_a_stdlib_record_and_nothing_prints(
+        self,
+        host_logging: _Records,
+        client: ParkpoolClient,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        # Given a host that wants parkpool's info events, and an SDK client in it
+        logging.getLogger("parkpool").setLevel(logging.INFO)
+        # When a job is published
+        job = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
+        # Then job_submitted is an info record of parkpool.producer, with the job's fields
+        [record] = [r for r in host_logging.records if r.getMessage().startswith("job_submitted")]
+        assert (record.name, record.levelno) == ("parkpool.producer", logging.INFO)
+        assert record.parkpool == {"job_id": job.job_id, "kernel": "reduce", "chunks": 1}
+        # And nothing was printed
+        assert capsys.readouterr() == ("", "")
+
     def test_parkpool_adds_only_a_null_handler(self) -> None:
         # Given the parkpool logger once parkpool's logging is imported
         handlers = logging.getLogger("parkpool").handlers
