@@ -53,6 +53,12 @@ class GatewayMetrics:
             ["source", "reason"],
             registry=r,
         )
+        self.offset_holes = Counter(
+            "parkpool_gateway_offset_holes_total",
+            "Task offsets a fetch passed over, by outcome once read again",
+            ["outcome"],  # filled (read on a second look) or lost (not there in time)
+            registry=r,
+        )
         self.handler_errors = Counter(
             "parkpool_gateway_handler_errors_total",
             "Messages and records whose handling raised unexpectedly; each is still "

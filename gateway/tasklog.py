@@ -37,6 +37,7 @@ from parkpool.runtime.kafka import (
     coordinates,
     producer_config,
 )
+from parkpool.runtime.offsets import OffsetLedger
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import CancelJob, DecodeError, KafkaTopics, TaskChunk, decode
 from parkpool.schemas.codec import peek_type
@@ -94,6 +95,10 @@ class TaskLog:
         self.windows: dict[TP, OffsetWindow] = {}
         self.paused: set[TP] = set()
         self._starts: dict[TP, int] = {}  # committed offset found at assignment
+        # Offsets read per partition: a fetch that passed some over is gone back for,
+        # and nothing is committed past them meanwhile (runtime.offsets).
+        self._ledger = OffsetLedger()
+        self._holes_counted = (0, 0)  # the ledger's (filled, lost) last counted
         self._overflow: dict[TP, collections.deque[Message]] = {}
         self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
         OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
@@ -187,11 +192,14 @@ class TaskLog:
         """
         for call in self._later.pop_due():
             call()
+        self._reread_holes()
         accepted = self._from_overflow()
         for record in self.consumer.consume(batch, timeout=0):
             if not self._ours(record):
                 continue
             tp = (record.topic() or "", record.partition() or 0)
+            if not self._ledger.admit(tp, record.offset() or 0):
+                continue  # read again for a hole: it was had the first time
             if self._overflow[tp] or self.windows[tp].full:
                 self._overflow[tp].append(record)  # keeps the partition's order
             else:
@@ -220,7 +228,7 @@ class TaskLog:
     def _accept(self, record: Message) -> PendingTask | CancelRecord | None:
         topic, partition, offset = coordinates(record)
         tp = (topic, partition)
-        self.windows[tp].add(offset)
+        self.windows[tp].add_late(offset)  # in its turn, or a hole filled
         raw = record.value() or b""
         claimed = parse_task_key(record.key())
         try:
@@ -257,6 +265,34 @@ class TaskLog:
 
     # ---------------------------------------------------------------- offsets and flow
 
+    def _reread_holes(self) -> None:
+        """Go back for tasks a fetch passed over: Tansu can show a later batch of a
+        partition before an earlier one when several clients write to it, and a task
+        passed over would otherwise be committed past, never run, its job never done."""
+        for tp, offset in self._ledger.due():
+            if tp not in self.windows:
+                continue
+            try:
+                self.consumer.seek(TopicPartition(*tp, offset))
+            except KafkaException as exc:  # not fetching yet: the next look tries again
+                self._log.warning("hole_seek_failed", partition=tp[1], error=str(exc))
+        counted = (self._ledger.filled, self._ledger.lost)
+        if counted != self._holes_counted:
+            filled, lost = (a - b for a, b in zip(counted, self._holes_counted, strict=True))
+            self._holes_counted = counted
+            self.metrics.offset_holes.labels("filled").inc(filled)
+            self.metrics.offset_holes.labels("lost").inc(lost)
+            if lost:
+                self._log.error("tasks_never_read", records=lost)
+
+    def _committable(self, tp: TP, window: OffsetWindow) -> int | None:
+        """The window's commit point, never past a task still missed."""
+        point = window.commit_point
+        hole = self._ledger.first_hole(tp)
+        if point is None or hole is None:
+            return point
+        return min(point, hole)
+
     def owns(self, tp: TP) -> bool:
         return tp in self.windows
 
@@ -264,9 +300,9 @@ class TaskLog:
         window = self.windows.get(tp)
         if window is None:
             return  # revoked meanwhile: the new owner redoes it, the SDK drops the copy
-        if window.finish(offset) and window.commit_point is not None:
+        if window.finish(offset) and (point := self._committable(tp, window)) is not None:
             try:
-                self.consumer.store_offsets(offsets=[TopicPartition(*tp, window.commit_point)])
+                self.consumer.store_offsets(offsets=[TopicPartition(*tp, point)])
             except KafkaException as exc:
                 self._log.warning("store_offsets_failed", partition=tp[1], error=str(exc))
 
@@ -287,7 +323,7 @@ class TaskLog:
         """Each owned partition's window, commit point and end; cheap (cached watermarks)."""
         out = []
         for tp, window in sorted(self.windows.items()):
-            point = window.commit_point
+            point = self._committable(tp, window)
             committed = self._starts.get(tp, 0) if point is None else point
             try:
                 _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
@@ -326,6 +362,10 @@ class TaskLog:
         if partitions:
             starts = consumer.committed(partitions, timeout=10)  # -1001: use offset reset
             self._starts.update({(p.topic, p.partition): max(0, p.offset) for p in starts})
+            for p in starts:
+                self._ledger.forget((p.topic, p.partition))
+                if p.offset >= 0:  # else the reset policy picks the start: its first record
+                    self._ledger.start((p.topic, p.partition), p.offset)
             if self.eager:
                 consumer.assign(starts)
             else:
@@ -352,6 +392,7 @@ class TaskLog:
         for tp in gone:
             self.windows.pop(tp, None)
             self._starts.pop(tp, None)
+            self._ledger.forget(tp)
             self.paused.discard(tp)
             self._overflow.pop(tp, None)
         self._on_revoked(gone)
@@ -360,7 +401,8 @@ class TaskLog:
         offsets = [
             TopicPartition(*tp, point)
             for tp in tps
-            if (window := self.windows.get(tp)) and (point := window.commit_point) is not None
+            if (window := self.windows.get(tp))
+            and (point := self._committable(tp, window)) is not None
         ]
         if not offsets:
             return

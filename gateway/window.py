@@ -15,6 +15,7 @@ the gateway pause a partition instead of reading on:
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 # max_span when none is given, as a multiple of capacity: with the default window of
@@ -44,6 +45,22 @@ class OffsetWindow:
         self._held.append(offset)
         self._unfinished.add(offset)
         self._next = offset + 1
+
+    def add_late(self, offset: int) -> None:
+        """A record below the next one to read: one a fetch passed over and a read again
+        found (``runtime.offsets``). Held in order, as if it had come in its turn."""
+        if self._next is None or offset >= self._next:
+            self.add(offset)
+            return
+        if offset in self._unfinished or (self._held and offset in self._held):
+            raise ValueError(f"offset {offset} was already read")
+        bisect.insort(self._held, offset)
+        self._unfinished.add(offset)
+
+    @property
+    def next(self) -> int | None:
+        """One past the highest offset added."""
+        return self._next
 
     def finish(self, offset: int) -> bool:
         """Mark ``offset`` done; True when the commit point moved. O(1) amortised."""

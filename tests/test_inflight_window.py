@@ -80,6 +80,12 @@ class StubConsumer:
     def get_watermark_offsets(self, _tp: TopicPartition, cached: bool) -> tuple[int, int]:
         return 0, OFFSET_INVALID  # no fetch has reported the end yet
 
+    def seek(self, tp: TopicPartition) -> None:
+        """Read again from ``tp.offset``: the partition's log as it is now."""
+        self.records = deque(r for r in self.log if (r.offset() or 0) >= tp.offset)
+
+    log: list[Message] = field(default_factory=list)  # every record, for a seek
+
 
 class StubProducer:
     def __init__(self, _config: dict[str, Any]) -> None:
@@ -228,3 +234,24 @@ class TestSettings:
     def test_zero_span_is_a_multiple_of_the_window(self) -> None:
         h = harness(records=0, window=8, window_span=0)
         assert h.log.windows[PART].max_span == 64 * 8
+
+
+class TestPassedOverTasks:
+    """Tasks a fetch passed over (Tansu showed a later batch first) are gone back for,
+    read once, and never committed past while missed."""
+
+    def test_a_hole_is_read_again_and_the_commit_waits_for_it(self) -> None:
+        # Given a partition whose fetches hand out 0-4, then 8-9: 5-7 came late
+        h = harness(records=10, window=16, window_span=64)
+        h.consumer.log = list(h.consumer.records)
+        h.consumer.records = deque(r for r in h.consumer.log if r.offset() not in (5, 6, 7))
+        # When the gateway reads and finishes what it was handed
+        assert h.turn(batch=16) == [0, 1, 2, 3, 4, 8, 9]
+        h.finish(0, 1, 2, 3, 4, 8, 9)
+        # Then nothing past the hole is committed
+        assert max(h.consumer.stored) == 5
+        # And the next turn goes back for 5-7, reads them once, and not 8-9 again
+        assert list(h.turns()) == [5, 6, 7]
+        h.finish(5, 6, 7)
+        assert h.consumer.stored[-1] == 10
+        assert h.log.metrics.offset_holes.labels("filled")._value.get() == 3

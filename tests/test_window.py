@@ -315,3 +315,27 @@ class TestBoundsProperty:
             room = max(0, min(capacity - len(unfinished), window.max_span - span))
             assert window.room == room
             assert window.full == (room == 0)
+
+
+class TestLateOffsets:
+    """A record a fetch passed over, read again later, is held in its place."""
+
+    def test_a_late_offset_holds_the_commit_point_until_it_finishes(self) -> None:
+        window = OffsetWindow(capacity=8)
+        for offset in (0, 1, 4):
+            window.add(offset)
+        window.finish(0)
+        window.finish(1)
+        window.add_late(2)
+        assert window.commit_point == 2 and window.in_flight == 2
+        window.finish(4)
+        assert window.commit_point == 2
+        window.finish(2)
+        assert window.commit_point == 5
+
+    def test_an_offset_read_twice_is_refused(self) -> None:
+        window = OffsetWindow(capacity=8)
+        window.add(0)
+        window.add(3)
+        with pytest.raises(ValueError, match="already read"):
+            window.add_late(3)

@@ -95,6 +95,16 @@ class OffsetLedger:
                 wanted.append((where, min(part.holes)))
         return wanted
 
+    def forget(self, where: Where) -> None:
+        """The partition went to another reader: what it had no longer matters here."""
+        self._parts.pop(where, None)
+        self._holed.discard(where)
+
+    def first_hole(self, where: Where) -> int | None:
+        """The lowest offset still missed: a reader that commits must not pass it."""
+        part = self._parts.get(where)
+        return min(part.holes) if part and part.holes else None
+
     def holes(self, where: Where) -> list[int]:
         part = self._parts.get(where)
         return sorted(part.holes) if part else []
