@@ -158,6 +158,7 @@ class TestTopicBootstrap:
             topics.results: 24,
             topics.dead_letter: 3,
             topics.reputation: 6,
+            topics.jobs: 6,
         }
         assert partition_counts(brokers, topics) == expected
 
@@ -203,7 +204,13 @@ class TestTaskPartitions:
 
     def test_tasks_and_results_follow_the_setting(self) -> None:
         specs = {s.name: s.partitions for s in with_task_partitions(load_specs(), 12)}
-        assert specs == {"tasks": 12, "results": 12, "dead_letter": 3, "reputation": 6}
+        assert specs == {
+            "tasks": 12,
+            "results": 12,
+            "dead_letter": 3,
+            "reputation": 6,
+            "jobs": 6,
+        }
 
     def test_unset_keeps_the_topics_file(self) -> None:
         assert with_task_partitions(load_specs(), None) == load_specs()
@@ -236,6 +243,7 @@ class TestTaskPartitions:
             topics.results: 4,
             topics.dead_letter: 3,
             topics.reputation: 6,
+            topics.jobs: 6,
         }
         assert partition_counts(brokers, topics) == expected
 
