@@ -86,6 +86,13 @@ VALID: dict[type, dict[str, Any]] = {
         "queued": 3,
     },
     m.CancelJob: {"job_id": "job-1", "requested_at": 4.0},
+    m.JobSubmitted: {
+        "job_id": "job-1",
+        "kernel": "gemm",
+        "n_chunks": 4,
+        "reply_topic": "acme.results",
+        "submitted_at": 4.0,
+    },
     m.DlqAction: {"action": "replayed", "partition": 0, "offset": 3, "at": 6.0},
     m.CarTally: {
         "vehicle_id": "car-1",
@@ -258,6 +265,9 @@ class TestConstruction:
             (m.CancelJob, "job_id", "", "bad_value"),
             (m.CancelJob, "requested_at", -1.0, "out_of_range"),
             (m.CancelJob, "reason", "not a name", "bad_value"),
+            (m.JobSubmitted, "kernel", "not a name", "bad_value"),
+            (m.JobSubmitted, "n_chunks", 1_000_001, "out_of_range"),
+            (m.JobSubmitted, "submitted_at", -1.0, "out_of_range"),
             (m.DlqAction, "action", "deleted", "bad_value"),
             (m.DlqAction, "action", None, "wrong_type"),
             (m.DlqAction, "partition", 1_000_001, "out_of_range"),
@@ -331,8 +341,14 @@ class TestTopics:
             "acme.results",
             "acme.deadletter",
         )
-        assert topics.reputation == "acme.reputation"
-        assert topics.all() == ("acme.tasks", "acme.results", "acme.deadletter", "acme.reputation")
+        assert (topics.reputation, topics.jobs) == ("acme.reputation", "acme.jobs")
+        assert topics.all() == (
+            "acme.tasks",
+            "acme.results",
+            "acme.deadletter",
+            "acme.reputation",
+            "acme.jobs",
+        )
         assert KafkaTopics().tasks == f"{DEFAULT_NAMESPACE}.tasks"
 
     def test_mqtt_names(self) -> None:
