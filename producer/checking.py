@@ -14,6 +14,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobs import JobHandle
@@ -90,14 +91,14 @@ class ResultChecks:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def wants(self, handle: JobHandle, result: Result) -> bool:
+    def wants(self, handle: JobHandle[Any], result: Result) -> bool:
         """Whether a result is worth reading back: awaited, or needed by a check."""
         job = self._job(handle.job_id)
         if job is None:
             return handle.awaits(result.chunk_id)
         return handle.awaits(result.chunk_id) or job.verifier.wants(result.chunk_id)
 
-    def take(self, handle: JobHandle, result: Result) -> None:
+    def take(self, handle: JobHandle[Any], result: Result) -> None:
         job = self._job(handle.job_id)
         if job is None or not job.verifier.wants(result.chunk_id):
             handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
@@ -111,7 +112,7 @@ class ResultChecks:
             return
         self._act(handle, job, actions)
 
-    def abandoned(self, handle: JobHandle, chunk_id: int) -> None:
+    def abandoned(self, handle: JobHandle[Any], chunk_id: int) -> None:
         job = self._job(handle.job_id)
         if job is not None and 0 <= chunk_id < len(job.tasks):
             self._act(handle, job, job.verifier.abandoned(chunk_id))
@@ -123,7 +124,7 @@ class ResultChecks:
 
     # ---------------------------------------------------------------- actions
 
-    def _act(self, handle: JobHandle, job: _Job, actions: list[Action]) -> None:
+    def _act(self, handle: JobHandle[Any], job: _Job, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Accept):
                 if handle.deliver(action.result, time.time(), action.level):
@@ -146,7 +147,7 @@ class ResultChecks:
                 self.metrics.quarantines.inc()
             self.writer.quarantine(verdict.vehicle_id, (verdict.evidence,), "wrong_result")
 
-    def _redo(self, handle: JobHandle, job: _Job, redo: Redo) -> None:
+    def _redo(self, handle: JobHandle[Any], job: _Job, redo: Redo) -> None:
         task = job.tasks[redo.chunk_id]
         avoid = redo.avoid[-MAX_AVOIDED:]
         self.metrics.redone.labels(self._why(handle, redo)).inc()
@@ -157,7 +158,7 @@ class ResultChecks:
             return
         log.info("chunk_redone", job_id=handle.job_id, chunk_id=redo.chunk_id, avoid=avoid)
 
-    def _why(self, handle: JobHandle, redo: Redo) -> str:
+    def _why(self, handle: JobHandle[Any], redo: Redo) -> str:
         if not handle.awaits(redo.chunk_id):
             return "ringer"
         if any(self.book.quarantined(car) for car in redo.avoid):

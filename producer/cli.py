@@ -184,7 +184,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def _submit_and_follow(
     args: argparse.Namespace,
     client: ParkpoolClient,
-    plan: JobPlan,
+    plan: JobPlan[Any],
     expected: Callable[[], Any] | None,
 ) -> int:
     started = time.monotonic()
@@ -218,7 +218,7 @@ def _submit_and_follow(
     return 0 if summary.get("verified", True) else 1
 
 
-def follow(handle: JobHandle, timeout: float) -> Any:
+def follow(handle: JobHandle[Any], timeout: float) -> Any:
     """Wait for the job, showing progress on stderr: a rich bar on a terminal, a line at
     every quarter elsewhere."""
     deadline = time.monotonic() + timeout

@@ -45,7 +45,7 @@ Number = int | float
 Value = Number | bool | str | list[Number]
 
 
-def submitted_job(args: argparse.Namespace) -> tuple[JobPlan, Callable[[], Any] | None]:
+def submitted_job(args: argparse.Namespace) -> tuple[JobPlan[Any], Callable[[], Any] | None]:
     """The job's plan, and the NumPy answer for --verify (None: the user's own data).
     Read and checked before anything connects."""
     if args.output is not None:
@@ -59,7 +59,7 @@ def submitted_job(args: argparse.Namespace) -> tuple[JobPlan, Callable[[], Any] 
     return own_plan(args.kernel, args.input, args.param), None
 
 
-def example_plan(args: argparse.Namespace) -> tuple[JobPlan, Any]:
+def example_plan(args: argparse.Namespace) -> tuple[JobPlan[Any], Any]:
     """Generated inputs for a kernel, and the NumPy answer to check against."""
     rng = np.random.default_rng(args.seed)
     if args.kernel == "gemm":
@@ -99,7 +99,7 @@ def close_enough(answer: Any, expected: Any, kernel: str) -> bool:
     return bool(np.allclose(answer, expected, rtol=1e-4, atol=1e-3))
 
 
-def own_plan(kernel: str, inputs: Sequence[str], params: Sequence[str]) -> JobPlan:
+def own_plan(kernel: str, inputs: Sequence[str], params: Sequence[str]) -> JobPlan[Any]:
     """The kernel's plan for the arrays and options given as ``NAME=...`` flags."""
     planner = PLANNERS[kernel]
     files = [_assignment("--input", text) for text in inputs]
@@ -155,7 +155,9 @@ def _arrays(
     }
 
 
-def _planned(kernel: str, planner: Callable[..., JobPlan], arguments: dict[str, Any]) -> JobPlan:
+def _planned(
+    kernel: str, planner: Callable[..., JobPlan[Any]], arguments: dict[str, Any]
+) -> JobPlan[Any]:
     try:
         return planner(**arguments)
     except ValidationError as exc:

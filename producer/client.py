@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 from confluent_kafka import (
     Consumer,
@@ -41,7 +41,9 @@ from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobids import new_job_id
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
+from parkpool.producer.plans import Array
 from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
+from parkpool.producer.splitters_stats import KMeansStep, OptionPrice
 from parkpool.producer.verify import reachable
 from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
@@ -78,6 +80,7 @@ from parkpool.schemas.reputation import Level
 from parkpool.schemas.topics import task_key
 
 log = logs.get_logger("parkpool.producer")
+R = TypeVar("R")  # a job's answer
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class ParkpoolClient:
         self.decode_errors = 0
         self.metrics = SdkMetrics.on(settings.registry)
         self._producer = Producer(producer_config(settings.kafka))
-        self._handles: dict[str, JobHandle] = {}
+        self._handles: dict[str, JobHandle[Any]] = {}
         self._attached: set[str] = set()  # jobs this client did not submit: no checks here
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -186,10 +189,10 @@ class ParkpoolClient:
 
     async def asubmit(
         self, kernel: str, inputs: Mapping[str, Any] | None = None, **options: Any
-    ) -> JobHandle:
+    ) -> JobHandle[Any]:
         """``submit`` for asyncio: the wait for Kafka's acknowledgements happens off the
         event loop; ``await`` the handle for the answer, ``async for`` its chunks."""
-        return await asyncio.to_thread(self.submit, kernel, inputs, **options)
+        return await asyncio.to_thread(lambda: self.submit(kernel, inputs, **options))
 
     def close(self) -> None:
         if self._status is not None:
@@ -209,6 +212,76 @@ class ParkpoolClient:
 
     # ---------------------------------------------------------------- submitting
 
+    @overload
+    def submit(
+        self,
+        kernel: Literal["gemm", "mlp", "fft", "stencil2d", "poly"],
+        inputs: Mapping[str, Any] | None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        **split_options: Any,
+    ) -> JobHandle[Array]: ...
+
+    @overload
+    def submit(
+        self,
+        kernel: Literal["reduce", "monte_carlo_pi"],
+        inputs: Mapping[str, Any] | None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        **split_options: Any,
+    ) -> JobHandle[float]: ...
+
+    @overload
+    def submit(
+        self,
+        kernel: Literal["kmeans_step"],
+        inputs: Mapping[str, Any] | None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        **split_options: Any,
+    ) -> JobHandle[KMeansStep]: ...
+
+    @overload
+    def submit(
+        self,
+        kernel: Literal["option_mc"],
+        inputs: Mapping[str, Any] | None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        **split_options: Any,
+    ) -> JobHandle[OptionPrice]: ...
+
+    @overload
+    def submit(
+        self,
+        kernel: str,
+        inputs: Mapping[str, Any] | None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        **split_options: Any,
+    ) -> JobHandle[Any]: ...
+
     def submit(
         self,
         kernel: str,
@@ -220,8 +293,12 @@ class ParkpoolClient:
         confidential: bool = False,
         verification: Level | str | None = None,
         **split_options: Any,
-    ) -> JobHandle:
+    ) -> JobHandle[Any]:
         """Split a job with the kernel's planner and publish it; see producer.splitters.
+
+        The handle is typed by the kernel's answer: ``JobHandle[np.ndarray]`` for gemm,
+        mlp, fft, stencil2d and poly, ``JobHandle[float]`` for reduce and
+        monte_carlo_pi, ``KMeansStep`` and ``OptionPrice`` for the other two.
 
         ``confidential`` seals every chunk's inputs and results (``parkpool.runtime.sealing``), so
         brokers, logs and other cars never see them; it needs ``gateway_box_key``.
@@ -248,14 +325,14 @@ class ParkpoolClient:
 
     def submit_plan(
         self,
-        plan: JobPlan,
+        plan: JobPlan[R],
         *,
         priority: Priority | str = Priority.BATCH,
         deadline_s: float | None = None,
         job_id: str | None = None,
         confidential: bool = False,
         verification: Level | str | None = None,
-    ) -> JobHandle:
+    ) -> JobHandle[R]:
         return self.publish(
             plan.kernel,
             plan.chunks,
@@ -268,11 +345,41 @@ class ParkpoolClient:
             prepared=plan.prepared,
         )
 
+    @overload
     def publish(
         self,
         kernel: str,
         chunks: Sequence[ChunkSpec],
-        assembler: Assembler | None = None,
+        assembler: None = ...,
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        prepared: Prepared | None = ...,
+    ) -> JobHandle[None]: ...
+
+    @overload
+    def publish(
+        self,
+        kernel: str,
+        chunks: Sequence[ChunkSpec],
+        assembler: Assembler[R],
+        *,
+        priority: Priority | str = ...,
+        deadline_s: float | None = ...,
+        job_id: str | None = ...,
+        confidential: bool = ...,
+        verification: Level | str | None = ...,
+        prepared: Prepared | None = ...,
+    ) -> JobHandle[R]: ...
+
+    def publish(
+        self,
+        kernel: str,
+        chunks: Sequence[ChunkSpec],
+        assembler: Assembler[Any] | None = None,
         *,
         priority: Priority | str = Priority.BATCH,
         deadline_s: float | None = None,
@@ -280,7 +387,7 @@ class ParkpoolClient:
         confidential: bool = False,
         verification: Level | str | None = None,
         prepared: Prepared | None = None,
-    ) -> JobHandle:
+    ) -> JobHandle[Any]:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
         Every chunk is checked against the kernel's contract first: a job with one bad
@@ -538,17 +645,27 @@ class ParkpoolClient:
         for handle in handles:
             handle.lost(error)
 
-    def handle(self, job_id: str) -> JobHandle | None:
+    def handle(self, job_id: str) -> JobHandle[Any] | None:
         with self._lock:
             return self._handles.get(job_id)
+
+    @overload
+    def attach(
+        self, job_id: str, assembler: None = ..., *, timeout: float = ...
+    ) -> JobHandle[Any]: ...
+
+    @overload
+    def attach(
+        self, job_id: str, assembler: Assembler[R], *, timeout: float = ...
+    ) -> JobHandle[R]: ...
 
     def attach(
         self,
         job_id: str,
-        assembler: Assembler | None = None,
+        assembler: Assembler[Any] | None = None,
         *,
         timeout: float = 60.0,
-    ) -> JobHandle:
+    ) -> JobHandle[Any]:
         """A live handle on a job submitted by another client or process, or before a
         restart, found by its id: its chunks so far come at once, the rest as they finish.
 
@@ -618,14 +735,14 @@ class ParkpoolClient:
             else:
                 self._take(handle, open_result(result, self._reply_box))
 
-    def _wanted(self, handle: JobHandle, result: Result) -> bool:
+    def _wanted(self, handle: JobHandle[Any], result: Result) -> bool:
         if handle.job_id in self._attached:
             return handle.awaits(result.chunk_id) and not self._quarantined(result)
         if self._checks is None:
             return handle.awaits(result.chunk_id)
         return self._checks.wants(handle, result)
 
-    def _take(self, handle: JobHandle, result: Result) -> None:
+    def _take(self, handle: JobHandle[Any], result: Result) -> None:
         """A result with its outputs in clear: checked, then handed to the job."""
         if handle.job_id in self._attached:
             if not self._quarantined(result):
@@ -644,7 +761,7 @@ class ParkpoolClient:
         self.metrics.results_refused.labels("quarantined_car").inc()
         return True
 
-    def _deliver_stored(self, handle: JobHandle, result: Result) -> None:
+    def _deliver_stored(self, handle: JobHandle[Any], result: Result) -> None:
         with self._refusing(handle.job_id, self.reply_topic):
             result = self._stored_outputs(handle, result)
             self._take(handle, open_result(result, self._reply_box))
@@ -660,7 +777,7 @@ class ParkpoolClient:
             self.metrics.results_refused.labels(exc.reason).inc()
             log.warning("result_malformed", job_id=job_id, topic=topic, reason=str(exc))
 
-    def _stored_outputs(self, handle: JobHandle, result: Result) -> Result:
+    def _stored_outputs(self, handle: JobHandle[Any], result: Result) -> Result:
         """Outputs left in the store by the car, read back and checked by hash; only for
         a chunk still awaited, so a duplicate costs no download."""
         if not result.refs or not self._wanted(handle, result):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from parkpool.producer.jobs import JobHandle
 
@@ -18,7 +19,10 @@ FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 
 
-def as_completed(handles: Iterable[JobHandle], timeout: float | None = None) -> Iterator[JobHandle]:
+H = TypeVar("H", bound=JobHandle[Any])  # a handle, kept as typed as it came
+
+
+def as_completed(handles: Iterable[H], timeout: float | None = None) -> Iterator[H]:
     """The handles as their jobs end (done, failed or cancelled), first ended first;
     TimeoutError if ``timeout`` seconds pass before all have."""
     by_future = {handle.future: handle for handle in handles}
@@ -27,10 +31,10 @@ def as_completed(handles: Iterable[JobHandle], timeout: float | None = None) -> 
 
 
 def wait(
-    handles: Iterable[JobHandle],
+    handles: Iterable[H],
     timeout: float | None = None,
     return_when: str = ALL_COMPLETED,
-) -> tuple[set[JobHandle], set[JobHandle]]:
+) -> tuple[set[H], set[H]]:
     """(ended, still running) once ``return_when`` holds or ``timeout`` passes."""
     by_future = {handle.future: handle for handle in handles}
     done, pending = concurrent.futures.wait(by_future, timeout, return_when)

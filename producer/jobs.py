@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 import numpy as np
 
-from parkpool.producer.splitters import Assembler
+from parkpool.producer.plans import Assembler
 from parkpool.producer.streams import ChunkStream, ProgressStream, awaitable
 from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
 from parkpool.schemas.reputation import Level
@@ -87,14 +87,43 @@ class _Unobserved:
         return None
 
 
-class JobHandle:
-    """Tracks one job. Thread-safe: the client's reader thread feeds it."""
+R = TypeVar("R")  # the job's answer, as its assembler gives it
+
+
+class JobHandle(Generic[R]):
+    """Tracks one job. Thread-safe: the client's reader thread feeds it.
+
+    Typed by its answer: ``JobHandle[np.ndarray]`` for a gemm, ``JobHandle[float]`` for
+    a reduce, ``JobHandle[None]`` for a job without an assembler.
+    """
+
+    @overload
+    def __init__(
+        self: JobHandle[None],
+        job_id: str,
+        n_chunks: int,
+        assembler: None,
+        canceller: Callable[[str], None] | None = None,
+        observer: JobObserver | None = None,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: JobHandle[R],
+        job_id: str,
+        n_chunks: int,
+        assembler: Assembler[R],
+        canceller: Callable[[str], None] | None = None,
+        observer: JobObserver | None = None,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None: ...
 
     def __init__(
         self,
         job_id: str,
         n_chunks: int,
-        assembler: Assembler | None,
+        assembler: Assembler[R] | None,
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
         on_end: Callable[[str], None] | None = None,
@@ -122,7 +151,7 @@ class JobHandle:
         self._listeners: list[Callable[[Progress], None]] = []
         # The assembled answer, as a concurrent.futures.Future: settled once the job
         # ends, outside the lock (its callbacks may call back into this handle).
-        self._future: Future[Any] = Future()
+        self._future: Future[R] = Future()
         self._settled = False
         self._future.add_done_callback(self._future_cancelled)
 
@@ -154,13 +183,13 @@ class JobHandle:
             return list(self._latencies)
 
     @property
-    def future(self) -> Future[Any]:
+    def future(self) -> Future[R]:
         """The assembled answer as a ``concurrent.futures.Future``: it raises JobFailed
         (or the BrokerError that cut the job off), and is cancelled with the job.
         Cancelling it cancels the job."""
         return self._future
 
-    def wait(self, timeout: float | None = None) -> Any:
+    def wait(self, timeout: float | None = None) -> R | None:
         """Block until the job ends; return the assembled answer (None without assembler,
         or when the job was cancelled)."""
         try:
@@ -173,12 +202,12 @@ class JobHandle:
                 f"job {self.job_id}: {progress.done}/{self.n_chunks} chunks"
             ) from None
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, R | None]:
         """``await job``: the answer, as ``wait()`` gives it, without blocking the loop;
         a task cancelled while it awaits leaves the job running."""
         return self._result().__await__()
 
-    async def _result(self) -> Any:
+    async def _result(self) -> R | None:
         try:
             return await awaitable(self._future, asyncio.get_running_loop())
         except CancelledError:
@@ -374,13 +403,14 @@ class JobHandle:
             self._future.set_exception(JobFailed(self.job_id, self._dead))
         else:
             try:
-                answer = None if self._assembler is None else self._assembler.result()
+                # Without an assembler R is None (the overloads of __init__ say so).
+                answer = cast(R, None) if self._assembler is None else self._assembler.result()
             except ParkpoolError as exc:
                 self._future.set_exception(exc)
             else:
                 self._future.set_result(answer)
 
-    def _future_cancelled(self, future: Future[Any]) -> None:
+    def _future_cancelled(self, future: Future[R]) -> None:
         """Whoever cancels the future cancels the job (a no-op once it ended)."""
         if future.cancelled():
             self.cancel()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,8 @@ from parkpool.schemas.kernels import (
 )
 
 Array = npt.NDArray[Any]
+R = TypeVar("R")  # a job's answer: an array, a float, a KMeansStep, ...
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -34,23 +36,24 @@ class ChunkSpec:
     inputs: Mapping[str, Array]
 
 
-class Assembler(Protocol):
-    """Merges chunk results into the job's answer."""
+class Assembler(Protocol[R_co]):
+    """Merges chunk results into the job's answer, of type ``R_co``."""
 
     def add(self, chunk_id: int, outputs: Mapping[str, Array]) -> None:
         """Merge one chunk's outputs; ValidationError for an unknown id or a wrong shape."""
 
-    def result(self) -> Any:
+    def result(self) -> R_co:
         """The job's answer; ValidationError while any chunk is missing."""
 
 
 @dataclass(frozen=True)
-class JobPlan:
-    """A job split into tasks for one kernel, with a way to assemble their results."""
+class JobPlan(Generic[R]):
+    """A job split into tasks for one kernel, with a way to assemble their results into
+    its answer, of type ``R`` (so a handle's ``wait()`` is typed by its plan)."""
 
     kernel: str
     chunks: tuple[ChunkSpec, ...]
-    make_assembler: Callable[[], Assembler]
+    make_assembler: Callable[[], Assembler[R]]
     # What the planner computed for the results' check while it had the inputs in
     # cache (gemm: producer.freivalds.Prepared); None: the SDK computes it itself.
     prepared: Prepared | None = None
@@ -111,7 +114,7 @@ def output(
     return value
 
 
-class ChunkAssembler(abc.ABC):
+class ChunkAssembler(abc.ABC, Generic[R]):
     """Bookkeeping shared by assemblers: expected ids, arrivals, completeness."""
 
     def __init__(self, n_chunks: int) -> None:
@@ -130,7 +133,7 @@ class ChunkAssembler(abc.ABC):
         self._merge(int(chunk_id), outputs)
         self._seen.add(int(chunk_id))
 
-    def result(self) -> Any:
+    def result(self) -> R:
         """The job's answer once every chunk has been added."""
         missing = self._n_chunks - len(self._seen)
         if missing:
@@ -142,7 +145,7 @@ class ChunkAssembler(abc.ABC):
         """Validate, then fold one chunk's outputs in (validate before any mutation)."""
 
     @abc.abstractmethod
-    def _finish(self) -> Any:
+    def _finish(self) -> R:
         """The assembled answer; called once every chunk is in."""
 
 

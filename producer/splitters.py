@@ -68,7 +68,7 @@ __all__ = [
 # --- gemm ---------------------------------------------------------------------------
 
 
-class _GemmAssembler(ChunkAssembler):
+class _GemmAssembler(ChunkAssembler[Array]):
     def __init__(
         self, shape: tuple[int, int], dtype: np.dtype[Any], targets: tuple[tuple[slice, slice], ...]
     ) -> None:
@@ -105,7 +105,7 @@ def plan_gemm(
     tile: int = 256,
     k_tile: int | None = None,
     prepare_check: bool = True,
-) -> JobPlan:
+) -> JobPlan[Array]:
     """Tile C = A @ B: chunk (i, j[, l]) is a[rows_i, k_l] @ b[k_l, cols_j].
 
     Without ``k_tile`` each chunk is a full-K row panel times a column panel; with it,
@@ -171,7 +171,7 @@ def _span(first: slice, second: slice) -> tuple[int, int, int, int]:
 # --- monte_carlo_pi -----------------------------------------------------------------
 
 
-class _PiAssembler(ChunkAssembler):
+class _PiAssembler(ChunkAssembler[float]):
     def __init__(self, samples: tuple[int, ...]) -> None:
         super().__init__(len(samples))
         self._samples = samples
@@ -189,7 +189,9 @@ class _PiAssembler(ChunkAssembler):
         return 4.0 * self._hits / sum(self._samples)
 
 
-def plan_monte_carlo_pi(samples: int, *, chunk_samples: int = 1_000_000, seed: int = 0) -> JobPlan:
+def plan_monte_carlo_pi(
+    samples: int, *, chunk_samples: int = 1_000_000, seed: int = 0
+) -> JobPlan[float]:
     """Estimate pi from ``samples`` points in chunks of ``chunk_samples``; result is a float."""
     samples = positive("samples", samples)
     chunk_samples = positive("chunk_samples", chunk_samples)
@@ -209,7 +211,7 @@ def plan_monte_carlo_pi(samples: int, *, chunk_samples: int = 1_000_000, seed: i
 # --- poly (element-wise map) --------------------------------------------------------
 
 
-class _MapAssembler(ChunkAssembler):
+class _MapAssembler(ChunkAssembler[Array]):
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any], spans: list[slice]) -> None:
         super().__init__(len(spans))
         self._shape = shape
@@ -224,7 +226,7 @@ class _MapAssembler(ChunkAssembler):
         return self._flat.reshape(self._shape)
 
 
-def plan_map(x: Array, coeffs: list[float], *, chunk_elems: int = 1 << 16) -> JobPlan:
+def plan_map(x: Array, coeffs: list[float], *, chunk_elems: int = 1 << 16) -> JobPlan[Array]:
     """Evaluate the polynomial ``coeffs`` (highest degree first) at every element of x."""
     x = np.asarray(x)
     if x.dtype not in FLOAT_DTYPES:
@@ -243,7 +245,7 @@ def plan_map(x: Array, coeffs: list[float], *, chunk_elems: int = 1 << 16) -> Jo
 # --- reduce -------------------------------------------------------------------------
 
 
-class _ReduceAssembler(ChunkAssembler):
+class _ReduceAssembler(ChunkAssembler[float]):
     def __init__(self, op: str, n_chunks: int) -> None:
         super().__init__(n_chunks)
         self._op = op
@@ -263,7 +265,7 @@ class _ReduceAssembler(ChunkAssembler):
         return math.fsum(values.tolist())
 
 
-def plan_reduce(x: Array, op: str = "sum", *, chunk_elems: int = 1 << 16) -> JobPlan:
+def plan_reduce(x: Array, op: str = "sum", *, chunk_elems: int = 1 << 16) -> JobPlan[float]:
     """Reduce all of x with ``op`` ("sum", "sumsq", "min", "max"); result is a float."""
     x = np.asarray(x)
     if op not in REDUCE_OPS:
@@ -278,7 +280,7 @@ def plan_reduce(x: Array, op: str = "sum", *, chunk_elems: int = 1 << 16) -> Job
     return JobPlan("reduce", chunks, partial(_ReduceAssembler, op, len(spans)))
 
 
-PLANNERS: Mapping[str, Callable[..., JobPlan]] = MappingProxyType(
+PLANNERS: Mapping[str, Callable[..., JobPlan[Any]]] = MappingProxyType(
     {
         "gemm": plan_gemm,
         "monte_carlo_pi": plan_monte_carlo_pi,

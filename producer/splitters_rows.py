@@ -26,7 +26,7 @@ from parkpool.schemas.kernels import MAX_LAYERS
 # --- fft, mlp, stencil2d (row blocks of one result) ---------------------------------
 
 
-class _RowsAssembler(ChunkAssembler):
+class _RowsAssembler(ChunkAssembler[Array]):
     """Chunk i holds rows ``spans[i]`` of a 2-D result, which then takes ``shape``."""
 
     def __init__(
@@ -50,7 +50,7 @@ class _RowsAssembler(ChunkAssembler):
         return self._rows.reshape(self._shape)
 
 
-def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 15) -> JobPlan:
+def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 15) -> JobPlan[Array]:
     """The 1-D FFT of x along its last axis, whole rows per chunk; the result has x's shape."""
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[-1] < 1:
@@ -71,7 +71,7 @@ def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 15) -> 
 
 def plan_mlp(
     x: Array, weights: Sequence[Array], biases: Sequence[Array], *, chunk_rows: int = 256
-) -> JobPlan:
+) -> JobPlan[Array]:
     """Batched inference of a ReLU MLP (weights[i]: (in, out)), rows of x split over chunks."""
     x = np.asarray(x)
     if not 1 <= len(weights) == len(biases) <= MAX_LAYERS:
@@ -88,7 +88,9 @@ def plan_mlp(
     return JobPlan("mlp", chunks, partial(_RowsAssembler, "y", "f", out, x.dtype, spans, out))
 
 
-def plan_stencil2d(u: Array, weights: Sequence[Sequence[float]], *, iterations: int = 1) -> JobPlan:
+def plan_stencil2d(
+    u: Array, weights: Sequence[Sequence[float]], *, iterations: int = 1
+) -> JobPlan[Array]:
     """Iterate a 3x3 stencil over u: one chunk, since every sweep needs the whole grid."""
     u = np.asarray(u)
     try:

@@ -41,7 +41,7 @@ class KMeansStep:
     inertia: float  # the sum of squared distances to the nearest old centroid
 
 
-class _KMeansAssembler(ChunkAssembler):
+class _KMeansAssembler(ChunkAssembler["KMeansStep"]):
     def __init__(self, centroids: Array, sizes: tuple[int, ...]) -> None:
         super().__init__(len(sizes))
         self._old, self._sizes = centroids, sizes
@@ -66,7 +66,9 @@ class _KMeansAssembler(ChunkAssembler):
         return KMeansStep(new, self._counts.copy(), math.fsum(self._inertia))
 
 
-def plan_kmeans_step(points: Array, centroids: Array, *, chunk_points: int = 8192) -> JobPlan:
+def plan_kmeans_step(
+    points: Array, centroids: Array, *, chunk_points: int = 8192
+) -> JobPlan[KMeansStep]:
     """One k-means step; chunks of points return partial sums the assembler merges."""
     points, centroids = np.asarray(points), np.asarray(centroids)
     if points.ndim != 2:
@@ -93,7 +95,7 @@ class OptionPrice:
     paths: int
 
 
-class _OptionAssembler(ChunkAssembler):
+class _OptionAssembler(ChunkAssembler["OptionPrice"]):
     def __init__(self, paths: tuple[int, ...]) -> None:
         super().__init__(len(paths))
         self._paths = paths
@@ -128,7 +130,7 @@ def plan_option_mc(
     kind: str = "call",
     seed: int = 0,
     chunk_paths: int = 1_000_000,
-) -> JobPlan:
+) -> JobPlan[OptionPrice]:
     """Price a European option under GBM from ``paths`` paths; the result is an OptionPrice."""
     paths, chunk_paths = positive("paths", paths), positive("chunk_paths", chunk_paths)
     if chunk_paths > MAX_MC_CHUNK:
