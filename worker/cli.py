@@ -14,6 +14,7 @@ from typing import Any
 
 from parkpool.runtime import logs
 from parkpool.runtime.credentials import CarCredentials
+from parkpool.runtime.http import StatusServer
 from parkpool.runtime.settings import (
     MqttConnection,
     add_flag,
@@ -27,6 +28,7 @@ from parkpool.schemas.errors import ConfigError
 from parkpool.worker.backend import select_backend
 from parkpool.worker.boot import check_safeguards, missing_safeguards, start_with_retries
 from parkpool.worker.carstate import FileFeed
+from parkpool.worker.exporter import serve_metrics
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.policy import OwnerPolicy, PolicyConfig
 from parkpool.worker.realistic import RealisticFleet, RealisticPlan
@@ -154,6 +156,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--metrics-port",
+        "PARKPOOL_WORKER_METRICS_PORT",
+        -1,
+        "serve the agent's process_* and parkpool_build_info on 127.0.0.1 at this port "
+        "(0: any free port; -1: not at all)",
+        int,
+    )
+    add_option(
+        p,
         "--simulated-delay-s",
         "PARKPOOL_SIMULATED_DELAY_S",
         0.0,
@@ -197,6 +208,7 @@ def run_worker(args: argparse.Namespace) -> int:
         guard = OwnerPolicy(policy) if car else None
         return VehicleWorker(settings, backend, car=car, policy=guard)
 
+    exporter = _exporter(args, backend.name, "worker")
     worker = start_with_retries(make, stop)
     if worker is not None:
         log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
@@ -204,7 +216,17 @@ def run_worker(args: argparse.Namespace) -> int:
         worker.stop("owner_stop")
     if car is not None:
         car.close()
+    if exporter is not None:
+        exporter.close()
     return 0
+
+
+def _exporter(args: argparse.Namespace, backend: str, role: str) -> StatusServer | None:
+    if args.metrics_port < 0:
+        return None
+    server = serve_metrics(args.metrics_port, backend, role)
+    log.info("metrics_served", url=f"http://127.0.0.1:{server.port}/metrics")
+    return server
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -231,8 +253,11 @@ def run_sim(args: argparse.Namespace) -> int:
     )
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)
+    exporter = _exporter(args, fleet.backend.name, "sim")
     stop.wait()
     fleet.stop_all()
+    if exporter is not None:
+        exporter.close()
     log.info("fleet_stopped", completed=fleet.completed())
     return 0
 
