@@ -286,12 +286,18 @@ class TaskLog:
                 self._log.error("tasks_never_read", records=lost)
 
     def _committable(self, tp: TP, window: OffsetWindow) -> int | None:
-        """The window's commit point, never past a task still missed."""
+        """The window's commit point, never past a task still missed, nor past one read
+        and waiting in the overflow for room (a late one may sit below the point)."""
         point = window.commit_point
+        if point is None:
+            return None
         hole = self._ledger.first_hole(tp)
-        if point is None or hole is None:
-            return point
-        return min(point, hole)
+        if hole is not None:
+            point = min(point, hole)
+        overflow = self._overflow.get(tp)
+        if overflow:
+            point = min(point, *(r.offset() or 0 for r in overflow))
+        return point
 
     def owns(self, tp: TP) -> bool:
         return tp in self.windows
@@ -314,6 +320,8 @@ class TaskLog:
             self.consumer.pause([TopicPartition(*tp) for tp in to_pause])
         if to_resume := self.paused - wanted:
             self.consumer.resume([TopicPartition(*tp) for tp in to_resume])
+        for tp in to_pause | to_resume:
+            self._ledger.hold(tp, tp in wanted)  # a paused partition's holes wait, unaged
         self.paused = wanted
 
     def pause_all(self) -> None:
@@ -364,8 +372,7 @@ class TaskLog:
             self._starts.update({(p.topic, p.partition): max(0, p.offset) for p in starts})
             for p in starts:
                 self._ledger.forget((p.topic, p.partition))
-                if p.offset >= 0:  # else the reset policy picks the start: its first record
-                    self._ledger.start((p.topic, p.partition), p.offset)
+                self._ledger.start((p.topic, p.partition), self._first(consumer, p))
             if self.eager:
                 consumer.assign(starts)
             else:
@@ -373,6 +380,17 @@ class TaskLog:
             consumer.resume([TopicPartition(p.topic, p.partition) for p in partitions])
         self.metrics.rebalances.labels("assigned").inc()
         self._log.info("partitions_assigned", partitions=[p.partition for p in partitions])
+
+    def _first(self, consumer: Consumer, committed: TopicPartition) -> int:
+        """The first offset this gateway will read of a partition: the group's commit,
+        or with none, the partition's start (the consumer reads from the earliest)."""
+        if committed.offset >= 0:
+            return int(committed.offset)
+        try:
+            low, _high = consumer.get_watermark_offsets(committed, timeout=5)
+        except KafkaException:
+            return 0
+        return max(0, int(low))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is done for these partitions, then forget them and their leases."""

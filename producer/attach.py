@@ -115,7 +115,8 @@ def start_offsets(
         offset = tp.offset
         # Kafka's -1, or Tansu's 0 where the last record is older: nothing that recent
         # there. An answer past the end is kept: Tansu's end can lag its log.
-        if offset < 0 or latest.get((tp.topic, tp.partition), ms) < ms:
+        stamp = latest.get((tp.topic, tp.partition))
+        if offset < 0 or (stamp is not None and stamp < ms):
             offset = end
         starts.append(TopicPartition(tp.topic, tp.partition, offset))
     return starts
@@ -125,7 +126,8 @@ def _last_stamps(
     consumer: Consumer, partitions: list[TopicPartition], ends: dict[TopicPartition, int]
 ) -> dict[Where, int]:
     """The timestamp (ms) of the record before each partition's end, read in one go
-    with ``consumer`` before it is assigned its real partitions; -1 for one not read.
+    with ``consumer`` before it is assigned its real partitions; none for one not read
+    in time (its 0 is then believed: reading too much is slow, too little is wrong).
 
     Kafka answers ``offsets_for_times`` with -1 for a partition with nothing that
     recent; Tansu 0.6 answers 0, so a 0 is believed only if the last record is recent.
@@ -133,12 +135,12 @@ def _last_stamps(
     partition's start. (Tansu's end is its last batch's first offset + 1, so there this
     reads that batch's first record, and reading "from the end" re-reads the rest.)
     """
-    stamps = {(tp.topic, tp.partition): -1 for tp in partitions}
+    stamps: dict[Where, int] = {}
     if not partitions:
         return stamps
     consumer.assign([TopicPartition(tp.topic, tp.partition, ends[tp] - 1) for tp in partitions])
     try:
-        left = set(stamps)
+        left = {(tp.topic, tp.partition) for tp in partitions}
         deadline = time.monotonic() + 10
         while left and time.monotonic() < deadline:
             for record in _take(consumer, 0.5):

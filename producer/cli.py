@@ -25,7 +25,7 @@ from parkpool.producer.attach import (
 )
 from parkpool.producer.cli_inputs import close_enough, save_answer, submitted_job
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.producer.jobs import JobFailed, JobHandle, Progress
+from parkpool.producer.jobs import JobFailed, JobHandle, JobState, Progress
 from parkpool.producer.splitters import PLANNERS, JobPlan
 from parkpool.runtime import logs
 from parkpool.runtime.settings import (
@@ -323,7 +323,7 @@ def run_wait(args: argparse.Namespace) -> int:
         "wall_s": round(time.monotonic() - started, 3),
     }
     print(json.dumps(summary))
-    return 0
+    return 0 if p.state is JobState.DONE else 1
 
 
 def job_status(

@@ -145,12 +145,31 @@ class ParkpoolClient:
         )
         self._reader = _ResultReader(self, [self.reply_topic, self.topics.dead_letter])
         self._reader.start()
+        self._jobs_topic = self._jobs_topic_if_there()
         self._status = self._serve_metrics(settings)
         self._store = BlobStore(settings.store) if settings.store.enabled else None
         # A job's objects are deleted when it ends, and stored outputs read back, off
         # the reader's thread.
         self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
         self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
+
+    def _jobs_topic_if_there(self) -> str | None:
+        """The jobs topic, or None in a namespace bootstrapped before it existed: its
+        jobs then run as before and cannot be attached to, rather than fail at submit."""
+        try:
+            # All topics, not one: asking for one by name may create it with defaults.
+            found = self._producer.list_topics(timeout=10).topics
+        except KafkaException:
+            found = {}
+        topic = found.get(self.topics.jobs)
+        if topic is None or topic.error is not None:
+            log.warning(
+                "jobs_topic_missing",
+                topic=self.topics.jobs,
+                fix="run `parkpool brokers bootstrap` so jobs can be attached to by id",
+            )
+            return None
+        return self.topics.jobs
 
     def _serve_metrics(self, settings: ProducerSettings) -> StatusServer | None:
         if settings.metrics_port is None:
@@ -563,9 +582,10 @@ class ParkpoolClient:
 
         sent = 0
         try:
-            refused = produce(self._producer, self.topics.jobs, encode(header), job_id, report)
-            if refused is not None:
-                failures.append(str(refused))
+            if self._jobs_topic is not None:
+                refused = produce(self._producer, self._jobs_topic, encode(header), job_id, report)
+                if refused is not None:
+                    failures.append(str(refused))
             for (key, value), task in zip(records, tasks, strict=True):
                 if uploads is not None:
                     uploads.ready(task)
@@ -696,6 +716,9 @@ class ParkpoolClient:
             job_id, job.n_chunks, assembler, canceller=self.cancel, observer=self.metrics
         )
         with self._lock:
+            other = self._handles.get(job_id)
+            if other is not None:
+                return other  # attached by another thread meanwhile
             self._attached.add(job_id)
             self._handles[job_id] = handle  # before the rewind: the live reader goes on
         self._reader.rewind(job_id, starts, timeout)
@@ -881,11 +904,16 @@ class _ResultReader(threading.Thread):
             for tp in request.starts:
                 where = (tp.topic, tp.partition)
                 now = self._next.get(where)
-                if now is None or tp.offset >= now:
-                    continue  # not read yet, or a partition this reader does not know
+                if now is None:
+                    continue  # a partition this reader does not know
+                # What was had: a replay or a hole's look again may have moved the
+                # reader below it, and the records up to it are read again either way.
                 until, jobs = self._replaying.get(where, (now, set()))
-                self._replaying[where] = (max(until, now), jobs | {request.job})
-                self._next[where] = tp.offset
+                had = max(now, until, self._ledger.top(where) or 0)
+                if tp.offset >= had:
+                    continue  # not read yet: the reader will, for every job
+                self._replaying[where] = (had, jobs | {request.job})
+                self._next[where] = min(now, tp.offset)
                 moved = True
             if moved:
                 self.consumer.assign(self._assignment())

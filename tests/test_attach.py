@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.attach import high_watermarks, start_offsets
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobids import id_time, new_job_id
@@ -29,7 +30,7 @@ from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, JobSubmitted, KafkaTopics, Result, encode
 from parkpool.schemas.reputation import Evidence, Level
 from parkpool.worker.fleet import Fleet
-from tests.conftest import RunningGateway
+from tests.conftest import TEST_TOPIC_SPECS, RunningGateway
 
 X = np.arange(6000, dtype=np.float64)
 CHUNK = 1000  # six chunks
@@ -286,3 +287,25 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[An
         timeout=180,
         check=False,
     )
+
+
+class TestNamespaceWithoutJobsTopic:
+    """A namespace bootstrapped before the jobs topic existed keeps working."""
+
+    def test_jobs_are_submitted_and_attach_says_why_it_cannot(
+        self, brokers: EmbeddedBrokers
+    ) -> None:
+        # Given a namespace with every topic but the jobs topic
+        namespace = "old" + new_job_id()[:12]
+        old_specs = [s for s in TEST_TOPIC_SPECS if s.name != "jobs"]
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=old_specs)
+        conn = KafkaConnection(brokers.kafka_bootstrap)
+        with new_client(conn, namespace) as client:
+            # When a job is submitted there, Then Kafka confirms its tasks as before
+            handle = client.submit("reduce", {"x": X}, chunk_elems=CHUNK)
+            assert handle.progress.total == 6
+            # And attaching to it elsewhere fails, naming the missing topic
+            other = new_client(conn, namespace)
+            with other, pytest.raises(BrokerError, match=r"\.jobs does not exist"):
+                other.attach(handle.job_id, timeout=10)
+            client.cancel(handle.job_id)

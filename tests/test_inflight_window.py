@@ -77,7 +77,9 @@ class StubConsumer:
     def store_offsets(self, offsets: list[TopicPartition]) -> None:
         self.stored.extend(p.offset for p in offsets)
 
-    def get_watermark_offsets(self, _tp: TopicPartition, cached: bool) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, _tp: TopicPartition, cached: bool = False, timeout: float = 0.0
+    ) -> tuple[int, int]:
         return 0, OFFSET_INVALID  # no fetch has reported the end yet
 
     def seek(self, tp: TopicPartition) -> None:
@@ -255,3 +257,27 @@ class TestPassedOverTasks:
         h.finish(5, 6, 7)
         assert h.consumer.stored[-1] == 10
         assert h.log.metrics.offset_holes.labels("filled")._value.get() == 3
+
+    def test_a_late_task_waiting_for_room_holds_the_commit(self) -> None:
+        # Given a window of 3 whose fetch handed out 0, 1, 3, 4, 5: 2 came late
+        h = harness(records=8, window=3, window_span=64)
+        h.consumer.log = list(h.consumer.records)
+        h.consumer.records = deque(r for r in h.consumer.log if r.offset() != 2)
+        assert h.turn(batch=16) == [0, 1, 3]
+        h.finish(0, 1)
+        # When 2 comes on a look again while the window is full (it waits in the
+        # overflow), and the tasks after it finish
+        h.consumer.records.clear()
+        h.log._reread_holes()
+        h.log.poll(16)
+        h.finish(3)
+        # Then nothing past 2 is committed until 2 itself is done
+        assert max(h.consumer.stored) <= 2
+        # And draining the rest, every task is read once and the commit reaches the end
+        read = [0, 1, 3, 4, 5]  # 4 and 5 left the overflow on that poll
+        h.finish(4, 5)
+        while more := list(h.turns()):
+            read += more
+            h.finish(*more)
+        assert sorted(read) == list(range(8))
+        assert max(h.consumer.stored) == 8

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from types import SimpleNamespace
 from typing import Any
 
-from parkpool.producer.client import _ResultReader
+from confluent_kafka import TopicPartition
+
+from parkpool.producer.client import _ResultReader, _Rewind
 from parkpool.producer.metrics import SdkMetrics
-from parkpool.runtime.offsets import MAX_HOLE, PATIENCE_S, REREAD_EVERY_S, OffsetLedger
+from parkpool.runtime.offsets import PATIENCE_S, REREAD_EVERY_S, OffsetLedger
 
 P = ("acme.results", 3)
 
@@ -61,12 +65,31 @@ class TestLedger:
         assert ledger.due() == []
         assert (ledger.holes(P), ledger.filled, ledger.lost) == ([], 1, 1)
 
-    def test_a_wide_jump_is_not_waited_for(self) -> None:
-        # Kafka allows gaps (compaction, retention): a wide one is counted, not a hole
+    def test_a_wide_hole_is_one_range(self) -> None:
+        # Several producers' batches passed over at once: 50,000 offsets, one range
         ledger = OffsetLedger()
         ledger.admit(P, 5)
-        assert ledger.admit(P, 6 + MAX_HOLE + 1) is True
-        assert (ledger.holes(P), ledger.skipped, ledger.due()) == ([], MAX_HOLE + 1, [])
+        assert ledger.admit(P, 50_006) is True
+        assert ledger.first_hole(P) == 6 and ledger.due() == [(P, 6)]
+        assert ledger.admit(P, 20_000) is True  # one from the middle comes
+        assert ledger.first_hole(P) == 6 and ledger.filled == 1
+        assert ledger.admit(P, 20_000) is False  # and is had once
+
+    def test_a_held_partition_s_holes_do_not_age(self) -> None:
+        # Given a hole in a partition that is paused (nothing could fill it)
+        clock = Clock()
+        ledger = OffsetLedger(clock=clock)
+        ledger.admit(P, 0)
+        ledger.admit(P, 2)
+        ledger.hold(P, True)
+        clock.now += 10 * PATIENCE_S
+        ledger.due()
+        # Then it is still looked for; once read again, its patience runs
+        assert (ledger.first_hole(P), ledger.lost) == (1, 0)
+        ledger.hold(P, False)
+        clock.now += PATIENCE_S
+        ledger.due()
+        assert (ledger.first_hole(P), ledger.lost) == (None, 1)
 
     def test_partitions_are_apart(self) -> None:
         other = ("acme.results", 4)
@@ -139,3 +162,22 @@ class TestResultReaderHoles:
         reader._replaying[P] = (5, {b"mine"})
         reread = [reader._routes(_Record(o, b"mine" if o % 2 else b"other")) for o in range(5)]
         assert reread == [False, True, False, True, False]
+
+    def test_a_job_attached_during_another_s_replay_gets_its_records(self) -> None:
+        # Given a reader that had read 0-99 (job B's result at 80, when nobody waited
+        # for B), then went back to 0 for job A, and is at 50 of that replay
+        reader = self.reader()
+        reader._rewinds = queue.SimpleQueue()
+        key = {80: b"B"}
+        for offset in range(100):
+            reader._routes(_Record(offset, key.get(offset, b"x")))
+        reader._rewinds.put(_Rewind(b"A", [TopicPartition(*P, 0)], threading.Event()))
+        reader._serve_rewinds()
+        for offset in range(50):
+            reader._routes(_Record(offset, key.get(offset, b"x")))
+        # When job B is attached, its results from 70
+        reader._rewinds.put(_Rewind(b"B", [TopicPartition(*P, 70)], threading.Event()))
+        reader._serve_rewinds()
+        # Then the replay goes on for both, and B's result at 80 is routed
+        routed = [o for o in range(50, 100) if reader._routes(_Record(o, key.get(o, b"x")))]
+        assert routed == [80]

@@ -293,7 +293,7 @@ class ReputationWriter:
             return
         if refused is not None:
             self.failed += 1
-            self._renew = refused.fatal()
+            self._renew = self._renew or refused.fatal()
             log.warning("reputation_not_written", key=key, reason=str(refused))
 
     def _new_producer(self) -> Producer:
