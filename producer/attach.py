@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from parkpool.producer.jobids import id_time
 from parkpool.runtime.kafka import reader_config
+from parkpool.runtime.offsets import Where
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, DecodeError, JobSubmitted
 from parkpool.schemas.codec import decode
@@ -29,7 +30,6 @@ ID_SLACK_S = 1.0
 # producer.client._ResultReader); librdkafka's default leaves room for it.
 FETCH_WAIT_MS = 500
 
-Where = tuple[str, int]  # a topic's partition
 # With every partition read to its watermark, how long nothing more must come before a
 # read is complete (see ``read_until``): two fetch waits.
 IDLE_S = 2 * FETCH_WAIT_MS / 1000
