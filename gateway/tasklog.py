@@ -98,7 +98,6 @@ class TaskLog:
         # Offsets read per partition: a fetch that passed some over is gone back for,
         # and nothing is committed past them meanwhile (runtime.offsets).
         self._ledger = OffsetLedger()
-        self._holes_counted = (0, 0)  # the ledger's (filled, lost) last counted
         self._overflow: dict[TP, collections.deque[Message]] = {}
         self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
         OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
@@ -198,9 +197,14 @@ class TaskLog:
             if not self._ours(record):
                 continue
             tp = (record.topic() or "", record.partition() or 0)
-            if not self._ledger.admit(tp, record.offset() or 0):
+            offset = record.offset() or 0
+            if not self._ledger.admit(tp, offset):
                 continue  # read again for a hole: it was had the first time
-            if self._overflow[tp] or self.windows[tp].full:
+            if self.windows[tp].is_late(offset):
+                # A hole filled: older than all that waits, so it goes first, even past
+                # a full window (holes are rare); waiting, it would sit below the point.
+                accepted.append(self._accept(record))
+            elif self._overflow[tp] or self.windows[tp].full:
                 self._overflow[tp].append(record)  # keeps the partition's order
             else:
                 accepted.append(self._accept(record))
@@ -276,28 +280,20 @@ class TaskLog:
                 self.consumer.seek(TopicPartition(*tp, offset))
             except KafkaException as exc:  # not fetching yet: the next look tries again
                 self._log.warning("hole_seek_failed", partition=tp[1], error=str(exc))
-        counted = (self._ledger.filled, self._ledger.lost)
-        if counted != self._holes_counted:
-            filled, lost = (a - b for a, b in zip(counted, self._holes_counted, strict=True))
-            self._holes_counted = counted
+        filled, lost = self._ledger.news()
+        if filled or lost:
             self.metrics.offset_holes.labels("filled").inc(filled)
             self.metrics.offset_holes.labels("lost").inc(lost)
-            if lost:
-                self._log.error("tasks_never_read", records=lost)
+        if lost:
+            self._log.error("tasks_never_read", records=lost)
 
     def _committable(self, tp: TP, window: OffsetWindow) -> int | None:
-        """The window's commit point, never past a task still missed, nor past one read
-        and waiting in the overflow for room (a late one may sit below the point)."""
+        """The window's commit point, never past a task still missed."""
         point = window.commit_point
-        if point is None:
-            return None
         hole = self._ledger.first_hole(tp)
-        if hole is not None:
-            point = min(point, hole)
-        overflow = self._overflow.get(tp)
-        if overflow:
-            point = min(point, *(r.offset() or 0 for r in overflow))
-        return point
+        if point is None or hole is None:
+            return point
+        return min(point, hole)
 
     def owns(self, tp: TP) -> bool:
         return tp in self.windows

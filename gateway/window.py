@@ -57,10 +57,9 @@ class OffsetWindow:
         bisect.insort(self._held, offset)
         self._unfinished.add(offset)
 
-    @property
-    def next(self) -> int | None:
-        """One past the highest offset added."""
-        return self._next
+    def is_late(self, offset: int) -> bool:
+        """Whether ``offset`` is below one already added: a record a fetch passed over."""
+        return self._next is not None and offset < self._next
 
     def finish(self, offset: int) -> bool:
         """Mark ``offset`` done; True when the commit point moved. O(1) amortised."""

@@ -34,7 +34,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
-from parkpool.producer.attach import CLOCK_SKEW_S, find_job, job_starts
+from parkpool.producer.attach import CLOCK_SKEW_S, find_job, high_watermarks, job_starts
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.freivalds import Prepared
@@ -875,7 +875,8 @@ class _ResultReader(threading.Thread):
         self.consumer = Consumer(config)
         # Where each partition is read next; moved back by an attach (``rewind``) and
         # for a hole (``_reread_holes``).
-        self._next = {(tp.topic, tp.partition): tp.offset for tp in self._ends(topics)}
+        ends = high_watermarks(self.consumer, topics)
+        self._next = {(tp.topic, tp.partition): end for tp, end in ends.items()}
         # Which offsets were had: a record read again goes to an attached job only.
         self._ledger = OffsetLedger()
         for where, offset in self._next.items():
@@ -884,7 +885,6 @@ class _ResultReader(threading.Thread):
         # Read again for attached jobs only: (up to this offset, those jobs) per partition.
         self._replaying: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
         self._rewinds: queue.SimpleQueue[_Rewind] = queue.SimpleQueue()
-        self._holes_counted = (0, 0)  # the ledger's (filled, lost) last logged
 
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, offset) for (t, p), offset in self._next.items()]
@@ -941,28 +941,13 @@ class _ResultReader(threading.Thread):
             self._next[where] = min(self._next.get(where, offset), offset)
         if due:
             self.consumer.assign(self._assignment())
-        counted = (self._ledger.filled, self._ledger.lost)
-        if counted != self._holes_counted:
-            filled, lost = (a - b for a, b in zip(counted, self._holes_counted, strict=True))
-            self._holes_counted = counted
+        filled, lost = self._ledger.news()
+        if filled or lost:
             assert self.client is not None
             self.client.metrics.offset_holes.labels("filled").inc(filled)
             self.client.metrics.offset_holes.labels("lost").inc(lost)
-            if lost:
-                log.error("results_never_read", records=lost, patience_s=PATIENCE_S)
-
-    def _ends(self, topics: list[str]) -> list[TopicPartition]:
-        metadata = self.consumer.list_topics(timeout=10)
-        ends = []
-        for topic in topics:
-            if topic not in metadata.topics or metadata.topics[topic].error is not None:
-                raise BrokerError(f"topic {topic} does not exist; run `parkpool brokers bootstrap`")
-            for partition in metadata.topics[topic].partitions:
-                _low, high = self.consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=10
-                )
-                ends.append(TopicPartition(topic, partition, high))
-        return ends
+        if lost:
+            log.error("results_never_read", records=lost, patience_s=PATIENCE_S)
 
     def run(self) -> None:
         client = self.client

@@ -138,7 +138,6 @@ class TestResultReaderHoles:
         reader._ledger = OffsetLedger()
         reader._ledger.start(P, 0)
         reader._replaying = {}
-        reader._holes_counted = (0, 0)
         return reader
 
     def test_a_passed_over_result_is_read_again_and_routed_once(self) -> None:

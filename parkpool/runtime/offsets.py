@@ -58,6 +58,7 @@ class OffsetLedger:
         self._held: set[Where] = set()  # partitions not read for now (paused)
         self.filled = 0  # hole offsets whose record came on a read again
         self.lost = 0  # hole offsets given up on after the patience
+        self._told = (0, 0)  # (filled, lost) at the last ``news``
 
     def start(self, where: Where, offset: int) -> None:
         """Reading of ``where`` begins at ``offset``; nothing before it is missed."""
@@ -137,6 +138,13 @@ class OffsetLedger:
             else:
                 kept.append(hole)
         part.holes = kept
+
+    def news(self) -> tuple[int, int]:
+        """Offsets filled and lost since the last call: what a reader's counters add."""
+        now = (self.filled, self.lost)
+        news = (now[0] - self._told[0], now[1] - self._told[1])
+        self._told = now
+        return news
 
     def first_hole(self, where: Where) -> int | None:
         """The lowest offset still missed: a reader that commits must not pass it."""
