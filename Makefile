@@ -3,12 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+COMPOSE_VENV := .venv-compose
+COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
 
 .PHONY: all setup system-packages demo test bench chaos certs lint format mypy clean gpu-check gpu-bundle
 
 all: lint mypy test
 
-setup: $(STAMP) system-packages
+setup: $(STAMP) $(COMPOSE_STAMP) system-packages
 
 # Debian packages the tests run: mosquitto, prometheus (the server and promtool), and
 # systemd's systemd-analyze, which checks the deploy/systemd units.
@@ -28,6 +30,17 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# PyPI docker-compose (the v1 Python client: `docker-compose config` checks a compose file
+# with no daemon) pins PyYAML<6 and jsonschema<4, which the project's own tools outgrew,
+# so it gets a virtualenv of its own. PyYAML 5.4 has no wheel for Python 3.11+ and its
+# sdist builds only with Cython<3, hence the build constraint.
+$(COMPOSE_STAMP):
+	python3 -m venv $(COMPOSE_VENV)
+	echo 'cython<3' > $(COMPOSE_VENV)/build-constraints.txt
+	PIP_CONSTRAINT=$(COMPOSE_VENV)/build-constraints.txt \
+	  $(COMPOSE_VENV)/bin/python -m pip install -q 'docker-compose==1.29.2'
+	touch $(COMPOSE_STAMP)
 
 demo: setup
 	$(PY) -m parkpool.app.demo
@@ -78,4 +91,4 @@ mypy: setup
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(COMPOSE_VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
