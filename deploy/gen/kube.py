@@ -1,0 +1,225 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The gateways of a cell (StatefulSet, Services, PodDisruptionBudget) and the
+monitoring resources (ServiceMonitor, PrometheusRule, the Grafana dashboard)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deploy.gen import emqx, sources, strimzi
+from deploy.gen.render import meta
+
+APP = "parkpool-gateway"
+IMAGE = "parkpool"  # kustomization.yaml's `images:` sets the registry and tag
+KAFKA_CA_DIR = "/etc/parkpool/kafka-ca"
+MQTT_TLS_DIR = "/etc/parkpool/mqtt-tls"
+KEYS_DIR = "/etc/parkpool/keys"
+VEHICLE_KEYS_DIR = "/etc/parkpool/vehicle-keys"
+# Secrets and ConfigMaps the SRE makes (deploy/README.md, "Kubernetes"); never written here.
+GATEWAY_MQTT_TLS = "parkpool-gateway-mqtt-tls"
+GATEWAY_KEYS = "parkpool-gateway-keys"
+VEHICLE_KEYS = "parkpool-vehicle-keys"
+STORE = "parkpool-store"
+
+
+def gateway_name(cell: str) -> str:
+    return f"{APP}-{cell}"
+
+
+def _labels(cell: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "parkpool.io/cell": cell}
+
+
+def _env(cell: str) -> list[dict[str, Any]]:
+    defaults = sources.gateway_defaults()
+
+    def value(name: str, text: object) -> dict[str, Any]:
+        return {"name": name, "value": str(text)}
+
+    def ref(name: str, kind: str, source: str, key: str, optional: bool) -> dict[str, Any]:
+        selector = {"name": source, "key": key, "optional": optional}
+        return {"name": name, "valueFrom": {kind: selector}}
+
+    return [
+        {"name": "PARKPOOL_GATEWAY_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        value("PARKPOOL_NAMESPACE", defaults.namespace),
+        value("PARKPOOL_CELL", cell),
+        value("PARKPOOL_KAFKA_BOOTSTRAP", strimzi.bootstrap()),
+        ref("KAFKA_PASSWORD", "secretKeyRef", strimzi.GATEWAY_USER, "password", False),
+        value(
+            "PARKPOOL_KAFKA_CONFIG",
+            strimzi.client_config(strimzi.GATEWAY_USER, f"{KAFKA_CA_DIR}/ca.crt"),
+        ),
+        value("PARKPOOL_MQTT_HOST", emqx.listeners_service(cell)),
+        value("PARKPOOL_MQTT_PORT", emqx.PORT),
+        value("PARKPOOL_MQTT_TLS_CA", f"{MQTT_TLS_DIR}/ca.crt"),
+        value("PARKPOOL_MQTT_TLS_CERT", f"{MQTT_TLS_DIR}/tls.crt"),
+        value("PARKPOOL_MQTT_TLS_KEY", f"{MQTT_TLS_DIR}/tls.key"),
+        ref("PARKPOOL_STORE_ENDPOINT", "configMapKeyRef", STORE, "endpoint", False),
+        ref("PARKPOOL_STORE_PUBLIC_ENDPOINT", "configMapKeyRef", STORE, "public-endpoint", True),
+        ref("PARKPOOL_STORE_BUCKET", "configMapKeyRef", STORE, "bucket", True),
+        ref("PARKPOOL_STORE_REGION", "configMapKeyRef", STORE, "region", True),
+        # Optional: without them boto3 takes the pod's role (IRSA, workload identity).
+        ref("PARKPOOL_STORE_ACCESS_KEY", "secretKeyRef", STORE, "access-key", True),
+        ref("PARKPOOL_STORE_SECRET_KEY", "secretKeyRef", STORE, "secret-key", True),
+        value("PARKPOOL_SIGNING_KEY", f"{KEYS_DIR}/task-signing.key"),
+        value("PARKPOOL_VEHICLE_KEYS", VEHICLE_KEYS_DIR),
+        value("PARKPOOL_METRICS_PORT", sources.metrics_port()),
+        value("PARKPOOL_METRICS_ADDR", "0.0.0.0"),
+        value("PARKPOOL_DRAIN_SECONDS", defaults.drain_seconds),
+    ]
+
+
+def _volumes() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "kafka-ca", "secret": {"secretName": strimzi.ca_secret()}},
+        {"name": "mqtt-tls", "secret": {"secretName": GATEWAY_MQTT_TLS}},
+        {"name": "keys", "secret": {"secretName": GATEWAY_KEYS, "defaultMode": 0o400}},
+        {"name": "vehicle-keys", "configMap": {"name": VEHICLE_KEYS}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "kafka-ca", "mountPath": KAFKA_CA_DIR, "readOnly": True},
+        {"name": "mqtt-tls", "mountPath": MQTT_TLS_DIR, "readOnly": True},
+        {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
+        {"name": "vehicle-keys", "mountPath": VEHICLE_KEYS_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    return volumes, mounts
+
+
+def _container() -> dict[str, Any]:
+    probe = {"port": "status", "scheme": "HTTP"}
+    return {
+        "name": "gateway",
+        "image": IMAGE,
+        "args": ["gateway"],
+        "ports": [{"name": "status", "containerPort": sources.metrics_port()}],
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", **probe},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", **probe},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", **probe},
+            "periodSeconds": 5,
+            "failureThreshold": 24,
+        },
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"memory": f"{sources.gateway_memory_limit_mib()}Mi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def gateways(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
+    """One cell's gateways. Their pod names (``parkpool-gateway-<cell>-<n>``) are their
+    gateway ids, so each keeps its persistent MQTT session across restarts."""
+    name, labels = gateway_name(cell), _labels(cell)
+    volumes, mounts = _volumes()
+    container = {**_container(), "env": _env(cell), "volumeMounts": mounts}
+    pod = {
+        # Longer than the drain (PARKPOOL_DRAIN_SECONDS) plus the flush and commit after it.
+        "terminationGracePeriodSeconds": sources.termination_grace_s(),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta(name, labels),
+        "spec": {
+            "serviceName": name,
+            "replicas": replicas,
+            # Gateways need no ordered start; parallel makes a rollout of many quicker.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(name, labels),
+        "spec": {
+            "clusterIP": "None",
+            "selector": labels,
+            "ports": [{"name": "status", "port": sources.metrics_port(), "targetPort": "status"}],
+        },
+    }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta(name, labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+    }
+    return [statefulset, service, budget]
+
+
+def service_monitor() -> dict[str, Any]:
+    """prometheus.yml's parkpool-gateway job, for the Prometheus Operator. The job label
+    is set to that job's name, which every rule selects by."""
+    scrape = sources.gateway_scrape()
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta(APP),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": APP}},
+            "endpoints": [
+                {
+                    "port": "status",
+                    "path": scrape["metrics_path"],
+                    "interval": scrape["scrape_interval"],
+                    "scrapeTimeout": scrape["scrape_timeout"],
+                    "relabelings": [
+                        {
+                            "action": "replace",
+                            "targetLabel": "job",
+                            "replacement": scrape["job_name"],
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """Both rule files of deploy/prometheus/, groups unchanged."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": meta("parkpool"),
+        "spec": {"groups": sources.rule_groups()},
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    """The dashboard for Grafana's sidecar (kube-prometheus-stack: label grafana_dashboard)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta("parkpool-dashboard", {"grafana_dashboard": "1"}),
+        "data": {sources.DASHBOARD.name: sources.DASHBOARD.read_text()},
+    }
+
+
+def namespace() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta(sources.topics().namespace)}

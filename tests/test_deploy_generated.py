@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The generated deployment files equal a fresh generation, and say what their sources say.
+
+``python -m deploy.gen`` writes deploy/compose/ and deploy/kubernetes/ from the topic spec,
+the Prometheus rules, the MQTT broker's config and ACL, and the gateway's settings. These
+tests read the committed files and compare them with those sources directly, not through
+the generator, so a generator bug cannot hide behind its own output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy.gen.__main__ import drifted, generated
+from parkpool.broker_config.auth import ACL
+from parkpool.broker_config.topics import load_specs
+from parkpool.gateway.gateway import Gateway
+from parkpool.gateway.settings import GatewaySettings
+from parkpool.runtime.settings import DEFAULT_MQTT_MAX_MESSAGE_BYTES
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+PROMETHEUS = DEPLOY / "prometheus"
+# Written by hand, not generated: the compose stack's local credentials and set-up step,
+# and the operators' CRD schemas (deploy/gen/crds.py vendors them).
+HAND_WRITTEN = {"compose/.env", "compose/init.py"}
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for p in sorted(KUBE.rglob("*.yaml")) for d in load_all(p) if d.get("kind") == kind]
+
+
+class TestNoDrift:
+    """What is committed is what the generator makes now."""
+
+    def test_committed_files_equal_a_fresh_generation(self) -> None:
+        stale = [str(p.relative_to(ROOT)) for p in drifted()]
+        assert stale == [], "run `.venv/bin/python -m deploy.gen` and commit"
+
+    def test_every_file_there_is_generated_or_known(self) -> None:
+        made = {p.relative_to(DEPLOY).as_posix() for p in generated()}
+        there = {
+            p.relative_to(DEPLOY).as_posix()
+            for folder in ("compose", "kubernetes")
+            for p in (DEPLOY / folder).rglob("*")
+            if p.is_file() and "crd-schemas" not in p.parts and "__pycache__" not in p.parts
+        }
+        assert sorted(there - made - HAND_WRITTEN) == []
+
+
+class TestSourcesOfTruth:
+    """Each generated resource carries its source's values unchanged."""
+
+    def test_prometheus_rule_holds_both_rule_files(self) -> None:
+        config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+        groups = [
+            g
+            for name in config["rule_files"]
+            for g in yaml.safe_load((PROMETHEUS / name).read_text())["groups"]
+        ]
+        (rule,) = of_kind("PrometheusRule")
+        assert rule["spec"]["groups"] == groups
+
+    def test_service_monitor_scrapes_like_the_gateway_job(self) -> None:
+        config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "parkpool-gateway"]
+        (monitor,) = of_kind("ServiceMonitor")
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == job["metrics_path"]
+        assert endpoint["interval"] == config["global"]["scrape_interval"]
+        # The rules select gateways by job: the operator's default (the Service) is replaced
+        assert {"action": "replace", "targetLabel": "job", "replacement": job["job_name"]} in (
+            endpoint["relabelings"]
+        )
+
+    def test_kafka_topics_are_the_production_spec(self) -> None:
+        specs = load_specs(DEPLOY / "kafka_topics.production.toml")
+        topics = {t["spec"]["topicName"]: t["spec"] for t in of_kind("KafkaTopic")}
+        assert len(topics) == len(specs)
+        for spec in specs:
+            made = topics[spec.topic_name("parkpool")]
+            assert made["partitions"] == spec.partitions
+            assert made["replicas"] == spec.replication_factor
+            assert made["config"] == dict(spec.config)
+            assert made["config"]["max.message.bytes"]
+
+    def test_kafka_users_reach_only_their_namespace(self) -> None:
+        users = of_kind("KafkaUser")
+        assert {u["metadata"]["name"] for u in users} == {"parkpool-gateway", "parkpool-sdk"}
+        for user in users:
+            for acl in user["spec"]["authorization"]["acls"]:
+                assert acl["resource"]["name"].startswith("parkpool.")
+
+    def test_emqx_acl_is_the_mosquitto_acl(self) -> None:
+        patterns = [line.split() for line in ACL.splitlines() if line.startswith("pattern ")]
+        verbs = {"read": "subscribe", "write": "publish"}
+        expected = [
+            f'{{allow, all, {verbs[access]}, ["{topic.replace("%u", "${username}")}"]}}.'
+            for _, access, topic in patterns
+        ]
+        for config_map in (c for c in of_kind("ConfigMap") if "acl.conf" in c["data"]):
+            rules = [r for r in config_map["data"]["acl.conf"].splitlines() if r.startswith("{")]
+            # Then: the gateways' rule, the cars' rules in order, and deny for the rest
+            assert rules[1:-1] == expected
+            assert rules[-1] == "{deny, all}."
+
+    def test_emqx_limits_match_the_client_and_mosquitto(self) -> None:
+        conf = dict(
+            line.split(" ", 1)
+            for line in (ROOT / "broker_config" / "mosquitto.conf").read_text().splitlines()
+            if line and not line.startswith("#") and " " in line
+        )
+        overhead = int(conf["max_packet_size"]) - int(conf["message_size_limit"])
+        for emqx in of_kind("EMQX"):
+            hocon = emqx["spec"]["config"]["data"]
+            assert f"max_packet_size = {DEFAULT_MQTT_MAX_MESSAGE_BYTES + overhead}\n" in hocon
+            assert f"max_inflight = {conf['max_inflight_messages']}\n" in hocon
+            assert f"max_mqueue_len = {conf['max_queued_messages']}\n" in hocon
+            assert "peer_cert_as_username = cn" in hocon
+
+    def test_grace_period_outlasts_the_drain(self) -> None:
+        drain = next(
+            f.default
+            for f in GatewaySettings.__dataclass_fields__.values()
+            if f.name == "drain_seconds"
+        )
+        flush = inspect.signature(Gateway.shutdown).parameters["timeout"].default
+        statefulsets = of_kind("StatefulSet")
+        assert statefulsets
+        for sts in statefulsets:
+            pod = sts["spec"]["template"]["spec"]
+            assert pod["terminationGracePeriodSeconds"] > math.ceil(drain + flush)
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert float(env["PARKPOOL_DRAIN_SECONDS"]) == drain
+
+    def test_gateways_have_probes_and_a_budget(self) -> None:
+        for sts in of_kind("StatefulSet"):
+            (container,) = sts["spec"]["template"]["spec"]["containers"]
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        budgets = {b["metadata"]["name"] for b in of_kind("PodDisruptionBudget")}
+        assert budgets == {s["metadata"]["name"] for s in of_kind("StatefulSet")}
+
+
+class TestComposeStack:
+    """The compose stack has the parts the issue lists and loads deploy/prometheus/."""
+
+    def test_services(self) -> None:
+        services = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())["services"]
+        kinds = [name.rstrip("0123456789").rstrip("-") for name in services]
+        assert kinds.count("kafka") == 3
+        assert kinds.count("gw") == 3
+        assert {"mqtt-a", "mqtt-b", "store", "fleet", "prometheus", "grafana"} <= set(services)
+        mounts = " ".join(services["prometheus"]["volumes"])
+        for name in ("prometheus.yml", "recording_rules.yml", "alert_rules.yml"):
+            assert f"../prometheus/{name}:" in mounts
