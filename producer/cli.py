@@ -15,6 +15,7 @@ from confluent_kafka import Message
 from rich import progress as rich_progress
 from rich.console import Console
 
+from parkpool.producer import kernel_catalog
 from parkpool.producer.attach import (
     CLOCK_SKEW_S,
     find_job,
@@ -26,7 +27,7 @@ from parkpool.producer.attach import (
 from parkpool.producer.cli_inputs import close_enough, save_answer, submitted_job
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobHandle, JobState, Progress
-from parkpool.producer.splitters import PLANNERS, JobPlan
+from parkpool.producer.splitters import JobPlan
 from parkpool.runtime import logs
 from parkpool.runtime.settings import (
     KafkaConnection,
@@ -53,7 +54,7 @@ from parkpool.schemas.reputation import Level
 def add_parser(subparsers: Any) -> None:
     submit = subparsers.add_parser("submit", help="submit a job and follow it to the end")
     _connection(submit)
-    submit.add_argument("kernel", choices=sorted(PLANNERS))
+    submit.add_argument("kernel", choices=kernel_catalog.names())
     submit.add_argument("--size", type=int, default=1024, help="matrix side or array length")
     submit.add_argument("--tile", type=int, default=256, help="gemm tile side")
     submit.add_argument(

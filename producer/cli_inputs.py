@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from parkpool.producer import kernel_catalog
 from parkpool.producer.plans import Array, JobPlan
 from parkpool.producer.splitters import PLANNERS, KMeansStep, OptionPrice
 from parkpool.schemas.errors import ConfigError, ValidationError
@@ -41,6 +42,9 @@ ARRAY_LIST = "Sequence[Array]"
 # Answers with several parts, which only a .npz holds.
 PARTED_ANSWERS: Mapping[str, type] = {"kmeans_step": KMeansStep, "option_mc": OptionPrice}
 
+# The kernels whose inputs submit can generate, with NumPy's answer for --verify.
+EXAMPLES = ("gemm", "monte_carlo_pi", "poly", "reduce")
+
 Number = int | float
 Value = Number | bool | str | list[Number]
 
@@ -61,6 +65,11 @@ def submitted_job(args: argparse.Namespace) -> tuple[JobPlan[Any], Callable[[], 
 
 def example_plan(args: argparse.Namespace) -> tuple[JobPlan[Any], Any]:
     """Generated inputs for a kernel, and the NumPy answer to check against."""
+    if args.kernel not in EXAMPLES:
+        raise ConfigError(
+            f"{args.kernel} has no generated example: give its arrays and options as "
+            "--input NAME=FILE.npy and --param NAME=VALUE"
+        )
     rng = np.random.default_rng(args.seed)
     if args.kernel == "gemm":
         a = rng.standard_normal((args.size, args.size), dtype=np.float32)
@@ -101,7 +110,10 @@ def close_enough(answer: Any, expected: Any, kernel: str) -> bool:
 
 def own_plan(kernel: str, inputs: Sequence[str], params: Sequence[str]) -> JobPlan[Any]:
     """The kernel's plan for the arrays and options given as ``NAME=...`` flags."""
-    planner = PLANNERS[kernel]
+    try:
+        planner = kernel_catalog.planner(kernel)
+    except ValidationError as exc:
+        raise ConfigError(f"kernel {kernel}: {exc}") from None
     files = [_assignment("--input", text) for text in inputs]
     values = [_assignment("--param", text) for text in params]
     accepted = inspect.signature(planner).parameters

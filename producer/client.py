@@ -34,6 +34,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
+from parkpool.producer import kernel_catalog
 from parkpool.producer.attach import CLOCK_SKEW_S, find_job, high_watermarks, job_starts
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
@@ -42,7 +43,7 @@ from parkpool.producer.jobids import new_job_id
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import Array
-from parkpool.producer.splitters import PLANNERS, SPLIT_HINTS, Assembler, ChunkSpec, JobPlan
+from parkpool.producer.splitters import Assembler, ChunkSpec, JobPlan
 from parkpool.producer.splitters_stats import KMeansStep, OptionPrice
 from parkpool.producer.verify import reachable
 from parkpool.runtime import logs
@@ -326,13 +327,7 @@ class ParkpoolClient:
         cannot reach it is refused.
         """
         with self._counting_refusals():
-            planner = PLANNERS.get(kernel)
-            if planner is None:
-                known = ", ".join(sorted(PLANNERS))
-                raise ValidationError(
-                    "unknown_kernel", f"no planner for {kernel!r}; known: {known}"
-                )
-            plan = planner(**dict(inputs or {}), **split_options)
+            plan = kernel_catalog.planner(kernel)(**dict(inputs or {}), **split_options)
         return self.submit_plan(
             plan,
             priority=priority,
@@ -410,7 +405,7 @@ class ParkpoolClient:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
         Every chunk is checked against the kernel's contract first: a job with one bad
-        chunk, or naming no built-in kernel, raises ValidationError and sends nothing.
+        chunk, or naming no known kernel, raises ValidationError and sends nothing.
         ``verification`` is as for ``submit``; ``prepared`` is what a planner computed
         for the results' check (``JobPlan.prepared``), or None.
         """
@@ -418,9 +413,10 @@ class ParkpoolClient:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         job_id = job_id or new_job_id()
         with self._counting_refusals():
+            contract = kernel_catalog.contract(kernel)  # a plugin's, once imported
             minimum = _level(verification or self.settings.verification)
             if self._checks is not None:
-                reachable(kernel_spec(kernel), minimum)
+                reachable(contract, minimum)
         uploads = self._uploads(job_id)
         try:
             with self._counting_refusals():
@@ -548,7 +544,7 @@ class ParkpoolClient:
         key = task_key(task.job_id, task.chunk_id)
         value = encode(task)
         what = f"chunk {task.chunk_id} of this {task.kernel} job"
-        how = SPLIT_HINTS.get(task.kernel, "smaller chunks")
+        how = kernel_catalog.split_hint(task.kernel)
         check_record(self.settings.kafka, value, key, what, how)
         return key, value
 

@@ -17,11 +17,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from parkpool.producer import kernel_catalog
 from parkpool.producer.freivalds import Prepared
 from parkpool.schemas.errors import ValidationError
-from parkpool.schemas.kernels import (
-    validate_task,
-)
 
 Array = npt.NDArray[Any]
 R = TypeVar("R")  # a job's answer: an array, a float, a KMeansStep, ...
@@ -95,8 +93,9 @@ def real_param(name: str, value: Any) -> float:
 
 def validated(kernel: str, chunks: tuple[ChunkSpec, ...]) -> tuple[ChunkSpec, ...]:
     """The chunks, once each meets the kernel's contract (the reason names what is wrong)."""
+    contract = kernel_catalog.contract(kernel)
     for chunk in chunks:
-        validate_task(kernel, chunk.params, chunk.inputs)
+        contract.validate(chunk.params, chunk.inputs)
     return chunks
 
 

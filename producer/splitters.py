@@ -47,7 +47,6 @@ from parkpool.schemas.kernels import MAX_MC_SAMPLES as MAX_MC_CHUNK
 
 __all__ = [
     "PLANNERS",
-    "SPLIT_HINTS",
     "Assembler",
     "ChunkSpec",
     "JobPlan",
@@ -291,20 +290,5 @@ PLANNERS: Mapping[str, Callable[..., JobPlan[Any]]] = MappingProxyType(
         "stencil2d": plan_stencil2d,
         "kmeans_step": plan_kmeans_step,
         "option_mc": plan_option_mc,
-    }
-)
-# How to make a kernel's chunks smaller, for the error that refuses a chunk too large for
-# one Kafka record.
-SPLIT_HINTS: Mapping[str, str] = MappingProxyType(
-    {
-        "gemm": "a smaller tile, or k_tile to split the inner dimension as well",
-        "poly": "a smaller chunk_elems",
-        "reduce": "a smaller chunk_elems",
-        "fft": "a smaller chunk_elems (whole rows go in a chunk, so one row must fit)",
-        "mlp": "a smaller chunk_rows (the weights travel with every chunk)",
-        "stencil2d": "a smaller grid: every sweep needs the whole grid, so it is one chunk",
-        "kmeans_step": "a smaller chunk_points (the centroids travel with every chunk)",
-        "monte_carlo_pi": "a smaller chunk_samples",
-        "option_mc": "a smaller chunk_paths",
     }
 )

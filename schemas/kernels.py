@@ -444,12 +444,30 @@ SPECS: Mapping[str, KernelSpec] = MappingProxyType({s.name: s for s in _SPECS})
 BUILTIN: tuple[str, ...] = tuple(SPECS)
 
 
+# Contracts of plugin kernels this process has loaded (``schemas.plugins``). Only a
+# loader adds to it, never a lookup: a car must not import a package its operator has
+# not approved just because a task named it.
+_LOADED: dict[str, KernelSpec] = {}
+
+
+def register_spec(kernel: KernelSpec) -> None:
+    """Make a plugin kernel's contract known to this process (again: a no-op).
+
+    A built-in name, or a name already taken by another contract, is refused: two
+    packages must not both decide what a kernel name means.
+    """
+    if kernel.name in SPECS or _LOADED.get(kernel.name, kernel) is not kernel:
+        raise ValidationError("name_taken", f"a kernel named {kernel.name!r} already exists")
+    _LOADED[kernel.name] = kernel
+
+
 def spec(name: str) -> KernelSpec:
-    """The contract of built-in kernel ``name``; ValidationError("unknown_kernel") otherwise."""
+    """The contract of kernel ``name``, built in or loaded as a plugin;
+    ValidationError("unknown_kernel") otherwise."""
     try:
-        return SPECS[name]
+        return SPECS.get(name) or _LOADED[name]
     except (KeyError, TypeError):
-        raise ValidationError("unknown_kernel", f"no built-in kernel named {name!r}") from None
+        raise ValidationError("unknown_kernel", f"no kernel named {name!r}") from None
 
 
 def validate_task(name: str, params: Params, inputs: Inputs) -> None:

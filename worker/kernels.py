@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """The kernels a parked car can run, registered by name, and how one task is executed.
 
-A built-in kernel is its contract in ``schemas.kernels`` (inputs, validator, tolerance,
-cost model, shared with the producer) plus a function written against ``xp`` (NumPy or
-CuPy) and a plain-NumPy reference; the functions live in ``kernels_linalg``,
-``kernels_signal``, ``kernels_sim`` and ``kernels_map``. Built-in kernels work in bounded
-slices and call the caller's checkpoint between them (see ``kernels_slicing``).
+Every kernel is declared as a ``schemas.plugins.KernelPlugin``: its contract (inputs,
+validator, tolerance, cost model, shared with the producer) and the names of a function
+written against ``xp`` (NumPy or CuPy) and of a plain-NumPy reference. The built-ins'
+declarations are ``schemas.kernels_builtin`` and their functions live in
+``kernels_linalg``, ``kernels_signal``, ``kernels_sim`` and ``kernels_map``; plugin
+kernels join only once their fleet's manifest approves them (``kernel_loading``).
+Built-in kernels work in bounded slices and call the caller's checkpoint between them
+(see ``kernels_slicing``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from parkpool.runtime.plugins import resolve
 from parkpool.schemas.errors import KernelError, Preempted, Reject, Retry, ValidationError
 from parkpool.schemas.kernels import (
     FLOAT_DTYPES,
@@ -23,16 +27,15 @@ from parkpool.schemas.kernels import (
     MAX_POLY_COEFFS,
     REDUCE_DTYPES,
     REDUCE_OPS,
-    SPECS,
     Array,
     CheckFn,
     Inputs,
-    KernelSpec,
     Params,
     Tolerance,
     check_inputs,
 )
-from parkpool.worker import kernels_linalg, kernels_map, kernels_signal, kernels_sim
+from parkpool.schemas.kernels_builtin import BUILTINS
+from parkpool.schemas.plugins import KernelPlugin
 from parkpool.worker.backend import Backend
 from parkpool.worker.kernels_sim import splitmix64
 from parkpool.worker.kernels_slicing import SLICES, Checkpoint, Pacer
@@ -81,19 +84,22 @@ class Kernel:
     reference_fn: ReferenceFn
     sliced: bool = False
     optional_inputs: tuple[str, ...] = ()
+    cupy_fn: KernelFn | None = None  # used instead of fn where the backend is CuPy
 
     @classmethod
-    def builtin(cls, spec: KernelSpec, fn: KernelFn, reference_fn: ReferenceFn) -> Kernel:
-        """A sliced kernel whose contract is ``spec``."""
+    def from_plugin(cls, plugin: KernelPlugin) -> Kernel:
+        """The kernel a declaration describes, importing the functions it names."""
+        spec = plugin.spec
         return cls(
             spec.name,
-            fn,
+            resolve(plugin.device),
             spec.tolerance,
             spec.required_inputs,
             spec.check,
-            reference_fn,
-            sliced=True,
+            resolve(plugin.reference),
+            sliced=plugin.sliced,
             optional_inputs=spec.optional_inputs,
+            cupy_fn=resolve(plugin.cupy) if plugin.cupy else None,
         )
 
     def validate(self, params: Params, inputs: Inputs) -> None:
@@ -108,19 +114,8 @@ class Kernel:
         return all(self.tolerance.allclose(actual[k], expected[k]) for k in expected)
 
 
-_IMPLEMENTATIONS: dict[str, tuple[KernelFn, ReferenceFn]] = {
-    "gemm": (kernels_linalg.gemm, kernels_linalg.gemm_reference),
-    "mlp": (kernels_linalg.mlp, kernels_linalg.mlp_reference),
-    "kmeans_step": (kernels_linalg.kmeans_step, kernels_linalg.kmeans_step_reference),
-    "fft": (kernels_signal.fft, kernels_signal.fft_reference),
-    "stencil2d": (kernels_signal.stencil2d, kernels_signal.stencil2d_reference),
-    "monte_carlo_pi": (kernels_sim.monte_carlo_pi, kernels_sim.monte_carlo_pi_reference),
-    "option_mc": (kernels_sim.option_mc, kernels_sim.option_mc_reference),
-    "poly": (kernels_map.poly, kernels_map.poly_reference),
-    "reduce": (kernels_map.reduce, kernels_map.reduce_reference),
-}
 _KERNELS_BY_NAME: dict[str, Kernel] = {
-    name: Kernel.builtin(spec, *_IMPLEMENTATIONS[name]) for name, spec in SPECS.items()
+    name: Kernel.from_plugin(plugin) for name, plugin in BUILTINS.items()
 }
 BUILTIN: tuple[str, ...] = tuple(_KERNELS_BY_NAME)
 REGISTRY: Mapping[str, Kernel] = MappingProxyType(_KERNELS_BY_NAME)
@@ -187,9 +182,10 @@ def _run(
     checkpoint: Checkpoint | None,
 ) -> dict[str, Array]:
     device_inputs = {key: backend.to_device(value) for key, value in inputs.items()}
+    fn = kernel.cupy_fn if kernel.cupy_fn is not None and backend.name == "cupy" else kernel.fn
     if kernel.sliced:
         tick = Pacer(backend.xp, checkpoint).tick
-        device_outputs = kernel.fn(backend.xp, params, device_inputs, tick)
+        device_outputs = fn(backend.xp, params, device_inputs, tick)
     else:
-        device_outputs = kernel.fn(backend.xp, params, device_inputs)
+        device_outputs = fn(backend.xp, params, device_inputs)
     return {key: backend.to_host(value) for key, value in device_outputs.items()}
