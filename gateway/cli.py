@@ -141,6 +141,15 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--kernel-grace-s",
+        "PARKPOOL_KERNEL_GRACE_S",
+        30.0,
+        "after a start, seconds to wait for cars to announce a plugin kernel before its "
+        "tasks are dead-lettered as unknown_kernel",
+        float,
+    )
+    add_option(
+        p,
         "--pull-rate",
         "PARKPOOL_PULL_RATE",
         50.0,
@@ -208,6 +217,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         session_timeout_ms=args.session_timeout_ms,
         drain_seconds=args.drain_seconds,
         pull_rate=args.pull_rate,
+        kernel_grace_s=args.kernel_grace_s,
         result_rate=args.result_rate,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         vehicle_keys=Path(args.vehicle_keys) if args.vehicle_keys else None,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from parkpool.gateway.cancels import CancelledJobs
+from parkpool.gateway.kernel_routes import KernelRoutes
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
@@ -31,6 +32,7 @@ from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
 from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
 from parkpool.schemas.blobref import input_key, output_key
+from parkpool.schemas.kernels import BUILTIN
 
 # Car ids, queued and msgpack framing of a batch around its assignments, generously.
 BATCH_OVERHEAD = 1024
@@ -39,6 +41,7 @@ QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap be
 # Per car, the stored inputs last sent to it, for cache-aware picks: as 64-bit hash
 # prefixes, about 300 bytes a car, so 200,000 cars cost some 60 MB at most.
 BLOBS_REMEMBERED = 8
+SKIP_SAMPLE = 32  # the tasks a pull scans (ReadyQueue.pop), to name why none fit
 
 
 class Dispatcher:
@@ -141,10 +144,14 @@ class Dispatcher:
         under the MQTT limit; how many were sent."""
         payloads: list[bytes] = []
         for _ in range(wanted):
-            task = self.next_dispatchable(_fit_for(view), _holds_inputs(view))
+            task = self.next_dispatchable(
+                _fit_for(view, self.vehicles.kernels), _holds_inputs(view)
+            )
             if task is None:
                 if len(self.ready):
-                    self.metrics.dispatch_skipped.labels(_skip_reason(view)).inc()
+                    self.metrics.dispatch_skipped.labels(
+                        _skip_reason(view, self.ready.head(SKIP_SAMPLE))
+                    ).inc()
                 break
             inputs_key = self._inputs_key_for(task, view)
             if inputs_key is None:
@@ -266,24 +273,42 @@ class Dispatcher:
             elif task.task.deadline < time.time():
                 detail = "the job's deadline passed in the queue"
                 self.outcomes.dead_letter(task, "deadline_passed", detail)
+            elif self.vehicles.kernels.unrunnable(task.task.kernel):
+                detail = f"no car of this gateway runs kernel {task.task.kernel!r}"
+                self.outcomes.dead_letter(task, "unknown_kernel", detail)
             else:
                 return task
         return None
 
 
-def _fit_for(view: VehicleView) -> Callable[[PendingTask], bool]:
+def _fit_for(view: VehicleView, kernels: KernelRoutes) -> Callable[[PendingTask], bool]:
     """Only tasks that should finish before the car leaves, confidential ones only for a
-    car that can open them, and never one that checks or redoes this car's result."""
+    car that can open them, plugin kernels only for a car that announced it runs them
+    (or when no car here does: such a task is taken only to be dead-lettered), and never
+    one that checks or redoes this car's result."""
     can_open = _can_open(view)
     car = view.vehicle_id
+    runs = _runs(view)
+
+    def kernel_ok(kernel: str) -> bool:
+        return runs(kernel) or kernels.unrunnable(kernel)
+
     if view.dwell_s <= 0 and can_open:
-        return lambda task: car not in task.task.avoid
+        return lambda task: car not in task.task.avoid and kernel_ok(task.task.kernel)
     now = time.monotonic()
     return lambda task: (
         (can_open or not task.task.confidential)
         and view.fits(task.task.cost_gflop, now)
         and car not in task.task.avoid
+        and kernel_ok(task.task.kernel)
     )
+
+
+def _runs(view: VehicleView) -> Callable[[str], bool]:
+    """Whether the car runs a kernel: every car runs the built-ins; a plugin kernel only
+    where the car's fleet manifest approved it, which its pulls announce."""
+    announced = frozenset(view.capabilities.kernels) if view.capabilities else frozenset()
+    return lambda kernel: kernel in BUILTIN or kernel in announced
 
 
 def _holds_inputs(view: VehicleView) -> Callable[[PendingTask], bool] | None:
@@ -310,6 +335,9 @@ def _can_open(view: VehicleView) -> bool:
     return bool(view.capabilities and view.capabilities.box_key)
 
 
-def _skip_reason(view: VehicleView) -> str:
+def _skip_reason(view: VehicleView, queued: list[PendingTask]) -> str:
     """Why no queued task fit the car: the likeliest of its filters."""
+    runs = _runs(view)
+    if any(not runs(t.task.kernel) for t in queued):
+        return "no_kernel"
     return "dwell" if _can_open(view) else "no_box_key"

@@ -135,6 +135,7 @@ class GatewayMetrics:
             "Times a hungry vehicle got no task although tasks were ready",
             # dwell: none would finish before the car is due to leave; no_box_key: all
             # were confidential, and the car announced no key to open them with;
+            # no_kernel: a plugin kernel the car did not announce (its manifest);
             # quarantined: the car was caught returning wrong results
             ["reason"],
             registry=r,

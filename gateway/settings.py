@@ -54,6 +54,9 @@ class GatewaySettings:
     # A lease's upload URL lives this long at most (and never past the job's deadline):
     # long enough for a long kernel whose lease heartbeats extend it.
     upload_url_s: float = 900.0
+    # After a start, how long to wait for cars to announce a plugin kernel before its
+    # tasks count as ones no car here runs (gateway.kernel_routes).
+    kernel_grace_s: float = 30.0
 
     @property
     def group(self) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +90,10 @@ class ReadyQueue:
                 self._high_streak = self._high_streak + 1 if queue is high else 0
                 return task
         return None
+
+    def head(self, count: int) -> list[PendingTask]:
+        """Up to ``count`` of the tasks a pull would look at first, high priority first."""
+        return [task for queue in self._queues.values() for task in itertools.islice(queue, count)]
 
     def tasks(self) -> list[PendingTask]:
         """Every queued task (a copy), high priority first."""

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from parkpool.gateway.kernel_routes import KernelRoutes
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
 
 
@@ -51,8 +52,9 @@ class VehicleView:
 class VehicleBook:
     """Vehicles by id, and the round-robin order in which hungry ones get work."""
 
-    def __init__(self, gateway_id: str) -> None:
+    def __init__(self, gateway_id: str, kernels: KernelRoutes | None = None) -> None:
         self.gateway_id = gateway_id
+        self.kernels = kernels or KernelRoutes()
         self._vehicles: dict[str, VehicleView] = {}
         self._hungry: OrderedDict[str, None] = OrderedDict()
         # Cars told "no work here", to be told again when work comes: only those.
@@ -84,6 +86,7 @@ class VehicleBook:
         view.credits = pull.grants.get(self.gateway_id, 0)
         view.seen_epoch = pull.seen.get(self.gateway_id, 0)
         view.capabilities = pull.capabilities
+        self.kernels.heard(pull.capabilities.kernels)
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
         if view.credits > 0:

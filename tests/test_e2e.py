@@ -204,9 +204,10 @@ def test_job_state_after_poison_is_failed_not_hung(
     client: ParkpoolClient,
     kafka_conn: KafkaConnection,
 ) -> None:
-    """A job whose kernel is unknown to every vehicle is dead-lettered at once (terminal)."""
-    # Given a running fleet
-    gateway_factory()
+    """A job whose kernel no vehicle announces is dead-lettered at once (terminal), once
+    the cars have had their grace period to announce it (none here)."""
+    # Given a running fleet, whose gateway gives cars no grace to announce kernels
+    gateway_factory(kernel_grace_s=0)
     fleet_factory(2)
     # When a chunk names a kernel no vehicle has (written raw: the SDK refuses to send it)
     task = produce_raw_task(
@@ -215,7 +216,7 @@ def test_job_state_after_poison_is_failed_not_hung(
     # Then it is dead-lettered with the reason, instead of hanging
     [record] = read_topic(kafka_conn, client.topics.dead_letter, 1, timeout=30)
     letter = decode(record.value() or b"", DeadLetter)
-    assert (letter.job_id, letter.chunk_id, letter.reason) == (task.job_id, 0, "invalid_task")
+    assert (letter.job_id, letter.chunk_id, letter.reason) == (task.job_id, 0, "unknown_kernel")
 
 
 class TestCommandLine:

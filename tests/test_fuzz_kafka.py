@@ -201,8 +201,8 @@ class TestWellFormedButWrongRecords:
         namespace: str,
         dead_letters: TopicTail,
     ) -> None:
-        # Given a gateway and a vehicle
-        running = gateway_factory()
+        # Given a gateway (which gives cars no grace to announce kernels) and a vehicle
+        running = gateway_factory(kernel_grace_s=0)
         fleet_factory(1)
         # When tasks no car can run (or run in time, or answer) are written raw
         cases = {
@@ -222,7 +222,7 @@ class TestWellFormedButWrongRecords:
 
 
 WRONG_TASKS: list[tuple[str, dict[str, object]]] = [
-    ("invalid_task", {"kernel": "no_such_kernel"}),
+    ("unknown_kernel", {"kernel": "no_such_kernel"}),
     ("invalid_task", {"params": {"op": "median"}}),
     ("invalid_task", {"inputs": {}}),
     ("deadline_passed", {"deadline": 1.0}),

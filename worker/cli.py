@@ -30,6 +30,7 @@ from parkpool.worker.boot import check_safeguards, missing_safeguards, start_wit
 from parkpool.worker.carstate import FileFeed
 from parkpool.worker.exporter import serve_metrics
 from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernel_loading import KernelLoad, load_from_files
 from parkpool.worker.policy import OwnerPolicy, PolicyConfig
 from parkpool.worker.realistic import RealisticFleet, RealisticPlan
 from parkpool.worker.worker import VehicleWorker, WorkerSettings
@@ -165,6 +166,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     add_option(
         p,
+        "--kernel-manifest",
+        "PARKPOOL_KERNEL_MANIFEST",
+        "",
+        "the fleet's signed manifest of approved kernel packages (parkpool kernels sign); "
+        "empty: only the built-in kernels run",
+    )
+    add_option(
+        p,
+        "--kernel-keys",
+        "PARKPOOL_KERNEL_KEYS",
+        "",
+        "comma-separated public key files the kernel manifest must be signed with",
+    )
+    add_option(
+        p,
         "--simulated-delay-s",
         "PARKPOOL_SIMULATED_DELAY_S",
         0.0,
@@ -203,12 +219,13 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.result_key:
         settings = replace(settings, result_key=Path(args.result_key))
     backend = select_backend(settings.backend)  # once: a GPU is not set up again per try
+    kernels = _kernels(args)
 
     def make() -> VehicleWorker:
         guard = OwnerPolicy(policy) if car else None
         return VehicleWorker(settings, backend, car=car, policy=guard)
 
-    exporter = _exporter(args, backend.name, "worker")
+    exporter = _exporter(args, backend.name, "worker", kernels)
     worker = start_with_retries(make, stop)
     if worker is not None:
         log.info("worker_started", vehicle_id=args.vehicle_id, backend=worker.backend.name)
@@ -221,10 +238,20 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exporter(args: argparse.Namespace, backend: str, role: str) -> StatusServer | None:
+def _kernels(args: argparse.Namespace) -> KernelLoad:
+    """Load the plugin kernels the manifest approves, before anything connects: a car
+    announces its kernels in its first pull."""
+    manifest = Path(args.kernel_manifest) if args.kernel_manifest else None
+    keys = [Path(p) for p in args.kernel_keys.split(",") if p.strip()]
+    return load_from_files(manifest, keys)
+
+
+def _exporter(
+    args: argparse.Namespace, backend: str, role: str, kernels: KernelLoad
+) -> StatusServer | None:
     if args.metrics_port < 0:
         return None
-    server = serve_metrics(args.metrics_port, backend, role)
+    server = serve_metrics(args.metrics_port, backend, role, kernels)
     log.info("metrics_served", url=f"http://127.0.0.1:{server.port}/metrics")
     return server
 
@@ -242,6 +269,7 @@ def run_sim(args: argparse.Namespace) -> int:
     check_safeguards(missing_safeguards(feed, args.trusted_keys), dev=True, command="sim")
     if args.realistic:
         return _run_realistic(args, stop)
+    kernels = _kernels(args)
     cars = Path(args.credentials_dir) if args.credentials_dir else None
     template = _settings(args, f"{args.prefix}-0")
     fleet = Fleet(
@@ -253,7 +281,7 @@ def run_sim(args: argparse.Namespace) -> int:
     )
     fleet.add(args.vehicles)
     log.info("fleet_started", vehicles=len(fleet), backend=fleet.backend.name)
-    exporter = _exporter(args, fleet.backend.name, "sim")
+    exporter = _exporter(args, fleet.backend.name, "sim", kernels)
     stop.wait()
     fleet.stop_all()
     if exporter is not None:

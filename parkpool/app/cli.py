@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parkpool.app import capacity, demo, keys_cli, quarantine_cli, store_cli, top
+from parkpool.app import capacity, demo, kernels_cli, keys_cli, quarantine_cli, store_cli, top
 from parkpool.broker_config import cli as brokers_cli
 from parkpool.broker_config import fleet_cli
 from parkpool.gateway import cli as gateway_cli
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_cli.add_parser(commands)
     top.add_parser(commands)
     keys_cli.add_parser(commands)
+    kernels_cli.add_parser(commands)
     quarantine_cli.add_parser(fleet_cli.add_parser(commands))
     demo.add_parser(commands)
     capacity.add_parser(commands)
