@@ -29,6 +29,9 @@ Lines:
 - ``attach``: following a job by id on a results topic of 1M records, beside reading
   every partition from offset 0 (the baseline, in the same run); see
   ``tests/bench_attach.py``.
+- ``training``: data-parallel SGD with a kernel package (examples/parkpool-train) on a
+  simulated fleet, beside the same training in one process; see
+  ``tests/bench_training.py``.
 - ``verification``: the Freivalds check's cost against a 4096² gemm, and a fleet of 16
   simulated cars through the SDK's verifier: replication overhead, how soon a liar is
   quarantined, wrong chunks that reached the caller, false quarantines; see
@@ -74,6 +77,7 @@ from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
 from tests.bench_reconnect import reconnect_spread
 from tests.bench_scale import backlog_memory, fleet_scale, raise_fd_limit
+from tests.bench_training import training_line
 from tests.bench_verification import verification_line
 
 NAMESPACE = "bench"
@@ -244,6 +248,8 @@ def main() -> int:
     p.add_argument(
         "--attach-records", type=int, default=1_000_000, help="results topic size; 0 skips attach"
     )
+    p.add_argument("--training-rounds", type=int, default=30, help="0 skips training")
+    p.add_argument("--training-cars", type=int, default=4)
     args = p.parse_args()
     logs.configure("error")
     exit_on_sigterm()
@@ -303,6 +309,9 @@ def main() -> int:
         emit({**cells_line(run_dir, args.cells_cars, args.cells_window_s), "machine": machine()})
     if args.attach_records:  # its own brokers, in memory (see tests/bench_attach.py)
         emit({**attach_line(run_dir, args.attach_records), "machine": machine()})
+    if args.training_rounds:  # its own brokers, and the example package installed by pip
+        line = training_line(run_dir, args.training_rounds, args.training_cars, shards=4)
+        emit({**line, "machine": machine()})
     if args.bulk_size:  # its own brokers: durable for the claim check, in memory inline
         line = bulk_data_line(run_dir, args.bulk_size, 512, args.bulk_cars)
         emit({**line, "machine": machine()})
