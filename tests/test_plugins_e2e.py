@@ -107,11 +107,12 @@ class TestTrainingOnTheFleet:
         # Given a gateway, two cars running only the built-ins, and the two plugin cars
         gateway = gateway_factory()
         builtin_only = fleet_factory(2, prefix="plain")
-        # When the example trains for 12 rounds on the fleet, and in one process
-        report = train_on_fleet(site, namespace, kafka_conn, rounds=12)
-        # Then the model learned, and the fleet's run is the one-process run: the same
-        # loss every round (sums in another order) and the same test accuracy
-        assert report["fleet_accuracy"] > 0.85
+        # When the example trains for 25 rounds on the fleet, and in one process
+        report = train_on_fleet(site, namespace, kafka_conn, rounds=25)
+        # Then the model learned (at least 90 % of the held-out digits), and the fleet's
+        # run is the one-process run: the same loss every round (sums in another order)
+        # and the test accuracy within a point
+        assert report["fleet_accuracy"] >= 0.90
         assert abs(report["fleet_accuracy"] - report["local_accuracy"]) <= 0.01
         assert report["max_loss_gap"] < 1e-9
         assert report["fleet_final_loss"] < 0.5 * 2.302585  # from log(10) at the start
