@@ -82,6 +82,16 @@ gpu-bundle: $(STAMP)
 	rm -rf $(GPU_BUNDLE)/wheels
 	du -sh $(GPU_BUNDLE)
 
+# The CPU image built and run for real where no registry is reachable: a local Debian
+# bookworm base (deploy/docker/local-base.sh, root and debootstrap), then a gateway, a
+# simulated fleet and a job in containers against the embedded brokers. Needs a running
+# Docker daemon; nothing else depends on it (`make test` needs no daemon). See
+# deploy/README.md, "What was and was not run here".
+.PHONY: images-local
+images-local: $(STAMP)
+	sh deploy/docker/local-base.sh
+	sh deploy/docker/smoke-local.sh
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
