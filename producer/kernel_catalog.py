@@ -30,8 +30,9 @@ _planners: dict[str, Planner] = {}
 
 
 def names() -> tuple[str, ...]:
-    """Every kernel name that can be planned here, sorted; nothing is imported."""
-    return tuple(sorted(set(_plugins) | {k.name for k in installed()}))
+    """Every kernel name that can be planned here, sorted; nothing is imported, and a
+    package whose metadata cannot be read is left out."""
+    return tuple(sorted(set(_plugins) | {k.name for k in installed() if not k.error}))
 
 
 def plugin(name: str) -> KernelPlugin:
@@ -39,22 +40,27 @@ def plugin(name: str) -> KernelPlugin:
 
     ValidationError: ``unknown_kernel`` where no installed package declares it,
     ``name_taken`` where two do, ``load_failed`` where its declaration cannot be had.
+    The import runs outside the lock: a package may look kernels up while it loads.
     """
     with _lock:
         known = _plugins.get(name)
-        if known is not None:
-            return known
-        candidates = [k for k in installed() if k.name == name and canonical(k.package) != PACKAGE]
-        if not candidates:
-            choices = ", ".join(names())
-            raise ValidationError("unknown_kernel", f"no kernel named {name!r}; known: {choices}")
-        if len(candidates) > 1:
-            packages = ", ".join(k.package for k in candidates)
-            raise ValidationError("name_taken", f"kernel {name!r} is declared by {packages}")
-        declared = load(candidates[0])
-        register_spec(declared.spec)
-        _plugins[name] = declared
-        return declared
+    if known is not None:
+        return known
+    candidates = [
+        k for k in installed() if k.name == name and not k.error and canonical(k.package) != PACKAGE
+    ]
+    if not candidates:
+        choices = ", ".join(names())
+        raise ValidationError("unknown_kernel", f"no kernel named {name!r}; known: {choices}")
+    if len(candidates) > 1:
+        packages = ", ".join(k.package for k in candidates)
+        raise ValidationError("name_taken", f"kernel {name!r} is declared by {packages}")
+    declared = load(candidates[0])
+    with _lock:
+        if name not in _plugins:  # another thread may have loaded it meanwhile
+            register_spec(declared.spec)
+            _plugins[name] = declared
+        return _plugins[name]
 
 
 def contract(name: str) -> KernelSpec:
@@ -66,16 +72,20 @@ def planner(name: str) -> Planner:
     """The function that splits a job for kernel ``name`` into a ``JobPlan``."""
     declared = plugin(name)
     with _lock:
-        if name not in _planners:
-            try:
-                _planners[name] = resolve(declared.planner)
-            except (ImportError, AttributeError) as exc:
-                detail = f"{declared.planner}: {type(exc).__name__}: {exc}"
-                raise ValidationError("load_failed", detail) from exc
-        return _planners[name]
+        known = _planners.get(name)
+    if known is not None:
+        return known
+    try:
+        found: Planner = resolve(declared.planner)
+    except Exception as exc:  # a broken package is refused by name, not a crash
+        detail = f"{declared.planner}: {type(exc).__name__}: {exc}"
+        raise ValidationError("load_failed", detail) from exc
+    with _lock:
+        return _planners.setdefault(name, found)
 
 
 def split_hint(name: str) -> str:
     """How to make the chunks of kernel ``name`` small enough for one Kafka record."""
-    known = _plugins.get(name)
+    with _lock:
+        known = _plugins.get(name)
     return known.split_hint if known is not None else "smaller chunks"

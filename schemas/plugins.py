@@ -27,7 +27,8 @@ from parkpool.schemas.kernels import KernelSpec
 GROUP = "parkpool.kernels"  # the entry-point group every kernel package declares
 MANIFEST_DOMAIN = b"parkpool/kernel-manifest/v1\x00"  # never valid as another message
 MANIFEST_VERSION = 1
-MAX_APPROVALS = 1024
+# A car announces at most 256 kernels in a pull (Capabilities), the built-ins included.
+MAX_APPROVALS = 200
 
 # "package.module:attribute", as entry points name objects.
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

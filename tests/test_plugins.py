@@ -324,3 +324,76 @@ class TestCarLoading:
         done = parkpool(child_env(example), *argv, "--kernel-keys", str(stranger))
         assert done.returncode == 2
         assert "does not verify" in done.stderr
+
+
+class TestOnlyApprovedFilesAreImported:
+    """Ways to run other code under an approved package's name, each refused before
+    anything of it runs (every planted module would leave a marker when imported)."""
+
+    PLANTED = f'open(__file__ + ".{IMPORT_MARKER}", "w").write("ran")\n'
+
+    def test_a_module_added_inside_the_package(
+        self, approved: Path, keys: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        # Given the approved package with a folder added that would shadow device.py
+        site = pip_install(EXAMPLE, tmp_path / "site")
+        planted = site / "parkpool_train" / "device"
+        planted.mkdir()
+        (planted / "__init__.py").write_text(self.PLANTED)
+        # When a car starts, Then the files on disk no longer hash as approved
+        report = run_car(child_env(site), approved, keys[1])
+        assert report["refused"] == {"softmax_grad": "hash_mismatch"}
+        assert not list(tmp_path.rglob(f"*{IMPORT_MARKER}"))
+
+    def test_a_package_of_the_same_name_earlier_on_the_path(
+        self, example: Path, approved: Path, keys: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        # Given a bare parkpool_train folder, no metadata, before the approved install
+        shadow = tmp_path / "shadow" / "parkpool_train"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(self.PLANTED)
+        # When a car starts, Then the declaration would come from elsewhere: refused
+        report = run_car(child_env(tmp_path / "shadow", example), approved, keys[1])
+        assert report["refused"] == {"softmax_grad": "shadowed"}
+        assert not list(tmp_path.rglob(f"*{IMPORT_MARKER}"))
+
+    def test_a_forged_second_copy_of_the_package_metadata(
+        self, approved: Path, keys: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        # Given beside the approved install a forged metadata folder: same name, version
+        # and RECORD, but an entry point naming another module
+        site = pip_install(EXAMPLE, tmp_path / "site")
+        real = next(site.glob("parkpool_train-*.dist-info"))
+        forged = site / "aaa-0.dist-info"
+        forged.mkdir()
+        for name in ("METADATA", "RECORD"):
+            (forged / name).write_bytes((real / name).read_bytes())
+        (forged / "entry_points.txt").write_text(
+            "[parkpool.kernels]\nsoftmax_grad = evil_kernels:PLUGIN\n"
+        )
+        (site / "evil_kernels.py").write_text(self.PLANTED)
+        # When a car starts, Then the name is declared twice and neither is loaded
+        report = run_car(child_env(site), approved, keys[1])
+        assert report["refused"] == {"softmax_grad": "name_taken"}
+        assert report["loaded"] == []
+        assert not list(tmp_path.rglob(f"*{IMPORT_MARKER}"))
+
+    def test_unreadable_metadata_is_refused_and_commands_still_work(
+        self, example: Path, approved: Path, keys: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        # Given a half-installed kernel package: entry points, but METADATA without a name
+        broken = tmp_path / "broken" / "half-1.0.dist-info"
+        broken.mkdir(parents=True)
+        (broken / "METADATA").write_text("Metadata-Version: 2.1\n")
+        (broken / "entry_points.txt").write_text("[parkpool.kernels]\nhalf = half:PLUGIN\n")
+        env = child_env(tmp_path / "broken", example)
+        # When a car starts, Then it is refused by name and the approved one still runs
+        report = run_car(env, approved, keys[1])
+        assert report["loaded"] == ["softmax_grad"]
+        assert list(report["refused"].values()) == ["bad_metadata"]
+        # And every command still starts: the list names the unreadable package
+        listing = parkpool(env, "kernels", "list", "--json")
+        assert listing.returncode == 0, listing.stderr
+        errors = [k["error"] for k in json.loads(listing.stdout)["kernels"] if "error" in k]
+        assert len(errors) == 1 and "half-1.0.dist-info" in errors[0]
+        assert parkpool(env, "submit", "--help").returncode == 0

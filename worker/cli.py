@@ -267,9 +267,9 @@ def run_sim(args: argparse.Namespace) -> int:
     # nothing here drives away, but said at every start.
     feed = "simulated" if args.realistic else ""
     check_safeguards(missing_safeguards(feed, args.trusted_keys), dev=True, command="sim")
+    kernels = _kernels(args)
     if args.realistic:
         return _run_realistic(args, stop)
-    kernels = _kernels(args)
     cars = Path(args.credentials_dir) if args.credentials_dir else None
     template = _settings(args, f"{args.prefix}-0")
     fleet = Fleet(

@@ -54,11 +54,14 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         verdict = f"  [{row['approved']}]" if "approved" in row else ""
-        print(f"{row['name']:<16} {row['package']} {row['version']}{verdict}")
+        broken = f"  [unreadable: {row['error']}]" if "error" in row else ""
+        print(f"{row['name']:<16} {row['package']} {row['version']}{verdict}{broken}")
     return 0
 
 
 def _row(kernel: InstalledKernel, manifest: KernelManifest | None) -> dict[str, Any]:
+    if kernel.error:
+        return {"name": "?", "package": "?", "version": "?", "error": kernel.error}
     builtin = canonical(kernel.package) == PACKAGE
     row: dict[str, Any] = {
         "name": kernel.name,
@@ -82,11 +85,18 @@ def _verdict(kernel: InstalledKernel, manifest: KernelManifest) -> str:
 
 def run_pin(args: argparse.Namespace) -> int:
     wanted = {n.strip() for n in args.only.split(",") if n.strip()}
-    plugins = [k for k in installed() if canonical(k.package) != PACKAGE]
+    found = installed()
+    broken = [k.error for k in found if k.error]
+    if broken:
+        raise ConfigError(f"cannot pin: unreadable package metadata: {broken}")
+    plugins = [k for k in found if canonical(k.package) != PACKAGE]
     chosen = [k for k in plugins if not wanted or k.name in wanted]
     unknown = wanted - {k.name for k in plugins}
     if unknown:
         raise ConfigError(f"--only: no installed kernel package declares {sorted(unknown)}")
+    twice = sorted({k.name for k in chosen if [c.name for c in chosen].count(k.name) > 1})
+    if twice:
+        raise ConfigError(f"cannot pin: more than one package declares {twice}")
     try:
         approvals = tuple(KernelApproval(k.name, k.package, k.version, _hash(k)) for k in chosen)
         manifest = KernelManifest(approvals, issued_at=round(time.time(), 3))

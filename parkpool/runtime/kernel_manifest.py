@@ -77,7 +77,7 @@ def _load_json(path: Path) -> Any:
         raise ConfigError(f"kernel manifest {path}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested a million deep
         raise ConfigError(f"kernel manifest {path}: not JSON: {exc}") from None
 
 

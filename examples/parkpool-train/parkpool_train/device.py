@@ -30,6 +30,19 @@ def softmax_grad(xp: Any, params: Params, inputs: Any) -> dict[str, Any]:
 
 
 def softmax_grad_reference(params: Params, inputs: Inputs) -> dict[str, Array]:
-    """The same computation in plain NumPy (what a second opinion is compared with)."""
-    outputs = softmax_grad(np, params, {k: np.asarray(v) for k, v in inputs.items()})
-    return {key: np.asarray(value) for key, value in outputs.items()}
+    """The same quantities written another way, as a second opinion is compared with:
+    probabilities by plain exponentials, the labels as a one-hot matrix, and the loss
+    as a log of probabilities, one row at a time."""
+    x, w = (np.asarray(inputs[k], dtype=np.float64) for k in ("x", "w"))
+    labels = np.asarray(inputs["y"])
+    scores = x @ w
+    exps = np.exp(scores - scores.max(axis=1)[:, None])
+    probs = exps / exps.sum(axis=1)[:, None]
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    loss = -sum(float(np.log(probs[i, labels[i]])) for i in range(len(labels)))
+    return {
+        "grad": x.T @ (probs - onehot),
+        "loss": np.asarray(loss),
+        "count": np.asarray(len(labels), dtype=np.int64),
+    }
