@@ -144,15 +144,17 @@ class Dispatcher:
         under the MQTT limit; how many were sent."""
         payloads: list[bytes] = []
         for _ in range(wanted):
+            runs = _runs(view)
             task = self.next_dispatchable(
-                _fit_for(view, self.vehicles.kernels), _holds_inputs(view)
+                _fit_for(view, runs, self.vehicles.kernels), _holds_inputs(view), runs
             )
             if task is None:
                 if len(self.ready):
-                    self.metrics.dispatch_skipped.labels(
-                        _skip_reason(view, self.ready.head(SKIP_SAMPLE))
-                    ).inc()
+                    why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), _can_open(view))
+                    self.metrics.dispatch_skipped.labels(why).inc()
                 break
+            if task.task.kernel in view.plugin_kernels:
+                self.vehicles.kernels.heard((task.task.kernel,))  # a car here runs it
             inputs_key = self._inputs_key_for(task, view)
             if inputs_key is None:
                 continue
@@ -265,30 +267,38 @@ class Dispatcher:
         self,
         accept: Callable[[PendingTask], bool] | None = None,
         prefer: Callable[[PendingTask], bool] | None = None,
+        runs: Callable[[str], bool] | None = None,
     ) -> PendingTask | None:
-        """The next ready task, checking cancellation and deadline at dispatch time."""
+        """The next ready task, checking cancellation and deadline at dispatch time, and,
+        for a car that does not run its kernel (``runs``), whether any car here does."""
         while (task := self.ready.pop(accept, prefer=prefer)) is not None:
             if task.task.job_id in self.cancelled:
                 self.outcomes.skip_cancelled(task)
             elif task.task.deadline < time.time():
                 detail = "the job's deadline passed in the queue"
                 self.outcomes.dead_letter(task, "deadline_passed", detail)
-            elif self.vehicles.kernels.unrunnable(task.task.kernel):
+            elif self._nobody_runs(task.task.kernel, runs):
                 detail = f"no car of this gateway runs kernel {task.task.kernel!r}"
                 self.outcomes.dead_letter(task, "unknown_kernel", detail)
             else:
                 return task
         return None
 
+    def _nobody_runs(self, kernel: str, runs: Callable[[str], bool] | None) -> bool:
+        """Whether the task must be dead-lettered for its kernel: the car being served
+        does not run it, and no car of this gateway does."""
+        return runs is not None and not runs(kernel) and self.vehicles.kernels.unrunnable(kernel)
 
-def _fit_for(view: VehicleView, kernels: KernelRoutes) -> Callable[[PendingTask], bool]:
+
+def _fit_for(
+    view: VehicleView, runs: Callable[[str], bool], kernels: KernelRoutes
+) -> Callable[[PendingTask], bool]:
     """Only tasks that should finish before the car leaves, confidential ones only for a
     car that can open them, plugin kernels only for a car that announced it runs them
     (or when no car here does: such a task is taken only to be dead-lettered), and never
     one that checks or redoes this car's result."""
     can_open = _can_open(view)
     car = view.vehicle_id
-    runs = _runs(view)
 
     def kernel_ok(kernel: str) -> bool:
         return runs(kernel) or kernels.unrunnable(kernel)
@@ -307,7 +317,7 @@ def _fit_for(view: VehicleView, kernels: KernelRoutes) -> Callable[[PendingTask]
 def _runs(view: VehicleView) -> Callable[[str], bool]:
     """Whether the car runs a kernel: every car runs the built-ins; a plugin kernel only
     where the car's fleet manifest approved it, which its pulls announce."""
-    announced = frozenset(view.capabilities.kernels) if view.capabilities else frozenset()
+    announced = view.plugin_kernels
     return lambda kernel: kernel in BUILTIN or kernel in announced
 
 
@@ -335,9 +345,8 @@ def _can_open(view: VehicleView) -> bool:
     return bool(view.capabilities and view.capabilities.box_key)
 
 
-def _skip_reason(view: VehicleView, queued: list[PendingTask]) -> str:
+def _skip_reason(runs: Callable[[str], bool], queued: list[PendingTask], can_open: bool) -> str:
     """Why no queued task fit the car: the likeliest of its filters."""
-    runs = _runs(view)
-    if any(not runs(t.task.kernel) for t in queued):
+    if queued and not any(runs(t.task.kernel) for t in queued):
         return "no_kernel"
-    return "dwell" if _can_open(view) else "no_box_key"
+    return "dwell" if can_open else "no_box_key"

@@ -29,7 +29,6 @@ from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.dispatch import Dispatcher
 from parkpool.gateway.fleet_stats import FleetCounts, FleetStats
 from parkpool.gateway.handlers import VehicleHandlers
-from parkpool.gateway.kernel_routes import KernelRoutes
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
@@ -67,7 +66,7 @@ class Gateway:
             overrides=dict(settings.kafka_overrides),
         )
         self.leases = LeaseTable()
-        self.vehicles = VehicleBook(settings.gateway_id, KernelRoutes(settings.kernel_grace_s))
+        self.vehicles = VehicleBook(settings.gateway_id, settings.kernel_grace_s)
         self.fleet = FleetStats(self.metrics.registry)
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0

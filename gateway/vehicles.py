@@ -13,8 +13,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from parkpool.gateway.kernel_routes import KernelRoutes
+from parkpool.gateway.kernel_routes import GRACE_S, KernelRoutes
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
+from parkpool.schemas.kernels import BUILTIN
 
 
 @dataclass(slots=True)
@@ -34,6 +35,8 @@ class VehicleView:
     told: int = -1  # the backlog this gateway last told the car (-1: nothing said yet)
     primary: bool = False  # this gateway is the car's first: it counts it in fleet series
     held: int = 0  # tasks the car said it holds, in its last status
+    # The plugin kernels its last pull listed (built-ins: every car runs them).
+    plugin_kernels: frozenset[str] = frozenset()
     # Content hashes (their first 64 bits) of the stored inputs last sent to it, newest
     # last: what its cache likely holds, so dispatch can send it tasks that reuse them.
     blobs: tuple[int, ...] = ()
@@ -52,9 +55,9 @@ class VehicleView:
 class VehicleBook:
     """Vehicles by id, and the round-robin order in which hungry ones get work."""
 
-    def __init__(self, gateway_id: str, kernels: KernelRoutes | None = None) -> None:
+    def __init__(self, gateway_id: str, kernel_grace_s: float = GRACE_S) -> None:
         self.gateway_id = gateway_id
-        self.kernels = kernels or KernelRoutes()
+        self.kernels = KernelRoutes(self._announcers, kernel_grace_s)
         self._vehicles: dict[str, VehicleView] = {}
         self._hungry: OrderedDict[str, None] = OrderedDict()
         # Cars told "no work here", to be told again when work comes: only those.
@@ -86,7 +89,8 @@ class VehicleBook:
         view.credits = pull.grants.get(self.gateway_id, 0)
         view.seen_epoch = pull.seen.get(self.gateway_id, 0)
         view.capabilities = pull.capabilities
-        self.kernels.heard(pull.capabilities.kernels)
+        view.plugin_kernels = frozenset(k for k in pull.capabilities.kernels if k not in BUILTIN)
+        self.kernels.heard(view.plugin_kernels)
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
         if view.credits > 0:
@@ -97,6 +101,12 @@ class VehicleBook:
         else:
             self._hungry.pop(pull.vehicle_id, None)
         return view
+
+    def _announcers(self, kernel: str) -> float | None:
+        """When a car still known here last spoke, of those whose last pull listed the
+        kernel; None if none did. A pass over the cars, made once per kernel name."""
+        heard = [v.last_heard for v in self._vehicles.values() if kernel in v.plugin_kernels]
+        return max(heard, default=None)
 
     def set_state(self, vehicle_id: str, state: VehicleState) -> VehicleView:
         view = self.heard(vehicle_id)

@@ -1,13 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Which plugin kernels a gateway's cars run: heard from pulls, forgotten when silent,
-and a kernel no car runs known as such only after the cars' grace period."""
+"""Which plugin kernels a gateway's cars run: heard from pulls and from tasks given, a
+kernel no car runs known as such only after the cars' grace period, and no car able to
+grow the table or to make a kernel other cars run look unrunnable."""
 
 from __future__ import annotations
 
-import pytest
+import time
+import uuid
 
-from parkpool.gateway import kernel_routes
+from parkpool.gateway.dispatch import _fit_for, _runs
 from parkpool.gateway.kernel_routes import KernelRoutes
+from parkpool.gateway.tasks import PendingTask
+from parkpool.gateway.vehicles import VehicleBook
+from parkpool.schemas import Capabilities, PullRequest, TaskChunk
 
 
 class Clock:
@@ -18,31 +23,80 @@ class Clock:
         return self.now
 
 
-def test_a_kernel_is_unrunnable_only_after_the_grace_and_while_unannounced() -> None:
-    # Given a gateway that just started, with a 30 s grace and a 600 s memory
-    clock = Clock()
-    routes = KernelRoutes(grace_s=30.0, memory_s=600.0, clock=clock)
-    # Then during the grace nothing is unrunnable, and built-ins never are
-    assert not routes.unrunnable("softmax_grad")
-    clock.now += 31
-    assert routes.unrunnable("softmax_grad")
-    assert not routes.unrunnable("gemm")
-    # When a car announces it, Then it is runnable until it has been silent 600 s
-    routes.heard(["gemm", "softmax_grad"])
-    clock.now += 600
-    assert not routes.unrunnable("softmax_grad")
-    clock.now += 1
-    assert routes.unrunnable("softmax_grad")
+def routes(clock: Clock, announcers: dict[str, float] | None = None) -> KernelRoutes:
+    known = announcers or {}
+    return KernelRoutes(known.get, grace_s=30.0, memory_s=600.0, clock=clock)
 
 
-def test_a_car_announcing_endless_names_cannot_grow_the_table(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Given a small bound on the names kept
-    monkeypatch.setattr(kernel_routes, "MAX_KERNELS", 3)
-    clock = Clock()
-    routes = KernelRoutes(grace_s=0.0, clock=clock)
-    # When a car announces five names, oldest first
-    routes.heard([f"k{i}" for i in range(5)])
-    # Then only the three newest are kept: the oldest are forgotten first
-    assert [routes.unrunnable(f"k{i}") for i in range(5)] == [True, True, False, False, False]
+def pull(vehicle: str, *kernels: str) -> PullRequest:
+    caps = Capabilities("numpy", ("gemm", *kernels))
+    return PullRequest(vehicle, 1, caps, grants={"gw1": 1})
+
+
+def task(kernel: str) -> PendingTask:
+    now = time.time()
+    chunk = TaskChunk(uuid.uuid4().hex, 0, 1, kernel, {}, {}, "r", now + 3600, now)
+    return PendingTask("t", 0, 0, b"", chunk)
+
+
+class TestRoutes:
+    def test_unrunnable_only_after_the_grace_and_while_unheard(self) -> None:
+        # Given a gateway that just started (30 s grace, 600 s memory), no car heard
+        clock = Clock()
+        table = routes(clock)
+        # Then during the grace nothing is unrunnable, and built-ins never are
+        assert not table.unrunnable("softmax_grad")
+        clock.now += 31
+        assert table.unrunnable("softmax_grad")
+        assert not table.unrunnable("gemm")
+        # When a car lists it, Then it is runnable until nothing was heard for 600 s
+        table.heard(["softmax_grad"])
+        clock.now += 600
+        assert not table.unrunnable("softmax_grad")
+        clock.now += 1
+        assert table.unrunnable("softmax_grad")
+
+    def test_a_kernel_first_named_after_the_cars_pulled_is_found_in_their_pulls(self) -> None:
+        # Given a car that listed the kernel 100 s before any task named it
+        clock = Clock()
+        table = routes(clock, {"softmax_grad": clock.now})
+        clock.now += 100
+        # When a task first names it, Then the cars' last pulls say a car runs it
+        assert not table.unrunnable("softmax_grad")
+
+    def test_names_no_task_asked_for_are_not_kept(self) -> None:
+        # Given a car announcing a thousand names that no task names
+        clock = Clock()
+        table = routes(clock)
+        table.heard([f"junk{i}" for i in range(1000)])
+        clock.now += 31
+        # Then they were not kept: junk0 is as unknown as any name
+        assert table.unrunnable("junk0")
+
+
+class TestDispatchFilter:
+    def test_a_car_that_listed_the_kernel_gets_its_task_however_long_ago(self) -> None:
+        # Given a car that listed softmax_grad once, long ago, and a car that did not
+        book = VehicleBook("gw1", kernel_grace_s=0.0)
+        runner = book.on_pull(pull("car-1", "softmax_grad"))
+        plain = book.on_pull(pull("car-2"))
+        work = task("softmax_grad")
+        # Then the first always takes it (a busy car need not pull again to keep it)
+        runs = _runs(runner)
+        assert _fit_for(runner, runs, book.kernels)(work)
+        # And the other takes it only if no car here runs it: here one does
+        assert not _fit_for(plain, _runs(plain), book.kernels)(work)
+        # And built-ins go to every car
+        assert _fit_for(plain, _runs(plain), book.kernels)(task("gemm"))
+
+    def test_a_flood_of_names_from_one_car_leaves_other_cars_kernels_alone(self) -> None:
+        # Given a car that runs softmax_grad, and a task naming it
+        book = VehicleBook("gw1", kernel_grace_s=0.0)
+        book.on_pull(pull("car-1", "softmax_grad"))
+        assert not book.kernels.unrunnable("softmax_grad")
+        # When a hostile car announces 256 new names in each of 40 pulls
+        for batch in range(40):
+            names = tuple(f"junk{batch}-{i}" for i in range(255))
+            book.on_pull(pull("car-bad", *names))
+        # Then softmax_grad is still known to run here
+        assert not book.kernels.unrunnable("softmax_grad")
