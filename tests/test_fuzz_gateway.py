@@ -337,6 +337,7 @@ def crashable_gateway(
         namespace,
         lease_seconds=120,
         session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        drain_seconds=0,  # a scripted car's lease never ends: stopping need not wait for it
     )
     running = RunningGateway(settings)
     yield running

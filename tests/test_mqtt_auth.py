@@ -263,8 +263,9 @@ class TestForgedResultFromOutside:
         namespace: str,
         tmp_path: Path,
     ) -> None:
-        # Given a scripted car that holds the lease of the only chunk
-        gateway = gateway_factory(lease_seconds=300)
+        # Given a scripted car that holds the lease of the only chunk (it never ends, so
+        # stopping the gateway need not wait for it)
+        gateway = gateway_factory(lease_seconds=300, drain_seconds=0)
         topics = MqttTopics(namespace)
         handle = client.publish("reduce", [ChunkSpec({"op": "sum"}, {"x": np.ones(4)})])
         holder = hold_lease(mqtt_conn, topics)
