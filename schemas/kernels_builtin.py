@@ -20,87 +20,73 @@ from parkpool.schemas.plugins import KernelPlugin
 PACKAGE = "parkpool"  # the distribution whose entry points these are
 
 
-GEMM = KernelPlugin(
-    SPECS["gemm"],
-    planner="parkpool.producer.splitters:plan_gemm",
-    device="parkpool.worker.kernels_linalg:gemm",
-    reference="parkpool.worker.kernels_linalg:gemm_reference",
-    sliced=True,
-    split_hint="a smaller tile, or k_tile to split the inner dimension as well",
-)
+def _builtin(name: str, planner: str, module: str, split_hint: str) -> KernelPlugin:
+    """A built-in's declaration: its planner in ``producer``, its sliced device function
+    and NumPy reference in ``worker.<module>``, named after the kernel."""
+    return KernelPlugin(
+        SPECS[name],
+        planner=f"parkpool.producer.{planner}",
+        device=f"parkpool.worker.{module}:{name}",
+        reference=f"parkpool.worker.{module}:{name}_reference",
+        sliced=True,
+        split_hint=split_hint,
+    )
 
-MLP = KernelPlugin(
-    SPECS["mlp"],
-    planner="parkpool.producer.splitters_rows:plan_mlp",
-    device="parkpool.worker.kernels_linalg:mlp",
-    reference="parkpool.worker.kernels_linalg:mlp_reference",
-    sliced=True,
-    split_hint="a smaller chunk_rows (the weights travel with every chunk)",
-)
 
-KMEANS_STEP = KernelPlugin(
-    SPECS["kmeans_step"],
-    planner="parkpool.producer.splitters_stats:plan_kmeans_step",
-    device="parkpool.worker.kernels_linalg:kmeans_step",
-    reference="parkpool.worker.kernels_linalg:kmeans_step_reference",
-    sliced=True,
-    split_hint="a smaller chunk_points (the centroids travel with every chunk)",
+GEMM = _builtin(
+    "gemm",
+    "splitters:plan_gemm",
+    "kernels_linalg",
+    "a smaller tile, or k_tile to split the inner dimension as well",
 )
-
-FFT = KernelPlugin(
-    SPECS["fft"],
-    planner="parkpool.producer.splitters_rows:plan_fft",
-    device="parkpool.worker.kernels_signal:fft",
-    reference="parkpool.worker.kernels_signal:fft_reference",
-    sliced=True,
-    split_hint="a smaller chunk_elems (whole rows go in a chunk, so one row must fit)",
+MLP = _builtin(
+    "mlp",
+    "splitters_rows:plan_mlp",
+    "kernels_linalg",
+    "a smaller chunk_rows (the weights travel with every chunk)",
 )
-
-STENCIL2D = KernelPlugin(
-    SPECS["stencil2d"],
-    planner="parkpool.producer.splitters_rows:plan_stencil2d",
-    device="parkpool.worker.kernels_signal:stencil2d",
-    reference="parkpool.worker.kernels_signal:stencil2d_reference",
-    sliced=True,
-    split_hint="a smaller grid: every sweep needs the whole grid, so it is one chunk",
+KMEANS_STEP = _builtin(
+    "kmeans_step",
+    "splitters_stats:plan_kmeans_step",
+    "kernels_linalg",
+    "a smaller chunk_points (the centroids travel with every chunk)",
 )
-
-MONTE_CARLO_PI = KernelPlugin(
-    SPECS["monte_carlo_pi"],
-    planner="parkpool.producer.splitters:plan_monte_carlo_pi",
-    device="parkpool.worker.kernels_sim:monte_carlo_pi",
-    reference="parkpool.worker.kernels_sim:monte_carlo_pi_reference",
-    sliced=True,
-    split_hint="a smaller chunk_samples",
+FFT = _builtin(
+    "fft",
+    "splitters_rows:plan_fft",
+    "kernels_signal",
+    "a smaller chunk_elems (whole rows go in a chunk, so one row must fit)",
 )
-
-OPTION_MC = KernelPlugin(
-    SPECS["option_mc"],
-    planner="parkpool.producer.splitters_stats:plan_option_mc",
-    device="parkpool.worker.kernels_sim:option_mc",
-    reference="parkpool.worker.kernels_sim:option_mc_reference",
-    sliced=True,
-    split_hint="a smaller chunk_paths",
+STENCIL2D = _builtin(
+    "stencil2d",
+    "splitters_rows:plan_stencil2d",
+    "kernels_signal",
+    "a smaller grid: every sweep needs the whole grid, so it is one chunk",
 )
-
-POLY = KernelPlugin(
-    SPECS["poly"],
-    planner="parkpool.producer.splitters:plan_map",
-    device="parkpool.worker.kernels_map:poly",
-    reference="parkpool.worker.kernels_map:poly_reference",
-    sliced=True,
-    split_hint="a smaller chunk_elems",
+MONTE_CARLO_PI = _builtin(
+    "monte_carlo_pi",
+    "splitters:plan_monte_carlo_pi",
+    "kernels_sim",
+    "a smaller chunk_samples",
 )
-
-REDUCE = KernelPlugin(
-    SPECS["reduce"],
-    planner="parkpool.producer.splitters:plan_reduce",
-    device="parkpool.worker.kernels_map:reduce",
-    reference="parkpool.worker.kernels_map:reduce_reference",
-    sliced=True,
-    split_hint="a smaller chunk_elems",
+OPTION_MC = _builtin(
+    "option_mc",
+    "splitters_stats:plan_option_mc",
+    "kernels_sim",
+    "a smaller chunk_paths",
 )
-
+POLY = _builtin(
+    "poly",
+    "splitters:plan_map",
+    "kernels_map",
+    "a smaller chunk_elems",
+)
+REDUCE = _builtin(
+    "reduce",
+    "splitters:plan_reduce",
+    "kernels_map",
+    "a smaller chunk_elems",
+)
 
 BUILTINS: Mapping[str, KernelPlugin] = MappingProxyType(
     {
