@@ -94,20 +94,28 @@ def committed(conn: KafkaConnection, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def read_all(conn: KafkaConnection, topic: str, idle: float = 1.0) -> list[Message]:
-    """Every record of a topic, read from the start until nothing arrives for ``idle`` s.
+def read_all(
+    conn: KafkaConnection, topic: str, idle: float = 1.0, **overrides: Any
+) -> list[Message]:
+    """Every record of a topic, read from the start until nothing arrives for ``idle`` s;
+    ``overrides`` go to the reader's consumer configuration.
 
     Tansu 0.6.0 answers ListOffsets(latest) with the last *batch's* base offset + 1, which
     under-counts whenever the last batch holds several records, so the watermark API
     cannot tell when a topic has been read to its end.
     """
-    consumer = Consumer(reader_config(conn))
+    consumer = Consumer(reader_config(conn, **overrides))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         records: list[Message] = []
-        while batch := consumer.consume(500, timeout=idle):
-            records += [r for r in batch if r.error() is None]
+        # Short polls: one consume() waits its whole timeout unless 500 records come, so
+        # polling for ``idle`` at a time would wait twice that for any topic not empty.
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle:
+            if batch := consumer.consume(500, timeout=min(idle, 0.1)):
+                records += [r for r in batch if r.error() is None]
+                quiet_since = time.monotonic()
         return records
     finally:
         consumer.close()
