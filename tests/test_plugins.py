@@ -21,7 +21,7 @@ import pytest
 
 from parkpool.app.cli import main as cli_main
 from parkpool.runtime.kernel_manifest import read_verified
-from parkpool.runtime.plugins import content_hash, installed
+from parkpool.runtime.plugins import content_hash, installed, resolve
 from parkpool.runtime.signing import generate
 from parkpool.schemas.errors import ConfigError, ValidationError
 from parkpool.schemas.kernels_builtin import BUILTINS
@@ -127,7 +127,10 @@ class TestDeclarations:
         # Then each built-in is declared there, naming its declaration in kernels_builtin
         assert set(ours) == set(BUILTINS)
         assert all(ref.endswith(f":{name.upper()}") for name, ref in ours.items())
-        assert set(REGISTRY) == set(BUILTINS)  # and the registry holds exactly them
+        # And the car's registry runs exactly the functions each declaration names
+        for name, plugin in BUILTINS.items():
+            assert REGISTRY[name].fn is resolve(plugin.device)
+            assert REGISTRY[name].reference_fn is resolve(plugin.reference)
 
     def test_a_plugin_is_found_without_importing_it(self, on_path: Path) -> None:
         # Given the example on sys.path, When entry points are listed and its files hashed
