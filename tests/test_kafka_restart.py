@@ -9,6 +9,7 @@ Each test runs on brokers of its own (durable, the default), since it kills them
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,9 @@ import pytest
 
 from parkpool.broker_config.launcher import STORE_BUCKET, EmbeddedBrokers
 from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
+from parkpool.gateway import tasklog as tasklog_module
 from parkpool.gateway.gateway import GatewaySettings
+from parkpool.gateway.kafkawriter import KafkaWriter
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.tasklog import TaskLog
 from parkpool.gateway.tasks import PendingTask
@@ -78,6 +81,13 @@ def system(tmp_path: Path) -> Iterator[System]:
             gateway.stop()
 
 
+@pytest.fixture
+def short_producer_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateways made from here on replace a producer that delivers nothing after 3 s, not
+    the production 15 s (test_kafkawriter checks that timing on a fake clock)."""
+    monkeypatch.setattr(tasklog_module, "KafkaWriter", functools.partial(KafkaWriter, stall_s=3.0))
+
+
 def every_chunk_once(system: System, handle: JobHandle) -> None:
     handle.wait(timeout=120)
     chunks = list(handle.chunks(timeout=1))
@@ -118,6 +128,7 @@ class TestKafkaRestart:
         # Then every chunk reaches the caller exactly once, and none is dead-lettered
         every_chunk_once(system, handle)
 
+    @pytest.mark.usefixtures("short_producer_stall")  # set up before the system's gateway
     def test_a_producer_the_broker_forgot_is_replaced(self, system: System) -> None:
         # Given a job in flight, When Tansu comes back without the producers' state
         def restart_forgetting() -> None:
