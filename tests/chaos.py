@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message
 
 from parkpool.app.children import role_env
 from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
@@ -43,13 +43,13 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime import logs
-from parkpool.runtime.kafka import reader_config
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import KafkaTopics, Result, decode
 from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
+from tests.helpers import read_all
 
 NAMESPACE = "chaos"
 
@@ -390,19 +390,10 @@ def _results_topic_duplicates(kafka: KafkaConnection, completed: int) -> int:
 
 
 def _read_topic(kafka: KafkaConnection, topic: str, idle_s: float = 2.0) -> list[Message]:
-    """Every record of a topic, as ``tests.helpers.read_all`` reads it, but with fetches
-    that may wait 500 ms: all of a job's results share one partition, and Tansu on its
-    store lists that partition's batches within the wait (docs/DECISIONS.md)."""
-    consumer = Consumer({**reader_config(kafka), "fetch.wait.max.ms": 500})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        records: list[Message] = []
-        while batch := consumer.consume(500, timeout=idle_s):
-            records += [r for r in batch if r.error() is None]
-        return records
-    finally:
-        consumer.close()
+    """Every record of a topic, read by ``tests.helpers.read_all``, but with fetches that
+    may wait 500 ms: all of a job's results share one partition, and Tansu on its store
+    lists that partition's batches within the wait (docs/DECISIONS.md)."""
+    return read_all(kafka, topic, idle=idle_s, **{"fetch.wait.max.ms": 500})
 
 
 # The cell scenario of `make chaos`: two cells, their gateways and cars, every fault.
