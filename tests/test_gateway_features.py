@@ -284,7 +284,7 @@ class TestScaleOutAndShutdown:
         # Given a gateway with a 3-second drain, and vehicles in the middle of tasks
         gateway, port = gateway_procs("gwdrain", PARKPOOL_DRAIN_SECONDS="3")
         wait_for(lambda: probe(port, "/readyz")[0] == 200, 30, "the gateway to be ready")
-        fleet_factory(2, simulated_delay_s=1.0)
+        fleet_factory(2, simulated_delay_s=0.5)
         handle = client.publish("reduce", small_chunks(20))
         wait_for(lambda: handle.progress.done >= 2, 30, "the first results")
         # When it gets SIGTERM
