@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from parkpool.gateway.cancels import CancelledJobs
-from parkpool.gateway.kernel_routes import KernelRoutes
+from parkpool.gateway.kernel_routes import BUILT_IN, KernelRoutes
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
@@ -32,7 +32,6 @@ from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
 from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
 from parkpool.schemas.blobref import input_key, output_key
-from parkpool.schemas.kernels import BUILTIN
 
 # Car ids, queued and msgpack framing of a batch around its assignments, generously.
 BATCH_OVERHEAD = 1024
@@ -318,7 +317,7 @@ def _runs(view: VehicleView) -> Callable[[str], bool]:
     """Whether the car runs a kernel: every car runs the built-ins; a plugin kernel only
     where the car's fleet manifest approved it, which its pulls announce."""
     announced = view.plugin_kernels
-    return lambda kernel: kernel in BUILTIN or kernel in announced
+    return lambda kernel: kernel in BUILT_IN or kernel in announced
 
 
 def _holds_inputs(view: VehicleView) -> Callable[[PendingTask], bool] | None:

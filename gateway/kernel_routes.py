@@ -24,6 +24,7 @@ from parkpool.schemas.kernels import BUILTIN
 GRACE_S = 30.0  # three of a car's 10 s pull refreshes: every active car has spoken
 MEMORY_S = 600.0  # a kernel no car listed (nor was given) for this long is not run here
 MAX_TRACKED = 4096  # kernels that tasks name; beyond it the least recently named go
+BUILT_IN = frozenset(BUILTIN)  # asked of every task a pull looks at: a set, not a tuple
 NEVER = float("-inf")
 
 # The latest time (this clock) a car still known here listed the kernel; None: none did.
@@ -56,7 +57,7 @@ class KernelRoutes:
     def unrunnable(self, kernel: str) -> bool:
         """Whether no car here runs ``kernel``: none listed it (or was given it) lately,
         and the cars have had their grace period to say so."""
-        if kernel in BUILTIN:
+        if kernel in BUILT_IN:
             return False
         last = self._tracked(kernel)
         now = self._clock()

@@ -13,9 +13,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from parkpool.gateway.kernel_routes import GRACE_S, KernelRoutes
+from parkpool.gateway.kernel_routes import BUILT_IN, GRACE_S, KernelRoutes
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
-from parkpool.schemas.kernels import BUILTIN
 
 
 @dataclass(slots=True)
@@ -89,7 +88,7 @@ class VehicleBook:
         view.credits = pull.grants.get(self.gateway_id, 0)
         view.seen_epoch = pull.seen.get(self.gateway_id, 0)
         view.capabilities = pull.capabilities
-        view.plugin_kernels = frozenset(k for k in pull.capabilities.kernels if k not in BUILTIN)
+        view.plugin_kernels = frozenset(k for k in pull.capabilities.kernels if k not in BUILT_IN)
         self.kernels.heard(view.plugin_kernels)
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
