@@ -400,3 +400,15 @@ class TestOnlyApprovedFilesAreImported:
         errors = [k["error"] for k in json.loads(listing.stdout)["kernels"] if "error" in k]
         assert len(errors) == 1 and "half-1.0.dist-info" in errors[0]
         assert parkpool(env, "submit", "--help").returncode == 0
+
+
+def test_a_folder_on_the_path_twice_is_one_package(
+    example: Path, approved: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Given the approved install reached through two sys.path entries: the folder, and
+    # a link to it (Python drops only entries spelled the same)
+    link = tmp_path / "link"
+    link.symlink_to(example, target_is_directory=True)
+    # When a car starts, Then it is one declaration, approved and loaded
+    report = run_car(child_env(example, link), approved, keys[1])
+    assert report["loaded"] == ["softmax_grad"] and report["refused"] == {}

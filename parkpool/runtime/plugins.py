@@ -51,8 +51,13 @@ def installed() -> tuple[InstalledKernel, ...]:
     a package found twice is listed twice (a car refuses such a name). Nothing is
     imported, and a package whose metadata cannot be read is listed with its error."""
     found: list[InstalledKernel] = []
+    seen: set[str] = set()
     for dist in distributions():
-        found += _declared(dist)
+        # One folder reached twice (a path entry listed twice) is one package, not two.
+        where = os.path.realpath(str(getattr(dist, "_path", id(dist))))
+        if where not in seen:
+            seen.add(where)
+            found += _declared(dist)
     return tuple(sorted(found, key=lambda k: (k.name, canonical(k.package), k.error)))
 
 
