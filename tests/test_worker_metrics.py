@@ -17,6 +17,8 @@ from parkpool.app.cli import build_parser
 from parkpool.broker_config.launcher import free_port
 from parkpool.runtime.build_info import version
 from parkpool.runtime.settings import MqttConnection
+from parkpool.worker.exporter import serve_metrics
+from parkpool.worker.kernel_loading import REFUSAL_REASONS, KernelLoad, Refusal
 from tests.helpers import wait_for
 
 
@@ -69,3 +71,31 @@ class TestAgentMetrics:
         # The default (-1) opens no port: a car listens on nothing it was not told to
         args = build_parser().parse_args(["sim"])
         assert args.metrics_port == -1
+
+
+class TestKernelRefusals:
+    def test_refused_packages_are_counted_by_reason_from_zero(self) -> None:
+        # Given a start that refused one altered and one unlisted kernel package
+        load = KernelLoad(
+            ("ok",),
+            (
+                Refusal("a", "pkg-a", "1.0", "hash_mismatch", "files changed"),
+                Refusal("b", "pkg-b", "1.0", "not_allowlisted", "the manifest omits it"),
+            ),
+        )
+        # When the agent serves its metrics
+        server = serve_metrics(0, "numpy", "worker", load)
+        try:
+            families = {f.name: f for f in text_string_to_metric_families(_scrape(server.port))}
+        finally:
+            server.close()
+        # Then each refusal is counted under its reason, and every other reason shows 0
+        counts = {
+            s.labels["reason"]: s.value
+            for s in families["parkpool_worker_kernels_refused"].samples
+            if s.name.endswith("_total")
+        }
+        assert counts == {reason: 0.0 for reason in REFUSAL_REASONS} | {
+            "hash_mismatch": 1.0,
+            "not_allowlisted": 1.0,
+        }
