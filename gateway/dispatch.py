@@ -142,8 +142,8 @@ class Dispatcher:
         """Lease up to ``wanted`` tasks to the car, in one message when more than one fits
         under the MQTT limit; how many were sent."""
         payloads: list[bytes] = []
+        runs = _runs(view)  # the car's kernels do not change while it is served
         for _ in range(wanted):
-            runs = _runs(view)
             task = self.next_dispatchable(
                 _fit_for(view, runs, self.vehicles.kernels), _holds_inputs(view), runs
             )
