@@ -52,6 +52,9 @@ _AUTH_HEADER = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*"
     r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<sig>[0-9a-f]{64})$"
 )
+# Objects up to this size get an ETag hashed from their bytes on every GET and
+# conditional write; larger ones (the data plane's blobs) use localbucket's cache.
+HASHED_BYTES = 256 * 1024
 _UNSIGNED = {"UNSIGNED-PAYLOAD", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"}
 
 
@@ -224,6 +227,48 @@ def _payload_hash(headers: Mapping[str, str], signed_headers: str) -> str:
     return ""
 
 
+def etag_of(file: BinaryIO, target: Path) -> str:
+    """The ETag of the bytes an open object file holds, whatever its path names now.
+
+    localbucket replaces an object by renaming a new file over it, so an open file never
+    changes, but the path may name a newer one a moment after it was opened. Tansu reads
+    a watermark (GET) and writes it back with the ETag it got (PUT If-Match): old bytes
+    under the new ETag made that write succeed on stale data, and two producers were
+    given the same offsets. Objects up to HASHED_BYTES (all of Tansu's state, and its
+    batches) are hashed from the open file itself; a larger one takes localbucket's
+    cached ETag only while its path still names this very file, which, being open,
+    cannot be freed and its inode number reused.
+    """
+    opened = os.fstat(file.fileno())
+    if opened.st_size > HASHED_BYTES and _names(target, opened):
+        etag = str(localbucket.object_etag(target))
+        if _names(target, opened):
+            return etag
+    digest = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while block := os.pread(file.fileno(), 1024 * 1024, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
+
+
+def _current_etag(target: Path) -> str | None:
+    """The ETag of the object a path names now, or None where there is none."""
+    try:
+        with target.open("rb") as file:
+            return etag_of(file, target)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _names(target: Path, opened: os.stat_result) -> bool:
+    try:
+        current = target.stat()
+    except FileNotFoundError:
+        return False
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 _locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
     threading.Lock
 )
@@ -236,6 +281,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
 
     keys: StoreKeys = StoreKeys({})
     _payload: str = ""
+    _target: Path = Path()
     # Small responses (HEAD, errors, ListObjects) otherwise wait ~40 ms for the client's
     # delayed ACK; S3 clients (Tansu's, boto3) pay that on every request.
     disable_nagle_algorithm = True
@@ -265,11 +311,14 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             lock = _locks[(bucket, key)]
         with lock:
             if expected is not None:
-                target = self._object_path(bucket, key)
-                current = localbucket.object_etag(target) if target.is_file() else None
+                current = _current_etag(self._object_path(bucket, key))
                 if current is None or not localbucket.etag_matches(expected, current):
                     raise self._precondition_failed_error()
             return str(super()._write_object(bucket, key, write))
+
+    def _get(self, bucket: str, key: str, include_body: bool) -> None:
+        self._target = self._object_path(bucket, key)  # for _send_file's ETag
+        super()._get(bucket, key, include_body)
 
     def _list_entries(
         self,
@@ -325,6 +374,9 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         headers: Mapping[str, str],
         include_body: bool,
     ) -> None:
+        # localbucket opens the file, then takes the ETag of whatever the path names by
+        # then: a write in between gave the old bytes under the new ETag (see etag_of).
+        headers = {**headers, "ETag": f'"{etag_of(file, self._target)}"'}
         # Zero-copy from the page cache: the data plane's bulk GETs otherwise cost this
         # server a read and a write in Python per MiB, on the cores the cars need.
         self._send_headers(status, length, headers)

@@ -6,6 +6,7 @@ as the SDK's result reader does, reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from parkpool.broker_config.launcher import DATA_BUCKET, STORE_BUCKET, EmbeddedBrokers
@@ -118,7 +119,8 @@ class TestDurableEmbeddedKafka:
 
 class TestConcurrentProducers:
     """Producers writing to one partition at once each get offsets of their own (the
-    store refuses a stale If-Match; localbucket alone did not, and records were lost)."""
+    store refuses a stale If-Match, and a GET's ETag is that of the bytes it returns;
+    localbucket alone had neither, and writes were lost)."""
 
     def test_every_acknowledged_record_is_read(self, tmp_path: Path) -> None:
         # Given four idempotent producers writing to the same partition at once
@@ -127,10 +129,16 @@ class TestConcurrentProducers:
             topic = KafkaTopics("durable").results
             bootstrap(brokers.kafka_bootstrap, "durable")
 
+            failed: list[str] = []
+
+            def report(error: KafkaError | None, _: object) -> None:
+                if error is not None:
+                    failed.append(error.str())
+
             def write(first: int) -> None:
                 producer = Producer(producer_config(kafka))
                 for i in range(first, first + 100):
-                    producer.produce(topic, f"record-{i}".encode(), partition=0)
+                    producer.produce(topic, f"record-{i}".encode(), partition=0, on_delivery=report)
                     producer.poll(0.002)
                 assert producer.flush(30) == 0
 
@@ -139,7 +147,9 @@ class TestConcurrentProducers:
                 thread.start()
             for thread in writers:
                 thread.join()
-            # Then all 400 acknowledged records are there to read, none hidden by another
+            # Then every write is acknowledged (flush() counts a failed one as done)
+            assert failed == []
+            # And all 400 are there to read, none hidden by another
             assert sorted(read_assigned(kafka, topic, 400)) == expected(400)
 
 
@@ -185,6 +195,49 @@ class TestEmbeddedObjectStore:
             # And the current ETag still works
             client.put_object(Bucket=bucket, Key="k", Body=b"4", IfMatch=fresh)
             assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"4"
+
+    def test_concurrent_conditional_updates_lose_nothing(self, tmp_path: Path) -> None:
+        # Given a counter object, and four writers that each add one to it 150 times the
+        # way Tansu updates a watermark: GET it, PUT the next value If-Match the ETag the
+        # GET gave, and on 412 GET it again and retry
+        with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
+            bucket = brokers.data_bucket
+            s3(brokers).put_object(Bucket=bucket, Key="counter", Body=b"0")
+            stale: list[tuple[bytes, str]] = []
+
+            def read(client: Any) -> tuple[int, str]:
+                got = client.get_object(Bucket=bucket, Key="counter")
+                body, etag = got["Body"].read(), got["ETag"].strip('"')
+                if hashlib.md5(body).hexdigest() != etag:
+                    stale.append((body, etag))
+                return int(body), etag
+
+            def add_one_150_times() -> None:
+                client = s3(brokers)
+                value, etag = read(client)
+                for _ in range(150):
+                    while True:
+                        try:
+                            put = client.put_object(
+                                Bucket=bucket, Key="counter", Body=b"%d" % (value + 1), IfMatch=etag
+                            )
+                        except ClientError as refused:
+                            assert refused.response["Error"]["Code"] == "PreconditionFailed"
+                            value, etag = read(client)
+                        else:
+                            value, etag = value + 1, put["ETag"].strip('"')
+                            break
+
+            # When they run at once
+            writers = [threading.Thread(target=add_one_150_times) for _ in range(4)]
+            for thread in writers:
+                thread.start()
+            for thread in writers:
+                thread.join()
+            # Then every GET's ETag was that of the bytes it returned
+            assert stale == []
+            # And no update was lost: each won exactly once, on the value before it
+            assert read(s3(brokers))[0] == 600
 
     def test_each_instance_has_its_own_keys(self, tmp_path: Path) -> None:
         one, other = EmbeddedBrokers(tmp_path / "one"), EmbeddedBrokers(tmp_path / "other")
