@@ -109,6 +109,37 @@ class TestFreivalds:
         # Then the second tile of that panel settles both
         assert [v.chunk_id for v in check.add(1, honest(chunks[1]))] == [0, 1]
 
+    @pytest.mark.parametrize("lie", [None, "one_element"])
+    def test_a_group_completed_by_a_zero_tile_is_judged_right(self, lie: str | None) -> None:
+        # Given a product whose last column panel is zero, so the tile that completes
+        # each group samples max|C| as 0 and the group needs every tile's sample
+        rng = np.random.default_rng(7)
+        a, b = operands(rng, 256, 64, 384)
+        b[:, 256:] = 0
+        chunks = tiles(a, b, 128)  # 2 row panels x 3 column panels
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        verdicts = []
+        for i, chunk in enumerate(chunks):
+            c = honest(chunk)
+            if lie is not None and i == 1:
+                c = _lie(c, lie, rng)
+            verdicts += check.add(i, c)
+        # Then every tile is judged once, and only a wrong one is invalid
+        assert sorted(v.chunk_id for v in verdicts) == list(range(6))
+        assert [v.chunk_id for v in verdicts if not v.valid] == ([1] if lie else [])
+
+    def test_a_second_car_before_the_group_completes_does_not_complete_it(self) -> None:
+        rng = np.random.default_rng(8)
+        a, b = operands(rng, 128, 64, 384)
+        chunks = tiles(a, b, 128)  # one row panel of 3 tiles
+        check = GemmCheck(chunks, GEMM_TOL, rng=rng)
+        # When tile 0 arrives twice (a redelivery from another car) and tile 1 once
+        assert check.add(0, honest(chunks[0])) == []
+        assert check.add(0, honest(chunks[0])) == []
+        assert check.add(1, honest(chunks[1])) == []
+        # Then only tile 2 completes the group
+        assert [v.chunk_id for v in check.add(2, honest(chunks[2]))] == [0, 1, 2]
+
     @pytest.mark.parametrize(
         "lie",
         ["one_element", "noise", "zeroed", "nan", "inf", "transposed_blocks"],
