@@ -4,9 +4,10 @@
 For a secret random sign vector x, A·(B·x) costs two matrix-vector products, and
 C·x one more; a wrong C shows as a residual C·x - A·(B·x) far from zero. Tiles that
 share a block of A are checked together (Σ_j C_j·x_j against A·Σ_j B_j·x_j), so each
-block of A, each block of B and each tile is read once per job: three memory-bound
-passes, 1.0-1.5 % of the 4096² gemm's own time on a 2-core machine (`make bench`,
-"verification"). Only a group that fails is checked tile by tile, to find the liar.
+block of A, each block of B and each tile is read once per job: three passes of
+matrix-vector products, 0.75-0.9 % of the 4096² gemm's CPU time on a 2-core machine
+(1.5-1.8 % of its wall time, the gemm using both cores; `make bench`, "verification").
+Only a group that fails is checked tile by tile, to find the liar.
 
 Honest results differ from the exact product by floating point, up to the contract's
 tolerance ``rtol·max|C|`` per element (schemas.kernels). With random signs that noise
@@ -45,68 +46,93 @@ DEFAULT_ROUNDS = 1
 @dataclass(frozen=True)
 class Prepared:
     """The input side of a job's check, computed by its planner while each block it
-    copied was still in cache (``Preparer``): the secret signs and B·x per block of B,
-    and A·Σ_j B_j·x_j per block of A. Keyed by the blocks' identity in the plan."""
+    copied was still in cache (``Preparer``): the secret signs per block of B, and
+    A·Σ_j B_j·x_j per block of A. Keyed by the blocks' identity in the plan. B_j·x_j of
+    one block alone is needed only to judge a tile alone, and is computed then."""
 
     signs: Mapping[int, Array]
-    bx: Mapping[int, Array]
     abx: Mapping[int, Array]
-    seconds: float = 0.0  # what the products and signs added to planning
+    seconds: float = 0.0  # what the products and signs added to planning (wall)
+    cpu_seconds: float = 0.0  # the same, in this thread's CPU time
 
 
 class Preparer:
-    """Copies a gemm plan's blocks and computes the check's products on the way: each
-    step copies about 512 KiB and multiplies it while it is in cache, so the two passes
-    over A and B that the check needs cost little more than the copies the plan makes
-    anyway. Copy every block of B before any block of A."""
+    """Copies a gemm plan's blocks and computes the check's products on the way, so the
+    two passes over A and B that the check needs cost little more than the copies the
+    plan makes anyway. Copy every panel of B before any block of A.
 
-    # Small enough that each band stays in a core's L2 while it is multiplied, and
-    # that OpenBLAS runs each product on one thread: with 2 MiB bands it split them,
-    # and on a busy 2-core machine every product then waited for a descheduled
-    # thread (prepare took 470 ms instead of 3-5 ms; ``make bench``, "verification").
-    STEP_BYTES = 128 * 1024
+    Each step copies a band of rows and multiplies it while it is still in cache. A
+    panel of B (a span of its rows, every column) is copied into all its column blocks
+    band by band, and one product per band gives Σ_j B_j·x_j for those rows: one call
+    where a product per block took eight, which mattered as much as the arithmetic.
+    """
+
+    # Bands small enough to stay in a core's L2 while they are multiplied, and for
+    # OpenBLAS to run each product on one thread: with 2 MiB bands it split them, and
+    # on a busy 2-core machine every product then waited for a descheduled thread
+    # (prepare took 470 ms instead of 3-5 ms; ``make bench``, "verification").
+    B_STEP_BYTES = 256 * 1024  # a band of B across all its column blocks
+    A_STEP_BYTES = 256 * 1024
 
     def __init__(self, rounds: int = DEFAULT_ROUNDS, rng: np.random.Generator | None = None):
         self._rounds = rounds
         self._rng = rng or np.random.default_rng()
         self._signs: dict[int, Array] = {}
-        self._bx: dict[int, Array] = {}
         self._abx: dict[int, Array] = {}
         self._y: dict[tuple[int, int], Array] = {}  # rows of B -> Σ B·x over its blocks
         self._seconds = 0.0
+        self._cpu_seconds = 0.0
 
-    def b_block(self, source: Array, rows: tuple[int, int]) -> Array:
-        started = time.perf_counter()
-        x = self._rng.choice(np.array([-1.0, 1.0], source.dtype), (source.shape[1], self._rounds))
-        self._seconds += time.perf_counter() - started
-        block, bx = self._copy_times(source, x)
-        self._signs[id(block)], self._bx[id(block)] = x, bx
-        total = self._y.get(rows)
-        self._y[rows] = bx if total is None else total + bx
-        return block
+    def b_panel(
+        self, source: Array, columns: Sequence[slice], rows: tuple[int, int]
+    ) -> list[Array]:
+        """Read-only, C-contiguous copies of ``source[:, c]`` for each span ``c`` of
+        ``columns`` (which cover all of ``source``'s columns, in order)."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        signs = [self._random_signs(c.stop - c.start, source.dtype) for c in columns]
+        x = np.concatenate(signs) if signs else np.zeros((0, self._rounds), source.dtype)
+        self._count(started, cpu)
+        copies = [np.empty((source.shape[0], c.stop - c.start), source.dtype) for c in columns]
+        y = np.empty((source.shape[0], self._rounds), source.dtype)
+        for band in self._bands(source, self.B_STEP_BYTES):
+            for copy, c in zip(copies, columns, strict=True):
+                copy[band] = source[band, c]
+            started, cpu = time.perf_counter(), time.thread_time()
+            np.matmul(source[band], x, out=y[band])
+            self._count(started, cpu)
+        for copy, block_signs in zip(copies, signs, strict=True):
+            copy.flags.writeable = False
+            self._signs[id(copy)] = block_signs
+        self._y[rows] = y
+        return copies
 
     def a_block(self, source: Array, columns: tuple[int, int]) -> Array:
-        block, abx = self._copy_times(source, self._y[columns])
-        self._abx[id(block)] = abx
-        return block
+        y = self._y[columns]
+        copy = np.empty(source.shape, source.dtype)
+        abx = np.empty((source.shape[0], y.shape[1]), source.dtype)
+        for band in self._bands(source, self.A_STEP_BYTES):
+            copy[band] = source[band]
+            started, cpu = time.perf_counter(), time.thread_time()
+            np.matmul(copy[band], y, out=abx[band])
+            self._count(started, cpu)
+        copy.flags.writeable = False
+        self._abx[id(copy)] = abx
+        return copy
 
     def prepared(self) -> Prepared:
-        return Prepared(dict(self._signs), dict(self._bx), dict(self._abx), self._seconds)
+        return Prepared(dict(self._signs), dict(self._abx), self._seconds, self._cpu_seconds)
 
-    def _copy_times(self, source: Array, vectors: Array) -> tuple[Array, Array]:
-        """A C-contiguous, read-only copy of ``source`` and ``source @ vectors``, one
-        cache-sized band of rows at a time; the products' time is counted."""
-        copy = np.empty(source.shape, source.dtype)
-        product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
-        step = max(1, self.STEP_BYTES // max(1, source.shape[1] * source.itemsize))
-        for start in range(0, source.shape[0], step):
-            band = slice(start, start + step)
-            copy[band] = source[band]
-            started = time.perf_counter()
-            np.matmul(copy[band], vectors, out=product[band])
-            self._seconds += time.perf_counter() - started
-        copy.flags.writeable = False
-        return copy, product
+    def _random_signs(self, count: int, dtype: np.dtype[Any]) -> Array:
+        return self._rng.choice(np.array([-1.0, 1.0], dtype), (count, self._rounds))
+
+    def _count(self, started: float, cpu: float) -> None:
+        self._seconds += time.perf_counter() - started
+        self._cpu_seconds += time.thread_time() - cpu
+
+    @staticmethod
+    def _bands(source: Array, step_bytes: int) -> list[slice]:
+        step = max(1, step_bytes // max(1, source.shape[1] * source.itemsize))
+        return [slice(start, start + step) for start in range(0, source.shape[0], step)]
 
 
 @dataclass(frozen=True)
@@ -163,8 +189,7 @@ class GemmCheck:
         self._y: dict[int, Array] = {}  # id(B block) -> B·x
         self._z: dict[int, Array] = {}  # id(A block) -> A·Σ B·x over its group
         if prepared is not None:
-            self._x, self._y = dict(prepared.signs), dict(prepared.bx)
-            self._z = dict(prepared.abx)
+            self._x, self._z = dict(prepared.signs), dict(prepared.abx)
             if self._x.keys() != {id(t.b) for t in self._tiles}:
                 raise ValueError("the prepared check was made for another plan's blocks")
             self._rounds = next(iter(self._x.values())).shape[1] if self._x else rounds

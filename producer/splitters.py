@@ -128,14 +128,12 @@ def plan_gemm(
     # block of B first: the check's product for a block of A needs all of them.
     preparer = Preparer() if prepare_check else None
     b_blocks = {
-        _span(ks, cols): _snapshot(b[ks, cols], preparer, _ends(ks))
+        _span(ks, cols): block
         for ks in k_spans
-        for cols in col_spans
+        for cols, block in zip(col_spans, _b_panel(b[ks], col_spans, preparer, ks), strict=True)
     }
     a_blocks = {
-        _span(rows, ks): _snapshot(a[rows, ks], preparer, _ends(ks), of_a=True)
-        for rows in row_spans
-        for ks in k_spans
+        _span(rows, ks): _a_block(a[rows, ks], preparer, ks) for rows in row_spans for ks in k_spans
     }
     chunks = validated(
         "gemm",
@@ -151,12 +149,16 @@ def plan_gemm(
     return JobPlan("gemm", chunks, assembler, prepared)
 
 
-def _snapshot(
-    source: Array, preparer: Preparer | None, ks: tuple[int, int], of_a: bool = False
-) -> Array:
+def _b_panel(
+    panel: Array, col_spans: list[slice], preparer: Preparer | None, ks: slice
+) -> list[Array]:
     if preparer is None:
-        return wire_copy(source)
-    return preparer.a_block(source, ks) if of_a else preparer.b_block(source, ks)
+        return [wire_copy(panel[:, cols]) for cols in col_spans]
+    return preparer.b_panel(panel, col_spans, _ends(ks))
+
+
+def _a_block(source: Array, preparer: Preparer | None, ks: slice) -> Array:
+    return wire_copy(source) if preparer is None else preparer.a_block(source, _ends(ks))
 
 
 def _ends(span: slice) -> tuple[int, int]:

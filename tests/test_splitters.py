@@ -100,13 +100,19 @@ class TestPlanGemm:
     ) -> None:
         # Given a 4x4-tile gemm: 16 tiles read 4 row panels of A and 4 column panels of B
         copies: list[tuple[int, ...]] = []
-        real = splitters._snapshot
+        a_block, b_panel = splitters._a_block, splitters._b_panel
 
-        def counting(array: npt.NDArray[Any], *args: Any, **kwargs: Any) -> npt.NDArray[Any]:
+        def counting_a(array: npt.NDArray[Any], *args: Any) -> npt.NDArray[Any]:
             copies.append(array.shape)
-            return real(array, *args, **kwargs)
+            return a_block(array, *args)
 
-        monkeypatch.setattr(splitters, "_snapshot", counting)
+        def counting_b(array: npt.NDArray[Any], *args: Any) -> list[npt.NDArray[Any]]:
+            blocks = b_panel(array, *args)
+            copies.extend(block.shape for block in blocks)
+            return blocks
+
+        monkeypatch.setattr(splitters, "_a_block", counting_a)
+        monkeypatch.setattr(splitters, "_b_panel", counting_b)
         # When planned
         a, b = np.ones((8, 8), np.float32), np.ones((8, 8), np.float32)
         plan = plan_gemm(a, b, tile=2, prepare_check=prepare_check)
