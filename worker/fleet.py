@@ -20,6 +20,7 @@ from parkpool.runtime.rendezvous import top
 from parkpool.runtime.settings import MqttConnection, Secret
 from parkpool.schemas import ParkpoolError
 from parkpool.worker.backend import Backend, select_backend
+from parkpool.worker.blas_threads import one_blas_thread, restore_blas_threads
 from parkpool.worker.carstate import CarSignals
 from parkpool.worker.guard import REAL_TIME, TimeBase
 from parkpool.worker.netloop import NetworkLoop, jittered_reconnects
@@ -63,6 +64,7 @@ class Fleet:
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
+        one_blas_thread()  # its cars share these cores: no BLAS pool shared among them
         self._network = NetworkLoop(reconnect).start()
         self._pool = ThreadPoolExecutor(kernel_threads, thread_name_prefix=f"{prefix}-kernels")
         self._lock = threading.Lock()
@@ -158,6 +160,8 @@ class Fleet:
         if vehicles:
             with ThreadPoolExecutor(min(16, len(vehicles))) as stopper:
                 list(stopper.map(lambda v: v.stop("fleet_shutdown"), vehicles))
+        if not self._closed.is_set():
+            restore_blas_threads()
         self._closed.set()
         self._ticker.join(5)
         self._network.close()
