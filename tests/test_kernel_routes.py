@@ -73,6 +73,26 @@ class TestRoutes:
         # Then they were not kept: junk0 is as unknown as any name
         assert table.unrunnable("junk0")
 
+    def test_new_names_past_the_scan_budget_wait_instead_of_dying(self) -> None:
+        # Given a gateway past its grace, allowed 5 passes over its cars a second
+        clock = Clock()
+        looked_up: list[str] = []
+
+        def announcers(kernel: str) -> float | None:
+            looked_up.append(kernel)
+            return None
+
+        table = KernelRoutes(announcers, grace_s=0.0, memory_s=600.0, clock=clock, scans_per_s=5)
+        # When tasks name 100 new kernels at once
+        verdicts = [table.unrunnable(f"flood{i}") for i in range(100)]
+        # Then only 5 were looked up: those are known unrunnable, the rest merely wait
+        assert len(looked_up) == 5 and verdicts[:5] == [True] * 5
+        assert not any(verdicts[5:]) and table.scans_deferred == 95
+        # And a second later the next 5 are looked up, and found unrunnable in turn
+        clock.now += 1.0
+        assert [table.unrunnable(f"flood{i}") for i in range(5, 10)] == [True] * 5
+        assert looked_up[5:] == [f"flood{i}" for i in range(5, 10)]
+
 
 class TestDispatchFilter:
     def test_a_car_that_listed_the_kernel_gets_its_task_however_long_ago(self) -> None:
