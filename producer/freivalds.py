@@ -94,11 +94,17 @@ class Preparer:
         self._count(started, cpu)
         copies = [np.empty((source.shape[0], c.stop - c.start), source.dtype) for c in columns]
         y = np.empty((source.shape[0], self._rounds), source.dtype)
-        for band in self._bands(source, self.B_STEP_BYTES):
+        bands = self._bands(source, self.B_STEP_BYTES)
+        scratch = np.empty((bands[0].stop - bands[0].start, source.shape[1]), source.dtype)
+        for band in bands:
+            # One snapshot of the band feeds both the blocks and the product, so the check
+            # is made against exactly the bytes sent even if the caller's array changes.
+            snapshot = scratch[: len(range(*band.indices(source.shape[0])))]
+            snapshot[...] = source[band]
             for copy, c in zip(copies, columns, strict=True):
-                copy[band] = source[band, c]
+                copy[band] = snapshot[:, c]
             started, cpu = time.perf_counter(), time.thread_time()
-            np.matmul(source[band], x, out=y[band])
+            np.matmul(snapshot, x, out=y[band])
             self._count(started, cpu)
         for copy, block_signs in zip(copies, signs, strict=True):
             copy.flags.writeable = False
