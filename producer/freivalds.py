@@ -59,20 +59,19 @@ class Prepared:
 class Preparer:
     """Copies a gemm plan's blocks and computes the check's products on the way, so the
     two passes over A and B that the check needs cost little more than the copies the
-    plan makes anyway. Copy every panel of B before any block of A.
+    plan makes anyway. Copy every block of B before any block of A.
 
-    Each step copies a band of rows and multiplies it while it is still in cache. A
-    panel of B (a span of its rows, every column) is copied into all its column blocks
-    band by band, and one product per band gives Σ_j B_j·x_j for those rows: one call
-    where a product per block took eight, which mattered as much as the arithmetic.
+    Each step copies a band of rows and multiplies the copy while it is still in cache:
+    the check is made against exactly the bytes sent, even if the caller's array
+    changes meanwhile.
     """
 
     # Bands small enough to stay in a core's L2 while they are multiplied, and for
     # OpenBLAS to run each product on one thread: with 2 MiB bands it split them, and
     # on a busy 2-core machine every product then waited for a descheduled thread
-    # (prepare took 470 ms instead of 3-5 ms; ``make bench``, "verification").
-    B_STEP_BYTES = 256 * 1024  # a band of B across all its column blocks
-    A_STEP_BYTES = 256 * 1024
+    # (prepare took 470 ms instead of 3-5 ms). Of 128 KiB to 512 KiB, 256 KiB added the
+    # least to a 4096² plan (``make bench``, "verification").
+    STEP_BYTES = 256 * 1024
 
     def __init__(self, rounds: int = DEFAULT_ROUNDS, rng: np.random.Generator | None = None):
         self._rounds = rounds
@@ -83,62 +82,42 @@ class Preparer:
         self._seconds = 0.0
         self._cpu_seconds = 0.0
 
-    def b_panel(
-        self, source: Array, columns: Sequence[slice], rows: tuple[int, int]
-    ) -> list[Array]:
-        """Read-only, C-contiguous copies of ``source[:, c]`` for each span ``c`` of
-        ``columns`` (which cover all of ``source``'s columns, in order)."""
+    def b_block(self, source: Array, rows: tuple[int, int]) -> Array:
         started, cpu = time.perf_counter(), time.thread_time()
-        signs = [self._random_signs(c.stop - c.start, source.dtype) for c in columns]
-        x = np.concatenate(signs) if signs else np.zeros((0, self._rounds), source.dtype)
+        x = self._rng.choice(np.array([-1.0, 1.0], source.dtype), (source.shape[1], self._rounds))
         self._count(started, cpu)
-        copies = [np.empty((source.shape[0], c.stop - c.start), source.dtype) for c in columns]
-        y = np.empty((source.shape[0], self._rounds), source.dtype)
-        bands = self._bands(source, self.B_STEP_BYTES)
-        scratch = np.empty((bands[0].stop - bands[0].start, source.shape[1]), source.dtype)
-        for band in bands:
-            # One snapshot of the band feeds both the blocks and the product, so the check
-            # is made against exactly the bytes sent even if the caller's array changes.
-            snapshot = scratch[: len(range(*band.indices(source.shape[0])))]
-            snapshot[...] = source[band]
-            for copy, c in zip(copies, columns, strict=True):
-                copy[band] = snapshot[:, c]
-            started, cpu = time.perf_counter(), time.thread_time()
-            np.matmul(snapshot, x, out=y[band])
-            self._count(started, cpu)
-        for copy, block_signs in zip(copies, signs, strict=True):
-            copy.flags.writeable = False
-            self._signs[id(copy)] = block_signs
-        self._y[rows] = y
-        return copies
+        block, bx = self._copy_times(source, x)
+        self._signs[id(block)] = x
+        total = self._y.get(rows)
+        self._y[rows] = bx if total is None else total + bx
+        return block
 
     def a_block(self, source: Array, columns: tuple[int, int]) -> Array:
-        y = self._y[columns]
-        copy = np.empty(source.shape, source.dtype)
-        abx = np.empty((source.shape[0], y.shape[1]), source.dtype)
-        for band in self._bands(source, self.A_STEP_BYTES):
-            copy[band] = source[band]
-            started, cpu = time.perf_counter(), time.thread_time()
-            np.matmul(copy[band], y, out=abx[band])
-            self._count(started, cpu)
-        copy.flags.writeable = False
-        self._abx[id(copy)] = abx
-        return copy
+        block, abx = self._copy_times(source, self._y[columns])
+        self._abx[id(block)] = abx
+        return block
 
     def prepared(self) -> Prepared:
         return Prepared(dict(self._signs), dict(self._abx), self._seconds, self._cpu_seconds)
 
-    def _random_signs(self, count: int, dtype: np.dtype[Any]) -> Array:
-        return self._rng.choice(np.array([-1.0, 1.0], dtype), (count, self._rounds))
+    def _copy_times(self, source: Array, vectors: Array) -> tuple[Array, Array]:
+        """A C-contiguous, read-only copy of ``source`` and ``copy @ vectors``, one
+        cache-sized band of rows at a time; the products' time (wall and CPU) is counted."""
+        copy = np.empty(source.shape, source.dtype)
+        product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
+        step = max(1, self.STEP_BYTES // max(1, source.shape[1] * source.itemsize))
+        for start in range(0, source.shape[0], step):
+            band = slice(start, start + step)
+            copy[band] = source[band]
+            started, cpu = time.perf_counter(), time.thread_time()
+            np.matmul(copy[band], vectors, out=product[band])
+            self._count(started, cpu)
+        copy.flags.writeable = False
+        return copy, product
 
     def _count(self, started: float, cpu: float) -> None:
         self._seconds += time.perf_counter() - started
         self._cpu_seconds += time.thread_time() - cpu
-
-    @staticmethod
-    def _bands(source: Array, step_bytes: int) -> list[slice]:
-        step = max(1, step_bytes // max(1, source.shape[1] * source.itemsize))
-        return [slice(start, start + step) for start in range(0, source.shape[0], step)]
 
 
 @dataclass(frozen=True)
@@ -210,10 +189,11 @@ class GemmCheck:
         its group waits for other tiles)."""
         tile = self._tiles[chunk_id]
         group = self._groups[tile.group]
-        if tile.cx is None:
-            group.waiting -= 1
+        first_arrival = tile.cx is None
         tile.cx = c @ self._signs(tile.b)
         tile.c = c
+        if first_arrival:  # counted once the product is made: a raise leaves it uncounted
+            group.waiting -= 1
         if group.settled:
             return [self._alone(chunk_id)]
         if group.waiting > 0:

@@ -128,9 +128,7 @@ def plan_gemm(
     # block of B first: the check's product for a block of A needs all of them.
     preparer = Preparer() if prepare_check else None
     b_blocks = {
-        _span(ks, cols): block
-        for ks in k_spans
-        for cols, block in zip(col_spans, _b_panel(b[ks], col_spans, preparer, ks), strict=True)
+        _span(ks, cols): _b_block(b[ks, cols], preparer, ks) for ks in k_spans for cols in col_spans
     }
     a_blocks = {
         _span(rows, ks): _a_block(a[rows, ks], preparer, ks) for rows in row_spans for ks in k_spans
@@ -149,12 +147,8 @@ def plan_gemm(
     return JobPlan("gemm", chunks, assembler, prepared)
 
 
-def _b_panel(
-    panel: Array, col_spans: list[slice], preparer: Preparer | None, ks: slice
-) -> list[Array]:
-    if preparer is None:
-        return [wire_copy(panel[:, cols]) for cols in col_spans]
-    return preparer.b_panel(panel, col_spans, _ends(ks))
+def _b_block(source: Array, preparer: Preparer | None, ks: slice) -> Array:
+    return wire_copy(source) if preparer is None else preparer.b_block(source, _ends(ks))
 
 
 def _a_block(source: Array, preparer: Preparer | None, ks: slice) -> Array:
