@@ -4,7 +4,7 @@ process its own setting back when its last fleet stops (worker.blas_threads)."""
 
 from __future__ import annotations
 
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from parkpool.runtime.settings import MqttConnection
 from parkpool.worker.fleet import Fleet
@@ -23,18 +23,23 @@ def fleet(prefix: str) -> Fleet:
 
 class TestFleetBlasThreads:
     def test_one_thread_while_any_fleet_runs_then_the_original(self) -> None:
-        # Given the process's own BLAS setting
-        before = blas_threads()
-        # When two fleets start
-        first, second = fleet("blas-a"), fleet("blas-b")
-        try:
-            # Then kernels get one BLAS thread
-            assert blas_threads() == 1
-            # And stopping one fleet (twice: counted once) keeps it for the other
-            first.stop_all()
-            first.stop_all()
-            assert blas_threads() == 1
-        finally:
-            second.stop_all()
-        # And the last fleet to stop gives the process its setting back
-        assert blas_threads() == before
+        # Given a process whose BLAS runs 2 threads
+        with threadpool_limits(2, user_api="blas"):
+            before = blas_threads()
+            # When two fleets start
+            first = fleet("blas-a")
+            try:
+                second = fleet("blas-b")
+                try:
+                    # Then kernels get one BLAS thread
+                    assert blas_threads() == 1
+                    # And stopping one fleet (twice: counted once) keeps it for the other
+                    first.stop_all()
+                    first.stop_all()
+                    assert blas_threads() == 1
+                finally:
+                    second.stop_all()
+            finally:
+                first.stop_all()
+            # And the last fleet to stop gives the process its setting back
+            assert blas_threads() == before == 2

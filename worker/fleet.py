@@ -64,7 +64,6 @@ class Fleet:
         self.backend = backend or select_backend(template.backend)
         self.vehicles: dict[str, VehicleWorker] = {}
         self._serial = 0
-        one_blas_thread()  # its cars share these cores: no BLAS pool shared among them
         self._network = NetworkLoop(reconnect).start()
         self._pool = ThreadPoolExecutor(kernel_threads, thread_name_prefix=f"{prefix}-kernels")
         self._lock = threading.Lock()
@@ -73,6 +72,9 @@ class Fleet:
             target=self._tick_loop, name=f"{prefix}-ticker", daemon=True
         )
         self._ticker.start()
+        # Last, so that a failed start cannot leave the process on one BLAS thread.
+        self._holds_blas = True
+        one_blas_thread()  # its cars share these cores: no BLAS pool shared among them
 
     def __len__(self) -> int:
         return len(self.vehicles)
@@ -160,7 +162,9 @@ class Fleet:
         if vehicles:
             with ThreadPoolExecutor(min(16, len(vehicles))) as stopper:
                 list(stopper.map(lambda v: v.stop("fleet_shutdown"), vehicles))
-        if not self._closed.is_set():
+        with self._lock:
+            release, self._holds_blas = self._holds_blas, False
+        if release:  # once per fleet, however many callers stop it
             restore_blas_threads()
         self._closed.set()
         self._ticker.join(5)
