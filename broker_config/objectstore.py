@@ -241,8 +241,11 @@ def etag_of(file: BinaryIO, target: Path) -> str:
     """
     opened = os.fstat(file.fileno())
     if opened.st_size > HASHED_BYTES and _names(target, opened):
-        etag = str(localbucket.object_etag(target))
-        if _names(target, opened):
+        try:
+            etag = str(localbucket.object_etag(target))
+        except FileNotFoundError:  # deleted since: hash the bytes still open, below
+            etag = ""
+        if etag and _names(target, opened):
             return etag
     digest = hashlib.md5(usedforsecurity=False)
     offset = 0
