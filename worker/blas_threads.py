@@ -8,7 +8,8 @@ every car, then has each call wait for threads that another car's call is using:
 40-49 GFLOP/s with 2 BLAS threads, and 113-132 GFLOP/s with 1 (``docs/DECISIONS.md``).
 Child processes that host cars get ``OPENBLAS_NUM_THREADS=1`` (``app.children``); this
 does the same for a fleet inside a process that was started otherwise (tests, bench),
-and gives the process its own setting back when its last fleet stops.
+and gives the process its own setting back when its last fleet stops. The limit is
+the process's: anything else computing in it meanwhile gets one thread too.
 """
 
 from __future__ import annotations
