@@ -5,8 +5,8 @@ For a secret random sign vector x, A·(B·x) costs two matrix-vector products, a
 C·x one more; a wrong C shows as a residual C·x - A·(B·x) far from zero. Tiles that
 share a block of A are checked together (Σ_j C_j·x_j against A·Σ_j B_j·x_j), so each
 block of A, each block of B and each tile is read once per job: three passes of
-matrix-vector products, 0.75-0.9 % of the 4096² gemm's CPU time on a 2-core machine
-(1.3-1.8 % of its wall time, the gemm using both cores; `make bench`, "verification").
+matrix-vector products, 1.1-1.6 % of the 4096² gemm's CPU time on a 2-core machine
+(2.1-3.1 % of its wall time, the gemm using both cores; `make bench`, "verification").
 Only a group that fails is checked tile by tile, to find the liar.
 
 Honest results differ from the exact product by floating point, up to the contract's
