@@ -5,8 +5,8 @@ For a secret random sign vector x, A·(B·x) costs two matrix-vector products, a
 C·x one more; a wrong C shows as a residual C·x - A·(B·x) far from zero. Tiles that
 share a block of A are checked together (Σ_j C_j·x_j against A·Σ_j B_j·x_j), so each
 block of A, each block of B and each tile is read once per job: three passes of
-matrix-vector products, 1.1-1.6 % of the 4096² gemm's CPU time on a 2-core machine
-(2.1-3.1 % of its wall time, the gemm using both cores; `make bench`, "verification").
+matrix-vector products, 1.65-1.87 % of the 4096² gemm's CPU time on a 2-core machine
+(3.3-3.7 % of its wall time, the gemm using both cores; `make bench`, "verification").
 Only a group that fails is checked tile by tile, to find the liar.
 
 Honest results differ from the exact product by floating point, up to the contract's
@@ -231,7 +231,7 @@ class GemmCheck:
         """B·x of each block, computed once per job."""
         for b in blocks:
             if id(b) not in self._y:
-                self._y[id(b)] = b @ self._signs(b)
+                self._y[id(b)] = _product(b, self._signs(b))
         return [self._y[id(b)] for b in blocks]
 
     def _judge_group(self, members: list[int], last: int) -> list[TileVerdict]:
@@ -266,13 +266,13 @@ class GemmCheck:
         z = self._z.get(id(a))
         if z is None:
             zero = np.zeros((a.shape[1], self._rounds), a.dtype)
-            z = a @ sum(self._bx_all([t.b for t in tiles]), zero)
+            z = _product(a, sum(self._bx_all([t.b for t in tiles]), zero))
         return z
 
     def _alone(self, chunk_id: int) -> TileVerdict:
         tile = self._tiles[chunk_id]
         assert tile.cx is not None and tile.c is not None
-        expected = tile.a @ self._bx(tile.b)
+        expected = _product(tile.a, self._bx(tile.b))
         residual = float(np.max(np.abs(tile.cx - expected), initial=0.0))
         bound = self._bound(tile.b.shape[1], _max_abs(tile.c), tile.a.dtype)
         if not np.all(np.isfinite(expected)):
@@ -287,6 +287,17 @@ class GemmCheck:
         # The contract's noise as a random walk over the row, plus this check's own
         # rounding (a few ulps of the same walk), which rtol >> eps makes minor.
         return (Z * self._rtol + 8 * _eps(dtype)) * math.sqrt(width) * scale
+
+
+def _product(matrix: Array, vectors: Array) -> Array:
+    """``matrix @ vectors`` in bands that OpenBLAS runs on one thread (see Preparer):
+    whole, a block's product was split over the cores and waited on a busy one."""
+    out = np.empty((matrix.shape[0], vectors.shape[1]), np.result_type(matrix, vectors))
+    step = max(1, Preparer.STEP_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
+    for start in range(0, matrix.shape[0], step):
+        band = slice(start, start + step)
+        np.matmul(matrix[band], vectors, out=out[band])
+    return out
 
 
 @functools.cache

@@ -103,15 +103,17 @@ def plan_gemm(
     *,
     tile: int = 256,
     k_tile: int | None = None,
-    prepare_check: bool = True,
+    prepare_check: bool = False,
 ) -> JobPlan[Array]:
     """Tile C = A @ B: chunk (i, j[, l]) is a[rows_i, k_l] @ b[k_l, cols_j].
 
     Without ``k_tile`` each chunk is a full-K row panel times a column panel; with it,
     the assembler sums the partial products. Edge tiles are simply smaller.
     ``prepare_check`` computes the input side of the results' Freivalds check while
-    the blocks are copied (producer.freivalds.Preparer); without it the SDK computes
-    it when the first results arrive, at about twice the cost.
+    the blocks are copied (producer.freivalds.Preparer), which takes it off the first
+    results' path. Off by default: counted fully, the banded copies it needs added
+    10-23 ms of CPU to a 4096² plan, more than the products it carries, which the SDK
+    makes when each group's tiles are in (``make bench``, "verification"; docs/DECISIONS.md).
     """
     a, b = np.asarray(a), np.asarray(b)
     _check_gemm_operands(a, b)

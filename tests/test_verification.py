@@ -78,7 +78,7 @@ class TestFreivalds:
         # Given one plan whose planner prepared the check, honest tiles and one wrong one
         rng = np.random.default_rng(12)
         a, b = operands(rng, 300, 250, 310)
-        plan = plan_gemm(a, b, tile=128, k_tile=k_tile)
+        plan = plan_gemm(a, b, tile=128, k_tile=k_tile, prepare_check=True)
         assert plan.prepared is not None
         inputs = [c.inputs for c in plan.chunks]
         check = GemmCheck(inputs, GEMM_TOL, prepared=plan.prepared)
@@ -95,7 +95,8 @@ class TestFreivalds:
     def test_a_prepared_check_refuses_another_plans_blocks(self) -> None:
         rng = np.random.default_rng(13)
         a, b = operands(rng, 64, 32, 64)
-        first, second = plan_gemm(a, b, tile=32), plan_gemm(a, b, tile=32)
+        first = plan_gemm(a, b, tile=32, prepare_check=True)
+        second = plan_gemm(a, b, tile=32, prepare_check=True)
         with pytest.raises(ValueError, match="another plan"):
             GemmCheck([c.inputs for c in second.chunks], GEMM_TOL, prepared=first.prepared)
 
