@@ -149,7 +149,8 @@ class GemmCheck:
     A tile's arrival costs one matrix-vector product and no other NumPy call: with the
     tile just read, every call beyond that pays for the cache the tile evicted (a
     sampled max|C| per tile cost half as much as the product). max|C| is sampled once
-    per group, when it is judged (``_judge_group``)."""
+    per group, when it is judged (``_judge_group``), and the group's input side
+    (A·Σ_j B_j·x_j) is computed then too, unless the planner prepared it."""
 
     output = "c"
 
