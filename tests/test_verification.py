@@ -132,7 +132,8 @@ class TestFreivalds:
     def test_a_second_car_before_the_group_completes_does_not_complete_it(self) -> None:
         rng = np.random.default_rng(8)
         a, b = operands(rng, 128, 64, 384)
-        chunks = tiles(a, b, 128)  # one row panel of 3 tiles
+        # Given one row panel of 3 tiles, checked together
+        chunks = tiles(a, b, 128)
         check = GemmCheck(chunks, GEMM_TOL, rng=rng)
         # When tile 0 arrives twice (a redelivery from another car) and tile 1 once
         assert check.add(0, honest(chunks[0])) == []
