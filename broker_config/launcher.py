@@ -103,7 +103,7 @@ class EmbeddedBrokers:
         # True: mutual TLS, the certificate's CN is the identity. False: the broker proves
         # itself, clients log in with their passwords over the encrypted connection.
         self.client_certs = client_certs
-        self.mqtt_tls_port = 0
+        self.mqtt_tls_port = 0  # cell 0's TLS listener, picked when its config is written
         if cells < 1:
             raise ConfigError("at least one cell (one Mosquitto) is needed")
         self.cells = cells  # Mosquittos, one per cell; cell 0 is the one `mqtt_port` names
@@ -330,12 +330,14 @@ class EmbeddedBrokers:
                 run_dir=run_dir,
                 user=user,
                 auth=self._auth_lines(),
-                tls=self._tls_lines(),
+                tls=self._tls_lines() if cell == 0 else "",
             )
         )
         logs = (run_dir / "mosquitto.out", run_dir / "mosquitto.log")
         name = f"mosquitto-{cell}" if cell else "mosquitto"
-        return BrokerProcess(name, [mosquitto_binary(), "-c", str(conf)], port, logs)
+        argv = [mosquitto_binary(), "-c", str(conf)]
+        tls = (self.mqtt_tls_port,) if cell == 0 and self.tls_dir is not None else ()
+        return BrokerProcess(name, argv, port, logs, more_ports=tls, handles=signal.SIGHUP)
 
     def _auth_lines(self) -> str:
         if self.auth is None:
@@ -344,7 +346,7 @@ class EmbeddedBrokers:
         return f"allow_anonymous false\npassword_file {self.auth.passwd}\nacl_file {self.auth.acl}"
 
     def _tls_lines(self) -> str:
-        """A second listener with TLS: mutual (the certificate's CN is the username), or
+        """Cell 0's second listener, with TLS: mutual (the certificate's CN is the username), or
         server-only with password logins."""
         if self.tls_dir is None:
             return ""

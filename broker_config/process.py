@@ -43,6 +43,12 @@ class BrokerProcess:
     logs: tuple[Path, ...]  # the first receives stdout and stderr
     env: dict[str, str] | None = None
     stop_signal: signal.Signals = signal.SIGTERM
+    # More listeners than ``port`` (Mosquitto's TLS one): each must accept before ready.
+    more_ports: tuple[int, ...] = ()
+    # A signal the caller will send once it is up (Mosquitto's SIGHUP reload). Until the
+    # process installs its handler the default action kills it, and Mosquitto listens
+    # before it installs handlers, so ready waits for the handler too.
+    handles: signal.Signals | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def spawn(self) -> None:
@@ -71,19 +77,25 @@ class BrokerProcess:
         return None if self.popen is None else self.popen.poll()
 
     def wait_ready(self, deadline: float) -> None:
-        """Return once the port accepts connections; raise if the process dies or stalls."""
+        """Return once every port accepts connections and the signal it ``handles`` is
+        caught; raise if the process dies or stalls."""
         while True:
             if self.popen is None or self.popen.poll() is not None:
                 code = None if self.popen is None else self.popen.returncode
-                raise self.failure(f"exited with status {code} before listening")
-            try:
-                socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise self.failure("did not accept connections in time") from None
-                time.sleep(0.05)
-            else:
+                raise self.failure(f"exited with status {code} before it was ready")
+            if self._ready(self.popen.pid):
                 return
+            if time.monotonic() > deadline:
+                raise self.failure("was not ready in time") from None
+            time.sleep(0.05)
+
+    def _ready(self, pid: int) -> bool:
+        for port in (self.port, *self.more_ports):
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=0.5).close()
+            except OSError:
+                return False
+        return self.handles is None or catches(pid, self.handles)
 
     def stop(self, grace: float) -> None:
         """Signal the process group to stop, then SIGKILL it if still there after grace."""
@@ -136,6 +148,19 @@ def kill_stray(run_dir: str | os.PathLike[str], grace: float = 5.0) -> list[int]
     for pid in stray:
         signal_group(pid, signal.SIGKILL)
     return stray
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether ``pid`` has installed a handler for ``sig`` (the SigCgt mask in
+    /proc/PID/status); False if the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
 
 
 def is_running(pid: int, binary: str | None = None) -> bool:

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from parkpool.app.cli import build_parser, main
+from parkpool.broker_config.certs import make_certs
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
 from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
@@ -486,3 +488,71 @@ class TestBrokerProcess:
             assert process.popen.poll() is None
         finally:
             process.stop(grace=TIMEOUT)
+
+    def test_ready_waits_for_every_listener(self, tmp_path: Path) -> None:
+        # Given a process that opens its first port at once and its second a second later
+        first, second = free_port(), free_port()
+        code = (
+            "import socket, time; "
+            f"a = socket.create_server(('127.0.0.1', {first})); time.sleep(1.0); "
+            f"b = socket.create_server(('127.0.0.1', {second})); time.sleep(60)"
+        )
+        process = BrokerProcess(
+            "stand-in",
+            [sys.executable, "-c", code],
+            first,
+            (tmp_path / "out.log",),
+            more_ports=(second,),
+        )
+        process.spawn()
+        try:
+            # When it is waited for
+            process.wait_ready(deadline=time.monotonic() + TIMEOUT)
+            # Then the second port accepts too
+            socket.create_connection(("127.0.0.1", second), timeout=1.0).close()
+        finally:
+            process.stop(grace=TIMEOUT)
+
+    def test_ready_waits_until_the_reload_signal_is_handled(self, tmp_path: Path) -> None:
+        # Given a process that listens first and installs its SIGHUP handler a second
+        # later, as Mosquitto does (a SIGHUP in between kills it)
+        port = free_port()
+        code = (
+            "import signal, socket, time; "
+            f"s = socket.create_server(('127.0.0.1', {port})); time.sleep(1.0); "
+            "signal.signal(signal.SIGHUP, lambda *_: None); time.sleep(60)"
+        )
+        process = BrokerProcess(
+            "stand-in",
+            [sys.executable, "-c", code],
+            port,
+            (tmp_path / "out.log",),
+            handles=signal.SIGHUP,
+        )
+        process.spawn()
+        assert process.popen is not None
+        try:
+            # When it is waited for and then sent SIGHUP at once
+            process.wait_ready(deadline=time.monotonic() + TIMEOUT)
+            process.popen.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            # Then it survives the signal
+            assert process.popen.poll() is None
+        finally:
+            process.stop(grace=TIMEOUT)
+
+
+@pytest.mark.integration
+def test_mosquitto_with_tls_survives_a_reload_right_after_start(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Given embedded brokers with a TLS listener (its certificates load after the plain
+    # listener opens, so a too-early "ready" used to let SIGHUP kill Mosquitto under load)
+    certs = make_certs(tmp_path_factory.mktemp("certs"), ["car-a"])
+    with EmbeddedBrokers(run_dir=tmp_path / "brokers", auth=True, tls_dir=certs) as brokers:
+        # When they are reloaded as soon as start() returns
+        brokers.reload_mosquitto()
+        time.sleep(0.3)
+        # Then Mosquitto still runs and its TLS listener accepts
+        assert brokers.exited() == {}
+        socket.create_connection(("127.0.0.1", brokers.mqtt_tls_port), timeout=2.0).close()
