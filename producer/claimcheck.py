@@ -126,8 +126,8 @@ class JobUploads:
             self._sent[sha] = self._pool.submit(self._put, input_key(self.job_id, sha), data, sha)
 
     def _put(self, key: str, data: np.ndarray | bytes, sha: str) -> bool:
-        # The copy to bytes happens here, on the upload's thread, not before the next hash.
-        body = data.tobytes() if isinstance(data, np.ndarray) else data
+        # Sent from the array's own (C-contiguous, read-only) memory, not a copy of it.
+        body = data.data.cast("B") if isinstance(data, np.ndarray) else data
         return self.store.put_if_absent(key, body, sha)
 
 

@@ -129,6 +129,20 @@ class TestStoreAccess:
         assert not store.exists("jobs/bad/in/z")
         assert store.put_if_absent("jobs/bad/in/z", b"original", sha256_hex(b"original"))
 
+    def test_an_array_is_uploaded_from_its_own_memory(self, store: BlobStore) -> None:
+        # Given a block larger than one read of the HTTP client, sent as a buffer
+        block = np.arange(300_000, dtype=np.float32).reshape(600, 500)
+        view = memoryview(block).cast("B")
+        # When it is stored, and a copy with one element changed is sent under its hash
+        assert store.put_if_absent("jobs/mv/in/a", view, sha256_hex(view))
+        changed = block.copy()
+        changed[599, 499] = -1
+        with pytest.raises(BrokerError, match="XAmzContentSHA256Mismatch"):
+            store.put_if_absent("jobs/mv/in/b", memoryview(changed), sha256_hex(view))
+        # Then the store holds exactly the block's bytes, and not the copy
+        assert store.get("jobs/mv/in/a") == block.tobytes()
+        assert not store.exists("jobs/mv/in/b")
+
     def test_the_car_refuses_bytes_that_are_not_the_ones_named(self, store: BlobStore) -> None:
         # Given an object whose bytes differ from what a ref names
         store.put_if_absent("jobs/bad/in/y", b"tampered", sha256_hex(b"tampered"))
@@ -193,8 +207,13 @@ class TestClaimCheckJob:
         mqtt = [len(m.payload) for m in sniffer.received]
         sniffer.close()
         assert mqtt and max(mqtt) < 8192
-        fetched = sum(w.data.cache.stats().bytes_fetched for w in fleet.vehicles.values())
+        cars = list(fleet.vehicles.values())
+        fetched = sum(w.data.cache.stats().bytes_fetched for w in cars)
         assert fetched >= 8 * 64 * 128 * 4  # every block reached some car from the store
+        # And cars that stop give their cached blocks back at once
+        assert sum(w.data.cache.stats().held_bytes for w in cars) > 0
+        fleet.stop_all()
+        assert [w.data.cache.stats().held_bytes for w in cars] == [0, 0, 0]
 
     def test_confidential_jobs_store_only_ciphertext(
         self,
