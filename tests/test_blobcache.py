@@ -32,3 +32,16 @@ def test_a_blob_larger_than_the_cache_is_served_not_kept() -> None:
     cache = BlobCache(5)
     cache.put("big", b"x" * 6)
     assert not cache.holds("big") and cache.stats().held_bytes == 0
+
+
+def test_clear_drops_the_blobs_and_keeps_the_counts() -> None:
+    # Given a cache that served a blob
+    cache = BlobCache(100)
+    cache.put("a", b"x" * 10)
+    cache.get("a")
+    # When it is cleared (its car stopped)
+    cache.clear()
+    # Then it holds nothing, and what it did stays counted
+    stats = cache.stats()
+    assert not cache.holds("a") and stats.held_bytes == 0
+    assert (stats.hits, stats.bytes_fetched, stats.bytes_served) == (1, 10, 20)

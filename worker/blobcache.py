@@ -63,6 +63,12 @@ class BlobCache:
                 _, old = self._items.popitem(last=False)
                 self._held -= len(old)
 
+    def clear(self) -> None:
+        """Drop every held blob (a stopped car gives its memory back); counters stay."""
+        with self._lock:
+            self._items.clear()
+            self._held = 0
+
     def holds(self, sha256: str) -> bool:
         with self._lock:
             return sha256 in self._items

@@ -203,6 +203,10 @@ class VehicleWorker:
         if self._owns_pool:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.backend.free_memory()
+        # Now, not when the garbage collector reaches the worker's reference cycles: a
+        # stopped car's cache (up to cache_bytes) would otherwise outlive it, and a fleet
+        # whose cars come and go would hold every departed car's blocks.
+        self.data.cache.clear()
 
     def kill(self) -> None:
         """Vanish without a DISCONNECT, as a car driving out of coverage does.
