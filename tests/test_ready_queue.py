@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from parkpool.gateway import dispatch
 from parkpool.gateway.tasks import PendingTask, ReadyQueue
-from parkpool.schemas import Priority, TaskChunk
+from parkpool.gateway.vehicles import VehicleBook
+from parkpool.schemas import BlobRef, Priority, TaskChunk
 
 
 def pending_task(priority: Priority, offset: int, partition: int = 0) -> PendingTask:
@@ -213,3 +216,54 @@ class TestPreferred:
             queue.push(batch(offset))
         task = queue.pop(prefer=lambda t: t.offset == 35, scan=32)
         assert task is not None and task.offset == 0
+
+    def test_the_highest_rank_wins_and_equals_keep_their_order(self) -> None:
+        # Given six tasks ranked 0, 1, 2, 1, 2, 0 by a car
+        queue = ReadyQueue()
+        for offset in range(6):
+            queue.push(batch(offset))
+        ranks = [0.0, 1.0, 2.0, 1.0, 2.0, 0.0]
+        # When it pulls twice
+        first = queue.pop(prefer=lambda t: ranks[t.offset])
+        second = queue.pop(prefer=lambda t: ranks[t.offset])
+        # Then it gets the first of the best, then the next best
+        assert first is not None and second is not None
+        assert (first.offset, second.offset) == (2, 4)
+        assert [t.offset for t in drain(queue)] == [0, 1, 3, 5]
+
+
+class TestInputRank:
+    """How the gateway ranks tasks for a car by the stored inputs (gemm blocks) involved."""
+
+    @staticmethod
+    def tile(offset: int, row: int, col: int) -> PendingTask:
+        refs = tuple(
+            BlobRef(name, f"{kind}{index:x}".ljust(64, "0"), 16, "<f4", (2, 2))
+            for name, kind, index in (("a", "a", row), ("b", "b", col))
+        )
+        task = batch(offset)
+        return PendingTask(
+            task.topic, task.partition, offset, task.raw, replace(task.task, refs=refs)
+        )
+
+    def test_reuse_first_then_the_blocks_fewest_other_cars_hold(self) -> None:
+        # Given a car sent row block 0 and column block 0, another car sent row block 1
+        book = VehicleBook("gw1")
+        car, other = book.heard("car-a"), book.heard("car-b")
+        for view, task in ((car, self.tile(0, 0, 0)), (other, self.tile(1, 1, 5))):
+            dispatch._remember_inputs(book, view, task)
+        rank = dispatch._holds_inputs(car, book)
+        assert rank is not None
+        # Then a tile reusing both blocks ranks over one reusing one, over one reusing
+        # none; and of two reusing none, the one whose blocks no other car holds is first
+        both, one, crowded, free = (
+            self.tile(2, 0, 0),
+            self.tile(3, 0, 7),
+            self.tile(4, 1, 5),
+            self.tile(5, 2, 6),
+        )
+        assert rank(both) > rank(one) > rank(free) > rank(crowded)
+
+    def test_without_stored_inputs_about_the_queue_order_stands(self) -> None:
+        book = VehicleBook("gw1")
+        assert dispatch._holds_inputs(book.heard("car-a"), book) is None

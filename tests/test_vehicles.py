@@ -174,6 +174,30 @@ class TestStates:
         assert len(book) == 0
 
 
+class TestHeldInputs:
+    """Which stored inputs each car is thought to hold, and how many cars hold each."""
+
+    def test_a_car_holds_its_last_inputs_and_each_is_counted_once_per_car(self) -> None:
+        # Given two cars, each sent some inputs (the first twice the same one)
+        book = VehicleBook("gw1")
+        a, b = book.heard("car-a"), book.heard("car-b")
+        book.remember_blobs(a, [1, 2], keep=3)
+        book.remember_blobs(a, [2, 3], keep=3)
+        book.remember_blobs(b, [1], keep=3)
+        # Then each car holds what it was sent, and 1 is held by both
+        assert (a.blobs, b.blobs) == ((1, 2, 3), (1,))
+        assert [book.holders(h) for h in (1, 2, 3, 4)] == [2, 1, 1, 0]
+        # When the first is sent a fourth, its oldest falls out
+        book.remember_blobs(a, [4], keep=3)
+        assert a.blobs == (2, 3, 4) and [book.holders(h) for h in (1, 4)] == [1, 1]
+
+    def test_a_forgotten_car_holds_nothing(self) -> None:
+        book = VehicleBook("gw1")
+        book.remember_blobs(book.heard("car-a"), [7, 8], keep=8)
+        book.forget("car-a")
+        assert book.holders(7) == book.holders(8) == 0 and not book.holds_any()
+
+
 class TestLiveness:
     """silent_since reports each vehicle not heard from since a cutoff, once."""
 
