@@ -167,7 +167,7 @@ class BlobStore:
 
 class BufferReader(io.RawIOBase):
     """A seekable file over a buffer, read without copying it whole: boto3 takes bytes
-    or a file, and ``tobytes()`` of a 8 MiB block costs 8 MiB of new memory per upload
+    or a file, and ``tobytes()`` of an 8 MiB block costs 8 MiB of new memory per upload
     (first-touch pages are most of an upload's CPU on a VM)."""
 
     def __init__(self, buffer: bytes | memoryview) -> None:
