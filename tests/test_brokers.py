@@ -492,6 +492,8 @@ class TestBrokerProcess:
     def test_ready_waits_for_every_listener(self, tmp_path: Path) -> None:
         # Given a process that opens its first port at once and its second a second later
         first, second = free_port(), free_port()
+        while second == first:  # two asks may name the same free port
+            second = free_port()
         code = (
             "import socket, time; "
             f"a = socket.create_server(('127.0.0.1', {first})); time.sleep(1.0); "
