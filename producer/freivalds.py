@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,9 +105,7 @@ class Preparer:
         cache-sized band of rows at a time; the products' time (wall and CPU) is counted."""
         copy = np.empty(source.shape, source.dtype)
         product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
-        step = max(1, self.STEP_BYTES // max(1, source.shape[1] * source.itemsize))
-        for start in range(0, source.shape[0], step):
-            band = slice(start, start + step)
+        for band in _bands(source):
             copy[band] = source[band]
             started, cpu = time.perf_counter(), time.thread_time()
             np.matmul(copy[band], vectors, out=product[band])
@@ -294,11 +292,16 @@ def _product(matrix: Array, vectors: Array) -> Array:
     """``matrix @ vectors`` in bands that OpenBLAS runs on one thread (see Preparer):
     whole, a block's product was split over the cores and waited on a busy one."""
     out = np.empty((matrix.shape[0], vectors.shape[1]), np.result_type(matrix, vectors))
-    step = max(1, Preparer.STEP_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
-    for start in range(0, matrix.shape[0], step):
-        band = slice(start, start + step)
+    for band in _bands(matrix):
         np.matmul(matrix[band], vectors, out=out[band])
     return out
+
+
+def _bands(matrix: Array) -> Iterator[slice]:
+    """Consecutive spans of rows, each about ``Preparer.STEP_BYTES`` of ``matrix``."""
+    step = max(1, Preparer.STEP_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
+    for start in range(0, matrix.shape[0], step):
+        yield slice(start, start + step)
 
 
 @functools.cache
