@@ -43,6 +43,8 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from parkpool.broker_config import store_etags
+
 __all__ = ["StoreKeys", "verify_request"]
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -242,17 +244,12 @@ def etag_of(file: BinaryIO, target: Path) -> str:
     opened = os.fstat(file.fileno())
     if opened.st_size > HASHED_BYTES and _names(target, opened):
         try:
-            etag = str(localbucket.object_etag(target))
+            etag = store_etags.object_etag(target)
         except FileNotFoundError:  # deleted since: hash the bytes still open, below
             etag = ""
         if etag and _names(target, opened):
             return etag
-    digest = hashlib.md5(usedforsecurity=False)
-    offset = 0
-    while block := os.pread(file.fileno(), 1024 * 1024, offset):
-        digest.update(block)
-        offset += len(block)
-    return digest.hexdigest()
+    return store_etags.etag_of_fd(file.fileno())
 
 
 def _current_etag(target: Path) -> str | None:
@@ -360,12 +357,14 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
 
     def _read_body(self) -> bytes:
         body: bytes = super()._read_body()
-        if self._payload and hashlib.sha256(body).hexdigest() != self._payload:
-            raise localbucket.S3Error(
-                HTTPStatus.BAD_REQUEST,
-                "XAmzContentSHA256Mismatch",
-                "The body does not hash to the SHA-256 its request signed",
-            )
+        if self._payload:
+            if hashlib.sha256(body).hexdigest() != self._payload:
+                raise localbucket.S3Error(
+                    HTTPStatus.BAD_REQUEST,
+                    "XAmzContentSHA256Mismatch",
+                    "The body does not hash to the SHA-256 its request signed",
+                )
+            store_etags.note_verified(body, self._payload)  # its ETag needs no second pass
         return body
 
     def _send_file(
@@ -417,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     root = args.data_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     VerifyingHandler.data_root = root
+    store_etags.install()
     VerifyingHandler.keys = StoreKeys({args.access_key: args.secret_key})
     server = _Server((args.host, args.port), VerifyingHandler)
     try:

@@ -6,6 +6,7 @@ as the SDK's result reader does, reads them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
@@ -20,6 +21,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from parkpool.broker_config.launcher import DATA_BUCKET, STORE_BUCKET, EmbeddedBrokers
+from parkpool.broker_config.store_etags import etag_of_bytes
 from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.attach import FETCH_WAIT_MS
 from parkpool.runtime.kafka import producer_config, reader_config
@@ -208,7 +210,7 @@ class TestEmbeddedObjectStore:
             def read(client: Any) -> tuple[int, str]:
                 got = client.get_object(Bucket=bucket, Key="counter")
                 body, etag = got["Body"].read(), got["ETag"].strip('"')
-                if hashlib.md5(body).hexdigest() != etag:
+                if etag_of_bytes(body) != etag:
                     stale.append((body, etag))
                 return int(body), etag
 
@@ -238,6 +240,38 @@ class TestEmbeddedObjectStore:
             assert stale == []
             # And no update was lost: each won exactly once, on the value before it
             assert read(s3(brokers))[0] == 600
+
+    def test_one_object_has_one_etag_whichever_path_made_it(self, tmp_path: Path) -> None:
+        # Given a large object written with the SDK's signed checksum (the ETag reuses the
+        # digest the store checked), a small one without, and a server-side copy
+        big, small = bytes(range(256)) * 4096, b"watermark"
+        with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
+            client, bucket = s3(brokers), brokers.data_bucket
+            sha = hashlib.sha256(big).digest()
+            put = client.put_object(
+                Bucket=bucket, Key="big", Body=big, ChecksumSHA256=base64.b64encode(sha).decode()
+            )["ETag"].strip('"')
+            small_put = client.put_object(Bucket=bucket, Key="small", Body=small)["ETag"]
+            client.copy_object(Bucket=bucket, Key="copy", CopySource=f"{bucket}/big")
+            # Then each ETag is the one its bytes give
+            assert put == etag_of_bytes(big) == sha.hex()[:32]
+            assert small_put.strip('"') == etag_of_bytes(small)
+            assert client.head_object(Bucket=bucket, Key="copy")["ETag"].strip('"') == put
+            # And a restarted store, which remembers no ETag, computes the same ones
+            brokers.kill_store()
+            brokers.start_store()
+            client = s3(brokers)
+            got = client.get_object(Bucket=bucket, Key="big")
+            assert got["ETag"].strip('"') == put and got["Body"].read() == big
+            listed = client.list_objects_v2(Bucket=bucket)["Contents"]
+            assert {o["Key"]: o["ETag"].strip('"') for o in listed} == {
+                "big": put,
+                "copy": put,
+                "small": etag_of_bytes(small),
+            }
+            # So a conditional write on the ETag from before the restart succeeds
+            client.put_object(Bucket=bucket, Key="big", Body=small, IfMatch=put)
+            assert client.get_object(Bucket=bucket, Key="big")["Body"].read() == small
 
     def test_each_instance_has_its_own_keys(self, tmp_path: Path) -> None:
         one, other = EmbeddedBrokers(tmp_path / "one"), EmbeddedBrokers(tmp_path / "other")
