@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
+from typing import Protocol
 
 import numpy as np
 
@@ -23,9 +24,22 @@ from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, input_key, output_key
 from parkpool.schemas.codec import decode_arrays
 from parkpool.schemas.topics import task_key
 
-__all__ = ["JobUploads", "fetch_outputs"]
+__all__ = ["BandTap", "JobUploads", "array_sha256", "fetch_outputs"]
 
 UPLOAD_THREADS = 4
+# A tap's bands: small enough to be in a core's L2 still when the tap reads them.
+HASH_BAND_BYTES = 256 * 1024
+
+
+class BandTap(Protocol):
+    """Work on a job's blocks that rides on the claim check's hashing pass, so the blocks
+    are read from memory once for both."""
+
+    def phases(self) -> Sequence[Sequence[np.ndarray]]:
+        """The blocks to hand over, in order: each phase is hashed after the last."""
+
+    def band(self, block: np.ndarray, rows: slice) -> None:
+        """``block[rows]`` was just hashed."""
 
 
 class JobUploads:
@@ -50,10 +64,17 @@ class JobUploads:
         self._hashed: dict[tuple[object, ...], tuple[Future[str], np.ndarray]] = {}
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="pp-upload")
 
-    def offload_all(self, tasks: Sequence[TaskChunk]) -> list[TaskChunk]:
+    def offload_all(
+        self, tasks: Sequence[TaskChunk], tap: BandTap | None = None
+    ) -> list[TaskChunk]:
         """Every task with its large inputs replaced by refs (uploads started). The
         distinct blocks are hashed on the pool's threads at once: hashlib lets go of the
-        GIL, and a 4096² gemm has 128 MiB to hash before its first record."""
+        GIL, and a 4096² gemm has 128 MiB to hash before its first record.
+
+        ``tap`` sees each band of the blocks it names right after the band is hashed,
+        phase by phase (the gemm check's products: producer.freivalds.HashTap)."""
+        for phase in tap.phases() if tap is not None else ():
+            wait([self._digest(a, tap) for a in phase if self._hashes_here(a)])
         for task in tasks:
             if not task.sealed_inputs:
                 for array in task.inputs.values():
@@ -108,11 +129,15 @@ class JobUploads:
         self._start(sha, array)
         return BlobRef(name, sha, array.nbytes, array.dtype.str, array.shape)
 
-    def _digest(self, array: np.ndarray) -> Future[str]:
+    def _hashes_here(self, array: np.ndarray) -> bool:
+        """Whether ``offload`` will hash ``array`` as it is (stored, not copied first)."""
+        return array.nbytes >= self.inline_max_bytes and array.flags.c_contiguous
+
+    def _digest(self, array: np.ndarray, tap: BandTap | None = None) -> Future[str]:
         where = (array.__array_interface__["data"][0], array.shape, array.dtype.str)
         known = self._hashed.get(where)
         if known is None:
-            known = (self._pool.submit(_sha256, array), array)
+            known = (self._pool.submit(array_sha256, array, tap), array)
             self._hashed[where] = known
         return known[0]
 
@@ -131,8 +156,18 @@ class JobUploads:
         return self.store.put_if_absent(key, body, sha)
 
 
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(array.data).hexdigest()
+def array_sha256(array: np.ndarray, tap: BandTap | None = None) -> str:
+    """The SHA-256 of a C-contiguous array's bytes; with a tap, hashed one band of rows
+    at a time, each handed to the tap while it is still in cache."""
+    if tap is None or array.ndim == 0:
+        return hashlib.sha256(array.data).hexdigest()
+    digest = hashlib.sha256()
+    step = max(1, HASH_BAND_BYTES // max(1, array[0].nbytes))
+    for start in range(0, len(array), step):
+        rows = slice(start, min(start + step, len(array)))
+        digest.update(array[rows].data)
+        tap.band(array, rows)
+    return digest.hexdigest()
 
 
 def fetch_outputs(store: BlobStore, result: Result) -> Result:

@@ -38,14 +38,13 @@ from parkpool.producer import kernel_catalog
 from parkpool.producer.attach import CLOCK_SKEW_S, find_job, high_watermarks, job_starts
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
-from parkpool.producer.freivalds import Prepared
 from parkpool.producer.jobids import new_job_id
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import Array
 from parkpool.producer.splitters import Assembler, ChunkSpec, JobPlan
 from parkpool.producer.splitters_stats import KMeansStep, OptionPrice
-from parkpool.producer.verify import reachable
+from parkpool.producer.verify import input_tap, reachable
 from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.http import StatusServer, request_counter
@@ -356,7 +355,6 @@ class ParkpoolClient:
             job_id=job_id,
             confidential=confidential,
             verification=verification,
-            prepared=plan.prepared,
         )
 
     @overload
@@ -371,7 +369,6 @@ class ParkpoolClient:
         job_id: str | None = ...,
         confidential: bool = ...,
         verification: Level | str | None = ...,
-        prepared: Prepared | None = ...,
     ) -> JobHandle[None]: ...
 
     @overload
@@ -386,7 +383,6 @@ class ParkpoolClient:
         job_id: str | None = ...,
         confidential: bool = ...,
         verification: Level | str | None = ...,
-        prepared: Prepared | None = ...,
     ) -> JobHandle[R]: ...
 
     def publish(
@@ -400,14 +396,12 @@ class ParkpoolClient:
         job_id: str | None = None,
         confidential: bool = False,
         verification: Level | str | None = None,
-        prepared: Prepared | None = None,
     ) -> JobHandle[Any]:
         """Publish prepared chunks as one job; every chunk is durable when this returns.
 
         Every chunk is checked against the kernel's contract first: a job with one bad
         chunk, or naming no known kernel, raises ValidationError and sends nothing.
-        ``verification`` is as for ``submit``; ``prepared`` is what a planner computed
-        for the results' check (``JobPlan.prepared``), or None.
+        ``verification`` is as for ``submit``.
         """
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
@@ -418,11 +412,16 @@ class ParkpoolClient:
             if self._checks is not None:
                 reachable(contract, minimum)
         uploads = self._uploads(job_id)
+        # The check's products ride on the claim check's hashing, which reads every
+        # stored block anyway; a confidential job's blocks are hashed sealed.
+        tap = None
+        if uploads is not None and self._checks is not None and not confidential:
+            tap = input_tap(kernel, chunks, self._checks.rounds)
         try:
             with self._counting_refusals():
                 tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
                 if uploads is not None:
-                    tasks = uploads.offload_all(tasks)
+                    tasks = uploads.offload_all(tasks, tap)
                 records = [self._record(task) for task in tasks]
         except BaseException:
             self._abandon(job_id, uploads)  # refused after its uploads began: take them back
@@ -436,6 +435,7 @@ class ParkpoolClient:
             on_end=self._job_ended,
         )
         if self._checks is not None:
+            prepared = tap.prepared() if tap is not None else None
             self._checks.begin(job_id, kernel, chunks, tasks, minimum, prepared)
         with self._lock:
             self._handles[job_id] = handle  # before publishing: results may come back fast

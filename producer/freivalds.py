@@ -4,9 +4,12 @@
 For a secret random sign vector x, A·(B·x) costs two matrix-vector products, and
 C·x one more; a wrong C shows as a residual C·x - A·(B·x) far from zero. Tiles that
 share a block of A are checked together (Σ_j C_j·x_j against A·Σ_j B_j·x_j), so each
-block of A, each block of B and each tile is read once per job: three passes of
-matrix-vector products, 1.65-1.87 % of the 4096² gemm's CPU time on a 2-core machine
-(3.3-3.7 % of its wall time, the gemm using both cores; `make bench`, "verification").
+block of A, each block of B and each tile is read once per job. On the claim-check
+path the passes over A and B ride on the SDK's hashing of the blocks (``HashTap``),
+and each tile is multiplied as it arrives: 6-10 CPU-ms for a 4096² gemm of 64 tiles on
+a 2-core AMD EPYC VM, 0.46-0.73 % of the gemm's CPU time there (`make bench`,
+"verification"); inline, where nothing is hashed, the products read A and B from
+memory when a group's tiles are in: 12-13 CPU-ms.
 Only a group that fails is checked tile by tile, to find the liar.
 
 Honest results differ from the exact product by floating point, up to the contract's
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-import time
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,81 +44,93 @@ Z = math.sqrt(2 * math.log(2 / DELTA))
 # and a tile is only ever judged wrong against its full max|C| (``_alone``).
 SCALE_STRIDE = 64
 DEFAULT_ROUNDS = 1
+# Bands small enough to stay in a core's L2 while they are multiplied, and for OpenBLAS
+# to run each product on one thread (``_product``).
+BAND_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """The input side of a job's check, computed by its planner while each block it
-    copied was still in cache (``Preparer``): the secret signs per block of B, and
-    A·Σ_j B_j·x_j per block of A. Keyed by the blocks' identity in the plan. B_j·x_j of
-    one block alone is needed only to judge a tile alone, and is computed then."""
+    """The input side of a job's check, computed while the SDK hashed each block for the
+    claim check (``HashTap``): the secret signs per block of B, and A·Σ_j B_j·x_j per
+    block of A. Keyed by the blocks' identity in the plan. B_j·x_j of one block alone is
+    needed only to judge a tile alone, and is computed then."""
 
     signs: Mapping[int, Array]
     abx: Mapping[int, Array]
-    seconds: float = 0.0  # what the products and signs added to planning (wall)
-    cpu_seconds: float = 0.0  # the same, in this thread's CPU time
 
 
-class Preparer:
-    """Copies a gemm plan's blocks and computes the check's products on the way, so the
-    two passes over A and B that the check needs cost little more than the copies the
-    plan makes anyway. Copy every block of B before any block of A.
+class HashTap:
+    """The check's two passes over A and B, made on the claim check's own pass.
 
-    Each step copies a band of rows and multiplies the copy while it is still in cache:
-    the check is made against exactly the bytes sent, even if the caller's array
-    changes meanwhile.
+    The SDK hashes every stored block once (producer.claimcheck), one cache-sized band
+    of rows at a time; each band is multiplied here right after, while still in cache.
+    From memory the products cost ~10 CPU-ms at 4096² on the 2-core VM, on the bands
+    just hashed ~2.5 (``make bench``, "verification"). A's product needs Σ_j B_j·x_j
+    over the blocks of B its tiles read, so every block of B is hashed first
+    (``phases``). Thread-safe: blocks are hashed on several threads.
+
+    A block the claim check did not hash (too small to store, or a confidential job's)
+    leaves the tap incomplete: ``prepared()`` is then None, and the check computes its
+    products itself when the tiles arrive.
     """
 
-    # Bands small enough to stay in a core's L2 while they are multiplied, and for
-    # OpenBLAS to run each product on one thread: with 2 MiB bands it split them, and
-    # on a busy 2-core machine every product then waited for a descheduled thread
-    # (prepare took 470 ms instead of 3-5 ms). Of 128 KiB to 512 KiB, 256 KiB added the
-    # least to a 4096² plan (``make bench``, "verification").
-    STEP_BYTES = 256 * 1024
+    def __init__(
+        self,
+        inputs: Sequence[Mapping[str, Array]],
+        rounds: int = DEFAULT_ROUNDS,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        rng = rng or np.random.default_rng()
+        self._a = {id(chunk["a"]): chunk["a"] for chunk in inputs}
+        self._b = {id(chunk["b"]): chunk["b"] for chunk in inputs}
+        self._partners: dict[int, dict[int, None]] = {}  # id(A) -> the B blocks it meets
+        for chunk in inputs:
+            self._partners.setdefault(id(chunk["a"]), {})[id(chunk["b"])] = None
+        self._signs = {
+            key: rng.choice(np.array([-1.0, 1.0], b.dtype), (b.shape[1], rounds))
+            for key, b in self._b.items()
+        }
+        self._bx = {k: np.empty((b.shape[0], rounds), b.dtype) for k, b in self._b.items()}
+        self._abx = {k: np.empty((a.shape[0], rounds), a.dtype) for k, a in self._a.items()}
+        self._rows_done: dict[int, int] = {}
+        self._y: dict[int, Array | None] = {}  # id(A) -> Σ B·x of its partners
+        self._lock = threading.Lock()
 
-    def __init__(self, rounds: int = DEFAULT_ROUNDS, rng: np.random.Generator | None = None):
-        self._rounds = rounds
-        self._rng = rng or np.random.default_rng()
-        self._signs: dict[int, Array] = {}
-        self._abx: dict[int, Array] = {}
-        self._y: dict[tuple[int, int], Array] = {}  # rows of B -> Σ B·x over its blocks
-        self._seconds = 0.0
-        self._cpu_seconds = 0.0
+    def phases(self) -> list[list[Array]]:
+        """The blocks to hash, in order: every block of B before any block of A."""
+        return [list(self._b.values()), list(self._a.values())]
 
-    def b_block(self, source: Array, rows: tuple[int, int]) -> Array:
-        started, cpu = time.perf_counter(), time.thread_time()
-        x = self._rng.choice(np.array([-1.0, 1.0], source.dtype), (source.shape[1], self._rounds))
-        self._count(started, cpu)
-        block, bx = self._copy_times(source, x)
-        self._signs[id(block)] = x
-        total = self._y.get(rows)
-        self._y[rows] = bx if total is None else total + bx
-        return block
+    def band(self, block: Array, rows: slice) -> None:
+        """``block[rows]`` was just hashed: multiply it while it is in cache. One thread
+        hashes a block, and a phase ends before the next begins, so only ``_y_for``,
+        once per block of A, needs the lock."""
+        key = id(block)
+        if key in self._bx:
+            np.matmul(block[rows], self._signs[key], out=self._bx[key][rows])
+        else:
+            y = self._y_for(key)
+            if y is None:
+                return  # a partner was not hashed here: the check makes this product
+            np.matmul(block[rows], y, out=self._abx[key][rows])
+        self._rows_done[key] = self._rows_done.get(key, 0) + len(range(*rows.indices(len(block))))
 
-    def a_block(self, source: Array, columns: tuple[int, int]) -> Array:
-        block, abx = self._copy_times(source, self._y[columns])
-        self._abx[id(block)] = abx
-        return block
+    def prepared(self) -> Prepared | None:
+        """The check's input side, or None unless every block was hashed through here."""
+        blocks = {**self._a, **self._b}
+        if any(self._rows_done.get(key, 0) != len(block) for key, block in blocks.items()):
+            return None
+        return Prepared(dict(self._signs), dict(self._abx))
 
-    def prepared(self) -> Prepared:
-        return Prepared(dict(self._signs), dict(self._abx), self._seconds, self._cpu_seconds)
-
-    def _copy_times(self, source: Array, vectors: Array) -> tuple[Array, Array]:
-        """A C-contiguous, read-only copy of ``source`` and ``copy @ vectors``, one
-        cache-sized band of rows at a time; the products' time (wall and CPU) is counted."""
-        copy = np.empty(source.shape, source.dtype)
-        product = np.empty((source.shape[0], vectors.shape[1]), source.dtype)
-        for band in _bands(source):
-            copy[band] = source[band]
-            started, cpu = time.perf_counter(), time.thread_time()
-            np.matmul(copy[band], vectors, out=product[band])
-            self._count(started, cpu)
-        copy.flags.writeable = False
-        return copy, product
-
-    def _count(self, started: float, cpu: float) -> None:
-        self._seconds += time.perf_counter() - started
-        self._cpu_seconds += time.thread_time() - cpu
+    def _y_for(self, a_key: int) -> Array | None:
+        with self._lock:
+            if a_key not in self._y:
+                partners = [self._b[b] for b in self._partners[a_key]]
+                hashed = all(self._rows_done.get(id(b), 0) == len(b) for b in partners)
+                self._y[a_key] = (
+                    np.sum([self._bx[id(b)] for b in partners], axis=0) if hashed else None
+                )
+            return self._y[a_key]
 
 
 @dataclass(frozen=True)
@@ -148,7 +163,7 @@ class GemmCheck:
     tile just read, every call beyond that pays for the cache the tile evicted (a
     sampled max|C| per tile cost half as much as the product). max|C| is sampled once
     per group, when it is judged (``_judge_group``), and the group's input side
-    (A·Σ_j B_j·x_j) is computed then too, unless the planner prepared it."""
+    (A·Σ_j B_j·x_j) is computed then too, unless the SDK's hashing prepared it."""
 
     output = "c"
 
@@ -261,7 +276,7 @@ class GemmCheck:
         return math.isfinite(bound) and peak <= bound
 
     def _abx(self, a: Array, tiles: list[_Tile]) -> Array:
-        """A·Σ_j B_j·x_j for a group: from the planner when it prepared one."""
+        """A·Σ_j B_j·x_j for a group: from the hashing pass when it prepared one."""
         z = self._z.get(id(a))
         if z is None:
             zero = np.zeros((a.shape[1], self._rounds), a.dtype)
@@ -289,8 +304,9 @@ class GemmCheck:
 
 
 def _product(matrix: Array, vectors: Array) -> Array:
-    """``matrix @ vectors`` in bands that OpenBLAS runs on one thread (see Preparer):
-    whole, a block's product was split over the cores and waited on a busy one."""
+    """``matrix @ vectors`` in bands that OpenBLAS runs on one thread: whole, a block's
+    product was split over the cores, and on a busy 2-core machine every product then
+    waited for a descheduled thread (470 ms instead of 3-5 ms for a 4096² job)."""
     out = np.empty((matrix.shape[0], vectors.shape[1]), np.result_type(matrix, vectors))
     for band in _bands(matrix):
         np.matmul(matrix[band], vectors, out=out[band])
@@ -298,8 +314,8 @@ def _product(matrix: Array, vectors: Array) -> Array:
 
 
 def _bands(matrix: Array) -> Iterator[slice]:
-    """Consecutive spans of rows, each about ``Preparer.STEP_BYTES`` of ``matrix``."""
-    step = max(1, Preparer.STEP_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
+    """Consecutive spans of rows, each about ``BAND_BYTES`` of ``matrix``."""
+    step = max(1, BAND_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
     for start in range(0, matrix.shape[0], step):
         yield slice(start, start + step)
 

@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 
 from parkpool.producer import kernel_catalog
-from parkpool.producer.freivalds import Prepared
 from parkpool.schemas.errors import ValidationError
 
 Array = npt.NDArray[Any]
@@ -52,9 +51,6 @@ class JobPlan(Generic[R]):
     kernel: str
     chunks: tuple[ChunkSpec, ...]
     make_assembler: Callable[[], Assembler[R]]
-    # What the planner computed for the results' check while it had the inputs in
-    # cache (gemm: producer.freivalds.Prepared); None: the SDK computes it itself.
-    prepared: Prepared | None = None
 
 
 # --- shared helpers -----------------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from parkpool.producer.freivalds import Preparer
 from parkpool.producer.plans import (
     Array,
     Assembler,
@@ -115,17 +114,11 @@ def plan_gemm(
     *,
     tile: int = 256,
     k_tile: int | None = None,
-    prepare_check: bool = False,
 ) -> JobPlan[Array]:
     """Tile C = A @ B: chunk (i, j[, l]) is a[rows_i, k_l] @ b[k_l, cols_j].
 
     Without ``k_tile`` each chunk is a full-K row panel times a column panel; with it,
     the assembler sums the partial products. Edge tiles are simply smaller.
-    ``prepare_check`` computes the input side of the results' Freivalds check while
-    the blocks are copied (producer.freivalds.Preparer), which takes it off the first
-    results' path. Off by default: counted fully, the banded copies it needs added
-    10-23 ms of CPU to a 4096² plan, more than the products it carries, which the SDK
-    makes when each group's tiles are in (``make bench``, "verification"; docs/DECISIONS.md).
     """
     a, b = np.asarray(a), np.asarray(b)
     _check_gemm_operands(a, b)
@@ -138,15 +131,9 @@ def plan_gemm(
     col_spans = span_slices(b.shape[1], tile)
     tiles = [(rows, cols, ks) for rows in row_spans for cols in col_spans for ks in k_spans]
     # One snapshot per distinct block, shared by every tile that reads it: a row panel
-    # is copied once, not once per column, and the claim check stores it once. Every
-    # block of B first: the check's product for a block of A needs all of them.
-    preparer = Preparer() if prepare_check else None
-    b_blocks = {
-        _span(ks, cols): _b_block(b[ks, cols], preparer, ks) for ks in k_spans for cols in col_spans
-    }
-    a_blocks = {
-        _span(rows, ks): _a_block(a[rows, ks], preparer, ks) for rows in row_spans for ks in k_spans
-    }
+    # is copied once, not once per column, and the claim check stores it once.
+    b_blocks = {_span(ks, cols): wire_copy(b[ks, cols]) for ks in k_spans for cols in col_spans}
+    a_blocks = {_span(rows, ks): wire_copy(a[rows, ks]) for rows in row_spans for ks in k_spans}
     chunks = validated(
         "gemm",
         tuple(
@@ -157,20 +144,7 @@ def plan_gemm(
     targets = tuple((rows, cols) for rows, cols, _ in tiles)
     shape = (a.shape[0], b.shape[1])
     assembler = partial(_GemmAssembler, shape, a.dtype, targets, len(k_spans) > 1)
-    prepared = preparer.prepared() if preparer is not None else None
-    return JobPlan("gemm", chunks, assembler, prepared)
-
-
-def _b_block(source: Array, preparer: Preparer | None, ks: slice) -> Array:
-    return wire_copy(source) if preparer is None else preparer.b_block(source, _ends(ks))
-
-
-def _a_block(source: Array, preparer: Preparer | None, ks: slice) -> Array:
-    return wire_copy(source) if preparer is None else preparer.a_block(source, _ends(ks))
-
-
-def _ends(span: slice) -> tuple[int, int]:
-    return (span.start, span.stop)
+    return JobPlan("gemm", chunks, assembler)
 
 
 def _span(first: slice, second: slice) -> tuple[int, int, int, int]:

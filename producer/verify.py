@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from parkpool.producer.fftcheck import FftCheck
-from parkpool.producer.freivalds import GemmCheck, Prepared, TileVerdict
+from parkpool.producer.freivalds import GemmCheck, HashTap, Prepared, TileVerdict
 from parkpool.producer.plans import ChunkSpec
 from parkpool.runtime.reputation import TRUST_AFTER, ReputationBook
 from parkpool.schemas import Result, ValidationError
@@ -121,6 +121,14 @@ def algebraic_check(
         return GemmCheck(inputs, spec.tolerance, rounds, rng, prepared)
     if spec.name == "fft":
         return FftCheck(inputs, [chunk.params for chunk in chunks], spec.tolerance, rounds, rng)
+    return None
+
+
+def input_tap(kernel: str, chunks: Sequence[ChunkSpec], rounds: int) -> HashTap | None:
+    """What the kernel's check computes from its inputs while the SDK hashes them for
+    the claim check, if it has such a part (gemm's products over A and B)."""
+    if kernel == "gemm":
+        return HashTap([chunk.inputs for chunk in chunks], rounds)
     return None
 
 

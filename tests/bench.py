@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +71,7 @@ from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.schemas import Result, TaskChunk, decode, encode
 from parkpool.schemas.reputation import Level
 from tests.bench_attach import attach_line
-from tests.bench_bulk import bulk_data_line
+from tests.bench_bulk import bulk_data_line, machine
 from tests.bench_cells import cells_line
 from tests.bench_preemption import preemption
 from tests.bench_reconnect import reconnect_spread
@@ -85,10 +84,6 @@ NAMESPACE = "bench"
 
 def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def mqtt_baseline(conn: MqttConnection, count: int, size: int = 512) -> float:

@@ -22,9 +22,11 @@ from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.producer import client as client_module
 from parkpool.producer import dlq
-from parkpool.producer.claimcheck import fetch_outputs
+from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
+from parkpool.producer.splitters import plan_gemm
+from parkpool.producer.verify import input_tap
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
 from parkpool.runtime.sealing import generate_box_key
 from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
@@ -142,6 +144,40 @@ class TestStoreAccess:
         # Then the store holds exactly the block's bytes, and not the copy
         assert store.get("jobs/mv/in/a") == block.tobytes()
         assert not store.exists("jobs/mv/in/b")
+
+    def test_the_gemm_check_is_prepared_on_the_uploads_hashing_pass(self, store: BlobStore) -> None:
+        # Given a gemm job's tasks (8 distinct blocks to store) and its check's tap
+        rng = np.random.default_rng(9)
+        a = rng.standard_normal((256, 128)).astype(np.float32)
+        b = rng.standard_normal((128, 256)).astype(np.float32)
+        plan = plan_gemm(a, b, tile=64)
+        tasks = [
+            TaskChunk("tap", i, len(plan.chunks), "gemm", {}, c.inputs, "r", 1e10, 0.0)
+            for i, c in enumerate(plan.chunks)
+        ]
+        tap = input_tap("gemm", plan.chunks, rounds=1)
+        assert tap is not None
+        # When the claim check offloads them with it
+        uploads = JobUploads(store, "tap", SMALL, 1 << 20)
+        try:
+            sent = uploads.offload_all(tasks, tap)
+            for task in sent:
+                uploads.ready(task)
+        finally:
+            assert uploads.close() == 8
+        # Then every block is stored under the hash of its bytes
+        for task, chunk in zip(sent, plan.chunks, strict=True):
+            for ref in task.refs:
+                assert ref.sha256 == sha256_hex(chunk.inputs[ref.name].tobytes())
+        # And the check's input side came with it: A·Σ_j B_j·x_j for every block of A
+        prepared = tap.prepared()
+        assert prepared is not None
+        for block in {id(c.inputs["a"]): c.inputs["a"] for c in plan.chunks}.values():
+            partners = {
+                id(c.inputs["b"]): c.inputs["b"] for c in plan.chunks if c.inputs["a"] is block
+            }
+            y = sum(p.astype(np.float64) @ prepared.signs[k] for k, p in partners.items())
+            np.testing.assert_allclose(prepared.abx[id(block)], block @ y, rtol=1e-4, atol=1e-3)
 
     def test_the_car_refuses_bytes_that_are_not_the_ones_named(self, store: BlobStore) -> None:
         # Given an object whose bytes differ from what a ref names

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
 import numpy as np
 import pytest
 
+from parkpool.producer.claimcheck import array_sha256
 from parkpool.producer.fftcheck import FftCheck
-from parkpool.producer.freivalds import GemmCheck
+from parkpool.producer.freivalds import GemmCheck, HashTap
 from parkpool.producer.plans import ChunkSpec
 from parkpool.producer.splitters import plan_gemm
 from parkpool.producer.verify import (
@@ -74,14 +76,20 @@ class TestFreivalds:
         assert all(v.valid for v in verdicts)
 
     @pytest.mark.parametrize("k_tile", [None, 96])
-    def test_a_check_prepared_by_the_planner_judges_the_same(self, k_tile: int | None) -> None:
-        # Given one plan whose planner prepared the check, honest tiles and one wrong one
+    def test_a_check_prepared_while_hashing_judges_the_same(self, k_tile: int | None) -> None:
+        # Given one plan whose blocks were hashed through the check's tap, phase by
+        # phase as the claim check does, honest tiles and one wrong one
         rng = np.random.default_rng(12)
         a, b = operands(rng, 300, 250, 310)
-        plan = plan_gemm(a, b, tile=128, k_tile=k_tile, prepare_check=True)
-        assert plan.prepared is not None
+        plan = plan_gemm(a, b, tile=128, k_tile=k_tile)
         inputs = [c.inputs for c in plan.chunks]
-        check = GemmCheck(inputs, GEMM_TOL, prepared=plan.prepared)
+        tap = HashTap(inputs)
+        for phase in tap.phases():
+            for block in phase:  # and each block's hash is the one of its bytes
+                assert array_sha256(block, tap) == hashlib.sha256(block.tobytes()).hexdigest()
+        prepared = tap.prepared()
+        assert prepared is not None
+        check = GemmCheck(inputs, GEMM_TOL, prepared=prepared)
         verdicts = []
         for i, chunk in enumerate(inputs):
             c = honest(chunk)
@@ -92,13 +100,33 @@ class TestFreivalds:
         assert sorted(v.chunk_id for v in verdicts) == list(range(len(inputs)))
         assert [v.chunk_id for v in verdicts if not v.valid] == [3]
 
+    def test_a_tap_that_missed_a_block_prepares_nothing(self) -> None:
+        # Given a tap whose blocks of B were hashed, but one of them not through it (a
+        # block too small to store rides inline, and is not hashed)
+        rng = np.random.default_rng(14)
+        a, b = operands(rng, 64, 32, 64)
+        inputs = [c.inputs for c in plan_gemm(a, b, tile=32).chunks]
+        tap = HashTap(inputs)
+        _skipped, *other_bs = tap.phases()[0]
+        for block in other_bs:
+            array_sha256(block, tap)
+        # Then the blocks of A that meet it get no product, and nothing is prepared:
+        # the check makes its products itself when the tiles come
+        for block in tap.phases()[1]:
+            array_sha256(block, tap)
+        assert tap.prepared() is None
+
     def test_a_prepared_check_refuses_another_plans_blocks(self) -> None:
         rng = np.random.default_rng(13)
         a, b = operands(rng, 64, 32, 64)
-        first = plan_gemm(a, b, tile=32, prepare_check=True)
-        second = plan_gemm(a, b, tile=32, prepare_check=True)
+        first = [c.inputs for c in plan_gemm(a, b, tile=32).chunks]
+        second = [c.inputs for c in plan_gemm(a, b, tile=32).chunks]
+        tap = HashTap(first)
+        for phase in tap.phases():
+            for block in phase:
+                array_sha256(block, tap)
         with pytest.raises(ValueError, match="another plan"):
-            GemmCheck([c.inputs for c in second.chunks], GEMM_TOL, prepared=first.prepared)
+            GemmCheck(second, GEMM_TOL, prepared=tap.prepared())
 
     def test_tiles_wait_for_their_group_then_are_judged_together(self) -> None:
         rng = np.random.default_rng(2)

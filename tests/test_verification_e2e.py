@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parkpool.app.children import role_env
+from parkpool.app.children import role_env, store_connection
 from parkpool.broker_config.auth import AuthStore, CarCredentials
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
@@ -84,8 +84,12 @@ class TestLyingCar:
     """One enrolled car returns wrong gemm tiles: each is caught, redone, and the car
     is quarantined with its evidence, while the caller gets the right answer."""
 
+    # Inline, the check makes its products as tiles arrive; on the claim-check path,
+    # while the SDK hashes the stored blocks (producer.freivalds.HashTap).
+    @pytest.mark.parametrize("stored", [False, True], ids=["inline", "claim_check"])
     def test_the_answer_is_right_and_the_liar_quarantined(
         self,
+        stored: bool,
         brokers: EmbeddedBrokers,
         namespace: str,
         kafka_conn: KafkaConnection,
@@ -96,7 +100,8 @@ class TestLyingCar:
         liar_process: Callable[[], subprocess.Popen[bytes]],
     ) -> None:
         # Given a gateway that accepts only results signed by enrolled cars
-        gateway = gateway_factory(vehicle_keys=enrolled.vehicle_keys)
+        store = store_connection(brokers) if stored else StoreConnection()
+        gateway = gateway_factory(vehicle_keys=enrolled.vehicle_keys, store=store)
         # And the liar, plus two slower honest cars, all signing with their own keys
         liar_process()
         template = WorkerSettings(
@@ -114,7 +119,7 @@ class TestLyingCar:
             rng = np.random.default_rng(7)
             a = rng.standard_normal((512, 256)).astype(np.float32)
             b = rng.standard_normal((256, 512)).astype(np.float32)
-            with ParkpoolClient(ProducerSettings(kafka_conn, namespace)) as sdk:
+            with ParkpoolClient(ProducerSettings(kafka_conn, namespace, store=store)) as sdk:
                 handle = sdk.submit("gemm", {"a": a, "b": b}, tile=128)
                 answer = handle.wait(timeout=120)
                 chunks = list(handle.chunks(timeout=1))
@@ -127,6 +132,8 @@ class TestLyingCar:
                 assert {chunk.verification for chunk in chunks} == {Level.ALGEBRAIC}
                 assert LIAR not in {chunk.vehicle_id for chunk in chunks}
                 assert redone >= 1, "the liar's tiles were redone on other cars"
+                uploaded = sdk.metrics.value("parkpool_sdk_blobs_uploaded_total")
+                assert uploaded == (8 if stored else 0)  # 4 row and 4 column blocks
                 # And the liar is quarantined, with the wrong tile as evidence
                 row = quarantine_show(brokers, namespace, LIAR)
                 assert row["state"] == "quarantined"
