@@ -333,7 +333,7 @@ def _holds_inputs(view: VehicleView, book: VehicleBook) -> Callable[[PendingTask
     held = set(view.blobs)
 
     def rank(task: PendingTask) -> float:
-        hashes = [_short_hash(ref.sha256) for ref in task.task.refs]
+        hashes = task.blob_keys
         reused = sum(h in held for h in hashes)
         crowd = sum(book.holders(h) for h in hashes if h not in held)
         return reused + 1 / (1 + crowd)
@@ -342,12 +342,7 @@ def _holds_inputs(view: VehicleView, book: VehicleBook) -> Callable[[PendingTask
 
 
 def _remember_inputs(book: VehicleBook, view: VehicleView, task: PendingTask) -> None:
-    hashes = [_short_hash(ref.sha256) for ref in task.task.refs]
-    book.remember_blobs(view, hashes, BLOBS_REMEMBERED)
-
-
-def _short_hash(sha256: str) -> int:
-    return int(sha256[:16], 16)
+    book.remember_blobs(view, task.blob_keys, BLOBS_REMEMBERED)
 
 
 def _can_open(view: VehicleView) -> bool:

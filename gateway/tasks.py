@@ -32,6 +32,12 @@ class PendingTask:
     history: list[AttemptRecord] = field(default_factory=list)
     state: TaskState = TaskState.QUEUED
     queued_at: float = 0.0  # monotonic; when it last became ready, for queue-wait latency
+    # Its stored inputs as dispatch tracks them, the first 64 bits of each hash: ranking a
+    # pull's candidates reads them for every task it scans, so they are parsed once.
+    blob_keys: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.blob_keys = tuple(int(ref.sha256[:16], 16) for ref in self.task.refs)
 
     @property
     def tp(self) -> tuple[str, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from parkpool.gateway.kernel_routes import BUILT_IN, GRACE_S, KernelRoutes
@@ -120,7 +120,7 @@ class VehicleBook:
             self._hungry.pop(vehicle_id, None)
         return view
 
-    def remember_blobs(self, view: VehicleView, hashes: list[int], keep: int) -> None:
+    def remember_blobs(self, view: VehicleView, hashes: Sequence[int], keep: int) -> None:
         """Note stored inputs just sent to the car; it is thought to hold its last ``keep``."""
         kept = (*view.blobs, *(h for h in hashes if h not in view.blobs))[-keep:]
         self._holders.update(h for h in kept if h not in view.blobs)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
 
+from parkpool.producer import claimcheck
 from parkpool.producer.claimcheck import array_sha256
 from parkpool.producer.fftcheck import FftCheck
 from parkpool.producer.freivalds import GemmCheck, HashTap
@@ -114,6 +116,32 @@ class TestFreivalds:
         # the check makes its products itself when the tiles come
         for block in tap.phases()[1]:
             array_sha256(block, tap)
+        assert tap.prepared() is None
+
+    def test_a_tap_that_fails_costs_the_hash_nothing_and_prepares_nothing(self) -> None:
+        # Given a tap that breaks on its third band (a bug in a check)
+        rng = np.random.default_rng(15)
+        a, b = operands(rng, 64, 64, 64)
+        inputs = [c.inputs for c in plan_gemm(a, b, tile=32).chunks]
+
+        class Broken(HashTap):
+            calls = 0
+
+            def band(self, block: np.ndarray, rows: slice) -> None:
+                Broken.calls += 1
+                if Broken.calls == 3:
+                    raise RuntimeError("a bug")
+                super().band(block, rows)
+
+        tap = Broken(inputs)
+        # When every block is hashed through it, in bands of one row each
+        hashes = []
+        with mock.patch.object(claimcheck, "HASH_BAND_BYTES", 1):
+            for phase in tap.phases():
+                hashes += [(array_sha256(block, tap), block) for block in phase]
+        # Then every hash is still the one of its block's bytes
+        assert all(h == hashlib.sha256(block.tobytes()).hexdigest() for h, block in hashes)
+        # And nothing is prepared, so the check makes its own products
         assert tap.prepared() is None
 
     def test_a_prepared_check_refuses_another_plans_blocks(self) -> None:
