@@ -412,15 +412,15 @@ class ParkpoolClient:
             if self._checks is not None:
                 reachable(contract, minimum)
         uploads = self._uploads(job_id)
-        # The check's products ride on the claim check's hashing, which reads every
-        # stored block anyway; a confidential job's blocks are hashed sealed.
         tap = None
-        if uploads is not None and self._checks is not None and not confidential:
-            tap = input_tap(kernel, chunks, self._checks.rounds)
         try:
             with self._counting_refusals():
                 tasks = self._tasks(kernel, chunks, job_id, priority, deadline_s, confidential)
                 if uploads is not None:
+                    # The check's products ride on the claim check's hashing, which reads
+                    # every stored block anyway (a confidential job's are hashed sealed).
+                    if self._checks is not None and not confidential:
+                        tap = input_tap(kernel, chunks, self._checks.rounds)
                     tasks = uploads.offload_all(tasks, tap)
                 records = [self._record(task) for task in tasks]
         except BaseException:

@@ -65,8 +65,9 @@ class HashTap:
 
     The SDK hashes every stored block once (producer.claimcheck), one cache-sized band
     of rows at a time; each band is multiplied here right after, while still in cache.
-    From memory the products cost ~10 CPU-ms at 4096² on the 2-core VM, on the bands
-    just hashed ~2.5 (``make bench``, "verification"). A's product needs Σ_j B_j·x_j
+    From memory the products took ~10 CPU-ms at 4096² on a 2-core AMD EPYC VM; on the
+    hashing pass they add 4-6 ms to its 75 (``make bench``, "verification"; the
+    difference includes hashing in bands). A's product needs Σ_j B_j·x_j
     over the blocks of B its tiles read, so every block of B is hashed first
     (``phases``). Thread-safe: blocks are hashed on several threads.
 

@@ -25,7 +25,7 @@ from parkpool.producer import dlq
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
-from parkpool.producer.splitters import plan_gemm
+from parkpool.producer.splitters import ChunkSpec, plan_gemm
 from parkpool.producer.verify import input_tap
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
 from parkpool.runtime.sealing import generate_box_key
@@ -407,6 +407,21 @@ def test_a_job_whose_inputs_cannot_be_stored_sends_no_record(
             sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unstored")
         # Then it fails by name, and no record points at an object that is not there
         assert sdk.handle("unstored") is None
+        assert not read_all(kafka_conn, sdk.topics.tasks)
+
+
+@pytest.mark.integration
+def test_a_gemm_chunk_without_its_operands_is_refused_by_name_on_the_store_path(
+    namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection
+) -> None:
+    # Given a checking client on the store path (its gemm check hashes through a tap)
+    with _client(namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC) as sdk:
+        # When a hand-made gemm chunk lacks its b
+        chunk = ChunkSpec({}, {"a": np.ones((128, 64), np.float32)})
+        # Then the contract refuses it, before any check or upload
+        with pytest.raises(ValidationError):
+            sdk.publish("gemm", [chunk], job_id="nob")
+        assert sdk.handle("nob") is None
         assert not read_all(kafka_conn, sdk.topics.tasks)
 
 
