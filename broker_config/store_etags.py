@@ -5,8 +5,8 @@ S3 promises an ETag that changes when an object's bytes do. It is their MD5 only
 some uploads (not multipart ones, not SSE-KMS), and nothing here reads it as one: Tansu
 and the SDK use it as an opaque version for If-Match. localbucket hashed every upload
 with MD5 for it, on top of the SHA-256 the store already checks against the request's
-signed checksum (``objectstore.VerifyingHandler._read_body``). MD5 runs at 691 MiB/s on
-the 2-core VM, SHA-256 at 1,369 MiB/s, so each data-plane PUT paid 1.45 CPU-ms per MiB
+signed checksum (``objectstore.VerifyingHandler._read_body``). MD5 ran at 691 MiB/s on
+a 2-core VM, SHA-256 at 1,369 MiB/s, so each data-plane PUT paid 1.45 CPU-ms per MiB
 for a tag. Here the tag reuses the digest that check made, and where no check ran, one
 SHA-256 pass makes it.
 
