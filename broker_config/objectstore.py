@@ -296,7 +296,13 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                 localbucket.S3Error(status or HTTPStatus.FORBIDDEN, denied.code, denied.message)
             )
             return
-        super()._dispatch(action)
+        try:
+            super()._dispatch(action)
+        finally:
+            # A checked body that was never written (a 412 on If-None-Match, common when
+            # two writers race for one content-addressed block) must not stay pinned to
+            # this connection's thread until its next PUT.
+            store_etags.forget_verified()
 
     def _write_object(self, bucket: str, key: str, write: Callable[[Any], str]) -> str:
         # Tansu keeps each partition's watermark and its producers' sequences in small

@@ -26,7 +26,14 @@ from typing import BinaryIO
 
 import localbucket
 
-__all__ = ["etag_of_bytes", "etag_of_fd", "install", "note_verified", "object_etag"]
+__all__ = [
+    "etag_of_bytes",
+    "etag_of_fd",
+    "forget_verified",
+    "install",
+    "note_verified",
+    "object_etag",
+]
 
 _BLOCK = 1024 * 1024
 _HEX_CHARS = 32  # an MD5's length: clients that size ETags keep working
@@ -53,6 +60,11 @@ def etag_of_fd(fd: int) -> str:
 def note_verified(body: bytes, sha256_hex: str) -> None:
     """The request thread checked ``body`` against ``sha256_hex``: writing it reuses that."""
     _verified.entry = (body, sha256_hex)
+
+
+def forget_verified() -> None:
+    """The request is over: let go of the body it checked, written or not."""
+    _verified.entry = None
 
 
 def object_etag(path: Path) -> str:
