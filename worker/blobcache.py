@@ -4,12 +4,17 @@
 A car that runs several tiles of one column block fetches the block once. Only bytes
 whose SHA-256 was checked go in, so a hit is as good as a fresh fetch; the key is the
 hash, so nothing stale can be served. Least recently used goes first.
+
+A car holds a running task and a prefetched one, and both often read the same block:
+``fetch_once`` lets the second wait for the first's download rather than start its own
+(request coalescing, as groupcache's singleflight does).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["BlobCache", "CacheStats"]
@@ -38,6 +43,7 @@ class BlobCache:
         self._held = 0
         self._lock = threading.Lock()
         self._hits = self._misses = self._fetched = self._served = 0
+        self._fetching: dict[str, threading.Event] = {}  # sha256 -> set when its fetch ends
 
     def get(self, sha256: str) -> bytes | None:
         with self._lock:
@@ -49,6 +55,34 @@ class BlobCache:
             self._hits += 1
             self._served += len(data)
             return data
+
+    def fetch_once(self, sha256: str, fetch: Callable[[], bytes]) -> bytes:
+        """The blob from the cache, or from ``fetch``, which must return verified bytes.
+        While one caller fetches a hash, others wanting it wait and are served what it
+        kept (a hit: one download served both). Should that fetch fail, or its bytes not
+        be kept, the next caller fetches with its own ``fetch``: its URL may still work."""
+        while True:
+            with self._lock:
+                data = self._items.get(sha256)
+                if data is not None:
+                    self._items.move_to_end(sha256)
+                    self._hits += 1
+                    self._served += len(data)
+                    return data
+                running = self._fetching.get(sha256)
+                if running is None:
+                    self._misses += 1
+                    done = self._fetching[sha256] = threading.Event()
+                    break
+            running.wait()
+        try:
+            data = fetch()
+            self.put(sha256, data)
+            return data
+        finally:
+            with self._lock:
+                del self._fetching[sha256]
+            done.set()
 
     def put(self, sha256: str, data: bytes) -> None:
         """Keep freshly fetched, verified bytes (unless larger than the whole cache)."""

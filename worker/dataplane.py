@@ -82,12 +82,7 @@ class CarData:
         return replace(task, inputs={**task.inputs, **arrays}, refs=())
 
     def _blob(self, ref: BlobRef, url: str) -> bytes:
-        cached = self.cache.get(ref.sha256)
-        if cached is not None:
-            return cached
-        data = fetch(url, ref, self.timeout_s)
-        self.cache.put(ref.sha256, data)
-        return data
+        return self.cache.fetch_once(ref.sha256, lambda: fetch(url, ref, self.timeout_s))
 
     def offload(self, result: Result, assignment: Assignment) -> Result:
         """The result with large outputs (sealed or not) uploaded under the lease's URL
