@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -43,7 +44,7 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from parkpool.broker_config import store_etags
+from parkpool.broker_config import store_etags, store_listing, store_puts
 
 __all__ = ["StoreKeys", "verify_request"]
 
@@ -322,6 +323,39 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                     raise self._precondition_failed_error()
             return str(super()._write_object(bucket, key, write))
 
+    def _put(self, bucket: str, key: str) -> None:
+        length = self._streamed_length(key)
+        if length is None:
+            super()._put(bucket, key)
+            return
+        self._check_query("PutObject")
+        body = store_puts.Body(self.rfile, length, self._payload)
+        try:
+            etag = self._write_object(bucket, key, body.write_to)
+        finally:
+            body.discard()
+        self._send(HTTPStatus.OK, headers={"ETag": f'"{etag}"'})
+
+    def _streamed_length(self, key: str) -> int | None:
+        """The length of a plain PutObject's body large enough to stream to its file
+        (broker_config.store_puts); None for anything else, which localbucket takes."""
+        headers = self.headers
+        if (
+            not key
+            or "x-amz-copy-source" in headers
+            or "uploadId" in self.query
+            or "partNumber" in self.query
+            or "chunked" in headers.get("Transfer-Encoding", "").lower()
+            or "aws-chunked" in headers.get("Content-Encoding", "")
+            or headers.get("x-amz-content-sha256", "").startswith("STREAMING-")
+        ):
+            return None
+        try:
+            length = int(headers.get("Content-Length") or 0)
+        except ValueError:
+            return None
+        return length if length >= store_puts.STREAMED_BYTES else None
+
     def _get(self, bucket: str, key: str, include_body: bool) -> None:
         self._target = self._object_path(bucket, key)  # for _send_file's ETag
         super()._get(bucket, key, include_body)
@@ -334,7 +368,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         marker: str,
         marker_is_prefix: bool,
         max_keys: int,
-    ) -> tuple[list[tuple[str, Path]], list[str], bool, str]:
+    ) -> store_listing.Page:
         # localbucket walks the whole bucket for every list. Tansu lists a partition's
         # folder on every fetch, so each fetch cost a walk over every topic's history and
         # every job's blobs. Every key under a prefix lies under the prefix's folder part,
@@ -342,9 +376,10 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         folder, _, rest = prefix.rpartition("/")
         parts = folder.split("/") if folder else []
         if any(part in ("", ".", "..") for part in parts):
-            return super()._list_entries(  # type: ignore[no-any-return]
+            contents, common, truncated, last = super()._list_entries(
                 bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
             )
+            return [(key, str(path)) for key, path in contents], common, truncated, last
         start = f"{folder}/" if folder else ""
         if marker and not marker.startswith(start):
             skipped = start.startswith(marker) if marker_is_prefix else False
@@ -354,12 +389,39 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         below = bucket_dir.joinpath(*parts)
         if not below.is_dir():
             return [], [], False, ""
-        contents, common, truncated, last = super()._list_entries(
+        contents, common, truncated, last = store_listing.page(
             below, rest, delimiter, marker[len(start) :], marker_is_prefix, max_keys
         )
         contents = [(start + key, path) for key, path in contents]
         last = f"{last[:2]}{start}{last[2:]}" if last else ""  # "K:" or "P:", then the key
         return contents, [start + c for c in common], truncated, last
+
+    def _add_list_entries(
+        self,
+        root: ET.Element,
+        contents: list[tuple[str, str]],
+        common_prefixes: list[str],
+        encode: Callable[[str], str],
+    ) -> None:
+        # As localbucket's, with one stat per object instead of two: a listing's cost per
+        # object bounds the fetch wait of every reader of the embedded Kafka.
+        for key, path in contents:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue  # deleted after it was listed: S3 may leave it out too
+            item = ET.SubElement(root, "Contents")
+            ET.SubElement(item, "Key").text = encode(key)
+            ET.SubElement(item, "LastModified").text = _iso_timestamp(stat.st_mtime)
+            ET.SubElement(item, "ETag").text = f'"{store_etags.object_etag(path, stat)}"'
+            ET.SubElement(item, "Size").text = str(stat.st_size)
+            ET.SubElement(item, "StorageClass").text = "STANDARD"
+        for common in common_prefixes:
+            item = ET.SubElement(root, "CommonPrefixes")
+            localbucket.sub_element(item, "Prefix", encode(common))
+
+    def _send_xml(self, root: ET.Element) -> None:
+        self._send(HTTPStatus.OK, store_listing.to_xml(root), {"Content-Type": "application/xml"})
 
     def _read_body(self) -> bytes:
         body: bytes = super()._read_body()
@@ -399,6 +461,11 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         length = int(self.headers.get("Content-Length") or 0)
         if 0 < length <= 64 * 1024 * 1024:
             self.rfile.read(length)
+
+
+def _iso_timestamp(epoch: float) -> str:
+    """As localbucket.iso_timestamp (S3's XML dates), without a datetime per object."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
 
 
 class _Server(ThreadingHTTPServer):

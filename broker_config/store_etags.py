@@ -47,6 +47,11 @@ def etag_of_bytes(data: bytes | memoryview) -> str:
     return _tag(hashlib.sha256(data).hexdigest())
 
 
+def etag_of_sha256(sha256_hex: str) -> str:
+    """The ETag of bytes whose SHA-256 the caller has just computed."""
+    return _tag(sha256_hex)
+
+
 def etag_of_fd(fd: int) -> str:
     """The ETag of what an open file holds, read from offset 0 whatever its position."""
     digest = hashlib.sha256()
@@ -67,23 +72,25 @@ def forget_verified() -> None:
     _verified.entry = None
 
 
-def object_etag(path: Path) -> str:
-    """A stored file's ETag, cached while its identity, size and mtime are unchanged."""
-    signature = localbucket.stat_signature(path)
+def object_etag(path: Path | str, stat: os.stat_result | None = None) -> str:
+    """A stored file's ETag, cached while its identity, size and mtime are unchanged
+    (``stat``: the file's, when the caller has just taken it)."""
+    stat = stat or os.stat(path)
+    signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     with _cache_lock:
         cached = _cache.get(str(path))
     if cached and cached[0] == signature:
         return cached[1]
-    with path.open("rb") as file:
+    with open(path, "rb") as file:
         etag = etag_of_fd(file.fileno())
     remember_etag(path, etag, signature)
     return etag
 
 
 def remember_etag(
-    path: Path, etag: str, signature: tuple[int, int, int, int] | None = None
+    path: Path | str, etag: str, signature: tuple[int, int, int, int] | None = None
 ) -> None:
-    signature = signature or localbucket.stat_signature(path)
+    signature = signature or localbucket.stat_signature(Path(path))
     with _cache_lock:
         _cache[str(path)] = (signature, etag)
 
