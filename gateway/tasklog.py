@@ -33,6 +33,7 @@ from parkpool.gateway.tasks import PendingTask
 from parkpool.gateway.window import OffsetWindow
 from parkpool.runtime import logs
 from parkpool.runtime.kafka import (
+    GROWING_FETCH_WAIT_MS,
     consumer_config,
     coordinates,
     producer_config,
@@ -45,7 +46,6 @@ from parkpool.schemas.topics import parse_task_key
 
 TP = tuple[str, int]
 Delivered = Callable[[KafkaError | None], None]
-TASKS_FETCH_WAIT_MS = 500  # librdkafka's default; see TaskLog.__init__
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,7 @@ class TaskLog:
         self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
         OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
         self._on_revoked = on_revoked
-        # Tansu on its object store lists a partition's batches within the fetch wait and
-        # returns nothing if that takes longer (docs/DECISIONS.md): 20 ms is not enough.
-        overrides = {"fetch.wait.max.ms": TASKS_FETCH_WAIT_MS, **(overrides or {})}
+        overrides = {"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS, **(overrides or {})}
         self._config = consumer_config(kafka, group, session_timeout_ms, **overrides)
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None

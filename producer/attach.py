@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from parkpool.producer.jobids import id_time
-from parkpool.runtime.kafka import reader_config
+from parkpool.runtime.kafka import GROWING_FETCH_WAIT_MS, reader_config
 from parkpool.runtime.offsets import Where
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, DecodeError, JobSubmitted
@@ -26,18 +26,15 @@ CLOCK_SKEW_S = 60.0
 # A JobSubmitted is stamped by the client that minted the id, one clock: a second covers
 # Kafka's millisecond stamps and the gap between minting the id and producing the record.
 ID_SLACK_S = 1.0
-# Tansu's S3 engine lists a partition's batches within the fetch wait (see
-# producer.client._ResultReader); librdkafka's default leaves room for it.
-FETCH_WAIT_MS = 500
 
 # With every partition read to its watermark, how long nothing more must come before a
 # read is complete (see ``read_until``): two fetch waits.
-IDLE_S = 2 * FETCH_WAIT_MS / 1000
+IDLE_S = 2 * GROWING_FETCH_WAIT_MS / 1000
 
 
 def seeker(conn: KafkaConnection) -> Consumer:
     """A reader for looking a job up (assign(), never a group)."""
-    return Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+    return Consumer(reader_config(conn, **{"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS}))
 
 
 def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -> JobSubmitted:

@@ -49,6 +49,7 @@ from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
+    GROWING_FETCH_WAIT_MS,
     check_record,
     produce,
     producer_config,
@@ -847,15 +848,10 @@ class _ResultReader(threading.Thread):
     here; one that stays out of reach for ``results_unreachable_s`` fails every running
     job with a BrokerError that names it, so that no caller waits for ever.
 
-    Fetches may wait up to ``FETCH_WAIT_MS`` (librdkafka's default), not the 20 ms of
-    ``reader_config``: Tansu on its object store lists every batch of a partition within
-    that wait, and drops the partition's records when the list takes longer, so with
-    20 ms a results partition of a few hundred batches could no longer be read at all
-    (docs/DECISIONS.md, "A durable embedded Kafka"). Records already there come at once;
-    a record arriving during an empty fetch costs ~50 ms more (median, measured).
+    Fetches wait up to GROWING_FETCH_WAIT_MS, not the 20 ms of ``reader_config``: the
+    results topic only grows, and the durable embedded Kafka must list a partition's
+    batches within the wait (runtime.kafka).
     """
-
-    FETCH_WAIT_MS = 500
 
     def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
         super().__init__(name="parkpool-results", daemon=True)
@@ -866,7 +862,7 @@ class _ResultReader(threading.Thread):
         config = reader_config(
             client.settings.kafka,
             error_cb=self._on_error,
-            **{"fetch.wait.max.ms": self.FETCH_WAIT_MS},
+            **{"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS},
         )
         self.consumer = Consumer(config)
         # Where each partition is read next; moved back by an attach (``rewind``) and

@@ -23,8 +23,7 @@ from confluent_kafka.admin import AdminClient
 from parkpool.broker_config.launcher import DATA_BUCKET, STORE_BUCKET, EmbeddedBrokers
 from parkpool.broker_config.store_etags import etag_of_bytes
 from parkpool.broker_config.topics import bootstrap
-from parkpool.producer.attach import FETCH_WAIT_MS
-from parkpool.runtime.kafka import producer_config, reader_config
+from parkpool.runtime.kafka import GROWING_FETCH_WAIT_MS, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import KafkaTopics
 
@@ -60,7 +59,7 @@ def read_assigned(kafka: KafkaConnection, topic: str, wanted: int) -> list[bytes
 
 def _one_pass(kafka: KafkaConnection, topic: str, deadline: float) -> dict[tuple[int, int], bytes]:
     """What one reader gets from offset 0 until nothing comes for a second."""
-    wait = {"fetch.wait.max.ms": FETCH_WAIT_MS}  # the SDK result reader's, too
+    wait = {"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS}  # the SDK result reader's, too
     consumer = Consumer(reader_config(kafka, **wait))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])

@@ -24,6 +24,14 @@ Header = tuple[str, str | bytes | None]
 # default 500 ms would add up to half a second to every hop. Short waits cost a few
 # idle fetch requests per second per broker.
 FETCH_WAIT_MS = 20
+# Tansu's S3 engine lists every batch of a partition within a fetch's wait, and returns
+# the partition empty when that takes longer. The task and result topics only grow (it
+# has no retention), so their readers wait longer than FETCH_WAIT_MS: librdkafka's
+# default, within which the embedded store lists ~12,000 batches (docs/DECISIONS.md,
+# "Reads cost a listing"). A hop through the embedded Kafka can cost this whole wait;
+# 200 ms would cut that latency, but costs the broker and store more fetches when the
+# cores are busy, and reads only ~8,000 batches.
+GROWING_FETCH_WAIT_MS = 500
 
 
 def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from parkpool.runtime import logs
-from parkpool.runtime.kafka import produce, producer_config, reader_config
+from parkpool.runtime.kafka import GROWING_FETCH_WAIT_MS, produce, producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, DecodeError, decode, encode, peek_type
 from parkpool.schemas.reputation import (
@@ -31,7 +31,6 @@ from parkpool.schemas.reputation import (
 )
 
 log = logs.get_logger("parkpool.reputation")
-FETCH_WAIT_MS = 500  # as the SDK's result reader
 TALLY_EVERY_S = 1.0  # a client writes each changed tally at most this often
 
 # BOINC's adaptive replication trusts a host after 10 consecutive valid results; so do
@@ -140,7 +139,9 @@ class ReputationReader(threading.Thread):
         # Quarantines are rare and nothing waits on them by the millisecond: long fetch
         # waits keep many idle readers (every gateway, every client) from loading the
         # brokers; a durable Tansu lists its store on every fetch (docs/DECISIONS.md).
-        self.consumer = Consumer(reader_config(conn, **{"fetch.wait.max.ms": FETCH_WAIT_MS}))
+        self.consumer = Consumer(
+            reader_config(conn, **{"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS})
+        )
         self._ends = self._assign()
 
     def _assign(self) -> dict[int, int]:
