@@ -92,6 +92,10 @@ _ATTRIBUTE_ENTITIES = {'"': "&quot;", "\r": "&#13;", "\n": "&#10;", "\t": "&#09;
 
 def to_xml(root: ET.Element) -> bytes:
     """The document as ``ET.tostring(root, "UTF-8", xml_declaration=True)`` reads it."""
+    if any(not isinstance(e.tag, str) or e.tag.startswith("{") for e in root.iter()):
+        # A namespaced tag needs ElementTree's prefixes (localbucket uses none today).
+        written: bytes = ET.tostring(root, encoding="UTF-8", xml_declaration=True)
+        return written
     out = ["<?xml version='1.0' encoding='UTF-8'?>\n"]
     _write(root, out)
     return "".join(out).encode()

@@ -55,3 +55,9 @@ def test_the_xml_is_elementtrees_byte_for_byte() -> None:
     # Then the fast writer's bytes are ElementTree's
     expected = ET.tostring(root, encoding="UTF-8", xml_declaration=True)
     assert store_listing.to_xml(root) == expected
+
+
+def test_a_namespaced_tag_is_left_to_elementtree() -> None:
+    root = ET.Element("{http://s3.amazonaws.com/doc/2006-03-01/}Error")
+    ET.SubElement(root, "Code").text = "NoSuchKey"
+    assert store_listing.to_xml(root) == ET.tostring(root, "UTF-8", xml_declaration=True)

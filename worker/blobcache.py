@@ -47,13 +47,9 @@ class BlobCache:
 
     def get(self, sha256: str) -> bytes | None:
         with self._lock:
-            data = self._items.get(sha256)
+            data = self._hit(sha256)
             if data is None:
                 self._misses += 1
-                return None
-            self._items.move_to_end(sha256)
-            self._hits += 1
-            self._served += len(data)
             return data
 
     def fetch_once(self, sha256: str, fetch: Callable[[], bytes]) -> bytes:
@@ -63,11 +59,8 @@ class BlobCache:
         be kept, the next caller fetches with its own ``fetch``: its URL may still work."""
         while True:
             with self._lock:
-                data = self._items.get(sha256)
+                data = self._hit(sha256)
                 if data is not None:
-                    self._items.move_to_end(sha256)
-                    self._hits += 1
-                    self._served += len(data)
                     return data
                 running = self._fetching.get(sha256)
                 if running is None:
@@ -83,6 +76,15 @@ class BlobCache:
             with self._lock:
                 del self._fetching[sha256]
             done.set()
+
+    def _hit(self, sha256: str) -> bytes | None:
+        """The held blob, counted as served; the caller holds the lock."""
+        data = self._items.get(sha256)
+        if data is not None:
+            self._items.move_to_end(sha256)
+            self._hits += 1
+            self._served += len(data)
+        return data
 
     def put(self, sha256: str, data: bytes) -> None:
         """Keep freshly fetched, verified bytes (unless larger than the whole cache)."""
