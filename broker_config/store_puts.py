@@ -62,9 +62,10 @@ class Body:
         return store_etags.etag_of_sha256(sha256)
 
     def discard(self) -> None:
-        """Read what is left and drop it: a refused PUT (a 412 before any byte was read)
-        must not leave its body for the connection's next request, nor its client
-        blocked writing it."""
+        """Read what is left and drop it. A PUT refused before its body was read (a 412)
+        must still read it: the store closes the connection after an error, and closing
+        a socket with unread bytes resets it, so the client would see a broken
+        connection, not the 412."""
         for _ in self._pieces():
             pass
 

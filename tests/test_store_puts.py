@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """The embedded store streams a PutObject body to its file, hashed on the way
 (broker_config.store_puts): the body is checked as S3 checks it, its ETag is the one the
-other write paths give, and a refused PUT leaves its connection fit for the next one."""
+other write paths give, and a PUT refused before its body was read is answered, not
+reset."""
 
 from __future__ import annotations
 
