@@ -29,6 +29,7 @@ import localbucket
 __all__ = [
     "etag_of_bytes",
     "etag_of_fd",
+    "etag_of_sha256",
     "forget_verified",
     "install",
     "note_verified",

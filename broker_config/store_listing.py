@@ -24,10 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-__all__ = ["Page", "page", "to_xml"]
+import localbucket
 
-# localbucket writes each object to a temporary file first, then renames it into place.
-TEMP_PREFIX = ".localbucket-"
+__all__ = ["Page", "page", "to_xml"]
 
 # (contents as (key, file path), common prefixes, truncated, last entry as "K:key" or "P:prefix")
 Page = tuple[list[tuple[str, str]], list[str], bool, str]
@@ -82,7 +81,7 @@ def _files(folder: str, above: str) -> Iterator[tuple[bytes, str]]:
         if entry.is_dir():  # as os.walk, which localbucket uses: a linked folder is skipped
             if not entry.is_symlink():
                 yield from _files(entry.path, f"{above}{entry.name}/")
-        elif not entry.name.startswith(TEMP_PREFIX):
+        elif not entry.name.startswith(localbucket.TEMP_PREFIX):  # a write in progress
             yield f"{above}{entry.name}".encode(), entry.path
 
 

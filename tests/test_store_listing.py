@@ -10,7 +10,7 @@ from pathlib import Path
 import localbucket
 import pytest
 
-from parkpool.broker_config import store_listing
+from parkpool.broker_config import objectstore, store_listing
 
 NAMES = ("a/1", "a/2", "a/b/3", "a/b/4/5", "ab", "abc/6", "b/1", "é/1", "z~", "c")
 
@@ -20,7 +20,7 @@ def folder(tmp_path: Path) -> Path:
     for name in NAMES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "a" / f"{store_listing.TEMP_PREFIX}half-written").write_bytes(b"x")
+    (tmp_path / "a" / f"{localbucket.TEMP_PREFIX}half-written").write_bytes(b"x")
     return tmp_path
 
 
@@ -61,3 +61,8 @@ def test_a_namespaced_tag_is_left_to_elementtree() -> None:
     root = ET.Element("{http://s3.amazonaws.com/doc/2006-03-01/}Error")
     ET.SubElement(root, "Code").text = "NoSuchKey"
     assert store_listing.to_xml(root) == ET.tostring(root, "UTF-8", xml_declaration=True)
+
+
+@pytest.mark.parametrize("epoch", [0.0, 1.5, 1_796_585_863.977, 2**31 + 0.999])
+def test_listed_dates_are_written_as_localbucket_writes_them(epoch: float) -> None:
+    assert objectstore._iso_timestamp(epoch) == localbucket.iso_timestamp(epoch)

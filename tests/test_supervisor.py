@@ -135,7 +135,8 @@ def wait_for(
 def events(run_dir: Path) -> str:
     """`brokers up`'s log lines, for a failure's message: this test failed once in a full
     run (the store not logged as restarted within 30 s) and never alone."""
-    lines = (run_dir / "up.err").read_text().splitlines()
+    log = run_dir / "up.err"
+    lines = log.read_text().splitlines() if log.exists() else ["(no up.err)"]
     return "\n" + "\n".join(lines[-40:])
 
 
