@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from parkpool.runtime.presign import Presigner
 from parkpool.runtime.settings import StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
@@ -35,10 +36,11 @@ class BlobStore:
             raise ConfigError("no object store configured (--store-endpoint)")
         self.conn = conn
         self.bucket = conn.bucket
-        self._client = _client(conn, conn.endpoint)
+        session = _session(conn)
+        self._client = _client(session, conn.endpoint)
         # URLs name the endpoint cars reach; SigV4 signs the host, so sign for that one.
         public = conn.public_endpoint or conn.endpoint
-        self._signer = self._client if public == conn.endpoint else _client(conn, public)
+        self._presigner = Presigner(public, self.bucket, conn.region, session.get_credentials())
         self._lock = threading.Lock()
         self.puts = 0  # objects written by this client (content addressing: once each)
         self.put_bytes = 0
@@ -143,20 +145,12 @@ class BlobStore:
     # ---------------------------------------------------------------- presigning
 
     def presign_get(self, key: str, expires_s: float) -> str:
-        return self._presign("get_object", {"Bucket": self.bucket, "Key": key}, expires_s)
+        return self._presigner.get(key, _url_lifetime(expires_s))
 
     def presign_put(self, key: str, expires_s: float) -> str:
         """A write-once URL: the car must send ``If-None-Match: *`` (it is signed), so
         nothing, not even the same car, can replace what was written under it."""
-        params = {"Bucket": self.bucket, "Key": key, "IfNoneMatch": "*"}
-        return self._presign("put_object", params, expires_s)
-
-    def _presign(self, method: str, params: dict[str, str], expires_s: float) -> str:
-        # SigV4 signs the time truncated to the second, so one second more makes the
-        # URL live at least as long as asked, never up to a second less.
-        expires = max(1, min(math.ceil(expires_s) + 1, 7 * 24 * 3600))
-        url: str = self._signer.generate_presigned_url(method, Params=params, ExpiresIn=expires)
-        return url
+        return self._presigner.put_once(key, _url_lifetime(expires_s))
 
     def _call(self, what: str, method: Any, **kwargs: Any) -> Any:
         try:
@@ -196,8 +190,25 @@ class BufferReader(io.RawIOBase):
         return len(part)
 
 
-def _client(conn: StoreConnection, endpoint: str) -> Any:
+def _url_lifetime(expires_s: float) -> int:
+    # SigV4 signs the time truncated to the second, so one second more makes the URL
+    # live at least as long as asked, never up to a second less; S3 allows 7 days.
+    return max(1, min(math.ceil(expires_s) + 1, 7 * 24 * 3600))
+
+
+def _session(conn: StoreConnection) -> Any:
+    """One boto3 session for the client and the presigner: the same credentials, from
+    the settings or else boto3's own chain (environment, instance role, IRSA)."""
     import boto3
+
+    return boto3.session.Session(
+        aws_access_key_id=conn.access_key or None,
+        aws_secret_access_key=conn.secret_key.value or None,
+        region_name=conn.region,
+    )
+
+
+def _client(session: Any, endpoint: str) -> Any:
     from botocore.config import Config
 
     config = Config(
@@ -213,14 +224,7 @@ def _client(conn: StoreConnection, endpoint: str) -> Any:
         read_timeout=30,
         max_pool_connections=16,
     )
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=conn.access_key or None,
-        aws_secret_access_key=conn.secret_key.value or None,
-        region_name=conn.region,
-        config=config,
-    )
+    return session.client("s3", endpoint_url=endpoint, config=config)
 
 
 def _b64(sha256: str) -> str:
