@@ -45,6 +45,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from parkpool.broker_config import store_etags, store_listing, store_puts
+from parkpool.broker_config.store_headers import Headers
 
 __all__ = ["StoreKeys", "verify_request"]
 
@@ -59,6 +60,7 @@ _AUTH_HEADER = re.compile(
 # conditional write; larger ones (the data plane's blobs) use localbucket's cache.
 HASHED_BYTES = 256 * 1024
 _UNSIGNED = {"UNSIGNED-PAYLOAD", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"}
+_NOT_A_NAME = frozenset({"", ".", ".."})  # key parts localbucket refuses: no way out of a bucket
 
 
 @dataclass(frozen=True)
@@ -283,9 +285,11 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
     keys: StoreKeys = StoreKeys({})
     _payload: str = ""
     _target: Path = Path()
+    _stats: dict[str, os.stat_result]  # the current listing's objects, by path
     # Small responses (HEAD, errors, ListObjects) otherwise wait ~40 ms for the client's
     # delayed ACK; S3 clients (Tansu's, boto3) pay that on every request.
     disable_nagle_algorithm = True
+    MessageClass = Headers  # header lookups by dict: see store_headers
 
     def _dispatch(self, action: object) -> None:
         try:
@@ -356,11 +360,48 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             return None
         return length if length >= store_puts.STREAMED_BYTES else None
 
+    def _object_path(self, bucket: str, key: str) -> Path:
+        # localbucket resolves each key with realpath, an lstat per folder of the key:
+        # ~20 % of the CPU of the small requests Tansu makes by the thousand. A key with
+        # an empty, "." or ".." part is refused before the join, and nothing the S3 API
+        # writes is a link, so the joined path cannot leave the bucket (data_root is
+        # resolved at start).
+        bucket_dir = self._bucket_dir(bucket)
+        if key.endswith("/") or any(part in _NOT_A_NAME for part in key.split("/")):
+            raise localbucket.S3Error(
+                HTTPStatus.BAD_REQUEST, "InvalidArgument", "This server does not support this key."
+            )
+        return Path(f"{bucket_dir}/{key}")
+
     def _get(self, bucket: str, key: str, include_body: bool) -> None:
         self._target = self._object_path(bucket, key)  # for _send_file's ETag
         super()._get(bucket, key, include_body)
 
     def _list_entries(
+        self,
+        bucket_dir: Path,
+        prefix: str,
+        delimiter: str,
+        marker: str,
+        marker_is_prefix: bool,
+        max_keys: int,
+    ) -> store_listing.Page:
+        contents, common, truncated, last = self._folder_entries(
+            bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
+        )
+        # Each listed object is stat'ed here, once, for its date, size and ETag: one
+        # deleted since the scan is left out before localbucket counts the page's KeyCount.
+        self._stats = {}
+        kept = []
+        for key, path in contents:
+            try:
+                self._stats[path] = os.stat(path)
+            except FileNotFoundError:
+                continue
+            kept.append((key, path))
+        return kept, common, truncated, last
+
+    def _folder_entries(
         self,
         bucket_dir: Path,
         prefix: str,
@@ -403,13 +444,10 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         common_prefixes: list[str],
         encode: Callable[[str], str],
     ) -> None:
-        # As localbucket's, with one stat per object instead of two: a listing's cost per
-        # object bounds the fetch wait of every reader of the embedded Kafka.
+        # As localbucket's, with one stat per object (_list_entries') instead of two: a
+        # listing's cost per object bounds the fetch wait of every embedded-Kafka reader.
         for key, path in contents:
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
-                continue  # deleted after it was listed: S3 may leave it out too
+            stat = self._stats[path]
             item = ET.SubElement(root, "Contents")
             ET.SubElement(item, "Key").text = encode(key)
             ET.SubElement(item, "LastModified").text = _iso_timestamp(stat.st_mtime)

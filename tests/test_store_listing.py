@@ -66,3 +66,40 @@ def test_a_namespaced_tag_is_left_to_elementtree() -> None:
 @pytest.mark.parametrize("epoch", [0.0, 1.5, 1_796_585_863.977, 2**31 + 0.999])
 def test_listed_dates_are_written_as_localbucket_writes_them(epoch: float) -> None:
     assert objectstore._iso_timestamp(epoch) == localbucket.iso_timestamp(epoch)
+
+
+def test_an_object_deleted_after_the_scan_is_neither_listed_nor_counted(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a scan of a folder, after which one of its objects is deleted (a DeleteObject
+    # racing the listing)
+    real_page = store_listing.page
+
+    def racing_page(below: Path, *args: object) -> store_listing.Page:
+        page = real_page(below, *args)  # type: ignore[arg-type]
+        Path(page[0][1][1]).unlink()
+        return page
+
+    monkeypatch.setattr(store_listing, "page", racing_page)
+    handler = objectstore.VerifyingHandler.__new__(objectstore.VerifyingHandler)
+    # When the store lists it
+    contents, _, _, _ = handler._list_entries(folder, "a/", "", "", False, 1000)
+    # Then the deleted object is not among the entries (so not in KeyCount), the rest are
+    assert [key for key, _ in contents] == ["a/1", "a/b/3", "a/b/4/5"]
+    assert set(handler._stats) == {path for _, path in contents}
+
+
+@pytest.mark.parametrize("key", ["a/../b", "./a", "a//b", "a/", "..", "a/."])
+def test_a_key_that_could_leave_its_bucket_is_refused(tmp_path: Path, key: str) -> None:
+    (tmp_path / "bkt").mkdir()
+    handler = objectstore.VerifyingHandler.__new__(objectstore.VerifyingHandler)
+    handler.data_root = tmp_path
+    with pytest.raises(localbucket.S3Error, match="does not support this key"):
+        handler._object_path("bkt", key)
+
+
+def test_a_key_is_joined_under_its_bucket(tmp_path: Path) -> None:
+    (tmp_path / "bkt").mkdir()
+    handler = objectstore.VerifyingHandler.__new__(objectstore.VerifyingHandler)
+    handler.data_root = tmp_path
+    assert handler._object_path("bkt", "jobs/x/in/é~") == tmp_path / "bkt/jobs/x/in/é~"
