@@ -386,30 +386,6 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         marker_is_prefix: bool,
         max_keys: int,
     ) -> store_listing.Page:
-        contents, common, truncated, last = self._folder_entries(
-            bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
-        )
-        # Each listed object is stat'ed here, once, for its date, size and ETag: one
-        # deleted since the scan is left out before localbucket counts the page's KeyCount.
-        self._stats = {}
-        kept = []
-        for key, path in contents:
-            try:
-                self._stats[path] = os.stat(path)
-            except FileNotFoundError:
-                continue
-            kept.append((key, path))
-        return kept, common, truncated, last
-
-    def _folder_entries(
-        self,
-        bucket_dir: Path,
-        prefix: str,
-        delimiter: str,
-        marker: str,
-        marker_is_prefix: bool,
-        max_keys: int,
-    ) -> store_listing.Page:
         # localbucket walks the whole bucket for every list. Tansu lists a partition's
         # folder on every fetch, so each fetch cost a walk over every topic's history and
         # every job's blobs. Every key under a prefix lies under the prefix's folder part,
@@ -420,7 +396,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             contents, common, truncated, last = super()._list_entries(
                 bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
             )
-            return [(key, str(path)) for key, path in contents], common, truncated, last
+            return self._stat([(key, str(path)) for key, path in contents]), common, truncated, last
         start = f"{folder}/" if folder else ""
         if marker and not marker.startswith(start):
             skipped = start.startswith(marker) if marker_is_prefix else False
@@ -433,9 +409,22 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         contents, common, truncated, last = store_listing.page(
             below, rest, delimiter, marker[len(start) :], marker_is_prefix, max_keys
         )
-        contents = [(start + key, path) for key, path in contents]
+        contents = self._stat([(start + key, path) for key, path in contents])
         last = f"{last[:2]}{start}{last[2:]}" if last else ""  # "K:" or "P:", then the key
         return contents, [start + c for c in common], truncated, last
+
+    def _stat(self, contents: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The listed objects that still exist, each stat'ed once (for its date, size and
+        ETag): one deleted since the scan is left out before localbucket counts KeyCount."""
+        self._stats = {}
+        kept = []
+        for key, path in contents:
+            try:
+                self._stats[path] = os.stat(path)
+            except FileNotFoundError:
+                continue
+            kept.append((key, path))
+        return kept
 
     def _add_list_entries(
         self,
@@ -444,7 +433,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         common_prefixes: list[str],
         encode: Callable[[str], str],
     ) -> None:
-        # As localbucket's, with one stat per object (_list_entries') instead of two: a
+        # As localbucket's, with one stat per object (_stat's) instead of two: a
         # listing's cost per object bounds the fetch wait of every embedded-Kafka reader.
         for key, path in contents:
             stat = self._stats[path]
