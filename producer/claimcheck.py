@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from parkpool.producer.plans import row_bands
 from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import record_size
@@ -166,9 +167,7 @@ def array_sha256(array: np.ndarray, tap: BandTap | None = None) -> str:
     if tap is None or array.ndim == 0:
         return hashlib.sha256(array.data).hexdigest()
     digest = hashlib.sha256()
-    step = max(1, HASH_BAND_BYTES // max(1, array[0].nbytes))
-    for start in range(0, len(array), step):
-        rows = slice(start, min(start + step, len(array)))
+    for rows in row_bands(array, HASH_BAND_BYTES):
         digest.update(array[rows].data)
         if tap is not None:
             try:

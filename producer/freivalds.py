@@ -27,13 +27,14 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from parkpool.producer.plans import row_bands
 from parkpool.schemas.kernels import Tolerance
 
 Array = npt.NDArray[np.floating]
@@ -309,16 +310,9 @@ def _product(matrix: Array, vectors: Array) -> Array:
     product was split over the cores, and on a busy 2-core machine every product then
     waited for a descheduled thread (470 ms instead of 3-5 ms for a 4096² job)."""
     out = np.empty((matrix.shape[0], vectors.shape[1]), np.result_type(matrix, vectors))
-    for band in _bands(matrix):
+    for band in row_bands(matrix, BAND_BYTES):
         np.matmul(matrix[band], vectors, out=out[band])
     return out
-
-
-def _bands(matrix: Array) -> Iterator[slice]:
-    """Consecutive spans of rows, each about ``BAND_BYTES`` of ``matrix``."""
-    step = max(1, BAND_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
-    for start in range(0, matrix.shape[0], step):
-        yield slice(start, start + step)
 
 
 @functools.cache

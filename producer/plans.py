@@ -10,7 +10,8 @@ any car; every assembler's answer is the same whatever the order.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -61,6 +62,15 @@ def wire_copy(array: Array) -> Array:
     copy = np.array(array, order="C", copy=True)
     copy.flags.writeable = False
     return copy
+
+
+def row_bands(array: Array, band_bytes: int) -> Iterator[slice]:
+    """Consecutive spans of ``array``'s rows, each about ``band_bytes`` (at least one
+    row): work done a band at a time while the band is still in cache."""
+    row_bytes = array.itemsize * math.prod(array.shape[1:])
+    step = max(1, band_bytes // max(1, row_bytes))
+    for start in range(0, len(array), step):
+        yield slice(start, min(start + step, len(array)))
 
 
 def span_slices(length: int, size: int) -> list[slice]:

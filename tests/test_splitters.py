@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 
 from parkpool.producer import splitters
+from parkpool.producer.plans import row_bands
 from parkpool.producer.splitters import (
     PLANNERS,
     JobPlan,
@@ -508,3 +509,21 @@ class TestPlanStencil2d:
         with pytest.raises(ValidationError) as caught:
             plan_stencil2d(np.ones((4, 4)), weights)
         assert caught.value.reason == "bad_param"
+
+
+@pytest.mark.parametrize(
+    ("shape", "band_bytes", "expected_rows"),
+    [
+        ((10, 4), 64, [4, 4, 2]),  # 16-byte float32 rows, four to a band
+        ((3, 2, 8), 64, [1, 1, 1]),  # a row of an n-D array is all of its trailing axes
+        ((5, 100), 64, [1, 1, 1, 1, 1]),  # a row larger than a band is a band alone
+        ((0, 4), 64, []),  # nothing to cover
+    ],
+)
+def test_row_bands_cover_the_rows_in_order(
+    shape: tuple[int, ...], band_bytes: int, expected_rows: list[int]
+) -> None:
+    array = np.zeros(shape, np.float32)
+    bands = list(row_bands(array, band_bytes))
+    assert [band.stop - band.start for band in bands] == expected_rows
+    assert [band.start for band in bands] == [sum(expected_rows[:i]) for i in range(len(bands))]
