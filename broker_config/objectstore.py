@@ -361,11 +361,10 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         return length if length >= store_puts.STREAMED_BYTES else None
 
     def _object_path(self, bucket: str, key: str) -> Path:
-        # localbucket resolves each key with realpath, an lstat per folder of the key:
-        # ~20 % of the CPU of the small requests Tansu makes by the thousand. A key with
-        # an empty, "." or ".." part is refused before the join, and nothing the S3 API
-        # writes is a link, so the joined path cannot leave the bucket (data_root is
-        # resolved at start).
+        # localbucket resolves each key with realpath, an lstat per folder of the key, on
+        # each of the small requests Tansu makes by the thousand. A key with an empty,
+        # "." or ".." part is refused before the join, and nothing the S3 API writes is a
+        # link, so the joined path cannot leave the bucket (data_root is resolved at start).
         bucket_dir = self._bucket_dir(bucket)
         if key.endswith("/") or any(part in _NOT_A_NAME for part in key.split("/")):
             raise localbucket.S3Error(

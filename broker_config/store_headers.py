@@ -3,9 +3,10 @@
 
 ``email.message.Message.get`` scans every header and re-checks the value it finds, and
 one small request to the store asks ~20 times (the signature check, localbucket's
-handler, the conditional writes): about a tenth of the CPU of the small requests Tansu
-sends by the thousand. The index is rebuilt whenever the header list has changed since
-it was built, so every answer is the one the plain ``Message`` would give.
+handler, the conditional writes): under a profiler, about a tenth of the time of the
+small requests Tansu sends by the thousand. The index is rebuilt whenever the header
+list has changed since it was built, so every answer is the one the plain ``Message``
+would give.
 """
 
 from __future__ import annotations
