@@ -49,7 +49,7 @@ demo: setup
 	$(PY) -m parkpool.app.demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 bench: setup
 	$(PY) -m tests.bench
