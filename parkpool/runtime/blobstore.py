@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from parkpool.runtime.presign import Presigner
 from parkpool.runtime.settings import StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
@@ -36,6 +35,8 @@ class BlobStore:
             raise ConfigError("no object store configured (--store-endpoint)")
         self.conn = conn
         self.bucket = conn.bucket
+        from parkpool.runtime.presign import Presigner  # botocore: ~0.2 s, when first used
+
         session = _session(conn)
         self._client = _client(session, conn.endpoint)
         # URLs name the endpoint cars reach; SigV4 signs the host, so sign for that one.
