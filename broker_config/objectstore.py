@@ -391,7 +391,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         # so walking only that folder gives the same page.
         folder, _, rest = prefix.rpartition("/")
         parts = folder.split("/") if folder else []
-        if any(part in ("", ".", "..") for part in parts):
+        if any(part in _NOT_A_NAME for part in parts):
             contents, common, truncated, last = super()._list_entries(
                 bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
             )
