@@ -35,7 +35,7 @@ class BlobStore:
             raise ConfigError("no object store configured (--store-endpoint)")
         self.conn = conn
         self.bucket = conn.bucket
-        from parkpool.runtime.presign import Presigner  # botocore: ~0.2 s, when first used
+        from parkpool.runtime.presign import Presigner  # botocore: ~0.17 s, when first used
 
         session = _session(conn)
         self._client = _client(session, conn.endpoint)
