@@ -39,7 +39,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from parkpool.app.cli import build_parser, main
 from parkpool.broker_config.certs import make_certs
 from parkpool.broker_config.launcher import EmbeddedBrokers
-from parkpool.broker_config.process import PIDS_FILE, BrokerProcess, free_port, kill_stray
+from parkpool.broker_config.process import (
+    PIDS_FILE,
+    BrokerProcess,
+    free_port,
+    is_running,
+    kill_stray,
+)
 from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
 from parkpool.schemas.errors import BrokerError
 from parkpool.schemas.topics import KafkaTopics, MqttTopics
@@ -138,6 +144,21 @@ def children_named(name: str) -> set[int]:
 def python_process(tmp_path: Path, code: str, port: int = 0) -> BrokerProcess:
     """A stand-in broker: a Python interpreter running ``code``."""
     return BrokerProcess("stand-in", [sys.executable, "-c", code], port, (tmp_path / "out.log",))
+
+
+def spawn_exec_done(process: BrokerProcess) -> int:
+    """Spawn ``process`` and return its pid once /proc shows its command line.
+
+    Popen returns when exec closes the child's close-on-exec pipe, which the kernel does
+    before it lays out the new argv: a /proc/PID/cmdline read in that window is empty.
+    """
+    process.spawn()
+    assert process.popen is not None
+    deadline = time.monotonic() + TIMEOUT
+    while not is_running(process.popen.pid, process.argv[0]):
+        assert time.monotonic() < deadline, "the stand-in never showed its command line"
+        time.sleep(0.01)
+    return process.popen.pid
 
 
 @pytest.mark.integration
@@ -463,22 +484,21 @@ class TestBrokerProcess:
     def test_kill_stray_kills_recorded_process(self, tmp_path: Path) -> None:
         # Given a process recorded in a run dir's pid file, as a crashed run leaves it
         process = python_process(tmp_path, "import time; time.sleep(60)")
-        process.spawn()
-        assert process.popen is not None
-        record = {"stand-in": {"pid": process.popen.pid, "argv": process.argv}}
+        pid = spawn_exec_done(process)
+        record = {"stand-in": {"pid": pid, "argv": process.argv}}
         (tmp_path / PIDS_FILE).write_text(json.dumps(record))
         # When the run dir is cleaned up
         killed = kill_stray(tmp_path)
         # Then that process was terminated
-        assert killed == [process.popen.pid]
+        assert killed == [pid]
+        assert process.popen is not None
         assert process.popen.wait(TIMEOUT) == -signal.SIGTERM
 
     def test_kill_stray_spares_recycled_pid(self, tmp_path: Path) -> None:
         # Given a pid file whose pid now belongs to a different program
         process = python_process(tmp_path, "import time; time.sleep(60)")
-        process.spawn()
-        assert process.popen is not None
-        record = {"tansu": {"pid": process.popen.pid, "argv": ["/opt/not/tansu"]}}
+        pid = spawn_exec_done(process)
+        record = {"tansu": {"pid": pid, "argv": ["/opt/not/tansu"]}}
         (tmp_path / PIDS_FILE).write_text(json.dumps(record))
         try:
             # When the run dir is cleaned up
