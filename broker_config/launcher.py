@@ -34,6 +34,7 @@ from parkpool.schemas.errors import BrokerError, ConfigError
 
 from .auth import AuthStore
 from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray, signal_group
+from .tansu_groups import GroupWatch, s3_client
 
 __all__ = ["DATA_BUCKET", "LOOPBACK", "STORE_BUCKET", "EmbeddedBrokers", "free_port", "kill_stray"]
 
@@ -116,6 +117,7 @@ class EmbeddedBrokers:
         self._kafka: BrokerProcess | None = None
         self._mqtt: BrokerProcess | None = None
         self._more_cells: list[BrokerProcess] = []
+        self._group_watch: GroupWatch | None = None
 
     # lifecycle
 
@@ -131,6 +133,8 @@ class EmbeddedBrokers:
             self._store = self._launch(self._object_store(free_port()), deadline)
             self._kafka = self._launch(self._tansu(free_port()), deadline)
             self._wait_kafka_api(deadline)
+            if self.durable:
+                self._watch_groups()
             self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
             for cell in range(1, self.cells):
                 broker = self._mosquitto(free_port(), cell)
@@ -144,6 +148,9 @@ class EmbeddedBrokers:
     def stop(self) -> None:
         """Stop every broker, the store last (idempotent); removes the run dir only if we
         made it."""
+        if self._group_watch is not None:
+            self._group_watch.stop()
+            self._group_watch = None
         for child in (*self._more_cells, self._mqtt, self._kafka, self._store):
             if child is not None:
                 child.stop(self.stop_timeout)
@@ -154,6 +161,11 @@ class EmbeddedBrokers:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         elif self.run_dir.exists():
             self._write_pids()
+
+    @property
+    def group_leaders_cleared(self) -> int:
+        """Departed leaders removed from the durable Tansu's groups (tansu_groups)."""
+        return 0 if self._group_watch is None else self._group_watch.cleared
 
     def kill_kafka(self) -> None:
         """SIGKILL Tansu, as a crash would; ``start_kafka`` brings it back on its port."""
@@ -300,6 +312,12 @@ class EmbeddedBrokers:
         # On SIGTERM Tansu 0.6 waits ~5 s for connected clients to leave; on SIGINT it
         # exits at once, also with status 0, having written every acknowledged batch.
         return BrokerProcess("tansu", argv, port, (self.run_dir / "tansu.log",), env, signal.SIGINT)
+
+    def _watch_groups(self) -> None:
+        # Tansu 0.6 can leave a group waiting for a leader that left (see tansu_groups).
+        args = (self.store_endpoint, self.store_access_key, self.store_secret_key, STORE_REGION)
+        self._group_watch = GroupWatch(lambda: s3_client(*args), STORE_BUCKET)
+        self._group_watch.start()
 
     def _object_store(self, port: int) -> BrokerProcess:
         """The S3 API over run_dir/store, which checks every request's signature."""
