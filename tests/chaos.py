@@ -95,6 +95,8 @@ class ChaosReport:
     store_restarts: int = 0
     rebalances: int = 0
     roster_changes: int = 0
+    # Tansu 0.6 groups left waiting for a departed leader, and unstuck (tansu_groups).
+    tansu_leaders_cleared: int = 0
     wall_s: float = 0.0
 
     def ok(self, plan: ChaosPlan) -> bool:
@@ -270,6 +272,7 @@ def run_chaos(
             inject = _injector(plan, rng, report, brokers, gateways, fleet)
             _drive(handle, faults, inject, plan, say, gateways.snapshot)
             _account(handle, report)
+        report.tansu_leaders_cleared = brokers.group_leaders_cleared
         report.duplicates_on_results_topic = _results_topic_duplicates(kafka, report.completed)
     report.wall_s = round(time.monotonic() - started, 1)
     return report
