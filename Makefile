@@ -48,8 +48,12 @@ $(TOOLS_STAMP):
 demo: setup
 	$(PY) -m parkpool.app.demo
 
+# One worker per core, at most four, each with its own brokers; a file's tests stay on one
+# worker. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 \
+	  -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 bench: setup
 	$(PY) -m tests.bench
