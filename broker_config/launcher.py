@@ -118,6 +118,7 @@ class EmbeddedBrokers:
         self._mqtt: BrokerProcess | None = None
         self._more_cells: list[BrokerProcess] = []
         self._group_watch: GroupWatch | None = None
+        self._leaders_cleared = 0  # by watches already stopped
 
     # lifecycle
 
@@ -150,6 +151,7 @@ class EmbeddedBrokers:
         made it."""
         if self._group_watch is not None:
             self._group_watch.stop()
+            self._leaders_cleared += self._group_watch.cleared
             self._group_watch = None
         for child in (*self._more_cells, self._mqtt, self._kafka, self._store):
             if child is not None:
@@ -165,7 +167,8 @@ class EmbeddedBrokers:
     @property
     def group_leaders_cleared(self) -> int:
         """Departed leaders removed from the durable Tansu's groups (tansu_groups)."""
-        return 0 if self._group_watch is None else self._group_watch.cleared
+        running = 0 if self._group_watch is None else self._group_watch.cleared
+        return self._leaders_cleared + running
 
     def kill_kafka(self) -> None:
         """SIGKILL Tansu, as a crash would; ``start_kafka`` brings it back on its port."""
