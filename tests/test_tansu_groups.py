@@ -20,6 +20,7 @@ from parkpool.broker_config.tansu_groups import (
     s3_client,
     without_leader,
 )
+from tests.helpers import wait_for
 
 PARTITIONS = 4
 
@@ -195,6 +196,14 @@ def test_group_whose_leader_leaves_mid_rebalance_forms_again(
     leader = consumer(brokers, name)
     leader.subscribe([name])
     poll_until(leader, lambda: len(leader.assignment()) == PARTITIONS, 30, "A's assignment")
+    # Right after one of A's heartbeats, so that A cannot learn of B's join and rejoin
+    # before it leaves: that would form the group, which Tansu then handles well.
+    joined = read(store, key)
+    (member_a,) = joined["members"]
+    contact = joined["members"][member_a]["last_contact"]
+    wait_for(
+        lambda: read(store, key)["members"][member_a]["last_contact"] != contact, 10, "a heartbeat"
+    )
     follower = consumer(brokers, name)
     follower.subscribe([name])
     poll_until(follower, lambda: len(read(store, key)["members"]) == 2, 30, "B's join")
