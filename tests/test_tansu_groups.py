@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,11 +70,26 @@ class TestDepartedLeader:
         assert before["state"]["Forming"]["leader"] == "a"  # the input is not changed
 
 
-@pytest.fixture
-def store(brokers: EmbeddedBrokers) -> Any:
+def store_client(brokers: EmbeddedBrokers) -> Any:
     return s3_client(
         brokers.store_endpoint, brokers.store_access_key, brokers.store_secret_key, STORE_REGION
     )
+
+
+@pytest.fixture
+def store(brokers: EmbeddedBrokers) -> Any:
+    return store_client(brokers)
+
+
+@pytest.fixture
+def durable(brokers: EmbeddedBrokers, tmp_path: Path) -> Iterator[EmbeddedBrokers]:
+    """The session's brokers, or durable ones of this test's own when the session keeps
+    Kafka in memory (PARKPOOL_DURABLE=0): only a durable Tansu keeps groups in the store."""
+    if brokers.durable:
+        yield brokers
+        return
+    with EmbeddedBrokers(run_dir=tmp_path / "brokers", durable=True) as own:
+        yield own
 
 
 @pytest.fixture
@@ -181,11 +198,8 @@ def poll_until(member: Consumer, condition: Any, timeout: float, what: str) -> N
 
 
 @pytest.mark.integration
-def test_group_whose_leader_leaves_mid_rebalance_forms_again(
-    brokers: EmbeddedBrokers, store: Any
-) -> None:
-    if not brokers.durable:
-        pytest.skip("the watch needs Tansu's groups in the store (PARKPOOL_DURABLE=0)")
+def test_group_whose_leader_leaves_mid_rebalance_forms_again(durable: EmbeddedBrokers) -> None:
+    brokers, store = durable, store_client(durable)
     name = f"leader-leaves-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": brokers.kafka_bootstrap})
     for future in admin.create_topics([NewTopic(name, PARTITIONS, 1)]).values():
