@@ -68,9 +68,8 @@ def row_bands(array: Array, band_bytes: int) -> Iterator[slice]:
     """Consecutive spans of ``array``'s rows, each about ``band_bytes`` (at least one
     row): work done a band at a time while the band is still in cache."""
     row_bytes = array.itemsize * math.prod(array.shape[1:])
-    step = max(1, band_bytes // max(1, row_bytes))
-    for start in range(0, len(array), step):
-        yield slice(start, min(start + step, len(array)))
+    if len(array):  # span_slices gives an empty array one empty span; bands, none
+        yield from span_slices(len(array), max(1, band_bytes // max(1, row_bytes)))
 
 
 def span_slices(length: int, size: int) -> list[slice]:
