@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,6 +26,9 @@ from parkpool.schemas.errors import ValidationError
 Array = npt.NDArray[Any]
 R = TypeVar("R")  # a job's answer: an array, a float, a KMeansStep, ...
 R_co = TypeVar("R_co", covariant=True)
+# Below this many bytes in all, one thread copies: starting threads would cost more.
+PARALLEL_COPY_BYTES = 16 << 20
+COPY_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,20 @@ def wire_copy(array: Array) -> Array:
     copy = np.array(array, order="C", copy=True)
     copy.flags.writeable = False
     return copy
+
+
+def wire_copies(arrays: Sequence[Array]) -> list[Array]:
+    """``wire_copy`` of each, in order, on a few threads when there is much to copy.
+
+    NumPy lets go of the GIL while it copies, and a large job's snapshot is the first
+    thing its submit waits for: a 4096² gemm's sixteen 8 MiB blocks took 0.24-0.26 s
+    on one thread on a 2-core VM whose fresh pages are slow, 0.13-0.19 s on two
+    (docs/BENCHMARKS.md).
+    """
+    if COPY_THREADS < 2 or len(arrays) < 2 or sum(a.nbytes for a in arrays) < PARALLEL_COPY_BYTES:
+        return [wire_copy(a) for a in arrays]
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="pp-plan") as pool:
+        return list(pool.map(wire_copy, arrays))
 
 
 def row_bands(array: Array, band_bytes: int) -> Iterator[slice]:

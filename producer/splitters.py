@@ -31,7 +31,7 @@ from parkpool.producer.plans import (
     seed_of,
     span_slices,
     validated,
-    wire_copy,
+    wire_copies,
 )
 from parkpool.producer.splitters_rows import plan_fft, plan_mlp, plan_stencil2d
 from parkpool.producer.splitters_stats import (
@@ -132,8 +132,10 @@ def plan_gemm(
     tiles = [(rows, cols, ks) for rows in row_spans for cols in col_spans for ks in k_spans]
     # One snapshot per distinct block, shared by every tile that reads it: a row panel
     # is copied once, not once per column, and the claim check stores it once.
-    b_blocks = {_span(ks, cols): wire_copy(b[ks, cols]) for ks in k_spans for cols in col_spans}
-    a_blocks = {_span(rows, ks): wire_copy(a[rows, ks]) for rows in row_spans for ks in k_spans}
+    b_views = {_span(ks, cols): b[ks, cols] for ks in k_spans for cols in col_spans}
+    a_views = {_span(rows, ks): a[rows, ks] for rows in row_spans for ks in k_spans}
+    b_blocks = dict(zip(b_views, wire_copies(list(b_views.values())), strict=True))
+    a_blocks = dict(zip(a_views, wire_copies(list(a_views.values())), strict=True))
     chunks = validated(
         "gemm",
         tuple(
@@ -220,7 +222,8 @@ def plan_map(x: Array, coeffs: list[float], *, chunk_elems: int = 1 << 16) -> Jo
     flat = x.reshape(-1)
     spans = span_slices(flat.size, positive("chunk_elems", chunk_elems))
     chunks = validated(
-        "poly", tuple(ChunkSpec(params, {"x": wire_copy(flat[span])}) for span in spans)
+        "poly",
+        tuple(ChunkSpec(params, {"x": part}) for part in wire_copies([flat[s] for s in spans])),
     )
     return JobPlan("poly", chunks, partial(_MapAssembler, x.shape, x.dtype, spans))
 
@@ -258,7 +261,8 @@ def plan_reduce(x: Array, op: str = "sum", *, chunk_elems: int = 1 << 16) -> Job
     flat = x.reshape(-1)
     spans = span_slices(flat.size, positive("chunk_elems", chunk_elems))
     chunks = validated(
-        "reduce", tuple(ChunkSpec({"op": op}, {"x": wire_copy(flat[span])}) for span in spans)
+        "reduce",
+        tuple(ChunkSpec({"op": op}, {"x": part}) for part in wire_copies([flat[s] for s in spans])),
     )
     return JobPlan("reduce", chunks, partial(_ReduceAssembler, op, len(spans)))
 

@@ -18,6 +18,7 @@ from parkpool.producer.plans import (
     positive,
     span_slices,
     validated,
+    wire_copies,
     wire_copy,
 )
 from parkpool.schemas.errors import ValidationError
@@ -60,7 +61,8 @@ def plan_fft(x: Array, *, inverse: bool = False, chunk_elems: int = 1 << 15) -> 
     spans = span_slices(rows.shape[0], max(1, positive("chunk_elems", chunk_elems) // n))
     params = {"inverse": bool(inverse)}
     chunks = validated(
-        "fft", tuple(ChunkSpec(params, {"x": wire_copy(rows[span])}) for span in spans)
+        "fft",
+        tuple(ChunkSpec(params, {"x": part}) for part in wire_copies([rows[s] for s in spans])),
     )
     single = x.dtype in (np.dtype(np.float32), np.dtype(np.complex64))
     dtype = np.complex64 if single else np.complex128
@@ -82,7 +84,8 @@ def plan_mlp(
     layers |= {f"b{i}": wire_copy(np.asarray(b)) for i, b in enumerate(biases)}
     spans = span_slices(x.shape[0], positive("chunk_rows", chunk_rows))
     chunks = validated(
-        "mlp", tuple(ChunkSpec({}, {"x": wire_copy(x[span]), **layers}) for span in spans)
+        "mlp",
+        tuple(ChunkSpec({}, {"x": part, **layers}) for part in wire_copies([x[s] for s in spans])),
     )
     out = (x.shape[0], layers[f"w{len(weights) - 1}"].shape[1])
     return JobPlan("mlp", chunks, partial(_RowsAssembler, "y", "f", out, x.dtype, spans, out))

@@ -24,6 +24,7 @@ from parkpool.producer.plans import (
     seed_of,
     span_slices,
     validated,
+    wire_copies,
     wire_copy,
 )
 from parkpool.schemas.errors import ValidationError
@@ -77,7 +78,10 @@ def plan_kmeans_step(
     shared = wire_copy(centroids)
     chunks = validated(
         "kmeans_step",
-        tuple(ChunkSpec({}, {"points": wire_copy(points[s]), "centroids": shared}) for s in spans),
+        tuple(
+            ChunkSpec({}, {"points": part, "centroids": shared})
+            for part in wire_copies([points[s] for s in spans])
+        ),
     )
     sizes = tuple(s.stop - s.start for s in spans)
     return JobPlan("kmeans_step", chunks, partial(_KMeansAssembler, shared, sizes))

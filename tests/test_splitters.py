@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parkpool.producer import splitters
-from parkpool.producer.plans import row_bands
+from parkpool.producer import plans
+from parkpool.producer.plans import row_bands, wire_copies
 from parkpool.producer.splitters import (
     PLANNERS,
     JobPlan,
@@ -98,13 +98,13 @@ class TestPlanGemm:
     def test_each_block_is_copied_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # Given a 4x4-tile gemm: 16 tiles read 4 row panels of A and 4 column panels of B
         copies: list[tuple[int, ...]] = []
-        real = splitters.wire_copy
+        real = plans.wire_copy
 
         def count(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
             copies.append(array.shape)
             return real(array)
 
-        monkeypatch.setattr(splitters, "wire_copy", count)
+        monkeypatch.setattr(plans, "wire_copy", count)
         # When planned
         a, b = np.ones((8, 8), np.float32), np.ones((8, 8), np.float32)
         plan = plan_gemm(a, b, tile=2)
@@ -527,3 +527,23 @@ def test_row_bands_cover_the_rows_in_order(
     bands = list(row_bands(array, band_bytes))
     assert [band.stop - band.start for band in bands] == expected_rows
     assert [band.start for band in bands] == [sum(expected_rows[:i]) for i in range(len(bands))]
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one thread", "a pool"])
+def test_wire_copies_are_frozen_snapshots_in_order(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given strided views of one array, enough bytes in all to copy on a pool
+    monkeypatch.setattr(plans, "COPY_THREADS", threads)
+    monkeypatch.setattr(plans, "PARALLEL_COPY_BYTES", 1 << 10)
+    source = np.arange(64 * 96, dtype=np.float32).reshape(64, 96)
+    views = [source[:, j : j + 32] for j in range(0, 96, 32)]
+    # When copied for the wire
+    copies = wire_copies(views)
+    source[:] = -1  # the caller reuses its array after planning
+    # Then each copy holds the view's values as they were, contiguous and read-only
+    expected = np.arange(64 * 96, dtype=np.float32).reshape(64, 96)
+    assert len(copies) == 3
+    for j, copy in enumerate(copies):
+        np.testing.assert_array_equal(copy, expected[:, 32 * j : 32 * (j + 1)])
+        assert copy.flags.c_contiguous and not copy.flags.writeable
