@@ -9,6 +9,7 @@ it to this session after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -54,6 +55,7 @@ class MqttLink:
         self._announced: GatewayState | None = None
         self.sent: dict[str, int] = dict.fromkeys(("assignment", "batch", "notice", "revoke"), 0)
         self._connected = threading.Event()
+        self._stopping = False  # our own DISCONNECT: expected, not a fault to warn about
         offline = GatewayStatus(gateway_id, GatewayState.OFFLINE, time.time())
         self.client = new_client(
             f"gw-{topics.namespace}-{gateway_id}",
@@ -126,13 +128,16 @@ class MqttLink:
             self.client.ack(event.mid, event.qos)
 
     def stop(self) -> None:
-        info = self.client.publish(
-            self.topics.gateway_status(self.gateway_id),
-            encode(GatewayStatus(self.gateway_id, GatewayState.OFFLINE, time.time())),
-            qos=1,
-            retain=True,
-        )
-        info.wait_for_publish(timeout=5)
+        """Say OFFLINE (retained) and disconnect. A link that is down at that moment (the
+        broker restarting, say) cannot say it, and leaves it to its will; a gateway's
+        shutdown must not fail on a broker it cannot reach."""
+        self._stopping = True
+        if self.client.is_connected():
+            status = GatewayStatus(self.gateway_id, GatewayState.OFFLINE, time.time())
+            topic = self.topics.gateway_status(self.gateway_id)
+            info = self.client.publish(topic, encode(status), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError):  # the link dropped meanwhile
+                info.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -166,7 +171,12 @@ class MqttLink:
         self.subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        log.warning("mqtt_disconnected", reason=str(rc))
+        # Every gateway stop ends this way; a warning there would train SREs to ignore
+        # the warning that matters, a connection lost while serving.
+        if self._stopping:
+            log.info("mqtt_disconnected", gateway_id=self.gateway_id, reason=str(rc))
+        else:
+            log.warning("mqtt_disconnected", gateway_id=self.gateway_id, reason=str(rc))
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         vehicle_id = self.topics.vehicle_of(msg.topic)
