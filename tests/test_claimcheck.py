@@ -7,12 +7,17 @@ confidential jobs store only ciphertext, and a job's objects go when the job end
 from __future__ import annotations
 
 import dataclasses
+import http.server
+import socket
+import struct
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -189,6 +194,27 @@ class TestStoreAccess:
         with pytest.raises(DecodeError, match="bytes, not"):
             fetch(url, BlobRef("y", sha256_hex(b"tampered"), 99), 5)
 
+    def test_a_cached_block_named_with_another_size_is_refused(self, store: BlobStore) -> None:
+        # Given a car that fetched and cached a 64-byte block
+        block = np.arange(16, dtype=np.float32)
+        sha = sha256_hex(block.tobytes())
+        store.put_if_absent(f"jobs/hit/in/{sha}", block.tobytes(), sha)
+        url = store.presign_get(f"jobs/hit/in/{sha}", 30)
+        data = CarData(BlobCache(1 << 20), timeout_s=5)
+
+        def task_naming(ref: BlobRef) -> tuple[Assignment, TaskChunk]:
+            task = TaskChunk("hit", 0, 1, "reduce", {"op": "sum"}, {}, "r", 1e10, 0.0, refs=(ref,))
+            return Assignment("gw1", "car", 1, 1, 1e10, encode(task), urls=(url,)), task
+
+        good = BlobRef("x", sha, 64, "<f4", (16,))
+        np.testing.assert_array_equal(data.hydrate(*task_naming(good)).inputs["x"], block)
+        # When a later task names the same hash with another size and shape
+        bad = BlobRef("x", sha, 128, "<f4", (32,))
+        # Then the car refuses it as bad data (a nack), served from its cache or not
+        with pytest.raises(DecodeError, match="bytes, not 128"):
+            data.hydrate(*task_naming(bad))
+        assert data.cache.stats().hits == 1
+
 
 def _client(
     namespace: str, kafka: KafkaConnection, store: StoreConnection, **more: object
@@ -291,6 +317,39 @@ class TestClaimCheckJob:
         assert len(inputs) == 4 and len(outputs_read) == 4
         for needle in (a[0, :4].tobytes(), (a @ b)[0, :4].tobytes()):
             assert not [blob for blob in inputs + outputs_read if needle in blob]
+
+    def test_a_car_fault_hands_the_task_back_and_keeps_the_slot(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        store_conn: StoreConnection,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Given one car whose input handling fails once with an error nothing expects
+        gateway = gateway_factory(store=store_conn)
+        real = CarData.hydrate
+        faults: list[int] = []
+
+        def flaky(self: CarData, assignment: Assignment, task: TaskChunk) -> TaskChunk:
+            if not faults:
+                faults.append(1)
+                raise RuntimeError("a bug in the car")
+            return real(self, assignment, task)
+
+        monkeypatch.setattr(CarData, "hydrate", flaky)
+        fleet_factory(1, concurrency=1, prefetch=0)
+        x = np.arange(4096, dtype=np.float64)
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            # When it is given a job of several stored chunks
+            handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=1024)
+            # Then the job completes on that same car: the faulted task came back as a
+            # kernel error and was redone, and the car's only slot was not lost
+            assert handle.wait(timeout=60) == float(x.sum())
+        assert faults == [1]
+        failures = gateway.metric("parkpool_gateway_task_failures_total", reason="kernel_error")
+        assert failures == 1
 
     def test_a_tampered_input_is_refused_by_every_car(
         self,
@@ -475,6 +534,42 @@ def test_a_dropped_connection_is_tried_again_but_an_http_answer_is_not() -> None
     with pytest.raises(urllib.error.HTTPError):
         dataplane._with_retries(refused)
     assert refusals == [1]
+
+
+class _DropsFirstPut(http.server.BaseHTTPRequestHandler):
+    """A store whose first answer to a PUT is lost: the body lands, the connection is
+    reset; later PUTs of the same key are refused as already written (412)."""
+
+    puts: ClassVar[list[int]] = []
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.puts.append(1)
+        if len(self.puts) == 1:
+            linger = struct.pack("ii", 1, 0)  # close with RST, as a dropped link looks
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.connection.close()
+            return
+        self.send_response(412)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_result_upload_whose_answer_was_lost_is_tried_again() -> None:
+    # Given a store that resets the connection after taking the first PUT's body
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DropsFirstPut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # When a car uploads its result there
+        upload(f"http://127.0.0.1:{server.server_port}/out", b"r" * 100_000, 5)
+        # Then the upload is tried again, and the 412 (already written) is success
+        assert _DropsFirstPut.puts == [1, 1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_keys_are_per_job_and_content_addressed() -> None:

@@ -82,7 +82,13 @@ class CarData:
         return replace(task, inputs={**task.inputs, **arrays}, refs=())
 
     def _blob(self, ref: BlobRef, url: str) -> bytes:
-        return self.cache.fetch_once(ref.sha256, lambda: fetch(url, ref, self.timeout_s))
+        data = self.cache.fetch_once(ref.sha256, lambda: fetch(url, ref, self.timeout_s))
+        # A hit was checked against the ref that fetched it, not this one: a ref naming
+        # a cached hash with another size is refused here, not by a reshape that raises.
+        if len(data) != ref.size:
+            detail = f"input {_short(ref)} is {len(data)} bytes, not {ref.size}"
+            raise DecodeError("bad_data", detail)
+        return data
 
     def offload(self, result: Result, assignment: Assignment) -> Result:
         """The result with large outputs (sealed or not) uploaded under the lease's URL
@@ -133,8 +139,8 @@ def upload(url: str, blob: bytes, timeout_s: float) -> None:
     after a lost answer; the reader checks the hash either way."""
     request = urllib.request.Request(url, data=blob, method="PUT", headers={"If-None-Match": "*"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s):
-            return
+        # A connection dropped after the body landed is tried again, and answered 412.
+        _with_retries(lambda: _send(request, timeout_s))
     except urllib.error.HTTPError as exc:
         if exc.code == 412:
             return

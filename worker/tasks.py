@@ -153,9 +153,16 @@ class TaskLine:
         item = self.held.get(epoch)
         if item is None or self._stopping.is_set():
             return  # released or revoked meanwhile
-        inputs = self._inputs(item)
-        with self._slots:
-            self._run_held(epoch, inputs)
+        try:
+            inputs = self._inputs(item)
+            with self._slots:
+                self._run_held(epoch, inputs)
+        except Exception as exc:
+            # A fault of the car's own (a bug, a library's unexpected error) would end
+            # this pool thread silently and keep the task held: the car would run one
+            # slot short for good and the gateway would wait out the lease. Hand it back.
+            self._log.exception("task_crashed", **task_context(item.assignment, item.task))
+            self._finish(epoch, nack=(NackReason.KERNEL_ERROR, f"car fault: {exc!r}"[:512]))
 
     def _run_held(self, epoch: int, inputs: TaskChunk | Refusal) -> None:
         item = self.held.start(epoch)
