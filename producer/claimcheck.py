@@ -23,7 +23,7 @@ from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import record_size
 from parkpool.schemas import BlobRef, DecodeError, Result, TaskChunk, encode
 from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, input_key, output_key
-from parkpool.schemas.codec import decode_arrays
+from parkpool.schemas.codec import MAX_MESSAGE_BYTES, decode_arrays
 from parkpool.schemas.topics import task_key
 
 __all__ = ["BandTap", "JobUploads", "array_sha256", "fetch_outputs"]
@@ -31,6 +31,9 @@ __all__ = ["BandTap", "JobUploads", "array_sha256", "fetch_outputs"]
 log = logs.get_logger("parkpool.producer")
 
 UPLOAD_THREADS = 4
+# The most stored outputs the SDK reads: what the codec decodes at most, with room for a
+# sealed blob's envelope. A car names the size; this bounds what its word can cost.
+MAX_OUTPUTS_BYTES = MAX_MESSAGE_BYTES + (64 << 10)
 # A tap's bands: small enough to be in a core's L2 still when the tap reads them.
 HASH_BAND_BYTES = 256 * 1024
 
@@ -185,7 +188,10 @@ def fetch_outputs(store: BlobStore, result: Result) -> Result:
     ref = result.outputs_ref
     if ref is None:
         return result
-    data = store.get(output_key(result.job_id, result.chunk_id, result.epoch))
+    if ref.size > MAX_OUTPUTS_BYTES:  # the car's word: refused before a byte is read
+        raise DecodeError("bad_data", f"chunk {result.chunk_id}'s outputs claim {ref.size:,} bytes")
+    # One byte more than named shows a longer object, without reading all of it.
+    data = store.get(output_key(result.job_id, result.chunk_id, result.epoch), ref.size + 1)
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s stored outputs do not match")
     if ref.name == SEALED_OUTPUTS_BLOB:

@@ -782,9 +782,15 @@ class ParkpoolClient:
         return True
 
     def _deliver_stored(self, handle: JobHandle[Any], result: Result) -> None:
-        with self._refusing(handle.job_id, self.reply_topic):
-            result = self._stored_outputs(handle, result)
-            self._take(handle, open_result(result, self._reply_box))
+        try:
+            with self._refusing(handle.job_id, self.reply_topic):
+                result = self._stored_outputs(handle, result)
+                self._take(handle, open_result(result, self._reply_box))
+        except Exception as exc:
+            # On the fetcher's thread an error nobody expects would vanish with its
+            # future, and the caller would wait on the chunk for ever.
+            log.exception("result_unreadable", job_id=handle.job_id, chunk_id=result.chunk_id)
+            handle.refused(result.chunk_id, f"outputs_unreadable: {exc!r}")
 
     @contextlib.contextmanager
     def _refusing(self, job_id: str, topic: str | None) -> Iterator[None]:

@@ -27,7 +27,7 @@ from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.producer import client as client_module
 from parkpool.producer import dlq
-from parkpool.producer.claimcheck import JobUploads, fetch_outputs
+from parkpool.producer.claimcheck import MAX_OUTPUTS_BYTES, JobUploads, fetch_outputs
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.producer.splitters import ChunkSpec, plan_gemm
@@ -415,6 +415,46 @@ class TestClaimCheckJob:
                 handle.wait(timeout=30)
             assert "outputs_unreadable" in next(iter(failed.value.reasons.values()))
             assert handle.state is JobState.FAILED
+            holder.close()
+
+    @pytest.mark.parametrize("claimed", [16, MAX_OUTPUTS_BYTES + 1], ids=["small", "huge"])
+    def test_the_sdk_reads_no_more_of_stored_outputs_than_the_car_named(
+        self,
+        claimed: int,
+        gateway_factory: Callable[..., RunningGateway],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+        store_conn: StoreConnection,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Given a scripted car that uploads 2 MiB under its lease
+        reads: list[int | None] = []
+        real_get = BlobStore.get
+
+        def get(self: BlobStore, key: str, most: int | None = None) -> bytes:
+            reads.append(most)
+            return real_get(self, key, most)
+
+        monkeypatch.setattr(BlobStore, "get", get)
+        gateway_factory(store=store_conn)
+        x = np.arange(2048, dtype=np.float64)
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
+            holder = hold_lease(mqtt_conn, mqtt_topics)
+            assignment: Assignment = holder.assignment
+            upload(assignment.upload_url, b"\1" * (2 << 20), 5)
+            # When its result names a size other than what it wrote
+            ref = BlobRef("outputs", "0" * 64, claimed)
+            result = holder.result({}, refs=(ref,))
+            holder.car.publish(mqtt_topics.result(assignment.vehicle_id, "gw1"), encode(result))
+            # Then the caller is told by name, having read at most one byte past the
+            # named size, and nothing when the size named is past what it would decode
+            with pytest.raises(JobFailed) as failed:
+                handle.wait(timeout=30)
+            assert "outputs_unreadable" in next(iter(failed.value.reasons.values()))
+            assert reads == ([claimed + 1] if claimed == 16 else [])
             holder.close()
 
 

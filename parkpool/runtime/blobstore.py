@@ -84,9 +84,18 @@ class BlobStore:
 
     # ---------------------------------------------------------------- reading
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, most: int | None = None) -> bytes:
+        """The object's bytes, or only its first ``most`` (a reader that knows the size
+        asks one more, to see a longer body without holding all of it). BrokerError for
+        any failure, one while the body streams included."""
         response = self._call(f"read {key}", self._client.get_object, Bucket=self.bucket, Key=key)
-        body: bytes = response["Body"].read()
+        stream = response["Body"]
+        try:
+            body: bytes = stream.read(most)
+        except Exception as exc:
+            raise BrokerError(f"object store failed while sending {key}: {_why(exc)}") from None
+        finally:
+            stream.close()
         return body
 
     def exists(self, key: str) -> bool:
