@@ -54,6 +54,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_option(
         p,
+        "--max-lease-seconds",
+        "PARKPOOL_MAX_LEASE_SECONDS",
+        900.0,
+        "how long a vehicle's heartbeats may keep one lease alive in all",
+        float,
+    )
+    add_option(
+        p,
         "--max-attempts",
         "PARKPOOL_MAX_ATTEMPTS",
         5,
@@ -206,6 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         namespace=args.namespace,
         group_id=args.group_id,
         lease_seconds=args.lease_seconds,
+        max_lease_seconds=args.max_lease_seconds,
         max_attempts=args.max_attempts,
         window=args.window,
         window_span=args.window_span,

@@ -29,7 +29,7 @@ from parkpool.gateway.outcomes import TaskOutcomes
 from parkpool.gateway.ratelimit import RateLimiter
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.gateway.tasklog import TaskLog
-from parkpool.gateway.tasks import TaskState
+from parkpool.gateway.tasks import PendingTask, TaskState
 from parkpool.gateway.vehicles import VehicleBook
 from parkpool.runtime.kafka import record_size
 from parkpool.runtime.logs import Logger
@@ -88,7 +88,16 @@ class VehicleHandlers:
             # far above both, and keeps a car from flooding its gateways with them.
             "status": RateLimiter(settings.pull_rate, burst=2 * settings.pull_rate, max_keys=keys),
         }
-        self._limit_of = {"pull": "pull", "result": "result", "status": "status", "will": "status"}
+        # A lease's heartbeats and its nack share the result limit: an honest car sends
+        # one of the three per lease now and then, a flood of any costs a counter.
+        self._limit_of = {
+            "pull": "pull",
+            "result": "result",
+            "heartbeat": "result",
+            "nack": "result",
+            "status": "status",
+            "will": "status",
+        }
         self._evicted: dict[str, tuple[int, int]] = {}  # kind -> (lossy, all) counted
         self._handlers: dict[str, Handler] = {
             "pull": self._on_pull,
@@ -267,7 +276,7 @@ class VehicleHandlers:
             lease.vehicle_id,
             nack.detail,
             counts=nack.reason.counts_as_failure,
-            terminal=nack.reason.terminal,
+            terminal=nack.reason.terminal and _confirmed(lease.task, lease.vehicle_id, nack.reason),
             backoff=nack.reason is NackReason.KERNEL_ERROR,
         )
         return False
@@ -275,9 +284,18 @@ class VehicleHandlers:
     def _on_heartbeat(self, event: MqttEvent) -> bool:
         beat = self._decode(event, LeaseHeartbeat)
         lease = self._lease_for(event, beat)
-        if lease is not None:
-            self.leases.extend(lease.epoch, self.settings.lease_seconds)
-            self.vehicles.heard(event.vehicle_id)
+        if lease is None:
+            return False
+        self.vehicles.heard(event.vehicle_id)
+        # Past the job's deadline the result is of no use: the lease runs out, and the
+        # task is dead-lettered when it comes back. Otherwise heartbeats keep a long
+        # kernel's lease alive, up to max_lease_seconds, so that a hung kernel or a car
+        # that only heartbeats cannot hold its record, and the partition's commits, for
+        # ever.
+        if lease.task.task.deadline >= time.time():
+            self.leases.extend(
+                lease.epoch, self.settings.lease_seconds, self.settings.max_lease_seconds
+            )
         return False
 
     def _decode(self, event: MqttEvent, kind: type[M]) -> M | None:
@@ -315,3 +333,10 @@ class VehicleHandlers:
             )
             return None
         return lease
+
+
+def _confirmed(task: PendingTask, vehicle_id: str, reason: NackReason) -> bool:
+    """Whether another car already gave this reason for this task. A car is not trusted
+    to end a task alone: one that calls every task invalid would dead-letter them all.
+    A task truly no car can run costs one attempt more (or max_attempts, on one car)."""
+    return any(a.reason == reason.value and a.vehicle_id != vehicle_id for a in task.history)

@@ -58,12 +58,19 @@ class LeaseTable:
                 del self._by_vehicle[lease.vehicle_id]
         return lease
 
-    def extend(self, epoch: int, duration: float) -> Lease | None:
-        """Move a lease's deadline to ``duration`` from now (a vehicle's heartbeat)."""
+    def extend(self, epoch: int, duration: float, limit: float | None = None) -> Lease | None:
+        """Move a lease's deadline to ``duration`` from now (a vehicle's heartbeat), but
+        never past ``limit`` seconds after it was granted, nor back.
+
+        Only the lease changes: its heap entry is pushed again when it surfaces early,
+        so a car's heartbeats cost no memory however many it sends.
+        """
         lease = self._by_epoch.get(epoch)
         if lease is not None:
-            lease.deadline = time.monotonic() + duration
-            heapq.heappush(self._deadlines, (lease.deadline, epoch))
+            deadline = time.monotonic() + duration
+            if limit is not None:
+                deadline = min(deadline, lease.dispatched_at + limit)
+            lease.deadline = max(lease.deadline, deadline)
         return lease
 
     def holds(self, vehicle_id: str) -> bool:
@@ -82,9 +89,13 @@ class LeaseTable:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, epoch = heapq.heappop(self._deadlines)
             lease = self._by_epoch.get(epoch)
-            if lease is not None and lease.deadline <= now:
+            if lease is None:
+                continue  # ended meanwhile
+            if lease.deadline <= now:
                 self.end(epoch)
                 yield lease
+            else:  # extended since its entry was pushed: wait for its new deadline
+                heapq.heappush(self._deadlines, (lease.deadline, epoch))
 
     def all(self) -> list[Lease]:
         return list(self._by_epoch.values())

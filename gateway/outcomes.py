@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from parkpool.gateway.deadletters import MAX_ATTEMPTS_KEPT
 from parkpool.gateway.leases import LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.retry import DelayQueue
@@ -79,6 +80,10 @@ class TaskOutcomes:
         if not self._log.owns(task.tp):
             return  # partition revoked: its new owner has the task
         task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:MAX_DETAIL]))
+        # Attempts that do not count ("busy", "released", a suspended car) never end in a
+        # dead letter, so without a bound a task bounced for days would grow for ever;
+        # a dead letter reports only the last MAX_ATTEMPTS_KEPT anyway.
+        del task.history[:-MAX_ATTEMPTS_KEPT]
         task.failures += int(counts)
         if counts:
             self._metrics.tasks.labels("failed").inc()

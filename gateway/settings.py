@@ -17,6 +17,10 @@ class GatewaySettings:
     namespace: str = "parkpool"
     group_id: str = ""  # empty: "<namespace>.gateways"
     lease_seconds: float = 30.0
+    # Heartbeats extend a lease this long after it was granted at most: a hung kernel,
+    # or a car that only heartbeats, must not hold a record (and with it the partition's
+    # commit point) for ever. As long as a lease's upload URL lives.
+    max_lease_seconds: float = 900.0
     max_attempts: int = 5
     # In-flight tasks per partition before it is paused. Counted in tasks, not offsets,
     # so one slow car cannot pin it; window_span (0: 64 x window) bounds how far past the

@@ -151,7 +151,8 @@ class NackReason(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        """True when retrying elsewhere cannot help: dead-letter at once."""
+        """True when retrying elsewhere cannot help: dead-lettered once a second car says
+        so (a gateway does not take one untrusted car's word for it)."""
         return self is NackReason.INVALID_TASK
 
     @property

@@ -19,6 +19,7 @@ import pytest
 
 from parkpool.app.children import role_env
 from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.gateway.deadletters import MAX_ATTEMPTS_KEPT
 from parkpool.producer.client import ParkpoolClient
 from parkpool.producer.jobs import JobState
 from parkpool.producer.splitters import ChunkSpec
@@ -26,6 +27,8 @@ from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import (
     LeaseHeartbeat,
     MqttTopics,
+    Nack,
+    NackReason,
     Result,
     decode,
     encode,
@@ -41,6 +44,7 @@ FleetFactory = Callable[..., Fleet]
 TASKS = "parkpool_gateway_tasks_total"
 DROPPED = "parkpool_gateway_dropped_total"
 REDELIVERED = "parkpool_gateway_redelivered_total"
+FAILURES = "parkpool_gateway_task_failures_total"
 
 
 def small_chunks(count: int) -> list[ChunkSpec]:
@@ -171,6 +175,110 @@ class TestLeaseHeartbeats:
         assert handle.progress.done == 1
         assert gateway.metric(REDELIVERED, cause="lease_expired") == 0
         assert gateway.metric(TASKS, status="dispatched") == 1
+
+    def test_heartbeats_cannot_hold_a_lease_past_its_limit(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given 1-second leases that heartbeats may keep for 3 s in all
+        gateway = gateway_factory(lease_seconds=1.0, max_lease_seconds=3.0)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(1))
+        holder = hold_lease(mqtt_conn, topics)
+        epoch, job_id = holder.assignment.epoch, holder.task.job_id
+        granted = time.monotonic()
+        # When its car heartbeats the lease every 0.2 s and never answers (a hung kernel)
+        beat = LeaseHeartbeat(job_id, 0, "holder", "gw1", epoch, time.time())
+        while not gateway.metric(REDELIVERED, cause="lease_expired"):
+            assert time.monotonic() - granted < 15, "the lease outlived its limit"
+            holder.car.publish(topics.heartbeat("holder", "gw1"), encode(beat))
+            time.sleep(0.2)
+        # Then the lease ends at its limit all the same, and the task goes back
+        assert time.monotonic() - granted >= 3.0
+        holder.close()
+
+    def test_a_flood_of_heartbeats_is_rate_limited(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a car holding a lease
+        gateway = gateway_factory(lease_seconds=300)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(1))
+        holder = hold_lease(mqtt_conn, topics)
+        beat = LeaseHeartbeat(
+            holder.task.job_id, 0, "holder", "gw1", holder.assignment.epoch, time.time()
+        )
+        # When it sends 500 heartbeats at once
+        for _ in range(500):
+            holder.car.publish(topics.heartbeat("holder", "gw1"), encode(beat))
+        # Then most are dropped as rate limited, and counted
+        wait_for(
+            lambda: gateway.metric(DROPPED, source="mqtt_heartbeat", reason="rate_limited") > 300,
+            10,
+            "the heartbeat flood to be rate limited",
+        )
+        holder.close()
+
+
+class TestUntrustedNacks:
+    """One car's word does not end a task; a task's record of attempts stays bounded."""
+
+    def test_one_cars_invalid_task_does_not_end_the_task(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        gateway = gateway_factory()
+        topics = MqttTopics(namespace)
+        handle = client.publish("reduce", small_chunks(1))
+        # When one car calls the task invalid
+        holder = hold_lease(mqtt_conn, topics, vehicle_id="liar")
+        t, epoch = holder.task, holder.assignment.epoch
+        nack = Nack(t.job_id, t.chunk_id, "liar", "gw1", epoch, NackReason.INVALID_TASK)
+        holder.car.publish(topics.nack("liar", "gw1"), encode(nack))
+        # Then it counts as a failed attempt, and the task is not dead-lettered
+        wait_for(lambda: gateway.metric(FAILURES, reason="invalid_task") == 1, 10, "the nack")
+        time.sleep(1.0)
+        assert handle.state is JobState.RUNNING
+        assert gateway.metric(TASKS, status="dead_lettered") == 0
+        holder.close()
+
+    def test_attempts_that_do_not_count_keep_a_bounded_history(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a car that takes a task and hands it back as "busy", again and again
+        gateway = gateway_factory(pull_rate=1000.0, result_rate=1000.0)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(1))
+        for _ in range(MAX_ATTEMPTS_KEPT + 10):
+            holder = hold_lease(mqtt_conn, topics, vehicle_id="bouncer")
+            t, epoch = holder.task, holder.assignment.epoch
+            nack = Nack(t.job_id, t.chunk_id, "bouncer", "gw1", epoch, NackReason.BUSY)
+            holder.car.publish(topics.nack("bouncer", "gw1"), encode(nack))
+            holder.close()
+        # Then the task stays queued, with only its last attempts remembered
+        wait_for(
+            lambda: gateway.metric(REDELIVERED, cause="nack") == MAX_ATTEMPTS_KEPT + 10,
+            30,
+            "every nack",
+        )
+        # (read while the gateway idles: no car is left to pull, so nothing moves it)
+        wait_for(lambda: len(gateway.gateway.ready) == 1, 10, "the task to be queued")
+        [task] = gateway.gateway.ready.tasks()
+        assert task.failures == 0 and len(task.history) == MAX_ATTEMPTS_KEPT
 
 
 class TestBackpressure:

@@ -158,3 +158,36 @@ class TestExpiry:
         table.grant("car1", pending_task(1), 3600)
         assert list(table.pop_expired()) == [due]
         assert len(table) == 1
+
+
+class TestExtension:
+    """A heartbeat moves a lease's deadline, within a limit, at no cost in memory."""
+
+    def test_an_extended_lease_expires_at_its_new_deadline(self) -> None:
+        table = LeaseTable()
+        lease = table.grant("car1", pending_task(), 10)
+        first = lease.deadline
+        table.extend(lease.epoch, 100)
+        # When the clock passes its first deadline
+        assert list(table.pop_expired(first + 1)) == []
+        # Then it lives on to the new one, and expires there, once
+        assert list(table.pop_expired(lease.deadline)) == [lease]
+        assert list(table.pop_expired(lease.deadline + 1000)) == []
+
+    def test_extension_stops_at_the_limit_and_never_shortens(self) -> None:
+        table = LeaseTable()
+        lease = table.grant("car1", pending_task(), 30)
+        granted = lease.deadline
+        # When heartbeats ask for more than the limit allows, then for less than it has
+        table.extend(lease.epoch, 3600, limit=60)
+        assert lease.deadline == lease.dispatched_at + 60
+        table.extend(lease.epoch, 1)
+        # Then the limit holds, and a short extension does not pull the deadline back
+        assert lease.deadline == lease.dispatched_at + 60 > granted
+
+    def test_heartbeats_add_no_entries(self) -> None:
+        table = LeaseTable()
+        lease = table.grant("car1", pending_task(), 10)
+        for _ in range(10_000):
+            table.extend(lease.epoch, 10)
+        assert len(table._deadlines) == 1
