@@ -35,7 +35,14 @@ from parkpool.schemas import (
 )
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, hold_lease, read_topic, wait_committed_to_end, wait_for
+from tests.helpers import (
+    LeaseHolder,
+    RawMqtt,
+    hold_lease,
+    read_topic,
+    wait_committed_to_end,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -227,6 +234,13 @@ class TestLeaseHeartbeats:
         holder.close()
 
 
+def hand_back(holder: LeaseHolder, topics: MqttTopics, vehicle_id: str, why: NackReason) -> None:
+    """The scripted car nacks the lease it holds."""
+    t, epoch = holder.task, holder.assignment.epoch
+    nack = Nack(t.job_id, t.chunk_id, vehicle_id, "gw1", epoch, why)
+    holder.car.publish(topics.nack(vehicle_id, "gw1"), encode(nack))
+
+
 class TestUntrustedNacks:
     """One car's word does not end a task; a task's record of attempts stays bounded."""
 
@@ -242,9 +256,7 @@ class TestUntrustedNacks:
         handle = client.publish("reduce", small_chunks(1))
         # When one car calls the task invalid
         holder = hold_lease(mqtt_conn, topics, vehicle_id="liar")
-        t, epoch = holder.task, holder.assignment.epoch
-        nack = Nack(t.job_id, t.chunk_id, "liar", "gw1", epoch, NackReason.INVALID_TASK)
-        holder.car.publish(topics.nack("liar", "gw1"), encode(nack))
+        hand_back(holder, topics, "liar", NackReason.INVALID_TASK)
         # Then it counts as a failed attempt, and the task is not dead-lettered
         wait_for(lambda: gateway.metric(FAILURES, reason="invalid_task") == 1, 10, "the nack")
         time.sleep(1.0)
@@ -265,9 +277,7 @@ class TestUntrustedNacks:
         client.publish("reduce", small_chunks(1))
         for _ in range(MAX_ATTEMPTS_KEPT + 10):
             holder = hold_lease(mqtt_conn, topics, vehicle_id="bouncer")
-            t, epoch = holder.task, holder.assignment.epoch
-            nack = Nack(t.job_id, t.chunk_id, "bouncer", "gw1", epoch, NackReason.BUSY)
-            holder.car.publish(topics.nack("bouncer", "gw1"), encode(nack))
+            hand_back(holder, topics, "bouncer", NackReason.BUSY)
             holder.close()
         # Then the task stays queued, with only its last attempts remembered
         wait_for(
