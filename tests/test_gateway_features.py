@@ -195,10 +195,9 @@ class TestLeaseHeartbeats:
         topics = MqttTopics(namespace)
         client.publish("reduce", small_chunks(1))
         holder = hold_lease(mqtt_conn, topics)
-        epoch, job_id = holder.assignment.epoch, holder.task.job_id
         granted = time.monotonic()
         # When its car heartbeats the lease every 0.2 s and never answers (a hung kernel)
-        beat = LeaseHeartbeat(job_id, 0, "holder", "gw1", epoch, time.time())
+        beat = heartbeat_of(holder)
         while not gateway.metric(REDELIVERED, cause="lease_expired"):
             assert time.monotonic() - granted < 15, "the lease outlived its limit"
             holder.car.publish(topics.heartbeat("holder", "gw1"), encode(beat))
@@ -219,9 +218,7 @@ class TestLeaseHeartbeats:
         topics = MqttTopics(namespace)
         client.publish("reduce", small_chunks(1))
         holder = hold_lease(mqtt_conn, topics)
-        beat = LeaseHeartbeat(
-            holder.task.job_id, 0, "holder", "gw1", holder.assignment.epoch, time.time()
-        )
+        beat = heartbeat_of(holder)
         # When it sends 500 heartbeats at once
         for _ in range(500):
             holder.car.publish(topics.heartbeat("holder", "gw1"), encode(beat))
@@ -232,6 +229,14 @@ class TestLeaseHeartbeats:
             "the heartbeat flood to be rate limited",
         )
         holder.close()
+
+
+def heartbeat_of(holder: LeaseHolder) -> LeaseHeartbeat:
+    """A heartbeat for the lease the scripted car ("holder") holds."""
+    t = holder.task
+    return LeaseHeartbeat(
+        t.job_id, t.chunk_id, "holder", "gw1", holder.assignment.epoch, time.time()
+    )
 
 
 def hand_back(holder: LeaseHolder, topics: MqttTopics, vehicle_id: str, why: NackReason) -> None:
