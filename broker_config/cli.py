@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -31,6 +32,10 @@ from .supervisor import Supervisor
 from .topics import TopicSpec, bootstrap, load_specs, with_task_partitions
 
 __all__ = ["add_parser", "run_bootstrap", "run_up"]
+
+log = logs.get_logger("parkpool.brokers")
+# How long a restarted Tansu may refuse the topic check before ``brokers up`` gives up.
+RESTART_PATIENCE_S = 30.0
 
 _TOPICS_HELP = "topic specs TOML (unset: the packaged kafka_topics.toml)"
 _RUN_DIR_HELP = (
@@ -153,12 +158,32 @@ def _check_topics(
 ) -> None:
     """After Tansu restarts: create the topics again if they are gone (Kafka in memory),
     then refuse to go on if any has other partitions than before (keys would move)."""
-    bootstrap(brokers.kafka_bootstrap, namespace, specs=specs)
-    now = partition_counts(brokers.kafka_bootstrap, namespace)
+    now = _topics_after_restart(brokers.kafka_bootstrap, namespace, specs)
     if now != counts:
         raise BrokerError(f"partition counts changed across a Kafka restart: {counts} -> {now}")
     if not brokers.durable:
         print("Kafka restarted in memory: its records are gone, topics recreated", file=sys.stderr)
+
+
+def _topics_after_restart(
+    kafka_bootstrap: str,
+    namespace: str,
+    specs: tuple[TopicSpec, ...],
+    patience_s: float = RESTART_PATIENCE_S,
+) -> dict[str, int]:
+    """Bootstrap again and read the partition counts. A Tansu just restarted can refuse
+    a request or two (seen: "Unknown broker error" on CreateTopics while its store was
+    busy), and ``brokers up`` must not exit on that: it tries again for a while."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            bootstrap(kafka_bootstrap, namespace, specs=specs)
+            return partition_counts(kafka_bootstrap, namespace)
+        except BrokerError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("topics_check_retry", error=str(exc))
+            time.sleep(1.0)
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:
