@@ -47,9 +47,10 @@ from parkpool.producer.splitters_stats import KMeansStep, OptionPrice
 from parkpool.producer.verify import input_tap, reachable
 from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
-    GROWING_FETCH_WAIT_MS,
+    RESULT_FETCH_WAIT_MS,
     check_record,
     produce,
     producer_config,
@@ -101,6 +102,10 @@ class ProducerSettings:
     # Kafka unreachable for this long while reading results: every running job fails
     # with a BrokerError naming the broker, instead of a wait() that never returns.
     results_unreachable_s: float = 60.0
+    # How long the result reader's fetches wait at first; doubled, up to 5 s, while a
+    # partition stops advancing (runtime.fetchwait). Short: on the embedded Kafka a
+    # result can wait up to half of it for the reader to look again.
+    result_fetch_wait_ms: int = RESULT_FETCH_WAIT_MS
     # The object store for bulk arrays (producer.claimcheck); disabled: inline only.
     store: StoreConnection = field(default_factory=StoreConnection)
     # Results are checked before the caller sees them (producer.verify); off, every
@@ -116,6 +121,11 @@ class ProducerSettings:
 
 class ParkpoolClient:
     def __init__(self, settings: ProducerSettings) -> None:
+        if not 1 <= settings.result_fetch_wait_ms <= MAX_FETCH_WAIT_MS:
+            raise ConfigError(
+                f"result_fetch_wait_ms must be 1-{MAX_FETCH_WAIT_MS}, "
+                f"got {settings.result_fetch_wait_ms}"
+            )
         # Key files first: a bad one fails here, before any Kafka client exists.
         self._gateway_key = _gateway_key(settings.gateway_box_key)
         self._reply_box = (
@@ -854,9 +864,10 @@ class _ResultReader(threading.Thread):
     here; one that stays out of reach for ``results_unreachable_s`` fails every running
     job with a BrokerError that names it, so that no caller waits for ever.
 
-    Fetches wait up to GROWING_FETCH_WAIT_MS, not the 20 ms of ``reader_config``: the
-    results topic only grows, and the durable embedded Kafka must list a partition's
-    batches within the wait (runtime.kafka).
+    Fetches wait ``result_fetch_wait_ms`` at first: the last result of a job reaches
+    its caller up to half a wait later on the durable embedded Kafka. The results topic
+    only grows, and that Kafka must list a partition's batches within the wait, so the
+    wait is doubled while a partition stays behind its high watermark (runtime.fetchwait).
     """
 
     def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
@@ -865,12 +876,9 @@ class _ResultReader(threading.Thread):
         self._down_since: float | None = None  # monotonic; the broker went out of reach
         self._last_error = ""
         self._next_probe = 0.0
-        config = reader_config(
-            client.settings.kafka,
-            error_cb=self._on_error,
-            **{"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS},
-        )
-        self.consumer = Consumer(config)
+        self._ladder = FetchWaitLadder(client.settings.result_fetch_wait_ms)
+        self._next_stall_check = 0.0
+        self.consumer = self._open()
         # Where each partition is read next; moved back by an attach (``rewind``) and
         # for a hole (``_reread_holes``).
         ends = high_watermarks(self.consumer, topics)
@@ -884,8 +892,43 @@ class _ResultReader(threading.Thread):
         self._replaying: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
         self._rewinds: queue.SimpleQueue[_Rewind] = queue.SimpleQueue()
 
+    def _open(self) -> Consumer:
+        assert self.client is not None
+        config = reader_config(
+            self.client.settings.kafka,
+            error_cb=self._on_error,
+            **{"fetch.wait.max.ms": self._ladder.wait_ms},
+        )
+        return Consumer(config)
+
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, offset) for (t, p), offset in self._next.items()]
+
+    def _check_stalls(self, client: ParkpoolClient) -> None:
+        """Wait longer per fetch once a partition has records for this reader that its
+        fetches keep coming back without; the consumer is made again with the new wait,
+        at the same offsets (librdkafka fixes the wait when a consumer is made)."""
+        now = time.monotonic()
+        if now < self._next_stall_check or self._down_since is not None:
+            return  # a broker out of reach answers no fetch: that is _watch's to tell
+        self._next_stall_check = now + 0.25
+        behind = [where for where, offset in self._next.items() if self._high(where) > offset]
+        wait = self._ladder.raised(behind, now)
+        if wait is None:
+            return
+        log.warning("result_fetch_wait_raised", wait_ms=wait, behind=len(behind))
+        client.metrics.result_fetch_wait_raised.inc()
+        self.consumer.close()
+        self.consumer = self._open()
+        self.consumer.assign(self._assignment())
+
+    def _high(self, where: tuple[str, int]) -> int:
+        """The partition's high watermark as the last fetch gave it; -1 when unknown."""
+        try:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(*where), cached=True)
+        except KafkaException:
+            return -1
+        return int(high)
 
     def rewind(self, job_id: str, starts: list[TopicPartition], timeout: float) -> None:
         """Have this reader go back to ``starts`` for ``job_id``'s records (an attach);
@@ -922,6 +965,7 @@ class _ResultReader(threading.Thread):
         where = (record.topic() or "", record.partition() or 0)
         offset = record.offset() or 0
         self._next[where] = offset + 1
+        self._ladder.read(where)
         new = self._ledger.admit(where, offset)
         replay = self._replaying.get(where)
         if replay is None:
@@ -958,6 +1002,7 @@ class _ResultReader(threading.Thread):
                 self._reread_holes()
                 first = self.consumer.poll(0.05)
                 self._watch(client)
+                self._check_stalls(client)
                 if first is None:
                     continue
                 for record in [first, *self.consumer.consume(500, timeout=0)]:

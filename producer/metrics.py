@@ -75,6 +75,11 @@ class SdkMetrics:
             ["outcome"],  # filled (read on a second look) or lost (not there in time)
             registry=r,
         )
+        self.result_fetch_wait_raised = Counter(
+            "parkpool_sdk_result_fetch_wait_raised",
+            "Times the result reader doubled its fetch wait: a partition stayed behind",
+            registry=r,
+        )
         self.blobs_uploaded = Counter(
             "parkpool_sdk_blobs_uploaded",
             "Objects written to the store: each distinct input block once per job",

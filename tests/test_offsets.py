@@ -12,6 +12,7 @@ from confluent_kafka import TopicPartition
 
 from parkpool.producer.client import _ResultReader, _Rewind
 from parkpool.producer.metrics import SdkMetrics
+from parkpool.runtime.fetchwait import FetchWaitLadder
 from parkpool.runtime.offsets import PATIENCE_S, REREAD_EVERY_S, OffsetLedger
 
 P = ("acme.results", 3)
@@ -138,6 +139,7 @@ class TestResultReaderHoles:
         reader._ledger = OffsetLedger()
         reader._ledger.start(P, 0)
         reader._replaying = {}
+        reader._ladder = FetchWaitLadder(100)
         return reader
 
     def test_a_passed_over_result_is_read_again_and_routed_once(self) -> None:

@@ -20,18 +20,20 @@ MAX_FETCH_RECORD_BYTES = 32 * 1024 * 1024
 # plus the record's own length, delta and attribute varints, with room to spare.
 RECORD_OVERHEAD_BYTES = 128
 Header = tuple[str, str | bytes | None]
-# Tansu holds an empty fetch for the full wait even when records arrive meanwhile, so the
-# default 500 ms would add up to half a second to every hop. Short waits cost a few
-# idle fetch requests per second per broker.
+# An empty fetch on Tansu sleeps half of what is left of its wait before it looks for
+# records again, so the default 500 ms would add up to a quarter second to every hop.
+# Short waits cost a few idle fetch requests per second per broker.
 FETCH_WAIT_MS = 20
 # Tansu's S3 engine lists every batch of a partition within a fetch's wait, and returns
 # the partition empty when that takes longer. The task and result topics only grow (it
 # has no retention), so their readers wait longer than FETCH_WAIT_MS: librdkafka's
 # default, within which the embedded store lists ~12,000 batches (docs/DECISIONS.md,
-# "Reads cost a listing"). A hop through the embedded Kafka can cost this whole wait;
-# 200 ms would cut that latency, but costs the broker and store more fetches when the
-# cores are busy, and reads only ~8,000 batches.
+# "Reads cost a listing"). A group member cannot change its wait without leaving and
+# joining again (seconds on Tansu), so the gateway's task reader keeps this one.
 GROWING_FETCH_WAIT_MS = 500
+# The SDK's result reader starts here and raises its wait when a partition stalls
+# (runtime.fetchwait): the last result of every job waits for this reader's next look.
+RESULT_FETCH_WAIT_MS = 100
 
 
 def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:

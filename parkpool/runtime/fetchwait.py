@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""When a reader of a growing topic should wait longer per fetch.
+
+On its S3 engine, Tansu looks for records by listing a partition's batch objects in the
+store, and gives up on a partition whose listing has not finished within the fetch's
+wait: the partition comes back empty, with a high watermark past the reader. A topic
+that only grows (Tansu 0.6 has no retention there) thus stops being readable with a
+short wait once it holds a few thousand batches. A long wait has its own price: an
+empty fetch sleeps half of what is left of its wait before it looks again, so a record
+that arrives meanwhile waits up to half the wait before anyone reads it.
+
+So a reader starts with a short wait and doubles it when a partition stays behind its
+high watermark with nothing read from it for a while; it never shortens it again, since
+the partition only grows. Apache Kafka answers a fetch as soon as a record is there and
+never returns a partition empty while it has records to give, so on it no partition is
+ever seen stalled and the wait stays as set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Where = tuple[str, int]  # a topic's partition
+
+# How far a wait is raised: Tansu's listing takes ~50 ms per 4,000 batches from the
+# embedded store, and librdkafka's socket timeout (60 s) must stay far above the wait.
+MAX_FETCH_WAIT_MS = 5000
+# How long a partition may stay behind, with nothing read from it, before the wait is
+# raised; at least this many fetch waits, so that a fetch still on its way is not a stall.
+STALL_PATIENCE_S = 1.0
+STALL_PATIENCE_WAITS = 4
+
+
+class FetchWaitLadder:
+    """The fetch wait a reader should use, raised when a partition stalls. Not
+    thread-safe: one reader thread owns it."""
+
+    def __init__(self, wait_ms: int, most_ms: int = MAX_FETCH_WAIT_MS) -> None:
+        if wait_ms < 1 or most_ms < wait_ms:
+            raise ValueError(f"a fetch wait of {wait_ms} ms, at most {most_ms} ms")
+        self.wait_ms = wait_ms
+        self.most_ms = most_ms
+        self._behind_since: dict[Where, float] = {}
+
+    @property
+    def patience_s(self) -> float:
+        return max(STALL_PATIENCE_S, STALL_PATIENCE_WAITS * self.wait_ms / 1000)
+
+    def read(self, where: Where) -> None:
+        """A record came from ``where``: it is moving."""
+        self._behind_since.pop(where, None)
+
+    def raised(self, behind: Iterable[Where], now: float) -> int | None:
+        """The new wait when one of ``behind`` (partitions whose high watermark is past
+        the next offset to read) has stayed so, with nothing read from it, for longer
+        than the patience; None to keep the wait. Partitions not named are caught up."""
+        behind = set(behind)
+        for where in set(self._behind_since) - behind:
+            del self._behind_since[where]
+        stalled = False
+        for where in behind:
+            since = self._behind_since.setdefault(where, now)
+            stalled = stalled or now - since >= self.patience_s
+        if not stalled or self.wait_ms >= self.most_ms:
+            return None
+        self.wait_ms = min(self.most_ms, self.wait_ms * 2)
+        # Each partition gets the new wait's whole patience before it counts again.
+        self._behind_since.clear()
+        return self.wait_ms
