@@ -11,6 +11,7 @@ from typing import Any
 from parkpool.gateway.gateway import Gateway, GatewaySettings
 from parkpool.runtime import logs
 from parkpool.runtime.http import StatusServer, request_counter
+from parkpool.runtime.kafka import TASK_FETCH_WAIT_MS
 from parkpool.runtime.settings import (
     add_kafka_options,
     add_mqtt_options,
@@ -59,6 +60,14 @@ def add_parser(subparsers: Any) -> None:
         900.0,
         "how long a vehicle's heartbeats may keep one lease alive in all",
         float,
+    )
+    add_option(
+        p,
+        "--task-fetch-wait-ms",
+        "PARKPOOL_TASK_FETCH_WAIT_MS",
+        TASK_FETCH_WAIT_MS,
+        "how long a task fetch waits at first; doubled, up to 5000, while a partition stalls",
+        int,
     )
     add_option(
         p,
@@ -215,6 +224,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         group_id=args.group_id,
         lease_seconds=args.lease_seconds,
         max_lease_seconds=args.max_lease_seconds,
+        task_fetch_wait_ms=args.task_fetch_wait_ms,
         max_attempts=args.max_attempts,
         window=args.window,
         window_span=args.window_span,

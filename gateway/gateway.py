@@ -64,6 +64,7 @@ class Gateway:
             metrics=self.metrics,
             on_revoked=self._drop_partitions,
             overrides=dict(settings.kafka_overrides),
+            fetch_wait_ms=settings.task_fetch_wait_ms,
         )
         self.leases = LeaseTable()
         self.vehicles = VehicleBook(settings.gateway_id, settings.kernel_grace_s)

@@ -77,6 +77,12 @@ class GatewayMetrics:
             ["topic_kind"],
             registry=r,
         )
+        self.task_fetch_wait_raised = Counter(
+            "parkpool_gateway_task_fetch_wait_raised_total",
+            "Times the task reader doubled its fetch wait (a new consumer, so a rebalance): "
+            "a partition stayed behind with nothing read from it",
+            registry=r,
+        )
         self.producer_recreated = Counter(
             "parkpool_gateway_kafka_producer_recreated_total",
             "Kafka producers replaced because the broker fenced them or lost their id; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from parkpool.runtime.kafka import TASK_FETCH_WAIT_MS
 from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 
 
@@ -45,6 +46,10 @@ class GatewaySettings:
     # at least tens of milliseconds), far below a flood.
     pull_rate: float = 50.0
     result_rate: float = 50.0
+    # How long the task reader's fetches wait at first; doubled, up to 5 s, while a
+    # partition stalls (runtime.fetchwait). On the embedded Kafka a job's first task
+    # waits up to half of it for the reader to look again.
+    task_fetch_wait_ms: int = TASK_FETCH_WAIT_MS
     kafka_overrides: dict[str, object] = field(default_factory=dict)
     signing_key: Path | None = None  # Ed25519 key that signs every assignment; None: unsigned
     vehicle_keys: Path | None = None  # enrolled cars' public keys; results must be signed

@@ -19,6 +19,7 @@ Writes go through ``gateway.kafkawriter``, which replaces a producer the broker 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,20 +33,26 @@ from parkpool.gateway.retry import DelayQueue
 from parkpool.gateway.tasks import PendingTask
 from parkpool.gateway.window import OffsetWindow
 from parkpool.runtime import logs
+from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
 from parkpool.runtime.kafka import (
-    GROWING_FETCH_WAIT_MS,
+    TASK_FETCH_WAIT_MS,
     consumer_config,
     coordinates,
     producer_config,
 )
 from parkpool.runtime.offsets import OffsetLedger
 from parkpool.runtime.settings import KafkaConnection
-from parkpool.schemas import CancelJob, DecodeError, KafkaTopics, TaskChunk, decode
+from parkpool.schemas import CancelJob, ConfigError, DecodeError, KafkaTopics, TaskChunk, decode
 from parkpool.schemas.codec import peek_type
 from parkpool.schemas.topics import parse_task_key
 
 TP = tuple[str, int]
 Delivered = Callable[[KafkaError | None], None]
+
+# A stalled partition costs a new consumer, so leaving and joining the group (seconds):
+# only one behind this long, with room to read and nothing read, counts as stalled.
+STALL_PATIENCE_S = 5.0
+STALL_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class TaskLog:
         metrics: GatewayMetrics,
         on_revoked: Callable[[set[TP]], None],
         overrides: dict[str, Any] | None = None,
+        fetch_wait_ms: int = TASK_FETCH_WAIT_MS,
     ) -> None:
         self.topics = topics
         self.gateway_id = gateway_id
@@ -102,8 +110,16 @@ class TaskLog:
         self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
         OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
         self._on_revoked = on_revoked
-        overrides = {"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS, **(overrides or {})}
+        if not 1 <= fetch_wait_ms <= MAX_FETCH_WAIT_MS:
+            raise ConfigError(
+                f"task_fetch_wait_ms must be 1-{MAX_FETCH_WAIT_MS}, got {fetch_wait_ms}"
+            )
+        overrides = {"fetch.wait.max.ms": fetch_wait_ms, **(overrides or {})}
         self._config = consumer_config(kafka, group, session_timeout_ms, **overrides)
+        # Raised when a partition stalls on the durable embedded Kafka (runtime.fetchwait).
+        wait = int(self._config["fetch.wait.max.ms"])
+        self._ladder = FetchWaitLadder(wait, max(wait, MAX_FETCH_WAIT_MS), STALL_PATIENCE_S)
+        self._next_stall_check = 0.0
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
         self._standby = False
@@ -190,12 +206,14 @@ class TaskLog:
         for call in self._later.pop_due():
             call()
         self._reread_holes()
+        self._check_stalls()
         accepted = self._from_overflow()
         for record in self.consumer.consume(batch, timeout=0):
             if not self._ours(record):
                 continue
             tp = (record.topic() or "", record.partition() or 0)
             offset = record.offset() or 0
+            self._ladder.read(tp)
             if not self._ledger.admit(tp, offset):
                 continue  # read again for a hole: it was had the first time
             if self.windows[tp].is_late(offset):
@@ -284,6 +302,45 @@ class TaskLog:
             self.metrics.offset_holes.labels("lost").inc(lost)
         if lost:
             self._log.error("tasks_never_read", records=lost)
+
+    def _check_stalls(self) -> None:
+        """Wait longer per fetch once a partition that may read has records past what
+        was read and its fetches keep coming back without them: the durable embedded
+        Kafka no longer lists its history within the wait. The consumer is made again
+        with the longer wait (librdkafka fixes it when a consumer is made), so its
+        partitions go back through the group as in any rebalance."""
+        now = time.monotonic()
+        if now < self._next_stall_check or self._consumer is None or self._standby:
+            return
+        self._next_stall_check = now + STALL_CHECK_S
+        behind = [tp for tp in self._reading() if self._high(tp) > (self._ledger.top(tp) or 0)]
+        wait = self._ladder.raised(behind, now)
+        if wait is None:
+            return
+        self._log.warning("task_fetch_wait_raised", wait_ms=wait, behind=len(behind))
+        self.metrics.task_fetch_wait_raised.inc()
+        self._config = {**self._config, "fetch.wait.max.ms": wait}
+        old = self._consumer
+        self._commit(list(self.windows), old)
+        old.close()  # on_revoke commits what is done and forgets the partitions
+        self._consumer = Consumer(self._config)
+        self._subscribe(self._consumer)
+
+    def _reading(self) -> list[TP]:
+        """Owned partitions with room to read: not paused, nothing waiting for room."""
+        return [
+            tp
+            for tp, window in self.windows.items()
+            if tp not in self.paused and not self._overflow[tp] and not window.full
+        ]
+
+    def _high(self, tp: TP) -> int:
+        """The partition's high watermark as the last fetch gave it; -1 when unknown."""
+        try:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+        except KafkaException:
+            return -1
+        return int(high)
 
     def _committable(self, tp: TP, window: OffsetWindow) -> int | None:
         """The window's commit point, never past a task still missed."""

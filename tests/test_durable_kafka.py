@@ -59,7 +59,7 @@ def read_assigned(kafka: KafkaConnection, topic: str, wanted: int) -> list[bytes
 
 def _one_pass(kafka: KafkaConnection, topic: str, deadline: float) -> dict[tuple[int, int], bytes]:
     """What one reader gets from offset 0 until nothing comes for a second."""
-    wait = {"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS}  # the gateway task reader's
+    wait = {"fetch.wait.max.ms": GROWING_FETCH_WAIT_MS}  # attach's and the reputation reader's
     consumer = Consumer(reader_config(kafka, **wait))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])

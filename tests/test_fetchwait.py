@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The result reader's fetch wait: raised when a partition stalls, and only then.
 
-The ladder's rules are pure logic; the last test shows why it exists, on the real
+The ladder's rules are pure logic; the last tests show why it exists, on the real
 durable embedded Kafka: with a short wait, a reader stops getting records from a
-partition with a long history, and a job's results reach its caller only because the
-reader waits longer.
+partition with a long history, and a job's tasks reach a car, or its results its
+caller, only because the reader (the gateway's, the SDK's) waits longer.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
-from parkpool.runtime.kafka import producer_config
+from parkpool.runtime.kafka import producer_config, reader_config
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import ConfigError, KafkaTopics
 from parkpool.schemas.reputation import Level
@@ -105,3 +105,27 @@ def test_a_long_history_stalls_a_short_wait_until_it_is_raised(
         raised = sdk.metrics.value("parkpool_sdk_result_fetch_wait_raised_total")
     np.testing.assert_allclose(answer, a @ a, rtol=1e-6)
     assert raised >= 1
+
+
+def test_a_gateway_raises_its_task_wait_when_a_partition_stalls(
+    namespace: str,
+    kafka_conn: KafkaConnection,
+    gateway_factory: Callable[..., RunningGateway],
+    fleet_factory: Callable[..., object],
+    client: ParkpoolClient,
+) -> None:
+    # A tasks topic with a long history, all of it done: the group's commit is at its end.
+    topics = KafkaTopics(namespace)
+    partitions = _TEST_PARTITIONS["tasks"]
+    fill(kafka_conn, topics.tasks, partitions, 600)
+    done = Consumer(reader_config(kafka_conn, **{"group.id": f"{namespace}.gateways"}))
+    ends = [TopicPartition(topics.tasks, p, 600) for p in range(partitions)]
+    done.commit(offsets=ends, asynchronous=False)
+    done.close()
+    # With a 5 ms wait, Tansu no longer lists such a partition within a fetch.
+    gateway = gateway_factory(task_fetch_wait_ms=5)
+    fleet_factory(1)
+    a = np.arange(64, dtype=np.float32).reshape(8, 8)
+    answer = client.submit("gemm", {"a": a, "b": a}, tile=8).wait(timeout=90)
+    np.testing.assert_allclose(answer, a @ a, rtol=1e-6)
+    assert gateway.metric("parkpool_gateway_task_fetch_wait_raised_total") >= 1

@@ -35,16 +35,19 @@ class FetchWaitLadder:
     """The fetch wait a reader should use, raised when a partition stalls. Not
     thread-safe: one reader thread owns it."""
 
-    def __init__(self, wait_ms: int, most_ms: int = MAX_FETCH_WAIT_MS) -> None:
+    def __init__(
+        self, wait_ms: int, most_ms: int = MAX_FETCH_WAIT_MS, patience_s: float = STALL_PATIENCE_S
+    ) -> None:
         if wait_ms < 1 or most_ms < wait_ms:
             raise ValueError(f"a fetch wait of {wait_ms} ms, at most {most_ms} ms")
         self.wait_ms = wait_ms
         self.most_ms = most_ms
+        self._patience_s = patience_s
         self._behind_since: dict[Where, float] = {}
 
     @property
     def patience_s(self) -> float:
-        return max(STALL_PATIENCE_S, STALL_PATIENCE_WAITS * self.wait_ms / 1000)
+        return max(self._patience_s, STALL_PATIENCE_WAITS * self.wait_ms / 1000)
 
     def read(self, where: Where) -> None:
         """A record came from ``where``: it is moving."""

@@ -28,12 +28,13 @@ FETCH_WAIT_MS = 20
 # the partition empty when that takes longer. The task and result topics only grow (it
 # has no retention), so their readers wait longer than FETCH_WAIT_MS: librdkafka's
 # default, within which the embedded store lists ~12,000 batches (docs/DECISIONS.md,
-# "Reads cost a listing"). A group member cannot change its wait without leaving and
-# joining again (seconds on Tansu), so the gateway's task reader keeps this one.
+# "Reads cost a listing").
 GROWING_FETCH_WAIT_MS = 500
-# The SDK's result reader starts here and raises its wait when a partition stalls
-# (runtime.fetchwait): the last result of every job waits for this reader's next look.
+# The SDK's result reader and the gateway's task reader start here and raise their wait
+# when a partition stalls (runtime.fetchwait): a job's first task and its last result
+# each wait for the next look of one of them.
 RESULT_FETCH_WAIT_MS = 100
+TASK_FETCH_WAIT_MS = 100
 
 
 def producer_config(conn: KafkaConnection, **overrides: Any) -> dict[str, Any]:
