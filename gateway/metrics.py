@@ -80,7 +80,7 @@ class GatewayMetrics:
         self.task_fetch_wait_raised = Counter(
             "parkpool_gateway_task_fetch_wait_raised_total",
             "Times the task reader doubled its fetch wait (a new consumer, so a rebalance): "
-            "a partition stayed behind with nothing read from it",
+            "a partition stayed behind while nothing at all was read",
             registry=r,
         )
         self.producer_recreated = Counter(

@@ -51,7 +51,7 @@ Delivered = Callable[[KafkaError | None], None]
 
 # A stalled partition costs a new consumer, so leaving and joining the group (seconds):
 # only one behind this long, with room to read and nothing read, counts as stalled.
-STALL_PATIENCE_S = 5.0
+STALL_PATIENCE_S = 10.0
 STALL_CHECK_S = 0.5
 
 
@@ -213,7 +213,7 @@ class TaskLog:
                 continue
             tp = (record.topic() or "", record.partition() or 0)
             offset = record.offset() or 0
-            self._ladder.read(tp)
+            self._ladder.read()
             if not self._ledger.admit(tp, offset):
                 continue  # read again for a hole: it was had the first time
             if self.windows[tp].is_late(offset):

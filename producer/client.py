@@ -965,7 +965,7 @@ class _ResultReader(threading.Thread):
         where = (record.topic() or "", record.partition() or 0)
         offset = record.offset() or 0
         self._next[where] = offset + 1
-        self._ladder.read(where)
+        self._ladder.read()
         new = self._ledger.admit(where, offset)
         replay = self._replaying.get(where)
         if replay is None:

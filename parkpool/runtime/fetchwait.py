@@ -10,10 +10,12 @@ empty fetch sleeps half of what is left of its wait before it looks again, so a 
 that arrives meanwhile waits up to half the wait before anyone reads it.
 
 So a reader starts with a short wait and doubles it when a partition stays behind its
-high watermark with nothing read from it for a while; it never shortens it again, since
-the partition only grows. Apache Kafka answers a fetch as soon as a record is there and
-never returns a partition empty while it has records to give, so on it no partition is
-ever seen stalled and the wait stays as set.
+high watermark while the reader gets nothing at all; it never shortens it again, since
+the partition only grows. Nothing at all, not merely nothing from that partition: a
+reader of large records (16 MiB inline tasks) gets them one or two per fetch, so a
+partition can wait its turn for seconds while the others are read, on Apache Kafka as
+well. A partition that stalls while others keep coming is raised for once they pause;
+a topic's partitions grow alike, so their listings outgrow the wait together.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ Where = tuple[str, int]  # a topic's partition
 # How far a wait is raised: Tansu's listing takes ~50 ms per 4,000 batches from the
 # embedded store, and librdkafka's socket timeout (60 s) must stay far above the wait.
 MAX_FETCH_WAIT_MS = 5000
-# How long a partition may stay behind, with nothing read from it, before the wait is
+# How long a partition may stay behind, with nothing read at all, before the wait is
 # raised; at least this many fetch waits, so that a fetch still on its way is not a stall.
 STALL_PATIENCE_S = 1.0
 STALL_PATIENCE_WAITS = 4
@@ -49,14 +51,15 @@ class FetchWaitLadder:
     def patience_s(self) -> float:
         return max(self._patience_s, STALL_PATIENCE_WAITS * self.wait_ms / 1000)
 
-    def read(self, where: Where) -> None:
-        """A record came from ``where``: it is moving."""
-        self._behind_since.pop(where, None)
+    def read(self) -> None:
+        """A record came: the reader is moving, and every partition's patience starts
+        again."""
+        self._behind_since.clear()
 
     def raised(self, behind: Iterable[Where], now: float) -> int | None:
         """The new wait when one of ``behind`` (partitions whose high watermark is past
-        the next offset to read) has stayed so, with nothing read from it, for longer
-        than the patience; None to keep the wait. Partitions not named are caught up."""
+        the next offset to read) has stayed so, with nothing read since, for longer than
+        the patience; None to keep the wait. Partitions not named are caught up."""
         behind = set(behind)
         for where in set(self._behind_since) - behind:
             del self._behind_since[where]
