@@ -11,15 +11,19 @@ library's HTTP client is enough here: one GET or PUT per blob, no credentials to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import math
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +47,10 @@ __all__ = ["DEFAULT_RESULT_INLINE_BYTES", "CarData", "fetch", "upload"]
 DEFAULT_RESULT_INLINE_BYTES = 64 << 10
 RETRIES = 3  # per GET or PUT, on a dropped connection only
 RETRY_BASE_S = 0.1
+# A transfer slower than this, once its first ``timeout_s`` is spent, is given up:
+# urllib's timeout is per read, so a store (or a path to it) that drips bytes would hold
+# one of the car's slots, and every task waiting on the same block, while it dripped.
+MIN_BYTES_PER_S = 1 << 20
 
 
 class CarData:
@@ -116,10 +124,15 @@ def _check_size(ref: BlobRef) -> None:
 
 
 def fetch(url: str, ref: BlobRef, timeout_s: float) -> bytes:
-    """GET one blob and check it is exactly what ``ref`` names."""
+    """GET one blob and check it is exactly what ``ref`` names; BrokerError when it
+    takes longer than ``timeout_s`` plus a second per MiB."""
+    limit_s = _limit(timeout_s, ref.size)
     try:
         # One byte more than named shows a longer body.
-        data = _with_retries(lambda: _get(url, ref.size + 1, timeout_s))
+        data = _with_retries(lambda: _get(url, ref.size + 1, timeout_s, limit_s))
+    except _TooSlowError:
+        detail = f"input {_short(ref)} not fetched within {limit_s:.1f} s"
+        raise BrokerError(detail) from None
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise DecodeError("bad_data", f"input {_short(ref)} is gone from the store") from None
@@ -137,10 +150,12 @@ def fetch(url: str, ref: BlobRef, timeout_s: float) -> bytes:
 def upload(url: str, blob: bytes, timeout_s: float) -> None:
     """PUT one blob to a write-once URL. 412 means this lease already wrote it: a retry
     after a lost answer; the reader checks the hash either way."""
-    request = urllib.request.Request(url, data=blob, method="PUT", headers={"If-None-Match": "*"})
+    limit_s = _limit(timeout_s, len(blob))
     try:
         # A connection dropped after the body landed is tried again, and answered 412.
-        _with_retries(lambda: _send(request, timeout_s))
+        _with_retries(lambda: _send(url, blob, timeout_s, limit_s))
+    except _TooSlowError:
+        raise BrokerError(f"the result upload took longer than {limit_s:.1f} s") from None
     except urllib.error.HTTPError as exc:
         if exc.code == 412:
             return
@@ -149,15 +164,109 @@ def upload(url: str, blob: bytes, timeout_s: float) -> None:
         raise BrokerError(f"cannot upload the result: {exc}") from None
 
 
-def _get(url: str, most: int, timeout_s: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+def _limit(timeout_s: float, size: int) -> float:
+    return timeout_s + size / MIN_BYTES_PER_S
+
+
+def _get(url: str, most: int, timeout_s: float, limit_s: float) -> bytes:
+    with (
+        _Cutoff(limit_s) as cutoff,
+        _OPENER.open(_Request(cutoff, url), timeout=timeout_s) as response,
+    ):
         data: bytes = response.read(most)
-        return data
+    return data
 
 
-def _send(request: urllib.request.Request, timeout_s: float) -> bytes:
-    with urllib.request.urlopen(request, timeout=timeout_s):
-        return b""
+def _send(url: str, blob: bytes, timeout_s: float, limit_s: float) -> bytes:
+    headers = {"If-None-Match": "*"}
+    with _Cutoff(limit_s) as cutoff:
+        request = _Request(cutoff, url, data=blob, method="PUT", headers=headers)
+        with _OPENER.open(request, timeout=timeout_s):
+            pass
+    return b""
+
+
+class _TooSlowError(Exception):
+    """A transfer cut off at its time limit; never tried again."""
+
+
+class _Cutoff:
+    """Shuts one transfer's socket once ``limit_s`` has passed, from a timer thread: the
+    blocked read wakes, and the transfer raises _TooSlowError. Covers the connection, the TLS
+    handshake, the headers and the body alike, without copying what is read."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(limit_s, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Cutoff:
+        self._timer.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            fired = self.fired
+        # A cut read may end in an error or, cleanly, short: either way it was too slow.
+        if fired and (kind is None or issubclass(kind, OSError | http.client.HTTPException)):
+            raise _TooSlowError from None
+
+    def arm(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                _shut(sock)
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Request(urllib.request.Request):
+    def __init__(self, cutoff: _Cutoff, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.cutoff = cutoff
+
+
+class _Watched:
+    """Hands each new connection's socket to its request's cutoff (HTTPConnection makes
+    it with ``_create_connection``; TLS is set up on that socket afterwards)."""
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        cutoff = getattr(req, "cutoff", None)
+
+        def connection(host: str, **conn_kwargs: Any) -> http.client.HTTPConnection:
+            conn = http_class(host, **conn_kwargs)
+            if cutoff is not None:
+                create = conn._create_connection
+                conn._create_connection = lambda *a, **k: cutoff.arm(create(*a, **k))
+            return conn  # type: ignore[no-any-return]
+
+        return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
+# urllib's default opener with these two in place of its HTTP and HTTPS handlers (proxies
+# from the environment, redirects and the rest as before).
+_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS)
 
 
 def _with_retries(call: Callable[[], bytes], tries: int = RETRIES) -> bytes:
