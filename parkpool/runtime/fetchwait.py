@@ -14,8 +14,8 @@ high watermark while the reader gets nothing at all; it never shortens it again,
 the partition only grows. Nothing at all, not merely nothing from that partition: a
 reader of large records (16 MiB inline tasks) gets them one or two per fetch, so a
 partition can wait its turn for seconds while the others are read, on Apache Kafka as
-well. A partition that stalls while others keep coming is raised for once they pause;
-a topic's partitions grow alike, so their listings outgrow the wait together.
+well. A reader with one stalled partition among others that keep coming raises its wait
+once they pause; a topic's partitions grow alike, so their listings outgrow it together.
 """
 
 from __future__ import annotations
