@@ -36,6 +36,7 @@ from parkpool.runtime import logs
 from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
 from parkpool.runtime.kafka import (
     TASK_FETCH_WAIT_MS,
+    answers,
     consumer_config,
     coordinates,
     producer_config,
@@ -110,15 +111,14 @@ class TaskLog:
         self._window = (window, window_span)  # window_span 0: SPAN_PER_SLOT x window
         OffsetWindow(*self._window)  # bad sizes fail here, not inside a rebalance callback
         self._on_revoked = on_revoked
-        if not 1 <= fetch_wait_ms <= MAX_FETCH_WAIT_MS:
-            raise ConfigError(
-                f"task_fetch_wait_ms must be 1-{MAX_FETCH_WAIT_MS}, got {fetch_wait_ms}"
-            )
         overrides = {"fetch.wait.max.ms": fetch_wait_ms, **(overrides or {})}
         self._config = consumer_config(kafka, group, session_timeout_ms, **overrides)
+        wait = int(self._config["fetch.wait.max.ms"])  # a kafka override wins
+        if not 1 <= wait <= MAX_FETCH_WAIT_MS:
+            detail = f"the task fetch wait must be 1-{MAX_FETCH_WAIT_MS} ms, got {wait}"
+            raise ConfigError(detail)
         # Raised when a partition stalls on the durable embedded Kafka (runtime.fetchwait).
-        wait = int(self._config["fetch.wait.max.ms"])
-        self._ladder = FetchWaitLadder(wait, max(wait, MAX_FETCH_WAIT_MS), STALL_PATIENCE_S)
+        self._ladder = FetchWaitLadder(wait, MAX_FETCH_WAIT_MS, STALL_PATIENCE_S)
         self._next_stall_check = 0.0
         self.eager = "cooperative" not in str(self._config["partition.assignment.strategy"])
         self._consumer: Consumer | None = None
@@ -232,6 +232,7 @@ class TaskLog:
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
                 self._log.warning("kafka_consume_error", error=str(error))
+                self._ladder.read()  # fetches that fail are not a stall of the listing
             return False
         # A record fetched before its partition was revoked belongs to the new owner.
         return (record.topic(), record.partition()) in self.windows
@@ -314,16 +315,20 @@ class TaskLog:
             return
         self._next_stall_check = now + STALL_CHECK_S
         behind = [tp for tp in self._reading() if self._high(tp) > (self._ledger.top(tp) or 0)]
-        wait = self._ladder.raised(behind, now)
-        if wait is None:
+        if not self._ladder.due(behind, now):
             return
+        if not answers(self._consumer, behind[0]):
+            self._ladder.read()  # Kafka (or the store under it) out of reach: no stall
+            return
+        wait = self._ladder.raise_wait()
         self._log.warning("task_fetch_wait_raised", wait_ms=wait, behind=len(behind))
         self.metrics.task_fetch_wait_raised.inc()
         self._config = {**self._config, "fetch.wait.max.ms": wait}
-        old = self._consumer
-        self._commit(list(self.windows), old)
-        old.close()  # on_revoke commits what is done and forgets the partitions
-        self._consumer = Consumer(self._config)
+        old, self._consumer = self._consumer, Consumer(self._config)
+        try:
+            old.close()  # on_revoke commits what is done and forgets the partitions
+        except KafkaException as exc:
+            self._log.warning("consumer_close_failed", error=str(exc))
         self._subscribe(self._consumer)
 
     def _reading(self) -> list[TP]:

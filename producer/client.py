@@ -51,6 +51,7 @@ from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
 from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
     RESULT_FETCH_WAIT_MS,
+    answers,
     check_record,
     produce,
     producer_config,
@@ -878,7 +879,7 @@ class _ResultReader(threading.Thread):
         self._next_probe = 0.0
         self._ladder = FetchWaitLadder(client.settings.result_fetch_wait_ms)
         self._next_stall_check = 0.0
-        self.consumer = self._open()
+        self.consumer = self._open(client)
         # Where each partition is read next; moved back by an attach (``rewind``) and
         # for a hole (``_reread_holes``).
         ends = high_watermarks(self.consumer, topics)
@@ -892,10 +893,9 @@ class _ResultReader(threading.Thread):
         self._replaying: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
         self._rewinds: queue.SimpleQueue[_Rewind] = queue.SimpleQueue()
 
-    def _open(self) -> Consumer:
-        assert self.client is not None
+    def _open(self, client: ParkpoolClient) -> Consumer:
         config = reader_config(
-            self.client.settings.kafka,
+            client.settings.kafka,
             error_cb=self._on_error,
             **{"fetch.wait.max.ms": self._ladder.wait_ms},
         )
@@ -909,17 +909,25 @@ class _ResultReader(threading.Thread):
         fetches keep coming back without; the consumer is made again with the new wait,
         at the same offsets (librdkafka fixes the wait when a consumer is made)."""
         now = time.monotonic()
-        if now < self._next_stall_check or self._down_since is not None:
-            return  # a broker out of reach answers no fetch: that is _watch's to tell
+        if self._down_since is not None:
+            # A broker out of reach answers no fetch (that is _watch's to tell); once it
+            # is back, its partitions get their whole patience again.
+            self._ladder.read()
+            return
+        if now < self._next_stall_check:
+            return
         self._next_stall_check = now + 0.25
         behind = [where for where, offset in self._next.items() if self._high(where) > offset]
-        wait = self._ladder.raised(behind, now)
-        if wait is None:
+        if not self._ladder.due(behind, now):
             return
+        if not answers(self.consumer, behind[0]):
+            self._ladder.read()  # out of reach, not stalled: start over
+            return
+        wait = self._ladder.raise_wait()
         log.warning("result_fetch_wait_raised", wait_ms=wait, behind=len(behind))
         client.metrics.result_fetch_wait_raised.inc()
         self.consumer.close()
-        self.consumer = self._open()
+        self.consumer = self._open(client)
         self.consumer.assign(self._assignment())
 
     def _high(self, where: tuple[str, int]) -> int:
@@ -1002,14 +1010,13 @@ class _ResultReader(threading.Thread):
                 self._reread_holes()
                 first = self.consumer.poll(0.05)
                 self._watch(client)
+                if first is not None:
+                    for record in [first, *self.consumer.consume(500, timeout=0)]:
+                        if record.error() is None:
+                            self._down_since = None
+                            if self._routes(record):
+                                client._route(record)
                 self._check_stalls(client)
-                if first is None:
-                    continue
-                for record in [first, *self.consumer.consume(500, timeout=0)]:
-                    if record.error() is None:
-                        self._down_since = None
-                        if self._routes(record):
-                            client._route(record)
         finally:
             self.consumer.close()
 

@@ -26,50 +26,55 @@ from tests.conftest import _TEST_PARTITIONS, RunningGateway
 P0, P1 = ("results", 0), ("results", 1)
 
 
+def raised(ladder: FetchWaitLadder, behind: list[tuple[str, int]], now: float) -> int | None:
+    """What a reader does with the ladder when the broker answers."""
+    return ladder.raise_wait() if ladder.due(behind, now) else None
+
+
 class TestLadder:
     def test_a_partition_behind_past_the_patience_doubles_the_wait(self) -> None:
         ladder = FetchWaitLadder(100)
-        assert ladder.raised([P0], now=10.0) is None  # first seen behind
-        assert ladder.raised([P0], now=10.9) is None
-        assert ladder.raised([P0], now=11.0) == 200
+        assert raised(ladder, [P0], now=10.0) is None  # first seen behind
+        assert raised(ladder, [P0], now=10.9) is None
+        assert raised(ladder, [P0], now=11.0) == 200
         assert ladder.wait_ms == 200
 
     def test_a_record_read_restarts_the_patience(self) -> None:
         ladder = FetchWaitLadder(100)
-        ladder.raised([P0], now=10.0)
+        raised(ladder, [P0], now=10.0)
         ladder.read()
-        assert ladder.raised([P0], now=10.9) is None
-        assert ladder.raised([P0], now=11.8) is None
-        assert ladder.raised([P0], now=11.9) == 200
+        assert raised(ladder, [P0], now=10.9) is None
+        assert raised(ladder, [P0], now=11.8) is None
+        assert raised(ladder, [P0], now=11.9) == 200
 
     def test_records_from_other_partitions_are_no_stall(self) -> None:
         # Large records come one or two a fetch: a partition waits its turn while the
         # reader is busy with the others, on any Kafka.
         ladder = FetchWaitLadder(100)
         for second in range(10):
-            assert ladder.raised([P0], now=float(second)) is None
+            assert raised(ladder, [P0], now=float(second)) is None
             ladder.read()  # from P1
-        assert ladder.raised([P0], now=10.0) is None
-        assert ladder.raised([P0], now=11.0) == 200
+        assert raised(ladder, [P0], now=10.0) is None
+        assert raised(ladder, [P0], now=11.0) == 200
 
     def test_a_partition_caught_up_is_forgotten(self) -> None:
         ladder = FetchWaitLadder(100)
-        ladder.raised([P0], now=10.0)
-        assert ladder.raised([], now=10.5) is None
-        assert ladder.raised([P0], now=11.2) is None  # behind again from 11.2
-        assert ladder.raised([P0, P1], now=12.2) == 200
+        raised(ladder, [P0], now=10.0)
+        assert raised(ladder, [], now=10.5) is None
+        assert raised(ladder, [P0], now=11.2) is None  # behind again from 11.2
+        assert raised(ladder, [P0, P1], now=12.2) == 200
 
     def test_each_raise_gives_every_partition_the_new_patience(self) -> None:
         ladder = FetchWaitLadder(400, most_ms=1000)
         assert ladder.patience_s == pytest.approx(1.6)  # four waits, more than 1 s
-        ladder.raised([P0], now=0.0)
-        assert ladder.raised([P0], now=1.6) == 800
+        raised(ladder, [P0], now=0.0)
+        assert raised(ladder, [P0], now=1.6) == 800
         assert ladder.patience_s == pytest.approx(3.2)
-        assert ladder.raised([P0], now=2.0) is None  # behind from here on
-        assert ladder.raised([P0], now=5.1) is None
-        assert ladder.raised([P0], now=5.2) == 1000  # capped
-        assert ladder.raised([P0], now=20.0) is None
-        assert ladder.raised([P0], now=30.0) is None
+        assert raised(ladder, [P0], now=2.0) is None  # behind from here on
+        assert raised(ladder, [P0], now=5.1) is None
+        assert raised(ladder, [P0], now=5.2) == 1000  # capped
+        assert raised(ladder, [P0], now=20.0) is None
+        assert raised(ladder, [P0], now=30.0) is None
         assert ladder.wait_ms == 1000
 
     def test_a_wait_out_of_range_is_refused(self) -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
+from parkpool.broker_config.certs import make_certs
 from parkpool.schemas import BlobRef, BrokerError
 from parkpool.worker import dataplane
 from parkpool.worker.dataplane import fetch, upload
@@ -29,8 +32,9 @@ class _Dripping(http.server.BaseHTTPRequestHandler):
     """Answers every request a byte at a time, ``DRIP_S`` apart: the headers (``mode``
     "headers") or the ``size`` bytes of the body ("body")."""
 
-    mode: ClassVar[str] = "body"
+    mode: ClassVar[str] = "body"  # or "headers", or "redirect" (then the body, dripped)
     size: ClassVar[int] = 80  # 8 s of body, far past the limit
+    requests: ClassVar[list[str]] = []
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *_args: object) -> None:
@@ -46,6 +50,13 @@ class _Dripping(http.server.BaseHTTPRequestHandler):
             pass  # the car hung up: what this test wants
 
     def _answer(self) -> None:
+        self.requests.append(self.path)
+        if self.mode == "redirect" and self.path == "/blob":
+            self.send_response(307)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = body_of(self.size)
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n"
         if self.mode == "headers":
@@ -64,6 +75,7 @@ class _Dripping(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def dripping() -> Iterator[str]:
+    _Dripping.requests.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dripping)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -83,7 +95,7 @@ def ref(size: int = _Dripping.size) -> BlobRef:
     return BlobRef("a", hashlib.sha256(body).hexdigest(), size, "|u1", (size,))
 
 
-@pytest.mark.parametrize("mode", ["body", "headers"])
+@pytest.mark.parametrize("mode", ["body", "headers", "redirect"])
 def test_a_dripped_input_is_given_up_at_its_limit(
     dripping: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -93,7 +105,39 @@ def test_a_dripped_input_is_given_up_at_its_limit(
     # When a car fetches it with a 0.5 s read timeout
     with pytest.raises(BrokerError, match=r"not fetched within 0\.5 s"):
         fetch(dripping, ref(), TIMEOUT_S)
-    # Then it gives up at its limit, once (a cut is not tried again), not after 8 s
+    # Then it gives up at its limit (after a redirect too), not after 8 s, and once: a
+    # cut is not tried again
+    assert time.monotonic() - started < 4
+    assert len(_Dripping.requests) == (2 if mode == "redirect" else 1)
+
+
+@pytest.fixture
+def tls_dripping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The dripping store behind TLS, with a CA the car trusts."""
+    certs = make_certs(tmp_path / "certs", [])
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs / "server.pem", certs / "server.key")
+    _Dripping.requests.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dripping)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_port}/blob"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_dripped_input_over_tls_is_given_up(
+    tls_dripping: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TLS detaches the socket it wraps: the cut must reach the connection all the same.
+    monkeypatch.setattr(_Dripping, "mode", "body")
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=r"not fetched within 0\.5 s"):
+        fetch(tls_dripping, ref(), TIMEOUT_S)
     assert time.monotonic() - started < 4
 
 

@@ -169,11 +169,16 @@ def _limit(timeout_s: float, size: int) -> float:
 
 
 def _get(url: str, most: int, timeout_s: float, limit_s: float) -> bytes:
-    with (
-        _Cutoff(limit_s) as cutoff,
-        _OPENER.open(_Request(cutoff, url), timeout=timeout_s) as response,
-    ):
-        data: bytes = response.read(most)
+    with _Cutoff(limit_s) as cutoff:
+        try:
+            with _OPENER.open(_Request(cutoff, url), timeout=timeout_s) as response:
+                data: bytes = response.read(most)
+        except (OSError, http.client.HTTPException):
+            if cutoff.fired:
+                raise _TooSlowError from None
+            raise
+    if cutoff.fired and len(data) < most - 1:  # cut short, cleanly: not the store's bytes
+        raise _TooSlowError
     return data
 
 
@@ -181,8 +186,13 @@ def _send(url: str, blob: bytes, timeout_s: float, limit_s: float) -> bytes:
     headers = {"If-None-Match": "*"}
     with _Cutoff(limit_s) as cutoff:
         request = _Request(cutoff, url, data=blob, method="PUT", headers=headers)
-        with _OPENER.open(request, timeout=timeout_s):
-            pass
+        try:
+            with _OPENER.open(request, timeout=timeout_s):
+                pass
+        except (OSError, http.client.HTTPException):
+            if cutoff.fired:
+                raise _TooSlowError from None
+            raise
     return b""
 
 
@@ -192,8 +202,12 @@ class _TooSlowError(Exception):
 
 class _Cutoff:
     """Shuts one transfer's socket once ``limit_s`` has passed, from a timer thread: the
-    blocked read wakes, and the transfer raises _TooSlowError. Covers the connection, the TLS
-    handshake, the headers and the body alike, without copying what is read."""
+    blocked read wakes with an error or an early end. Covers the TLS handshake, the
+    headers and the body (the connect is bounded by the read timeout itself), on every
+    connection a redirect leads to, without copying what is read.
+
+    It keeps a duplicate of the socket's descriptor: TLS detaches the socket it wraps,
+    and a shutdown through the duplicate still ends the connection both share."""
 
     def __init__(self, limit_s: float) -> None:
         self.fired = False
@@ -206,19 +220,18 @@ class _Cutoff:
         self._timer.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self, *_: object) -> None:
         self._timer.cancel()
         with self._lock:
-            fired = self.fired
-        # A cut read may end in an error or, cleanly, short: either way it was too slow.
-        if fired and (kind is None or issubclass(kind, OSError | http.client.HTTPException)):
-            raise _TooSlowError from None
+            self._release()
 
     def arm(self, sock: socket.socket) -> socket.socket:
         with self._lock:
-            self._sock = sock
-            if self.fired:
-                _shut(sock)
+            self._release()
+            with contextlib.suppress(OSError):
+                self._sock = sock.dup()
+            if self.fired and self._sock is not None:
+                _shut(self._sock)
         return sock
 
     def _fire(self) -> None:
@@ -226,6 +239,11 @@ class _Cutoff:
             self.fired = True
             if self._sock is not None:
                 _shut(self._sock)
+
+    def _release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _shut(sock: socket.socket) -> None:
@@ -256,6 +274,16 @@ class _Watched:
         return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, with the cutoff carried to the request it makes next."""
+
+    def redirect_request(self, req: Any, *args: Any, **kwargs: Any) -> Any:
+        new = super().redirect_request(req, *args, **kwargs)
+        if new is not None and hasattr(req, "cutoff"):
+            setattr(new, "cutoff", req.cutoff)  # noqa: B010 - urllib makes a plain Request
+        return new
+
+
 class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
     pass
 
@@ -264,9 +292,9 @@ class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
     pass
 
 
-# urllib's default opener with these two in place of its HTTP and HTTPS handlers (proxies
-# from the environment, redirects and the rest as before).
-_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS)
+# urllib's default opener with these in place of its HTTP, HTTPS and redirect handlers
+# (proxies from the environment and the rest as before).
+_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS, _Redirects)
 
 
 def _with_retries(call: Callable[[], bytes], tries: int = RETRIES) -> bytes:

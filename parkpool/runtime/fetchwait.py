@@ -56,10 +56,12 @@ class FetchWaitLadder:
         again."""
         self._behind_since.clear()
 
-    def raised(self, behind: Iterable[Where], now: float) -> int | None:
-        """The new wait when one of ``behind`` (partitions whose high watermark is past
-        the next offset to read) has stayed so, with nothing read since, for longer than
-        the patience; None to keep the wait. Partitions not named are caught up."""
+    def due(self, behind: Iterable[Where], now: float) -> bool:
+        """Whether to raise the wait: one of ``behind`` (partitions whose high watermark
+        is past the next offset to read) has stayed so, with nothing read since, for
+        longer than the patience, and the wait can still grow. Partitions not named are
+        caught up. The reader then checks that the broker answers (an outage looks the
+        same from here) and calls ``raise_wait``, or ``read`` to start over."""
         behind = set(behind)
         for where in set(self._behind_since) - behind:
             del self._behind_since[where]
@@ -67,9 +69,10 @@ class FetchWaitLadder:
         for where in behind:
             since = self._behind_since.setdefault(where, now)
             stalled = stalled or now - since >= self.patience_s
-        if not stalled or self.wait_ms >= self.most_ms:
-            return None
+        return stalled and self.wait_ms < self.most_ms
+
+    def raise_wait(self) -> int:
+        """Double the wait, up to the most; every partition gets the new patience."""
         self.wait_ms = min(self.most_ms, self.wait_ms * 2)
-        # Each partition gets the new wait's whole patience before it counts again.
         self._behind_since.clear()
         return self.wait_ms

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas.errors import ValidationError
@@ -169,3 +169,14 @@ def coordinates(record: Message) -> tuple[str, int, int]:
     if topic is None or partition is None or offset is None:
         raise ValueError("a consumed record without topic, partition or offset")
     return topic, partition, offset
+
+
+def answers(consumer: Consumer, where: tuple[str, int], timeout_s: float = 1.0) -> bool:
+    """Whether the broker answers a live ask for the partition's offsets now: a reader
+    that gets nothing because the broker (or the store under it) is out of reach is not
+    stalled, and a longer fetch wait would not help it."""
+    try:
+        consumer.get_watermark_offsets(TopicPartition(*where), timeout=timeout_s, cached=False)
+    except KafkaException:
+        return False
+    return True
