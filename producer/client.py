@@ -1016,6 +1016,8 @@ class _ResultReader(threading.Thread):
                             self._down_since = None
                             if self._routes(record):
                                 client._route(record)
+                        else:
+                            self._ladder.read()  # a failing fetch: no stall of the listing
                 self._check_stalls(client)
         finally:
             self.consumer.close()
