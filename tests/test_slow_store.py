@@ -73,17 +73,25 @@ class _Dripping(http.server.BaseHTTPRequestHandler):
         self._answer()
 
 
-@pytest.fixture
-def dripping() -> Iterator[str]:
+def _serve(context: ssl.SSLContext | None = None) -> Iterator[str]:
+    """The dripping store on a free loopback port (behind TLS with ``context``): its URL."""
     _Dripping.requests.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dripping)
     server.daemon_threads = True
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/blob"
+        scheme = "http" if context is None else "https"
+        yield f"{scheme}://127.0.0.1:{server.server_port}/blob"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def dripping() -> Iterator[str]:
+    yield from _serve()
 
 
 def body_of(size: int) -> bytes:
@@ -118,16 +126,7 @@ def tls_dripping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.pem"))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs / "server.pem", certs / "server.key")
-    _Dripping.requests.clear()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dripping)
-    server.daemon_threads = True
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{server.server_port}/blob"
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from _serve(context)
 
 
 def test_a_dripped_input_over_tls_is_given_up(
