@@ -37,6 +37,7 @@ from parkpool.runtime.fetchwait import MAX_FETCH_WAIT_MS, FetchWaitLadder
 from parkpool.runtime.kafka import (
     TASK_FETCH_WAIT_MS,
     answers,
+    cached_high,
     consumer_config,
     coordinates,
     producer_config,
@@ -314,7 +315,11 @@ class TaskLog:
         if now < self._next_stall_check or self._consumer is None or self._standby:
             return
         self._next_stall_check = now + STALL_CHECK_S
-        behind = [tp for tp in self._reading() if self._high(tp) > (self._ledger.top(tp) or 0)]
+        behind = [
+            tp
+            for tp in self._reading()
+            if cached_high(self.consumer, tp) > (self._ledger.top(tp) or 0)
+        ]
         if not self._ladder.due(behind, now):
             return
         if not answers(self._consumer, behind[0]):
@@ -338,14 +343,6 @@ class TaskLog:
             for tp, window in self.windows.items()
             if tp not in self.paused and not self._overflow[tp] and not window.full
         ]
-
-    def _high(self, tp: TP) -> int:
-        """The partition's high watermark as the last fetch gave it; -1 when unknown."""
-        try:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
-        except KafkaException:
-            return -1
-        return int(high)
 
     def _committable(self, tp: TP, window: OffsetWindow) -> int | None:
         """The window's commit point, never past a task still missed."""
@@ -389,11 +386,7 @@ class TaskLog:
         for tp, window in sorted(self.windows.items()):
             point = self._committable(tp, window)
             committed = self._starts.get(tp, 0) if point is None else point
-            try:
-                _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
-            except KafkaException:
-                high = -1
-            high = max(high, -1)  # librdkafka says -1001 until a fetch has reported it
+            high = cached_high(self.consumer, tp)
             out.append(
                 PartitionStat(
                     *tp,

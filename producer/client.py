@@ -52,6 +52,7 @@ from parkpool.runtime.http import StatusServer, request_counter
 from parkpool.runtime.kafka import (
     RESULT_FETCH_WAIT_MS,
     answers,
+    cached_high,
     check_record,
     produce,
     producer_config,
@@ -917,7 +918,11 @@ class _ResultReader(threading.Thread):
         if now < self._next_stall_check:
             return
         self._next_stall_check = now + 0.25
-        behind = [where for where, offset in self._next.items() if self._high(where) > offset]
+        behind = [
+            where
+            for where, offset in self._next.items()
+            if cached_high(self.consumer, where) > offset
+        ]
         if not self._ladder.due(behind, now):
             return
         if not answers(self.consumer, behind[0]):
@@ -929,14 +934,6 @@ class _ResultReader(threading.Thread):
         self.consumer.close()
         self.consumer = self._open(client)
         self.consumer.assign(self._assignment())
-
-    def _high(self, where: tuple[str, int]) -> int:
-        """The partition's high watermark as the last fetch gave it; -1 when unknown."""
-        try:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(*where), cached=True)
-        except KafkaException:
-            return -1
-        return int(high)
 
     def rewind(self, job_id: str, starts: list[TopicPartition], timeout: float) -> None:
         """Have this reader go back to ``starts`` for ``job_id``'s records (an attach);

@@ -171,6 +171,16 @@ def coordinates(record: Message) -> tuple[str, int, int]:
     return topic, partition, offset
 
 
+def cached_high(consumer: Consumer, where: tuple[str, int]) -> int:
+    """The partition's high watermark as the last fetch answer gave it; -1 while none
+    has (librdkafka says -1001), or when the consumer does not know the partition."""
+    try:
+        _low, high = consumer.get_watermark_offsets(TopicPartition(*where), cached=True)
+    except KafkaException:
+        return -1
+    return max(int(high), -1)
+
+
 def answers(consumer: Consumer, where: tuple[str, int], timeout_s: float = 1.0) -> bool:
     """Whether the broker answers a live ask for the partition's offsets now: a reader
     that gets nothing because the broker (or the store under it) is out of reach is not
