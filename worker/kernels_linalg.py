@@ -28,22 +28,39 @@ def gemm(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dic
     a, b = inputs["a"], inputs["b"]
     sizes = slicing.sizes(xp)
     c = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    # One scratch tile for the whole task: a fresh array per K tile would cost the host
+    # new pages (zeroed by the kernel) for every slice, on a 2-core car ~a tenth of the
+    # kernel's time (docs/BENCHMARKS.md). Same sums in the same order: same result.
+    scratch = None
     for rows in spans(a.shape[0], sizes.gemm_tile):
         for cols in spans(b.shape[1], sizes.gemm_tile):
-            c[rows, cols] = _tile(xp, a[rows], b[:, cols], sizes.gemm_k_tile, tick)
+            scratch = _tile(
+                xp, a[rows], b[:, cols], c[rows, cols], sizes.gemm_k_tile, tick, scratch
+            )
     return {"c": c}
 
 
-def _tile(xp: Any, a_rows: Any, b_cols: Any, k_tile: int, tick: Checkpoint) -> Any:
-    total = None
-    for depth in spans(a_rows.shape[1], k_tile):
+def _tile(
+    xp: Any, a_rows: Any, b_cols: Any, out: Any, k_tile: int, tick: Checkpoint, scratch: Any
+) -> Any:
+    """``out = a_rows @ b_cols``, one K tile per launch, summed in ``out``; returns the
+    scratch tile it used, for the next output tile to reuse."""
+    if scratch is None or scratch.shape != out.shape:
+        scratch = xp.empty(out.shape, dtype=out.dtype)
+    depths = spans(a_rows.shape[1], k_tile)
+    if not depths:  # K = 0: the empty sum
+        out[...] = 0
+    for i, depth in enumerate(depths):
         tick()
-        part = xp.matmul(a_rows[:, depth], b_cols[depth])
-        if total is None:
-            total = part
+        if i == 0 and out.flags.c_contiguous:  # the whole of C: the first product lands there
+            xp.matmul(a_rows[:, depth], b_cols[depth], out=out)
+            continue
+        xp.matmul(a_rows[:, depth], b_cols[depth], out=scratch)
+        if i == 0:
+            out[...] = scratch
         else:
-            total += part
-    return total
+            out += scratch
+    return scratch
 
 
 def gemm_reference(params: Params, inputs: Inputs) -> dict[str, Array]:
