@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from parkpool.worker import kernels_cuda, kernels_signal, kernels_sim
+from parkpool.worker import kernels_cuda, kernels_linalg, kernels_signal, kernels_sim
 from parkpool.worker import kernels_slicing as slicing
 from parkpool.worker.backend import Backend, available_backends, numpy_backend
 from parkpool.worker.kernels import execute, get_kernel, reference
@@ -60,6 +61,26 @@ class TestTiledGemm:
         # Given a task within one tile / When run / Then it is np.matmul bit for bit
         a, b = RNG.standard_normal((33, 17)), RNG.standard_normal((17, 9))
         assert np.array_equal(execute("gemm", {}, {"a": a, "b": b}, NUMPY)["c"], a @ b)
+
+    def test_k_tiles_sum_in_the_same_order_as_before(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Given K tiles of 24 summed into the output tile and one scratch tile
+        _tiny(monkeypatch, gemm_tile=32, gemm_k_tile=24)
+        a = RNG.standard_normal((70, 75)).astype(np.float32)
+        b = RNG.standard_normal((75, 40)).astype(np.float32)
+        # When run / Then each output tile is its K tiles' products added left to right
+        expected = np.empty((70, 40), np.float32)
+        for rows in slicing.spans(70, 32):
+            for cols in slicing.spans(40, 32):
+                parts = [a[rows, k] @ b[k, cols] for k in slicing.spans(75, 24)]
+                expected[rows, cols] = functools.reduce(np.add, parts)
+        assert np.array_equal(execute("gemm", {}, {"a": a, "b": b}, NUMPY)["c"], expected)
+
+    def test_an_empty_inner_dimension_gives_zeros(self) -> None:
+        # Given operands with no K, which the contract refuses before a kernel runs
+        a, b = np.ones((3, 0), np.float32), np.ones((0, 4), np.float32)
+        # When the kernel itself is called / Then C is zeros, as np.matmul gives
+        c = kernels_linalg.gemm(np, {}, {"a": a, "b": b}, lambda: None)["c"]
+        assert np.array_equal(c, np.zeros((3, 4)))
 
 
 def _mlp(sizes: list[int], rows: int, dtype: npt.DTypeLike) -> dict[str, Any]:
