@@ -215,6 +215,25 @@ class TestStoreAccess:
             data.hydrate(*task_naming(bad))
         assert data.cache.stats().hits == 1
 
+    def test_a_kernel_cannot_write_into_a_cached_block(self, store: BlobStore) -> None:
+        # Given a car that fetched a block into its cache for one task
+        block = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: read into a NumPy buffer
+        sha = sha256_hex(block.tobytes())
+        store.put_if_absent(f"jobs/ro/in/{sha}", block.tobytes(), sha)
+        url = store.presign_get(f"jobs/ro/in/{sha}", 30)
+        data = CarData(BlobCache(8 << 20), timeout_s=5)
+        ref = BlobRef("x", sha, block.nbytes, "<f4", block.shape)
+        task = TaskChunk("ro", 0, 1, "reduce", {"op": "sum"}, {}, "r", 1e10, 0.0, refs=(ref,))
+        assignment = Assignment("gw1", "car", 1, 1, 1e10, encode(task), urls=(url,))
+        first = data.hydrate(assignment, task).inputs["x"]
+        # When a kernel tries to write into its input
+        with pytest.raises(ValueError, match="read-only"):
+            first[0] = 42.0
+        # Then the next task that reads the block from the cache sees the store's bytes
+        again = data.hydrate(assignment, task).inputs["x"]
+        assert data.cache.stats().hits == 1
+        np.testing.assert_array_equal(again, block)
+
 
 def _client(
     namespace: str, kafka: KafkaConnection, store: StoreConnection, **more: object

@@ -17,7 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BlobCache", "CacheStats"]
+__all__ = ["Blob", "BlobCache", "CacheStats"]
+
+# What a car fetched: read-only bytes, or a read-only view of the buffer they were read into.
+Blob = bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -39,20 +42,20 @@ class BlobCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, max_bytes)
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, Blob] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
         self._hits = self._misses = self._fetched = self._served = 0
         self._fetching: dict[str, threading.Event] = {}  # sha256 -> set when its fetch ends
 
-    def get(self, sha256: str) -> bytes | None:
+    def get(self, sha256: str) -> Blob | None:
         with self._lock:
             data = self._hit(sha256)
             if data is None:
                 self._misses += 1
             return data
 
-    def fetch_once(self, sha256: str, fetch: Callable[[], bytes]) -> bytes:
+    def fetch_once(self, sha256: str, fetch: Callable[[], Blob]) -> Blob:
         """The blob from the cache, or from ``fetch``, which must return verified bytes.
         While one caller fetches a hash, others wanting it wait and are served what it
         kept (a hit: one download served both). Should that fetch fail, or its bytes not
@@ -77,7 +80,7 @@ class BlobCache:
                 del self._fetching[sha256]
             done.set()
 
-    def _hit(self, sha256: str) -> bytes | None:
+    def _hit(self, sha256: str) -> Blob | None:
         """The held blob, counted as served; the caller holds the lock."""
         data = self._items.get(sha256)
         if data is not None:
@@ -86,7 +89,7 @@ class BlobCache:
             self._served += len(data)
         return data
 
-    def put(self, sha256: str, data: bytes) -> None:
+    def put(self, sha256: str, data: Blob) -> None:
         """Keep freshly fetched, verified bytes (unless larger than the whole cache)."""
         with self._lock:
             self._fetched += len(data)
