@@ -145,13 +145,13 @@ class Dispatcher:
         runs = _runs(view)  # the car's kernels do not change while it is served
         for _ in range(wanted):
             task = self.next_dispatchable(
-                _fit_for(view, runs, self.vehicles.kernels),
+                _fit_for(view, runs, self.vehicles.kernels, alone=len(self.vehicles) <= 1),
                 _holds_inputs(view, self.vehicles),
                 runs,
             )
             if task is None:
                 if len(self.ready):
-                    why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), _can_open(view))
+                    why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), view)
                     self.metrics.dispatch_skipped.labels(why).inc()
                 break
             if task.task.kernel in view.plugin_kernels:
@@ -292,25 +292,29 @@ class Dispatcher:
 
 
 def _fit_for(
-    view: VehicleView, runs: Callable[[str], bool], kernels: KernelRoutes
+    view: VehicleView, runs: Callable[[str], bool], kernels: KernelRoutes, *, alone: bool
 ) -> Callable[[PendingTask], bool]:
     """Only tasks that should finish before the car leaves, confidential ones only for a
     car that can open them, plugin kernels only for a car that announced it runs them
-    (or when no car here does: such a task is taken only to be dead-lettered), and never
-    one that checks or redoes this car's result."""
+    (or when no car here does: such a task is taken only to be dead-lettered), never
+    one that checks or redoes this car's result, and not one this car failed lately
+    while it is not the only car here (``PendingTask.shunned``)."""
     can_open = _can_open(view)
     car = view.vehicle_id
+    now = time.monotonic()
 
     def kernel_ok(kernel: str) -> bool:
         return runs(kernel) or kernels.unrunnable(kernel)
 
+    def ours(task: PendingTask) -> bool:
+        return car not in task.task.avoid and (alone or not task.shuns(car, now))
+
     if view.dwell_s <= 0 and can_open:
-        return lambda task: car not in task.task.avoid and kernel_ok(task.task.kernel)
-    now = time.monotonic()
+        return lambda task: ours(task) and kernel_ok(task.task.kernel)
     return lambda task: (
         (can_open or not task.task.confidential)
         and view.fits(task.task.cost_gflop, now)
-        and car not in task.task.avoid
+        and ours(task)
         and kernel_ok(task.task.kernel)
     )
 
@@ -350,8 +354,11 @@ def _can_open(view: VehicleView) -> bool:
     return bool(view.capabilities and view.capabilities.box_key)
 
 
-def _skip_reason(runs: Callable[[str], bool], queued: list[PendingTask], can_open: bool) -> str:
+def _skip_reason(runs: Callable[[str], bool], queued: list[PendingTask], view: VehicleView) -> str:
     """Why no queued task fit the car: the likeliest of its filters."""
     if queued and not any(runs(t.task.kernel) for t in queued):
         return "no_kernel"
-    return "dwell" if can_open else "no_box_key"
+    now = time.monotonic()
+    if queued and all(t.shuns(view.vehicle_id, now) for t in queued):
+        return "failed_here"
+    return "dwell" if _can_open(view) else "no_box_key"

@@ -84,6 +84,7 @@ class Gateway:
         self.events = log.bind(gateway_id=settings.gateway_id)
         self.outcomes = TaskOutcomes(
             max_attempts=settings.max_attempts,
+            shun_s=settings.lease_seconds,
             log=self.log,
             leases=self.leases,
             ready=self.ready,

@@ -143,6 +143,7 @@ class GatewayMetrics:
             # were confidential, and the car announced no key to open them with;
             # no_kernel: a plugin kernel the car did not announce (its manifest);
             # quarantined: the car was caught returning wrong results
+            # failed_here: the car failed each of them lately, and other cars are here
             ["reason"],
             registry=r,
         )

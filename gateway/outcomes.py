@@ -28,6 +28,7 @@ class TaskOutcomes:
         self,
         *,
         max_attempts: int,
+        shun_s: float,
         log: TaskLog,
         leases: LeaseTable,
         ready: ReadyQueue,
@@ -36,6 +37,7 @@ class TaskOutcomes:
         events: Logger,
     ) -> None:
         self._max_attempts = max_attempts
+        self._shun_s = shun_s
         self._log = log
         self._leases = leases
         self._ready = ready
@@ -86,6 +88,10 @@ class TaskOutcomes:
         del task.history[:-MAX_ATTEMPTS_KEPT]
         task.failures += int(counts)
         if counts:
+            # A car is not trusted to end a task alone: while another car here can take
+            # it, the next attempt is another car's (dispatch.Dispatcher._send), so one
+            # hostile car costs a task one attempt, not max_attempts.
+            task.shunned[vehicle_id] = time.monotonic() + self._shun_s
             self._metrics.tasks.labels("failed").inc()
             self._metrics.failures.labels(reason).inc()
         self._events.info(

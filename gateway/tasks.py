@@ -35,9 +35,16 @@ class PendingTask:
     # Its stored inputs as dispatch tracks them, the first 64 bits of each hash: ranking a
     # pull's candidates reads them for every task it scans, so they are parsed once.
     blob_keys: tuple[int, ...] = field(init=False, repr=False)
+    # Cars that failed it (a counted failure), to the monotonic time until which they are
+    # not offered it again: one at most per counted failure, so max_attempts bounds it.
+    shunned: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.blob_keys = tuple(int(ref.sha256[:16], 16) for ref in self.task.refs)
+
+    def shuns(self, vehicle_id: str, now: float) -> bool:
+        """Whether the car failed this task lately, so that another should have it."""
+        return self.shunned.get(vehicle_id, 0.0) > now
 
     @property
     def tp(self) -> tuple[str, int]:

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.integration
 GatewayFactory = Callable[..., RunningGateway]
 FleetFactory = Callable[..., Fleet]
 REDELIVERED = "parkpool_gateway_redelivered_total"
+SKIPPED = "parkpool_gateway_dispatch_skipped_total"
 
 
 def _jobs(rng: np.random.Generator) -> dict[str, tuple[dict[str, Any], dict[str, Any], Any]]:
@@ -164,21 +165,73 @@ class TestVehicleLoss:
         assignment = _pull_until_assigned(scripted, topics, caps, handle.job_id)
         # When it nacks the task while a real vehicle is waiting for work
         fleet_factory(1)
-        task = decode(assignment.task, TaskChunk)
-        nack = Nack(
-            task.job_id,
-            task.chunk_id,
-            "scripted",
-            assignment.gateway_id,
-            assignment.epoch,
-            NackReason.RELEASED,
-            "owner is back",
-        )
-        scripted.publish(topics.nack("scripted", assignment.gateway_id), encode(nack))
+        _nack(scripted, topics, assignment, NackReason.RELEASED, "owner is back")
         # Then another vehicle finishes it long before the 300 s lease could expire
         assert handle.wait(timeout=30) == 10.0
         assert gateway.metric(REDELIVERED, cause="nack") == 1
         scripted.close()
+
+    def test_a_car_that_fails_a_task_is_not_handed_it_again_while_others_are_here(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+        mqtt_conn: Any,
+        namespace: str,
+    ) -> None:
+        # Given a gateway that dead-letters a task at its second counted failure, a car
+        # it knows of that grants nothing, and a hostile scripted car that calls every
+        # task it gets invalid (the gateway wakes it at once, hungry again)
+        gateway = gateway_factory(lease_seconds=300, max_attempts=2)
+        topics = MqttTopics(namespace)
+        caps = Capabilities("numpy", tuple(REGISTRY))
+        bystander = RawMqtt(mqtt_conn, f"bystander-{namespace}")
+        bystander.publish(
+            topics.pull("bystander", "gw1"), encode(PullRequest("bystander", 0, caps, {}, {}))
+        )
+        hostile = RawMqtt(mqtt_conn, f"scripted-{namespace}")
+        hostile.subscribe(topics.task("scripted"))
+        handle = client.submit("reduce", {"x": np.ones(10), "op": "sum"}, chunk_elems=10)
+        assignment = _pull_until_assigned(hostile, topics, caps, handle.job_id)
+        wait_for(lambda: gateway.gateway.vehicles.get("bystander") is not None, 10, "bystander")
+        # When it nacks the task as invalid
+        _nack(hostile, topics, assignment, NackReason.INVALID_TASK)
+        # Then the gateway keeps the task for another car rather than hand it back
+        wait_for(lambda: gateway.metric(SKIPPED, reason="failed_here") >= 1, 10, "a skipped pull")
+        assert len(_assignments(hostile, handle.job_id)) == 1
+        # And a car that comes later finishes it: one counted failure, not a dead letter
+        fleet_factory(1)
+        assert handle.wait(timeout=30) == 10.0
+        assert len(_assignments(hostile, handle.job_id)) == 1
+        assert gateway.metric("parkpool_gateway_dead_lettered_total", reason="invalid_task") == 0
+        hostile.close()
+        bystander.close()
+
+
+def _nack(
+    raw: RawMqtt, topics: MqttTopics, assignment: Assignment, reason: NackReason, detail: str = ""
+) -> None:
+    task = decode(assignment.task, TaskChunk)
+    nack = Nack(
+        task.job_id,
+        task.chunk_id,
+        "scripted",
+        assignment.gateway_id,
+        assignment.epoch,
+        reason,
+        detail,
+    )
+    raw.publish(topics.nack("scripted", assignment.gateway_id), encode(nack))
+
+
+def _assignments(raw: RawMqtt, job_id: str) -> list[Assignment]:
+    found = []
+    for msg in list(raw.received):
+        if peek_type(msg.payload) == Assignment.TYPE:
+            assignment = decode(msg.payload, Assignment)
+            if decode(assignment.task, TaskChunk).job_id == job_id:
+                found.append(assignment)
+    return found
 
 
 def _pull_until_assigned(

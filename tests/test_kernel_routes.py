@@ -103,11 +103,11 @@ class TestDispatchFilter:
         work = task("softmax_grad")
         # Then the first always takes it (a busy car need not pull again to keep it)
         runs = _runs(runner)
-        assert _fit_for(runner, runs, book.kernels)(work)
+        assert _fit_for(runner, runs, book.kernels, alone=False)(work)
         # And the other takes it only if no car here runs it: here one does
-        assert not _fit_for(plain, _runs(plain), book.kernels)(work)
+        assert not _fit_for(plain, _runs(plain), book.kernels, alone=False)(work)
         # And built-ins go to every car
-        assert _fit_for(plain, _runs(plain), book.kernels)(task("gemm"))
+        assert _fit_for(plain, _runs(plain), book.kernels, alone=False)(task("gemm"))
 
     def test_a_flood_of_names_from_one_car_leaves_other_cars_kernels_alone(self) -> None:
         # Given a car that runs softmax_grad, and a task naming it
