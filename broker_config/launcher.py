@@ -30,11 +30,13 @@ from typing import Self
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from parkpool.runtime.blobstore import s3_client
+from parkpool.runtime.settings import Secret, StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
 from .auth import AuthStore
 from .process import LOOPBACK, PIDS_FILE, BrokerProcess, free_port, kill_stray, signal_group
-from .tansu_groups import GroupWatch, s3_client
+from .tansu_groups import GroupWatch
 
 __all__ = ["DATA_BUCKET", "LOOPBACK", "STORE_BUCKET", "EmbeddedBrokers", "free_port", "kill_stray"]
 
@@ -318,8 +320,20 @@ class EmbeddedBrokers:
 
     def _watch_groups(self) -> None:
         # Tansu 0.6 can leave a group waiting for a leader that left (see tansu_groups).
-        args = (self.store_endpoint, self.store_access_key, self.store_secret_key, STORE_REGION)
-        self._group_watch = GroupWatch(lambda: s3_client(*args), STORE_BUCKET)
+        # boto3 is imported on the watch's thread, at its first pass: a broker start need
+        # not wait ~0.2 s for it. It fails fast and tries again at its next pass, so it
+        # cannot hold up a shutdown.
+        store = StoreConnection(
+            self.store_endpoint,
+            STORE_BUCKET,
+            self.store_access_key,
+            Secret(self.store_secret_key),
+            STORE_REGION,
+        )
+        self._group_watch = GroupWatch(
+            lambda: s3_client(store, attempts=1, connect_timeout_s=2, read_timeout_s=5),
+            STORE_BUCKET,
+        )
         self._group_watch.start()
 
     def _object_store(self, port: int) -> BrokerProcess:

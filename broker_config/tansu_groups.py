@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from parkpool.runtime import logs
 
-__all__ = ["GROUPS_PREFIX", "GroupWatch", "departed_leader", "s3_client", "without_leader"]
+__all__ = ["GROUPS_PREFIX", "GroupWatch", "departed_leader", "without_leader"]
 
 log = logs.get_logger("parkpool.brokers")
 
@@ -52,24 +52,6 @@ def without_leader(group: Mapping[str, Any]) -> dict[str, Any]:
     state = dict(group["state"])
     state["Forming"] = {**state["Forming"], "leader": None}
     return {**group, "state": state}
-
-
-def s3_client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any:
-    """A boto3 client for the embedded store that gives up fast: the watch tries again
-    on its next pass, and must not hold up a shutdown."""
-    import boto3  # here, on the watch's thread: a broker start need not wait ~0.2 s for it
-    from botocore.config import Config
-
-    config = Config(
-        s3={"addressing_style": "path"},
-        retries={"max_attempts": 1, "mode": "standard"},
-        connect_timeout=2,
-        read_timeout=5,
-    )
-    session = boto3.session.Session(  # its own session: the default one is not thread-safe
-        aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region
-    )
-    return session.client("s3", endpoint_url=endpoint, config=config)
 
 
 class GroupWatch:

@@ -19,9 +19,10 @@ from parkpool.broker_config.tansu_groups import (
     GROUPS_PREFIX,
     GroupWatch,
     departed_leader,
-    s3_client,
     without_leader,
 )
+from parkpool.runtime.blobstore import s3_client
+from parkpool.runtime.settings import Secret, StoreConnection
 from tests.helpers import wait_for
 
 PARTITIONS = 4
@@ -71,9 +72,14 @@ class TestDepartedLeader:
 
 
 def store_client(brokers: EmbeddedBrokers) -> Any:
-    return s3_client(
-        brokers.store_endpoint, brokers.store_access_key, brokers.store_secret_key, STORE_REGION
+    conn = StoreConnection(
+        brokers.store_endpoint,
+        STORE_BUCKET,
+        brokers.store_access_key,
+        Secret(brokers.store_secret_key),
+        STORE_REGION,
     )
+    return s3_client(conn, attempts=1, connect_timeout_s=2, read_timeout_s=5)
 
 
 @pytest.fixture

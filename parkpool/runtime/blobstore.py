@@ -20,7 +20,7 @@ from typing import Any
 from parkpool.runtime.settings import StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
-__all__ = ["BlobStore", "sha256_hex"]
+__all__ = ["BlobStore", "s3_client", "sha256_hex"]
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -218,7 +218,27 @@ def _session(conn: StoreConnection) -> Any:
     )
 
 
-def _client(session: Any, endpoint: str) -> Any:
+def s3_client(
+    conn: StoreConnection,
+    *,
+    attempts: int = 4,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 30.0,
+) -> Any:
+    """A boto3 S3 client for ``conn``'s endpoint, set up as every part of the project
+    talks to S3, on its own session (boto3's default one is not thread-safe). A caller
+    that tries again on its own (the embedded Kafka's group watch) asks for one attempt
+    and short timeouts."""
+    return _client(_session(conn), conn.endpoint, attempts, connect_timeout_s, read_timeout_s)
+
+
+def _client(
+    session: Any,
+    endpoint: str,
+    attempts: int = 4,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 30.0,
+) -> Any:
     from botocore.config import Config
 
     config = Config(
@@ -229,9 +249,9 @@ def _client(session: Any, endpoint: str) -> Any:
         # The body's SHA-256 is sent (ChecksumSHA256); no extra CRC trailer per upload.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": 4, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=30,
+        retries={"max_attempts": attempts, "mode": "standard"},
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
         max_pool_connections=16,
     )
     return session.client("s3", endpoint_url=endpoint, config=config)
