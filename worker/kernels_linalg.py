@@ -28,9 +28,9 @@ def gemm(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dic
     a, b = inputs["a"], inputs["b"]
     sizes = slicing.sizes(xp)
     c = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    # One scratch tile for the whole task: a fresh array per K tile would cost the host
-    # new pages (zeroed by the kernel) for every slice, on a 2-core car ~a tenth of the
-    # kernel's time (docs/BENCHMARKS.md). Same sums in the same order: same result.
+    # One scratch tile for the whole task: a fresh array per K tile costs the host new
+    # pages, zeroed by the OS, for every slice (4 % of a bulk job's CPU on the 2-core VM:
+    # docs/BENCHMARKS.md). Same sums in the same order: the same bits.
     scratch = None
     for rows in spans(a.shape[0], sizes.gemm_tile):
         for cols in spans(b.shape[1], sizes.gemm_tile):
