@@ -143,15 +143,16 @@ class Dispatcher:
         under the MQTT limit; how many were sent."""
         payloads: list[bytes] = []
         runs = _runs(view)  # the car's kernels do not change while it is served
+        alone = not self.vehicles.others_granting(view.vehicle_id)
         for _ in range(wanted):
             task = self.next_dispatchable(
-                _fit_for(view, runs, self.vehicles.kernels, alone=len(self.vehicles) <= 1),
+                _fit_for(view, runs, self.vehicles.kernels, alone=alone),
                 _holds_inputs(view, self.vehicles),
                 runs,
             )
             if task is None:
                 if len(self.ready):
-                    why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), view)
+                    why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), view, alone)
                     self.metrics.dispatch_skipped.labels(why).inc()
                 break
             if task.task.kernel in view.plugin_kernels:
@@ -297,8 +298,8 @@ def _fit_for(
     """Only tasks that should finish before the car leaves, confidential ones only for a
     car that can open them, plugin kernels only for a car that announced it runs them
     (or when no car here does: such a task is taken only to be dead-lettered), never
-    one that checks or redoes this car's result, and not one this car failed lately
-    while it is not the only car here (``PendingTask.shunned``)."""
+    one that checks or redoes this car's result, and not one whose last failure was
+    this car's, lately, unless no other online car grants work here (``alone``)."""
     can_open = _can_open(view)
     car = view.vehicle_id
     now = time.monotonic()
@@ -354,11 +355,13 @@ def _can_open(view: VehicleView) -> bool:
     return bool(view.capabilities and view.capabilities.box_key)
 
 
-def _skip_reason(runs: Callable[[str], bool], queued: list[PendingTask], view: VehicleView) -> str:
+def _skip_reason(
+    runs: Callable[[str], bool], queued: list[PendingTask], view: VehicleView, alone: bool
+) -> str:
     """Why no queued task fit the car: the likeliest of its filters."""
     if queued and not any(runs(t.task.kernel) for t in queued):
         return "no_kernel"
     now = time.monotonic()
-    if queued and all(t.shuns(view.vehicle_id, now) for t in queued):
+    if queued and not alone and all(t.shuns(view.vehicle_id, now) for t in queued):
         return "failed_here"
     return "dwell" if _can_open(view) else "no_box_key"

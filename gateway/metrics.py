@@ -143,7 +143,8 @@ class GatewayMetrics:
             # were confidential, and the car announced no key to open them with;
             # no_kernel: a plugin kernel the car did not announce (its manifest);
             # quarantined: the car was caught returning wrong results
-            # failed_here: the car failed each of them lately, and other cars are here
+            # failed_here: each was last failed by this car, lately, and another car grants
+            # work here
             ["reason"],
             registry=r,
         )

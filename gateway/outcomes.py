@@ -88,10 +88,10 @@ class TaskOutcomes:
         del task.history[:-MAX_ATTEMPTS_KEPT]
         task.failures += int(counts)
         if counts:
-            # A car is not trusted to end a task alone: while another car here can take
-            # it, the next attempt is another car's (dispatch.Dispatcher._send), so one
-            # hostile car costs a task one attempt, not max_attempts.
-            task.shunned[vehicle_id] = time.monotonic() + self._shun_s
+            # A car is not trusted to end a task alone: while another car here grants
+            # work, the next attempt is another car's (dispatch._fit_for), so a hostile
+            # car cannot spend a task's attempts by being handed it back at once.
+            task.shunned_by, task.shunned_until = vehicle_id, time.monotonic() + self._shun_s
             self._metrics.tasks.labels("failed").inc()
             self._metrics.failures.labels(reason).inc()
         self._events.info(

@@ -35,16 +35,18 @@ class PendingTask:
     # Its stored inputs as dispatch tracks them, the first 64 bits of each hash: ranking a
     # pull's candidates reads them for every task it scans, so they are parsed once.
     blob_keys: tuple[int, ...] = field(init=False, repr=False)
-    # Cars that failed it (a counted failure), to the monotonic time until which they are
-    # not offered it again: one at most per counted failure, so max_attempts bounds it.
-    shunned: dict[str, float] = field(default_factory=dict, repr=False)
+    # The car whose attempt last counted as a failure, not offered the task again before
+    # shunned_until (monotonic) while another car here grants work: only the last, so
+    # two cars that both fail a task take turns with it rather than both wait.
+    shunned_by: str = ""
+    shunned_until: float = 0.0
 
     def __post_init__(self) -> None:
         self.blob_keys = tuple(int(ref.sha256[:16], 16) for ref in self.task.refs)
 
     def shuns(self, vehicle_id: str, now: float) -> bool:
-        """Whether the car failed this task lately, so that another should have it."""
-        return self.shunned.get(vehicle_id, 0.0) > now
+        """Whether the car failed this task last, lately, so that another should have it."""
+        return vehicle_id == self.shunned_by and now < self.shunned_until
 
     @property
     def tp(self) -> tuple[str, int]:

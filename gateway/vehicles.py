@@ -70,6 +70,9 @@ class VehicleBook:
         # starting afresh is steered to blocks fewer others hold, so cars spread over a
         # job's rows and columns instead of all fetching the same ones.
         self._holders: Counter[int] = Counter()
+        # Online cars that grant this gateway work (busy or hungry): whether a car that
+        # failed a task is alone here, asked at each pull, without a pass over the fleet.
+        self._granting: dict[str, None] = {}
 
     def __len__(self) -> int:
         return len(self._vehicles)
@@ -98,11 +101,13 @@ class VehicleBook:
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
         if view.credits > 0:
+            self._granting[pull.vehicle_id] = None
             if pull.vehicle_id not in self._hungry:
                 view.asked_at = view.last_heard
             self._hungry[pull.vehicle_id] = None
             self._fresh[pull.vehicle_id] = None
         else:
+            self._granting.pop(pull.vehicle_id, None)
             self._hungry.pop(pull.vehicle_id, None)
         return view
 
@@ -117,6 +122,7 @@ class VehicleBook:
         view.state = state
         if state is not VehicleState.ONLINE:
             view.credits = 0
+            self._granting.pop(vehicle_id, None)
             self._hungry.pop(vehicle_id, None)
         return view
 
@@ -135,6 +141,10 @@ class VehicleBook:
             else:  # gone, so the counter stays as small as what the cars hold
                 del self._holders[blob]
 
+    def others_granting(self, vehicle_id: str) -> bool:
+        """Whether an online car other than this one grants this gateway work."""
+        return len(self._granting) > (vehicle_id in self._granting)
+
     def holds_any(self) -> bool:
         """Whether any car here is thought to hold a stored input."""
         return bool(self._holders)
@@ -147,6 +157,7 @@ class VehicleBook:
         view = self._vehicles.pop(vehicle_id, None)
         if view is not None:
             self._drop(view.blobs)
+        self._granting.pop(vehicle_id, None)
         self._hungry.pop(vehicle_id, None)
         self._waiting.pop(vehicle_id, None)
         self._fresh.pop(vehicle_id, None)

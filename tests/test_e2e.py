@@ -179,29 +179,32 @@ class TestVehicleLoss:
         mqtt_conn: Any,
         namespace: str,
     ) -> None:
-        # Given a gateway that dead-letters a task at its second counted failure, a car
-        # it knows of that grants nothing, and a hostile scripted car that calls every
-        # task it gets invalid (the gateway wakes it at once, hungry again)
+        # Given a gateway that dead-letters a task at its second counted failure, and a
+        # two-chunk job whose chunks went to two scripted cars that hold them
         gateway = gateway_factory(lease_seconds=300, max_attempts=2)
         topics = MqttTopics(namespace)
         caps = Capabilities("numpy", tuple(REGISTRY))
-        bystander = RawMqtt(mqtt_conn, f"bystander-{namespace}")
-        bystander.publish(
-            topics.pull("bystander", "gw1"), encode(PullRequest("bystander", 0, caps, {}, {}))
-        )
         hostile = RawMqtt(mqtt_conn, f"scripted-{namespace}")
         hostile.subscribe(topics.task("scripted"))
-        handle = client.submit("reduce", {"x": np.ones(10), "op": "sum"}, chunk_elems=10)
-        assignment = _pull_until_assigned(hostile, topics, caps, handle.job_id)
-        wait_for(lambda: gateway.gateway.vehicles.get("bystander") is not None, 10, "bystander")
-        # When it nacks the task as invalid
-        _nack(hostile, topics, assignment, NackReason.INVALID_TASK)
-        # Then the gateway keeps the task for another car rather than hand it back
+        bystander = RawMqtt(mqtt_conn, f"bystander-{namespace}")
+        bystander.subscribe(topics.task("bystander"))
+        handle = client.submit("reduce", {"x": np.ones(20), "op": "sum"}, chunk_elems=10)
+        failed = _pull_until_assigned(hostile, topics, caps, handle.job_id)
+        held = _pull_until_assigned(bystander, topics, caps, handle.job_id, "bystander")
+        # When the hostile one calls its chunk invalid (and the gateway, as after any
+        # such nack, takes it to be hungry again at once)
+        _nack(hostile, topics, failed, NackReason.INVALID_TASK)
+        # Then the gateway keeps the chunk for another car rather than hand it back
         wait_for(lambda: gateway.metric(SKIPPED, reason="failed_here") >= 1, 10, "a skipped pull")
         assert len(_assignments(hostile, handle.job_id)) == 1
-        # And a car that comes later finishes it: one counted failure, not a dead letter
+        # And once the hostile car asks for nothing more, and the bystander gives its chunk
+        # back, a car that comes later finishes the job: one counted failure, no letter
+        hostile.publish(topics.pull("scripted", "gw1"), encode(PullRequest("scripted", 0, caps)))
+        scripted = gateway.gateway.vehicles.get("scripted")
+        wait_for(lambda: scripted is not None and scripted.credits == 0, 10, "the grant back")
         fleet_factory(1)
-        assert handle.wait(timeout=30) == 10.0
+        _nack(bystander, topics, held, NackReason.RELEASED, vehicle="bystander")
+        assert handle.wait(timeout=30) == 20.0
         assert len(_assignments(hostile, handle.job_id)) == 1
         assert gateway.metric("parkpool_gateway_dead_lettered_total", reason="invalid_task") == 0
         hostile.close()
@@ -209,19 +212,18 @@ class TestVehicleLoss:
 
 
 def _nack(
-    raw: RawMqtt, topics: MqttTopics, assignment: Assignment, reason: NackReason, detail: str = ""
+    raw: RawMqtt,
+    topics: MqttTopics,
+    assignment: Assignment,
+    reason: NackReason,
+    detail: str = "",
+    vehicle: str = "scripted",
 ) -> None:
     task = decode(assignment.task, TaskChunk)
     nack = Nack(
-        task.job_id,
-        task.chunk_id,
-        "scripted",
-        assignment.gateway_id,
-        assignment.epoch,
-        reason,
-        detail,
+        task.job_id, task.chunk_id, vehicle, assignment.gateway_id, assignment.epoch, reason, detail
     )
-    raw.publish(topics.nack("scripted", assignment.gateway_id), encode(nack))
+    raw.publish(topics.nack(vehicle, assignment.gateway_id), encode(nack))
 
 
 def _assignments(raw: RawMqtt, job_id: str) -> list[Assignment]:
@@ -235,11 +237,16 @@ def _assignments(raw: RawMqtt, job_id: str) -> list[Assignment]:
 
 
 def _pull_until_assigned(
-    raw: RawMqtt, topics: MqttTopics, caps: Any, job_id: str, timeout: float = 30.0
+    raw: RawMqtt,
+    topics: MqttTopics,
+    caps: Any,
+    job_id: str,
+    vehicle: str = "scripted",
+    timeout: float = 30.0,
 ) -> Assignment:
     deadline = time.monotonic() + timeout
-    pull = PullRequest("scripted", 1, caps, {}, {"gw1": 1})
-    raw.publish(topics.pull("scripted", "gw1"), encode(pull))
+    pull = PullRequest(vehicle, 1, caps, {}, {"gw1": 1})
+    raw.publish(topics.pull(vehicle, "gw1"), encode(pull))
     while time.monotonic() < deadline:
         for msg in list(raw.received):
             if peek_type(msg.payload) != Assignment.TYPE:

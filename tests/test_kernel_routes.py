@@ -110,18 +110,18 @@ class TestDispatchFilter:
         assert _fit_for(plain, _runs(plain), book.kernels, alone=False)(task("gemm"))
 
     def test_a_car_that_failed_a_task_lately_gets_it_only_when_alone(self) -> None:
-        # Given a task car-1 failed, shunned for a while yet, and car-2 that did not fail it
+        # Given a task whose last failure was car-1's, lately, and car-2 that did not fail it
         book = VehicleBook("gw1", kernel_grace_s=0.0)
         failed, other = book.on_pull(pull("car-1")), book.on_pull(pull("car-2"))
         work = task("gemm")
-        work.shunned["car-1"] = time.monotonic() + 60
-        # Then car-1 does not get it while another car is here, and car-2 does
+        work.shunned_by, work.shunned_until = "car-1", time.monotonic() + 60
+        # Then car-1 does not get it while another car grants work here, and car-2 does
         assert not _fit_for(failed, _runs(failed), book.kernels, alone=False)(work)
         assert _fit_for(other, _runs(other), book.kernels, alone=False)(work)
         # And a car alone with its gateway gets it at once: nobody else would run it
         assert _fit_for(failed, _runs(failed), book.kernels, alone=True)(work)
         # And once the window has passed, car-1 may have it again
-        work.shunned["car-1"] = time.monotonic() - 1
+        work.shunned_until = time.monotonic() - 1
         assert _fit_for(failed, _runs(failed), book.kernels, alone=False)(work)
 
     def test_a_flood_of_names_from_one_car_leaves_other_cars_kernels_alone(self) -> None:

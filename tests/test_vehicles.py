@@ -173,6 +173,28 @@ class TestStates:
         assert book.hungry() == []
         assert len(book) == 0
 
+    def test_only_online_cars_that_grant_work_count_as_another_car_here(self) -> None:
+        # Given car-a granting work, and cars that are known but grant nothing
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car-a", 1))
+        book.on_pull(pull("car-idle", 0))
+        book.set_state("car-gone", VehicleState.OFFLINE)
+        # Then car-a is alone, and every other car has car-a beside it
+        assert not book.others_granting("car-a")
+        assert book.others_granting("car-idle") and book.others_granting("car-new")
+        # When car-b grants work too, then neither is alone
+        book.on_pull(pull("car-b", 2))
+        assert book.others_granting("car-a") and book.others_granting("car-b")
+        # And when car-b suspends, takes its grant back, or is forgotten, car-a is alone again
+        for leave in (
+            lambda: book.set_state("car-b", VehicleState.SUSPENDED),
+            lambda: book.on_pull(pull("car-b", 0)),
+            lambda: book.forget("car-b"),
+        ):
+            book.on_pull(pull("car-b", 2))
+            leave()
+            assert not book.others_granting("car-a")
+
 
 class TestHeldInputs:
     """Which stored inputs each car is thought to hold, and how many cars hold each."""
