@@ -62,17 +62,21 @@ class TestTiledGemm:
         a, b = RNG.standard_normal((33, 17)), RNG.standard_normal((17, 9))
         assert np.array_equal(execute("gemm", {}, {"a": a, "b": b}, NUMPY)["c"], a @ b)
 
-    def test_k_tiles_sum_in_the_same_order_as_before(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        # Given K tiles of 24 summed into the output tile and one scratch tile
+    @pytest.mark.parametrize("rows, cols", [(70, 40), (30, 20)])
+    def test_k_tiles_sum_in_the_same_order_as_before(
+        self, monkeypatch: pytest.MonkeyPatch, rows: int, cols: int
+    ) -> None:
+        # Given K tiles of 24 summed into the output tile and one scratch tile: several
+        # output tiles (views of C), or one (all of C, where the first product lands)
         _tiny(monkeypatch, gemm_tile=32, gemm_k_tile=24)
-        a = RNG.standard_normal((70, 75)).astype(np.float32)
-        b = RNG.standard_normal((75, 40)).astype(np.float32)
+        a = RNG.standard_normal((rows, 75)).astype(np.float32)
+        b = RNG.standard_normal((75, cols)).astype(np.float32)
         # When run / Then each output tile is its K tiles' products added left to right
-        expected = np.empty((70, 40), np.float32)
-        for rows in slicing.spans(70, 32):
-            for cols in slicing.spans(40, 32):
-                parts = [a[rows, k] @ b[k, cols] for k in slicing.spans(75, 24)]
-                expected[rows, cols] = functools.reduce(np.add, parts)
+        expected = np.empty((rows, cols), np.float32)
+        for r in slicing.spans(rows, 32):
+            for c in slicing.spans(cols, 32):
+                parts = [a[r, k] @ b[k, c] for k in slicing.spans(75, 24)]
+                expected[r, c] = functools.reduce(np.add, parts)
         assert np.array_equal(execute("gemm", {}, {"a": a, "b": b}, NUMPY)["c"], expected)
 
     def test_an_empty_inner_dimension_gives_zeros(self) -> None:

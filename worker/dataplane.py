@@ -128,7 +128,8 @@ def _check_size(ref: BlobRef) -> None:
 def fetch(url: str, ref: BlobRef, timeout_s: float) -> memoryview:
     """GET one blob and check it is exactly what ``ref`` names; BrokerError when it
     takes longer than ``timeout_s`` plus a second per MiB. The bytes come back as a
-    read-only view, so kernels cannot write into a block the cache shares."""
+    read-only view, so a kernel does not write into a block the cache shares by mistake
+    (a kernel is trusted code: built in, or approved by the fleet's signed manifest)."""
     limit_s = _limit(timeout_s, ref.size)
     try:
         # One byte more than named shows a longer body.
@@ -173,8 +174,9 @@ def _limit(timeout_s: float, size: int) -> float:
 
 def _get(url: str, most: int, timeout_s: float, limit_s: float) -> memoryview:
     # Read into a NumPy buffer, not a new bytes object: NumPy asks the kernel for huge
-    # pages for blocks of 4 MiB and more, so filling a fresh 8 MiB block takes 4 page
-    # faults rather than 2,048 (docs/BENCHMARKS.md), and a car's cache is fresh memory.
+    # pages for blocks of 4 MiB and more, so far fewer page faults fill a fresh block
+    # (8 MiB: 2.4 ms against 6.3 ms on the 2-core VM, docs/BENCHMARKS.md), and a car's
+    # cache is fresh memory.
     buffer = np.empty(most, dtype=np.uint8)
     with _Cutoff(limit_s) as cutoff:
         try:
