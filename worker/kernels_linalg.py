@@ -29,8 +29,8 @@ def gemm(xp: Any, params: Params, inputs: DeviceInputs, tick: Checkpoint) -> dic
     sizes = slicing.sizes(xp)
     c = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     # One scratch tile for the whole task: a fresh array per K tile costs the host new
-    # pages, zeroed by the OS, for every slice (4 % of a bulk job's CPU on the 2-core VM:
-    # docs/BENCHMARKS.md). Same sums in the same order: the same bits.
+    # pages, zeroed by the OS, for every slice (about 4 % of the SDK, gateway and cars'
+    # CPU in a bulk job on the 2-core VM: docs/BENCHMARKS.md). Same sums, same order.
     scratch = None
     for rows in spans(a.shape[0], sizes.gemm_tile):
         for cols in spans(b.shape[1], sizes.gemm_tile):
@@ -45,8 +45,6 @@ def _tile(
 ) -> Any:
     """``out = a_rows @ b_cols``, one K tile per launch, summed in ``out``; returns the
     scratch tile it used, for the next output tile to reuse."""
-    if scratch is None or scratch.shape != out.shape:
-        scratch = xp.empty(out.shape, dtype=out.dtype)
     depths = spans(a_rows.shape[1], k_tile)
     if not depths:  # K = 0: the empty sum
         out[...] = 0
@@ -55,6 +53,8 @@ def _tile(
         if i == 0 and out.flags.c_contiguous:  # the whole of C: the first product lands there
             xp.matmul(a_rows[:, depth], b_cols[depth], out=out)
             continue
+        if scratch is None or scratch.shape != out.shape:
+            scratch = xp.empty(out.shape, dtype=out.dtype)
         xp.matmul(a_rows[:, depth], b_cols[depth], out=scratch)
         if i == 0:
             out[...] = scratch
