@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from itertools import combinations
 
 from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.kernel_routes import BUILT_IN, KernelRoutes
@@ -23,7 +25,7 @@ from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
 from parkpool.gateway.outcomes import TaskOutcomes
 from parkpool.gateway.settings import GatewaySettings
-from parkpool.gateway.tasks import PendingTask, ReadyQueue, TaskState
+from parkpool.gateway.tasks import SCAN, PendingTask, ReadyQueue, TaskState
 from parkpool.gateway.vehicles import VehicleBook, VehicleView
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.logs import Logger
@@ -40,6 +42,11 @@ QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap be
 # Per car, the stored inputs last sent to it, for cache-aware picks: as 64-bit hash
 # prefixes, about 300 bytes a car, so 200,000 cars cost some 60 MB at most.
 BLOBS_REMEMBERED = 8
+# The look-ahead of the input rank: what one freed task is worth against one reused
+# input (simulated: 1 made cars chase free tiles over reuse, worse than none), and the
+# most new inputs a task may need for it to be looked at (their subsets are counted).
+LOOKAHEAD_WEIGHT = 0.25
+LOOKAHEAD_MAX_NEW = 3
 SKIP_SAMPLE = 32  # the tasks a pull scans (ReadyQueue.pop), to name why none fit
 
 
@@ -147,7 +154,7 @@ class Dispatcher:
         for _ in range(wanted):
             task = self.next_dispatchable(
                 _fit_for(view, runs, self.vehicles.kernels, alone=alone),
-                _holds_inputs(view, self.vehicles),
+                _holds_inputs(view, self.vehicles, self.ready.head(SCAN)),
                 runs,
             )
             if task is None:
@@ -327,21 +334,43 @@ def _runs(view: VehicleView) -> Callable[[str], bool]:
     return lambda kernel: kernel in BUILT_IN or kernel in announced
 
 
-def _holds_inputs(view: VehicleView, book: VehicleBook) -> Callable[[PendingTask], float] | None:
+def _holds_inputs(
+    view: VehicleView, book: VehicleBook, window: Sequence[PendingTask] = ()
+) -> Callable[[PendingTask], float] | None:
     """Rank tasks for a car by the stored inputs it likely holds (sent to it lately):
-    gemm tiles of one row or column block then share one download. Between tasks that
-    reuse as much, the one whose other inputs fewer cars here hold goes first, so cars
-    spread over a job's blocks rather than crowd the same ones (simulated on an 8x8
-    gemm with 8 cars: 0.47 of inputs from the cache when any reuse counted, 0.56 so)."""
+    gemm tiles of one row or column block then share one download. Then, a quarter point
+    for each task of ``window`` (the tasks a pull scans) whose every missing input this
+    task's download would bring: of two tiles that each need one new block, the car takes
+    the one that makes a third tile free for it, so it grows a square of tiles rather
+    than a line. Last, between tasks that reuse as much, the one whose other inputs fewer
+    cars here hold goes first, so cars spread over a job's blocks rather than crowd the
+    same ones.
+
+    Simulated (gemm, 8 to 32 row and column blocks, 3 to 16 cars, 12 draws each), inputs
+    served from the cache: 0.47 with any reuse counted, 0.54 with the crowd term, 0.57
+    with the look-ahead on 8x8 tiles and 8 cars; over ten shapes and five timings the
+    look-ahead raised the mean by 0.015 to 0.037 and lowered no shape by more than 0.013."""
     if not view.blobs and not book.holds_any():  # no stored inputs about: keep the order
         return None
     held = set(view.blobs)
+    # Each scanned task's inputs the car lacks: one count per distinct missing set.
+    missing = Counter(
+        frozenset(h for h in task.blob_keys if h not in held) for task in window if task.blob_keys
+    )
+
+    def freed(new: frozenset[int]) -> int:
+        """Scanned tasks, other than this one, whose missing inputs are all in ``new``."""
+        if not new or len(new) > LOOKAHEAD_MAX_NEW:
+            return 0
+        subsets = (frozenset(c) for n in range(1, len(new) + 1) for c in combinations(new, n))
+        return max(0, sum(missing[s] for s in subsets) - 1)  # less the task itself
 
     def rank(task: PendingTask) -> float:
         hashes = task.blob_keys
         reused = sum(h in held for h in hashes)
-        crowd = sum(book.holders(h) for h in hashes if h not in held)
-        return reused + 1 / (1 + crowd)
+        new = frozenset(h for h in hashes if h not in held)
+        crowd = sum(book.holders(h) for h in new)
+        return reused + LOOKAHEAD_WEIGHT * freed(new) + 1 / (1 + crowd)
 
     return rank
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 from parkpool.schemas import AttemptRecord, Priority, TaskChunk
 
+# How many tasks at the head of each priority's queue a pull looks at for one that fits
+# the car and ranks best: bounds a pull's cost whatever the queue's length.
+SCAN = 32
+
 
 class TaskState(enum.Enum):
     QUEUED = "queued"  # waiting for a vehicle with credit
@@ -32,8 +36,9 @@ class PendingTask:
     history: list[AttemptRecord] = field(default_factory=list)
     state: TaskState = TaskState.QUEUED
     queued_at: float = 0.0  # monotonic; when it last became ready, for queue-wait latency
-    # Its stored inputs as dispatch tracks them, the first 64 bits of each hash: ranking a
-    # pull's candidates reads them for every task it scans, so they are parsed once.
+    # Its distinct stored inputs as dispatch tracks them, the first 64 bits of each hash:
+    # ranking a pull's candidates reads them for every task it scans, so they are parsed
+    # once. Distinct: content addressing gives gemm(A, A)'s diagonal tiles one hash twice.
     blob_keys: tuple[int, ...] = field(init=False, repr=False)
     # The car whose attempt last counted as a failure, not offered the task again before
     # shunned_until (monotonic) while another car here grants work: only the last, so
@@ -42,7 +47,7 @@ class PendingTask:
     shunned_until: float = 0.0
 
     def __post_init__(self) -> None:
-        self.blob_keys = tuple(int(ref.sha256[:16], 16) for ref in self.task.refs)
+        self.blob_keys = tuple(dict.fromkeys(int(ref.sha256[:16], 16) for ref in self.task.refs))
 
     def shuns(self, vehicle_id: str, now: float) -> bool:
         """Whether the car failed this task last, lately, so that another should have it."""
@@ -90,7 +95,7 @@ class ReadyQueue:
     def pop(
         self,
         accept: Callable[[PendingTask], bool] | None = None,
-        scan: int = 32,
+        scan: int = SCAN,
         prefer: Callable[[PendingTask], float] | None = None,
     ) -> PendingTask | None:
         """The next task by priority; with ``accept``, the first of the next ``scan`` in

@@ -264,6 +264,37 @@ class TestInputRank:
         )
         assert rank(both) > rank(one) > rank(free) > rank(crowded)
 
+    def test_of_two_tiles_needing_a_new_block_the_one_that_frees_another_goes_first(
+        self,
+    ) -> None:
+        # Given a car sent tiles (0,0) and (0,1): it holds row block 0, columns 0 and 1
+        book = VehicleBook("gw1")
+        car = book.heard("car-a")
+        for task in (self.tile(0, 0, 0), self.tile(1, 0, 1)):
+            dispatch._remember_inputs(book, car, task)
+        line, square, freed = self.tile(2, 0, 2), self.tile(3, 1, 0), self.tile(4, 1, 1)
+        # When the scan holds (0,2), (1,0) and (1,1)
+        rank = dispatch._holds_inputs(car, book, [line, square, freed])
+        assert rank is not None
+        # Then (1,0) goes before (0,2): row block 1 also brings (1,1), which needs no more
+        assert rank(square) > rank(line)
+        # And without the scan to look at, the two rank alike (each reuses one block)
+        alone = dispatch._holds_inputs(car, book)
+        assert alone is not None and alone(square) == alone(line)
+
+    def test_a_task_does_not_count_itself_or_tasks_the_car_can_run_already(self) -> None:
+        book = VehicleBook("gw1")
+        car = book.heard("car-a")
+        dispatch._remember_inputs(book, car, self.tile(0, 0, 0))
+        held, needy = self.tile(1, 0, 0), self.tile(2, 1, 1)
+        with_scan = dispatch._holds_inputs(car, book, [held, needy, self.tile(3, 5, 5)])
+        without = dispatch._holds_inputs(car, book)
+        assert with_scan is not None and without is not None
+        # A tile whose blocks the car holds frees nothing; nor does one whose blocks no
+        # other scanned tile waits for (itself and a tile of other blocks)
+        assert with_scan(held) == without(held)
+        assert with_scan(needy) == without(needy)
+
     def test_without_stored_inputs_about_the_queue_order_stands(self) -> None:
         book = VehicleBook("gw1")
         assert dispatch._holds_inputs(book.heard("car-a"), book) is None
