@@ -127,10 +127,14 @@ class VehicleBook:
         return view
 
     def remember_blobs(self, view: VehicleView, hashes: Sequence[int], keep: int) -> None:
-        """Note stored inputs just sent to the car; it is thought to hold its last ``keep``."""
-        kept = (*view.blobs, *(h for h in hashes if h not in view.blobs))[-keep:]
-        self._holders.update(h for h in kept if h not in view.blobs)
-        self._drop(h for h in view.blobs if h not in kept)
+        """Note stored inputs just sent to the car; it is thought to hold the ``keep`` it
+        was sent last. One sent again moves to the newest end, as in the car's LRU cache:
+        a row block sent with every tile of its row must not age out of the record."""
+        sent = tuple(dict.fromkeys(hashes))
+        kept = (*(h for h in view.blobs if h not in sent), *sent)[-keep:]
+        before, after = set(view.blobs), set(kept)
+        self._holders.update(after - before)
+        self._drop(before - after)
         view.blobs = kept
 
     def _drop(self, blobs: Iterable[int]) -> None:

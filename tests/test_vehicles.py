@@ -213,6 +213,25 @@ class TestHeldInputs:
         book.remember_blobs(a, [4], keep=3)
         assert a.blobs == (2, 3, 4) and [book.holders(h) for h in (1, 4)] == [1, 1]
 
+    def test_an_input_sent_again_is_the_newest_and_outlasts_older_ones(self) -> None:
+        # Given a car sent row block 9 with each of three column blocks
+        book = VehicleBook("gw1")
+        car = book.heard("car-a")
+        for column in (1, 2, 3):
+            book.remember_blobs(car, [9, column], keep=3)
+        # Then the row block, sent with every tile, is still held; the oldest column not
+        assert car.blobs == (2, 9, 3) and book.holders(9) == 1 and book.holders(1) == 0
+
+    def test_one_input_named_twice_is_held_once(self) -> None:
+        # Given a tile of gemm(A, A) on the diagonal: both inputs are the one block
+        book = VehicleBook("gw1")
+        car = book.heard("car-a")
+        book.remember_blobs(car, [5, 5], keep=3)
+        assert car.blobs == (5,) and book.holders(5) == 1
+        # When the car is forgotten, nothing is left counted
+        book.forget("car-a")
+        assert book.holders(5) == 0 and not book.holds_any()
+
     def test_a_forgotten_car_holds_nothing(self) -> None:
         book = VehicleBook("gw1")
         book.remember_blobs(book.heard("car-a"), [7, 8], keep=8)
