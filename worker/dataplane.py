@@ -38,10 +38,20 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.blobref import OUTPUTS_BLOB, SEALED_OUTPUTS_BLOB
 from parkpool.schemas.codec import MAX_MESSAGE_BYTES, encode_arrays
-from parkpool.schemas.kernels import MAX_ELEMS
+from parkpool.schemas.kernels import MAX_ELEMS, MAX_LAYER_ELEMS, MAX_LAYERS, MAX_WIDTH, check_inputs
 from parkpool.worker.blobcache import Blob, BlobCache
+from parkpool.worker.kernels import BUILTIN, get_kernel
 
-__all__ = ["DEFAULT_RESULT_INLINE_BYTES", "CarData", "fetch", "upload"]
+__all__ = [
+    "DEFAULT_RESULT_INLINE_BYTES",
+    "MAX_OUTPUTS_BYTES",
+    "MAX_SEALED_OUTPUTS_BYTES",
+    "MAX_TASK_INPUT_BYTES",
+    "CarData",
+    "check_refs",
+    "fetch",
+    "upload",
+]
 
 # Outputs whose encoding is at least this large go to the lease's upload URL.
 DEFAULT_RESULT_INLINE_BYTES = 64 << 10
@@ -51,6 +61,18 @@ RETRY_BASE_S = 0.1
 # urllib's timeout is per read, so a store (or a path to it) that drips bytes would hold
 # one of the car's slots, and every task waiting on the same block, while it dripped.
 MIN_BYTES_PER_S = 1 << 20
+# The stored inputs one task may name, all its refs together. Each ref is bounded on its
+# own, but 64 of them could still have a car fetch and hold a hundred GiB before a kernel
+# looked at them. The largest task a built-in kernel takes is an mlp at every limit, in
+# float64: x of MAX_ELEMS, and MAX_LAYERS layers of MAX_LAYER_ELEMS weights and at most
+# MAX_WIDTH biases; 6 GiB and 1 MiB.
+MAX_TASK_INPUT_BYTES = 8 * (MAX_ELEMS + MAX_LAYERS * (MAX_LAYER_ELEMS + MAX_WIDTH))
+# The most stored outputs the SDK reads back: an outputs map it can decode, or a sealed
+# one with 64 KiB more for its envelope (the SDK's own bound is MAX_OUTPUTS_BYTES in
+# producer/claimcheck.py, defined the same way; a car does not import the producer).
+# Anything larger would be uploaded only for the SDK to refuse it.
+MAX_OUTPUTS_BYTES = MAX_MESSAGE_BYTES
+MAX_SEALED_OUTPUTS_BYTES = MAX_MESSAGE_BYTES + (64 << 10)
 
 T = TypeVar("T")
 
@@ -72,17 +94,17 @@ class CarData:
     def hydrate(self, assignment: Assignment, task: TaskChunk) -> TaskChunk:
         """The task with every input in hand: fetched (or cached) and checked.
 
-        Raises ValidationError for an input no kernel may take (before fetching it),
-        DecodeError ``bad_data`` when the store's bytes are not the ones named (or are
-        gone), and BrokerError when the store cannot be reached or refuses the URL.
+        Raises ValidationError for inputs the kernel would not take (before fetching
+        any: ``check_refs``), DecodeError ``bad_data`` when the store's bytes are not the
+        ones named (or are gone), and BrokerError when the store cannot be reached or
+        refuses the URL.
         """
         if not task.refs:
             return task
         if len(assignment.urls) != len(task.refs):
             detail = f"{len(assignment.urls)} URLs for {len(task.refs)} stored inputs"
             raise DecodeError("bad_data", detail)
-        for ref in task.refs:
-            _check_size(ref)
+        check_refs(task)
         arrays: dict[str, np.ndarray] = {}
         for ref, url in zip(task.refs, assignment.urls, strict=True):
             data = self._blob(ref, url)
@@ -102,22 +124,58 @@ class CarData:
 
     def offload(self, result: Result, assignment: Assignment) -> Result:
         """The result with large outputs (sealed or not) uploaded under the lease's URL
-        and named by hash; unchanged when small, or when the gateway gave no URL."""
+        and named by hash; unchanged when small, or when the gateway gave no URL.
+
+        Raises ValidationError ``too_large``, before uploading, for outputs larger than
+        the SDK reads back: every car's outputs for the task would be as large."""
         if not assignment.upload_url or result.refs:
             return result
         sealed = bool(result.sealed_outputs)
         blob = result.sealed_outputs if sealed else encode_arrays(result.outputs)
         if len(blob) < self.result_inline_bytes:
             return result
+        most = MAX_SEALED_OUTPUTS_BYTES if sealed else MAX_OUTPUTS_BYTES
+        if len(blob) > most:
+            detail = f"outputs of {len(blob):,} bytes; the SDK reads {most:,} at most"
+            raise ValidationError("too_large", detail)
         digest = hashlib.sha256(blob).hexdigest()
         upload(assignment.upload_url, blob, self.timeout_s)
         ref = BlobRef(SEALED_OUTPUTS_BLOB if sealed else OUTPUTS_BLOB, digest, len(blob))
         return replace(result, outputs={}, sealed_outputs=b"", refs=(ref,))
 
 
+def check_refs(task: TaskChunk) -> None:
+    """Refuse, before a byte is fetched, stored inputs the car would refuse once they
+    arrived: too large, one by one or together, or not what the task's kernel takes.
+    The car's memory is the owner's, and a ref's size is the producer's word until the
+    bytes arrive; ValidationError, as the kernel's own checks raise."""
+    for ref in task.refs:
+        _check_size(ref)
+    total = sum(ref.size for ref in task.refs)
+    if total > MAX_TASK_INPUT_BYTES:
+        detail = f"stored inputs of {total:,} bytes in all, over {MAX_TASK_INPUT_BYTES:,}"
+        raise ValidationError("too_large", detail)
+    if all(ref.is_array for ref in task.refs):  # sealed inputs are checked once opened
+        _check_kernel_takes(task)
+
+
+def _check_kernel_takes(task: TaskChunk) -> None:
+    """The kernel's checks, with each stored input stood in for by zeros broadcast to
+    its dtype and shape (no memory). The built-in checks look at names, dtypes, shapes
+    and params only (kmeans_step's finite centroids hold for zeros), so they run in
+    full; a plugin's may read values, so a plugin kernel gets the shared checks only."""
+    kernel = get_kernel(task.kernel)
+    stand_ins = {r.name: np.broadcast_to(np.zeros((), r.dtype), r.shape) for r in task.refs}
+    inputs = {**task.inputs, **stand_ins}
+    if kernel.name in BUILTIN:
+        kernel.validate(task.params, inputs)
+    else:
+        required, optional = kernel.required_inputs, kernel.optional_inputs
+        check_inputs(kernel.name, required, optional, task.params, inputs)
+
+
 def _check_size(ref: BlobRef) -> None:
-    """Refuse, before a byte is fetched, an input no kernel may take: the car's memory
-    is the owner's, and a ref's size is the producer's word until the bytes arrive."""
+    """Refuse an input no kernel may take, whatever the task."""
     count = math.prod(ref.shape)
     if ref.is_array and count > MAX_ELEMS:
         raise ValidationError("too_large", f"input {_short(ref)} has {count:,} elements")
@@ -137,10 +195,13 @@ def fetch(url: str, ref: BlobRef, timeout_s: float) -> memoryview:
     except _TooSlowError:
         detail = f"input {_short(ref)} not fetched within {limit_s:.1f} s"
         raise BrokerError(detail) from None
+    except _BadURLError as exc:
+        raise BrokerError(f"cannot fetch input {_short(ref)}: bad URL: {exc}") from None
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 404:
             raise DecodeError("bad_data", f"input {_short(ref)} is gone from the store") from None
-        raise BrokerError(f"store refused input {_short(ref)}: HTTP {exc.code}") from None
+        raise BrokerError(f"store refused input {_short(ref)}: {_answer(exc)}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise BrokerError(f"cannot fetch input {_short(ref)}: {exc}") from None
     if len(data) != ref.size:
@@ -160,16 +221,25 @@ def upload(url: str, blob: bytes, timeout_s: float) -> None:
         _with_retries(lambda: _send(url, blob, timeout_s, limit_s))
     except _TooSlowError:
         raise BrokerError(f"the result upload took longer than {limit_s:.1f} s") from None
+    except _BadURLError as exc:
+        raise BrokerError(f"cannot upload the result: bad URL: {exc}") from None
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 412:
             return
-        raise BrokerError(f"store refused the result upload: HTTP {exc.code}") from None
+        raise BrokerError(f"store refused the result upload: {_answer(exc)}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise BrokerError(f"cannot upload the result: {exc}") from None
 
 
 def _limit(timeout_s: float, size: int) -> float:
     return timeout_s + size / MIN_BYTES_PER_S
+
+
+def _answer(exc: urllib.error.HTTPError) -> str:
+    if 300 <= exc.code < 400:
+        return f"HTTP {exc.code}, a redirect (not followed: presigned URLs do not redirect)"
+    return f"HTTP {exc.code}"
 
 
 def _get(url: str, most: int, timeout_s: float, limit_s: float) -> memoryview:
@@ -180,7 +250,7 @@ def _get(url: str, most: int, timeout_s: float, limit_s: float) -> memoryview:
     buffer = np.empty(most, dtype=np.uint8)
     with _Cutoff(limit_s) as cutoff:
         try:
-            with _OPENER.open(_Request(cutoff, url), timeout=timeout_s) as response:
+            with _open(cutoff, url, timeout_s) as response:
                 got = _read_into(response, buffer.data)
         except (OSError, http.client.HTTPException):
             if cutoff.fired:
@@ -206,9 +276,8 @@ def _read_into(response: Any, view: memoryview) -> int:
 def _send(url: str, blob: bytes, timeout_s: float, limit_s: float) -> bytes:
     headers = {"If-None-Match": "*"}
     with _Cutoff(limit_s) as cutoff:
-        request = _Request(cutoff, url, data=blob, method="PUT", headers=headers)
         try:
-            with _OPENER.open(request, timeout=timeout_s):
+            with _open(cutoff, url, timeout_s, data=blob, method="PUT", headers=headers):
                 pass
         except (OSError, http.client.HTTPException):
             if cutoff.fired:
@@ -217,15 +286,30 @@ def _send(url: str, blob: bytes, timeout_s: float, limit_s: float) -> bytes:
     return b""
 
 
+def _open(cutoff: _Cutoff, url: str, timeout_s: float, **kwargs: Any) -> Any:
+    """The response to one request; _BadURLError when its URL cannot be requested at
+    all: a bad host, port or path makes urllib raise ValueError (UnicodeError for a host
+    IDNA refuses), InvalidURL, or OverflowError (a port past a C long). No retry helps,
+    and none of them may reach the car's catch-all as a fault of its own."""
+    try:
+        return _OPENER.open(_Request(cutoff, url, **kwargs), timeout=timeout_s)
+    except (ValueError, OverflowError, http.client.InvalidURL) as exc:
+        raise _BadURLError(str(exc)) from None
+
+
 class _TooSlowError(Exception):
     """A transfer cut off at its time limit; never tried again."""
+
+
+class _BadURLError(Exception):
+    """A URL that cannot be requested; never tried again."""
 
 
 class _Cutoff:
     """Shuts one transfer's socket once ``limit_s`` has passed, from a timer thread: the
     blocked read wakes with an error or an early end. Covers the TLS handshake, the
-    headers and the body (the connect is bounded by the read timeout itself), on every
-    connection a redirect leads to, without copying what is read.
+    headers and the body (the connect is bounded by the read timeout itself), without
+    copying what is read.
 
     It keeps a duplicate of the socket's descriptor: TLS detaches the socket it wraps,
     and a shutdown through the duplicate still ends the connection both share."""
@@ -295,14 +379,13 @@ class _Watched:
         return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    """urllib's redirects, with the cutoff carried to the request it makes next."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """No redirect is followed: the store answers a presigned GET or PUT itself, and a
+    redirect could lead anywhere, to plain http:// or ftp:// too. The 3xx then reaches
+    the caller as an HTTPError, the store's answer, and is refused like any other."""
 
-    def redirect_request(self, req: Any, *args: Any, **kwargs: Any) -> Any:
-        new = super().redirect_request(req, *args, **kwargs)
-        if new is not None and hasattr(req, "cutoff"):
-            setattr(new, "cutoff", req.cutoff)  # noqa: B010 - urllib makes a plain Request
-        return new
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None
 
 
 class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
@@ -315,7 +398,7 @@ class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
 
 # urllib's default opener with these in place of its HTTP, HTTPS and redirect handlers
 # (proxies from the environment and the rest as before).
-_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS, _Redirects)
+_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS, _NoRedirects)
 
 
 def _with_retries(call: Callable[[], T], tries: int = RETRIES) -> T:

@@ -192,10 +192,19 @@ class TaskLine:
             result = result_of(item, self.vehicle_id, outputs, seconds)
         except DecodeError as exc:  # a reply_key nothing can be sealed to: no car can answer
             return NackReason.INVALID_TASK, f"reply_key: {exc}"
+        return self._offloaded(item, result)
+
+    def _offloaded(self, item: Held, result: Result) -> Result | Refusal:
+        """The result with large outputs in the store, or why they cannot go there."""
         try:
             return self._data.offload(result, item.assignment)
         except BrokerError as exc:
             return NackReason.FETCH_FAILED, f"outputs: {exc}"
+        except ValidationError as exc:
+            # Terminal, as for a result too large to send inline (_finish): every car's
+            # outputs would be as large. Counted with those.
+            self._outbox.too_large += 1
+            return NackReason.INVALID_TASK, f"outputs: {exc}"
 
     def _inputs(self, item: Held) -> TaskChunk | Refusal:
         """The task with its stored inputs fetched, checked and, when sealed, opened; on
