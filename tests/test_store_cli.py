@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``parkpool store lifecycle`` never expires a job's objects sooner than the TTL asked:
+S3 lifecycle rules count whole days, so the hours are rounded up, and it says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from parkpool.app.cli import main
+from parkpool.app.store_cli import expire_days
+
+
+@pytest.fixture(autouse=True)
+def _logging_reset() -> Iterator[None]:
+    """``main`` points structlog at the stderr that capsys captures and then closes; later
+    tests in the process must not log to a closed file."""
+    yield
+    structlog.reset_defaults()
+
+
+class TestExpireDays:
+    """The rule's days are the TTL rounded up to a whole day, and at least one."""
+
+    @pytest.mark.parametrize(
+        ("ttl_hours", "days"),
+        [(0.5, 1), (24, 1), (24.01, 2), (35, 2), (48, 2), (60, 3), (72, 3), (1000, 42)],
+    )
+    def test_never_shorter_than_asked(self, ttl_hours: float, days: int) -> None:
+        # When an operator asks for a TTL in hours
+        # Then the rule keeps objects at least that long, and less than a day longer
+        assert expire_days(ttl_hours) == days
+        assert ttl_hours <= days * 24 < max(ttl_hours, 1) + 24
+
+
+class TestTheCommandSaysSo:
+    """The rounding is in the help, and a TTL that is not a number of hours is refused."""
+
+    def test_the_help_names_whole_days(self, capsys: pytest.CaptureFixture[str]) -> None:
+        # When an operator reads the lifecycle command's help
+        with pytest.raises(SystemExit):
+            main(["store", "lifecycle", "--help"])
+        # Then it says the TTL is rounded up to whole days
+        text = " ".join(capsys.readouterr().out.split())
+        assert "rounded up to whole days" in text
+        assert "objects may stay up to a day longer" in text
+
+    @pytest.mark.parametrize("ttl", ["0", "-3", "nan", "inf"])
+    def test_a_ttl_that_is_not_a_positive_number_is_refused(
+        self, ttl: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # When the lifecycle is asked for with such a TTL
+        # Then it is refused by name, before any store is touched
+        assert main(["store", "lifecycle", "--ttl-hours", ttl]) == 2
+        assert "--ttl-hours must be a positive number of hours" in capsys.readouterr().err
