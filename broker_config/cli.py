@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -34,6 +36,7 @@ from .topics import TopicSpec, bootstrap, load_specs, with_task_partitions
 __all__ = ["add_parser", "run_bootstrap", "run_up"]
 
 log = logs.get_logger("parkpool.brokers")
+T = TypeVar("T")
 # How long a restarted Tansu may refuse the topic check before ``brokers up`` gives up.
 RESTART_PATIENCE_S = 30.0
 
@@ -156,29 +159,28 @@ def partition_counts(kafka_bootstrap: str, namespace: str) -> dict[str, int]:
 def _check_topics(
     brokers: EmbeddedBrokers, namespace: str, specs: tuple[TopicSpec, ...], counts: dict[str, int]
 ) -> None:
-    """After Tansu restarts: create the topics again if they are gone (Kafka in memory),
-    then refuse to go on if any has other partitions than before (keys would move)."""
-    now = _topics_after_restart(brokers.kafka_bootstrap, namespace, specs)
+    """After Tansu restarts: refuse to go on if any topic has other partitions than
+    before (keys would move), before changing anything; create the topics again only
+    where Kafka was in memory and they are all gone, as a restart there leaves them."""
+    kafka = brokers.kafka_bootstrap
+    now = _patiently(lambda: partition_counts(kafka, namespace))
+    if not brokers.durable and not any(now.values()):
+        _patiently(lambda: bootstrap(kafka, namespace, specs=specs))
+        now = _patiently(lambda: partition_counts(kafka, namespace))
     if now != counts:
         raise BrokerError(f"partition counts changed across a Kafka restart: {counts} -> {now}")
     if not brokers.durable:
         print("Kafka restarted in memory: its records are gone, topics recreated", file=sys.stderr)
 
 
-def _topics_after_restart(
-    kafka_bootstrap: str,
-    namespace: str,
-    specs: tuple[TopicSpec, ...],
-    patience_s: float = RESTART_PATIENCE_S,
-) -> dict[str, int]:
-    """Bootstrap again and read the partition counts. A Tansu just restarted can refuse
-    a request or two (seen: "Unknown broker error" on CreateTopics while its store was
-    busy), and ``brokers up`` must not exit on that: it tries again for a while."""
+def _patiently(call: Callable[[], T], patience_s: float = RESTART_PATIENCE_S) -> T:
+    """``call``'s answer, asked again for a while: a Tansu just restarted can refuse a
+    request or two (seen: "Unknown broker error" on CreateTopics while its store was
+    busy), and ``brokers up`` must not exit on that."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            bootstrap(kafka_bootstrap, namespace, specs=specs)
-            return partition_counts(kafka_bootstrap, namespace)
+            return call()
         except BrokerError as exc:
             if time.monotonic() >= deadline:
                 raise

@@ -19,7 +19,6 @@ from parkpool.broker_config import cli as brokers_cli
 from parkpool.broker_config.cli import partition_counts
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.broker_config.supervisor import Supervisor
-from parkpool.broker_config.topics import load_specs
 from parkpool.schemas.errors import BrokerError
 
 
@@ -204,30 +203,23 @@ def is_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("patience_s", [30.0, 0.0], ids=["patient", "out of patience"])
 def test_a_refused_topic_check_after_a_restart_is_tried_again(
-    patience_s: float,
-    brokers: EmbeddedBrokers,
-    namespace: str,
-    monkeypatch: pytest.MonkeyPatch,
+    patience_s: float, brokers: EmbeddedBrokers, namespace: str
 ) -> None:
-    # Given a Kafka that refuses the first bootstrap after a restart, as Tansu can
-    real = brokers_cli.bootstrap
+    # Given a Kafka that refuses the first topic listing after a restart, as Tansu can
     calls: list[int] = []
 
-    def refusing_once(*args: object, **kwargs: object) -> object:
+    def refusing_once() -> dict[str, int]:
         calls.append(1)
         if len(calls) == 1:
-            raise BrokerError("cannot create topic x: Unknown broker error")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+            raise BrokerError("Kafka did not list its topics: Unknown broker error")
+        return partition_counts(brokers.kafka_bootstrap, namespace)
 
-    monkeypatch.setattr(brokers_cli, "bootstrap", refusing_once)
-    check = brokers_cli._topics_after_restart
-    namespace = f"{namespace}r"  # topics of its own, as `brokers up` made them
     if patience_s:
         # Then `brokers up` tries again, and reads the real topics' partitions
-        counts = check(brokers.kafka_bootstrap, namespace, load_specs(), patience_s)
+        counts = brokers_cli._patiently(refusing_once, patience_s)
         assert len(calls) == 2 and counts == partition_counts(brokers.kafka_bootstrap, namespace)
         assert all(counts.values())
     else:
         # Then, out of patience, it says why
         with pytest.raises(BrokerError, match="Unknown broker error"):
-            check(brokers.kafka_bootstrap, namespace, load_specs(), patience_s)
+            brokers_cli._patiently(refusing_once, patience_s)

@@ -1,0 +1,86 @@
+# SPDX-License-Identifier: Apache-2.0
+"""After Tansu restarts under ``parkpool brokers up``, the namespace's topics are
+compared with what they were before anything is created or grown: a topic that lost
+partitions, or is gone from a Kafka that keeps its log, is refused as it is found.
+Only a Kafka kept in memory, whose restart leaves no topic, gets them created again."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from parkpool.broker_config.cli import _check_topics, partition_counts
+from parkpool.broker_config.launcher import EmbeddedBrokers
+from parkpool.broker_config.topics import bootstrap
+from parkpool.schemas.errors import BrokerError
+from tests.conftest import TEST_TOPIC_SPECS
+
+
+def fresh_namespace() -> str:
+    return "b" + uuid.uuid4().hex[:12]
+
+
+def expected(namespace: str) -> dict[str, int]:
+    """The counts ``brokers up`` saw before the restart: every topic as specified."""
+    return {spec.topic_name(namespace): spec.partitions for spec in TEST_TOPIC_SPECS}
+
+
+@pytest.mark.integration
+class TestTopicsAfterARestart:
+    """A restart that changed the topics is refused, and the topics are left as found."""
+
+    def test_a_topic_gone_is_refused_not_created(self, brokers: EmbeddedBrokers) -> None:
+        # Given a restarted Kafka that lists every topic of the namespace but one
+        namespace = fresh_namespace()
+        kept = tuple(spec for spec in TEST_TOPIC_SPECS if spec.name != "jobs")
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=kept)
+        before = partition_counts(brokers.kafka_bootstrap, namespace)
+        # When `brokers up` checks the topics
+        # Then it refuses to go on
+        with pytest.raises(BrokerError, match="partition counts changed"):
+            _check_topics(brokers, namespace, TEST_TOPIC_SPECS, expected(namespace))
+        # And the missing topic was not created behind the refusal
+        assert partition_counts(brokers.kafka_bootstrap, namespace) == before
+
+    def test_a_topic_short_of_partitions_is_refused_not_grown(
+        self, brokers: EmbeddedBrokers
+    ) -> None:
+        # Given a restarted Kafka that lists the tasks topic with one partition, not three
+        namespace = fresh_namespace()
+        short = tuple(s.with_partitions(1) if s.name == "tasks" else s for s in TEST_TOPIC_SPECS)
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=short)
+        before = partition_counts(brokers.kafka_bootstrap, namespace)
+        # When `brokers up` checks the topics
+        # Then it refuses to go on, naming the change, and the topic was not grown
+        with pytest.raises(BrokerError, match="partition counts changed"):
+            _check_topics(brokers, namespace, TEST_TOPIC_SPECS, expected(namespace))
+        assert partition_counts(brokers.kafka_bootstrap, namespace) == before
+
+    def test_topics_as_they_were_pass(self, brokers: EmbeddedBrokers) -> None:
+        # Given a restarted Kafka whose topics are as they were
+        namespace = fresh_namespace()
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=TEST_TOPIC_SPECS)
+        # Then the check passes and changes nothing
+        _check_topics(brokers, namespace, TEST_TOPIC_SPECS, expected(namespace))
+        assert partition_counts(brokers.kafka_bootstrap, namespace) == expected(namespace)
+
+
+@pytest.mark.integration
+def test_a_kafka_in_memory_gets_its_topics_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given `brokers up`'s Kafka kept in memory, with the namespace's topics
+    namespace = fresh_namespace()
+    with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=TEST_TOPIC_SPECS)
+        before = partition_counts(brokers.kafka_bootstrap, namespace)
+        # When Tansu crashes and comes back, its topics gone with its memory
+        brokers.kill_kafka()
+        brokers.start_kafka()
+        assert not any(partition_counts(brokers.kafka_bootstrap, namespace).values())
+        # Then the check creates them again, as they were, and says so
+        _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
+        assert partition_counts(brokers.kafka_bootstrap, namespace) == before == expected(namespace)
+    assert "topics recreated" in capsys.readouterr().err
