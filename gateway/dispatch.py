@@ -20,7 +20,7 @@ from itertools import combinations
 
 from parkpool.gateway.cancels import CancelledJobs
 from parkpool.gateway.kernel_routes import BUILT_IN, KernelRoutes
-from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.leases import Lease, LeaseTable
 from parkpool.gateway.metrics import GatewayMetrics
 from parkpool.gateway.mqtt_link import MqttLink
 from parkpool.gateway.outcomes import TaskOutcomes
@@ -32,7 +32,7 @@ from parkpool.runtime.logs import Logger
 from parkpool.runtime.reputation import ReputationBook
 from parkpool.runtime.sealing import GatewayBox
 from parkpool.runtime.signing import TaskSigner
-from parkpool.schemas import Assignment, AssignmentBatch, DecodeError, encode
+from parkpool.schemas import Assignment, AssignmentBatch, BrokerError, DecodeError, encode
 from parkpool.schemas.blobref import input_key, output_key
 
 # Car ids, queued and msgpack framing of a batch around its assignments, generously.
@@ -48,6 +48,11 @@ BLOBS_REMEMBERED = 8
 LOOKAHEAD_WEIGHT = 0.25
 LOOKAHEAD_MAX_NEW = 3
 SKIP_SAMPLE = 32  # the tasks a pull scans (ReadyQueue.pop), to name why none fit
+# After the store's credentials failed to presign, dispatch waits this long: botocore
+# raises only once the credentials are about to expire and refreshing them failed (an
+# instance role's, a container's), and each refresh it tries may block the loop for
+# seconds (its container provider makes 3 tries 1 s apart), so not one per loop step.
+PRESIGN_RETRY_S = 5.0
 
 
 class Dispatcher:
@@ -81,6 +86,7 @@ class Dispatcher:
         self._fresh_while_quiet: list[VehicleView] = []
         self.box = GatewayBox.load(settings.box_keys)
         self.store = BlobStore(settings.store) if settings.store.enabled else None
+        self._presign_retry_at = 0.0  # monotonic; no task is sent before then
 
     def available(self, view: VehicleView) -> int:
         """Tasks a car may still be sent: what it asked for, less what is on its way."""
@@ -105,7 +111,7 @@ class Dispatcher:
                 self._tell(view, len(self.ready))
         vehicles = self.vehicles
         for _ in range(vehicles.hungry_count()):
-            if not len(self.ready):
+            if not len(self.ready) or self._presign_held():
                 return
             view = vehicles.first_hungry()
             if self.reputation.quarantined(view.vehicle_id):
@@ -113,6 +119,7 @@ class Dispatcher:
                 # releases it (docs/OPERATIONS.md, "A quarantined car").
                 self.metrics.dispatch_skipped.labels("quarantined").inc()
                 vehicles.served(view.vehicle_id, False)
+                vehicles.refused(view.vehicle_id)
                 continue
             available = self.available(view)
             if available > 0:
@@ -152,6 +159,8 @@ class Dispatcher:
         runs = _runs(view)  # the car's kernels do not change while it is served
         alone = not self.vehicles.others_granting(view.vehicle_id)
         for _ in range(wanted):
+            if self._presign_held():
+                break
             task = self.next_dispatchable(
                 _fit_for(view, runs, self.vehicles.kernels, alone=alone),
                 _holds_inputs(view, self.vehicles, self.ready.head(SCAN)),
@@ -196,18 +205,21 @@ class Dispatcher:
     def _assignment(
         self, task: PendingTask, view: VehicleView, inputs_key: bytes, queued: int
     ) -> bytes | None:
-        """The signed assignment under a new lease, or None when MQTT cannot carry it."""
+        """The signed assignment under a new lease, or None when MQTT cannot carry it or
+        its URLs cannot be presigned."""
         lease_seconds = self.settings.lease_seconds
         if task.task.refs and self.store is None:
             detail = "its inputs are in the object store and this gateway has no --store-endpoint"
             self.outcomes.dead_letter(task, "no_object_store", detail)
             return None
         lease = self.leases.grant(view.vehicle_id, task, lease_seconds)
+        try:
+            urls, upload_url = self._urls(task, lease.epoch)
+        except BrokerError as exc:
+            self._presign_failed(lease, exc)
+            return None
         task.dispatches += 1
         task.state = TaskState.LEASED
-        urls, upload_url = self._urls(task, lease.epoch)
-        if task.task.refs:
-            _remember_inputs(self.vehicles, view, task)
         assignment = Assignment(
             gateway_id=self.settings.gateway_id,
             vehicle_id=view.vehicle_id,
@@ -230,12 +242,30 @@ class Dispatcher:
             detail = f"its assignment is {len(payload):,} bytes, over the MQTT limit of {limit:,}"
             self.outcomes.dead_letter(task, "too_large_for_mqtt", detail)
             return None
+        if task.task.refs:  # only now: the car is sent them
+            _remember_inputs(self.vehicles, view, task)
         self.events.debug(
             "task_dispatched", **task.log_context(), vehicle_id=view.vehicle_id, epoch=lease.epoch
         )
         self.metrics.queue_wait.observe(lease.dispatched_at - task.queued_at)
         self.metrics.dispatch.observe(lease.dispatched_at - max(task.queued_at, view.asked_at))
         return payload
+
+    def _presign_held(self) -> bool:
+        """Whether presigning failed lately: with a store, every assignment carries a
+        presigned upload URL, so no task is sent until ``PRESIGN_RETRY_S`` has passed."""
+        return time.monotonic() < self._presign_retry_at
+
+    def _presign_failed(self, lease: Lease, exc: BrokerError) -> None:
+        """The store's credentials could not sign (their refresh failed): neither the
+        car's fault nor the task's. The lease ends unsent, the task goes back uncounted,
+        and dispatch stops for ``PRESIGN_RETRY_S``."""
+        self.leases.end(lease.epoch)
+        self._presign_retry_at = time.monotonic() + PRESIGN_RETRY_S
+        self.metrics.dispatch_skipped.labels("presign_failed").inc()
+        task, car = lease.task, lease.vehicle_id
+        self.events.error("presign_failed", **task.log_context(), vehicle_id=car, error=str(exc))
+        self.outcomes.requeue(task, "presign_failed", car, str(exc), counts=False)
 
     def _urls(self, task: PendingTask, epoch: int) -> tuple[tuple[str, ...], str]:
         """Presigned URLs for the lease: a GET per stored input, good until the lease
@@ -305,8 +335,8 @@ def _fit_for(
     """Only tasks that should finish before the car leaves, confidential ones only for a
     car that can open them, plugin kernels only for a car that announced it runs them
     (or when no car here does: such a task is taken only to be dead-lettered), never
-    one that checks or redoes this car's result, and not one whose last failure was
-    this car's, lately, unless no other online car grants work here (``alone``)."""
+    one that checks or redoes this car's result, and not one this car last failed or
+    handed back, lately, unless no other online car grants work here (``alone``)."""
     can_open = _can_open(view)
     car = view.vehicle_id
     now = time.monotonic()
@@ -390,7 +420,9 @@ def _skip_reason(
     """Why no queued task fit the car: the likeliest of its filters."""
     if queued and not any(runs(t.task.kernel) for t in queued):
         return "no_kernel"
-    now = time.monotonic()
-    if queued and not alone and all(t.shuns(view.vehicle_id, now) for t in queued):
+    car, now = view.vehicle_id, time.monotonic()
+    if queued and all(car in t.task.avoid for t in queued):
+        return "avoided"  # each checks or redoes this car's own result
+    if queued and not alone and all(t.shuns(car, now) for t in queued):
         return "failed_here"
     return "dwell" if _can_open(view) else "no_box_key"

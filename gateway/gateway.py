@@ -67,7 +67,10 @@ class Gateway:
             fetch_wait_ms=settings.task_fetch_wait_ms,
         )
         self.leases = LeaseTable()
-        self.vehicles = VehicleBook(settings.gateway_id, settings.kernel_grace_s)
+        self.reputation = ReputationBook(tallies=False)  # who is quarantined, nothing more
+        self.vehicles = VehicleBook(
+            settings.gateway_id, settings.kernel_grace_s, self.reputation.quarantined
+        )
         self.fleet = FleetStats(self.metrics.registry)
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
@@ -103,7 +106,6 @@ class Gateway:
             metrics=self.metrics,
             events=self.events,
         )
-        self.reputation = ReputationBook(tallies=False)  # who is quarantined, nothing more
         self._reputation_reader: ReputationReader | None = None
         self.dispatcher = Dispatcher(
             settings,
@@ -372,6 +374,6 @@ class Gateway:
 
     def _update_gauges(self) -> None:
         self.metrics.leases.set(len(self.leases))
-        self.metrics.quarantined.set(len(self.reputation.quarantined_cars()))
+        self.metrics.quarantined.set(self.reputation.quarantined_count())
         self.metrics.queued.set(len(self.ready) + len(self.delayed))
         self.metrics.paused.set(len(self.log.paused))

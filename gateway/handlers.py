@@ -276,6 +276,7 @@ class VehicleHandlers:
             lease.vehicle_id,
             nack.detail,
             counts=nack.reason.counts_as_failure,
+            shun=True,  # even uncounted: a car must not nack its way to keeping a task
             terminal=nack.reason.terminal and _confirmed(lease.task, lease.vehicle_id, nack.reason),
             backoff=nack.reason is NackReason.KERNEL_ERROR,
         )

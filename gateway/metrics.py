@@ -143,8 +143,10 @@ class GatewayMetrics:
             # were confidential, and the car announced no key to open them with;
             # no_kernel: a plugin kernel the car did not announce (its manifest);
             # quarantined: the car was caught returning wrong results
-            # failed_here: each was last failed by this car, lately, and another car grants
-            # work here
+            # failed_here: this car last failed or handed back each, lately, and another
+            # car grants work here; avoided: each checks or redoes this car's own result;
+            # presign_failed: the store's credentials could not sign the task's URLs (a
+            # failed refresh), so it went back uncounted and dispatch paused for 5 s
             ["reason"],
             registry=r,
         )

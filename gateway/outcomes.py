@@ -61,11 +61,12 @@ class TaskOutcomes:
     def release_vehicle(
         self, vehicle_id: str, cause: str, detail: str, *, counts: bool = True
     ) -> None:
-        """Every lease the car holds goes back to the queue (it left, or was stopped)."""
+        """Every lease the car holds goes back to the queue (it left, or was stopped),
+        and the car is shunned for each: that it had to stop is only its word."""
         for lease in self._leases.of_vehicle(vehicle_id):
             self._leases.end(lease.epoch)
             self._metrics.redelivered.labels(cause).inc()
-            self.requeue(lease.task, cause, vehicle_id, detail, counts=counts)
+            self.requeue(lease.task, cause, vehicle_id, detail, counts=counts, shun=True)
 
     def requeue(
         self,
@@ -75,10 +76,15 @@ class TaskOutcomes:
         detail: str,
         *,
         counts: bool,
+        shun: bool = False,
         terminal: bool = False,
         backoff: bool = False,
     ) -> None:
-        """Record a failed attempt; then try the task again, or give up on it."""
+        """Record a failed attempt; then try the task again, or give up on it.
+
+        A counted failure shuns the car; so does ``shun``, a return the car chose (a nack,
+        its suspension) that costs the task no attempt.
+        """
         if not self._log.owns(task.tp):
             return  # partition revoked: its new owner has the task
         task.history.append(AttemptRecord(vehicle_id, reason, time.time(), detail[:MAX_DETAIL]))
@@ -87,11 +93,13 @@ class TaskOutcomes:
         # a dead letter reports only the last MAX_ATTEMPTS_KEPT anyway.
         del task.history[:-MAX_ATTEMPTS_KEPT]
         task.failures += int(counts)
-        if counts:
-            # A car is not trusted to end a task alone: while another car here grants
-            # work, the next attempt is another car's (dispatch._fit_for), so a hostile
-            # car cannot spend a task's attempts by being handed it back at once.
+        if counts or shun:
+            # A car is not trusted to end a task alone, nor to keep it: while another car
+            # here grants work, the next attempt is another car's (dispatch._fit_for), so a
+            # hostile car can neither spend a task's attempts by being handed it back at
+            # once, nor hold it to its deadline by handing it back uncounted ("busy").
             task.shunned_by, task.shunned_until = vehicle_id, time.monotonic() + self._shun_s
+        if counts:
             self._metrics.tasks.labels("failed").inc()
             self._metrics.failures.labels(reason).inc()
         self._events.info(

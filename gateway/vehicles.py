@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from parkpool.gateway.kernel_routes import BUILT_IN, GRACE_S, KernelRoutes
@@ -55,8 +55,14 @@ class VehicleView:
 class VehicleBook:
     """Vehicles by id, and the round-robin order in which hungry ones get work."""
 
-    def __init__(self, gateway_id: str, kernel_grace_s: float = GRACE_S) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        kernel_grace_s: float = GRACE_S,
+        quarantined: Callable[[str], bool] = lambda _vehicle_id: False,
+    ) -> None:
         self.gateway_id = gateway_id
+        self._quarantined = quarantined
         self.kernels = KernelRoutes(self._announcers, kernel_grace_s)
         self._vehicles: dict[str, VehicleView] = {}
         self._hungry: OrderedDict[str, None] = OrderedDict()
@@ -70,8 +76,9 @@ class VehicleBook:
         # starting afresh is steered to blocks fewer others hold, so cars spread over a
         # job's rows and columns instead of all fetching the same ones.
         self._holders: Counter[int] = Counter()
-        # Online cars that grant this gateway work (busy or hungry): whether a car that
-        # failed a task is alone here, asked at each pull, without a pass over the fleet.
+        # Online cars that grant this gateway work (busy or hungry), quarantined ones left
+        # out, as they get none: whether a car that failed a task is alone here, asked at
+        # each pull, without a pass over the fleet.
         self._granting: dict[str, None] = {}
 
     def __len__(self) -> int:
@@ -100,14 +107,16 @@ class VehicleBook:
         self.kernels.heard(view.plugin_kernels)
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
-        if view.credits > 0:
+        if view.credits > 0 and not self._quarantined(pull.vehicle_id):
             self._granting[pull.vehicle_id] = None
+        else:
+            self._granting.pop(pull.vehicle_id, None)
+        if view.credits > 0:
             if pull.vehicle_id not in self._hungry:
                 view.asked_at = view.last_heard
             self._hungry[pull.vehicle_id] = None
             self._fresh[pull.vehicle_id] = None
         else:
-            self._granting.pop(pull.vehicle_id, None)
             self._hungry.pop(pull.vehicle_id, None)
         return view
 
@@ -144,6 +153,11 @@ class VehicleBook:
                 self._holders[blob] = left
             else:  # gone, so the counter stays as small as what the cars hold
                 del self._holders[blob]
+
+    def refused(self, vehicle_id: str) -> None:
+        """The car gets no work here (quarantined since its last pull): no other car is
+        to wait on its account."""
+        self._granting.pop(vehicle_id, None)
 
     def others_granting(self, vehicle_id: str) -> bool:
         """Whether an online car other than this one grants this gateway work."""

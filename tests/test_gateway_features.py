@@ -23,17 +23,27 @@ from parkpool.gateway.deadletters import MAX_ATTEMPTS_KEPT
 from parkpool.producer.client import ParkpoolClient
 from parkpool.producer.jobs import JobState
 from parkpool.producer.splitters import ChunkSpec
+from parkpool.runtime.reputation import ReputationBook, ReputationWriter, release
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import (
+    Assignment,
+    Capabilities,
+    KafkaTopics,
     LeaseHeartbeat,
     MqttTopics,
     Nack,
     NackReason,
+    PullRequest,
     Result,
+    VehicleState,
+    VehicleStatus,
     decode,
     encode,
+    peek_type,
 )
+from parkpool.schemas.reputation import Evidence, Level
 from parkpool.worker.fleet import Fleet
+from parkpool.worker.kernels import REGISTRY
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
 from tests.helpers import (
     LeaseHolder,
@@ -52,6 +62,10 @@ TASKS = "parkpool_gateway_tasks_total"
 DROPPED = "parkpool_gateway_dropped_total"
 REDELIVERED = "parkpool_gateway_redelivered_total"
 FAILURES = "parkpool_gateway_task_failures_total"
+SKIPPED = "parkpool_gateway_dispatch_skipped_total"
+QUARANTINED = "parkpool_gateway_quarantined_vehicles"
+# Hand-backs that cost a task no attempt (NackReason.counts_as_failure is False).
+UNCOUNTED = [r for r in NackReason if not r.counts_as_failure]
 
 
 def small_chunks(count: int) -> list[ChunkSpec]:
@@ -294,6 +308,70 @@ class TestUntrustedNacks:
         wait_for(lambda: len(gateway.gateway.ready) == 1, 10, "the task to be queued")
         [task] = gateway.gateway.ready.tasks()
         assert task.failures == 0 and len(task.history) == MAX_ATTEMPTS_KEPT
+
+    @pytest.mark.parametrize("how", [*UNCOUNTED, "suspended"])
+    def test_a_car_that_hands_a_task_back_uncounted_is_not_handed_it_again(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+        how: NackReason | str,
+    ) -> None:
+        # Given a two-chunk job, one chunk held by a hostile car and the other by a
+        # bystander, a car that grants this gateway work (and whose lease the gateway's
+        # shutdown need not wait for)
+        gateway = gateway_factory(lease_seconds=300, drain_seconds=0.5)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(2))
+        hostile = hold_lease(mqtt_conn, topics, vehicle_id="hostile")
+        bystander = hold_lease(mqtt_conn, topics, vehicle_id="bystander")
+        # When the hostile car gives its chunk back at no cost to the task (a nack that
+        # does not count, or a suspension), then asks for work again at once
+        if isinstance(how, NackReason):
+            hand_back(hostile, topics, "hostile", how)
+        else:
+            status = VehicleStatus("hostile", VehicleState.SUSPENDED, time.time(), "owner")
+            hostile.car.publish(topics.status("hostile", "gw1"), encode(status))
+        wait_for(lambda: len(gateway.gateway.ready) == 1, 10, "the chunk back in the queue")
+        again = PullRequest("hostile", 1, Capabilities("numpy", tuple(REGISTRY)), {}, {"gw1": 1})
+        hostile.car.publish(topics.pull("hostile", "gw1"), encode(again))
+        # Then the gateway keeps the chunk for another car rather than hand it back, so
+        # the car cannot hold it to its deadline by giving it back again and again
+        wait_for(lambda: gateway.metric(SKIPPED, reason="failed_here") >= 1, 10, "a skip")
+        sent = [peek_type(bytes(m.payload)) for m in hostile.car.received]
+        assert sent.count(Assignment.TYPE) == 1
+        # And giving it back cost the task no attempt
+        [task] = gateway.gateway.ready.tasks()
+        assert task.failures == 0 and gateway.metric(TASKS, status="failed") == 0
+        hostile.close()
+        bystander.close()
+
+
+class TestQuarantinedGauge:
+    """The gauge of quarantined cars follows the reputation topic, each car once."""
+
+    def test_quarantines_and_a_release_move_the_gauge(
+        self, gateway_factory: GatewayFactory, kafka_conn: KafkaConnection, namespace: str
+    ) -> None:
+        # Given a gateway reading the reputation topic, and two clients that judge cars
+        gateway = gateway_factory()
+        topic = KafkaTopics(namespace).reputation
+        book = ReputationBook()
+        writers = [ReputationWriter(kafka_conn, topic, "sdk-1", book)]
+        writers.append(ReputationWriter(kafka_conn, topic, "sdk-2", ReputationBook()))
+        evidence = (Evidence("job", 0, Level.ALGEBRAIC, "residual over bound", 1.0),)
+        # When one quarantines two cars, and the other one of them again
+        writers[0].quarantine("liar-1", evidence, "wrong_result")
+        writers[0].quarantine("liar-2", evidence, "wrong_result")
+        writers[1].quarantine("liar-1", evidence, "wrong_result")
+        for writer in writers:
+            writer.close()
+        # Then the gauge counts each car once
+        wait_for(lambda: gateway.metric(QUARANTINED) == 2, 30, "both quarantines")
+        # And when an operator releases one, only the other is counted
+        release(kafka_conn, topic, book, "liar-1", "ops", "checked the GPU")
+        wait_for(lambda: gateway.metric(QUARANTINED) == 1, 30, "the release")
 
 
 class TestBackpressure:

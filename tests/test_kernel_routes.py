@@ -5,10 +5,11 @@ grow the table or to make a kernel other cars run look unrunnable."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
-from parkpool.gateway.dispatch import _fit_for, _runs
+from parkpool.gateway.dispatch import _fit_for, _runs, _skip_reason
 from parkpool.gateway.kernel_routes import KernelRoutes
 from parkpool.gateway.tasks import PendingTask
 from parkpool.gateway.vehicles import VehicleBook
@@ -123,6 +124,20 @@ class TestDispatchFilter:
         # And once the window has passed, car-1 may have it again
         work.shunned_until = time.monotonic() - 1
         assert _fit_for(failed, _runs(failed), book.kernels, alone=False)(work)
+
+    def test_a_car_kept_from_checks_of_its_own_results_is_told_why(self) -> None:
+        # Given a car, and queued tasks that each check or redo its own result
+        book = VehicleBook("gw1", kernel_grace_s=0.0)
+        car = book.on_pull(pull("car-1"))
+        checks = [task("gemm") for _ in range(3)]
+        for check in checks:
+            check.task = dataclasses.replace(check.task, avoid=("car-1",))
+        # Then none fits it, and the skip names the reason, not its dwell or box key
+        assert not any(map(_fit_for(car, _runs(car), book.kernels, alone=False), checks))
+        assert _skip_reason(_runs(car), checks, car, False) == "avoided"
+        # And when one of them is some other car's check, the reason is not "avoided"
+        checks[1].task = dataclasses.replace(checks[1].task, avoid=("car-2",))
+        assert _skip_reason(_runs(car), checks, car, False) != "avoided"
 
     def test_a_flood_of_names_from_one_car_leaves_other_cars_kernels_alone(self) -> None:
         # Given a car that runs softmax_grad, and a task naming it

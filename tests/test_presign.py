@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
 from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.exceptions import CredentialRetrievalError
 
+from parkpool.gateway.gateway import Gateway, GatewaySettings
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.presign import Presigner
-from parkpool.runtime.settings import Secret, StoreConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
+from parkpool.schemas.errors import BrokerError, ConfigError
 
 ENDPOINT = "http://127.0.0.1:9000"
 KEYS = [
@@ -117,9 +121,69 @@ def test_rotating_credentials_are_read_at_each_signature() -> None:
     assert "X-Amz-Credential=AKIDSECOND%2F" in url
 
 
-def test_no_credentials_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="no credentials"):
-        Presigner(ENDPOINT, "parkpool", "eu-west-1", None).get(KEYS[0], 30)
+def test_no_credentials_is_a_clear_error_at_start() -> None:
+    # When a presigner is made without credentials, Then it says so before any URL
+    with pytest.raises(ConfigError, match="no credentials"):
+        Presigner(ENDPOINT, "parkpool", "eu-west-1", None)
+
+
+@pytest.fixture
+def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """boto3's chain finds nothing: no AWS_* keys, no files, no instance role."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.mark.usefixtures("no_ambient_credentials")
+@pytest.mark.parametrize(
+    ("access", "secret", "match"),
+    [("", "", "no credentials for the object store at"), ("AKIDEXAMPLE", "", "both")],
+)
+def test_a_store_without_credentials_fails_at_start(access: str, secret: str, match: str) -> None:
+    # Given a store configured without (whole) credentials, and none in the environment
+    conn = StoreConnection(ENDPOINT, access_key=access, secret_key=Secret(secret))
+    # When it is opened (a gateway's or client's start), Then it fails by name, at once
+    with pytest.raises(ConfigError, match=match):
+        BlobStore(conn)
+
+
+@pytest.mark.usefixtures("no_ambient_credentials")
+def test_a_gateway_without_store_credentials_does_not_start() -> None:
+    # Given a gateway configured with a store but no credentials for it
+    settings = GatewaySettings(
+        "gw1",
+        KafkaConnection("127.0.0.1:9"),
+        MqttConnection("127.0.0.1", 9),
+        "ns",
+        store=StoreConnection(ENDPOINT),
+    )
+    # Then it refuses to be built, before it could lease a task it cannot presign
+    with pytest.raises(ConfigError, match="--store-access-key"):
+        Gateway(settings)
+
+
+def test_a_failed_refresh_is_a_broker_error() -> None:
+    # Given credentials about to expire whose refresh fails (an instance role's metadata
+    # service that does not answer)
+    def refresh() -> dict[str, str]:
+        raise CredentialRetrievalError(provider="iam-role", error_msg="no answer")
+
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+    creds = RefreshableCredentials.create_from_metadata(
+        {"access_key": "AKID", "secret_key": "s", "token": "", "expiry_time": expiry},
+        refresh,
+        "test",
+    )
+    store = BlobStore(StoreConnection(ENDPOINT, access_key="AKID", secret_key=Secret("s")))
+    store._presigner = Presigner(ENDPOINT, "parkpool", "eu-west-1", creds)
+    # When a URL is signed, Then the failure is the project's own, naming the key
+    with pytest.raises(BrokerError, match=f"cannot presign {KEYS[0]}"):
+        store.presign_get(KEYS[0], 30)
 
 
 def test_the_blob_store_presigns_for_its_public_endpoint() -> None:

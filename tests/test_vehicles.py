@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from parkpool.gateway.vehicles import VehicleBook
+from parkpool.runtime.reputation import ReputationBook
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
+from parkpool.schemas.reputation import CarState, QuarantineNotice
 
 CAPS = Capabilities("numpy", ("reduce", "poly"))
 
@@ -194,6 +196,26 @@ class TestStates:
             book.on_pull(pull("car-b", 2))
             leave()
             assert not book.others_granting("car-a")
+
+    def test_a_quarantined_car_is_no_other_cars_reason_to_wait(self) -> None:
+        # Given a book that asks the gateway's reputation book who is quarantined, and
+        # car-a granting work beside car-bad, which was quarantined since its last pull
+        reputation = ReputationBook(tallies=False)
+        book = VehicleBook("gw1", quarantined=reputation.quarantined)
+        book.on_pull(pull("car-a", 1))
+        book.on_pull(pull("car-bad", 1))
+        reputation.apply(QuarantineNotice("car-bad", CarState.QUARANTINED, 0, 1.0, "sdk", "lied"))
+        assert book.others_granting("car-a")
+        # When dispatch refuses it work, Then car-a is alone
+        book.refused("car-bad")
+        assert not book.others_granting("car-a")
+        # And however often car-bad pulls, it stays hungry but car-a stays alone
+        book.on_pull(pull("car-bad", 4))
+        assert not book.others_granting("car-a") and "car-bad" in book.hungry()
+        # When an operator releases it, Then its next pull counts it again
+        reputation.apply(QuarantineNotice("car-bad", CarState.RELEASED, 1, 2.0, "ops", "released"))
+        book.on_pull(pull("car-bad", 1))
+        assert book.others_granting("car-a")
 
 
 class TestHeldInputs:

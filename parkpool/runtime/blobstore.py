@@ -14,13 +14,13 @@ import io
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from parkpool.runtime.settings import StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
-__all__ = ["BlobStore", "s3_client", "sha256_hex"]
+__all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex"]
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -41,7 +41,8 @@ class BlobStore:
         self._client = _client(session, conn.endpoint)
         # URLs name the endpoint cars reach; SigV4 signs the host, so sign for that one.
         public = conn.public_endpoint or conn.endpoint
-        self._presigner = Presigner(public, self.bucket, conn.region, session.get_credentials())
+        credentials = _credentials(conn, session)
+        self._presigner = Presigner(public, self.bucket, conn.region, credentials)
         self._lock = threading.Lock()
         self.puts = 0  # objects written by this client (content addressing: once each)
         self.put_bytes = 0
@@ -88,7 +89,12 @@ class BlobStore:
         """The object's bytes, or only its first ``most`` (a reader that knows the size
         asks one more, to see a longer body without holding all of it). BrokerError for
         any failure, one while the body streams included."""
-        response = self._call(f"read {key}", self._client.get_object, Bucket=self.bucket, Key=key)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if _code(exc) in _MISSING:
+                raise ObjectMissing(f"{key} is not in the object store") from None
+            raise BrokerError(f"object store cannot read {key}: {_why(exc)}") from None
         stream = response["Body"]
         try:
             body: bytes = stream.read(most)
@@ -102,7 +108,7 @@ class BlobStore:
         try:
             self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if _code(exc) in _MISSING:
                 return False
             raise BrokerError(f"object store cannot check {key}: {_why(exc)}") from None
         return True
@@ -155,18 +161,35 @@ class BlobStore:
     # ---------------------------------------------------------------- presigning
 
     def presign_get(self, key: str, expires_s: float) -> str:
-        return self._presigner.get(key, _url_lifetime(expires_s))
+        return self._presign(self._presigner.get, key, expires_s)
 
     def presign_put(self, key: str, expires_s: float) -> str:
         """A write-once URL: the car must send ``If-None-Match: *`` (it is signed), so
         nothing, not even the same car, can replace what was written under it."""
-        return self._presigner.put_once(key, _url_lifetime(expires_s))
+        return self._presign(self._presigner.put_once, key, expires_s)
+
+    def _presign(self, sign: Callable[[str, int], str], key: str, expires_s: float) -> str:
+        """BrokerError when it fails: local HMAC, but rotating credentials (an instance
+        role's, IRSA's) are refreshed first, and a refresh can fail."""
+        try:
+            return sign(key, _url_lifetime(expires_s))
+        except Exception as exc:
+            raise BrokerError(f"object store cannot presign {key}: {_why(exc)}") from None
 
     def _call(self, what: str, method: Any, **kwargs: Any) -> Any:
         try:
             return method(**kwargs)
         except Exception as exc:
             raise BrokerError(f"object store cannot {what}: {_why(exc)}") from None
+
+
+class ObjectMissing(BrokerError):  # noqa: N818 - reads as what happened
+    """The store answered: no such object. Not an outage, so a caller may blame whoever
+    named the key (a car's result) rather than the store."""
+
+
+# The codes S3 and its look-alikes give a GET or HEAD of a key that is not there.
+_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 class BufferReader(io.RawIOBase):
@@ -204,6 +227,22 @@ def _url_lifetime(expires_s: float) -> int:
     # SigV4 signs the time truncated to the second, so one second more makes the URL
     # live at least as long as asked, never up to a second less; S3 allows 7 days.
     return max(1, min(math.ceil(expires_s) + 1, 7 * 24 * 3600))
+
+
+def _credentials(conn: StoreConnection, session: Any) -> Any:
+    """The session's credentials; ConfigError, at start, when there are none: every
+    request and every URL is signed, so a store without them can do nothing at all."""
+    if bool(conn.access_key) != bool(conn.secret_key.value):
+        raise ConfigError("set both --store-access-key and --store-secret-key, or neither")
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise ConfigError(
+            f"no credentials for the object store at {conn.endpoint}: set "
+            "--store-access-key and --store-secret-key (PARKPOOL_STORE_ACCESS_KEY, "
+            "PARKPOOL_STORE_SECRET_KEY), or give boto3 its own (AWS_* variables, a "
+            "credentials file, an instance role)"
+        )
+    return credentials
 
 
 def _session(conn: StoreConnection) -> Any:

@@ -21,6 +21,8 @@ from urllib.parse import quote
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 
+from parkpool.schemas.errors import ConfigError
+
 __all__ = ["Presigner"]
 
 
@@ -28,8 +30,10 @@ class Presigner:
     """Path-style presigned GET and write-once PUT URLs for one bucket of one endpoint."""
 
     def __init__(self, endpoint: str, bucket: str, region: str, credentials: Any) -> None:
-        # ``credentials`` is botocore's (get_frozen_credentials() per use); None only for
-        # a store that takes anonymous requests, where nothing can be signed.
+        # ``credentials`` is botocore's (get_frozen_credentials() per use). None fails
+        # here, at start, rather than at the first task given to a car.
+        if credentials is None:
+            raise ConfigError(f"no credentials to presign URLs of {endpoint} with")
         self._base = f"{endpoint.rstrip('/')}/{quote(bucket, safe='')}"
         self._region = region
         self._credentials = credentials
@@ -46,8 +50,6 @@ class Presigner:
         return self._sign("PUT", key, expires_s, {"If-None-Match": "*"})
 
     def _sign(self, method: str, key: str, expires_s: int, headers: dict[str, str]) -> str:
-        if self._credentials is None:
-            raise ValueError("no credentials to presign with")
         # S3 keys are URI-encoded once, slashes kept, as botocore encodes a {Key+} label.
         request = AWSRequest(method, f"{self._base}/{quote(key, safe='/~')}", headers)
         frozen = self._credentials.get_frozen_credentials()

@@ -76,6 +76,9 @@ class ReputationBook:
         self._cars: dict[str, _Car] = {}
         self._lock = threading.Lock()
         self._tallies = tallies
+        # Kept as notices come, for a gauge read at every gateway loop step: counting
+        # would be a pass over every car the book holds.
+        self._quarantined = 0
 
     def apply(self, message: CarTally | QuarantineNotice) -> None:
         if not self._tallies and isinstance(message, CarTally):
@@ -83,6 +86,7 @@ class ReputationBook:
         with self._lock:
             car = self._cars.setdefault(message.vehicle_id, _Car())
             if isinstance(message, QuarantineNotice):
+                self._quarantined += _quarantines(message) - _quarantines(car.quarantine)
                 car.quarantine = message
                 car.generation = max(car.generation, message.generation)
             else:
@@ -108,7 +112,11 @@ class ReputationBook:
         with self._lock:
             car = self._cars.get(vehicle_id)
             notice = car.quarantine if car is not None else None
-        return notice is not None and notice.state is CarState.QUARANTINED
+        return _quarantines(notice)
+
+    def quarantined_count(self) -> int:
+        """How many cars are quarantined: a counter's read, whatever the book's size."""
+        return self._quarantined
 
     def cars(self) -> list[str]:
         with self._lock:
@@ -116,6 +124,10 @@ class ReputationBook:
 
     def quarantined_cars(self) -> list[str]:
         return [car for car in self.cars() if self.quarantined(car)]
+
+
+def _quarantines(notice: QuarantineNotice | None) -> bool:
+    return notice is not None and notice.state is CarState.QUARANTINED
 
 
 class ReputationReader(threading.Thread):
