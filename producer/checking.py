@@ -24,7 +24,7 @@ from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, 
 from parkpool.runtime import logs
 from parkpool.runtime.reputation import ReputationBook, ReputationReader, ReputationWriter
 from parkpool.runtime.settings import KafkaConnection
-from parkpool.schemas import BrokerError, Result, TaskChunk
+from parkpool.schemas import BrokerError, ParkpoolError, Result, TaskChunk
 from parkpool.schemas.kernels import spec as kernel_spec
 from parkpool.schemas.messages import MAX_AVOIDED
 from parkpool.schemas.reputation import Level
@@ -108,9 +108,25 @@ class ResultChecks:
         except Exception as exc:  # a bug in a check must fail the chunk, not the reader
             log.exception("result_check_failed", job_id=handle.job_id, chunk_id=result.chunk_id)
             self.metrics.results_refused.labels("check_error").inc()
-            handle.refused(result.chunk_id, f"check_error: {exc}")
+            self.failed(handle, result.chunk_id, f"check_error: {exc}")
             return
         self._act(handle, job, actions)
+
+    def unusable(self, handle: JobHandle[Any], result: Result, detail: str) -> None:
+        """A result whose stored outputs are missing or not what its car named: redone
+        on another car while tries are left, else the chunk fails (and its check group
+        goes on without it)."""
+        job = self._job(handle.job_id)
+        if job is None or not 0 <= result.chunk_id < len(job.tasks):
+            handle.refused(result.chunk_id, f"outputs_unreadable: {detail}")
+            return
+        self._act(handle, job, job.verifier.unusable(result, detail))
+
+    def failed(self, handle: JobHandle[Any], chunk_id: int, reason: str) -> None:
+        """The chunk fails for good: the job is told, and tiles held for its check group
+        are judged without it; else they, and the job, would wait for ever."""
+        handle.refused(chunk_id, reason)
+        self.abandoned(handle, chunk_id)
 
     def abandoned(self, handle: JobHandle[Any], chunk_id: int) -> None:
         job = self._job(handle.job_id)
@@ -134,7 +150,7 @@ class ResultChecks:
             elif isinstance(action, Redo):
                 self._redo(handle, job, action)
             elif isinstance(action, Fail):
-                handle.refused(action.chunk_id, action.reason)
+                self.failed(handle, action.chunk_id, action.reason)
             elif isinstance(action, Misfit):
                 handle.deliver(action.result, time.time(), Level.UNCHECKED)
 
@@ -153,12 +169,14 @@ class ResultChecks:
         self.metrics.redone.labels(self._why(handle, redo)).inc()
         try:
             self._send_task(dataclasses.replace(task, avoid=avoid))
-        except BrokerError as exc:
-            handle.refused(redo.chunk_id, f"redo_not_sent: {exc}")
+        except ParkpoolError as exc:  # Kafka down, or a record its avoid list outgrew
+            self.failed(handle, redo.chunk_id, f"redo_not_sent: {exc}")
             return
         log.info("chunk_redone", job_id=handle.job_id, chunk_id=redo.chunk_id, avoid=avoid)
 
     def _why(self, handle: JobHandle[Any], redo: Redo) -> str:
+        if redo.why:
+            return redo.why
         if not handle.awaits(redo.chunk_id):
             return "ringer"
         if any(self.book.quarantined(car) for car in redo.avoid):

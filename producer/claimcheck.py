@@ -19,7 +19,7 @@ import numpy as np
 
 from parkpool.producer.plans import row_bands
 from parkpool.runtime import logs
-from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.blobstore import BlobStore, ObjectMissing
 from parkpool.runtime.kafka import record_size
 from parkpool.schemas import BlobRef, DecodeError, Result, TaskChunk, encode
 from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, input_key, output_key
@@ -191,7 +191,12 @@ def fetch_outputs(store: BlobStore, result: Result) -> Result:
     if ref.size > MAX_OUTPUTS_BYTES:  # the car's word: refused before a byte is read
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s outputs claim {ref.size:,} bytes")
     # One byte more than named shows a longer object, without reading all of it.
-    data = store.get(output_key(result.job_id, result.chunk_id, result.epoch), ref.size + 1)
+    key = output_key(result.job_id, result.chunk_id, result.epoch)
+    try:
+        data = store.get(key, ref.size + 1)
+    except ObjectMissing:  # the car named outputs it never uploaded under its lease
+        detail = f"chunk {result.chunk_id}'s outputs are not in the store"
+        raise DecodeError("bad_data", detail) from None
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s stored outputs do not match")
     if ref.name == SEALED_OUTPUTS_BLOB:

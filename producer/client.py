@@ -39,7 +39,7 @@ from parkpool.producer.attach import CLOCK_SKEW_S, find_job, high_watermarks, jo
 from parkpool.producer.checking import ResultChecks
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.jobids import new_job_id
-from parkpool.producer.jobs import JobHandle
+from parkpool.producer.jobs import JobHandle, JobState
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import Array
 from parkpool.producer.splitters import Assembler, ChunkSpec, JobPlan
@@ -70,6 +70,7 @@ from parkpool.schemas import (
     DecodeError,
     JobSubmitted,
     KafkaTopics,
+    ParkpoolError,
     Priority,
     Result,
     TaskChunk,
@@ -138,7 +139,11 @@ class ParkpoolClient:
         self.reply_topic = settings.reply_topic or self.topics.results
         self.decode_errors = 0
         self.metrics = SdkMetrics.on(settings.registry)
-        self._producer = Producer(producer_config(settings.kafka))
+        # Replaced when it fails for good or stalls (a restarted broker that forgot its
+        # producer id refuses it for ever); each operation takes the live one once.
+        self._producer_lock = threading.Lock()
+        self._renew_producer = False
+        self._producer = self._new_producer()
         self._handles: dict[str, JobHandle[Any]] = {}
         self._attached: set[str] = set()  # jobs this client did not submit: no checks here
         self._lock = threading.Lock()
@@ -166,12 +171,32 @@ class ParkpoolClient:
         self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
         self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
 
+    def _new_producer(self) -> Producer:
+        return Producer(producer_config(self.settings.kafka, error_cb=self._on_producer_error))
+
+    def _on_producer_error(self, err: KafkaError) -> None:
+        if err.fatal():  # served by poll/flush, on whichever thread called them
+            self._renew_producer = True
+
+    def _live_producer(self) -> Producer:
+        """The producer to send with, a new one when the last failed for good or stalled.
+        What the old one still held is purged, which fails those records' reports."""
+        with self._producer_lock:
+            if self._renew_producer:
+                old, self._producer = self._producer, self._new_producer()
+                self._renew_producer = False
+                old.purge()
+                old.flush(0)
+                self.metrics.producer_recreated.inc()
+                log.warning("sdk_producer_recreated")
+            return self._producer
+
     def _jobs_topic_if_there(self) -> str | None:
         """The jobs topic, or None in a namespace bootstrapped before it existed: its
         jobs then run as before and cannot be attached to, rather than fail at submit."""
         try:
             # All topics, not one: asking for one by name may create it with defaults.
-            found = self._producer.list_topics(timeout=10).topics
+            found = self._live_producer().list_topics(timeout=10).topics
         except KafkaException:
             found = {}
         topic = found.get(self.topics.jobs)
@@ -231,16 +256,31 @@ class ParkpoolClient:
             self._status.close()
         self._closed.set()
         self._reader.join(timeout=10)
+        self._end_running()
         self._fetcher.shutdown(wait=True, cancel_futures=True)
         self._cleaner.shutdown(wait=True)
         if self._checks is not None:
             self._checks.close()
-        self._producer.flush(10)
+        self._live_producer().flush(10)
         # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
         # are freed now, not at some later garbage collection while brokers may be gone.
         self._reader.client = None
         with self._lock:
             self._handles.clear()
+
+    def _end_running(self) -> None:
+        """Jobs still running when the client closes: their waiters are told now rather
+        than left blocked. Their chunks may still run on the fleet and their objects stay
+        (another client can ``attach`` and follow them; the TTL collects them)."""
+        with self._lock:
+            running = list(self._handles.values())
+        for handle in running:
+            handle.lost(
+                ParkpoolError(
+                    f"the client closed before job {handle.job_id} ended; "
+                    "attach from another client to follow it"
+                )
+            )
 
     # ---------------------------------------------------------------- submitting
 
@@ -523,15 +563,24 @@ class ParkpoolClient:
         """A job that was not submitted: its objects go once no upload can still add one."""
         if uploads is not None:
             self.metrics.blobs_uploaded.inc(uploads.close())
-            self._job_ended(job_id)
+            self._job_ended(job_id, JobState.FAILED, unfollowed=False)
 
-    def _job_ended(self, job_id: str) -> None:
-        """Completed, failed or cancelled: its stored inputs and outputs are deleted now
-        (a store lifecycle rule catches what a crashed client leaves behind)."""
+    def _job_ended(self, job_id: str, state: JobState, unfollowed: bool) -> None:
+        """Completed or failed: its stored inputs and outputs are deleted now. Not yet when
+        cancelled (``cancel`` deletes once gateways were told to drop it), nor when the
+        client stopped following a job whose chunks may still run (Kafka lost, the client
+        closed): cars would be sent after objects that are gone. A store lifecycle rule
+        catches what is left."""
         if self._checks is not None:
             self._checks.end(job_id)
+        if state is JobState.CANCELLED or unfollowed:
+            return
+        self._delete_soon(job_id)
+
+    def _delete_soon(self, job_id: str) -> None:
         if self._store is not None and not self._closed.is_set():
-            self._cleaner.submit(self._delete_job, job_id)
+            with contextlib.suppress(RuntimeError):  # closing: the TTL collects them
+                self._cleaner.submit(self._delete_job, job_id)
 
     def _delete_job(self, job_id: str) -> None:
         assert self._store is not None
@@ -590,22 +639,25 @@ class ParkpoolClient:
                 failures.append(str(err))
 
         sent = 0
+        producer = self._live_producer()
         try:
             if self._jobs_topic is not None:
-                refused = produce(self._producer, self._jobs_topic, encode(header), job_id, report)
+                refused = produce(producer, self._jobs_topic, encode(header), job_id, report)
                 if refused is not None:
                     failures.append(str(refused))
             for (key, value), task in zip(records, tasks, strict=True):
                 if uploads is not None:
                     uploads.ready(task)
-                refused = produce(self._producer, self.topics.tasks, value, key, report)
+                refused = produce(producer, self.topics.tasks, value, key, report)
                 if refused is not None:
                     failures.append(str(refused))
                 sent += 1
         except BrokerError:
             self._withdraw(job_id, sent)
             raise
-        remaining = self._producer.flush(self.settings.publish_timeout_s)
+        remaining = producer.flush(self.settings.publish_timeout_s)
+        if remaining:  # stalled, as one a restarted broker forgot is: the next gets a new one
+            self._renew_producer = True
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
             raise BrokerError(
@@ -623,10 +675,12 @@ class ParkpoolClient:
             if err is not None:
                 log.warning("redo_not_delivered", job_id=task.job_id, reason=str(err))
 
+        producer = self._live_producer()
         try:
-            refused = produce(self._producer, self.topics.tasks, value, key, report)
-            self._producer.poll(0)
+            refused = produce(producer, self.topics.tasks, value, key, report)
+            producer.poll(0)
         except KafkaException as exc:  # a fatal producer error, raised by poll
+            self._renew_producer = True
             raise BrokerError(f"redo of chunk {task.chunk_id} not sent: {exc}") from None
         if refused is not None:
             raise BrokerError(f"redo of chunk {task.chunk_id} refused: {refused}")
@@ -650,7 +704,8 @@ class ParkpoolClient:
         cancel after the job's own records there, so no chunk can slip past it.
         """
         record = encode(CancelJob(job_id, time.time(), reason))
-        partitions = self._producer.list_topics(self.topics.tasks, timeout=10)
+        producer = self._live_producer()
+        partitions = producer.list_topics(self.topics.tasks, timeout=10)
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
@@ -658,12 +713,20 @@ class ParkpoolClient:
                 failures.append(str(err))
 
         for partition in partitions.topics[self.topics.tasks].partitions:
-            self._producer.produce(
+            producer.produce(
                 self.topics.tasks, record, key=job_id, partition=partition, on_delivery=report
             )
-        if self._producer.flush(self.settings.publish_timeout_s) or failures:
+        if producer.flush(self.settings.publish_timeout_s) or failures:
+            # Its objects stay: chunks still queued would otherwise be sent after them.
             raise BrokerError(f"cancel of job {job_id} not confirmed by Kafka: {failures[:3]}")
         log.info("job_cancel_sent", job_id=job_id)
+        if self._owns(job_id):
+            self._delete_soon(job_id)
+
+    def _owns(self, job_id: str) -> bool:
+        """A job this client submitted and still follows (not one it attached to)."""
+        with self._lock:
+            return job_id in self._handles and job_id not in self._attached
 
     # ---------------------------------------------------------------- results
 
@@ -802,7 +865,14 @@ class ParkpoolClient:
             # On the fetcher's thread an error nobody expects would vanish with its
             # future, and the caller would wait on the chunk for ever.
             log.exception("result_unreadable", job_id=handle.job_id, chunk_id=result.chunk_id)
-            handle.refused(result.chunk_id, f"outputs_unreadable: {exc!r}")
+            self._failed(handle, result.chunk_id, f"outputs_unreadable: {exc!r}")
+
+    def _failed(self, handle: JobHandle[Any], chunk_id: int, reason: str) -> None:
+        """The chunk fails for good; its check group, if any, goes on without it."""
+        if self._checks is not None and handle.job_id not in self._attached:
+            self._checks.failed(handle, chunk_id, reason)
+        else:
+            handle.refused(chunk_id, reason)
 
     @contextlib.contextmanager
     def _refusing(self, job_id: str, topic: str | None) -> Iterator[None]:
@@ -824,9 +894,17 @@ class ParkpoolClient:
             raise DecodeError("bad_data", "outputs are in the object store; no store is set")
         try:
             return fetch_outputs(self._store, result)
-        except (BrokerError, DecodeError) as exc:
-            # The result was already acknowledged: say so on the job, never hang on it.
-            handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
+        except DecodeError as exc:
+            # Missing, or not the bytes the car named: the car's word failed, as a wrong
+            # number would; checked jobs redo the chunk elsewhere. Never hang on it.
+            if self._checks is not None and handle.job_id not in self._attached:
+                self._checks.unusable(handle, result, str(exc))
+            else:
+                handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
+            raise
+        except BrokerError as exc:
+            # The store failed us, not the car: the chunk fails, by name.
+            self._failed(handle, result.chunk_id, f"outputs_unreadable: {exc}")
             raise DecodeError("bad_data", str(exc)) from None
 
 
@@ -1012,12 +1090,28 @@ class _ResultReader(threading.Thread):
                         if record.error() is None:
                             self._down_since = None
                             if self._routes(record):
-                                client._route(record)
+                                self._route(client, record)
                         else:
                             self._ladder.read()  # a failing fetch: no stall of the listing
                 self._check_stalls(client)
+        except Exception as exc:
+            # Every job of this client waits on this thread: tell them, never hang them.
+            log.exception("result_reader_failed")
+            client._broker_lost(BrokerError(f"the result reader stopped: {exc!r}"))
         finally:
             self.consumer.close()
+
+    def _route(self, client: ParkpoolClient, record: Message) -> None:
+        """One record to its job; a failure on it fails that job, not every other."""
+        try:
+            client._route(record)
+        except Exception as exc:
+            key = (record.key() or b"").decode("utf-8", "replace")
+            log.exception("result_route_failed", job_id=key, topic=record.topic())
+            client.metrics.results_refused.labels("internal_error").inc()
+            handle = client.handle(key)
+            if handle is not None:
+                handle.lost(ParkpoolError(f"reading a result of job {key} failed: {exc!r}"))
 
     def _on_error(self, error: KafkaError) -> None:
         """librdkafka's error events (from poll, on this thread): note when the broker

@@ -16,8 +16,11 @@ import numpy as np
 
 from parkpool.producer.plans import Assembler
 from parkpool.producer.streams import ChunkStream, ProgressStream, awaitable
+from parkpool.runtime import logs
 from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
 from parkpool.schemas.reputation import Level
+
+log = logs.get_logger("parkpool.producer")
 
 
 class JobState(enum.StrEnum):
@@ -105,7 +108,7 @@ class JobHandle(Generic[R]):
         assembler: None,
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
-        on_end: Callable[[str], None] | None = None,
+        on_end: Callable[[str, JobState, bool], None] | None = None,
     ) -> None: ...
 
     @overload
@@ -116,7 +119,7 @@ class JobHandle(Generic[R]):
         assembler: Assembler[R],
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
-        on_end: Callable[[str], None] | None = None,
+        on_end: Callable[[str, JobState, bool], None] | None = None,
     ) -> None: ...
 
     def __init__(
@@ -126,10 +129,13 @@ class JobHandle(Generic[R]):
         assembler: Assembler[R] | None,
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
-        on_end: Callable[[str], None] | None = None,
+        on_end: Callable[[str, JobState, bool], None] | None = None,
     ) -> None:
         self.job_id = job_id
-        self._on_end = on_end  # called once, as the job ends: the SDK deletes its objects
+        # Called once, as the job ends, with its state and whether the client stopped
+        # following it (lost, closed): the SDK deletes its objects only when nothing of
+        # it can still run, or once gateways were told to drop it.
+        self._on_end = on_end
         self._observer: JobObserver = observer or _Unobserved()
         self._canceller = canceller
         self.n_chunks = n_chunks
@@ -371,7 +377,7 @@ class JobHandle(Generic[R]):
         self._state = state
         self._observer.job_ended(state)
         if self._on_end is not None:
-            self._on_end(self.job_id)
+            self._on_end(self.job_id, state, self._error is not None)
         self._changed_locked()
 
     def _changed_locked(self) -> None:
@@ -389,10 +395,13 @@ class JobHandle(Generic[R]):
             listeners = list(self._listeners)
             ending = self._state is not JobState.RUNNING and not self._settled
             self._settled = self._settled or ending
-        for listener in listeners:
-            listener(progress)
-        if ending:
+        if ending:  # first: a listener that raises must not leave the future unsettled
             self._settle(progress.state)
+        for listener in listeners:
+            try:
+                listener(progress)
+            except Exception:  # the caller's code, on the reader's thread: never fatal
+                log.exception("progress_listener_failed", job_id=self.job_id)
 
     def _settle(self, state: JobState) -> None:
         if state is JobState.CANCELLED:
@@ -405,7 +414,7 @@ class JobHandle(Generic[R]):
             try:
                 # Without an assembler R is None (the overloads of __init__ say so).
                 answer = cast(R, None) if self._assembler is None else self._assembler.result()
-            except ParkpoolError as exc:
+            except Exception as exc:  # ParkpoolError as a rule; a bug shows to the caller too
                 self._future.set_exception(exc)
             else:
                 self._future.set_result(answer)

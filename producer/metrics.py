@@ -57,6 +57,11 @@ class SdkMetrics:
         self.delivery_errors = Counter(
             "parkpool_sdk_delivery_errors", "Chunks Kafka did not confirm", registry=r
         )
+        self.producer_recreated = Counter(
+            "parkpool_sdk_kafka_producer_recreated",
+            "Idempotent producers replaced after a fatal error or a publish that stalled",
+            registry=r,
+        )
         self.jobs_refused = Counter(
             "parkpool_sdk_jobs_refused",
             "Jobs refused at submit, before anything was sent",
@@ -112,7 +117,7 @@ class SdkMetrics:
         self.redone = Counter(
             "parkpool_sdk_chunks_redone",
             "Chunks sent again for verification",
-            ["why"],  # second_opinion, wrong_result, quarantined_car, ringer
+            ["why"],  # second_opinion, wrong_result, quarantined_car, ringer, unusable_outputs
             registry=r,
         )
         self.quarantines = Counter(

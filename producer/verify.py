@@ -68,6 +68,7 @@ class Accept:
 class Redo:
     chunk_id: int
     avoid: tuple[str, ...]
+    why: str = ""  # for the redone counter; else told from the chunk and the cars avoided
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class _Chunk:
     opinions: list[Result] = field(default_factory=list)
     settled: Result | None = None  # the answer the caller got
     ringer_out: bool = False  # sent again as a ringer; its result not yet judged
+    # Cars whose results' stored outputs could not be read back or matched: avoided too.
+    unusable: list[str] = field(default_factory=list)
 
 
 def reachable(spec: KernelSpec, level: Level) -> None:
@@ -189,6 +192,22 @@ class JobVerifier:
             for verdict in self._check.release(chunk_id):
                 actions += self._settle_tile(verdict)
             return actions
+
+    def unusable(self, result: Result, detail: str) -> list[Action]:
+        """A result whose stored outputs are missing or not the bytes its car named: no
+        answer, held against the car (not proof of a wrong number, so no quarantine),
+        and the chunk redone on another car; it fails after ``max_opinions`` of these."""
+        with self._lock:
+            chunk = self._chunks[result.chunk_id]
+            chunk.unusable.append(result.vehicle_id)
+            actions: list[Action] = [Judged(result.vehicle_id, False)]
+            if chunk.settled is not None:  # a ringer's: the caller's answer stands
+                chunk.ringer_out = False
+                return actions
+            if len(chunk.unusable) >= self.policy.max_opinions:
+                return [*actions, Fail(result.chunk_id, f"outputs_unreadable: {detail}")]
+            redo = Redo(result.chunk_id, self._avoid(chunk, result), "unusable_outputs")
+            return [*actions, redo]
 
     def wants(self, chunk_id: int) -> bool:
         """Whether a result would still be used: its chunk unsettled, or a ringer's."""
@@ -308,7 +327,7 @@ class JobVerifier:
     # ---------------------------------------------------------------- helpers
 
     def _avoid(self, chunk: _Chunk, result: Result) -> tuple[str, ...]:
-        cars = [r.vehicle_id for r in chunk.opinions] + [result.vehicle_id]
+        cars = [r.vehicle_id for r in chunk.opinions] + chunk.unusable + [result.vehicle_id]
         return tuple(dict.fromkeys(cars))
 
     def _evidence(self, result: Result, check: Level, detail: str) -> Evidence:

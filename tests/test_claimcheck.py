@@ -246,6 +246,20 @@ def _client(
     )  # type: ignore[arg-type]
 
 
+class _Unconfirmed:
+    """A producer whose records Kafka never confirms: flush says one is still out."""
+
+    def __init__(self, producer: object) -> None:
+        self._producer = producer
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._producer, name)
+
+    def flush(self, timeout: float = -1) -> int:
+        self._producer.flush(timeout)  # type: ignore[attr-defined]
+        return 1
+
+
 def _job_objects(store: BlobStore, job_id: str) -> list[str]:
     return [key for key, _ in store.keys(job_prefix(job_id))]
 
@@ -295,6 +309,39 @@ class TestClaimCheckJob:
         assert sum(w.data.cache.stats().held_bytes for w in cars) > 0
         fleet.stop_all()
         assert [w.data.cache.stats().held_bytes for w in cars] == [0, 0, 0]
+
+    @pytest.mark.parametrize("confirmed", [True, False], ids=["confirmed", "unconfirmed"])
+    def test_a_cancelled_jobs_objects_go_only_once_gateways_were_told(
+        self,
+        confirmed: bool,
+        gateway_factory: Callable[..., RunningGateway],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        store_conn: StoreConnection,
+        store: BlobStore,
+    ) -> None:
+        # Given a stored job no car runs
+        gateway_factory(store=store_conn)
+        x = np.arange(2048, dtype=np.float64)
+        job_id = f"cccan{int(confirmed)}"
+        with _client(namespace, kafka_conn, store_conn) as sdk:
+            handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id=job_id)
+            assert _job_objects(store, job_id)
+            if not confirmed:  # Kafka does not confirm the cancel records (injected)
+                live = sdk._live_producer()
+                sdk._live_producer = lambda: _Unconfirmed(live)  # type: ignore[method-assign]
+            # When the caller cancels it
+            if confirmed:
+                handle.cancel()
+                # Then its objects are deleted
+                wait_for(lambda: not _job_objects(store, job_id), 15, "the job's objects deleted")
+            else:
+                with pytest.raises(BrokerError, match="not confirmed"):
+                    handle.cancel()
+                # Then they stay (a chunk still queued would be sent after them; the
+                # store's TTL collects them)
+                time.sleep(2)
+                assert _job_objects(store, job_id)
 
     def test_confidential_jobs_store_only_ciphertext(
         self,
@@ -416,10 +463,11 @@ class TestClaimCheckJob:
         store_conn: StoreConnection,
         store: BlobStore,
     ) -> None:
-        # Given a scripted car holding the lease of a job's only chunk
+        # Given a scripted car holding the lease of a job's only chunk, for a client
+        # without checks (a checked chunk is redone instead: the test below)
         gateway_factory(store=store_conn)
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with _client(namespace, kafka_conn, store_conn, verify=False) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
             holder = hold_lease(mqtt_conn, mqtt_topics)
             assignment: Assignment = holder.assignment
@@ -434,6 +482,41 @@ class TestClaimCheckJob:
                 handle.wait(timeout=30)
             assert "outputs_unreadable" in next(iter(failed.value.reasons.values()))
             assert handle.state is JobState.FAILED
+            holder.close()
+
+    def test_a_checked_chunk_whose_stored_outputs_are_not_the_ones_named_is_redone(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        namespace: str,
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+        store_conn: StoreConnection,
+    ) -> None:
+        # Given a checked gemm of two tiles that share their row block, one tile held
+        # by a scripted car
+        gateway_factory(store=store_conn)
+        rng = np.random.default_rng(5)
+        a = rng.standard_normal((64, 64), dtype=np.float32)
+        b = rng.standard_normal((64, 128), dtype=np.float32)
+        with _client(namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC) as sdk:
+            handle = sdk.submit("gemm", {"a": a, "b": b}, tile=64)
+            assert handle.n_chunks == 2
+            holder = hold_lease(mqtt_conn, mqtt_topics)
+            assignment: Assignment = holder.assignment
+            # When it names outputs it never uploaded, and an honest car is about
+            ref = BlobRef("outputs", sha256_hex(b"the answer"), len(b"the answer"))
+            result = holder.result({}, refs=(ref,))
+            holder.car.publish(mqtt_topics.result(assignment.vehicle_id, "gw1"), encode(result))
+            fleet_factory(1, result_inline_bytes=SMALL)
+            # Then the tile is redone on the honest car, the job is right, and the check
+            # of the tile sharing its block did not wait for ever
+            answer = handle.wait(timeout=60)
+            assert np.allclose(answer, a @ b, rtol=1e-4, atol=1e-3)
+            redo = sdk.metrics.value("parkpool_sdk_chunks_redone_total", why="unusable_outputs")
+            invalid = sdk.metrics.value("parkpool_sdk_verdicts_total", outcome="invalid")
+            assert redo >= 1 and invalid >= 1
             holder.close()
 
     @pytest.mark.parametrize("claimed", [16, MAX_OUTPUTS_BYTES + 1], ids=["small", "huge"])
@@ -459,7 +542,7 @@ class TestClaimCheckJob:
         monkeypatch.setattr(BlobStore, "get", get)
         gateway_factory(store=store_conn)
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with _client(namespace, kafka_conn, store_conn, verify=False) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
             holder = hold_lease(mqtt_conn, mqtt_topics)
             assignment: Assignment = holder.assignment

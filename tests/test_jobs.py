@@ -351,6 +351,24 @@ class TestStreams:
         assert [p.done for p in heard] == [0, 1, 2, 3]
         assert heard[-1].state is JobState.DONE
 
+    def test_a_callback_that_raises_does_not_stop_the_job_or_its_answer(self) -> None:
+        # Given a progress callback that always raises (the caller's bug)
+        job = sum_job()
+        calls: list[int] = []
+
+        def broken(progress: Progress) -> None:
+            calls.append(progress.done)
+            raise RuntimeError("the caller's bug")
+
+        with pytest.raises(RuntimeError):  # called once now, on the caller's own thread
+            job.on_progress(broken)
+        # When every chunk arrives, on what would be the result reader's thread
+        for chunk in range(3):
+            job.deliver(result(chunk), received_at=CREATED_AT)
+        # Then every change was still reported, and the job's answer is there
+        assert calls == [0, 1, 2, 3]
+        assert job.state is JobState.DONE and job.wait(timeout=1) is not None
+
 
 class TestAsyncio:
     """A handle is awaitable and its chunks async-iterable, fed from another thread."""

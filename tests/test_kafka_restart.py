@@ -31,7 +31,7 @@ from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobHandle
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
-from parkpool.schemas import KafkaTopics
+from parkpool.schemas import BrokerError, KafkaTopics
 from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from parkpool.worker.worker import WorkerSettings
@@ -73,7 +73,9 @@ def system(tmp_path: Path) -> Iterator[System]:
         fleet.add(4)
         try:
             with ParkpoolClient(
-                ProducerSettings(kafka, NAMESPACE, verification=Level.UNCHECKED)
+                ProducerSettings(
+                    kafka, NAMESPACE, verification=Level.UNCHECKED, publish_timeout_s=15.0
+                )
             ) as client:
                 yield System(brokers, gateway, client)
         finally:
@@ -140,6 +142,33 @@ class TestKafkaRestart:
         # Then the gateway's fenced producer was replaced
         every_chunk_once(system, handle)
         assert system.gateway.metric("parkpool_gateway_kafka_producer_recreated_total") >= 1
+
+
+class TestSdkProducer:
+    """The SDK's own producer, when a restarted Tansu forgot the producers' ids."""
+
+    def test_a_producer_the_broker_forgot_is_replaced_for_the_next_submit(
+        self, system: System
+    ) -> None:
+        # Given a client that has published (so Kafka gave its producer an id)
+        every_chunk_once(system, system.submit())
+        # When Tansu comes back without the producers' state
+        system.brokers.kill_kafka()
+        forget_producers(system.brokers.run_dir / "store")
+        system.brokers.start_kafka()
+        # Then a submit that the old producer cannot get confirmed fails by name, and
+        # the next goes out on a new producer and completes
+        failed: list[BrokerError] = []
+        handle = None
+        for _ in range(3):
+            try:
+                handle = system.submit()
+                break
+            except BrokerError as exc:
+                failed.append(exc)
+        assert handle is not None, f"every submit failed: {failed}"
+        every_chunk_once(system, handle)
+        assert system.client.metrics.value("parkpool_sdk_kafka_producer_recreated_total") >= 1
 
 
 class TestStoreRestart:

@@ -406,6 +406,23 @@ class TestAlgebraicVerifier:
         assert actions[0] == Judged("good", True)
         assert isinstance(actions[1], Accept) and actions[1].level is Level.ALGEBRAIC
 
+    def test_unusable_stored_outputs_are_redone_elsewhere_then_fail_the_chunk(self) -> None:
+        rng = np.random.default_rng(10)
+        a, b = operands(rng, 64, 32, 64)
+        chunks = tiles(a, b, 64)
+        policy = AdaptivePolicy(max_opinions=3)
+        v = JobVerifier("job1", spec("gemm"), specs(chunks), ReputationBook(), policy=policy)
+        # Given cars whose results name outputs the store does not hold as named
+        first = v.unusable(result(0, 1, "car1"), "not in the store")
+        # Then each is held against its car, with no proof (no quarantine), and the
+        # chunk is redone on another car
+        assert first == [Judged("car1", False), Redo(0, ("car1",), "unusable_outputs")]
+        second = v.unusable(result(0, 1, "car2"), "not in the store")
+        assert second[1] == Redo(0, ("car1", "car2"), "unusable_outputs")  # neither again
+        # And after max_opinions of them the chunk fails, by name
+        last = v.unusable(result(0, 1, "car3"), "not in the store")
+        assert last == [Judged("car3", False), Fail(0, "outputs_unreadable: not in the store")]
+
     def test_a_tile_of_the_wrong_shape_goes_to_the_assembler(self) -> None:
         rng = np.random.default_rng(9)
         a, b = operands(rng, 64, 32, 64)

@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A caller waiting on a job is never left blocked by the client itself: not when the
+client closes, nor when its result reader meets an error it did not expect."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from parkpool.producer import client as client_module
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobState
+from parkpool.runtime.settings import KafkaConnection
+from parkpool.schemas import BrokerError, ParkpoolError
+from parkpool.schemas.reputation import Level
+
+pytestmark = pytest.mark.integration
+
+
+def _client(kafka_conn: KafkaConnection, namespace: str) -> ParkpoolClient:
+    return ParkpoolClient(ProducerSettings(kafka_conn, namespace, verification=Level.UNCHECKED))
+
+
+def test_closing_the_client_tells_those_waiting_on_its_jobs(
+    kafka_conn: KafkaConnection, namespace: str
+) -> None:
+    # Given a job no car will run, and a thread waiting on it without a timeout
+    client = _client(kafka_conn, namespace)
+    handle = client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            handle.wait()
+        except BaseException as exc:  # the test looks at what it was
+            raised.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    # When the client closes
+    client.close()
+    waiter.join(timeout=15)
+    # Then the waiter is told, by name, and the job is no longer running
+    assert not waiter.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], ParkpoolError)
+    assert "closed before job" in str(raised[0]) and handle.job_id in str(raised[0])
+    assert handle.state is JobState.FAILED
+
+
+def test_a_result_reader_that_fails_fails_the_jobs_instead_of_hanging_them(
+    kafka_conn: KafkaConnection, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job no car will run yet
+    with _client(kafka_conn, namespace) as client:
+        handle = client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+
+        # When the result reader meets an error nobody expected (a bug, injected here)
+        def broken(_self: object, _client: object) -> None:
+            raise RuntimeError("an unexpected bug")
+
+        monkeypatch.setattr(client_module._ResultReader, "_check_stalls", broken)
+        started = time.monotonic()
+        # Then the waiter is told, naming what stopped, well before its own timeout
+        with pytest.raises(BrokerError, match="result reader stopped"):
+            handle.wait(timeout=60)
+        assert time.monotonic() - started < 10
