@@ -573,9 +573,19 @@ class ParkpoolClient:
         catches what is left."""
         if self._checks is not None:
             self._checks.end(job_id)
-        if state is JobState.CANCELLED or unfollowed:
-            return
-        self._delete_soon(job_id)
+        if state is JobState.CANCELLED:
+            return  # ``cancel`` forgets it, and deletes its objects once gateways were told
+        if self._forget(job_id) and not unfollowed:
+            self._delete_soon(job_id)
+
+    def _forget(self, job_id: str) -> bool:
+        """Stop following an ended job: a client that lives for many jobs must not keep
+        every answer it handed out. Whether it was this client's own (not attached)."""
+        with self._lock:
+            handle = self._handles.pop(job_id, None)
+            attached = job_id in self._attached
+            self._attached.discard(job_id)
+        return handle is not None and not attached
 
     def _delete_soon(self, job_id: str) -> None:
         if self._store is not None and not self._closed.is_set():
@@ -703,6 +713,10 @@ class ParkpoolClient:
         A job's chunks are spread over partitions, and each partition's owner sees the
         cancel after the job's own records there, so no chunk can slip past it.
         """
+        own = self.handle(job_id)
+        if own is not None and own.state is JobState.RUNNING:
+            own.cancel()  # ends the handle, then calls back here to tell the gateways
+            return
         record = encode(CancelJob(job_id, time.time(), reason))
         producer = self._live_producer()
         partitions = producer.list_topics(self.topics.tasks, timeout=10)
@@ -720,13 +734,8 @@ class ParkpoolClient:
             # Its objects stay: chunks still queued would otherwise be sent after them.
             raise BrokerError(f"cancel of job {job_id} not confirmed by Kafka: {failures[:3]}")
         log.info("job_cancel_sent", job_id=job_id)
-        if self._owns(job_id):
+        if self._forget(job_id):  # ours, and nothing of it runs now
             self._delete_soon(job_id)
-
-    def _owns(self, job_id: str) -> bool:
-        """A job this client submitted and still follows (not one it attached to)."""
-        with self._lock:
-            return job_id in self._handles and job_id not in self._attached
 
     # ---------------------------------------------------------------- results
 
@@ -769,7 +778,7 @@ class ParkpoolClient:
         ``unchecked``), but for those of a car the fleet quarantined (with ``verify``,
         the default), which are skipped for the chunk's redo; the submitter, if it
         still runs, checks its own.
-        A job of this client gives its own handle. BrokerError when the job cannot be
+        A running job of this client gives its own handle. BrokerError when the job cannot be
         found in ``timeout`` s; ConfigError when this client cannot read its results.
         """
         own = self.handle(job_id)
@@ -785,7 +794,12 @@ class ParkpoolClient:
         if self._checks is not None:  # the quarantines so far, before any result
             self._checks.reader.caught_up.wait(timeout)
         handle = JobHandle(
-            job_id, job.n_chunks, assembler, canceller=self.cancel, observer=self.metrics
+            job_id,
+            job.n_chunks,
+            assembler,
+            canceller=self.cancel,
+            observer=self.metrics,
+            on_end=self._job_ended,  # forgotten once ended; its objects are not ours
         )
         with self._lock:
             other = self._handles.get(job_id)

@@ -4,8 +4,11 @@ client closes, nor when its result reader meets an error it did not expect."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from parkpool.producer.jobs import JobState
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, ParkpoolError
 from parkpool.schemas.reputation import Level
+from parkpool.worker.fleet import Fleet
+from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +72,25 @@ def test_a_result_reader_that_fails_fails_the_jobs_instead_of_hanging_them(
         with pytest.raises(BrokerError, match="result reader stopped"):
             handle.wait(timeout=60)
         assert time.monotonic() - started < 10
+
+
+def test_a_long_lived_client_keeps_no_ended_job(
+    gateway_factory: Callable[..., RunningGateway],
+    fleet_factory: Callable[..., Fleet],
+    kafka_conn: KafkaConnection,
+    namespace: str,
+) -> None:
+    # Given a client that runs jobs one after another, as a service's does
+    gateway_factory()
+    fleet_factory(2)
+    with _client(kafka_conn, namespace) as client:
+        ended = []
+        for _ in range(3):
+            handle = client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+            assert handle.wait(timeout=60) is not None
+            ended.append(weakref.ref(handle))
+            del handle
+        # When the caller lets go of the handles
+        gc.collect()
+        # Then the client does not keep them (nor the answers they hold) alive
+        assert [ref() for ref in ended] == [None, None, None]
