@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from parkpool.producer.freivalds import Prepared
-from parkpool.producer.jobs import JobHandle
+from parkpool.producer.jobs import JobHandle, JobState
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.plans import ChunkSpec
 from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, Misfit, Redo
@@ -164,6 +164,11 @@ class ResultChecks:
             self.writer.quarantine(verdict.vehicle_id, (verdict.evidence,), "wrong_result")
 
     def _redo(self, handle: JobHandle[Any], job: _Job, redo: Redo) -> None:
+        if handle.state is not JobState.RUNNING:
+            # A ringer after the result that ended the job: its checks are gone, so its
+            # answer would be judged by no one, and its inputs are being deleted.
+            log.info("ringer_not_sent", job_id=handle.job_id, chunk_id=redo.chunk_id)
+            return
         task = job.tasks[redo.chunk_id]
         avoid = redo.avoid[-MAX_AVOIDED:]
         self.metrics.redone.labels(self._why(handle, redo)).inc()

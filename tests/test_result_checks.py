@@ -12,6 +12,7 @@ from parkpool.producer.checking import ResultChecks
 from parkpool.producer.jobs import JobHandle, JobState
 from parkpool.producer.metrics import SdkMetrics
 from parkpool.producer.splitters import plan_reduce
+from parkpool.producer.verify import Redo
 from parkpool.runtime.settings import KafkaConnection
 from parkpool.schemas import BrokerError, Result, TaskChunk
 from parkpool.schemas.reputation import Level
@@ -75,3 +76,39 @@ class TestFailuresInsideTheChecks:
         # Then the chunk fails by name instead of waiting for ever
         assert handle.state is JobState.FAILED
         assert "redo_not_sent" in str(handle.future.exception())
+
+
+class TestRingersAfterTheEnd:
+    """A ringer is a check of a car, sent while its job still runs."""
+
+    def test_no_ringer_goes_out_once_the_job_has_ended(
+        self, kafka_conn: KafkaConnection, namespace: str
+    ) -> None:
+        # Given a job whose last chunk was just accepted, and a ringer of its first chunk
+        sent: list[TaskChunk] = []
+        checks = ResultChecks(
+            kafka_conn, KafkaTopics(namespace).reputation, "sdk-test", SdkMetrics(), sent.append
+        )
+        try:
+            plan = plan_reduce(np.ones(8), "sum", chunk_elems=4)
+            handle = JobHandle("job-1", 2, plan.make_assembler())
+            tasks = [
+                TaskChunk("job-1", i, 2, "reduce", c.params, c.inputs, "t", 9e9, 0.0)
+                for i, c in enumerate(plan.chunks)
+            ]
+            checks.begin("job-1", "reduce", plan.chunks, tasks, Level.UNCHECKED)
+            job = checks._job("job-1")
+            assert job is not None
+            for chunk in (0, 1):
+                handle.deliver(result(chunk, 2, "car-1"), 1.0)
+            assert handle.state is JobState.DONE
+            # When the checks act on the ringer
+            checks._act(handle, job, [Redo(0, ("car-1",))])
+            # Then nothing is sent: no one would judge its answer, and its inputs go
+            assert sent == []
+            # While a running job's redo is sent
+            running = JobHandle("job-2", 2, plan.make_assembler())
+            checks._act(running, job, [Redo(0, ("car-1",))])
+            assert [t.chunk_id for t in sent] == [0]
+        finally:
+            checks.close()
