@@ -487,14 +487,14 @@ class ParkpoolClient:
             observer=self.metrics,
             on_end=self._job_ended,
         )
-        if self._checks is not None:
-            prepared = tap.prepared() if tap is not None else None
-            self._checks.begin(job_id, kernel, chunks, tasks, minimum, prepared)
-        with self._lock:
-            self._handles[job_id] = handle  # before publishing: results may come back fast
         try:
+            if self._checks is not None:
+                prepared = tap.prepared() if tap is not None else None
+                self._checks.begin(job_id, kernel, chunks, tasks, minimum, prepared)
+            with self._lock:
+                self._handles[job_id] = handle  # before publishing: results may come fast
             self._publish_all(job_id, self._header(kernel, tasks), records, tasks, uploads)
-        except BrokerError:
+        except BaseException:  # Kafka's refusal, a bug, or the caller's Ctrl-C
             with self._lock:
                 self._handles.pop(job_id, None)
             if self._checks is not None:
@@ -563,7 +563,7 @@ class ParkpoolClient:
         """A job that was not submitted: its objects go once no upload can still add one."""
         if uploads is not None:
             self.metrics.blobs_uploaded.inc(uploads.close())
-            self._job_ended(job_id, JobState.FAILED, unfollowed=False)
+            self._delete_soon(job_id)
 
     def _job_ended(self, job_id: str, state: JobState, unfollowed: bool) -> None:
         """Completed or failed: its stored inputs and outputs are deleted now. Not yet when
@@ -670,6 +670,9 @@ class ParkpoolClient:
             self._renew_producer = True
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
+            # Some may still land (or were written unconfirmed): gateways drop the job
+            # rather than send cars after the objects about to be deleted.
+            self._withdraw(job_id, len(records))
             raise BrokerError(
                 f"{len(failures) + remaining} of {len(records) + 1} records not confirmed by "
                 f"Kafka: {failures[:3]}"
@@ -703,7 +706,7 @@ class ParkpoolClient:
         if not sent:
             return
         try:
-            self.cancel(job_id, "submit_failed")
+            self._send_cancel(job_id, "submit_failed")
         except BrokerError as exc:  # the lease expiries and the dead-letter topic remain
             log.warning("failed_job_not_withdrawn", job_id=job_id, reason=str(exc))
 
@@ -717,9 +720,19 @@ class ParkpoolClient:
         if own is not None and own.state is JobState.RUNNING:
             own.cancel()  # ends the handle, then calls back here to tell the gateways
             return
+        self._send_cancel(job_id, reason)
+        if self._forget(job_id):  # ours, and nothing of it runs now
+            self._delete_soon(job_id)
+
+    def _send_cancel(self, job_id: str, reason: str) -> None:
+        """One CancelJob record on each task partition, confirmed; BrokerError if not
+        (the job's objects then stay: chunks still queued would be sent after them)."""
         record = encode(CancelJob(job_id, time.time(), reason))
         producer = self._live_producer()
-        partitions = producer.list_topics(self.topics.tasks, timeout=10)
+        try:
+            partitions = producer.list_topics(self.topics.tasks, timeout=10)
+        except KafkaException as exc:
+            raise BrokerError(f"cancel of job {job_id} not sent: {exc}") from None
         failures: list[str] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
@@ -731,11 +744,8 @@ class ParkpoolClient:
                 self.topics.tasks, record, key=job_id, partition=partition, on_delivery=report
             )
         if producer.flush(self.settings.publish_timeout_s) or failures:
-            # Its objects stay: chunks still queued would otherwise be sent after them.
             raise BrokerError(f"cancel of job {job_id} not confirmed by Kafka: {failures[:3]}")
         log.info("job_cancel_sent", job_id=job_id)
-        if self._forget(job_id):  # ours, and nothing of it runs now
-            self._delete_soon(job_id)
 
     # ---------------------------------------------------------------- results
 

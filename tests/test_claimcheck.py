@@ -612,6 +612,23 @@ def test_a_job_whose_inputs_cannot_be_stored_sends_no_record(
 
 
 @pytest.mark.integration
+def test_a_job_kafka_did_not_confirm_takes_its_objects_back(
+    namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection, store: BlobStore
+) -> None:
+    # Given a client whose records Kafka never confirms (injected), with a working store
+    a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
+    with _client(namespace, kafka_conn, store_conn, publish_timeout_s=2.0) as sdk:
+        live = sdk._live_producer()
+        sdk._live_producer = lambda: _Unconfirmed(live)  # type: ignore[method-assign]
+        # When a stored job is submitted
+        with pytest.raises(BrokerError, match="not confirmed"):
+            sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unconfirmed")
+        # Then it fails by name, is not followed, and its uploaded blocks are deleted
+        assert sdk.handle("unconfirmed") is None
+        wait_for(lambda: not _job_objects(store, "unconfirmed"), 15, "the job's objects deleted")
+
+
+@pytest.mark.integration
 def test_a_gemm_chunk_without_its_operands_is_refused_by_name_on_the_store_path(
     namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection
 ) -> None:
