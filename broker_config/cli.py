@@ -160,16 +160,18 @@ def _check_topics(
     brokers: EmbeddedBrokers, namespace: str, specs: tuple[TopicSpec, ...], counts: dict[str, int]
 ) -> None:
     """After Tansu restarts: refuse to go on if any topic has other partitions than
-    before (keys would move), before changing anything; create the topics again only
-    where Kafka was in memory and they are all gone, as a restart there leaves them."""
+    before (keys would move), before changing anything durable. A Kafka in memory comes
+    back empty, so its missing topics are created again first (a client may already
+    have made some of them on its own, which the same bootstrap brings to size)."""
     kafka = brokers.kafka_bootstrap
     now = _patiently(lambda: partition_counts(kafka, namespace))
-    if not brokers.durable and not any(now.values()):
+    recreated = not brokers.durable and any(count == 0 for count in now.values())
+    if recreated:
         _patiently(lambda: bootstrap(kafka, namespace, specs=specs))
         now = _patiently(lambda: partition_counts(kafka, namespace))
     if now != counts:
         raise BrokerError(f"partition counts changed across a Kafka restart: {counts} -> {now}")
-    if not brokers.durable:
+    if recreated:
         print("Kafka restarted in memory: its records are gone, topics recreated", file=sys.stderr)
 
 

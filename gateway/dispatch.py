@@ -376,7 +376,7 @@ def _holds_inputs(
     cars here hold goes first, so cars spread over a job's blocks rather than crowd the
     same ones.
 
-    Simulated (gemm, 8 to 32 row and column blocks, 3 to 16 cars, 12 draws each), inputs
+    Simulated (gemm, 4 to 32 row and column blocks, 3 to 16 cars, 12 draws each), inputs
     served from the cache: 0.47 with any reuse counted, 0.54 with the crowd term, 0.57
     with the look-ahead on 8x8 tiles and 8 cars; over ten shapes and five timings the
     look-ahead raised the mean by 0.015 to 0.037 and lowered no shape by more than 0.013."""

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,10 +143,19 @@ class ParkpoolClient:
         # Replaced when it fails for good or stalls (a restarted broker that forgot its
         # producer id refuses it for ever); each operation takes the live one once.
         self._producer_lock = threading.Lock()
-        self._renew_producer = False
+        self._failed_producer: Producer | None = None  # to be replaced at the next use
+        self._retired: list[Producer] = []  # replaced, still delivering what they hold
         self._producer = self._new_producer()
         self._handles: dict[str, JobHandle[Any]] = {}
         self._attached: set[str] = set()  # jobs this client did not submit: no checks here
+        # Per job being published: whether, should it fail, nothing of it can still run.
+        self._withdrawn: dict[str, bool] = {}
+        # Ended jobs' handles while their callers still hold them: ``attach`` and
+        # ``handle`` give those back, and nothing here keeps an answer alive.
+        self._ended: weakref.WeakValueDictionary[str, JobHandle[Any]] = (
+            weakref.WeakValueDictionary()
+        )
+        self._cancel_reasons: dict[str, str] = {}  # a caller's reason, while its handle ends
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # Before the result reader, which hands what it reads to the checks.
@@ -172,21 +182,31 @@ class ParkpoolClient:
         self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
 
     def _new_producer(self) -> Producer:
-        return Producer(producer_config(self.settings.kafka, error_cb=self._on_producer_error))
+        made: list[Producer] = []
 
-    def _on_producer_error(self, err: KafkaError) -> None:
-        if err.fatal():  # served by poll/flush, on whichever thread called them
-            self._renew_producer = True
+        def on_error(err: KafkaError) -> None:  # served by poll/flush, on their thread
+            if err.fatal() and made:
+                self._renew(made[0])
+
+        producer = Producer(producer_config(self.settings.kafka, error_cb=on_error))
+        made.append(producer)
+        return producer
+
+    def _renew(self, producer: Producer) -> None:
+        """``producer`` failed for good or stalled: the next operation gets a new one,
+        if it is still the live one (a late report of an old one changes nothing)."""
+        self._failed_producer = producer
 
     def _live_producer(self) -> Producer:
-        """The producer to send with, a new one when the last failed for good or stalled.
-        What the old one still held is purged, which fails those records' reports."""
+        """The producer to send with. One that failed is replaced, and kept until what
+        it holds is delivered or fails (a redo already handed to it is not dropped),
+        while the submits still using it finish with it."""
         with self._producer_lock:
-            if self._renew_producer:
-                old, self._producer = self._producer, self._new_producer()
-                self._renew_producer = False
-                old.purge()
-                old.flush(0)
+            self._retired = [old for old in self._retired if old.flush(0) > 0]
+            failed, self._failed_producer = self._failed_producer, None
+            if failed is not None and failed is self._producer:
+                self._retired.append(self._producer)
+                self._producer = self._new_producer()
                 self.metrics.producer_recreated.inc()
                 log.warning("sdk_producer_recreated")
             return self._producer
@@ -261,12 +281,24 @@ class ParkpoolClient:
         self._cleaner.shutdown(wait=True)
         if self._checks is not None:
             self._checks.close()
-        self._live_producer().flush(10)
+        for producer in (*self._retired, self._producer):
+            producer.flush(10 / (1 + len(self._retired)))
         # Break the cycles (reader -> client, handle -> client.cancel) so the Kafka clients
         # are freed now, not at some later garbage collection while brokers may be gone.
         self._reader.client = None
         with self._lock:
             self._handles.clear()
+
+    def _need_reader(self) -> None:
+        """New work only while results can be read: a job whose end nobody could hear
+        would leave its waiter blocked for ever."""
+        if self._closed.is_set():
+            raise BrokerError("the client is closed")
+        if self._reader.failure or not self._reader.is_alive():
+            raise BrokerError(
+                f"the result reader stopped ({self._reader.failure or 'unknown'}): "
+                "this client cannot follow a job; make a new one"
+            )
 
     def _end_running(self) -> None:
         """Jobs still running when the client closes: their waiters are told now rather
@@ -456,6 +488,7 @@ class ParkpoolClient:
         chunk, or naming no known kernel, raises ValidationError and sends nothing.
         ``verification`` is as for ``submit``.
         """
+        self._need_reader()
         if confidential and self._gateway_key is None:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         job_id = job_id or new_job_id()
@@ -499,8 +532,11 @@ class ParkpoolClient:
                 self._handles.pop(job_id, None)
             if self._checks is not None:
                 self._checks.end(job_id)
-            self._abandon(job_id, uploads)  # the caller was told it failed: nobody reads it
+            # The caller was told it failed: nobody reads it. Its objects go only if no
+            # record of it can still send a car after them.
+            self._abandon(job_id, uploads, delete=self._withdrawn.pop(job_id, True))
             raise
+        self._withdrawn.pop(job_id, None)
         if uploads is not None:
             self._stored(job_id, uploads)
         self.metrics.job_submitted(len(tasks))
@@ -559,11 +595,13 @@ class ParkpoolClient:
         self.metrics.blobs_uploaded.inc(written)
         log.info("job_inputs_stored", job_id=job_id, distinct=uploads.distinct, written=written)
 
-    def _abandon(self, job_id: str, uploads: JobUploads | None) -> None:
-        """A job that was not submitted: its objects go once no upload can still add one."""
+    def _abandon(self, job_id: str, uploads: JobUploads | None, delete: bool = True) -> None:
+        """A job that was not submitted: its objects go once no upload can still add one
+        (unless ``delete`` is false: a record of it may still reach a gateway)."""
         if uploads is not None:
             self.metrics.blobs_uploaded.inc(uploads.close())
-            self._delete_soon(job_id)
+            if delete:
+                self._delete_soon(job_id)
 
     def _job_ended(self, job_id: str, state: JobState, unfollowed: bool) -> None:
         """Completed or failed: its stored inputs and outputs are deleted now. Not yet when
@@ -585,6 +623,8 @@ class ParkpoolClient:
             handle = self._handles.pop(job_id, None)
             attached = job_id in self._attached
             self._attached.discard(job_id)
+            if handle is not None:
+                self._ended[job_id] = handle
         return handle is not None and not attached
 
     def _delete_soon(self, job_id: str) -> None:
@@ -650,6 +690,7 @@ class ParkpoolClient:
 
         sent = 0
         producer = self._live_producer()
+        self._withdrawn[job_id] = False  # until the job is known to be dropped or unsent
         try:
             if self._jobs_topic is not None:
                 refused = produce(producer, self._jobs_topic, encode(header), job_id, report)
@@ -662,17 +703,17 @@ class ParkpoolClient:
                 if refused is not None:
                     failures.append(str(refused))
                 sent += 1
-        except BrokerError:
-            self._withdraw(job_id, sent)
+        except BaseException:  # Kafka's refusal, a failed upload, or the caller's Ctrl-C
+            self._withdrawn[job_id] = self._withdraw(job_id, sent)
             raise
         remaining = producer.flush(self.settings.publish_timeout_s)
         if remaining:  # stalled, as one a restarted broker forgot is: the next gets a new one
-            self._renew_producer = True
+            self._renew(producer)
         if remaining or failures:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
             # Some may still land (or were written unconfirmed): gateways drop the job
             # rather than send cars after the objects about to be deleted.
-            self._withdraw(job_id, len(records))
+            self._withdrawn[job_id] = self._withdraw(job_id, len(records))
             raise BrokerError(
                 f"{len(failures) + remaining} of {len(records) + 1} records not confirmed by "
                 f"Kafka: {failures[:3]}"
@@ -693,22 +734,24 @@ class ParkpoolClient:
             refused = produce(producer, self.topics.tasks, value, key, report)
             producer.poll(0)
         except KafkaException as exc:  # a fatal producer error, raised by poll
-            self._renew_producer = True
+            self._renew(producer)
             raise BrokerError(f"redo of chunk {task.chunk_id} not sent: {exc}") from None
         if refused is not None:
             raise BrokerError(f"redo of chunk {task.chunk_id} refused: {refused}")
 
-    def _withdraw(self, job_id: str, sent: int) -> None:
-        """An upload failed after part of the job went to Kafka: gateways are told to
-        drop it, so no car is sent after objects about to be deleted. (When Kafka itself
-        fails, a cancel would only wait out the same outage; leases and the dead-letter
-        topic end what got through.)"""
+    def _withdraw(self, job_id: str, sent: int) -> bool:
+        """A submit failed after part of the job went to Kafka: gateways are told to drop
+        it, so no car is sent after objects about to be deleted. Whether that is known
+        (nothing sent, or the cancel confirmed); if not, the objects are left to the
+        store's TTL, and leases and the dead-letter topic end what got through."""
         if not sent:
-            return
+            return True
         try:
             self._send_cancel(job_id, "submit_failed")
-        except BrokerError as exc:  # the lease expiries and the dead-letter topic remain
+        except BrokerError as exc:
             log.warning("failed_job_not_withdrawn", job_id=job_id, reason=str(exc))
+            return False
+        return True
 
     def cancel(self, job_id: str, reason: str = "cancelled_by_caller") -> None:
         """Tell every gateway to drop the job: one CancelJob record on each task partition.
@@ -718,9 +761,10 @@ class ParkpoolClient:
         """
         own = self.handle(job_id)
         if own is not None and own.state is JobState.RUNNING:
+            self._cancel_reasons[job_id] = reason
             own.cancel()  # ends the handle, then calls back here to tell the gateways
             return
-        self._send_cancel(job_id, reason)
+        self._send_cancel(job_id, self._cancel_reasons.pop(job_id, reason))
         if self._forget(job_id):  # ours, and nothing of it runs now
             self._delete_soon(job_id)
 
@@ -758,7 +802,8 @@ class ParkpoolClient:
 
     def handle(self, job_id: str) -> JobHandle[Any] | None:
         with self._lock:
-            return self._handles.get(job_id)
+            live = self._handles.get(job_id)
+            return live if live is not None else self._ended.get(job_id)
 
     @overload
     def attach(
@@ -788,12 +833,14 @@ class ParkpoolClient:
         ``unchecked``), but for those of a car the fleet quarantined (with ``verify``,
         the default), which are skipped for the chunk's redo; the submitter, if it
         still runs, checks its own.
-        A running job of this client gives its own handle. BrokerError when the job cannot be
+        A job of this client gives its own handle, while running or while its caller
+        still holds it. BrokerError when the job cannot be
         found in ``timeout`` s; ConfigError when this client cannot read its results.
         """
         own = self.handle(job_id)
         if own is not None:
             return own
+        self._need_reader()
         job = find_job(self.settings.kafka, self.topics.jobs, job_id, timeout)
         self._can_follow(job)
         starts = job_starts(
@@ -976,6 +1023,7 @@ class _ResultReader(threading.Thread):
 
     def __init__(self, client: ParkpoolClient, topics: list[str]) -> None:
         super().__init__(name="parkpool-results", daemon=True)
+        self.failure = ""  # why it stopped, if not by the client's close
         self.client: ParkpoolClient | None = client
         self._down_since: float | None = None  # monotonic; the broker went out of reach
         self._last_error = ""
@@ -1121,6 +1169,7 @@ class _ResultReader(threading.Thread):
         except Exception as exc:
             # Every job of this client waits on this thread: tell them, never hang them.
             log.exception("result_reader_failed")
+            self.failure = repr(exc)
             client._broker_lost(BrokerError(f"the result reader stopped: {exc!r}"))
         finally:
             self.consumer.close()

@@ -199,6 +199,8 @@ class JobVerifier:
         and the chunk redone on another car; it fails after ``max_opinions`` of these."""
         with self._lock:
             chunk = self._chunks[result.chunk_id]
+            if result.vehicle_id in chunk.unusable:
+                return []  # the same record again (at-least-once): already held against it
             chunk.unusable.append(result.vehicle_id)
             actions: list[Action] = [Judged(result.vehicle_id, False)]
             if chunk.settled is not None:  # a ringer's: the caller's answer stands

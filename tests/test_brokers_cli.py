@@ -2,7 +2,7 @@
 """After Tansu restarts under ``parkpool brokers up``, the namespace's topics are
 compared with what they were before anything is created or grown: a topic that lost
 partitions, or is gone from a Kafka that keeps its log, is refused as it is found.
-Only a Kafka kept in memory, whose restart leaves no topic, gets them created again."""
+Only a Kafka kept in memory, whose restart loses its topics, gets them created again."""
 
 from __future__ import annotations
 
@@ -83,4 +83,25 @@ def test_a_kafka_in_memory_gets_its_topics_back(
         # Then the check creates them again, as they were, and says so
         _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
         assert partition_counts(brokers.kafka_bootstrap, namespace) == before == expected(namespace)
+    assert "topics recreated" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_kafka_in_memory_gets_back_the_topics_no_client_made_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a Kafka kept in memory that came back empty, where a client already made one
+    # topic of the namespace again before the check
+    namespace = fresh_namespace()
+    with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=TEST_TOPIC_SPECS)
+        before = partition_counts(brokers.kafka_bootstrap, namespace)
+        brokers.kill_kafka()
+        brokers.start_kafka()
+        jobs = tuple(spec for spec in TEST_TOPIC_SPECS if spec.name == "jobs")
+        bootstrap(brokers.kafka_bootstrap, namespace, specs=jobs)
+        # When `brokers up` checks the topics
+        _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
+        # Then the missing ones are created again and the check passes
+        assert partition_counts(brokers.kafka_bootstrap, namespace) == before
     assert "topics recreated" in capsys.readouterr().err

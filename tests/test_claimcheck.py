@@ -39,6 +39,7 @@ from parkpool.schemas import (
     Assignment,
     BlobRef,
     BrokerError,
+    CancelJob,
     DecodeError,
     MqttTopics,
     Result,
@@ -244,6 +245,14 @@ def _client(
     return ParkpoolClient(
         ProducerSettings(kafka, namespace, store=conn, **{"verification": Level.UNCHECKED, **more})
     )  # type: ignore[arg-type]
+
+
+def _is_cancel(value: bytes) -> bool:
+    try:
+        decode(value, CancelJob)
+    except DecodeError:
+        return False
+    return True
 
 
 class _Unconfirmed:
@@ -612,10 +621,10 @@ def test_a_job_whose_inputs_cannot_be_stored_sends_no_record(
 
 
 @pytest.mark.integration
-def test_a_job_kafka_did_not_confirm_takes_its_objects_back(
+def test_a_job_kafka_did_not_confirm_leaves_its_objects_while_records_may_land(
     namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection, store: BlobStore
 ) -> None:
-    # Given a client whose records Kafka never confirms (injected), with a working store
+    # Given a client whose records Kafka never confirms (injected), cancels included
     a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
     with _client(namespace, kafka_conn, store_conn, publish_timeout_s=2.0) as sdk:
         live = sdk._live_producer()
@@ -623,9 +632,42 @@ def test_a_job_kafka_did_not_confirm_takes_its_objects_back(
         # When a stored job is submitted
         with pytest.raises(BrokerError, match="not confirmed"):
             sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unconfirmed")
-        # Then it fails by name, is not followed, and its uploaded blocks are deleted
+        # Then it fails by name and is not followed; its objects stay (a record of it may
+        # still reach a gateway, and its withdrawal was not confirmed): the TTL's work
         assert sdk.handle("unconfirmed") is None
-        wait_for(lambda: not _job_objects(store, "unconfirmed"), 15, "the job's objects deleted")
+        time.sleep(2)
+        assert _job_objects(store, "unconfirmed")
+
+
+@pytest.mark.integration
+def test_a_submit_interrupted_midway_withdraws_the_job_before_its_objects_go(
+    namespace: str,
+    kafka_conn: KafkaConnection,
+    store_conn: StoreConnection,
+    store: BlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a submit that the caller interrupts after two task records went out
+    real_ready = JobUploads.ready
+    calls: list[int] = []
+
+    def ready(self: JobUploads, task: TaskChunk) -> None:
+        calls.append(task.chunk_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_ready(self, task)
+
+    monkeypatch.setattr(JobUploads, "ready", ready)
+    a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
+    with _client(namespace, kafka_conn, store_conn) as sdk:
+        with pytest.raises(KeyboardInterrupt):
+            sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="interrupted")
+        # Then gateways were told to drop the job (so no car goes after its objects),
+        # and only then were its objects deleted
+        records = read_all(kafka_conn, sdk.topics.tasks)
+        cancels = [r for r in records if _is_cancel(r.value() or b"")]
+        assert cancels and sdk.handle("interrupted") is None
+        wait_for(lambda: not _job_objects(store, "interrupted"), 15, "the job's objects deleted")
 
 
 @pytest.mark.integration

@@ -72,6 +72,9 @@ def test_a_result_reader_that_fails_fails_the_jobs_instead_of_hanging_them(
         with pytest.raises(BrokerError, match="result reader stopped"):
             handle.wait(timeout=60)
         assert time.monotonic() - started < 10
+        # And a job submitted after is refused by name, not left to wait for ever
+        with pytest.raises(BrokerError, match="result reader stopped"):
+            client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
 
 
 def test_a_long_lived_client_keeps_no_ended_job(
@@ -94,3 +97,7 @@ def test_a_long_lived_client_keeps_no_ended_job(
         gc.collect()
         # Then the client does not keep them (nor the answers they hold) alive
         assert [ref() for ref in ended] == [None, None, None]
+        # While one a caller still holds is still the client's to give back
+        held = client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+        held.wait(timeout=60)
+        assert client.handle(held.job_id) is held

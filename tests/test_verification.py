@@ -417,6 +417,7 @@ class TestAlgebraicVerifier:
         # Then each is held against its car, with no proof (no quarantine), and the
         # chunk is redone on another car
         assert first == [Judged("car1", False), Redo(0, ("car1",), "unusable_outputs")]
+        assert v.unusable(result(0, 1, "car1"), "not in the store") == []  # a redelivery
         second = v.unusable(result(0, 1, "car2"), "not in the store")
         assert second[1] == Redo(0, ("car1", "car2"), "unusable_outputs")  # neither again
         # And after max_opinions of them the chunk fails, by name
