@@ -163,7 +163,7 @@ class Dispatcher:
                 break
             task = self.next_dispatchable(
                 _fit_for(view, runs, self.vehicles.kernels, alone=alone),
-                _holds_inputs(view, self.vehicles, self.ready.head(SCAN)),
+                _holds_inputs(view, self.vehicles, lambda: self.ready.head(SCAN)),
                 runs,
             )
             if task is None:
@@ -365,11 +365,12 @@ def _runs(view: VehicleView) -> Callable[[str], bool]:
 
 
 def _holds_inputs(
-    view: VehicleView, book: VehicleBook, window: Sequence[PendingTask] = ()
+    view: VehicleView, book: VehicleBook, window: Callable[[], Sequence[PendingTask]] = tuple
 ) -> Callable[[PendingTask], float] | None:
     """Rank tasks for a car by the stored inputs it likely holds (sent to it lately):
     gemm tiles of one row or column block then share one download. Then, a quarter point
-    for each task of ``window`` (the tasks a pull scans) whose every missing input this
+    for each task of ``window()`` (the tasks a pull scans, read only when stored inputs
+    are about: it is asked for each task a pull picks) whose every missing input this
     task's download would bring: of two tiles that each need one new block, the car takes
     the one that makes a third tile free for it, so it grows a square of tiles rather
     than a line. Last, between tasks that reuse as much, the one whose other inputs fewer
@@ -385,7 +386,7 @@ def _holds_inputs(
     held = set(view.blobs)
     # Each scanned task's inputs the car lacks: one count per distinct missing set.
     missing = Counter(
-        frozenset(h for h in task.blob_keys if h not in held) for task in window if task.blob_keys
+        frozenset(h for h in task.blob_keys if h not in held) for task in window() if task.blob_keys
     )
 
     def freed(new: frozenset[int]) -> int:

@@ -274,7 +274,7 @@ class TestInputRank:
             dispatch._remember_inputs(book, car, task)
         line, square, freed = self.tile(2, 0, 2), self.tile(3, 1, 0), self.tile(4, 1, 1)
         # When the scan holds (0,2), (1,0) and (1,1)
-        rank = dispatch._holds_inputs(car, book, [line, square, freed])
+        rank = dispatch._holds_inputs(car, book, lambda: [line, square, freed])
         assert rank is not None
         # Then (1,0) goes before (0,2): row block 1 also brings (1,1), which needs no more
         assert rank(square) > rank(line)
@@ -287,7 +287,8 @@ class TestInputRank:
         car = book.heard("car-a")
         dispatch._remember_inputs(book, car, self.tile(0, 0, 0))
         held, needy = self.tile(1, 0, 0), self.tile(2, 1, 1)
-        with_scan = dispatch._holds_inputs(car, book, [held, needy, self.tile(3, 5, 5)])
+        scan = [held, needy, self.tile(3, 5, 5)]
+        with_scan = dispatch._holds_inputs(car, book, lambda: scan)
         without = dispatch._holds_inputs(car, book)
         assert with_scan is not None and without is not None
         # A tile whose blocks the car holds frees nothing; nor does one whose blocks no
@@ -297,4 +298,9 @@ class TestInputRank:
 
     def test_without_stored_inputs_about_the_queue_order_stands(self) -> None:
         book = VehicleBook("gw1")
-        assert dispatch._holds_inputs(book.heard("car-a"), book) is None
+
+        # nor is the scan read at all: no stored inputs are about
+        def unread() -> list[PendingTask]:
+            raise AssertionError("the scan was read")
+
+        assert dispatch._holds_inputs(book.heard("car-a"), book, unread) is None
