@@ -98,7 +98,7 @@ class TaskOutcomes:
             # here grants work, the next attempt is another car's (dispatch._fit_for), so a
             # hostile car can neither spend a task's attempts by being handed it back at
             # once, nor hold it to its deadline by handing it back uncounted ("busy").
-            task.shunned_by, task.shunned_until = vehicle_id, time.monotonic() + self._shun_s
+            task.shun(vehicle_id, time.monotonic(), self._shun_s)
         if counts:
             self._metrics.tasks.labels("failed").inc()
             self._metrics.failures.labels(reason).inc()

@@ -15,6 +15,10 @@ from parkpool.schemas import AttemptRecord, Priority, TaskChunk
 # How many tasks at the head of each priority's queue a pull looks at for one that fits
 # the car and ranks best: bounds a pull's cost whatever the queue's length.
 SCAN = 32
+# A car shunned by a task again and again is shunned at most 2**4 = 16 base shuns (leases)
+# at a time: long enough to leave the task to any other car, short enough that a car
+# wrongly thought at fault is not locked out of a job's last task for good.
+MAX_SHUN_DOUBLINGS = 4
 
 
 class TaskState(enum.Enum):
@@ -45,9 +49,19 @@ class PendingTask:
     # two cars that both fail a task take turns with it rather than both wait.
     shunned_by: str = ""
     shunned_until: float = 0.0
+    shun_streak: int = 0  # how many times in a row shunned_by failed it or handed it back
 
     def __post_init__(self) -> None:
         self.blob_keys = tuple(dict.fromkeys(int(ref.sha256[:16], 16) for ref in self.task.refs))
+
+    def shun(self, vehicle_id: str, now: float, base_s: float) -> None:
+        """Keep the task from a car that failed it or handed it back, for ``base_s``,
+        twice as long each time in a row (up to 2**MAX_SHUN_DOUBLINGS times): a shun of
+        one lease only let a car that waits out each one, while the other cars are busy
+        on long leases, take the task back every lease and hold it to its deadline."""
+        self.shun_streak = self.shun_streak + 1 if vehicle_id == self.shunned_by else 1
+        self.shunned_by = vehicle_id
+        self.shunned_until = now + base_s * 2 ** min(self.shun_streak - 1, MAX_SHUN_DOUBLINGS)
 
     def shuns(self, vehicle_id: str, now: float) -> bool:
         """Whether the car failed this task last, lately, so that another should have it."""

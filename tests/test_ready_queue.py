@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from parkpool.gateway import dispatch
-from parkpool.gateway.tasks import PendingTask, ReadyQueue
+from parkpool.gateway.tasks import MAX_SHUN_DOUBLINGS, PendingTask, ReadyQueue
 from parkpool.gateway.vehicles import VehicleBook
 from parkpool.schemas import BlobRef, Priority, TaskChunk
 
@@ -304,3 +304,39 @@ class TestInputRank:
             raise AssertionError("the scan was read")
 
         assert dispatch._holds_inputs(book.heard("car-a"), book, unread) is None
+
+
+class TestShun:
+    """A car that fails a task or hands it back is kept from it, longer each time in a
+    row, so that it cannot take the task back after every lease and hold it for ever."""
+
+    def test_a_car_shunned_again_in_a_row_is_shunned_twice_as_long(self) -> None:
+        # Given a task a car handed back once, shunned for one base period
+        task = high(1)
+        task.shun("hostile", now=100.0, base_s=30.0)
+        assert task.shuns("hostile", 129.9) and not task.shuns("hostile", 130.0)
+        # When the same car hands it back again, and again
+        task.shun("hostile", now=130.0, base_s=30.0)
+        first_again = task.shunned_until
+        task.shun("hostile", now=190.0, base_s=30.0)
+        # Then each shun is twice the last
+        assert (first_again, task.shunned_until) == (190.0, 310.0)
+        assert task.shun_streak == 3
+
+    def test_the_doubling_stops_at_its_cap(self) -> None:
+        task = high(1)
+        for _ in range(MAX_SHUN_DOUBLINGS + 5):
+            task.shun("hostile", now=0.0, base_s=30.0)
+        assert task.shunned_until == 30.0 * 2**MAX_SHUN_DOUBLINGS
+
+    def test_another_car_starts_its_own_streak_and_lets_the_first_back(self) -> None:
+        # Given a task handed back by one car three times in a row
+        task = high(1)
+        for _ in range(3):
+            task.shun("first", now=0.0, base_s=30.0)
+        # When another car fails it
+        task.shun("second", now=50.0, base_s=30.0)
+        # Then only the last car is shunned, for one base period: two cars that both
+        # fail a task take turns with it rather than both wait
+        assert task.shuns("second", 79.0) and not task.shuns("first", 51.0)
+        assert task.shun_streak == 1
