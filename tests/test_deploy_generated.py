@@ -151,6 +151,15 @@ class TestSourcesOfTruth:
         budgets = {b["metadata"]["name"] for b in of_kind("PodDisruptionBudget")}
         assert budgets == {s["metadata"]["name"] for s in of_kind("StatefulSet")}
 
+    def test_gateways_run_as_an_account_there_is_to_annotate_for_irsa(self) -> None:
+        # The store's credentials may come from IRSA, which hangs the IAM role on the
+        # pods' service account: the gateways must run as one the manifests create
+        accounts = {a["metadata"]["name"] for a in of_kind("ServiceAccount")}
+        for sts in of_kind("StatefulSet"):
+            pod = sts["spec"]["template"]["spec"]
+            assert pod["serviceAccountName"] in accounts
+            assert pod["automountServiceAccountToken"] is False  # no Kubernetes API use
+
 
 class TestComposeStack:
     """The compose stack has the parts the issue lists and loads deploy/prometheus/."""

@@ -27,11 +27,20 @@ def _kustomization(resources: list[str], **extra: Any) -> str:
 def kubernetes_files() -> dict[str, str]:
     files = {
         "kustomization.yaml": _kustomization(
-            ["namespace.yaml", "kafka", "monitoring", *(f"cells/{c}" for c in compose.CELLS)],
+            [
+                "namespace.yaml",
+                "serviceaccount.yaml",
+                "kafka",
+                "monitoring",
+                *(f"cells/{c}" for c in compose.CELLS),
+            ],
             namespace=sources.topics().namespace,
             images=[{"name": kube.IMAGE, "newName": kube.IMAGE, "newTag": sources.version()}],
         ),
         "namespace.yaml": documents(sources.header("schemas.topics"), [kube.namespace()]),
+        "serviceaccount.yaml": documents(
+            sources.header("deploy/gen/kube.py"), [kube.service_account()]
+        ),
         "kafka/kustomization.yaml": _kustomization(["cluster.yaml", "topics.yaml", "users.yaml"]),
         "kafka/cluster.yaml": documents(sources.header(SRC_TOPICS), strimzi.kafka()),
         "kafka/topics.yaml": documents(sources.header(SRC_TOPICS), strimzi.kafka_topics()),

@@ -137,6 +137,11 @@ def gateways(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
             "runAsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        # Its own identity, for the store's credentials (IRSA: annotate it with the role;
+        # deploy/README.md). The pods never call the Kubernetes API, so no API token is
+        # mounted; IRSA's webhook projects its own web-identity token regardless.
+        "serviceAccountName": APP,
+        "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
     }
@@ -223,3 +228,14 @@ def dashboard() -> dict[str, Any]:
 
 def namespace() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta(sources.topics().namespace)}
+
+
+def service_account() -> dict[str, Any]:
+    """Every cell's gateways' identity. On EKS the SRE annotates it with the IAM role the
+    gateways presign with (``eks.amazonaws.com/role-arn``); elsewhere it names them."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(APP, {"app.kubernetes.io/name": APP}),
+        "automountServiceAccountToken": False,
+    }
