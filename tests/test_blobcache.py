@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from parkpool.worker.blobcache import BlobCache
+from parkpool.worker.cancel import Cancel
 
 
 def test_hits_misses_and_bytes_are_counted() -> None:
@@ -71,12 +72,12 @@ def test_a_second_reader_of_a_blob_being_fetched_waits_for_that_fetch() -> None:
     # Given a car's first task fetching a block, slowly
     cache, release, fetches = BlobCache(100), threading.Event(), []
 
-    def slow() -> bytes:
+    def slow(_: Cancel) -> bytes:
         fetches.append("first")
         release.wait(5)
         return b"x" * 10
 
-    def fast() -> bytes:
+    def fast(_: Cancel) -> bytes:
         fetches.append("second")
         return b"y" * 10
 
@@ -101,13 +102,13 @@ def test_a_failed_fetch_leaves_the_next_reader_to_fetch_with_its_own_url() -> No
     # Given a fetch that will fail (its URL refused) while a second reader waits on it
     cache, release = BlobCache(100), threading.Event()
 
-    def refused() -> bytes:
+    def refused(_: Cancel) -> bytes:
         release.wait(5)
         raise OSError("HTTP 403")
 
     first, got_first = _in_thread(lambda: cache.fetch_once("a", refused))
     time.sleep(0.05)
-    second, got_second = _in_thread(lambda: cache.fetch_once("a", lambda: b"z" * 10))
+    second, got_second = _in_thread(lambda: cache.fetch_once("a", lambda _: b"z" * 10))
     time.sleep(0.05)
     # When the first fails
     release.set()
@@ -121,6 +122,6 @@ def test_a_failed_fetch_leaves_the_next_reader_to_fetch_with_its_own_url() -> No
 
 def test_a_blob_too_large_to_keep_is_fetched_by_each_reader() -> None:
     cache = BlobCache(5)
-    assert cache.fetch_once("big", lambda: b"x" * 6) == b"x" * 6
-    assert cache.fetch_once("big", lambda: b"y" * 6) == b"y" * 6
+    assert cache.fetch_once("big", lambda _: b"x" * 6) == b"x" * 6
+    assert cache.fetch_once("big", lambda _: b"y" * 6) == b"y" * 6
     assert cache.stats().misses == 2 and not cache.holds("big")

@@ -51,8 +51,9 @@ from parkpool.schemas import (
 from parkpool.schemas.blobref import input_key, job_prefix, output_key
 from parkpool.schemas.kernels import MAX_ELEMS
 from parkpool.schemas.reputation import Level
-from parkpool.worker import dataplane
+from parkpool.worker import transfer
 from parkpool.worker.blobcache import BlobCache
+from parkpool.worker.cancel import Cancel
 from parkpool.worker.dataplane import CarData, fetch, upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
@@ -407,11 +408,13 @@ class TestClaimCheckJob:
         real = CarData.hydrate
         faults: list[int] = []
 
-        def flaky(self: CarData, assignment: Assignment, task: TaskChunk) -> TaskChunk:
+        def flaky(
+            self: CarData, assignment: Assignment, task: TaskChunk, cancel: Cancel | None
+        ) -> TaskChunk:
             if not faults:
                 faults.append(1)
                 raise RuntimeError("a bug in the car")
-            return real(self, assignment, task)
+            return real(self, assignment, task, cancel)
 
         monkeypatch.setattr(CarData, "hydrate", flaky)
         fleet_factory(1, concurrency=1, prefetch=0)
@@ -724,7 +727,7 @@ def test_a_dropped_connection_is_tried_again_but_an_http_answer_is_not() -> None
         return outcome
 
     # Then the third try's answer comes back
-    assert dataplane._with_retries(call) == b"ok"
+    assert transfer.with_retries(call) == b"ok"
     # And an HTTP answer (the store's word) is returned at once, not retried
     refusals: list[int] = []
 
@@ -733,7 +736,7 @@ def test_a_dropped_connection_is_tried_again_but_an_http_answer_is_not() -> None
         raise urllib.error.HTTPError("http://s/x", 403, "Forbidden", Message(), None)
 
     with pytest.raises(urllib.error.HTTPError):
-        dataplane._with_retries(refused)
+        transfer.with_retries(refused)
     assert refusals == [1]
 
 

@@ -6,24 +6,17 @@ The car holds no store credentials: each assignment carries presigned URLs, one 
 input, and one write-once URL for this lease's outputs, all covered by the gateway's
 signature. Every fetched byte is checked against the SHA-256 the producer named before
 any kernel sees it; a mismatch is refused (``bad_data``), never run. The standard
-library's HTTP client is enough here: one GET or PUT per blob, no credentials to sign.
+library's HTTP client is enough here: one GET or PUT per blob, no credentials to sign
+(``worker.transfer``: time limits, retries, and cutting a let-go task's download).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import math
-import random
-import socket
-import threading
-import time
 import urllib.error
-import urllib.request
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,7 +33,9 @@ from parkpool.schemas.blobref import OUTPUTS_BLOB, SEALED_OUTPUTS_BLOB
 from parkpool.schemas.codec import MAX_MESSAGE_BYTES, encode_arrays
 from parkpool.schemas.kernels import MAX_ELEMS, MAX_LAYER_ELEMS, MAX_LAYERS, MAX_WIDTH, check_inputs
 from parkpool.worker.blobcache import Blob, BlobCache
+from parkpool.worker.cancel import Cancel
 from parkpool.worker.kernels import BUILTIN, get_kernel
+from parkpool.worker.transfer import BadURLError, TooSlowError, get, send, with_retries
 
 __all__ = [
     "DEFAULT_RESULT_INLINE_BYTES",
@@ -55,8 +50,6 @@ __all__ = [
 
 # Outputs whose encoding is at least this large go to the lease's upload URL.
 DEFAULT_RESULT_INLINE_BYTES = 64 << 10
-RETRIES = 3  # per GET or PUT, on a dropped connection only
-RETRY_BASE_S = 0.1
 # A transfer slower than this, once its first ``timeout_s`` is spent, is given up:
 # urllib's timeout is per read, so a store (or a path to it) that drips bytes would hold
 # one of the car's slots, and every task waiting on the same block, while it dripped.
@@ -74,8 +67,6 @@ MAX_TASK_INPUT_BYTES = 8 * (MAX_ELEMS + MAX_LAYERS * (MAX_LAYER_ELEMS + MAX_WIDT
 MAX_OUTPUTS_BYTES = MAX_MESSAGE_BYTES
 MAX_SEALED_OUTPUTS_BYTES = MAX_MESSAGE_BYTES + (64 << 10)
 
-T = TypeVar("T")
-
 
 class CarData:
     """Inputs in, outputs out, through one car's cache."""
@@ -91,13 +82,15 @@ class CarData:
         self.timeout_s = timeout_s
         self.result_inline_bytes = result_inline_bytes
 
-    def hydrate(self, assignment: Assignment, task: TaskChunk) -> TaskChunk:
+    def hydrate(
+        self, assignment: Assignment, task: TaskChunk, cancel: Cancel | None = None
+    ) -> TaskChunk:
         """The task with every input in hand: fetched (or cached) and checked.
 
         Raises ValidationError for inputs the kernel would not take (before fetching
         any: ``check_refs``), DecodeError ``bad_data`` when the store's bytes are not the
-        ones named (or are gone), and BrokerError when the store cannot be reached or
-        refuses the URL.
+        ones named (or are gone), BrokerError when the store cannot be reached or
+        refuses the URL, and Preempted once ``cancel`` is set (the task was let go).
         """
         if not task.refs:
             return task
@@ -107,14 +100,17 @@ class CarData:
         check_refs(task)
         arrays: dict[str, np.ndarray] = {}
         for ref, url in zip(task.refs, assignment.urls, strict=True):
-            data = self._blob(ref, url)
+            data = self._blob(ref, url, cancel)
             if not ref.is_array:  # a confidential chunk's sealed inputs: the only ref
                 return replace(task, sealed_inputs=bytes(data), refs=())
             arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
         return replace(task, inputs={**task.inputs, **arrays}, refs=())
 
-    def _blob(self, ref: BlobRef, url: str) -> Blob:
-        data = self.cache.fetch_once(ref.sha256, lambda: fetch(url, ref, self.timeout_s))
+    def _blob(self, ref: BlobRef, url: str, cancel: Cancel | None) -> Blob:
+        def download(unwanted: Cancel) -> Blob:
+            return fetch(url, ref, self.timeout_s, unwanted)
+
+        data = self.cache.fetch_once(ref.sha256, download, cancel)
         # A hit was checked against the ref that fetched it, not this one: a ref naming
         # a cached hash with another size is refused here, not by a reshape that raises.
         if len(data) != ref.size:
@@ -183,19 +179,21 @@ def _check_size(ref: BlobRef) -> None:
         raise ValidationError("too_large", f"sealed inputs of {ref.size:,} bytes")
 
 
-def fetch(url: str, ref: BlobRef, timeout_s: float) -> memoryview:
+def fetch(url: str, ref: BlobRef, timeout_s: float, cancel: Cancel | None = None) -> memoryview:
     """GET one blob and check it is exactly what ``ref`` names; BrokerError when it
-    takes longer than ``timeout_s`` plus a second per MiB. The bytes come back as a
-    read-only view, so a kernel does not write into a block the cache shares by mistake
-    (a kernel is trusted code: built in, or approved by the fleet's signed manifest)."""
+    takes longer than ``timeout_s`` plus a second per MiB, Preempted as soon as
+    ``cancel`` is set. The bytes come back as a read-only view, so a kernel does not
+    write into a block the cache shares by mistake (a kernel is trusted code: built in,
+    or approved by the fleet's signed manifest)."""
     limit_s = _limit(timeout_s, ref.size)
+    cancel = cancel or Cancel()
     try:
         # One byte more than named shows a longer body.
-        data = _with_retries(lambda: _get(url, ref.size + 1, timeout_s, limit_s))
-    except _TooSlowError:
+        data = with_retries(lambda: get(url, ref.size + 1, timeout_s, limit_s, cancel), cancel)
+    except TooSlowError:
         detail = f"input {_short(ref)} not fetched within {limit_s:.1f} s"
         raise BrokerError(detail) from None
-    except _BadURLError as exc:
+    except BadURLError as exc:
         raise BrokerError(f"cannot fetch input {_short(ref)}: bad URL: {exc}") from None
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -218,10 +216,10 @@ def upload(url: str, blob: bytes, timeout_s: float) -> None:
     limit_s = _limit(timeout_s, len(blob))
     try:
         # A connection dropped after the body landed is tried again, and answered 412.
-        _with_retries(lambda: _send(url, blob, timeout_s, limit_s))
-    except _TooSlowError:
+        with_retries(lambda: send(url, blob, timeout_s, limit_s, Cancel()))
+    except TooSlowError:
         raise BrokerError(f"the result upload took longer than {limit_s:.1f} s") from None
-    except _BadURLError as exc:
+    except BadURLError as exc:
         raise BrokerError(f"cannot upload the result: bad URL: {exc}") from None
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -240,180 +238,6 @@ def _answer(exc: urllib.error.HTTPError) -> str:
     if 300 <= exc.code < 400:
         return f"HTTP {exc.code}, a redirect (not followed: presigned URLs do not redirect)"
     return f"HTTP {exc.code}"
-
-
-def _get(url: str, most: int, timeout_s: float, limit_s: float) -> memoryview:
-    # Read into a NumPy buffer, not a new bytes object: NumPy asks the kernel for huge
-    # pages for blocks of 4 MiB and more, so far fewer page faults fill a fresh block
-    # (8 MiB: 2.4 ms against 6.3 ms on the 2-core VM, docs/BENCHMARKS.md), and a car's
-    # cache is fresh memory.
-    buffer = np.empty(most, dtype=np.uint8)
-    with _Cutoff(limit_s) as cutoff:
-        try:
-            with _open(cutoff, url, timeout_s) as response:
-                got = _read_into(response, buffer.data)
-        except (OSError, http.client.HTTPException):
-            if cutoff.fired:
-                raise _TooSlowError from None
-            raise
-    if cutoff.fired and got < most - 1:  # cut short, cleanly: not the store's bytes
-        raise _TooSlowError
-    buffer.flags.writeable = False
-    return buffer.data[:got]
-
-
-def _read_into(response: Any, view: memoryview) -> int:
-    """Fill ``view`` from the body, up to its end or the body's; how much was read."""
-    got = 0
-    while got < len(view):
-        count = response.readinto(view[got:])
-        if not count:
-            break
-        got += count
-    return got
-
-
-def _send(url: str, blob: bytes, timeout_s: float, limit_s: float) -> bytes:
-    headers = {"If-None-Match": "*"}
-    with _Cutoff(limit_s) as cutoff:
-        try:
-            with _open(cutoff, url, timeout_s, data=blob, method="PUT", headers=headers):
-                pass
-        except (OSError, http.client.HTTPException):
-            if cutoff.fired:
-                raise _TooSlowError from None
-            raise
-    return b""
-
-
-def _open(cutoff: _Cutoff, url: str, timeout_s: float, **kwargs: Any) -> Any:
-    """The response to one request; _BadURLError when its URL cannot be requested at
-    all: a bad host, port or path makes urllib raise ValueError (UnicodeError for a host
-    IDNA refuses), InvalidURL, or OverflowError (a port past a C long). No retry helps,
-    and none of them may reach the car's catch-all as a fault of its own."""
-    try:
-        return _OPENER.open(_Request(cutoff, url, **kwargs), timeout=timeout_s)
-    except (ValueError, OverflowError, http.client.InvalidURL) as exc:
-        raise _BadURLError(str(exc)) from None
-
-
-class _TooSlowError(Exception):
-    """A transfer cut off at its time limit; never tried again."""
-
-
-class _BadURLError(Exception):
-    """A URL that cannot be requested; never tried again."""
-
-
-class _Cutoff:
-    """Shuts one transfer's socket once ``limit_s`` has passed, from a timer thread: the
-    blocked read wakes with an error or an early end. Covers the TLS handshake, the
-    headers and the body (the connect is bounded by the read timeout itself), without
-    copying what is read.
-
-    It keeps a duplicate of the socket's descriptor: TLS detaches the socket it wraps,
-    and a shutdown through the duplicate still ends the connection both share."""
-
-    def __init__(self, limit_s: float) -> None:
-        self.fired = False
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(limit_s, self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Cutoff:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._timer.cancel()
-        with self._lock:
-            self._release()
-
-    def arm(self, sock: socket.socket) -> socket.socket:
-        with self._lock:
-            self._release()
-            with contextlib.suppress(OSError):
-                self._sock = sock.dup()
-            if self.fired and self._sock is not None:
-                _shut(self._sock)
-        return sock
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            if self._sock is not None:
-                _shut(self._sock)
-
-    def _release(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Request(urllib.request.Request):
-    def __init__(self, cutoff: _Cutoff, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        self.cutoff = cutoff
-
-
-class _Watched:
-    """Hands each new connection's socket to its request's cutoff (HTTPConnection makes
-    it with ``_create_connection``; TLS is set up on that socket afterwards)."""
-
-    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
-        cutoff = getattr(req, "cutoff", None)
-
-        def connection(host: str, **conn_kwargs: Any) -> http.client.HTTPConnection:
-            conn = http_class(host, **conn_kwargs)
-            if cutoff is not None:
-                create = conn._create_connection
-                conn._create_connection = lambda *a, **k: cutoff.arm(create(*a, **k))
-            return conn  # type: ignore[no-any-return]
-
-        return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """No redirect is followed: the store answers a presigned GET or PUT itself, and a
-    redirect could lead anywhere, to plain http:// or ftp:// too. The 3xx then reaches
-    the caller as an HTTPError, the store's answer, and is refused like any other."""
-
-    def redirect_request(self, *_: Any, **__: Any) -> None:
-        return None
-
-
-class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
-    pass
-
-
-class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
-    pass
-
-
-# urllib's default opener with these in place of its HTTP, HTTPS and redirect handlers
-# (proxies from the environment and the rest as before).
-_OPENER = urllib.request.build_opener(_WatchedHTTP, _WatchedHTTPS, _NoRedirects)
-
-
-def _with_retries(call: Callable[[], T], tries: int = RETRIES) -> T:
-    """A dropped or reset connection is tried again, shortly, as S3 clients do; an HTTP
-    answer (403, 404, 412, 5xx) is the store's word and goes back to the caller."""
-    for attempt in range(tries):
-        try:
-            return call()
-        except urllib.error.HTTPError:
-            raise
-        except (OSError, http.client.HTTPException):
-            if attempt == tries - 1:
-                raise
-            time.sleep(RETRY_BASE_S * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
 
 
 def _short(ref: BlobRef) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from parkpool.runtime.settings import MqttConnection
 from parkpool.schemas import Assignment, TaskChunk
+from parkpool.worker.cancel import Cancel
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Held:
     received_at: float = field(default_factory=time.time)
     running: bool = False
     next_beat: float = 0.0  # wall clock of the next lease heartbeat while running
+    # Set once the car lets the task go, however it does: its input downloads stop then.
+    cancel: Cancel = field(default_factory=Cancel)
 
     @property
     def beat_every(self) -> float:
@@ -66,7 +69,8 @@ class Held:
 
 class HeldTasks:
     """The tasks a car holds, by lease epoch; kernels, the network and the owner's guard
-    all touch them, each from its own thread."""
+    all touch them, each from its own thread. A task taken out (revoked, handed back,
+    finished, the car stopping) has its ``cancel`` set, whoever took it."""
 
     def __init__(self) -> None:
         self._items: dict[int, Held] = {}
@@ -88,7 +92,9 @@ class HeldTasks:
 
     def pop(self, epoch: int) -> Held | None:
         with self._lock:
-            return self._items.pop(epoch, None)
+            item = self._items.pop(epoch, None)
+        _let_go([item] if item else [])
+        return item
 
     def get(self, epoch: int) -> Held | None:
         with self._lock:
@@ -115,7 +121,14 @@ class HeldTasks:
         with self._lock:
             items = list(self._items.values())
             self._items.clear()
+        _let_go(items)
         return items
+
+    def cancel_all(self) -> None:
+        """Stop every task's downloads, and keep holding them (a killed car says nothing)."""
+        with self._lock:
+            items = list(self._items.values())
+        _let_go(items)
 
     @contextlib.contextmanager
     def releasing(self) -> Iterator[list[Held]]:
@@ -124,6 +137,7 @@ class HeldTasks:
             items = list(self._items.values())
             self._items.clear()
             self._releasing += 1
+        _let_go(items)
         try:
             yield items
         finally:
@@ -134,6 +148,12 @@ class HeldTasks:
         """Nothing held, and every nack of a hand-back already sent."""
         with self._lock:
             return not self._items and not self._releasing
+
+
+def _let_go(items: list[Held]) -> None:
+    # Outside the lock: a cancel shuts sockets and wakes waiters, on this thread.
+    for item in items:
+        item.cancel.set()
 
 
 def task_context(assignment: Assignment, task: TaskChunk) -> dict[str, object]:

@@ -157,6 +157,14 @@ class TaskLine:
             inputs = self._inputs(item)
             with self._slots:
                 self._run_held(epoch, inputs)
+        except Preempted as exc:
+            # Its inputs' download was cut because the task was let go (revoked, handed
+            # back, the car stopping): whoever let it go said what there was to say, and
+            # this is no fault of the car's. _finish sends nothing for a task no longer
+            # held, nor from a stopping car; one still held would be handed back.
+            self._finish(epoch, nack=(NackReason.RELEASED, exc.reason))
+            context = task_context(item.assignment, item.task)
+            self._log.info("task_inputs_abandoned", **context, reason=exc.reason)
         except Exception as exc:
             # A fault of the car's own (a bug, a library's unexpected error) would end
             # this pool thread silently and keep the task held: the car would run one
@@ -208,11 +216,12 @@ class TaskLine:
 
     def _inputs(self, item: Held) -> TaskChunk | Refusal:
         """The task with its stored inputs fetched, checked and, when sealed, opened; on
-        this task's thread, so a slow store never holds up the car's connection."""
+        this task's thread, so a slow store never holds up the car's connection. Raises
+        Preempted as soon as the task is let go."""
         if not item.task.refs:
             return item.task
         try:
-            task = self._data.hydrate(item.assignment, item.task)
+            task = self._data.hydrate(item.assignment, item.task, item.cancel)
             return self._admission.open(item.assignment, task) if task.sealed_inputs else task
         except BrokerError as exc:  # store unreachable or URL refused: another try may work
             return NackReason.FETCH_FAILED, str(exc)

@@ -214,6 +214,7 @@ class VehicleWorker:
         The broker then publishes our last will, which is what the gateway must handle.
         """
         self._stopping.set()
+        self.tasks.held.cancel_all()  # no download outlives the car
         if not self._owns_network:
             self._network.kill(self._client)
             return
