@@ -48,10 +48,11 @@ BLOBS_REMEMBERED = 8
 LOOKAHEAD_WEIGHT = 0.25
 LOOKAHEAD_MAX_NEW = 3
 SKIP_SAMPLE = 32  # the tasks a pull scans (ReadyQueue.pop), to name why none fit
-# After the store's credentials failed to presign, dispatch waits this long: botocore
-# raises only once the credentials are about to expire and refreshing them failed (an
-# instance role's, a container's), and each refresh it tries may block the loop for
-# seconds (its container provider makes 3 tries 1 s apart), so not one per loop step.
+# After the store's credentials failed to presign, dispatch waits this long: they are
+# refused only once they are about to expire and refreshing them failed (an instance
+# role's, a container's). The refresh runs on its own thread (runtime/store_keys), which
+# a refused presign wakes at once; each try may take seconds (botocore's container
+# provider makes 3 tries 1 s apart), so the loop gives it that long, not one loop step.
 PRESIGN_RETRY_S = 5.0
 
 

@@ -124,6 +124,10 @@ class Gateway:
 
     def start(self) -> None:
         """Subscribe on MQTT first: no task is consumed before results can come back."""
+        if self.dispatcher.store is not None:
+            # Its credentials are refreshed on a thread of their own, never the loop's.
+            refreshes = self.metrics.store_credential_refreshes
+            self.dispatcher.store.start(lambda outcome: refreshes.labels(outcome).inc())
         self.mqtt.start()
         # Quarantines first: a car caught lying must not get work from a fresh gateway.
         self._reputation_reader = ReputationReader(
@@ -173,6 +177,8 @@ class Gateway:
         self.mqtt.stop()
         if self._reputation_reader is not None:
             self._reputation_reader.stop()
+        if self.dispatcher.store is not None:
+            self.dispatcher.store.stop()
         self.events.info("gateway_stopped")
 
     @property

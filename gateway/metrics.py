@@ -150,6 +150,14 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.store_credential_refreshes = Counter(
+            "parkpool_gateway_store_credential_refreshes_total",
+            "Refreshes of the store's rotating credentials, on their own thread",
+            # renewed: new keys; kept: due, but the source gave the same keys again;
+            # failed: the source raised (presigns are refused until one succeeds)
+            ["outcome"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "parkpool_gateway_queue_wait_seconds",
             "From a task becoming ready at the gateway to its assignment being sent",

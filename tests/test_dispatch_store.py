@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 SMALL = 4096  # inline threshold: the jobs' 16 KiB input goes to the store
 SKIPPED = "parkpool_gateway_dispatch_skipped_total"
+REFRESHES = "parkpool_gateway_store_credential_refreshes_total"
 DEAD_LETTERED = "parkpool_gateway_dead_lettered_total"
 
 
@@ -62,13 +63,16 @@ def assignments(car: RawMqtt) -> list[bytes]:
 
 class CredentialSource(http.server.ThreadingHTTPServer):
     """A container credentials endpoint (ECS, EKS Pod Identity) handing out the store's
-    keys, each set a few minutes from expiry, so that botocore refreshes them at every
-    signature; ``failing`` makes it answer 500, as a source that is down."""
+    keys, each set five minutes from expiry: inside botocore's mandatory window, so that
+    botocore would refresh them at every signature. ``failing`` makes it answer 500, as
+    a source that is down; ``hang`` holds its answers, as a dead host does."""
 
     def __init__(self, access_key: str, secret_key: str) -> None:
         super().__init__(("127.0.0.1", 0), _CredentialHandler)
         self.keys = (access_key, secret_key)
         self.failing = False
+        self.hang = threading.Event()
+        self.hung = threading.Event()  # an answer is being held
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -80,6 +84,9 @@ class _CredentialHandler(http.server.BaseHTTPRequestHandler):
     server: CredentialSource
 
     def do_GET(self) -> None:
+        while self.server.hang.is_set():
+            self.server.hung.set()
+            time.sleep(0.05)
         if self.server.failing:
             self.send_error(500)
             return
@@ -111,46 +118,87 @@ def credential_source(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", source.url)
     yield source
+    source.hang.clear()
     source.shutdown()
 
 
 class TestPresignFailure:
-    """Credentials that cannot be refreshed hold dispatch back; they crash nothing."""
+    """Credentials come from a source that can hang or fail: the gateway signs with the
+    keys it holds, and its loop never waits on a refresh (runtime/presign.SigningKeys)."""
 
-    def test_the_task_goes_back_uncounted_and_is_sent_once_they_recover(
+    @pytest.fixture
+    def running(
         self,
         gateway_factory: Callable[..., RunningGateway],
+        credential_source: CredentialSource,
+        store_conn: StoreConnection,
+    ) -> RunningGateway:
+        keyless = dataclasses.replace(store_conn, access_key="", secret_key=Secret(""))
+        # A short drain: the scripted car never answers the lease it is sent.
+        return gateway_factory(store=keyless, drain_seconds=1.0)
+
+    def test_a_hanging_source_does_not_stall_dispatch(
+        self,
+        running: RunningGateway,
         credential_source: CredentialSource,
         store_conn: StoreConnection,
         kafka_conn: KafkaConnection,
         mqtt_conn: MqttConnection,
         namespace: str,
     ) -> None:
-        # Given a gateway whose store credentials come from a container endpoint, and a
-        # job whose input is in the store
-        keyless = dataclasses.replace(store_conn, access_key="", secret_key=Secret(""))
-        running = gateway_factory(store=keyless)
-        topics = MqttTopics(namespace)
+        # Given a gateway with a stored task, whose credentials source then hangs
+        # while the gateway's refresh thread waits on it
         with stored_job(namespace, kafka_conn, store_conn):
             wait_for(lambda: len(running.gateway.ready) == 1, 30, "the task to be queued")
-            # When the endpoint goes down and a car asks for work
+            credential_source.hang.set()
+            assert credential_source.hung.wait(15), "the gateway never asked for new keys"
+            # When a car asks for work
+            asked = time.monotonic()
+            car = pull(mqtt_conn, MqttTopics(namespace), "car-1")
+            # Then it gets the task, URLs and all, signed with the keys the gateway
+            # holds, well within one of botocore's refresh tries (2 s each, 3 tries)
+            wait_for(lambda: assignments(car), 10, "the assignment")
+            assert time.monotonic() - asked < 2.0
+            assert running.metric(SKIPPED, reason="presign_failed") == 0
+            healthy, details = running.gateway.health()
+            assert healthy and details["loop_stalled_s"] < 1.0
+            credential_source.hang.clear()
+            car.close()
+
+    def test_the_task_goes_back_uncounted_and_is_sent_once_they_recover(
+        self,
+        running: RunningGateway,
+        credential_source: CredentialSource,
+        store_conn: StoreConnection,
+        kafka_conn: KafkaConnection,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a gateway with a stored task, whose credentials source fails, and whose
+        # refresh thread found that out
+        store = running.gateway.dispatcher.store
+        assert store is not None
+        with stored_job(namespace, kafka_conn, store_conn):
+            wait_for(lambda: len(running.gateway.ready) == 1, 30, "the task to be queued")
             credential_source.failing = True
-            car = pull(mqtt_conn, topics, "car-1")
-            # Then the presign failure is counted, the gateway goes on, and the task is
-            # back in the queue with no attempt counted and no car shunned
-            wait_for(
-                lambda: running.metric(SKIPPED, reason="presign_failed") >= 1, 30, "the failure"
-            )
+            wait_for(lambda: store.credentials_error, 30, "a failed refresh")
+            assert running.metric(REFRESHES, outcome="failed") >= 1
+            # When a car asks for work
+            car = pull(mqtt_conn, MqttTopics(namespace), "car-1")
+            # Then the presign is refused and counted, the gateway goes on, and the task
+            # is back in the queue with no attempt counted and no car shunned
+            wait_for(lambda: running.metric(SKIPPED, reason="presign_failed") >= 1, 30, "it")
             assert running.error is None and running.thread.is_alive()
             assert not assignments(car)
             [task] = running.gateway.ready.tasks()
             assert (task.failures, task.shunned_by, task.dispatches) == (0, "", 0)
             assert len(running.gateway.leases) == 0
-            # When the endpoint answers again, Then the waiting car gets the task, URLs
+            # When the source answers again, Then the waiting car gets the task, URLs
             # and all, without asking twice
             credential_source.failing = False
             wait_for(lambda: assignments(car), 30, "the assignment")
-            assert running.metric(SKIPPED, reason="presign_failed") == 1
+            assert store.credentials_error == ""
+            assert running.metric(REFRESHES, outcome="renewed") >= 1
             car.close()
 
 

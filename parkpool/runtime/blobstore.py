@@ -160,6 +160,20 @@ class BlobStore:
 
     # ---------------------------------------------------------------- presigning
 
+    def start(self, on_refresh: Callable[[str], None] | None = None) -> None:
+        """Renew the presigning credentials ahead of expiry on a thread of their own, so
+        that a presign never waits for a refresh (a gateway's loop); ``stop`` ends it.
+        ``on_refresh`` hears each refresh's outcome: renewed, kept or failed."""
+        self._presigner.keys.start(on_refresh)
+
+    def stop(self) -> None:
+        self._presigner.keys.stop()
+
+    @property
+    def credentials_error(self) -> str:
+        """Why the presigning credentials' latest refresh failed; "" when it did not."""
+        return self._presigner.keys.last_error
+
     def presign_get(self, key: str, expires_s: float) -> str:
         return self._presign(self._presigner.get, key, expires_s)
 
@@ -170,7 +184,7 @@ class BlobStore:
 
     def _presign(self, sign: Callable[[str, int], str], key: str, expires_s: float) -> str:
         """BrokerError when it fails: local HMAC, but rotating credentials (an instance
-        role's, IRSA's) are refreshed first, and a refresh can fail."""
+        role's, IRSA's) can fail to refresh (after ``start``: refused at once)."""
         try:
             return sign(key, _url_lifetime(expires_s))
         except Exception as exc:

@@ -9,8 +9,8 @@ straight to ``S3SigV4QueryAuth``, the class ``generate_presigned_url`` ends in: 
 CPU-ms (both measured on the 2-core AMD EPYC VM of 2026-12-06), and the same URL
 (tests/test_presign.py compares the two, character for character).
 
-Credentials come from the client's session, frozen per URL, so rotating credentials
-(an instance role, IRSA) and their session token keep working as they do in boto3.
+The keys come from ``store_keys.SigningKeys``: on a started gateway, a snapshot renewed
+off its loop, each URL's lifetime cut to what the keys have left.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from urllib.parse import quote
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 
+from parkpool.runtime.store_keys import SigningKeys
 from parkpool.schemas.errors import ConfigError
 
 __all__ = ["Presigner"]
@@ -30,13 +31,15 @@ class Presigner:
     """Path-style presigned GET and write-once PUT URLs for one bucket of one endpoint."""
 
     def __init__(self, endpoint: str, bucket: str, region: str, credentials: Any) -> None:
-        # ``credentials`` is botocore's (get_frozen_credentials() per use). None fails
-        # here, at start, rather than at the first task given to a car.
+        # ``credentials`` is botocore's, or SigningKeys made of them (to choose how
+        # they are refreshed). None fails here, at start, rather than at the first task
+        # given to a car.
         if credentials is None:
             raise ConfigError(f"no credentials to presign URLs of {endpoint} with")
         self._base = f"{endpoint.rstrip('/')}/{quote(bucket, safe='')}"
         self._region = region
-        self._credentials = credentials
+        keys = credentials if isinstance(credentials, SigningKeys) else SigningKeys(credentials)
+        self.keys = keys
 
     def __repr__(self) -> str:
         return f"Presigner({self._base!r}, region={self._region!r})"
@@ -52,7 +55,7 @@ class Presigner:
     def _sign(self, method: str, key: str, expires_s: int, headers: dict[str, str]) -> str:
         # S3 keys are URI-encoded once, slashes kept, as botocore encodes a {Key+} label.
         request = AWSRequest(method, f"{self._base}/{quote(key, safe='/~')}", headers)
-        frozen = self._credentials.get_frozen_credentials()
-        S3SigV4QueryAuth(frozen, "s3", self._region, expires=expires_s).add_auth(request)
+        frozen, lifetime = self.keys.for_url(expires_s)
+        S3SigV4QueryAuth(frozen, "s3", self._region, expires=lifetime).add_auth(request)
         url: str = request.prepare().url
         return url

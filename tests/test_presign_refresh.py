@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Presigning never waits for a credentials refresh once the keys are started.
+
+The unit tests use botocore's own RefreshableCredentials with a scripted refresh (its
+advisory and mandatory windows shortened, so that a refresh falls due within a second);
+the integration tests run a real gateway whose store credentials come from a container
+endpoint (ECS, EKS Pod Identity) that hangs or fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.exceptions import CredentialRetrievalError
+
+from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.presign import Presigner
+from parkpool.runtime.settings import Secret, StoreConnection
+from parkpool.runtime.store_keys import SigningKeys
+from parkpool.schemas.errors import BrokerError
+
+ENDPOINT = "http://127.0.0.1:9000"
+KEY = "jobs/0123abcd/in/" + "f" * 64
+THREAD = "parkpool-store-credentials"
+FAST = 0.5  # a signature that waited for a refresh would take seconds
+
+
+def metadata(access_key: str, lifetime_s: float) -> dict[str, str]:
+    expiry = time.gmtime(time.time() + lifetime_s)
+    return {
+        "access_key": access_key,
+        "secret_key": "s",
+        "token": "",
+        "expiry_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", expiry),
+    }
+
+
+class Source:
+    """A scripted credentials source: it records which thread asked, hands out
+    AKIDSECOND for an hour, fails while ``failing``, and blocks while ``held``."""
+
+    def __init__(self) -> None:
+        self.callers: list[str] = []
+        self.failing = False
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.released.set()
+
+    def hold(self) -> None:
+        self.released.clear()
+
+    def __call__(self) -> dict[str, str]:
+        self.callers.append(threading.current_thread().name)
+        self.entered.set()
+        self.released.wait(10)
+        if self.failing:
+            raise CredentialRetrievalError(provider="container-role", error_msg="no answer")
+        return metadata("AKIDSECOND", 3600)
+
+
+class Outcomes:
+    """What the refresh thread reported, to wait on rather than sleep."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, outcome: str) -> None:
+        with self._changed:
+            self.seen.append(outcome)
+            self._changed.notify_all()
+
+    def wait(self, outcome: str, count: int = 1, timeout: float = 5.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.seen.count(outcome) >= count, timeout)
+
+
+def refreshable(
+    source: Source, lifetime_s: float, advisory_s: float | None, mandatory_s: float | None
+) -> RefreshableCredentials:
+    """AKIDFIRST for ``lifetime_s``, then whatever ``source`` hands out."""
+    return RefreshableCredentials.create_from_metadata(
+        metadata("AKIDFIRST", lifetime_s),
+        source,
+        "container-role",
+        advisory_timeout=advisory_s,
+        mandatory_timeout=mandatory_s,
+    )
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[..., SigningKeys]]:
+    """Started keys, stopped (and any held refresh let go) after the test."""
+    made: list[tuple[SigningKeys, Any]] = []
+
+    def start(credentials: Any, **options: Any) -> SigningKeys:
+        keys = SigningKeys(credentials, **options)
+        made.append((keys, getattr(credentials, "_refresh_using", None)))
+        keys.start()
+        return keys
+
+    yield start
+    for keys, source in made:
+        if isinstance(source, Source):
+            source.released.set()
+        keys.stop()
+
+
+def timed(sign: Callable[[], str]) -> tuple[str, float]:
+    began = time.perf_counter()
+    url = sign()
+    return url, time.perf_counter() - began
+
+
+class TestTheLoopNeverRefreshes:
+    """A started presigner signs from its snapshot; only its own thread refreshes."""
+
+    def test_a_slow_refresh_does_not_hold_up_a_signature(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given keys due for a refresh a second after start, whose refresh then hangs
+        source, outcomes = Source(), Outcomes()
+        source.hold()
+        creds = refreshable(source, 60, advisory_s=59, mandatory_s=1)
+        keys = started(creds, retry_s=0.05, renew_gap_s=0.05, on_refresh=outcomes)
+        signer = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys)
+        assert source.entered.wait(5), "the refresh never started"
+        # When a URL is signed while that refresh hangs
+        url, took = timed(lambda: signer.get(KEY, 30))
+        # Then it is signed at once, with the keys of the snapshot, and the refresh
+        # (still hanging) ran on the thread, not on the signer's
+        assert took < FAST
+        assert "X-Amz-Credential=AKIDFIRST%2F" in url
+        assert outcomes.seen == ["renewed"]  # the first snapshot only
+        assert source.callers == [THREAD]
+
+    def test_a_refresh_done_in_the_background_is_signed_with(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given keys renewed in the background a second after start
+        source, outcomes = Source(), Outcomes()
+        creds = refreshable(source, 60, advisory_s=59, mandatory_s=1)
+        keys = started(creds, retry_s=0.05, renew_gap_s=0.05, on_refresh=outcomes)
+        signer = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys)
+        first = signer.get(KEY, 30)
+        # When the thread has renewed them
+        assert outcomes.wait("renewed", count=2)
+        # Then the next URL names the new key, with no error on record
+        assert "X-Amz-Credential=AKIDFIRST%2F" in first
+        assert "X-Amz-Credential=AKIDSECOND%2F" in signer.get(KEY, 30)
+        assert keys.last_error == ""
+        assert source.callers == [THREAD]
+
+    def test_static_keys_need_no_thread(self, started: Callable[..., SigningKeys]) -> None:
+        # Given static keys (no expiry), started
+        before = set(threading.enumerate())
+        keys = started(Credentials("AKIDSTATIC", "s"))
+        # Then no thread runs for them, and they sign uncapped
+        assert not set(threading.enumerate()) - before
+        url = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys).get(KEY, 7 * 24 * 3600)
+        assert "X-Amz-Credential=AKIDSTATIC%2F" in url
+        assert "X-Amz-Expires=604800&" in url
+
+    def test_stop_ends_the_thread(self) -> None:
+        # Given started refreshable keys
+        keys = SigningKeys(refreshable(Source(), 3600, None, None))
+        before = set(threading.enumerate())
+        keys.start()
+        [thread] = set(threading.enumerate()) - before
+        assert thread.name == THREAD and thread.daemon
+        # When they are stopped, Then their thread ends
+        keys.stop()
+        assert not thread.is_alive()
+
+
+class TestRefusedAtOnce:
+    """No usable snapshot: the signature fails fast with the error a gateway catches."""
+
+    def test_an_expired_snapshot_is_refused_without_a_refresh(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given started keys, valid for an hour, and then a clock an hour later
+        source = Source()
+        now = [time.time()]
+        keys = started(refreshable(source, 3600, None, None), clock=lambda: now[0])
+        store = BlobStore(StoreConnection(ENDPOINT, access_key="AKID", secret_key=Secret("s")))
+        store._presigner = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys)
+        now[0] += 3600
+        # When a URL is signed, Then the store refuses at once, with the BrokerError the
+        # gateway's dispatch catches, and nothing was refreshed to try
+        began = time.perf_counter()
+        with pytest.raises(BrokerError, match=f"cannot presign {KEY}: .*expired"):
+            store.presign_get(KEY, 30)
+        assert time.perf_counter() - began < FAST
+        assert source.callers == []
+
+    def test_a_failed_refresh_is_refused_until_one_succeeds(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given keys that fall into botocore's mandatory window a second after start,
+        # whose source then fails, and a long retry: only a refused signature makes the
+        # thread try again soon
+        source, outcomes = Source(), Outcomes()
+        source.failing = True
+        creds = refreshable(source, 60, advisory_s=59, mandatory_s=59)
+        keys = started(creds, retry_s=30, renew_gap_s=0.05, on_refresh=outcomes)
+        signer = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys)
+        assert outcomes.wait("failed")
+        # When a URL is signed, Then it is refused at once, naming the source's error
+        message, took = timed(lambda: _refused(lambda: signer.get(KEY, 30)))
+        assert took < FAST
+        assert "refresh failed: CredentialRetrievalError" in message
+        assert outcomes.wait("failed", count=2)  # the refusal's own try, which fails
+        # When the source answers again, Then the next refusal has the thread renew at
+        # once, and the signature after that names the new key
+        source.failing = False
+        assert "CredentialRetrievalError" in _refused(lambda: signer.get(KEY, 30))
+        assert outcomes.wait("renewed", count=2)  # the first snapshot was the first
+        assert "X-Amz-Credential=AKIDSECOND%2F" in signer.get(KEY, 30)
+        assert set(source.callers) == {THREAD}
+
+    def test_nothing_fetched_yet_is_refused(self, started: Callable[..., SigningKeys]) -> None:
+        # Given keys whose first fetch failed (botocore refreshes AKIDFIRST at once: it
+        # is inside the 10-minute mandatory window)
+        source = Source()
+        source.failing = True
+        creds = refreshable(source, 60, None, None)
+        keys = started(creds, retry_s=30)
+        # Then a signature is refused at once, and says why
+        message, took = timed(
+            lambda: _refused(lambda: Presigner(ENDPOINT, "b", "eu-west-1", keys).get(KEY, 1))
+        )
+        assert took < FAST
+        assert message.startswith("no store credentials yet: CredentialRetrievalError")
+
+
+class TestLifetime:
+    """A URL claims no more life than the keys that signed it have left."""
+
+    def test_a_url_is_capped_at_what_is_left_of_its_keys(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given keys with two minutes left (and windows that do not make them due)
+        keys = started(refreshable(Source(), 120, advisory_s=10, mandatory_s=5))
+        signer = Presigner(ENDPOINT, "parkpool", "eu-west-1", keys)
+        # When URLs are asked for longer and for shorter than that
+        long_url, short_url = signer.put_once(KEY, 900), signer.get(KEY, 30)
+        # Then the longer one is cut to what the keys have left, the shorter one is not
+        expires = int(long_url.split("X-Amz-Expires=")[1].split("&")[0])
+        assert 110 <= expires <= 120
+        assert "X-Amz-Expires=30&" in short_url
+
+
+def _refused(sign: Callable[[], str]) -> str:
+    with pytest.raises(BrokerError) as caught:
+        sign()
+    return str(caught.value)
