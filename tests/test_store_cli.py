@@ -11,6 +11,7 @@ import structlog
 
 from parkpool.app.cli import main
 from parkpool.app.store_cli import expire_days
+from parkpool.runtime.blobstore import LIFECYCLE_RULE_ID, with_expiry_rule
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ class TestTheCommandSaysSo:
         # Then it says the TTL is rounded up to whole days
         text = " ".join(capsys.readouterr().out.split())
         assert "rounded up to whole days" in text
-        assert "objects may stay up to a day longer" in text
+        assert "objects may stay up to about two days longer" in text
 
     @pytest.mark.parametrize("ttl", ["0", "-3", "nan", "inf"])
     def test_a_ttl_that_is_not_a_positive_number_is_refused(
@@ -55,3 +56,29 @@ class TestTheCommandSaysSo:
         # Then it is refused by name, before any store is touched
         assert main(["store", "lifecycle", "--ttl-hours", ttl]) == 2
         assert "--ttl-hours must be a positive number of hours" in capsys.readouterr().err
+
+
+OTHER_RULE = {"ID": "logs-30d", "Filter": {"Prefix": "logs/"}, "Status": "Enabled"}
+
+
+class TestTheRuleKeepsTheBucketsOthers:
+    """S3's PutBucketLifecycleConfiguration replaces the whole configuration: parkpool's
+    rule is put in place of its own earlier one, and every other rule is kept."""
+
+    def test_another_rule_is_kept_and_ours_added(self) -> None:
+        rules = with_expiry_rule([OTHER_RULE], "jobs/", 2)
+        assert rules[0] == OTHER_RULE
+        assert [r["ID"] for r in rules] == ["logs-30d", LIFECYCLE_RULE_ID]
+        assert rules[1]["Expiration"] == {"Days": 2}
+        assert rules[1]["Filter"] == {"Prefix": "jobs/"}
+
+    def test_our_earlier_rule_is_replaced_not_repeated(self) -> None:
+        first = with_expiry_rule([OTHER_RULE], "jobs/", 2)
+        again = with_expiry_rule(first, "jobs/", 5)
+        assert [r["ID"] for r in again] == ["logs-30d", LIFECYCLE_RULE_ID]
+        assert again[1]["Expiration"] == {"Days": 5}
+
+    def test_noncurrent_versions_expire_too(self) -> None:
+        # On a versioned bucket a delete only adds a marker: the bytes would stay
+        (rule,) = with_expiry_rule([], "jobs/", 2)
+        assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}

@@ -22,7 +22,10 @@ from parkpool.schemas import ConfigError
 JOBS_PREFIX = "jobs/"
 _TTL_HELP = "objects of jobs older than this are left over by a crashed client"
 # In the lifecycle command's help and output: the rule may keep objects past the TTL.
-_WHOLE_DAYS = "S3 lifecycle rules count whole days, so objects may stay up to a day longer"
+_WHOLE_DAYS = (
+    "S3 lifecycle rules count whole days and expire at the next midnight UTC, later still"
+    " as the store gets to it, so objects may stay up to about two days longer"
+)
 
 
 def add_parser(subparsers: Any) -> None:

@@ -20,7 +20,9 @@ from typing import Any
 from parkpool.runtime.settings import StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
 
-__all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex"]
+__all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex", "with_expiry_rule"]
+
+LIFECYCLE_RULE_ID = "parkpool-job-ttl"  # the one rule parkpool writes, and replaces
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -143,20 +145,26 @@ class BlobStore:
 
     def expire_after(self, prefix: str, days: int) -> None:
         """A bucket lifecycle rule: objects under ``prefix`` expire ``days`` after they
-        were written (AWS S3, MinIO, Ceph RGW; the embedded store has none: sweep)."""
-        rule = {
-            "ID": "parkpool-job-ttl",
-            "Filter": {"Prefix": prefix},
-            "Status": "Enabled",
-            "Expiration": {"Days": days},
-            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-        }
+        were written (AWS S3, MinIO, Ceph RGW; the embedded store has none: sweep).
+        The bucket's other rules are kept: S3 replaces the whole configuration."""
+        rules = with_expiry_rule(self._lifecycle_rules(), prefix, days)
         self._call(
             "set the lifecycle rule",
             self._client.put_bucket_lifecycle_configuration,
             Bucket=self.bucket,
-            LifecycleConfiguration={"Rules": [rule]},
+            LifecycleConfiguration={"Rules": rules},
         )
+
+    def _lifecycle_rules(self) -> list[dict[str, Any]]:
+        try:
+            answer = self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except Exception as exc:
+            if _code(exc) == "NoSuchLifecycleConfiguration":
+                return []
+            raise BrokerError(
+                f"object store cannot read the lifecycle rules: {_why(exc)}"
+            ) from None
+        return list(answer.get("Rules", []))
 
     # ---------------------------------------------------------------- presigning
 
@@ -235,6 +243,23 @@ class BufferReader(io.RawIOBase):
         buffer[: len(part)] = part
         self._at += len(part)
         return len(part)
+
+
+def with_expiry_rule(rules: list[dict[str, Any]], prefix: str, days: int) -> list[dict[str, Any]]:
+    """``rules`` with parkpool's expiry rule in place of any earlier one of its ID.
+
+    Noncurrent versions expire after a day too: on a versioned bucket a delete only adds
+    a marker, and the bytes (a confidential job's ciphertext included) would stay.
+    """
+    rule = {
+        "ID": LIFECYCLE_RULE_ID,
+        "Filter": {"Prefix": prefix},
+        "Status": "Enabled",
+        "Expiration": {"Days": days},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+    }
+    return [*(r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID), rule]
 
 
 def _url_lifetime(expires_s: float) -> int:

@@ -198,7 +198,9 @@ class StoreConnection:
     """The S3-compatible object store that holds bulk arrays (schemas.blobref).
 
     ``endpoint`` is what the SDK and gateways use; ``public_endpoint`` what cars reach
-    (a CDN or the public S3 name), and what presigned URLs name; "" means the same.
+    (the public S3 name, or a proxy that keeps the Host header and path: SigV4 signs
+    both), and what presigned URLs name; "" means the same. ``region`` must be the
+    bucket's: it is signed into every presigned URL.
     An empty endpoint turns the claim check off: everything travels inline.
     """
 
@@ -226,7 +228,13 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--store-bucket", "PARKPOOL_STORE_BUCKET", "parkpool", "S3 bucket")
     add_option(parser, "--store-access-key", "PARKPOOL_STORE_ACCESS_KEY", "", "S3 access key id")
     add_option(parser, "--store-secret-key", "PARKPOOL_STORE_SECRET_KEY", "", "S3 secret key")
-    add_option(parser, "--store-region", "PARKPOOL_STORE_REGION", "us-east-1", "S3 region")
+    add_option(
+        parser,
+        "--store-region",
+        "PARKPOOL_STORE_REGION",
+        "us-east-1",
+        "the bucket's S3 region, signed into every presigned URL",
+    )
     add_option(
         parser,
         "--store-public-endpoint",
