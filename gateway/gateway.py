@@ -124,10 +124,7 @@ class Gateway:
 
     def start(self) -> None:
         """Subscribe on MQTT first: no task is consumed before results can come back."""
-        if self.dispatcher.store is not None:
-            # Its credentials are refreshed on a thread of their own, never the loop's.
-            refreshes = self.metrics.store_credential_refreshes
-            self.dispatcher.store.start(lambda outcome: refreshes.labels(outcome).inc())
+        self._start_store()
         self.mqtt.start()
         # Quarantines first: a car caught lying must not get work from a fresh gateway.
         self._reputation_reader = ReputationReader(
@@ -137,6 +134,21 @@ class Gateway:
         self._reputation_reader.caught_up.wait(10)
         self.log.open()
         self.events.info("gateway_started", group=self.settings.group)
+
+    def _start_store(self) -> None:
+        """Warn of plain-HTTP URLs for cars, and renew the store's credentials on a thread
+        of their own, never the loop's."""
+        store = self.dispatcher.store
+        if store is None:
+            return
+        if store.conn.urls_in_clear:
+            self.events.warning(
+                "store_urls_in_clear",
+                endpoint=store.conn.public_endpoint or store.conn.endpoint,
+                detail="cars get plain-HTTP presigned URLs: use https:// in production",
+            )
+        refreshes = self.metrics.store_credential_refreshes
+        store.start(lambda outcome: refreshes.labels(outcome).inc())
 
     def run(self) -> None:
         """Loop until ``stopping`` is set, then drain and shut down."""

@@ -15,6 +15,7 @@ from parkpool.runtime.settings import (
     KafkaConnection,
     MqttConnection,
     Secret,
+    StoreConnection,
     add_kafka_options,
     add_mqtt_options,
     add_option,
@@ -265,3 +266,26 @@ class TestSimCells:
         for text in ("east", "east=host", "east=host:0", "=h:1", "a=h:1,a=h:2"):
             with pytest.raises(ConfigError, match="--cells"):
                 parse_cells(text, MqttConnection())
+
+
+class TestStoreUrlsInClear:
+    """A gateway warns when cars would get plain-HTTP presigned URLs to another host."""
+
+    @pytest.mark.parametrize(
+        ("endpoint", "public", "in_clear"),
+        [
+            ("http://127.0.0.1:9000", "", False),  # the embedded store: this machine only
+            ("http://localhost:9000", "", False),
+            ("http://[::1]:9000", "", False),
+            ("https://s3.eu-west-1.amazonaws.com", "", False),
+            ("http://minio.internal:9000", "", True),
+            ("http://10.0.0.5:9000", "", True),
+            ("http://minio.internal:9000", "https://data.example.com", False),  # what cars see
+            ("https://s3.internal", "http://data.example.com", True),
+        ],
+    )
+    def test_only_http_beyond_this_machine_is_in_clear(
+        self, endpoint: str, public: str, in_clear: bool
+    ) -> None:
+        conn = StoreConnection(endpoint, public_endpoint=public)
+        assert conn.urls_in_clear is in_clear

@@ -8,11 +8,13 @@ values that are secrets never appear in a repr or a log line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from parkpool.schemas.errors import ConfigError
 
@@ -216,6 +218,13 @@ class StoreConnection:
     def enabled(self) -> bool:
         return bool(self.endpoint)
 
+    @property
+    def urls_in_clear(self) -> bool:
+        """Whether cars are sent plain-HTTP URLs to a host beyond this machine: each is
+        a bearer token for its object, and a plain job's bytes would cross in clear."""
+        url = urlsplit(self.public_endpoint or self.endpoint)
+        return url.scheme == "http" and not _loopback(url.hostname or "")
+
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
     add_option(
@@ -363,3 +372,12 @@ def _password(password: str, password_file: str) -> str:
         return Path(password_file).read_text().rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"cannot read the MQTT password file {password_file}: {exc}") from exc
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: assume it is reached over the network
+        return False
