@@ -59,7 +59,9 @@ class PolicyError(ParkpoolError):
 class Preempted(ParkpoolError):  # noqa: N818 - control flow, named for what happened
     """The car's owner (or its policy) took it back: stop the kernel between launches.
 
-    Raised by a kernel's checkpoint; the worker hands the task back as ``released``.
+    Raised by a kernel's checkpoint; the worker hands the task back as ``released``. Also
+    raised by an input download, or a wait for one, of a task the car let go: whoever let
+    it go said what there was to say, and it is no fault of the car's.
     """
 
     def __init__(self, reason: str) -> None:
