@@ -82,3 +82,15 @@ class TestTheRuleKeepsTheBucketsOthers:
         # On a versioned bucket a delete only adds a marker: the bytes would stay
         (rule,) = with_expiry_rule([], "jobs/", 2)
         assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}
+
+    def test_a_rule_in_s3s_first_form_is_kept_as_a_filter(self) -> None:
+        # S3 refuses a configuration mixing a rule's own Prefix with another's Filter
+        old = {"ID": "logs", "Prefix": "logs/", "Status": "Enabled", "Expiration": {"Days": 30}}
+        kept, _ours = with_expiry_rule([old], "jobs/", 2)
+        assert "Prefix" not in kept
+        assert kept == {
+            "ID": "logs",
+            "Filter": {"Prefix": "logs/"},
+            "Status": "Enabled",
+            "Expiration": {"Days": 30},
+        }

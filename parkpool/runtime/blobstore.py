@@ -147,24 +147,31 @@ class BlobStore:
         """A bucket lifecycle rule: objects under ``prefix`` expire ``days`` after they
         were written (AWS S3, MinIO, Ceph RGW; the embedded store has none: sweep).
         The bucket's other rules are kept: S3 replaces the whole configuration."""
-        rules = with_expiry_rule(self._lifecycle_rules(), prefix, days)
+        current = self._lifecycle()
+        config: dict[str, Any] = {"Rules": with_expiry_rule(current.get("Rules", []), prefix, days)}
+        if "TransitionDefaultMinimumObjectSize" in current:  # the bucket's, not ours to reset
+            config["TransitionDefaultMinimumObjectSize"] = current[
+                "TransitionDefaultMinimumObjectSize"
+            ]
         self._call(
             "set the lifecycle rule",
             self._client.put_bucket_lifecycle_configuration,
             Bucket=self.bucket,
-            LifecycleConfiguration={"Rules": rules},
+            LifecycleConfiguration=config,
         )
 
-    def _lifecycle_rules(self) -> list[dict[str, Any]]:
+    def _lifecycle(self) -> dict[str, Any]:
         try:
-            answer = self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+            answer: dict[str, Any] = self._client.get_bucket_lifecycle_configuration(
+                Bucket=self.bucket
+            )
         except Exception as exc:
             if _code(exc) == "NoSuchLifecycleConfiguration":
-                return []
+                return {}
             raise BrokerError(
                 f"object store cannot read the lifecycle rules: {_why(exc)}"
             ) from None
-        return list(answer.get("Rules", []))
+        return answer
 
     # ---------------------------------------------------------------- presigning
 
@@ -249,7 +256,9 @@ def with_expiry_rule(rules: list[dict[str, Any]], prefix: str, days: int) -> lis
     """``rules`` with parkpool's expiry rule in place of any earlier one of its ID.
 
     Noncurrent versions expire after a day too: on a versioned bucket a delete only adds
-    a marker, and the bytes (a confidential job's ciphertext included) would stay.
+    a marker, and the bytes (a confidential job's ciphertext included) would stay. A kept
+    rule in S3's first form (``Prefix`` on the rule) is rewritten as a ``Filter`` of the
+    same prefix: S3 refuses a configuration that mixes the two forms.
     """
     rule = {
         "ID": LIFECYCLE_RULE_ID,
@@ -259,7 +268,15 @@ def with_expiry_rule(rules: list[dict[str, Any]], prefix: str, days: int) -> lis
         "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
     }
-    return [*(r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID), rule]
+    kept = [_filtered(r) for r in rules if r.get("ID") != LIFECYCLE_RULE_ID]
+    return [*kept, rule]
+
+
+def _filtered(rule: dict[str, Any]) -> dict[str, Any]:
+    if "Prefix" not in rule or "Filter" in rule:
+        return rule
+    rest = {k: v for k, v in rule.items() if k != "Prefix"}
+    return {**rest, "Filter": {"Prefix": rule["Prefix"]}}
 
 
 def _url_lifetime(expires_s: float) -> int:
