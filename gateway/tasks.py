@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from parkpool.schemas import AttemptRecord, Priority, TaskChunk
+from parkpool.schemas.kernels import BUILTIN
 
 # How many tasks at the head of each priority's queue a pull looks at for one that fits
 # the car and ranks best: bounds a pull's cost whatever the queue's length.
@@ -56,12 +57,20 @@ class PendingTask:
 
     def shun(self, vehicle_id: str, now: float, base_s: float) -> None:
         """Keep the task from a car that failed it or handed it back, for ``base_s``,
-        twice as long each time in a row (up to 2**MAX_SHUN_DOUBLINGS times): a shun of
-        one lease only let a car that waits out each one, while the other cars are busy
-        on long leases, take the task back every lease and hold it to its deadline."""
+        twice as long each time in a row (up to 2**MAX_SHUN_DOUBLINGS times) when any
+        car could take it: a shun of one lease only let a car that waits out each one,
+        while the other cars are busy on long leases, take the task back every lease and
+        hold it to its deadline."""
         self.shun_streak = self.shun_streak + 1 if vehicle_id == self.shunned_by else 1
         self.shunned_by = vehicle_id
-        self.shunned_until = now + base_s * 2 ** min(self.shun_streak - 1, MAX_SHUN_DOUBLINGS)
+        doublings = min(self.shun_streak - 1, MAX_SHUN_DOUBLINGS) if self._any_car_runs() else 0
+        self.shunned_until = now + base_s * 2**doublings
+
+    def _any_car_runs(self) -> bool:
+        """Whether any car could take the task: a built-in kernel's, not sealed. The shun
+        yields only to a car alone here, not to one alone able to run the task (a plugin
+        kernel's, a box key), so such a task is shunned one base period at a time."""
+        return self.task.kernel in BUILTIN and not self.task.confidential
 
     def shuns(self, vehicle_id: str, now: float) -> bool:
         """Whether the car failed this task last, lately, so that another should have it."""

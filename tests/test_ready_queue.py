@@ -13,6 +13,7 @@ from parkpool.gateway import dispatch
 from parkpool.gateway.tasks import MAX_SHUN_DOUBLINGS, PendingTask, ReadyQueue
 from parkpool.gateway.vehicles import VehicleBook
 from parkpool.schemas import BlobRef, Priority, TaskChunk
+from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
 
 
 def pending_task(priority: Priority, offset: int, partition: int = 0) -> PendingTask:
@@ -328,6 +329,33 @@ class TestShun:
         for _ in range(MAX_SHUN_DOUBLINGS + 5):
             task.shun("hostile", now=0.0, base_s=30.0)
         assert task.shunned_until == 30.0 * 2**MAX_SHUN_DOUBLINGS
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"kernel": "my_plugin"},
+            {
+                "sealed_inputs": b"ciphertext",
+                "inputs": {},
+                "inputs_key": bytes(WRAPPED_KEY_BYTES),
+                "reply_key": bytes(KEY_BYTES),
+            },
+        ],
+        ids=["plugin kernel", "confidential"],
+    )
+    def test_a_task_only_some_cars_can_run_is_shunned_one_period_at_a_time(
+        self, change: dict[str, object]
+    ) -> None:
+        # Given a task only some cars can take (the shun yields to a car alone here,
+        # not to one alone able to run it), handed back by the same car again and again
+        task = high(1)
+        task = PendingTask(
+            task.topic, task.partition, task.offset, task.raw, replace(task.task, **change)
+        )
+        for _ in range(4):
+            task.shun("only-able", now=0.0, base_s=30.0)
+        # Then it is kept from that car one base period only, as before the doubling
+        assert task.shunned_until == 30.0
 
     def test_another_car_starts_its_own_streak_and_lets_the_first_back(self) -> None:
         # Given a task handed back by one car three times in a row
