@@ -41,6 +41,9 @@ RENEW_GAP_S = 5.0
 # the thread sleep through the renewal. A look when nothing is due costs no fetch.
 MAX_SLEEP_S = 60.0
 FIRST_WAIT_S = 10.0  # start() waits this long for the first snapshot, then goes on
+# Keys with less left than this sign no URL: it would reach a car all but dead, and the
+# car, not the credentials, would be blamed for the failed fetch.
+MIN_LEFT_S = 60.0
 STOP_WAIT_S = 2.0  # a thread stuck in a refresh is a daemon: the process does not wait
 
 
@@ -82,6 +85,7 @@ class SigningKeys:
         clock: Callable[[], float] = time.time,
         retry_s: float = RETRY_S,
         renew_gap_s: float = RENEW_GAP_S,
+        min_left_s: float = MIN_LEFT_S,
         on_refresh: Callable[[str], None] | None = None,
     ) -> None:
         # ``on_refresh`` hears each refresh's outcome on the thread: "renewed" (new
@@ -90,6 +94,7 @@ class SigningKeys:
         self._clock = clock
         self._retry_s = retry_s
         self._renew_gap_s = renew_gap_s
+        self._min_left_s = min_left_s
         self._on_refresh = on_refresh
         self._backoff = Backoff(base=retry_s, cap=max(retry_s, RETRY_CAP_S))
         # One tuple, replaced whole by the thread and read whole by the loop: a
@@ -140,7 +145,11 @@ class SigningKeys:
 
     def _usable(self) -> Snapshot:
         snapshot, error = self._state
-        if snapshot is not None and not error and snapshot.left_s(self._clock()) >= 1:
+        if (
+            snapshot is not None
+            and not error
+            and snapshot.left_s(self._clock()) >= self._min_left_s
+        ):
             return snapshot
         self._wake.set()  # a car is waiting: try again now, not after the backoff
         if snapshot is None:
@@ -148,6 +157,8 @@ class SigningKeys:
         left = snapshot.left_s(self._clock())
         if error:
             raise BrokerError(f"store credentials expire in {left:.0f} s, refresh failed: {error}")
+        if left > 0:
+            raise BrokerError(f"store credentials expire in {left:.0f} s, still refreshing")
         raise BrokerError(f"store credentials expired {-left:.0f} s ago, still refreshing")
 
     def _take(self) -> Snapshot:
@@ -164,14 +175,24 @@ class SigningKeys:
     # ------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        wait = self._attempt()
-        self._first.set()
+        try:
+            wait = self._attempt_safely()
+        finally:
+            self._first.set()  # start() must not wait out FIRST_WAIT_S for a bug
         while not self._stopping:
             self._wake.wait(wait)
             self._wake.clear()
             if self._stopping:
                 return
-            wait = self._attempt()
+            wait = self._attempt_safely()
+
+    def _attempt_safely(self) -> float:
+        try:
+            return self._attempt()
+        except Exception:  # a bug here (a callback, botocore's own check) must not end
+            # the renewals silently, leaving presigns refused for good
+            log.exception("store_credentials_thread_error")
+            return max(self._retry_s, self._backoff.next_delay())
 
     def _attempt(self) -> float:
         """One refresh, if due; the seconds until the next look."""
@@ -185,7 +206,7 @@ class SigningKeys:
         if due and before is not None and snapshot.expires_at == before.expires_at:
             return self._kept(snapshot)
         self._backoff.reset()
-        if due:
+        if due and before is not None:  # the first snapshot renews nothing
             log.debug("store_credentials_renewed", expires_in_s=self._left(snapshot))
             self._report("renewed")
         return self._next_look(snapshot)
