@@ -117,16 +117,22 @@ class TestHandOff:
         assert counts(cache.stats()) == (1, 2, 6, 12, 0)
 
 
+def fetcher_and_waiter() -> tuple[BlobCache, Download, Reader, Reader]:
+    """A cache that keeps nothing, a reader downloading block "a" and one waiting on it."""
+    cache, download = BlobCache(0), Download()
+    fetcher = Reader(cache, download)
+    wait_for(lambda: readers(cache, "a") == 1, 5, "the download")
+    waiter = Reader(cache, download)
+    wait_for(lambda: readers(cache, "a") == 2, 5, "the waiter")
+    return cache, download, fetcher, waiter
+
+
 class TestLetGo:
     """A download is given up when the last reader that wanted it is let go."""
 
     def test_a_fetcher_let_go_downloads_on_for_its_waiter(self) -> None:
         # Given a reader fetching a block and a second waiting for it
-        cache, download = BlobCache(0), Download()
-        fetcher = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 1, 5, "the download")
-        waiter = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 2, 5, "the waiter")
+        _cache, download, fetcher, waiter = fetcher_and_waiter()
         # When the fetching one's task is let go
         fetcher.cancel.set()
         # Then the download goes on (the cancel acts before set() returns)
@@ -138,11 +144,7 @@ class TestLetGo:
 
     def test_a_waiter_let_go_stops_waiting_at_once(self) -> None:
         # Given a reader fetching a block and a second waiting for it
-        cache, download = BlobCache(0), Download()
-        fetcher = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 1, 5, "the download")
-        waiter = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 2, 5, "the waiter")
+        cache, download, fetcher, waiter = fetcher_and_waiter()
         # When the waiting one's task is let go
         cancelled = time.monotonic()
         waiter.cancel.set()
@@ -156,11 +158,7 @@ class TestLetGo:
 
     def test_the_download_is_given_up_with_its_last_reader(self) -> None:
         # Given a reader fetching a block and a second waiting for it
-        cache, download = BlobCache(0), Download()
-        fetcher = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 1, 5, "the download")
-        waiter = Reader(cache, download)
-        wait_for(lambda: readers(cache, "a") == 2, 5, "the waiter")
+        cache, download, fetcher, waiter = fetcher_and_waiter()
         # When both tasks are let go
         fetcher.cancel.set()
         waiter.cancel.set()

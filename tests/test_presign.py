@@ -23,6 +23,7 @@ from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.presign import Presigner
 from parkpool.runtime.settings import KafkaConnection, MqttConnection, Secret, StoreConnection
 from parkpool.schemas.errors import BrokerError, ConfigError
+from tests.test_presign_refresh import metadata
 
 ENDPOINT = "http://127.0.0.1:9000"
 KEYS = [
@@ -102,14 +103,6 @@ def test_a_session_token_is_signed_into_the_url() -> None:
 
 def test_rotating_credentials_are_read_at_each_signature() -> None:
     # Given credentials about to expire, which a refresh replaces (an instance role's)
-    def metadata(access_key: str, lifetime_s: float) -> dict[str, str]:
-        expiry = time.gmtime(time.time() + lifetime_s)
-        return {
-            "access_key": access_key,
-            "secret_key": "s",
-            "token": "",
-            "expiry_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", expiry),
-        }
 
     creds = RefreshableCredentials.create_from_metadata(
         metadata("AKIDFIRST", 300), lambda: metadata("AKIDSECOND", 3600), "test"
