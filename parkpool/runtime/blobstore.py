@@ -203,7 +203,9 @@ class BlobStore:
         try:
             return sign(key, _url_lifetime(expires_s))
         except Exception as exc:
-            raise BrokerError(f"object store cannot presign {key}: {_why(exc)}") from None
+            # Our own refusal (store_keys) already says why; anything else is named.
+            why = str(exc) if isinstance(exc, BrokerError) else _why(exc)
+            raise BrokerError(f"object store cannot presign {key}: {why}") from None
 
     def _call(self, what: str, method: Any, **kwargs: Any) -> Any:
         try:
