@@ -198,7 +198,7 @@ class TestNothingStopsTheAgent:
         gateway_factory(lease_seconds=2.0)
         fleet = fleet_factory(1)
         (car,) = fleet.vehicles.values()
-        handle_assignment = car._on_assignment
+        handle_assignment = car.inbox._on_assignment
         met: list[bytes] = []
 
         def faulty(payload: bytes) -> None:
@@ -207,7 +207,7 @@ class TestNothingStopsTheAgent:
                 raise RuntimeError("injected fault while handling an assignment")
             handle_assignment(payload)
 
-        car._on_assignment = faulty  # type: ignore[method-assign]
+        car.inbox._on_assignment = faulty  # type: ignore[method-assign]
         # When a job is sent to it
         x = np.arange(16.0)
         handle = client.submit("reduce", {"x": x, "op": "sum"})

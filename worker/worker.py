@@ -7,15 +7,15 @@ redone elsewhere when its lease ends, so the worker can always just stop.
 What becomes of each task it is given is ``worker.tasks``: what the car lets in,
 ``worker.admission``; what it holds, ``worker.held``; running a kernel under the owner's
 guard, ``worker.runner``. What it says back is ``worker.replies``, and how that is sent,
-``worker.outbox``; how it splits its credits between gateways, ``worker.grants``.
+``worker.outbox``; how it splits its credits between gateways, ``worker.grants``, and
+when it asks them for work, ``worker.pulls``. What it hears, and what that does, is
+``worker.inbox``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import random
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -28,20 +28,14 @@ from parkpool.runtime import logs
 from parkpool.runtime.mqtt import Will, connect_and_wait, new_client, wait_until
 from parkpool.runtime.signing import ResultSigner
 from parkpool.schemas import (
-    AssignmentBatch,
     Capabilities,
-    DecodeError,
-    GatewayStatus,
     MqttTopics,
     NackReason,
     PullRequest,
-    Revoke,
     VehicleState,
     VehicleStatus,
-    decode,
     encode,
 )
-from parkpool.schemas.codec import peek_type
 from parkpool.worker.admission import Admission
 from parkpool.worker.backend import Backend, select_backend
 from parkpool.worker.blobcache import BlobCache
@@ -50,10 +44,12 @@ from parkpool.worker.dataplane import CarData
 from parkpool.worker.grants import GatewayBook
 from parkpool.worker.guard import REAL_TIME, OwnerGuard, TimeBase
 from parkpool.worker.held import WorkerSettings, task_context
+from parkpool.worker.inbox import Inbox
 from parkpool.worker.kernels import REGISTRY
 from parkpool.worker.netloop import NetworkLoop
 from parkpool.worker.outbox import Outbox
 from parkpool.worker.policy import RUN, Decision, Mode, OwnerPolicy
+from parkpool.worker.pulls import PullSchedule
 from parkpool.worker.replies import heartbeat_of, status_of
 from parkpool.worker.runner import TaskRunner
 from parkpool.worker.tasks import TaskLine
@@ -110,21 +106,14 @@ class VehicleWorker:
             settings.simulated_delay_s,
         )
         self.gateways = GatewayBook(self.vehicle_id, settings.gateways_per_vehicle)
-        self._lock = threading.Lock()  # the pull schedule
         self.admission = Admission(settings.trusted_keys, self.vehicle_id)
         self.rejected = self.admission.rejected  # assignments refused: bad_signature, replayed
-        # Messages whose handling raised, by kind: counted and dropped, never fatal.
-        self.handler_errors: collections.Counter[str] = collections.Counter()
         signer = ResultSigner.load(settings.result_key) if settings.result_key else None
         self._departure: float | None = None  # the last next_departure a pull reported
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._last_pull = 0.0  # monotonic time of the last pull sent
-        self._pull_at: float | None = None  # a jittered pull waiting for its time
-        self._room_since: float | None = None  # monotonic; free slots ever since
         self._announced_to: tuple[str, ...] = ()  # the K gateways our last status went to
-        self._refresh_s = settings.pull_refresh_s * random.uniform(0.75, 1.25)
-        self._refresh_wait = self._refresh_s  # doubles while refreshes go unanswered
+        self.schedule = PullSchedule(settings, self.gateways)
         self._next_heartbeat = 0.0
         self._owns_network = network is None
         self._network = network or NetworkLoop(retry_log_level=logging.WARNING).start()
@@ -159,6 +148,17 @@ class VehicleWorker:
             on_room=lambda: self.pull(force=True),
             on_preempted=self._after_preemption,
         )
+        self.inbox = Inbox(
+            self.topics,
+            self.vehicle_id,
+            self.gateways,
+            self.tasks,
+            pull=lambda: self.pull(force=True),
+            pull_soon=self.schedule.soon,
+            log=self._log,
+        )
+        # Messages whose handling raised, by kind: counted and dropped, never fatal.
+        self.handler_errors = self.inbox.errors
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
 
     # ---------------------------------------------------------------- life cycle
@@ -272,45 +272,15 @@ class VehicleWorker:
         """
         if self._stopping.is_set() or not self.eligible:
             return
-        credits = self.settings.capacity - len(self.tasks.held)
-        with self._lock:
-            now = time.monotonic()
-            # Room kept for a whole refresh period, not the instant between a result and
-            # the gateway's refill: a car in steady work never refreshes.
-            if credits <= 0:
-                self._room_since, self._refresh_wait = None, self._refresh_s
-            elif self._room_since is None:
-                self._room_since = now
-            idle = self._room_since is not None and now - self._room_since >= self._refresh_s
-            periodic = idle and now - self._last_pull >= self._refresh_wait
-            if not self.gateways.any_online() or not (force or refresh or periodic):
-                return
-            if refresh:
-                self.gateways.reset()
-            capacity, held = self.settings.capacity, self.tasks.held.sources()
-            pulls = self.gateways.pulls(capacity, held, periodic)
-            if periodic or pulls:
-                self._last_pull = now
-            if periodic and pulls:
-                # Unanswered again: the gateway most likely has the pull and no work or no
-                # time for us, so each further refresh waits twice as long (up to 8x).
-                self._refresh_wait = min(2 * self._refresh_wait, 8 * self._refresh_s)
-            if not pulls:
-                return
+        pulls = self.schedule.due(self.tasks.held, force=force, refresh=refresh)
+        if not pulls:
+            return
         capabilities = self.capabilities
         dwell = self.guard.dwell_s() if self.guard else 0.0
         for p in pulls:
             seen, grant = {p.gateway_id: p.seen}, {p.gateway_id: p.grant}
             pull = PullRequest(self.vehicle_id, p.grant, capabilities, seen, grant, dwell)
             self.outbox.pull(p.gateway_id, pull)
-
-    def _pull_soon(self) -> None:
-        """Pull within ``pull_jitter_s``: a gateway that appeared, or whose work did,
-        is not met by all its cars in the same instant."""
-        due = time.monotonic() + random.uniform(0.0, self.settings.pull_jitter_s)
-        with self._lock:
-            if self._pull_at is None or due < self._pull_at:
-                self._pull_at = due
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(0.5):
@@ -322,11 +292,7 @@ class VehicleWorker:
             return
         if self.guard is not None:
             self.guard.reconsider()  # rules that move with time: departure, dwell, budget
-        with self._lock:
-            due, self._pull_at = self._pull_at, None
-            if due is not None and due > time.monotonic():
-                self._pull_at, due = due, None
-        self.pull(force=due is not None)
+        self.pull(force=self.schedule.take_jittered())
         self._beat_leases()
         # A gateway that just became one of ours (or first) hears how we stand at once,
         # not a heartbeat later: it counts us in its fleet series from now on.
@@ -357,85 +323,14 @@ class VehicleWorker:
         if self._subscribed.is_set():  # a reconnect: say we are here again
             self.gateways.reset()
             self._announce()
-            self._pull_soon()
+            self.schedule.soon()
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _m: int, codes: Any, _p: Any) -> None:
         if not any(code.is_failure for code in codes):
             self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
-        kind = "gateway_status"
-        try:
-            if msg.topic != self.topics.task(self.vehicle_id):
-                self._on_gateway_status(msg.topic, payload)
-                return
-            kind = peek_type(payload) or "assignment"
-            if kind == Revoke.TYPE:
-                self._on_revoke(payload)
-            elif kind == GatewayStatus.TYPE:
-                self._on_notice(payload)
-            elif kind == AssignmentBatch.TYPE:
-                self._on_batch(payload)
-            else:
-                kind = "assignment"
-                self._on_assignment(payload)
-        except Exception:
-            # Raised into paho's network loop it would stop every car on that loop; a bug
-            # met by one message is counted and the message dropped (its lease expires).
-            self.handler_errors[kind] += 1
-            self._log.exception("message_handler_failed", kind=kind)
-
-    def _on_gateway_status(self, topic: str, payload: bytes) -> None:
-        try:
-            status = decode(payload, GatewayStatus)
-        except DecodeError:
-            return
-        if topic != self.topics.gateway_status(status.gateway_id):
-            self._log.warning("gateway_status_misplaced", topic=topic)
-            return  # one gateway (or anyone) speaking for another
-        if self.gateways.announced(status):
-            self._pull_soon()
-
-    def _on_notice(self, payload: bytes) -> None:
-        """One of our gateways says how much work it has: none (move our credits to the
-        other one now) or some again (come back, after a jitter)."""
-        try:
-            notice = decode(payload, GatewayStatus)
-        except DecodeError as exc:
-            self._log.warning("notice_malformed", reason=str(exc))
-            return
-        self.gateways.answered(notice.gateway_id)
-        if self.gateways.noticed(notice.gateway_id, notice.queued):
-            if notice.queued == 0:
-                self.pull(force=True)
-            else:
-                self._pull_soon()
-
-    def _on_batch(self, payload: bytes) -> None:
-        try:
-            batch = decode(payload, AssignmentBatch)
-        except DecodeError as exc:
-            self._log.warning("assignment_batch_malformed", reason=str(exc))
-            return
-        for item in batch.assignments:
-            self.tasks.receive(item)
-        self._learn_backlog(batch.gateway_id, batch.queued)
-
-    def _on_revoke(self, payload: bytes) -> None:
-        self.tasks.revoke(payload)
-
-    def _on_assignment(self, payload: bytes) -> None:
-        assignment = self.tasks.receive(payload)
-        if assignment is not None:
-            self._learn_backlog(assignment.gateway_id, assignment.queued)
-
-    def _learn_backlog(self, gateway_id: str, queued: int) -> None:
-        """An assignment's backlog figure weights the car's split. Only a positive one
-        counts: a queue empty at the instant of sending is often refilled by the next
-        read, and "no work here" comes as a notice, when the gateway holds our credit."""
-        if queued > 0 and self.gateways.noticed(gateway_id, queued):
-            self.pull(force=True)
+        self.inbox.receive(msg)
 
     def _after_preemption(self) -> None:
         """A kernel stopped by the guard. The guard's stop hands every task back, then
