@@ -7,6 +7,7 @@ Only a Kafka kept in memory, whose restart loses its topics, gets them created a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,41 +68,43 @@ class TestTopicsAfterARestart:
         assert partition_counts(brokers.kafka_bootstrap, namespace) == expected(namespace)
 
 
-@pytest.mark.integration
-def test_a_kafka_in_memory_gets_its_topics_back(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Given `brokers up`'s Kafka kept in memory, with the namespace's topics
+@pytest.fixture
+def emptied(tmp_path: Path) -> Iterator[tuple[EmbeddedBrokers, str, dict[str, int]]]:
+    """`brokers up`'s Kafka kept in memory, with a namespace's topics (their partition
+    counts given), after a crash and restart that took them with its memory."""
     namespace = fresh_namespace()
     with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
         bootstrap(brokers.kafka_bootstrap, namespace, specs=TEST_TOPIC_SPECS)
         before = partition_counts(brokers.kafka_bootstrap, namespace)
-        # When Tansu crashes and comes back, its topics gone with its memory
         brokers.kill_kafka()
         brokers.start_kafka()
-        assert not any(partition_counts(brokers.kafka_bootstrap, namespace).values())
-        # Then the check creates them again, as they were, and says so
-        _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
-        assert partition_counts(brokers.kafka_bootstrap, namespace) == before == expected(namespace)
+        yield brokers, namespace, before
+
+
+@pytest.mark.integration
+def test_a_kafka_in_memory_gets_its_topics_back(
+    emptied: tuple[EmbeddedBrokers, str, dict[str, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a Kafka kept in memory that crashed and came back, its topics gone
+    brokers, namespace, before = emptied
+    assert not any(partition_counts(brokers.kafka_bootstrap, namespace).values())
+    # Then the check creates them again, as they were, and says so
+    _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
+    assert partition_counts(brokers.kafka_bootstrap, namespace) == before == expected(namespace)
     assert "topics recreated" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_a_kafka_in_memory_gets_back_the_topics_no_client_made_again(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    emptied: tuple[EmbeddedBrokers, str, dict[str, int]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given a Kafka kept in memory that came back empty, where a client already made one
     # topic of the namespace again before the check
-    namespace = fresh_namespace()
-    with EmbeddedBrokers(run_dir=tmp_path, durable=False) as brokers:
-        bootstrap(brokers.kafka_bootstrap, namespace, specs=TEST_TOPIC_SPECS)
-        before = partition_counts(brokers.kafka_bootstrap, namespace)
-        brokers.kill_kafka()
-        brokers.start_kafka()
-        jobs = tuple(spec for spec in TEST_TOPIC_SPECS if spec.name == "jobs")
-        bootstrap(brokers.kafka_bootstrap, namespace, specs=jobs)
-        # When `brokers up` checks the topics
-        _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
-        # Then the missing ones are created again and the check passes
-        assert partition_counts(brokers.kafka_bootstrap, namespace) == before
+    brokers, namespace, before = emptied
+    jobs = tuple(spec for spec in TEST_TOPIC_SPECS if spec.name == "jobs")
+    bootstrap(brokers.kafka_bootstrap, namespace, specs=jobs)
+    # When `brokers up` checks the topics
+    _check_topics(brokers, namespace, TEST_TOPIC_SPECS, before)
+    # Then the missing ones are created again and the check passes
+    assert partition_counts(brokers.kafka_bootstrap, namespace) == before
     assert "topics recreated" in capsys.readouterr().err
