@@ -44,7 +44,7 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from parkpool.broker_config import store_etags, store_listing, store_puts
+from parkpool.broker_config import store_deletes, store_etags, store_listing, store_puts
 from parkpool.broker_config.store_headers import Headers
 
 __all__ = ["StoreKeys", "verify_request"]
@@ -339,6 +339,45 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         finally:
             body.discard()
         self._send(HTTPStatus.OK, headers={"ETag": f'"{etag}"'})
+
+    def _post_request(self, bucket: str, key: str) -> None:
+        if key or "delete" not in self.query:
+            super()._post_request(bucket, key)
+            return
+        self._check_query("DeleteObjects", {"delete"})
+        bucket_dir = self._bucket_dir(bucket)
+        if int(self.headers.get("Content-Length") or 0) > store_deletes.MAX_BODY_BYTES:
+            self.close_connection = True  # the body is left unread
+            raise localbucket.S3Error(
+                HTTPStatus.BAD_REQUEST, "MaxMessageLengthExceeded", "Your request was too big."
+            )
+        body = self._read_body()  # checked against a signed SHA-256, where there is one
+        store_deletes.check_digest(body, self.headers)
+        wanted = store_deletes.parse(body)
+        failures = [f for k in wanted.keys if (f := self._delete_one(bucket_dir, bucket, k))]
+        self._send_xml(store_deletes.answer(wanted, failures))
+
+    def _delete_one(self, bucket_dir: Path, bucket: str, key: str) -> store_deletes.Failure | None:
+        """One key of a DeleteObjects: gone, or why not. An absent key counts as deleted,
+        as on S3; folders left empty go too, as localbucket's DeleteObject does."""
+        try:
+            target = self._object_path(bucket, key)
+        except localbucket.S3Error as error:
+            return store_deletes.Failure(key, error.code, error.message)
+        try:
+            target.unlink(missing_ok=True)
+        except IsADirectoryError:  # a folder of longer keys: no object by this name
+            return None
+        except OSError as exc:
+            return store_deletes.Failure(key, "InternalError", f"not deleted: {exc.strerror}")
+        parent = target.parent
+        while parent != bucket_dir:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty, or another request's
+                break
+            parent = parent.parent
+        return None
 
     def _streamed_length(self, key: str) -> int | None:
         """The length of a plain PutObject's body large enough to stream to its file

@@ -14,7 +14,7 @@ import io
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from parkpool.runtime.settings import StoreConnection
@@ -23,6 +23,9 @@ from parkpool.schemas.errors import BrokerError, ConfigError
 __all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex", "with_expiry_rule"]
 
 LIFECYCLE_RULE_ID = "parkpool-job-ttl"  # the one rule parkpool writes, and replaces
+DELETE_BATCH = 1000  # S3's most keys in one DeleteObjects request
+# What a store without DeleteObjects answers it with (GCS's XML API among them).
+_NO_BATCH_DELETE = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -48,6 +51,8 @@ class BlobStore:
         self._lock = threading.Lock()
         self.puts = 0  # objects written by this client (content addressing: once each)
         self.put_bytes = 0
+        self.delete_requests = 0  # DeleteObject and DeleteObjects requests sent
+        self._batch_deletes = True  # until the store says it has no DeleteObjects
 
     def __repr__(self) -> str:
         return f"BlobStore(endpoint={self.conn.endpoint!r}, bucket={self.bucket!r})"
@@ -55,10 +60,25 @@ class BlobStore:
     # ---------------------------------------------------------------- writing
 
     def ensure_bucket(self) -> None:
+        """Create the bucket unless it is there. A bucket that exists but answers
+        otherwise (another account's, or these credentials may not read it) is named as
+        such: creating it could not help."""
         try:
             self._client.head_bucket(Bucket=self.bucket)
-        except Exception:  # absent or unreadable: creating it says which
-            self._call("create bucket", self._client.create_bucket, Bucket=self.bucket)
+        except Exception as exc:
+            if _code(exc) not in _NO_BUCKET:
+                raise BrokerError(
+                    f"object store cannot use bucket {self.bucket}: {_why(exc)}"
+                ) from None
+            self._call("create bucket", self._client.create_bucket, **self._bucket_config())
+
+    def _bucket_config(self) -> dict[str, Any]:
+        # S3 creates a bucket in us-east-1 unless the request names the region, and
+        # refuses one sent to another region's endpoint without it.
+        if self.conn.region in ("", "us-east-1"):
+            return {"Bucket": self.bucket}
+        where = {"LocationConstraint": self.conn.region}
+        return {"Bucket": self.bucket, "CreateBucketConfiguration": where}
 
     def put_if_absent(self, key: str, data: bytes | memoryview, sha256: str) -> bool:
         """Write ``key`` unless it exists; True when this call wrote it.
@@ -130,8 +150,7 @@ class BlobStore:
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; how many there were."""
         keys = [key for key, _ in self.keys(prefix)]
-        for key in keys:
-            self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+        self.delete(keys)
         return len(keys)
 
     def sweep(self, prefix: str, older_than_s: float, now: float | None = None) -> int:
@@ -139,9 +158,50 @@ class BlobStore:
         left behind, where the store has no lifecycle rule of its own."""
         cutoff = (time.time() if now is None else now) - older_than_s
         old = [key for key, modified in self.keys(prefix) if modified < cutoff]
-        for key in old:
-            self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+        self.delete(old)
         return len(old)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete ``keys``: up to DELETE_BATCH in one DeleteObjects request, or one request
+        per key on a store without it. A job's end deletes every block and every tile it
+        stored, so per-key requests would cost a round trip each. BrokerError names the
+        first key the store would not delete."""
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            if self._batch_deletes and self._delete_batch(batch):
+                continue
+            for key in batch:
+                self._count_delete()
+                self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+
+    def _delete_batch(self, keys: Sequence[str]) -> bool:
+        """True once one request deleted ``keys``; False where the store has no
+        DeleteObjects (remembered, so that the next batch goes key by key at once)."""
+        self._count_delete()
+        try:
+            answer = self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            )
+        except Exception as exc:
+            if _code(exc) in _NO_BATCH_DELETE:
+                self._batch_deletes = False
+                return False
+            raise BrokerError(f"object store cannot delete {keys[0]}: {_why(exc)}") from None
+        # S3 answers 200 and lists, per key, what it would not delete (AccessDenied, ...).
+        refused = answer.get("Errors") or []
+        if refused:
+            first = refused[0]
+            why = f"{first.get('Code')} {first.get('Message', '')}".rstrip()
+            raise BrokerError(
+                f"object store refused to delete {len(refused)} of {len(keys)} objects,"
+                f" {first.get('Key')} first: {why}"
+            )
+        return True
+
+    def _count_delete(self) -> None:
+        with self._lock:
+            self.delete_requests += 1
 
     def expire_after(self, prefix: str, days: int) -> None:
         """A bucket lifecycle rule: objects under ``prefix`` expire ``days`` after they
@@ -221,6 +281,7 @@ class ObjectMissing(BrokerError):  # noqa: N818 - reads as what happened
 
 # The codes S3 and its look-alikes give a GET or HEAD of a key that is not there.
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+_NO_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})  # HEAD answers with no code
 
 
 class BufferReader(io.RawIOBase):
