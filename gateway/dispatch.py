@@ -278,7 +278,8 @@ class Dispatcher:
         get_s = self.settings.lease_seconds
         urls = tuple(self.store.presign_get(input_key(t.job_id, r.sha256), get_s) for r in t.refs)
         put_s = min(self.settings.upload_url_s, max(1.0, t.deadline - time.time()))
-        upload = self.store.presign_put(output_key(t.job_id, t.chunk_id, epoch), put_s)
+        key = output_key(t.job_id, self.settings.gateway_id, t.chunk_id, epoch)
+        upload = self.store.presign_put(key, put_s)
         return urls, upload
 
     def _inputs_key_for(self, task: PendingTask, view: VehicleView) -> bytes | None:

@@ -190,9 +190,10 @@ def fetch_outputs(store: BlobStore, result: Result) -> Result:
         return result
     if ref.size > MAX_OUTPUTS_BYTES:  # the car's word: refused before a byte is read
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s outputs claim {ref.size:,} bytes")
-    # One byte more than named shows a longer object, without reading all of it.
-    key = output_key(result.job_id, result.chunk_id, result.epoch)
+    # The gateway id is the car's signed word, and the gateway checked it is its own.
+    key = output_key(result.job_id, result.gateway_id, result.chunk_id, result.epoch)
     try:
+        # One byte more than named shows a longer object, without reading all of it.
         data = store.get(key, ref.size + 1)
     except ObjectMissing:  # the car named outputs it never uploaded under its lease
         detail = f"chunk {result.chunk_id}'s outputs are not in the store"

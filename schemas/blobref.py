@@ -10,7 +10,11 @@ Layout (part of the contract: the SDK writes, gateways presign, cars and the SDK
 
     jobs/<job_id>/in/<sha256>              an input array's raw C-order bytes, or the
                                            sealed inputs of a confidential chunk
-    jobs/<job_id>/out/<chunk>-<epoch>      one lease's encoded (or sealed) outputs map
+    jobs/<job_id>/out/<gateway>/<chunk>-<epoch>
+                                           one lease's encoded (or sealed) outputs map;
+                                           epochs count per gateway, so two gateways
+                                           that leased one chunk (a rebalance) never
+                                           share a key
 """
 
 from __future__ import annotations
@@ -101,9 +105,13 @@ def input_key(job_id: str, sha256: str) -> str:
     return f"{job_prefix(job_id)}in/{sha256}"
 
 
-def output_key(job_id: str, chunk_id: int, epoch: int) -> str:
+def output_key(job_id: str, gateway_id: str, chunk_id: int, epoch: int) -> str:
+    """The key one lease's outputs are written under, once. The granting gateway is part
+    of it: its epochs are unique only among its own leases, and a car that finds the key
+    taken (412) takes it as its own earlier write."""
+    gateway = require_str("gateway_id", gateway_id, pattern=_JOB)
     chunk, lease = require_int("chunk_id", chunk_id), require_int("epoch", epoch, 1)
-    return f"{job_prefix(job_id)}out/{chunk}-{lease}"
+    return f"{job_prefix(job_id)}out/{gateway}/{chunk}-{lease}"
 
 
 def _job(job_id: str) -> str:

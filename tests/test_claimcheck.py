@@ -117,15 +117,19 @@ class TestStoreAccess:
 
     def test_an_upload_url_writes_once(self, store: BlobStore) -> None:
         # Given a lease's write-once upload URL
-        url = store.presign_put(output_key("once", 3, 7), 30)
+        url = store.presign_put(output_key("once", "gw-a", 3, 7), 30)
         # Then without the signed If-None-Match it is refused, with it it writes once
         assert _status(url, "PUT", b"first") == 403
         upload(url, b"first", 5)
         upload(url, b"second", 5)  # a retry is answered 412 and changes nothing
-        assert store.get(output_key("once", 3, 7)) == b"first"
-        # And it cannot write another lease's key
-        other = url.replace("/out/3-7?", "/out/3-8?")
-        assert _status(other, "PUT", b"x", **{"If-None-Match": "*"}) == 403
+        assert store.get(output_key("once", "gw-a", 3, 7)) == b"first"
+        # And it cannot write another lease's key, nor another gateway's lease of the chunk
+        for other in (
+            url.replace("/out/gw-a/3-7?", "/out/gw-a/3-8?"),
+            url.replace("/out/gw-a/3-7?", "/out/gw-b/3-7?"),
+        ):
+            assert other != url
+            assert _status(other, "PUT", b"x", **{"If-None-Match": "*"}) == 403
 
     def test_the_store_refuses_an_upload_that_is_not_what_its_checksum_names(
         self, store: BlobStore
@@ -375,7 +379,9 @@ class TestClaimCheckJob:
         outputs_read: list[bytes] = []
 
         def reading(store_: BlobStore, result: Result) -> Result:
-            blob = store_.get(output_key(result.job_id, result.chunk_id, result.epoch))
+            blob = store_.get(
+                output_key(result.job_id, result.gateway_id, result.chunk_id, result.epoch)
+            )
             outputs_read.append(blob)
             return fetch_outputs(store_, result)
 
@@ -779,6 +785,11 @@ def test_a_result_upload_whose_answer_was_lost_is_tried_again() -> None:
 def test_keys_are_per_job_and_content_addressed() -> None:
     sha = sha256_hex(b"x")
     assert input_key("job1", sha) == f"jobs/job1/in/{sha}"
-    assert output_key("job1", 2, 9) == "jobs/job1/out/2-9"
+    assert output_key("job1", "gw-1", 2, 9) == "jobs/job1/out/gw-1/2-9"
+    # Epochs count per gateway: two gateways' leases of one chunk (a partition that moved
+    # while the first one's car still ran it) never share a write-once key
+    assert output_key("job1", "gw-1", 2, 9) != output_key("job1", "gw-2", 2, 9)
+    with pytest.raises(DecodeError):
+        output_key("job1", "../gw", 2, 9)
     with pytest.raises(DecodeError):
         input_key("../etc", sha)

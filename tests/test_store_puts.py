@@ -64,7 +64,7 @@ def test_a_refused_large_put_is_answered_not_reset(brokers: EmbeddedBrokers) -> 
     # Then it is told the object is there, and nothing is rewritten
     assert not store.put_if_absent(key, block, sha256_hex(block))
     # And a car's retried result upload to its write-once URL is answered 412, not reset
-    url = store.presign_put(output_key("streamed", 1, 1), 30)
+    url = store.presign_put(output_key("streamed", "gw", 1, 1), 30)
     upload(url, block, 10)
     upload(url, block, 10)
-    assert store.get(key) == block == store.get(output_key("streamed", 1, 1))
+    assert store.get(key) == block == store.get(output_key("streamed", "gw", 1, 1))
