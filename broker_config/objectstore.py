@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
-import collections
 import hashlib
 import hmac
 import logging
 import os
 import re
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
@@ -46,6 +44,7 @@ from botocore.credentials import Credentials
 
 from parkpool.broker_config import store_deletes, store_etags, store_listing, store_puts
 from parkpool.broker_config.store_headers import Headers
+from parkpool.broker_config.store_locks import KeyLocks
 
 __all__ = ["StoreKeys", "verify_request"]
 
@@ -272,10 +271,7 @@ def _names(target: Path, opened: os.stat_result) -> bool:
     return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-_locks: collections.defaultdict[tuple[str, str], threading.Lock] = collections.defaultdict(
-    threading.Lock
-)
-_locks_guard = threading.Lock()
+_locks = KeyLocks()
 
 
 class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
@@ -318,9 +314,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         expected = self.headers.get("If-Match")
         if expected is None and "If-None-Match" not in self.headers:
             return str(super()._write_object(bucket, key, write))
-        with _locks_guard:
-            lock = _locks[(bucket, key)]
-        with lock:
+        with _locks.hold((bucket, key)):
             if expected is not None:
                 current = _current_etag(self._object_path(bucket, key))
                 if current is None or not localbucket.etag_matches(expected, current):
