@@ -276,6 +276,138 @@ class TestLifetime:
         assert "store credentials expire in" in message
 
 
+class Counted(RefreshableCredentials):
+    """botocore's refreshable credentials, counting the reads of their keys; ``straddle``
+    has another user of them (the store's S3 client) refresh them right after the
+    next read, before that read's caller looks at anything else."""
+
+    reads = 0
+    straddle = False
+
+    def get_frozen_credentials(self) -> Any:
+        self.reads += 1
+        frozen = super().get_frozen_credentials()
+        if self.straddle:
+            self.straddle = False
+            refreshed_elsewhere(self)
+        return frozen
+
+
+def counted(source: Callable[[], dict[str, str]], lifetime_s: float) -> Counted:
+    """AKIDFIRST for ``lifetime_s``, then whatever ``source`` hands out."""
+    creds = Counted.create_from_metadata(metadata("AKIDFIRST", lifetime_s), source, "test")
+    assert isinstance(creds, Counted)
+    return creds
+
+
+def refreshed_elsewhere(creds: RefreshableCredentials) -> None:
+    """A refresh by another user of the same credentials, as botocore runs one."""
+    with creds._refresh_lock:
+        creds._protected_refresh(is_mandatory=True)
+
+
+class TestOneRead:
+    """A snapshot reads the keys once: every read may refresh them."""
+
+    def test_static_keys_are_read_once_per_url(self) -> None:
+        # Given static keys, counting the reads of their keys
+        reads: list[str] = []
+
+        class Static(Credentials):
+            def get_frozen_credentials(self) -> Any:
+                reads.append(self.access_key)
+                return super().get_frozen_credentials()
+
+        signer = Presigner(ENDPOINT, "parkpool", "eu-west-1", Static("AKIDSTATIC", "s"))
+        # When a URL is signed, Then they were read once
+        assert "X-Amz-Credential=AKIDSTATIC%2F" in signer.get(KEY, 30)
+        assert reads == ["AKIDSTATIC"]
+
+    def test_a_renewal_reads_the_keys_once(self) -> None:
+        # Given refreshable keys that are due (inside botocore's mandatory window)
+        source = Source()
+        creds = counted(source, 60)
+        keys = SigningKeys(creds)
+        # When a snapshot is taken, Then it refreshed and read the keys once, and holds
+        # the new keys with their own expiry
+        frozen, lifetime = keys.for_url(7200)
+        assert (creds.reads, source.callers) == (1, ["MainThread"])
+        assert frozen.access_key == "AKIDSECOND"
+        assert 3590 <= lifetime <= 3600
+
+    def test_a_refresh_elsewhere_between_reads_pairs_keys_with_their_expiry(self) -> None:
+        # Given keys with an hour left, refreshed by another user of them (the S3
+        # client) right after the snapshot read them, to keys with two hours left
+        creds = counted(lambda: metadata("AKIDSECOND", 7200), 3600)
+        creds.straddle = True
+        # When a snapshot is taken, Then its keys and expiry come from one refresh: the
+        # old keys never claim the new keys' life
+        frozen, lifetime = SigningKeys(creds).for_url(3 * 3600)
+        assert creds.reads == 1
+        if frozen.access_key == "AKIDFIRST":
+            assert lifetime <= 3600
+        else:
+            assert frozen.access_key == "AKIDSECOND" and lifetime > 3600
+
+
+class TestRefreshOutcome:
+    """A refresh is reported renewed when it brought new keys, whatever their expiry."""
+
+    def test_an_instance_roles_extended_expiry_is_not_a_renewal(
+        self, started: Callable[..., SigningKeys]
+    ) -> None:
+        # Given keys due a second after start, whose source hands the same keys back
+        # with a later expiry (botocore's instance-metadata fetcher extends the expiry of
+        # keys near it, and the service hands out the same keys until 5 minutes before)
+        outcomes = Outcomes()
+        creds = RefreshableCredentials.create_from_metadata(
+            metadata("AKIDFIRST", 60),
+            lambda: metadata("AKIDFIRST", 3600),
+            "iam-role",
+            advisory_timeout=59,
+            mandatory_timeout=1,
+        )
+        keys = started(creds, retry_s=0.05, renew_gap_s=0.05, on_refresh=outcomes)
+        # When the thread has refreshed them, Then it reports the keys kept, not renewed,
+        # and signs with the later expiry
+        assert outcomes.wait("kept")
+        assert "renewed" not in outcomes.seen
+        frozen, lifetime = keys.for_url(7200)
+        assert frozen.access_key == "AKIDFIRST"
+        assert 3590 <= lifetime <= 3600
+
+    def test_new_keys_with_the_same_expiry_are_a_renewal(self) -> None:
+        # Given a first snapshot of keys, then a source that hands out new keys with the
+        # same expiry
+        outcomes = Outcomes()
+        first = metadata("AKIDFIRST", 3600)
+        creds = RefreshableCredentials.create_from_metadata(
+            first, lambda: {**first, "access_key": "AKIDSECOND"}, "test"
+        )
+        keys = SigningKeys(creds, on_refresh=outcomes)
+        keys._attempt()
+        creds._advisory_refresh_timeout = 7200  # now due
+        # When the next refresh is due and taken, Then the new keys are reported renewed
+        keys._attempt()
+        assert keys.for_url(30)[0].access_key == "AKIDSECOND"
+        assert outcomes.seen == ["renewed"]
+
+    def test_keys_renewed_by_another_user_are_a_renewal(self) -> None:
+        # Given a first snapshot of keys with an hour left, then refreshed by another user
+        # of them (the S3 client signing a request) before the thread found them due
+        outcomes = Outcomes()
+        creds = refreshable(Source(), 3600, None, None)
+        keys = SigningKeys(creds, on_refresh=outcomes)
+        keys._attempt()
+        refreshed_elsewhere(creds)
+        # When the thread next looks (nothing due), Then it took the new keys and
+        # reports them renewed; a look that finds the same keys reports nothing
+        keys._attempt()
+        keys._attempt()
+        assert keys.for_url(30)[0].access_key == "AKIDSECOND"
+        assert outcomes.seen == ["renewed"]
+
+
 def _refused(sign: Callable[[], str]) -> str:
     with pytest.raises(BrokerError) as caught:
         sign()

@@ -64,6 +64,15 @@ class Snapshot:
         left = self.left_s(now)
         return asked_s if math.isinf(left) else max(1, min(asked_s, math.floor(left)))
 
+    def same_keys(self, other: Snapshot) -> bool:
+        """Whether both sign as the same access key, secret and token, whatever their
+        expiries: an instance role's source extends the expiry of the keys it has."""
+        return _keys(self.credentials) == _keys(other.credentials)
+
+
+def _keys(frozen: Any) -> tuple[str, str, str | None]:
+    return frozen.access_key, frozen.secret_key, frozen.token
+
 
 class SigningKeys:
     """botocore credentials as a gateway's loop signs with them: a snapshot that never
@@ -89,7 +98,8 @@ class SigningKeys:
         on_refresh: Callable[[str], None] | None = None,
     ) -> None:
         # ``on_refresh`` hears each refresh's outcome on the thread: "renewed" (new
-        # keys), "kept" (due, but botocore kept the old ones) or "failed" (it raised).
+        # keys, whoever refreshed them), "kept" (due, but the same keys) or "failed"
+        # (it raised).
         self._credentials = credentials
         self._clock = clock
         self._retry_s = retry_s
@@ -165,11 +175,22 @@ class SigningKeys:
         """Frozen keys and their expiry, refreshing first if botocore says they are due
         (blocking: on the thread, or on a caller that did not start it)."""
         credentials = self._credentials
-        credentials.get_frozen_credentials()
-        # The expiry before the keys: a refresh in between pairs the new keys with the
-        # old, earlier expiry, which is safe; the other order would not be.
-        expiry = getattr(credentials, "_expiry_time", None)
+        # The keys are read once: each read may refresh them (a second fetch), and two
+        # reads may straddle a refresh.
         frozen = credentials.get_frozen_credentials()
+        lock = getattr(credentials, "_refresh_lock", None)
+        if lock is None:  # static keys: nothing refreshes them
+            expiry = getattr(credentials, "_expiry_time", None)
+        else:
+            # botocore publishes a refresh's keys and expiry under this lock, in an
+            # order that differs between its versions, and the store's S3 client
+            # refreshes these same credentials: read outside it, the expiry may be a
+            # later refresh's, giving the old keys the new ones' life. Inside, it waits
+            # out a refresh in flight; one that landed since the read gives newer keys.
+            with lock:
+                if credentials._frozen_credentials is not frozen:
+                    frozen = credentials._frozen_credentials
+                expiry = credentials._expiry_time
         return Snapshot(frozen, None if expiry is None else expiry.timestamp())
 
     # ------------------------------------------------------------ the thread
@@ -203,10 +224,15 @@ class SigningKeys:
         except Exception as exc:  # whatever the provider raised: the thread lives on
             return self._failed(before, f"{type(exc).__name__}: {exc}")
         self._state = (snapshot, "")
-        if due and before is not None and snapshot.expires_at == before.expires_at:
+        # Told by the keys, not by their expiry: an instance role's source hands the
+        # same keys out again with a later expiry near the old one (botocore extends
+        # it), and new keys may come with the same expiry. Not due, new keys are another
+        # user's refresh (the S3 client's), which still renewed what is signed with.
+        renewed = before is not None and not snapshot.same_keys(before)
+        if due and before is not None and not renewed:
             return self._kept(snapshot)
         self._backoff.reset()
-        if due and before is not None:  # the first snapshot renews nothing
+        if renewed:
             log.debug("store_credentials_renewed", expires_in_s=self._left(snapshot))
             self._report("renewed")
         return self._next_look(snapshot)
@@ -227,7 +253,8 @@ class SigningKeys:
     def _kept(self, snapshot: Snapshot) -> float:
         """Due, yet the same keys: botocore swallowed a failed refresh (before its
         mandatory window it logs and keeps them), or the source handed them out again
-        (an instance role's does until 5 minutes before expiry). Still usable."""
+        (an instance role's does until 5 minutes before expiry, its expiry perhaps
+        extended). Still usable."""
         delay = max(self._renew_gap_s, self._backoff.next_delay())
         log.warning(
             "store_credentials_not_renewed",
