@@ -81,6 +81,17 @@ class TestBatchDeletes:
         assert "Deleted" not in answer and "Errors" not in answer
         assert _listed(store, f"jobs/quiet{run}/") == []
 
+    def test_the_list_names_its_md5_for_stores_that_want_one(self, store: BlobStore) -> None:
+        run = uuid.uuid4().hex[:8]
+        there = _put(store, f"jobs/md5{run}/", 1)
+        sent: list[dict[str, str]] = []
+        store._client.meta.events.register(
+            "before-send.s3.DeleteObjects", lambda request, **_: sent.append(dict(request.headers))
+        )
+        store.delete(there)
+        assert "Content-MD5" in sent[0]  # and the store checked it: the delete went through
+        assert _listed(store, f"jobs/md5{run}/") == []
+
     def test_a_list_changed_on_the_way_deletes_nothing(self, store: BlobStore) -> None:
         # Given a delete request for one object, whose body is changed after it was
         # signed so that it names another object of the same length
@@ -99,7 +110,7 @@ class TestBatchDeletes:
     def test_a_refused_key_is_named(self, store: BlobStore) -> None:
         run = uuid.uuid4().hex[:8]
         there = _put(store, f"jobs/ref{run}/", 1)
-        with pytest.raises(BrokerError, match=r"refused to delete 1 of 2 objects, jobs/\.\./x"):
+        with pytest.raises(BrokerError, match=r"did not delete 1 of 2 objects: jobs/\.\./x: Inv"):
             store.delete([*there, "jobs/../x"])
         assert _listed(store, f"jobs/ref{run}/") == []  # the rest of the batch went
 
@@ -163,6 +174,64 @@ def test_a_store_without_batch_deletes_is_asked_key_by_key_from_then_on(
     offline_store.delete(["c"])
     assert client.deleted == ["a", "b", "c"]
     assert client.batches == 1  # asked once, then remembered
+
+
+class _FlakyBatchClient:
+    """A store whose first DeleteObjects fails outright (a 503) and whose others work."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def delete_objects(self, Bucket: str, Delete: dict[str, Any]) -> dict[str, Any]:  # noqa: N803
+        self.batches.append([o["Key"] for o in Delete["Objects"]])
+        if len(self.batches) == 1:
+            error = {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate"}}
+            raise ClientError(error, "DeleteObjects")  # type: ignore[arg-type]
+        return {}
+
+
+def test_a_failed_batch_does_not_keep_the_next_from_going(
+    offline_store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobstore, "DELETE_BATCH", 3)
+    client = _FlakyBatchClient()
+    offline_store._client = client
+    with pytest.raises(BrokerError, match="did not delete 3 of 5 objects: a: SlowDown"):
+        offline_store.delete(["a", "b", "c", "d", "e"])
+    assert client.batches == [["a", "b", "c"], ["d", "e"]]
+
+
+class _ConflictingClient:
+    """S3 answering 409 ConditionalRequestConflict to the first write of a key."""
+
+    def __init__(self, stored_by_other: bool) -> None:
+        self.stored_by_other = stored_by_other
+        self.puts = 0
+
+    def put_object(self, **_: Any) -> None:
+        self.puts += 1
+        if self.puts == 1:
+            error = {"Error": {"Code": "ConditionalRequestConflict", "Message": "retry"}}
+            raise ClientError(error, "PutObject")  # type: ignore[arg-type]
+
+    def head_object(self, **_: Any) -> None:
+        if not self.stored_by_other:
+            raise ClientError({"Error": {"Code": "404"}}, "HeadObject")  # type: ignore[arg-type]
+
+
+def test_a_conflicting_write_is_tried_again_unless_the_object_is_there(
+    offline_store: BlobStore,
+) -> None:
+    # A 409 whose object never landed: written on the next try, and counted as written
+    lost = _ConflictingClient(stored_by_other=False)
+    offline_store._client = lost
+    assert offline_store.put_if_absent("jobs/j/in/x", b"x", sha256_hex(b"x"))
+    assert lost.puts == 2
+    # A 409 while another writer's same bytes landed: there, and not written by us
+    landed = _ConflictingClient(stored_by_other=True)
+    offline_store._client = landed
+    assert not offline_store.put_if_absent("jobs/j/in/x", b"x", sha256_hex(b"x"))
+    assert landed.puts == 1
 
 
 def test_a_delete_list_is_read_as_s3_reads_it() -> None:

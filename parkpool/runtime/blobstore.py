@@ -24,6 +24,7 @@ __all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex", "with_expiry
 
 LIFECYCLE_RULE_ID = "parkpool-job-ttl"  # the one rule parkpool writes, and replaces
 DELETE_BATCH = 1000  # S3's most keys in one DeleteObjects request
+CONFLICT_TRIES = 3  # a write S3 answers 409 ConditionalRequestConflict is tried again
 # What a store without DeleteObjects answers it with (GCS's XML API among them).
 _NO_BATCH_DELETE = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
 
@@ -53,6 +54,9 @@ class BlobStore:
         self.put_bytes = 0
         self.delete_requests = 0  # DeleteObject and DeleteObjects requests sent
         self._batch_deletes = True  # until the store says it has no DeleteObjects
+        # botocore sends DeleteObjects a CRC32 only; S3 takes it, but MinIO and Ceph
+        # releases before flexible checksums answer MissingContentMD5 without an MD5.
+        self._client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
 
     def __repr__(self) -> str:
         return f"BlobStore(endpoint={self.conn.endpoint!r}, bucket={self.bucket!r})"
@@ -87,19 +91,30 @@ class BlobStore:
         writers of the same content race harmlessly and nothing is ever overwritten.
         ``data`` may be any buffer (an array's memory): it is sent from where it lies.
         """
-        body = data if isinstance(data, bytes) else BufferReader(data)
-        try:
-            self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                IfNoneMatch="*",
-                ChecksumSHA256=_b64(sha256),
-            )
-        except Exception as exc:
-            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise BrokerError(f"object store refused to write {key}: {_why(exc)}") from None
+        for _ in range(CONFLICT_TRIES):
+            body = data if isinstance(data, bytes) else BufferReader(data)
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    IfNoneMatch="*",
+                    ChecksumSHA256=_b64(sha256),
+                )
+                break
+            except Exception as exc:
+                if _code(exc) == "PreconditionFailed":
+                    return False
+                # S3's 409: a write of the key was in flight (boto3's own retry of a
+                # timed-out attempt, say), and it may not land: only a stored object
+                # means someone wrote it; otherwise the write is tried again.
+                if _code(exc) == "ConditionalRequestConflict":
+                    if self.exists(key):
+                        return False
+                    continue
+                raise BrokerError(f"object store refused to write {key}: {_why(exc)}") from None
+        else:
+            raise BrokerError(f"object store refused to write {key}: ConditionalRequestConflict")
         with self._lock:
             self.puts += 1
             self.put_bytes += memoryview(data).nbytes
@@ -164,19 +179,22 @@ class BlobStore:
     def delete(self, keys: Sequence[str]) -> None:
         """Delete ``keys``: up to DELETE_BATCH in one DeleteObjects request, or one request
         per key on a store without it. A job's end deletes every block and every tile it
-        stored, so per-key requests would cost a round trip each. BrokerError names the
-        first key the store would not delete."""
+        stored, so per-key requests would cost a round trip each. Every batch is tried
+        whatever the others did; BrokerError then says how many stayed, and why the
+        first one did."""
+        refused: list[str] = []  # "key: why", per object not deleted
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
-            if self._batch_deletes and self._delete_batch(batch):
-                continue
-            for key in batch:
-                self._count_delete()
-                self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
+            answer = self._delete_batch(batch) if self._batch_deletes else None
+            refused += self._delete_each(batch) if answer is None else answer
+        if refused:
+            raise BrokerError(
+                f"object store did not delete {len(refused)} of {len(keys)} objects: {refused[0]}"
+            )
 
-    def _delete_batch(self, keys: Sequence[str]) -> bool:
-        """True once one request deleted ``keys``; False where the store has no
-        DeleteObjects (remembered, so that the next batch goes key by key at once)."""
+    def _delete_batch(self, keys: Sequence[str]) -> list[str] | None:
+        """What one DeleteObjects request did not delete ([]: all of ``keys`` went); None
+        where the store has no DeleteObjects (remembered: later batches go key by key)."""
         self._count_delete()
         try:
             answer = self._client.delete_objects(
@@ -186,18 +204,23 @@ class BlobStore:
         except Exception as exc:
             if _code(exc) in _NO_BATCH_DELETE:
                 self._batch_deletes = False
-                return False
-            raise BrokerError(f"object store cannot delete {keys[0]}: {_why(exc)}") from None
+                return None
+            return [f"{key}: {_why(exc)}" for key in keys]
         # S3 answers 200 and lists, per key, what it would not delete (AccessDenied, ...).
-        refused = answer.get("Errors") or []
-        if refused:
-            first = refused[0]
-            why = f"{first.get('Code')} {first.get('Message', '')}".rstrip()
-            raise BrokerError(
-                f"object store refused to delete {len(refused)} of {len(keys)} objects,"
-                f" {first.get('Key')} first: {why}"
-            )
-        return True
+        return [
+            f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip()
+            for e in answer.get("Errors") or []
+        ]
+
+    def _delete_each(self, keys: Sequence[str]) -> list[str]:
+        refused = []
+        for key in keys:
+            self._count_delete()
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:
+                refused.append(f"{key}: {_why(exc)}")
+        return refused
 
     def _count_delete(self) -> None:
         with self._lock:
@@ -413,6 +436,15 @@ def _client(
         max_pool_connections=16,
     )
     return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _add_content_md5(request: Any, **_: Any) -> None:
+    import base64
+
+    body = request.body or b""
+    if isinstance(body, bytes) and "Content-MD5" not in request.headers:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        request.headers["Content-MD5"] = base64.b64encode(digest).decode()
 
 
 def _b64(sha256: str) -> str:
