@@ -51,6 +51,7 @@ __all__ = ["StoreKeys", "verify_request"]
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_EXPIRES_S = 7 * 24 * 3600  # S3's own ceiling for a presigned URL
 MAX_SKEW_S = 15 * 60  # S3 refuses a header-signed request this far from its clock
+MAX_OBJECT_BYTES = 5 * 1024**3  # S3's largest single PUT
 _AUTH_HEADER = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*"
     r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<sig>[0-9a-f]{64})$"
@@ -180,6 +181,14 @@ def _signature(
     names = [name for name in signed_headers.split(";") if name]
     if "host" not in names or any(name not in headers for name in names):
         raise Denied("AccessDenied", "A signed header is missing")
+    # An x-amz-* header changes what a request does (x-amz-copy-source turns a car's
+    # write-once PUT into a copy of any object), so S3 refuses one the signer did not sign.
+    unsigned = sorted(n for n in headers if n.startswith("x-amz-") and n not in names)
+    if unsigned:
+        raise Denied(
+            "AccessDenied",
+            f"There were headers present in the request which were not signed: {unsigned[0]}",
+        )
     request = AWSRequest(
         method=method.upper(),
         # S3 signs each path segment URI-encoded once; a client's own escaping may differ.
@@ -285,9 +294,18 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
     # Small responses (HEAD, errors, ListObjects) otherwise wait ~40 ms for the client's
     # delayed ACK; S3 clients (Tansu's, boto3) pay that on every request.
     disable_nagle_algorithm = True
+    # A client that stops sending (a car whose link died mid-upload) would hold its
+    # thread, and a conditional write its object's lock, for good. S3 closes such
+    # connections too, and kept-alive clients reconnect.
+    timeout = 60
     MessageClass = Headers  # header lookups by dict: see store_headers
 
     def _dispatch(self, action: object) -> None:
+        framing = _framing_error(self.headers, presigned="X-Amz-Signature=" in self.path)
+        if framing is not None:
+            self.close_connection = True  # the body's end is unknown: nothing more is read
+            self._send_error(framing)
+            return
         try:
             self._payload = verify_request(self.command, self.path, dict(self.headers), self.keys)
         except Denied as denied:
@@ -359,11 +377,13 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         except localbucket.S3Error as error:
             return store_deletes.Failure(key, error.code, error.message)
         try:
-            target.unlink(missing_ok=True)
+            with _locks.hold((bucket, key)):  # not between a conditional write's check and write
+                target.unlink(missing_ok=True)
         except IsADirectoryError:  # a folder of longer keys: no object by this name
             return None
         except OSError as exc:
             return store_deletes.Failure(key, "InternalError", f"not deleted: {exc.strerror}")
+        store_etags.forget(target)
         parent = target.parent
         while parent != bucket_dir:
             try:
@@ -372,6 +392,12 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                 break
             parent = parent.parent
         return None
+
+    def _delete_object(self, bucket: str, key: str) -> None:
+        target = self._object_path(bucket, key)
+        with _locks.hold((bucket, key)):  # not between a conditional write's check and write
+            super()._delete_object(bucket, key)
+        store_etags.forget(target)
 
     def _streamed_length(self, key: str) -> int | None:
         """The length of a plain PutObject's body large enough to stream to its file
@@ -382,9 +408,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
             or "x-amz-copy-source" in headers
             or "uploadId" in self.query
             or "partNumber" in self.query
-            or "chunked" in headers.get("Transfer-Encoding", "").lower()
-            or "aws-chunked" in headers.get("Content-Encoding", "")
-            or headers.get("x-amz-content-sha256", "").startswith("STREAMING-")
+            or _framed(headers)
         ):
             return None
         try:
@@ -484,6 +508,15 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
 
     def _read_body(self) -> bytes:
         body: bytes = super()._read_body()
+        announced = self.headers.get("Content-Length")
+        if announced is not None and not _framed(self.headers) and len(body) < int(announced):
+            # The client went away mid-body: what came is not what it meant to store.
+            self.close_connection = True
+            raise localbucket.S3Error(
+                HTTPStatus.BAD_REQUEST,
+                "IncompleteBody",
+                "You did not provide the number of bytes specified by the Content-Length",
+            )
         if self._payload:
             if hashlib.sha256(body).hexdigest() != self._payload:
                 raise localbucket.S3Error(
@@ -520,6 +553,41 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         length = int(self.headers.get("Content-Length") or 0)
         if 0 < length <= 64 * 1024 * 1024:
             self.rfile.read(length)
+
+
+def _framing_error(headers: Mapping[str, str], presigned: bool) -> localbucket.S3Error | None:
+    """What S3 would refuse about how a request's body is framed, before any of it is
+    read: a Content-Length that is not a number (read as -1, it would read to EOF), one
+    past S3's 5 GiB, and from a presigned URL (a car's) a body with no length at all,
+    which the server would otherwise hold in memory whole."""
+    length = headers.get("Content-Length")
+    if length is not None and not (length.isascii() and length.isdigit()):
+        return localbucket.S3Error(
+            HTTPStatus.BAD_REQUEST, "InvalidArgument", "Content-Length is not a number"
+        )
+    if length is not None and int(length) > MAX_OBJECT_BYTES:
+        return localbucket.S3Error(
+            HTTPStatus.BAD_REQUEST,
+            "EntityTooLarge",
+            "Your proposed upload exceeds the maximum allowed object size",
+        )
+    if presigned and _framed(headers):
+        return localbucket.S3Error(
+            HTTPStatus.NOT_IMPLEMENTED,
+            "NotImplemented",
+            "A header you provided implies functionality that is not implemented",
+        )
+    return None
+
+
+def _framed(headers: Mapping[str, str]) -> bool:
+    """Whether the body comes in chunks (HTTP's or aws-chunked), not as Content-Length
+    plain bytes."""
+    return (
+        "chunked" in headers.get("Transfer-Encoding", "").lower()
+        or "aws-chunked" in headers.get("Content-Encoding", "")
+        or headers.get("x-amz-content-sha256", "").startswith("STREAMING-")
+    )
 
 
 def _iso_timestamp(epoch: float) -> str:

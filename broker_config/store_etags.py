@@ -30,6 +30,7 @@ __all__ = [
     "etag_of_bytes",
     "etag_of_fd",
     "etag_of_sha256",
+    "forget",
     "forget_verified",
     "install",
     "note_verified",
@@ -86,6 +87,12 @@ def object_etag(path: Path | str, stat: os.stat_result | None = None) -> str:
         etag = etag_of_fd(file.fileno())
     remember_etag(path, etag, signature)
     return etag
+
+
+def forget(path: Path | str) -> None:
+    """The object at ``path`` was deleted: its entry would otherwise stay for good."""
+    with _cache_lock:
+        _cache.pop(str(path), None)
 
 
 def remember_etag(
