@@ -52,6 +52,7 @@ ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_EXPIRES_S = 7 * 24 * 3600  # S3's own ceiling for a presigned URL
 MAX_SKEW_S = 15 * 60  # S3 refuses a header-signed request this far from its clock
 MAX_OBJECT_BYTES = 5 * 1024**3  # S3's largest single PUT
+MAX_KEY_BYTES = 1024  # S3's longest key, UTF-8
 _AUTH_HEADER = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*"
     r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<sig>[0-9a-f]{64})$"
@@ -423,7 +424,13 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         # "." or ".." part is refused before the join, and nothing the S3 API writes is a
         # link, so the joined path cannot leave the bucket (data_root is resolved at start).
         bucket_dir = self._bucket_dir(bucket)
-        if key.endswith("/") or any(part in _NOT_A_NAME for part in key.split("/")):
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise localbucket.S3Error(
+                HTTPStatus.BAD_REQUEST, "KeyTooLongError", "Your key is too long"
+            )
+        parts = key.split("/")
+        # A part longer than a file name can be would fail in the file system, unanswered.
+        if key.endswith("/") or any(p in _NOT_A_NAME or len(p.encode()) > 255 for p in parts):
             raise localbucket.S3Error(
                 HTTPStatus.BAD_REQUEST, "InvalidArgument", "This server does not support this key."
             )

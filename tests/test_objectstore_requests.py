@@ -90,6 +90,15 @@ def test_a_length_that_is_not_one_is_refused_before_any_body_is_read(
     assert _absent(store, key)
 
 
+@pytest.mark.parametrize("key", ["k" * 1025, "jobs/" + "p" * 256 + "/x"], ids=["key", "part"])
+def test_a_key_too_long_is_refused_by_name(store: BlobStore, key: str) -> None:
+    url = store.presign_put(key, 60)
+    answer = _raw(url, "PUT", {"If-None-Match": "*", "Content-Length": "1"}, b"x", False)
+    assert answer.startswith("HTTP/1.1 400")
+    # and the store goes on answering
+    assert store.put_if_absent(f"jobs/after{uuid.uuid4().hex[:6]}", b"y", sha256_hex(b"y"))
+
+
 def test_a_presigned_body_with_no_length_is_refused(store: BlobStore) -> None:
     key, url = _lease_url(store)
     headers = {"If-None-Match": "*", "Transfer-Encoding": "chunked"}
