@@ -55,7 +55,8 @@ class JobUploads:
 
     ``offload_all`` hashes and starts every upload; a task's record may go out once
     ``ready(task)`` returns, so the first cars start while later blocks still upload.
-    ``close()`` when done, whatever happened: it waits for the uploads still running.
+    ``close()`` when done, whatever happened: it waits for the uploads still running
+    (``close(abandon=True)`` drops those not started).
     """
 
     def __init__(
@@ -117,11 +118,19 @@ class JobUploads:
         for ref in task.refs:
             self._sent[ref.sha256].result()
 
-    def close(self) -> int:
-        """Wait for every upload, failed or not; how many objects this job wrote."""
-        done = wait(self._sent.values())
-        self._pool.shutdown(wait=True)
-        return sum(1 for upload in done.done if not upload.exception() and upload.result())
+    def close(self, abandon: bool = False) -> int:
+        """Wait for every upload, failed or not; how many objects this job wrote.
+
+        ``abandon`` (the submit failed or was interrupted): uploads not yet started are
+        dropped, each of which could take a store's whole retry budget for nothing. The
+        ones running are still waited for, so nothing adds an object once this returns
+        and the job's objects can be deleted."""
+        self._pool.shutdown(wait=True, cancel_futures=abandon)
+        return sum(
+            1
+            for upload in self._sent.values()
+            if not upload.cancelled() and not upload.exception() and upload.result()
+        )
 
     @property
     def distinct(self) -> int:

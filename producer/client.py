@@ -156,6 +156,7 @@ class ParkpoolClient:
             weakref.WeakValueDictionary()
         )
         self._cancel_reasons: dict[str, str] = {}  # a caller's reason, while its handle ends
+        self._deleting: dict[str, int] = {}  # job id -> its deletes queued or running
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # Before the result reader, which hands what it reads to the checks.
@@ -299,6 +300,15 @@ class ParkpoolClient:
                 f"the result reader stopped ({self._reader.failure or 'unknown'}): "
                 "this client cannot follow a job; make a new one"
             )
+
+    def _follow(self, job_id: str, handle: JobHandle[Any]) -> None:
+        """Route a job's results to ``handle``. Refused once the client closed, checked
+        under the lock ``_end_running`` takes: a close() since ``_need_reader`` would
+        leave the job with nobody to hear it end."""
+        with self._lock:
+            if self._closed.is_set():
+                raise BrokerError("the client is closed")
+            self._handles[job_id] = handle
 
     def _end_running(self) -> None:
         """Jobs still running when the client closes: their waiters are told now rather
@@ -493,6 +503,7 @@ class ParkpoolClient:
             raise ConfigError("a confidential job needs the gateways' box key (gateway_box_key)")
         job_id = job_id or new_job_id()
         with self._counting_refusals():
+            self._not_being_deleted(job_id)
             contract = kernel_catalog.contract(kernel)  # a plugin's, once imported
             minimum = _level(verification or self.settings.verification)
             if self._checks is not None:
@@ -524,8 +535,7 @@ class ParkpoolClient:
             if self._checks is not None:
                 prepared = tap.prepared() if tap is not None else None
                 self._checks.begin(job_id, kernel, chunks, tasks, minimum, prepared)
-            with self._lock:
-                self._handles[job_id] = handle  # before publishing: results may come fast
+            self._follow(job_id, handle)  # before publishing: results may come fast
             self._publish_all(job_id, self._header(kernel, tasks), records, tasks, uploads)
         except BaseException:  # Kafka's refusal, a bug, or the caller's Ctrl-C
             with self._lock:
@@ -599,7 +609,7 @@ class ParkpoolClient:
         """A job that was not submitted: its objects go once no upload can still add one
         (unless ``delete`` is false: a record of it may still reach a gateway)."""
         if uploads is not None:
-            self.metrics.blobs_uploaded.inc(uploads.close())
+            self.metrics.blobs_uploaded.inc(uploads.close(abandon=True))
             if delete:
                 self._delete_soon(job_id)
 
@@ -628,9 +638,17 @@ class ParkpoolClient:
         return handle is not None and not attached
 
     def _delete_soon(self, job_id: str) -> None:
-        if self._store is not None and not self._closed.is_set():
-            with contextlib.suppress(RuntimeError):  # closing: the TTL collects them
-                self._cleaner.submit(self._delete_job, job_id)
+        """Queue the deletion of a job's objects. Also while the client closes: a job
+        that a fetcher thread ends then is still deleted, as ``close`` shuts the
+        cleaner down only after the fetchers."""
+        if self._store is None:
+            return
+        with self._lock:
+            self._deleting[job_id] = self._deleting.get(job_id, 0) + 1
+        try:
+            self._cleaner.submit(self._delete_job, job_id)
+        except RuntimeError:  # closed: the TTL collects them
+            self._deleted(job_id)
 
     def _delete_job(self, job_id: str) -> None:
         assert self._store is not None
@@ -639,7 +657,24 @@ class ParkpoolClient:
         except BrokerError as exc:
             log.warning("job_objects_not_deleted", job_id=job_id, reason=str(exc))
             return
+        finally:
+            self._deleted(job_id)
         self.metrics.blobs_deleted.inc(deleted)
+
+    def _deleted(self, job_id: str) -> None:
+        with self._lock:
+            left = self._deleting.pop(job_id, 1) - 1
+            if left:
+                self._deleting[job_id] = left
+
+    def _not_being_deleted(self, job_id: str) -> None:
+        """A job id reused while its last job's delete is queued is refused: that delete
+        would take the new job's inputs from under its cars."""
+        with self._lock:
+            busy = job_id in self._deleting
+        if busy:
+            detail = f"job {job_id}'s objects are still being deleted; submit again once they are"
+            raise ValidationError("job_id_in_use", detail)
 
     @contextlib.contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -703,10 +738,10 @@ class ParkpoolClient:
                 if refused is not None:
                     failures.append(str(refused))
                 sent += 1
+            remaining = producer.flush(self.settings.publish_timeout_s)
         except BaseException:  # Kafka's refusal, a failed upload, or the caller's Ctrl-C
             self._withdrawn[job_id] = self._withdraw(job_id, sent)
             raise
-        remaining = producer.flush(self.settings.publish_timeout_s)
         if remaining:  # stalled, as one a restarted broker forgot is: the next gets a new one
             self._renew(producer)
         if remaining or failures:
@@ -764,9 +799,15 @@ class ParkpoolClient:
             self._cancel_reasons[job_id] = reason
             own.cancel()  # ends the handle, then calls back here to tell the gateways
             return
-        self._send_cancel(job_id, self._cancel_reasons.pop(job_id, reason))
-        if self._forget(job_id):  # ours, and nothing of it runs now
-            self._delete_soon(job_id)
+        sent = False
+        try:
+            self._send_cancel(job_id, self._cancel_reasons.pop(job_id, reason))
+            sent = True
+        finally:
+            # Forgotten either way (the handle has ended); its objects go only once
+            # gateways were told, else a chunk still queued is sent after them.
+            if self._forget(job_id) and sent:
+                self._delete_soon(job_id)
 
     def _send_cancel(self, job_id: str, reason: str) -> None:
         """One CancelJob record on each task partition, confirmed; BrokerError if not
@@ -862,6 +903,8 @@ class ParkpoolClient:
             other = self._handles.get(job_id)
             if other is not None:
                 return other  # attached by another thread meanwhile
+            if self._closed.is_set():  # as in ``publish``: nobody would hear it end
+                raise BrokerError("the client is closed")
             self._attached.add(job_id)
             self._handles[job_id] = handle  # before the rewind: the live reader goes on
         self._reader.rewind(job_id, starts, timeout)
@@ -930,8 +973,7 @@ class ParkpoolClient:
     def _deliver_stored(self, handle: JobHandle[Any], result: Result) -> None:
         try:
             with self._refusing(handle.job_id, self.reply_topic):
-                result = self._stored_outputs(handle, result)
-                self._take(handle, open_result(result, self._reply_box))
+                self._take(handle, self._stored_outputs(handle, result))
         except Exception as exc:
             # On the fetcher's thread an error nobody expects would vanish with its
             # future, and the caller would wait on the chunk for ever.
@@ -957,17 +999,22 @@ class ParkpoolClient:
             log.warning("result_malformed", job_id=job_id, topic=topic, reason=str(exc))
 
     def _stored_outputs(self, handle: JobHandle[Any], result: Result) -> Result:
-        """Outputs left in the store by the car, read back and checked by hash; only for
-        a chunk still awaited, so a duplicate costs no download."""
+        """Outputs left in the store by the car, read back, checked by hash and opened;
+        only for a chunk still awaited, so a duplicate costs no download. Outputs that
+        cannot be used fail or redo the chunk, and raise DecodeError to be counted."""
         if not result.refs or not self._wanted(handle, result):
             return result
         if self._store is None:
-            raise DecodeError("bad_data", "outputs are in the object store; no store is set")
+            # This client's settings, not the car's fault: no redo would read them.
+            detail = "the car stored the outputs and this client has no object store"
+            self._failed(handle, result.chunk_id, f"outputs_unreadable: {detail}")
+            raise DecodeError("bad_data", detail)
         try:
-            return fetch_outputs(self._store, result)
+            return open_result(fetch_outputs(self._store, result), self._reply_box)
         except DecodeError as exc:
-            # Missing, or not the bytes the car named: the car's word failed, as a wrong
-            # number would; checked jobs redo the chunk elsewhere. Never hang on it.
+            # Missing, not the bytes the car named, or sealed to no key of ours: the
+            # car's word failed, as a wrong number would; checked jobs redo the chunk
+            # elsewhere. Never hang on it.
             if self._checks is not None and handle.job_id not in self._attached:
                 self._checks.unusable(handle, result, str(exc))
             else:
