@@ -380,7 +380,7 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         try:
             with _locks.hold((bucket, key)):  # not between a conditional write's check and write
                 target.unlink(missing_ok=True)
-        except IsADirectoryError:  # a folder of longer keys: no object by this name
+        except (IsADirectoryError, NotADirectoryError):  # no object by this name
             return None
         except OSError as exc:
             return store_deletes.Failure(key, "InternalError", f"not deleted: {exc.strerror}")
@@ -568,6 +568,8 @@ def _framing_error(headers: Mapping[str, str], presigned: bool) -> localbucket.S
     past S3's 5 GiB, and from a presigned URL (a car's) a body with no length at all,
     which the server would otherwise hold in memory whole."""
     length = headers.get("Content-Length")
+    if length is not None:
+        length = length.strip(" \t")  # HTTP allows it around a value
     if length is not None and not (length.isascii() and length.isdigit()):
         return localbucket.S3Error(
             HTTPStatus.BAD_REQUEST, "InvalidArgument", "Content-Length is not a number"

@@ -46,15 +46,19 @@ class Failure:
 
 def check_digest(body: bytes, headers: Mapping[str, str]) -> None:
     """S3 refuses a DeleteObjects body that does not carry its digest, or whose digest
-    differs. An ``x-amz-checksum-sha256`` is checked with the signature's payload hash
-    (objectstore._payload_hash); MD5 and CRC32 are checked here."""
+    differs. Content-MD5 and the CRC32, SHA-1 and SHA-256 checksums are checked here;
+    CRC32C and CRC64NVME (no standard-library code) are taken as present only, on a
+    request whose signature already binds its headers to a credential holder."""
     lowered = {name.lower(): value for name, value in headers.items()}
     given = {
         "content-md5": lambda: hashlib.md5(body).digest(),
         "x-amz-checksum-crc32": lambda: zlib.crc32(body).to_bytes(4, "big"),
+        "x-amz-checksum-sha1": lambda: hashlib.sha1(body).digest(),
+        "x-amz-checksum-sha256": lambda: hashlib.sha256(body).digest(),
     }
     named = [name for name in given if name in lowered]
-    if not named and "x-amz-checksum-sha256" not in lowered:
+    others = [n for n in lowered if n.startswith("x-amz-checksum-") and n not in given]
+    if not named and not others:
         raise localbucket.S3Error(
             HTTPStatus.BAD_REQUEST,
             "InvalidRequest",

@@ -22,7 +22,12 @@ from parkpool.runtime import logs
 from parkpool.runtime.blobstore import BlobStore, ObjectMissing
 from parkpool.runtime.kafka import record_size
 from parkpool.schemas import BlobRef, DecodeError, Result, TaskChunk, encode
-from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, input_key, output_key
+from parkpool.schemas.blobref import (
+    SEALED_OUTPUTS_BLOB,
+    input_key,
+    legacy_output_key,
+    output_key,
+)
 from parkpool.schemas.codec import MAX_MESSAGE_BYTES, decode_arrays
 from parkpool.schemas.topics import task_key
 
@@ -190,6 +195,17 @@ def array_sha256(array: np.ndarray, tap: BandTap | None = None) -> str:
     return digest.hexdigest()
 
 
+def _first_stored(store: BlobStore, keys: Sequence[str], most: int) -> bytes | None:
+    """Up to ``most`` bytes of the first of ``keys`` the store holds; None: none of them.
+    (One byte more than named shows a longer object, without reading all of it.)"""
+    for key in keys:
+        try:
+            return store.get(key, most)
+        except ObjectMissing:
+            continue
+    return None
+
+
 def fetch_outputs(store: BlobStore, result: Result) -> Result:
     """The result with its stored outputs read back and checked: in clear, or sealed for
     ``open_result`` to open. DecodeError ``bad_data`` when the bytes are not the ones the
@@ -200,13 +216,15 @@ def fetch_outputs(store: BlobStore, result: Result) -> Result:
     if ref.size > MAX_OUTPUTS_BYTES:  # the car's word: refused before a byte is read
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s outputs claim {ref.size:,} bytes")
     # The gateway id is the car's signed word, and the gateway checked it is its own.
-    key = output_key(result.job_id, result.gateway_id, result.chunk_id, result.epoch)
-    try:
-        # One byte more than named shows a longer object, without reading all of it.
-        data = store.get(key, ref.size + 1)
-    except ObjectMissing:  # the car named outputs it never uploaded under its lease
+    # A gateway not yet upgraded had the car write under the key without it.
+    keys = (
+        output_key(result.job_id, result.gateway_id, result.chunk_id, result.epoch),
+        legacy_output_key(result.job_id, result.chunk_id, result.epoch),
+    )
+    data = _first_stored(store, keys, ref.size + 1)
+    if data is None:  # the car named outputs it never uploaded under its lease
         detail = f"chunk {result.chunk_id}'s outputs are not in the store"
-        raise DecodeError("bad_data", detail) from None
+        raise DecodeError("bad_data", detail)
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise DecodeError("bad_data", f"chunk {result.chunk_id}'s stored outputs do not match")
     if ref.name == SEALED_OUTPUTS_BLOB:

@@ -668,11 +668,14 @@ class ParkpoolClient:
                 self._deleting[job_id] = left
 
     def _not_being_deleted(self, job_id: str) -> None:
-        """A job id reused while its last job's delete is queued is refused: that delete
-        would take the new job's inputs from under its cars."""
+        """A job id this client still runs, or whose last job's delete is queued, is
+        refused before anything is uploaded: the job's objects share one prefix, and that
+        job's end (or the delete) would take the new job's inputs from under its cars."""
         with self._lock:
-            busy = job_id in self._deleting
-        if busy:
+            running, deleting = job_id in self._handles, job_id in self._deleting
+        if running:
+            raise ValidationError("job_id_in_use", f"job {job_id} is still running")
+        if deleting:
             detail = f"job {job_id}'s objects are still being deleted; submit again once they are"
             raise ValidationError("job_id_in_use", detail)
 

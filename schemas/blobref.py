@@ -42,6 +42,7 @@ __all__ = [
     "BlobRef",
     "input_key",
     "job_prefix",
+    "legacy_output_key",
     "output_key",
 ]
 
@@ -112,6 +113,14 @@ def output_key(job_id: str, gateway_id: str, chunk_id: int, epoch: int) -> str:
     gateway = require_str("gateway_id", gateway_id, pattern=_JOB)
     chunk, lease = require_int("chunk_id", chunk_id), require_int("epoch", epoch, 1)
     return f"{job_prefix(job_id)}out/{gateway}/{chunk}-{lease}"
+
+
+def legacy_output_key(job_id: str, chunk_id: int, epoch: int) -> str:
+    """Where gateways before the gateway id was in the key (2026-12-07) had cars write a
+    lease's outputs: the SDK reads there when the new key is empty, so SDK clients can
+    be upgraded before gateways (docs/DECISIONS.md, "Write-once results")."""
+    chunk, lease = require_int("chunk_id", chunk_id), require_int("epoch", epoch, 1)
+    return f"{job_prefix(job_id)}out/{chunk}-{lease}"
 
 
 def _job(job_id: str) -> str:

@@ -793,3 +793,25 @@ def test_keys_are_per_job_and_content_addressed() -> None:
         output_key("job1", "../gw", 2, 9)
     with pytest.raises(DecodeError):
         input_key("../etc", sha)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("legacy", [False, True], ids=["gateway-key", "legacy-key"])
+def test_stored_outputs_are_read_where_the_granting_gateway_had_them_written(
+    store: BlobStore, legacy: bool
+) -> None:
+    # Given a car's outputs stored under its lease's key: the gateway's, or (a gateway
+    # not yet upgraded) the key without the gateway id
+    from parkpool.schemas.blobref import OUTPUTS_BLOB, legacy_output_key
+    from parkpool.schemas.codec import encode_arrays
+
+    job = f"legacy{int(legacy)}{time.monotonic_ns() % 10**9}"
+    blob = encode_arrays({"y": np.arange(4, dtype=np.float32)})
+    key = legacy_output_key(job, 3, 7) if legacy else output_key(job, "gw-9", 3, 7)
+    store.put_if_absent(key, blob, sha256_hex(blob))
+    now = time.time()
+    ref = BlobRef(OUTPUTS_BLOB, sha256_hex(blob), len(blob))
+    result = Result(job, 3, 4, "car-1", "gw-9", 7, 1, {}, 0.1, now, now, refs=(ref,))
+    # When the SDK reads them back, Then it finds them either way, checked by hash
+    read = fetch_outputs(store, result)
+    assert np.array_equal(read.outputs["y"], np.arange(4, dtype=np.float32))

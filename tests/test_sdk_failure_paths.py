@@ -335,6 +335,11 @@ class TestFailedSubmits:
             # And once the delete is done the id can be used, and its inputs stay
             again = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="again")
             assert again.state is JobState.RUNNING and _job_objects(store, "again")
+            # And while that job runs its id is refused too, before anything is uploaded:
+            # its end would delete the newcomer's inputs with its own
+            with pytest.raises(ValidationError, match="still running"):
+                sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="again")
+            assert again.state is JobState.RUNNING
 
 
 # ---------------------------------------------------------------- closing

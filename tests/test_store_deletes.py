@@ -72,6 +72,16 @@ class TestBatchDeletes:
         ]
         assert _listed(store, f"jobs/ans{run}/") == []
 
+    def test_a_key_below_an_object_counts_as_deleted(self, store: BlobStore) -> None:
+        run = uuid.uuid4().hex[:8]
+        [blocker] = _put(store, f"jobs/below{run}/a", 1)  # "a0": a file, not a folder
+        answer = store._client.delete_objects(
+            Bucket=store.bucket, Delete={"Objects": [{"Key": f"{blocker}/x"}]}
+        )
+        assert [d["Key"] for d in answer["Deleted"]] == [f"{blocker}/x"]
+        assert "Errors" not in answer
+        assert _listed(store, f"jobs/below{run}/") == [blocker]
+
     def test_a_quiet_answer_names_only_the_failures(self, store: BlobStore) -> None:
         run = uuid.uuid4().hex[:8]
         there = _put(store, f"jobs/quiet{run}/", 2)
@@ -267,3 +277,8 @@ def test_a_delete_list_must_name_its_digest() -> None:
     with pytest.raises(localbucket.S3Error, match="Missing required header") as caught:
         store_deletes.check_digest(body, {})
     assert caught.value.code == "InvalidRequest"
+    # Any of S3's checksums will do; those the standard library computes are checked
+    store_deletes.check_digest(body, {"x-amz-checksum-crc32c": "AAAAAA=="})
+    with pytest.raises(localbucket.S3Error) as wrong:
+        store_deletes.check_digest(body, {"x-amz-checksum-sha1": "AAAAAAAAAAAAAAAAAAAAAAAAAAA="})
+    assert wrong.value.code == "BadDigest"

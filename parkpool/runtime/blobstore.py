@@ -25,6 +25,7 @@ __all__ = ["BlobStore", "ObjectMissing", "s3_client", "sha256_hex", "with_expiry
 LIFECYCLE_RULE_ID = "parkpool-job-ttl"  # the one rule parkpool writes, and replaces
 DELETE_BATCH = 1000  # S3's most keys in one DeleteObjects request
 CONFLICT_TRIES = 3  # a write S3 answers 409 ConditionalRequestConflict is tried again
+CONFLICT_PAUSE_S = 0.25  # then 0.5: a retried upload of the same block may still land
 # What a store without DeleteObjects answers it with (GCS's XML API among them).
 _NO_BATCH_DELETE = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
 
@@ -91,7 +92,9 @@ class BlobStore:
         writers of the same content race harmlessly and nothing is ever overwritten.
         ``data`` may be any buffer (an array's memory): it is sent from where it lies.
         """
-        for _ in range(CONFLICT_TRIES):
+        for attempt in range(CONFLICT_TRIES):
+            if attempt:  # the conflicting write may still be landing
+                time.sleep(CONFLICT_PAUSE_S * 2 ** (attempt - 1))
             body = data if isinstance(data, bytes) else BufferReader(data)
             try:
                 self._client.put_object(
