@@ -565,8 +565,8 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
 def _framing_error(headers: Mapping[str, str], presigned: bool) -> localbucket.S3Error | None:
     """What S3 would refuse about how a request's body is framed, before any of it is
     read: a Content-Length that is not a number (read as -1, it would read to EOF), one
-    past S3's 5 GiB, and from a presigned URL (a car's) a body with no length at all,
-    which the server would otherwise hold in memory whole."""
+    past S3's 5 GiB, and from a presigned URL (a car's) a chunked body, which has no
+    length and which the server would otherwise hold in memory whole."""
     length = headers.get("Content-Length")
     if length is not None:
         length = length.strip(" \t")  # HTTP allows it around a value
