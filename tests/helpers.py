@@ -15,6 +15,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import producer_config, reader_config
 from parkpool.runtime.mqtt import connect_and_wait, new_client
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
@@ -28,6 +29,7 @@ from parkpool.schemas import (
     decode,
     encode,
 )
+from parkpool.schemas.blobref import job_prefix
 from parkpool.schemas.codec import peek_type
 from parkpool.worker.kernels import REGISTRY
 
@@ -265,3 +267,22 @@ class TopicTail:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class Unconfirmed:
+    """A producer whose records Kafka never confirms: flush says one is still out."""
+
+    def __init__(self, producer: object) -> None:
+        self._producer = producer
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._producer, name)
+
+    def flush(self, timeout: float = -1) -> int:
+        self._producer.flush(timeout)  # type: ignore[attr-defined]
+        return 1
+
+
+def job_objects(store: BlobStore, job_id: str) -> list[str]:
+    """The keys of a job's objects in the store."""
+    return [key for key, _ in store.keys(job_prefix(job_id))]

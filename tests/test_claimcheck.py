@@ -57,7 +57,7 @@ from parkpool.worker.cancel import Cancel
 from parkpool.worker.dataplane import CarData, fetch, upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, hold_lease, read_all, wait_for
+from tests.helpers import RawMqtt, Unconfirmed, hold_lease, job_objects, read_all, wait_for
 
 SMALL = 4096  # inline threshold for these tests: a 64x64 float32 block goes to the store
 
@@ -260,24 +260,6 @@ def _is_cancel(value: bytes) -> bool:
     return True
 
 
-class _Unconfirmed:
-    """A producer whose records Kafka never confirms: flush says one is still out."""
-
-    def __init__(self, producer: object) -> None:
-        self._producer = producer
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._producer, name)
-
-    def flush(self, timeout: float = -1) -> int:
-        self._producer.flush(timeout)  # type: ignore[attr-defined]
-        return 1
-
-
-def _job_objects(store: BlobStore, job_id: str) -> list[str]:
-    return [key for key, _ in store.keys(job_prefix(job_id))]
-
-
 @pytest.mark.integration
 class TestClaimCheckJob:
     def test_gemm_stores_each_block_once_and_deletes_them_at_the_end(
@@ -302,13 +284,13 @@ class TestClaimCheckJob:
         with _client(namespace, kafka_conn, store_conn) as sdk:
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="ccgemm")
             # Then each distinct block was uploaded once, and nothing else
-            inputs = [k for k in _job_objects(store, "ccgemm") if "/in/" in k]
+            inputs = [k for k in job_objects(store, "ccgemm") if "/in/" in k]
             assert len(inputs) == 8
             assert sdk.metrics.registry.get_sample_value("parkpool_sdk_blobs_uploaded_total") == 8
             # And the answer is right, outputs having come back through the store
             np.testing.assert_allclose(handle.wait(timeout=60), a @ b, rtol=1e-4, atol=1e-4)
             # And when the job has ended its objects are deleted
-            wait_for(lambda: not _job_objects(store, "ccgemm"), 15, "the job's objects deleted")
+            wait_for(lambda: not job_objects(store, "ccgemm"), 15, "the job's objects deleted")
         # And no record or message carried a block: references only
         records = read_all(kafka_conn, sdk.topics.tasks) + read_all(kafka_conn, sdk.topics.results)
         sizes = [len(r.value() or b"") for r in records]
@@ -340,22 +322,22 @@ class TestClaimCheckJob:
         job_id = f"cccan{int(confirmed)}"
         with _client(namespace, kafka_conn, store_conn) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id=job_id)
-            assert _job_objects(store, job_id)
+            assert job_objects(store, job_id)
             if not confirmed:  # Kafka does not confirm the cancel records (injected)
                 live = sdk._live_producer()
-                sdk._live_producer = lambda: _Unconfirmed(live)  # type: ignore[method-assign]
+                sdk._live_producer = lambda: Unconfirmed(live)  # type: ignore[method-assign]
             # When the caller cancels it
             if confirmed:
                 handle.cancel()
                 # Then its objects are deleted
-                wait_for(lambda: not _job_objects(store, job_id), 15, "the job's objects deleted")
+                wait_for(lambda: not job_objects(store, job_id), 15, "the job's objects deleted")
             else:
                 with pytest.raises(BrokerError, match="not confirmed"):
                     handle.cancel()
                 # Then they stay (a chunk still queued would be sent after them; the
                 # store's TTL collects them)
                 time.sleep(2)
-                assert _job_objects(store, job_id)
+                assert job_objects(store, job_id)
 
     def test_confidential_jobs_store_only_ciphertext(
         self,
@@ -391,7 +373,7 @@ class TestClaimCheckJob:
                 "gemm", {"a": a, "b": b}, tile=64, confidential=True, job_id="ccsealed"
             )
             # When the inputs are in the store (read them before the job can end)
-            inputs = [store.get(key) for key in _job_objects(store, "ccsealed")]
+            inputs = [store.get(key) for key in job_objects(store, "ccsealed")]
             # Then the caller gets the right answer, its outputs read back from the store
             np.testing.assert_allclose(handle.wait(timeout=60), a @ b)
         # And the store held one sealed blob per chunk for the inputs and the outputs,
@@ -453,7 +435,7 @@ class TestClaimCheckJob:
             handle = sdk.submit(
                 "reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="cctamper"
             )
-            (key,) = _job_objects(store, "cctamper")
+            (key,) = job_objects(store, "cctamper")
             store._client.put_object(Bucket=store.bucket, Key=key, Body=b"\0" * (2048 * 8))
             fleet_factory(2)
             # Then no car runs it: each refuses it as bad_data, and the job fails
@@ -463,7 +445,7 @@ class TestClaimCheckJob:
         assert failures == 2
         # And once the failed job's objects are deleted, a replay of its dead letter is
         # refused by name instead of sending cars after an object that is gone
-        wait_for(lambda: not _job_objects(store, "cctamper"), 15, "the job's objects deleted")
+        wait_for(lambda: not job_objects(store, "cctamper"), 15, "the job's objects deleted")
         entries = [e for e in dlq.read_dead_letters(kafka_conn, namespace) if e.letter]
         mine = [e for e in entries if e.letter and e.letter.job_id == "cctamper"]
         report = dlq.replay(kafka_conn, namespace, mine, store=store)
@@ -637,7 +619,7 @@ def test_a_job_kafka_did_not_confirm_leaves_its_objects_while_records_may_land(
     a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
     with _client(namespace, kafka_conn, store_conn, publish_timeout_s=2.0) as sdk:
         live = sdk._live_producer()
-        sdk._live_producer = lambda: _Unconfirmed(live)  # type: ignore[method-assign]
+        sdk._live_producer = lambda: Unconfirmed(live)  # type: ignore[method-assign]
         # When a stored job is submitted
         with pytest.raises(BrokerError, match="not confirmed"):
             sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unconfirmed")
@@ -645,7 +627,7 @@ def test_a_job_kafka_did_not_confirm_leaves_its_objects_while_records_may_land(
         # still reach a gateway, and its withdrawal was not confirmed): the TTL's work
         assert sdk.handle("unconfirmed") is None
         time.sleep(2)
-        assert _job_objects(store, "unconfirmed")
+        assert job_objects(store, "unconfirmed")
 
 
 @pytest.mark.integration
@@ -676,7 +658,7 @@ def test_a_submit_interrupted_midway_withdraws_the_job_before_its_objects_go(
         records = read_all(kafka_conn, sdk.topics.tasks)
         cancels = [r for r in records if _is_cancel(r.value() or b"")]
         assert cancels and sdk.handle("interrupted") is None
-        wait_for(lambda: not _job_objects(store, "interrupted"), 15, "the job's objects deleted")
+        wait_for(lambda: not job_objects(store, "interrupted"), 15, "the job's objects deleted")
 
 
 @pytest.mark.integration
@@ -702,10 +684,10 @@ def test_the_ttl_sweep_deletes_what_a_crashed_client_left(store: BlobStore) -> N
         store.put_if_absent(input_key("crashed", sha256_hex(data)), data, sha256_hex(data))
     # When the sweep runs before the TTL has passed, Then it keeps them
     assert store.sweep(job_prefix("crashed"), older_than_s=3600) == 0
-    assert len(_job_objects(store, "crashed")) == 3
+    assert len(job_objects(store, "crashed")) == 3
     # And once they are older than the TTL it deletes them all
     assert store.sweep(job_prefix("crashed"), older_than_s=3600, now=time.time() + 7200) == 3
-    assert _job_objects(store, "crashed") == []
+    assert job_objects(store, "crashed") == []
 
 
 def test_a_car_refuses_an_oversized_input_before_fetching_it() -> None:

@@ -39,12 +39,12 @@ from parkpool.schemas import (
     decode,
     encode,
 )
-from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB, job_prefix
+from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB
 from parkpool.schemas.reputation import Level
 from parkpool.worker.dataplane import upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
-from tests.helpers import hold_lease, read_all, wait_for
+from tests.helpers import Unconfirmed, hold_lease, job_objects, read_all, wait_for
 
 SMALL = 4096  # inline threshold here: a 64x64 float32 block, or tile, goes to the store
 
@@ -66,10 +66,6 @@ def _client(
     if store is not None:
         options["store"] = dataclasses.replace(store, inline_max_bytes=SMALL)
     return ParkpoolClient(ProducerSettings(kafka, namespace, **options))  # type: ignore[arg-type]
-
-
-def _job_objects(store: BlobStore, job_id: str) -> list[str]:
-    return [key for key, _ in store.keys(job_prefix(job_id))]
 
 
 def _cancels(kafka: KafkaConnection, topic: str, job_id: str) -> list[CancelJob]:
@@ -237,20 +233,6 @@ class _InterruptedFlush:
         return int(self._producer.flush(timeout))  # type: ignore[attr-defined]
 
 
-class _Unconfirmed:
-    """A producer whose records Kafka never confirms: flush says one is still out."""
-
-    def __init__(self, producer: object) -> None:
-        self._producer = producer
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._producer, name)
-
-    def flush(self, timeout: float = -1) -> int:
-        self._producer.flush(timeout)  # type: ignore[attr-defined]
-        return 1
-
-
 @pytest.mark.integration
 class TestFailedSubmits:
     """A submit that fails takes back what it sent and leaves nothing running."""
@@ -270,7 +252,7 @@ class TestFailedSubmits:
             # are its objects deleted
             assert _cancels(kafka_conn, sdk.topics.tasks, "flushcut")
             assert sdk.handle("flushcut") is None
-            wait_for(lambda: not _job_objects(store, "flushcut"), 15, "the job's objects deleted")
+            wait_for(lambda: not job_objects(store, "flushcut"), 15, "the job's objects deleted")
 
     def test_a_submit_that_meets_close_is_refused(
         self, namespace: str, kafka_conn: KafkaConnection
@@ -299,7 +281,7 @@ class TestFailedSubmits:
         with _client(namespace, kafka_conn, None, publish_timeout_s=2.0) as sdk:
             handle = sdk.submit("reduce", {"x": np.ones(8), "op": "sum"}, job_id="unheard")
             live = sdk._live_producer()
-            sdk._live_producer = lambda: _Unconfirmed(live)  # type: ignore[method-assign]
+            sdk._live_producer = lambda: Unconfirmed(live)  # type: ignore[method-assign]
             # When the caller cancels it, and is told the cancel failed
             try:
                 handle.cancel()
@@ -334,7 +316,7 @@ class TestFailedSubmits:
             sdk._cleaner.submit(lambda: None).result(30)  # after the delete, in order
             # And once the delete is done the id can be used, and its inputs stay
             again = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="again")
-            assert again.state is JobState.RUNNING and _job_objects(store, "again")
+            assert again.state is JobState.RUNNING and job_objects(store, "again")
             # And while that job runs its id is refused too, before anything is uploaded:
             # its end would delete the newcomer's inputs with its own
             with pytest.raises(ValidationError, match="still running"):
@@ -383,4 +365,4 @@ def test_a_job_that_ends_while_the_client_closes_still_has_its_objects_deleted(
     sdk.close()
     # Then the job completed, and its objects were deleted before close() returned
     assert handle.state is JobState.DONE
-    assert not _job_objects(store, "endsclosing")
+    assert not job_objects(store, "endsclosing")
