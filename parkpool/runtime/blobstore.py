@@ -9,6 +9,7 @@ this module: they hold no credentials and fetch with the standard library.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import math
@@ -442,8 +443,6 @@ def _client(
 
 
 def _add_content_md5(request: Any, **_: Any) -> None:
-    import base64
-
     body = request.body or b""
     if isinstance(body, bytes) and "Content-MD5" not in request.headers:
         digest = hashlib.md5(body, usedforsecurity=False).digest()
@@ -451,8 +450,6 @@ def _add_content_md5(request: Any, **_: Any) -> None:
 
 
 def _b64(sha256: str) -> str:
-    import base64
-
     return base64.b64encode(bytes.fromhex(sha256)).decode()
 
 
