@@ -75,6 +75,7 @@ class Gateway:
         self._snapshot: Mapping[str, Any] = {"gateway_id": settings.gateway_id, "ready": False}
         self._reconnects_counted = 0
         self._sent_counted: dict[str, int] = {}
+        self._observed_partitions: set[str] = set()  # those with per-partition series
         self._fleet = FleetCounts(0, {}, {}, 0, 0.0, 0.0)  # the last completed census
         self.ready = ReadyQueue()
         self.delayed: DelayQueue[PendingTask] = DelayQueue()
@@ -353,6 +354,9 @@ class Gateway:
         self._fleet = census or self._fleet
         fleet = self._fleet
         partitions = self.log.stats()
+        owned = {str(p.partition) for p in partitions}
+        self.metrics.forget_partitions(self._observed_partitions - owned)
+        self._observed_partitions = owned
         for p in partitions:
             label = str(p.partition)
             self.metrics.window_used.labels(label).set(p.window_used)

@@ -9,6 +9,9 @@ every series. The fleet's series, aggregated from vehicle heartbeats, are in
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import suppress
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from parkpool.runtime import build_info
@@ -234,6 +237,24 @@ class GatewayMetrics:
             ["partition"],
             registry=r,
         )
+
+    def forget_partitions(self, partitions: Iterable[str]) -> None:
+        """Drop the series of partitions this gateway no longer owns: a revoked
+        partition's last lag would otherwise be exported for ever, and summed with the
+        new owner's."""
+        per_partition = (
+            self.window_used,
+            self.window_size,
+            self.window_span,
+            self.window_max_span,
+            self.committed,
+            self.lag,
+            self.end_offset,
+        )
+        for partition in partitions:
+            for gauge in per_partition:
+                with suppress(KeyError):  # end_offset is set only once the end is known
+                    gauge.remove(partition)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample (0 when absent); for summaries and tests."""

@@ -116,6 +116,40 @@ class TestKnownWorkload:
         assert status["fleet"]["known"] == 3 and status["queued"] == 0
 
 
+class TestPartitionSeries:
+    """Per-partition series follow ownership: a partition given up is no longer exported."""
+
+    def test_partitions_given_up_stop_being_exported(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+    ) -> None:
+        # Given a gateway that owns and exports every partition while a car is connected
+        scraper = Scraper(gateway_factory("gwgiveup", standby_after_s=1.0, vehicle_silence_s=3.0))
+        try:
+            fleet = fleet_factory(1)
+
+            def exported() -> set[str]:
+                return {
+                    dict(labels)["partition"]
+                    for (name, labels) in scraper.samples()
+                    if name == "parkpool_gateway_kafka_lag"
+                }
+
+            wait_for(lambda: len(exported()) == 3, 30, "all three partitions exported")
+            # When its only car goes silent, so that it stands by and gives them up
+            fleet.stop_all()
+            wait_for(lambda: scraper.status().get("standby") is True, 30, "standby")
+            # Then no partition series is left behind, though their last values were set
+            wait_for(lambda: not exported(), 10, "the given-up partitions' series to go")
+            assert scraper.status()["partitions"] == []
+            names = {name for (name, _) in scraper.samples()}
+            assert "parkpool_gateway_partition_window_size" not in names
+            assert "parkpool_gateway_kafka_committed_offset" not in names
+        finally:
+            scraper.server.close()
+
+
 class TestProcessSeries:
     """A gateway says which parkpool and Python it runs, and how its process fares."""
 
