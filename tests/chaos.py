@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,8 @@ import numpy as np
 from confluent_kafka import Message
 
 from parkpool.app.children import role_env
-from parkpool.broker_config.launcher import EmbeddedBrokers, free_port
+from parkpool.broker_config.launcher import STORE_BUCKET, EmbeddedBrokers, free_port
+from parkpool.broker_config.tansu_groups import GROUPS_PREFIX
 from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobHandle
@@ -177,8 +179,46 @@ class Gateways:
                 parts.append(f"{gateway_id}: unreachable ({exc})")
                 continue
             lines = [line for line in text.splitlines() if line.startswith(wanted)]
-            parts.append(f"{gateway_id}: " + "; ".join(lines))
-        return "\n".join(parts)
+            parts.append(f"{gateway_id}: " + "; ".join([*lines, _owned(text)]))
+        return "\n".join([*parts, _group_summary(self.log_dir)])
+
+
+def _owned(metrics_text: str) -> str:
+    """The partitions a gateway exports lag for (those it owns), as ``partition:lag``."""
+    owned = re.findall(
+        r'^parkpool_gateway_kafka_lag\{partition="(\d+)"\} (\S+)', metrics_text, re.M
+    )
+    return "owns " + ",".join(
+        f"{p}:{float(lag):g}" for p, lag in sorted(owned, key=lambda o: int(o[0]))
+    )
+
+
+def _group_summary(run_dir: Path) -> str:
+    """The gateways' consumer group as the durable Tansu last wrote it: its state, leader
+    and members (the store keeps it as a plain file under the run directory)."""
+    path = run_dir / "store" / STORE_BUCKET / GROUPS_PREFIX / f"{NAMESPACE}.gateways.json"
+    try:
+        group = json.loads(path.read_bytes())
+        ((state, detail),) = group["state"].items()
+        leader = detail.get("leader") if isinstance(detail, dict) else None
+        members = sorted(str(m)[-8:] for m in group["members"])
+        generation = group["generation_id"]
+        return f"group {state} gen {generation} leader {str(leader)[-8:]} members {members}"
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        return f"group unreadable ({exc!r})"
+
+
+def _fleet_summary(fleet: Fleet) -> str:
+    """Cars and the tasks they hold, per cell, and how many cars talk to each gateway:
+    a stall with idle cars and queued tasks is the cars', one with neither the group's."""
+    cars, held, picks = Counter[str](), Counter[str](), Counter[str]()
+    for vehicle in list(fleet.vehicles.values()):
+        cell = fleet.cell_of(vehicle.vehicle_id)
+        cars[cell] += 1
+        held[cell] += vehicle.held
+        picks.update(vehicle.gateways.mine())
+    per_cell = ", ".join(f"{c or 'one'} {cars[c]} holding {held[c]}" for c in sorted(cars))
+    return f"cars {per_cell}; cars per gateway {dict(sorted(picks.items()))}"
 
 
 def chunks(count: int) -> list[ChunkSpec]:
@@ -270,7 +310,8 @@ def run_chaos(
             handle = client.publish("reduce", chunks(plan.tasks))
             faults = fault_schedule(plan)
             inject = _injector(plan, rng, report, brokers, gateways, fleet)
-            _drive(handle, faults, inject, plan, say, gateways.snapshot)
+            snapshot = lambda: f"{gateways.snapshot()}\n{_fleet_summary(fleet)}"  # noqa: E731
+            _drive(handle, faults, inject, plan, say, snapshot)
             _account(handle, report)
         report.tansu_leaders_cleared = brokers.group_leaders_cleared
         report.duplicates_on_results_topic = _results_topic_duplicates(kafka, report.completed)
@@ -356,6 +397,7 @@ def _drive(
             return  # done; ChaosReport.ok() fails the run if faults were left un-injected
         now = time.monotonic()
         if now > deadline:
+            say(f"t={now - started:.0f}s timed out at {handle.progress.done}:\n{snapshot()}")
             return
         done = handle.progress.done
         if now >= next_report:
@@ -372,10 +414,11 @@ def _drive(
 
 def _account(handle: JobHandle, report: ChaosReport) -> None:
     seen = Counter[int]()
-    for chunk in handle.chunks(timeout=1):
-        seen[chunk.chunk_id] += 1
-        if float(chunk.outputs["value"]) != float(chunk.chunk_id):
-            report.wrong_values += 1
+    with suppress(TimeoutError):  # a run that timed out: count what came
+        for chunk in handle.chunks(timeout=1):
+            seen[chunk.chunk_id] += 1
+            if float(chunk.outputs["value"]) != float(chunk.chunk_id):
+                report.wrong_values += 1
     report.completed = len(seen)
     report.lost = report.tasks - len(seen)
     report.duplicates_to_caller = sum(n - 1 for n in seen.values())

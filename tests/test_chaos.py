@@ -28,6 +28,9 @@ REDUCED = ChaosPlan(
     broker_restarts=1,
     rebalances=1,
     task_seconds=0.6,
+    # Under pytest-timeout's 240 s, so that a stalled run ends with its report and a
+    # snapshot of every gateway and of the group, not with a bare timeout.
+    timeout_s=180.0,
 )
 
 
@@ -61,6 +64,7 @@ REDUCED_CELLS = ChaosPlan(
     rebalances=0,
     roster_changes=1,
     task_seconds=0.6,
+    timeout_s=180.0,  # as in REDUCED
 )
 
 
