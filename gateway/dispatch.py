@@ -138,15 +138,22 @@ class Dispatcher:
         if now - self._empty_since < QUIET_S:
             self._fresh_while_quiet.extend(fresh)
             return
+        pulled = self._fresh_while_quiet + fresh
+        self._fresh_while_quiet = []
+        waiting: list[VehicleView] = []
         if not self._told_idle:
             self._told_idle = True
+            # Cars waiting here hear it, but not twice: those told already, before the
+            # work came and went, and not asking again, know.
             hungry = (self.vehicles.get(v) for v in self.vehicles.hungry())
-            fresh = [v for v in hungry if v is not None]
-        else:
-            fresh = self._fresh_while_quiet + fresh
-        self._fresh_while_quiet = []
-        for view in fresh:
-            if view.told != 0 and self.available(view) > 0:
+            waiting = [v for v in hungry if v is not None and v.told != 0]
+        # A car that asks while there is nothing is answered, even if told before: it
+        # asks because it forgot (a reconnect clears what a car believes) or stopped
+        # believing it (grants.EMPTY_TTL_S), and unanswered it would leave its credit
+        # here, idle, while another of its gateways has work.
+        to_tell = {v.vehicle_id: v for v in [*waiting, *pulled]}
+        for view in to_tell.values():
+            if self.available(view) > 0:
                 self._tell(view, 0)
 
     def _tell(self, view: VehicleView, queued: int) -> None:

@@ -268,6 +268,7 @@ class Gateway:
         for lease in self.leases.where(lambda lease: lease.task.task.job_id == job_id):
             self.leases.end(lease.epoch)
             self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "job_cancelled")
+            self.vehicles.wake(lease.vehicle_id)  # it drops the task: its slot is free
             self.outcomes.skip_cancelled(lease.task)
         self.events.info("job_cancelled", job_id=job_id, partition=record.tp[1])
 

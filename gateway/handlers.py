@@ -180,6 +180,11 @@ class VehicleHandlers:
     def _on_result(self, event: MqttEvent) -> bool:
         result = self._decode(event, Result)
         lease = self._lease_for(event, result)
+        if lease is None and result is not None and self._own_late_result(event, result):
+            # The lease ended here while the car kept working (its partition went to
+            # another gateway, which sends no revoke), so its slot was not counted as
+            # free then: it is now.
+            self.vehicles.wake(event.vehicle_id)
         if lease is None or result is None or not self._signed_by_its_vehicle(result):
             return False
         if lease.task.task.reply_key and not result.sealed:
@@ -308,6 +313,14 @@ class VehicleHandlers:
                 "mqtt_malformed", kind=event.kind, vehicle_id=event.vehicle_id, reason=str(exc)
             )
             return None
+
+    def _own_late_result(self, event: MqttEvent, result: Result) -> bool:
+        """A result for a lease this gateway no longer has, from the car it names."""
+        return (
+            result.vehicle_id == event.vehicle_id
+            and result.gateway_id == self.settings.gateway_id
+            and self.leases.get(result.epoch) is None
+        )
 
     def _lease_for(
         self, event: MqttEvent, message: Result | Nack | LeaseHeartbeat | None

@@ -68,7 +68,7 @@ class VehicleBook:
         self._hungry: OrderedDict[str, None] = OrderedDict()
         # Cars told "no work here", to be told again when work comes: only those.
         self._waiting: dict[str, None] = {}
-        self._fresh: dict[str, None] = {}  # granted credit since the last dispatch turn
+        self._fresh: dict[str, None] = {}  # asked (a pull) or woke since the last turn
         # (last heard, vehicle): checked from the oldest, so finding the silent ones costs
         # what they are, not a pass over the fleet. Stale entries are skipped when met.
         self._silence: list[tuple[float, str]] = []
@@ -186,6 +186,9 @@ class VehicleBook:
         view = self._vehicles.get(vehicle_id)
         if view is not None and view.credits > 0 and view.state is VehicleState.ONLINE:
             self._hungry.setdefault(vehicle_id, None)
+            # As good as a pull: with no work here the car must hear so, or its slot
+            # stays granted to this gateway while another of its gateways has work.
+            self._fresh[vehicle_id] = None
 
     def told(self, view: VehicleView, queued: int) -> None:
         """Note the backlog the car was just told; "none" puts it on the waiting list."""
