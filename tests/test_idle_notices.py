@@ -5,7 +5,7 @@ to a gateway that has some (gateway.dispatch, worker.grants)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ import pytest
 from parkpool.gateway.gateway import Gateway
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
+from parkpool.producer.jobs import JobHandle
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import (
     Assignment,
@@ -37,6 +38,35 @@ def no_work_notices(car: RawMqtt) -> int:
     payloads = [bytes(m.payload) for m in list(car.received)]
     notices = [decode(p, GatewayStatus) for p in payloads if peek_type(p) == GatewayStatus.TYPE]
     return sum(1 for n in notices if n.queued == 0)
+
+
+X = np.arange(8.0)  # a job's only chunk
+
+
+@pytest.fixture
+def holding(
+    gateway_factory: Callable[..., RunningGateway],
+    mqtt_conn: MqttConnection,
+    kafka_conn: KafkaConnection,
+    namespace: str,
+) -> Iterator[tuple[JobHandle, LeaseHolder, int]]:
+    """A scripted car holding the lease of a job's only task at gw1, once the gateway's
+    queue has been empty past its 2 s of quiet; with the notices it had heard by then
+    (one, when its pull came before the task did)."""
+    gateway_factory("gw1")
+    topics = MqttTopics(namespace)
+    settings = ProducerSettings(kafka_conn, namespace, verification=Level.UNCHECKED)
+    with ParkpoolClient(settings) as client:
+        handle = client.submit("reduce", {"x": X, "op": "sum"}, chunk_elems=X.size)
+        holder = hold_lease(mqtt_conn, topics)
+        try:
+            time.sleep(3.0)
+            before = no_work_notices(holder.car)
+            time.sleep(1.0)
+            assert no_work_notices(holder.car) == before  # no room: nothing said
+            yield handle, holder, before
+        finally:
+            holder.close()
 
 
 class TestNoWorkNotice:
@@ -69,40 +99,17 @@ class TestNoWorkNotice:
             car.close()
 
     def test_a_car_whose_lease_ends_after_the_queue_emptied_is_told(
-        self,
-        gateway_factory: Callable[..., RunningGateway],
-        mqtt_conn: MqttConnection,
-        kafka_conn: KafkaConnection,
-        namespace: str,
+        self, holding: tuple[JobHandle, LeaseHolder, int], namespace: str
     ) -> None:
-        # Given a car that holds the lease of a job's only task, at a gateway whose queue
-        # has been empty long enough to say so, while the car had no room to hear it
-        gateway_factory("gw1")
-        topics = MqttTopics(namespace)
-        settings = ProducerSettings(kafka_conn, namespace, verification=Level.UNCHECKED)
-        with ParkpoolClient(settings) as client:
-            x = np.arange(8, dtype=np.float64)
-            handle = client.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=8)
-            holder = hold_lease(mqtt_conn, topics)
-            try:
-                time.sleep(3.0)  # past the gateway's 2 s of quiet
-                # (it may have heard one when its pull came before the task did)
-                before = no_work_notices(holder.car)
-                time.sleep(1.0)
-                assert no_work_notices(holder.car) == before
-                # When its task ends, which frees the slot its grant keeps at this gateway
-                result = holder.result({"value": np.array(x.sum())})
-                holder.car.publish(topics.result("holder", "gw1"), encode(result))
-                handle.wait(timeout=30)
-                # Then it hears "no work here", so that the slot can go to its other
-                # gateway: a car that never pulls again would otherwise keep it here
-                wait_for(lambda: no_work_notices(holder.car) == before + 1, 10, "'no work here'")
-            finally:
-                holder.close()
-
-
-def assignments(car: RawMqtt) -> int:
-    return sum(1 for m in list(car.received) if peek_type(bytes(m.payload)) == Assignment.TYPE)
+        # Given a car holding a task while the gateway's queue emptied and it said so
+        handle, holder, before = holding
+        # When its task ends, which frees the slot its grant keeps at this gateway
+        result = holder.result({"value": np.array(X.sum())})
+        holder.car.publish(MqttTopics(namespace).result("holder", "gw1"), encode(result))
+        handle.wait(timeout=30)
+        # Then it hears "no work here", so that the slot can go to its other gateway:
+        # a car that never pulls again would otherwise keep it here
+        wait_for(lambda: no_work_notices(holder.car) == before + 1, 10, "'no work here'")
 
 
 class TestASlotFreedWithoutAResult:
@@ -110,28 +117,14 @@ class TestASlotFreedWithoutAResult:
     slot once the car has let the task go; the gateway must then count it as room."""
 
     def test_a_cancelled_task_frees_its_cars_slot(
-        self,
-        gateway_factory: Callable[..., RunningGateway],
-        mqtt_conn: MqttConnection,
-        kafka_conn: KafkaConnection,
-        namespace: str,
+        self, holding: tuple[JobHandle, LeaseHolder, int]
     ) -> None:
-        # Given a car holding the lease of a job's only task, past the gateway's quiet
-        gateway_factory("gw1")
-        topics = MqttTopics(namespace)
-        settings = ProducerSettings(kafka_conn, namespace, verification=Level.UNCHECKED)
-        with ParkpoolClient(settings) as client:
-            handle = client.submit("reduce", {"x": np.arange(8.0), "op": "sum"}, chunk_elems=8)
-            holder = hold_lease(mqtt_conn, topics)
-            try:
-                time.sleep(3.0)
-                before = no_work_notices(holder.car)
-                # When the job is cancelled, which revokes the lease (the car drops it)
-                handle.cancel()
-                # Then the car, its slot free and nothing to do here, hears so
-                wait_for(lambda: no_work_notices(holder.car) == before + 1, 10, "'no work'")
-            finally:
-                holder.close()
+        # Given a car holding a task while the gateway's queue emptied and it said so
+        handle, holder, before = holding
+        # When the job is cancelled, which revokes the lease (the car drops it)
+        handle.cancel()
+        # Then the car, its slot free and nothing to do here, hears so
+        wait_for(lambda: no_work_notices(holder.car) == before + 1, 10, "'no work'")
 
     def test_a_late_result_frees_its_cars_slot(
         self,
@@ -147,8 +140,7 @@ class TestASlotFreedWithoutAResult:
         try:
             producer = ProducerSettings(kafka_conn, namespace, verification=Level.UNCHECKED)
             with ParkpoolClient(producer) as client:
-                x = np.arange(8.0)
-                client.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=8)
+                client.submit("reduce", {"x": X, "op": "sum"}, chunk_elems=X.size)
                 holder = stepped_lease(gateway, mqtt_conn, topics)
                 try:
                     # When its partition goes to another gateway (the lease ends here, and
@@ -159,7 +151,7 @@ class TestASlotFreedWithoutAResult:
                     step_for(gateway, 3.0)
                     before = no_work_notices(holder.car)
                     # And the car's result comes, late
-                    late = holder.result({"value": np.array(x.sum())})
+                    late = holder.result({"value": np.array(X.sum())})
                     holder.car.publish(topics.result("holder", "gw1"), encode(late))
                     # Then its slot counts as free from then on: it hears "no work here"
                     step_for(gateway, 5.0, until=lambda: no_work_notices(holder.car) > before)
