@@ -131,7 +131,7 @@ class Dispatcher:
         """Say "no work here" only once the queue stayed empty for ``QUIET_S``: between
         two Kafka reads it is empty for an instant, and telling cars then would only
         send them away and back. Then every car waiting here hears it once, and after
-        that each car that pulls."""
+        that each car that pulls or whose slot here frees."""
         now = time.monotonic()
         if self._empty_since is None:
             self._empty_since = now

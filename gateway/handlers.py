@@ -182,8 +182,9 @@ class VehicleHandlers:
         lease = self._lease_for(event, result)
         if lease is None and result is not None and self._own_late_result(event, result):
             # The lease ended here while the car kept working (its partition went to
-            # another gateway, which sends no revoke), so its slot was not counted as
-            # free then: it is now.
+            # another gateway, which sends no revoke): its slot counted as free, but the
+            # car was not put back among those to serve or tell, as it is now. A repeat
+            # of a result already taken does the same, harmlessly.
             self.vehicles.wake(event.vehicle_id)
         if lease is None or result is None or not self._signed_by_its_vehicle(result):
             return False

@@ -240,8 +240,8 @@ class GatewayMetrics:
 
     def forget_partitions(self, partitions: Iterable[str]) -> None:
         """Drop the series of partitions this gateway no longer owns: a revoked
-        partition's last lag would otherwise be exported for ever, and summed with the
-        new owner's."""
+        partition's last lag would otherwise be exported for ever, and the recording
+        rule's max over owners would keep it."""
         per_partition = (
             self.window_used,
             self.window_size,

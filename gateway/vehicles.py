@@ -182,7 +182,8 @@ class VehicleBook:
 
     def wake(self, vehicle_id: str) -> None:
         """One of the car's leases ended with its slot free again (a result, a failed
-        run): it is hungry once more, without a pull, if its grant allows."""
+        run, a cancel's revoke, a late result for a lease that ended here): it is hungry
+        once more, without a pull, if its grant allows."""
         view = self._vehicles.get(vehicle_id)
         if view is not None and view.credits > 0 and view.state is VehicleState.ONLINE:
             self._hungry.setdefault(vehicle_id, None)
@@ -217,7 +218,8 @@ class VehicleBook:
         return out
 
     def take_fresh(self) -> list[VehicleView]:
-        """Cars granted credit since the last call: those to tell if there is no work."""
+        """Cars that granted credit or woke since the last call: those to tell if there
+        is no work."""
         fresh = [v for vid in self._fresh if (v := self._vehicles.get(vid)) is not None]
         self._fresh.clear()
         return fresh

@@ -19,6 +19,7 @@ fault was injected.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import random
 import re
@@ -42,7 +43,7 @@ from parkpool.broker_config.launcher import STORE_BUCKET, EmbeddedBrokers, free_
 from parkpool.broker_config.tansu_groups import GROUPS_PREFIX
 from parkpool.broker_config.topics import bootstrap
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.producer.jobs import JobHandle
+from parkpool.producer.jobs import JobHandle, JobState
 from parkpool.producer.splitters import ChunkSpec
 from parkpool.runtime import logs
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
@@ -175,8 +176,8 @@ class Gateways:
             url = f"http://127.0.0.1:{self.ports[gateway_id]}/metrics"
             try:
                 text = urllib.request.urlopen(url, timeout=2).read().decode()
-            except OSError as exc:
-                parts.append(f"{gateway_id}: unreachable ({exc})")
+            except (OSError, http.client.HTTPException) as exc:  # it may be dying
+                parts.append(f"{gateway_id}: unreachable ({exc!r})")
                 continue
             lines = [line for line in text.splitlines() if line.startswith(wanted)]
             parts.append(f"{gateway_id}: " + "; ".join([*lines, _owned(text)]))
@@ -414,11 +415,16 @@ def _drive(
 
 def _account(handle: JobHandle, report: ChaosReport) -> None:
     seen = Counter[int]()
-    with suppress(TimeoutError):  # a run that timed out: count what came
+    # A run that timed out: count what came, for a few seconds at most, as chunks may
+    # still trickle in.
+    until = time.monotonic() + 10.0
+    with suppress(TimeoutError):
         for chunk in handle.chunks(timeout=1):
             seen[chunk.chunk_id] += 1
             if float(chunk.outputs["value"]) != float(chunk.chunk_id):
                 report.wrong_values += 1
+            if time.monotonic() > until and handle.state is JobState.RUNNING:
+                break
     report.completed = len(seen)
     report.lost = report.tasks - len(seen)
     report.duplicates_to_caller = sum(n - 1 for n in seen.values())

@@ -142,7 +142,7 @@ class TestPartitionSeries:
             wait_for(lambda: scraper.status().get("standby") is True, 30, "standby")
             # Then no partition series is left behind, though their last values were set
             wait_for(lambda: not exported(), 10, "the given-up partitions' series to go")
-            assert scraper.status()["partitions"] == []
+            wait_for(lambda: scraper.status()["partitions"] == [], 5, "/status to agree")
             names = {name for (name, _) in scraper.samples()}
             assert "parkpool_gateway_partition_window_size" not in names
             assert "parkpool_gateway_kafka_committed_offset" not in names
