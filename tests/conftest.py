@@ -22,11 +22,13 @@ from typing import Any
 
 import pytest
 
+from parkpool.app.children import store_connection
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.broker_config.topics import TopicSpec, bootstrap, load_specs
 from parkpool.gateway.gateway import Gateway, GatewaySettings
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.blobstore import BlobStore
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 from parkpool.schemas.reputation import Level
 from parkpool.schemas.topics import KafkaTopics, MqttTopics
 from parkpool.worker.fleet import Fleet
@@ -83,6 +85,17 @@ def kafka_conn(brokers: EmbeddedBrokers) -> KafkaConnection:
 @pytest.fixture
 def mqtt_conn(brokers: EmbeddedBrokers) -> MqttConnection:
     return MqttConnection(brokers.mqtt_host, brokers.mqtt_port)
+
+
+@pytest.fixture
+def store_conn(brokers: EmbeddedBrokers) -> StoreConnection:
+    """The session's embedded store (SigV4 checked), the one Tansu also writes to."""
+    return store_connection(brokers)
+
+
+@pytest.fixture
+def store(store_conn: StoreConnection) -> BlobStore:
+    return BlobStore(store_conn)
 
 
 # --- roles -----------------------------------------------------------------------------

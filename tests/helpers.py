@@ -15,13 +15,16 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.kafka import producer_config, reader_config
 from parkpool.runtime.mqtt import connect_and_wait, new_client
-from parkpool.runtime.settings import KafkaConnection, MqttConnection
+from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
 from parkpool.schemas import (
     Assignment,
+    CancelJob,
     Capabilities,
+    DecodeError,
     MqttTopics,
     PullRequest,
     Result,
@@ -31,6 +34,7 @@ from parkpool.schemas import (
 )
 from parkpool.schemas.blobref import job_prefix
 from parkpool.schemas.codec import peek_type
+from parkpool.schemas.reputation import Level
 from parkpool.worker.kernels import REGISTRY
 
 
@@ -286,3 +290,30 @@ class Unconfirmed:
 def job_objects(store: BlobStore, job_id: str) -> list[str]:
     """The keys of a job's objects in the store."""
     return [key for key, _ in store.keys(job_prefix(job_id))]
+
+
+SMALL_INLINE = 4096  # a 64x64 float32 block, or tile, goes to the store
+
+
+def claim_check_client(
+    namespace: str, kafka: KafkaConnection, store: StoreConnection | None, **more: object
+) -> ParkpoolClient:
+    """An SDK client without checks that stores anything over ``SMALL_INLINE`` bytes
+    (``store=None``: everything inline); ``more`` goes to its settings."""
+    options: dict[str, object] = {"verification": Level.UNCHECKED, **more}
+    if store is not None:
+        options["store"] = dataclasses.replace(store, inline_max_bytes=SMALL_INLINE)
+    return ParkpoolClient(ProducerSettings(kafka, namespace, **options))  # type: ignore[arg-type]
+
+
+def cancels_of(kafka: KafkaConnection, topic: str, job_id: str) -> list[CancelJob]:
+    """The CancelJob records for one job on a tasks topic."""
+    found = []
+    for record in read_all(kafka, topic):
+        try:
+            cancel = decode(record.value() or b"", CancelJob)
+        except DecodeError:
+            continue  # a task record
+        if cancel.job_id == job_id:
+            found.append(cancel)
+    return found

@@ -22,13 +22,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from parkpool.app.children import store_connection
-from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.gateway.settings import GatewaySettings
 from parkpool.producer import client as client_module
 from parkpool.producer import dlq
 from parkpool.producer.claimcheck import MAX_OUTPUTS_BYTES, JobUploads, fetch_outputs
-from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.producer.splitters import ChunkSpec, plan_gemm
 from parkpool.producer.verify import input_tap
@@ -39,7 +36,6 @@ from parkpool.schemas import (
     Assignment,
     BlobRef,
     BrokerError,
-    CancelJob,
     DecodeError,
     MqttTopics,
     Result,
@@ -57,20 +53,17 @@ from parkpool.worker.cancel import Cancel
 from parkpool.worker.dataplane import CarData, fetch, upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningGateway
-from tests.helpers import RawMqtt, Unconfirmed, hold_lease, job_objects, read_all, wait_for
-
-SMALL = 4096  # inline threshold for these tests: a 64x64 float32 block goes to the store
-
-
-@pytest.fixture(scope="module")
-def store_conn(brokers: EmbeddedBrokers) -> StoreConnection:
-    """The session's embedded store (SigV4 checked), the one Tansu also writes to."""
-    return store_connection(brokers)
-
-
-@pytest.fixture
-def store(store_conn: StoreConnection) -> BlobStore:
-    return BlobStore(store_conn)
+from tests.helpers import (
+    SMALL_INLINE,
+    RawMqtt,
+    Unconfirmed,
+    cancels_of,
+    claim_check_client,
+    hold_lease,
+    job_objects,
+    read_all,
+    wait_for,
+)
 
 
 def _status(url: str, method: str = "GET", data: bytes | None = None, **headers: str) -> int:
@@ -169,7 +162,7 @@ class TestStoreAccess:
         tap = input_tap("gemm", plan.chunks, rounds=1)
         assert tap is not None
         # When the claim check offloads them with it
-        uploads = JobUploads(store, "tap", SMALL, 1 << 20)
+        uploads = JobUploads(store, "tap", SMALL_INLINE, 1 << 20)
         try:
             sent = uploads.offload_all(tasks, tap)
             for task in sent:
@@ -241,25 +234,6 @@ class TestStoreAccess:
         np.testing.assert_array_equal(again, block)
 
 
-def _client(
-    namespace: str, kafka: KafkaConnection, store: StoreConnection, **more: object
-) -> ParkpoolClient:
-    conn = StoreConnection(
-        store.endpoint, store.bucket, store.access_key, store.secret_key, inline_max_bytes=SMALL
-    )
-    return ParkpoolClient(
-        ProducerSettings(kafka, namespace, store=conn, **{"verification": Level.UNCHECKED, **more})
-    )  # type: ignore[arg-type]
-
-
-def _is_cancel(value: bytes) -> bool:
-    try:
-        decode(value, CancelJob)
-    except DecodeError:
-        return False
-    return True
-
-
 @pytest.mark.integration
 class TestClaimCheckJob:
     def test_gemm_stores_each_block_once_and_deletes_them_at_the_end(
@@ -276,12 +250,12 @@ class TestClaimCheckJob:
         sniffer = RawMqtt(mqtt_conn, f"sniff-{namespace}")
         sniffer.subscribe(f"{namespace}/#")
         gateway_factory(store=store_conn)
-        fleet = fleet_factory(3, result_inline_bytes=SMALL)
+        fleet = fleet_factory(3, result_inline_bytes=SMALL_INLINE)
         rng = np.random.default_rng(7)
         a = rng.standard_normal((256, 128)).astype(np.float32)
         b = rng.standard_normal((128, 256)).astype(np.float32)
         # When a gemm of 4 x 4 tiles runs: 4 row blocks and 4 column blocks
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="ccgemm")
             # Then each distinct block was uploaded once, and nothing else
             inputs = [k for k in job_objects(store, "ccgemm") if "/in/" in k]
@@ -320,7 +294,7 @@ class TestClaimCheckJob:
         gateway_factory(store=store_conn)
         x = np.arange(2048, dtype=np.float64)
         job_id = f"cccan{int(confirmed)}"
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id=job_id)
             assert job_objects(store, job_id)
             if not confirmed:  # Kafka does not confirm the cancel records (injected)
@@ -354,7 +328,7 @@ class TestClaimCheckJob:
         # and a sealed gemm whose inputs and outputs are known constants
         private, public = generate_box_key(tmp_path / "keys", "gateway-box")
         gateway_factory(store=store_conn, box_keys=(private,))
-        fleet_factory(2, result_inline_bytes=SMALL)
+        fleet_factory(2, result_inline_bytes=SMALL_INLINE)
         a = np.full((128, 64), 2.5, dtype=np.float32)
         b = np.full((64, 128), 1.5, dtype=np.float32)
         # Everything the SDK reads back from the store, as the store held it
@@ -368,7 +342,7 @@ class TestClaimCheckJob:
             return fetch_outputs(store_, result)
 
         monkeypatch.setattr(client_module, "fetch_outputs", reading)
-        with _client(namespace, kafka_conn, store_conn, gateway_box_key=public) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn, gateway_box_key=public) as sdk:
             handle = sdk.submit(
                 "gemm", {"a": a, "b": b}, tile=64, confidential=True, job_id="ccsealed"
             )
@@ -407,7 +381,7 @@ class TestClaimCheckJob:
         monkeypatch.setattr(CarData, "hydrate", flaky)
         fleet_factory(1, concurrency=1, prefetch=0)
         x = np.arange(4096, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             # When it is given a job of several stored chunks
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=1024)
             # Then the job completes on that same car: the faulted task came back as a
@@ -430,7 +404,7 @@ class TestClaimCheckJob:
         # someone with write access to the bucket)
         gateway = gateway_factory(store=store_conn, max_attempts=2)
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             # Submitted before any car exists, so the swap happens before any fetch
             handle = sdk.submit(
                 "reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="cctamper"
@@ -467,7 +441,7 @@ class TestClaimCheckJob:
         # without checks (a checked chunk is redone instead: the test below)
         gateway_factory(store=store_conn)
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn, verify=False) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn, verify=False) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
             holder = hold_lease(mqtt_conn, mqtt_topics)
             assignment: Assignment = holder.assignment
@@ -500,7 +474,9 @@ class TestClaimCheckJob:
         rng = np.random.default_rng(5)
         a = rng.standard_normal((64, 64), dtype=np.float32)
         b = rng.standard_normal((64, 128), dtype=np.float32)
-        with _client(namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC) as sdk:
+        with claim_check_client(
+            namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC
+        ) as sdk:
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=64)
             assert handle.n_chunks == 2
             holder = hold_lease(mqtt_conn, mqtt_topics)
@@ -509,7 +485,7 @@ class TestClaimCheckJob:
             ref = BlobRef("outputs", sha256_hex(b"the answer"), len(b"the answer"))
             result = holder.result({}, refs=(ref,))
             holder.car.publish(mqtt_topics.result(assignment.vehicle_id, "gw1"), encode(result))
-            fleet_factory(1, result_inline_bytes=SMALL)
+            fleet_factory(1, result_inline_bytes=SMALL_INLINE)
             # Then the tile is redone on the honest car, the job is right, and the check
             # of the tile sharing its block did not wait for ever
             answer = handle.wait(timeout=60)
@@ -542,7 +518,7 @@ class TestClaimCheckJob:
         monkeypatch.setattr(BlobStore, "get", get)
         gateway_factory(store=store_conn)
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn, verify=False) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn, verify=False) as sdk:
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048)
             holder = hold_lease(mqtt_conn, mqtt_topics)
             assignment: Assignment = holder.assignment
@@ -582,7 +558,7 @@ def test_jobs_fit_128_kib_records_and_messages(
         a = rng.standard_normal((256, 512)).astype(np.float32)
         b = rng.standard_normal((512, 256)).astype(np.float32)
         # When a gemm runs whose tiles could never travel inline
-        with _client(namespace, kafka, store_conn) as sdk:
+        with claim_check_client(namespace, kafka, store_conn) as sdk:
             handle = sdk.submit("gemm", {"a": a, "b": b}, tile=128)
             # Then it completes, through the store
             np.testing.assert_allclose(handle.wait(timeout=60), a @ b, rtol=1e-4, atol=1e-4)
@@ -602,7 +578,7 @@ def test_a_job_whose_inputs_cannot_be_stored_sends_no_record(
     # Given a client whose store credentials are wrong: every upload is refused
     wrong = dataclasses.replace(store_conn, secret_key=Secret("not-the-key"))
     a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
-    with _client(namespace, kafka_conn, wrong) as sdk:
+    with claim_check_client(namespace, kafka_conn, wrong) as sdk:
         # When a job that needs the store is submitted
         with pytest.raises(BrokerError, match="object store refused"):
             sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="unstored")
@@ -617,7 +593,7 @@ def test_a_job_kafka_did_not_confirm_leaves_its_objects_while_records_may_land(
 ) -> None:
     # Given a client whose records Kafka never confirms (injected), cancels included
     a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
-    with _client(namespace, kafka_conn, store_conn, publish_timeout_s=2.0) as sdk:
+    with claim_check_client(namespace, kafka_conn, store_conn, publish_timeout_s=2.0) as sdk:
         live = sdk._live_producer()
         sdk._live_producer = lambda: Unconfirmed(live)  # type: ignore[method-assign]
         # When a stored job is submitted
@@ -650,13 +626,12 @@ def test_a_submit_interrupted_midway_withdraws_the_job_before_its_objects_go(
 
     monkeypatch.setattr(JobUploads, "ready", ready)
     a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
-    with _client(namespace, kafka_conn, store_conn) as sdk:
+    with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
         with pytest.raises(KeyboardInterrupt):
             sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="interrupted")
         # Then gateways were told to drop the job (so no car goes after its objects),
         # and only then were its objects deleted
-        records = read_all(kafka_conn, sdk.topics.tasks)
-        cancels = [r for r in records if _is_cancel(r.value() or b"")]
+        cancels = cancels_of(kafka_conn, sdk.topics.tasks, "interrupted")
         assert cancels and sdk.handle("interrupted") is None
         wait_for(lambda: not job_objects(store, "interrupted"), 15, "the job's objects deleted")
 
@@ -666,7 +641,7 @@ def test_a_gemm_chunk_without_its_operands_is_refused_by_name_on_the_store_path(
     namespace: str, kafka_conn: KafkaConnection, store_conn: StoreConnection
 ) -> None:
     # Given a checking client on the store path (its gemm check hashes through a tap)
-    with _client(namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC) as sdk:
+    with claim_check_client(namespace, kafka_conn, store_conn, verification=Level.ALGEBRAIC) as sdk:
         # When a hand-made gemm chunk lacks its b
         chunk = ChunkSpec({}, {"a": np.ones((128, 64), np.float32)})
         # Then the contract refuses it, before any check or upload

@@ -11,18 +11,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from parkpool.app.children import store_connection
-from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.runtime.blobstore import BlobStore, ObjectMissing, sha256_hex
 from parkpool.schemas.blobref import output_key
 from parkpool.worker.dataplane import upload
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(brokers: EmbeddedBrokers) -> BlobStore:
-    return BlobStore(store_connection(brokers))
 
 
 def _raw(url: str, method: str, headers: dict[str, str], body: bytes, half_close: bool) -> str:

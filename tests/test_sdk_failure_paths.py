@@ -6,7 +6,6 @@ closes."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import threading
 import time
@@ -18,11 +17,8 @@ from typing import cast
 import numpy as np
 import pytest
 
-from parkpool.app.children import store_connection
-from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.producer import client as client_module
 from parkpool.producer.claimcheck import JobUploads
-from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobFailed, JobState
 from parkpool.runtime.blobstore import BlobStore, sha256_hex
 from parkpool.runtime.sealing import BoxKey, generate_box_key
@@ -30,54 +26,26 @@ from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConn
 from parkpool.schemas import (
     BlobRef,
     BrokerError,
-    CancelJob,
-    DecodeError,
     MqttTopics,
     Result,
     TaskChunk,
     ValidationError,
-    decode,
     encode,
 )
 from parkpool.schemas.blobref import SEALED_OUTPUTS_BLOB
-from parkpool.schemas.reputation import Level
 from parkpool.worker.dataplane import upload
 from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
-from tests.helpers import Unconfirmed, hold_lease, job_objects, read_all, wait_for
-
-SMALL = 4096  # inline threshold here: a 64x64 float32 block, or tile, goes to the store
-
-
-@pytest.fixture(scope="module")
-def store_conn(brokers: EmbeddedBrokers) -> StoreConnection:
-    return store_connection(brokers)
-
-
-@pytest.fixture
-def store(store_conn: StoreConnection) -> BlobStore:
-    return BlobStore(store_conn)
-
-
-def _client(
-    namespace: str, kafka: KafkaConnection, store: StoreConnection | None, **more: object
-) -> ParkpoolClient:
-    options: dict[str, object] = {"verification": Level.UNCHECKED, **more}
-    if store is not None:
-        options["store"] = dataclasses.replace(store, inline_max_bytes=SMALL)
-    return ParkpoolClient(ProducerSettings(kafka, namespace, **options))  # type: ignore[arg-type]
-
-
-def _cancels(kafka: KafkaConnection, topic: str, job_id: str) -> list[CancelJob]:
-    found = []
-    for record in read_all(kafka, topic):
-        try:
-            cancel = decode(record.value() or b"", CancelJob)
-        except DecodeError:
-            continue  # a task record
-        if cancel.job_id == job_id:
-            found.append(cancel)
-    return found
+from tests.helpers import (
+    SMALL_INLINE,
+    Unconfirmed,
+    cancels_of,
+    claim_check_client,
+    hold_lease,
+    job_objects,
+    read_all,
+    wait_for,
+)
 
 
 def _reason(failed: pytest.ExceptionInfo[JobFailed]) -> str:
@@ -166,10 +134,10 @@ class TestUnusableStoredOutputs:
     ) -> None:
         # Given a gateway with a store, and a car that stores outputs of 4 KiB or more
         gateway_factory(store=store_conn)
-        fleet_factory(1, result_inline_bytes=SMALL)
+        fleet_factory(1, result_inline_bytes=SMALL_INLINE)
         a = np.ones((64, 64), np.float32)
         # When a client that has no store submits a job whose tile is stored
-        with _client(namespace, kafka_conn, None) as sdk:
+        with claim_check_client(namespace, kafka_conn, None) as sdk:
             handle = sdk.submit("gemm", {"a": a, "b": a}, tile=64)
             # Then the caller is told why, instead of waiting for ever
             with pytest.raises(JobFailed) as failed:
@@ -191,7 +159,7 @@ class TestUnusableStoredOutputs:
         private, public = generate_box_key(tmp_path / "keys", "gateway-box")
         gateway_factory(store=store_conn, box_keys=(private,))
         x = np.ones(2048)
-        with _client(
+        with claim_check_client(
             namespace, kafka_conn, store_conn, gateway_box_key=public, verify=False
         ) as sdk:
             handle = sdk.submit(
@@ -242,7 +210,7 @@ class TestFailedSubmits:
         store: BlobStore,
     ) -> None:  # fmt: skip
         a, b = np.ones((128, 64), np.float32), np.ones((64, 128), np.float32)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             # Given a caller who hits Ctrl-C while Kafka confirms the job's records
             interrupted = _InterruptedFlush(sdk._live_producer())
             sdk._live_producer = lambda: interrupted  # type: ignore[method-assign,assignment]
@@ -250,7 +218,7 @@ class TestFailedSubmits:
                 sdk.submit("gemm", {"a": a, "b": b}, tile=64, job_id="flushcut")
             # Then gateways are told to drop the job, nothing follows it, and only then
             # are its objects deleted
-            assert _cancels(kafka_conn, sdk.topics.tasks, "flushcut")
+            assert cancels_of(kafka_conn, sdk.topics.tasks, "flushcut")
             assert sdk.handle("flushcut") is None
             wait_for(lambda: not job_objects(store, "flushcut"), 15, "the job's objects deleted")
 
@@ -258,7 +226,7 @@ class TestFailedSubmits:
         self, namespace: str, kafka_conn: KafkaConnection
     ) -> None:
         # Given a submit past its check that the client is open
-        sdk = _client(namespace, kafka_conn, None)
+        sdk = claim_check_client(namespace, kafka_conn, None)
         real_tasks = sdk._tasks
 
         def tasks_then_close(*args: object) -> list[TaskChunk]:
@@ -278,7 +246,7 @@ class TestFailedSubmits:
         self, namespace: str, kafka_conn: KafkaConnection
     ) -> None:
         # Given a running job whose cancel Kafka does not confirm (injected)
-        with _client(namespace, kafka_conn, None, publish_timeout_s=2.0) as sdk:
+        with claim_check_client(namespace, kafka_conn, None, publish_timeout_s=2.0) as sdk:
             handle = sdk.submit("reduce", {"x": np.ones(8), "op": "sum"}, job_id="unheard")
             live = sdk._live_producer()
             sdk._live_producer = lambda: Unconfirmed(live)  # type: ignore[method-assign]
@@ -301,7 +269,7 @@ class TestFailedSubmits:
         store: BlobStore,
     ) -> None:  # fmt: skip
         x = np.arange(2048, dtype=np.float64)
-        with _client(namespace, kafka_conn, store_conn) as sdk:
+        with claim_check_client(namespace, kafka_conn, store_conn) as sdk:
             # Given a cancelled stored job whose delete is still queued (the cleaner is
             # busy with another job's)
             handle = sdk.submit("reduce", {"x": x, "op": "sum"}, chunk_elems=2048, job_id="again")
@@ -339,7 +307,7 @@ def test_a_job_that_ends_while_the_client_closes_still_has_its_objects_deleted(
 ) -> None:
     # Given a stored one-tile job whose outputs are still being read back
     gateway_factory(store=store_conn)
-    fleet_factory(1, result_inline_bytes=SMALL)
+    fleet_factory(1, result_inline_bytes=SMALL_INLINE)
     arrived, released = threading.Event(), threading.Event()
     real_fetch = client_module.fetch_outputs
 
@@ -350,7 +318,7 @@ def test_a_job_that_ends_while_the_client_closes_still_has_its_objects_deleted(
 
     monkeypatch.setattr(client_module, "fetch_outputs", held_fetch)
     a = np.ones((64, 64), np.float32)
-    sdk = _client(namespace, kafka_conn, store_conn)
+    sdk = claim_check_client(namespace, kafka_conn, store_conn)
     handle = sdk.submit("gemm", {"a": a, "b": a}, tile=64, job_id="endsclosing")
     assert arrived.wait(60), "the car's outputs never came"
     real_end = sdk._end_running

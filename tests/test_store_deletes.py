@@ -22,11 +22,6 @@ from parkpool.runtime.settings import Secret
 from parkpool.schemas import BrokerError
 
 
-@pytest.fixture
-def store(brokers: EmbeddedBrokers) -> BlobStore:
-    return BlobStore(store_connection(brokers))
-
-
 def _put(store: BlobStore, prefix: str, n: int) -> list[str]:
     keys = []
     for i in range(n):
