@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,7 +43,13 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from parkpool.broker_config import store_deletes, store_etags, store_listing, store_puts
+from parkpool.broker_config import (
+    store_deletes,
+    store_etags,
+    store_listing,
+    store_puts,
+    store_writes,
+)
 from parkpool.broker_config.store_headers import Headers
 from parkpool.broker_config.store_locks import KeyLocks
 
@@ -329,16 +336,29 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         # objects it updates optimistically (PUT with If-Match, retry on 412). localbucket
         # ignores If-Match, and checks If-None-Match apart from the write: two produces
         # to one partition could both win, hand out offsets twice and hide acknowledged
-        # records. Here the check and the write happen under one lock per object.
+        # records. Here the check and the move into place happen under one lock per
+        # object; the body is staged before it (broker_config.store_writes).
+        target = self._object_path(bucket, key)
         expected = self.headers.get("If-Match")
-        if expected is None and "If-None-Match" not in self.headers:
-            return str(super()._write_object(bucket, key, write))
-        with _locks.hold((bucket, key)):
+        create_only = self.headers.get("If-None-Match", "").strip() == "*"  # S3's only form
+        if create_only and target.exists():
+            raise self._precondition_failed_error()  # before a body that would be dropped
+        conditional = expected is not None or create_only
+        lock = _locks.hold((bucket, key)) if conditional else contextlib.nullcontext()
+        with store_writes.staged(target, write) as (temp, etag), lock:  # staged, then locked
             if expected is not None:
-                current = _current_etag(self._object_path(bucket, key))
+                current = _current_etag(target)
                 if current is None or not localbucket.etag_matches(expected, current):
                     raise self._precondition_failed_error()
-            return str(super()._write_object(bucket, key, write))
+            if create_only:
+                try:
+                    os.link(temp, target)  # fails where a racing write got there first
+                except FileExistsError:
+                    raise self._precondition_failed_error() from None
+            else:
+                os.replace(temp, target)
+            store_etags.remember_etag(target, etag)
+        return etag
 
     def _put(self, bucket: str, key: str) -> None:
         length = self._streamed_length(key)
