@@ -181,6 +181,25 @@ def test_a_store_without_batch_deletes_is_asked_key_by_key_from_then_on(
     assert client.batches == 1  # asked once, then remembered
 
 
+def test_a_store_without_batch_deletes_is_asked_again_after_a_while(
+    offline_store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One NotImplemented (a proxy, a store mid-upgrade) must not cost a request per key
+    for the client's whole life: DeleteObjects is asked again after BATCH_PROBE_S."""
+    now = [1000.0]
+    monkeypatch.setattr(blobstore, "_clock", lambda: now[0])
+    client = _NoBatchClient()
+    offline_store._client = client
+    offline_store.delete(["a"])
+    now[0] += blobstore.BATCH_PROBE_S - 1
+    offline_store.delete(["b"])
+    assert client.batches == 1  # still remembered
+    now[0] += 1
+    offline_store.delete(["c"])
+    assert client.batches == 2  # asked again, and refused again: key by key once more
+    assert client.deleted == ["a", "b", "c"]
+
+
 class _FlakyBatchClient:
     """A store whose first DeleteObjects fails outright (a 503) and whose others work."""
 

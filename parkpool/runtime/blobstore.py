@@ -29,6 +29,11 @@ CONFLICT_TRIES = 3  # a write S3 answers 409 ConditionalRequestConflict is tried
 CONFLICT_PAUSE_S = 0.25  # then 0.5: a retried upload of the same block may still land
 # What a store without DeleteObjects answers it with (GCS's XML API among them).
 _NO_BATCH_DELETE = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
+# How long key-by-key deletes follow such an answer before DeleteObjects is asked again:
+# a proxy or a store mid-upgrade can give it once, and a client that believed it for
+# good would spend a request per key for the rest of its life.
+BATCH_PROBE_S = 600.0
+_clock = time.monotonic  # the probe's clock; tests move it
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -55,7 +60,7 @@ class BlobStore:
         self.puts = 0  # objects written by this client (content addressing: once each)
         self.put_bytes = 0
         self.delete_requests = 0  # DeleteObject and DeleteObjects requests sent
-        self._batch_deletes = True  # until the store says it has no DeleteObjects
+        self._batch_again_at = 0.0  # monotonic; later while the store said it has none
         # botocore sends DeleteObjects a CRC32 only; S3 takes it, but MinIO and Ceph
         # releases before flexible checksums answer MissingContentMD5 without an MD5.
         self._client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
@@ -189,7 +194,8 @@ class BlobStore:
         refused: list[str] = []  # "key: why", per object not deleted
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
-            answer = self._delete_batch(batch) if self._batch_deletes else None
+            batches = _clock() >= self._batch_again_at
+            answer = self._delete_batch(batch) if batches else None
             refused += self._delete_each(batch) if answer is None else answer
         if refused:
             raise BrokerError(
@@ -198,7 +204,8 @@ class BlobStore:
 
     def _delete_batch(self, keys: Sequence[str]) -> list[str] | None:
         """What one DeleteObjects request did not delete ([]: all of ``keys`` went); None
-        where the store has no DeleteObjects (remembered: later batches go key by key)."""
+        where the store has no DeleteObjects (remembered for BATCH_PROBE_S: batches go
+        key by key until then)."""
         self._count_delete()
         try:
             answer = self._client.delete_objects(
@@ -207,7 +214,7 @@ class BlobStore:
             )
         except Exception as exc:
             if _code(exc) in _NO_BATCH_DELETE:
-                self._batch_deletes = False
+                self._batch_again_at = _clock() + BATCH_PROBE_S
                 return None
             return [f"{key}: {_why(exc)}" for key in keys]
         # S3 answers 200 and lists, per key, what it would not delete (AccessDenied, ...).
