@@ -945,7 +945,7 @@ class ParkpoolClient:
                 with contextlib.suppress(RuntimeError):  # closing: nobody waits for it
                     self._fetcher.submit(self._deliver_stored, handle, result)
             else:
-                self._take(handle, open_result(result, self._reply_box))
+                self._take(handle, self._opened(handle, result))
 
     def _wanted(self, handle: JobHandle[Any], result: Result) -> bool:
         if handle.job_id in self._attached:
@@ -983,6 +983,27 @@ class ParkpoolClient:
             log.exception("result_unreadable", job_id=handle.job_id, chunk_id=result.chunk_id)
             self._failed(handle, result.chunk_id, f"outputs_unreadable: {exc!r}")
 
+    def _opened(self, handle: JobHandle[Any], result: Result) -> Result:
+        """A result that came inline, its outputs in clear. One sealed to no key of ours
+        fails as unreadable stored outputs do while its chunk is awaited: the gateway
+        has passed it on and will not redo the chunk, so a job left to wait would wait
+        for ever."""
+        try:
+            return open_result(result, self._reply_box)
+        except DecodeError as exc:
+            if self._wanted(handle, result):
+                self._unreadable(handle, result, exc)
+            raise
+
+    def _unreadable(self, handle: JobHandle[Any], result: Result, exc: DecodeError) -> None:
+        """Outputs missing, not the bytes the car named, or sealed to no key of ours: the
+        car's word failed, as a wrong number would; checked jobs redo the chunk
+        elsewhere. Never hang on it."""
+        if self._checks is not None and handle.job_id not in self._attached:
+            self._checks.unusable(handle, result, str(exc))
+        else:
+            handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
+
     def _failed(self, handle: JobHandle[Any], chunk_id: int, reason: str) -> None:
         """The chunk fails for good; its check group, if any, goes on without it."""
         if self._checks is not None and handle.job_id not in self._attached:
@@ -1015,13 +1036,7 @@ class ParkpoolClient:
         try:
             return open_result(fetch_outputs(self._store, result), self._reply_box)
         except DecodeError as exc:
-            # Missing, not the bytes the car named, or sealed to no key of ours: the
-            # car's word failed, as a wrong number would; checked jobs redo the chunk
-            # elsewhere. Never hang on it.
-            if self._checks is not None and handle.job_id not in self._attached:
-                self._checks.unusable(handle, result, str(exc))
-            else:
-                handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")
+            self._unreadable(handle, result, exc)
             raise
         except BrokerError as exc:
             # The store failed us, not the car: the chunk fails, by name.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from confluent_kafka import Producer
 from structlog.testing import capture_logs
 
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
-from parkpool.producer.jobs import JobFailed
+from parkpool.producer.jobs import JobFailed, JobHandle
 from parkpool.runtime.kafka import producer_config
 from parkpool.runtime.sealing import BoxKey, generate_box_key, open_task, seal_outputs
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
@@ -253,34 +254,63 @@ class TestGatewayRefusals:
 
 @pytest.mark.integration
 class TestSdkRefusals:
-    """A result sealed to some other key is counted and logged; the job waits on."""
+    """A result sealed to some other key is counted and logged, and its chunk does not
+    wait for ever: the gateway passed the result on and will not redo the chunk, so the
+    client redoes it (checks on) or fails it by name (checks off)."""
 
-    def test_a_result_the_client_cannot_open_is_refused_and_counted(
-        self, sealing_client: ParkpoolClient, kafka_conn: KafkaConnection
-    ) -> None:
-        # Given a confidential job of two chunks, with no gateway to run it
-        handle = sealing_client.submit(
+    @staticmethod
+    def _forge(client: ParkpoolClient, kafka_conn: KafkaConnection) -> JobHandle[Any]:
+        """A confidential job of two chunks, with no gateway to run it, and a result for
+        chunk 0 sealed to a key that is not the client's, sent twice (at-least-once)."""
+        handle = client.submit(
             "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
         )
-        # When a result for chunk 0 arrives, sealed to a key that is not the client's
         now = time.time()
         plain = Result(handle.job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, now, now)
-        forged = seal_outputs(plain, BoxKey.generate().public)
+        forged = encode(seal_outputs(plain, BoxKey.generate().public))
         producer = Producer(producer_config(kafka_conn))
-        producer.produce(sealing_client.reply_topic, encode(forged), key=handle.job_id)
+        for _ in range(2):
+            producer.produce(client.reply_topic, forged, key=handle.job_id)
         assert producer.flush(10) == 0
-        # Then the client counts it as unsealable, and the chunk is not done
+        refused = "parkpool_sdk_results_refused_total"
         wait_for(
-            lambda: (
-                sealing_client.metrics.value(
-                    "parkpool_sdk_results_refused_total", reason="unsealable"
-                )
-                == 1
-            ),
+            lambda: client.metrics.value(refused, reason="unsealable") == 2,
             30,
-            "the sealed result to be refused",
+            "both copies to be refused as unsealable",
         )
-        assert handle.progress.done == 0
+        return handle
+
+    def test_a_result_the_client_cannot_open_is_counted_and_its_chunk_redone(
+        self, sealing_client: ParkpoolClient, kafka_conn: KafkaConnection
+    ) -> None:
+        # Given a client with checks, When a result it cannot open comes twice
+        handle = self._forge(sealing_client, kafka_conn)
+        # Then the chunk is sent again for another car, once, and nothing has failed
+        redone = "parkpool_sdk_chunks_redone_total"
+        wait_for(
+            lambda: sealing_client.metrics.value(redone, why="unusable_outputs") == 1,
+            10,
+            "chunk 0 to be redone",
+        )
+        assert (handle.progress.done, handle.progress.dead_lettered) == (0, 0)
+        assert sealing_client.metrics.value(redone, why="unusable_outputs") == 1
+
+    def test_without_checks_the_chunk_fails_by_name(
+        self, namespace: str, kafka_conn: KafkaConnection, box_key: tuple[Path, Path]
+    ) -> None:
+        settings = ProducerSettings(kafka_conn, namespace, gateway_box_key=box_key[1], verify=False)
+        with ParkpoolClient(settings) as unchecked:
+            # Given a client without checks, When a result it cannot open comes twice
+            handle = self._forge(unchecked, kafka_conn)
+            # Then chunk 0 fails at once, by name, rather than being waited for
+            wait_for(lambda: handle.progress.dead_lettered == 1, 10, "chunk 0 to fail")
+            assert handle.progress.done == 0
+            # And once the other chunk fails too, the job ends with the reason
+            handle.refused(1, "test: no car")
+            with pytest.raises(JobFailed) as failed:
+                handle.wait(timeout=10)
+            assert "outputs_unreadable" in failed.value.reasons[0]
+            assert "unsealable: wrong key" in failed.value.reasons[0]
 
 
 class TestSdkConfiguration:
