@@ -150,7 +150,8 @@ class VehicleHandlers:
         if pull.vehicle_id != event.vehicle_id:
             self.metrics.dropped.labels("mqtt_pull", "vehicle_mismatch").inc()
             return False
-        self.vehicles.on_pull(pull)
+        view = self.vehicles.on_pull(pull)
+        self.leases.quoted(view.seen_epoch)
         return False
 
     def _on_status(self, event: MqttEvent) -> bool:

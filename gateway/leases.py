@@ -2,19 +2,25 @@
 """Leases: which vehicle holds which task, until when, under which epoch.
 
 An epoch is unique per lease. Epochs start from the wall clock in microseconds, so a
-restarted gateway never reissues an epoch that an old result could still quote.
+restarted gateway does not reissue the epochs an old result could still quote. A clock
+stepped back before the restart would undo that, so epochs also stay above every epoch
+a car's pull quotes as the highest it received from this gateway (``quoted``).
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from parkpool.gateway.tasks import PendingTask
+
+# The furthest past the wall clock a quoted epoch may move the next one: a clock stepped
+# back by up to a day is made up for, and a car that quotes an absurd epoch (it is only
+# a car's word) cannot push this gateway's epochs towards the end of their range.
+MAX_QUOTED_AHEAD_US = 24 * 3600 * 1_000_000
 
 
 @dataclass(slots=True)
@@ -29,8 +35,9 @@ class Lease:
 class LeaseTable:
     """Active leases by epoch and by vehicle, with a deadline heap for expiry."""
 
-    def __init__(self) -> None:
-        self._epochs = itertools.count(time.time_ns() // 1000)
+    def __init__(self, wall_us: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
+        self._wall_us = wall_us  # the wall clock in microseconds; tests step it
+        self._next_epoch = wall_us()
         self._by_epoch: dict[int, Lease] = {}
         self._by_vehicle: defaultdict[str, set[int]] = defaultdict(set)
         self._deadlines: list[tuple[float, int]] = []
@@ -39,11 +46,21 @@ class LeaseTable:
         return len(self._by_epoch)
 
     def grant(self, vehicle_id: str, task: PendingTask, duration: float) -> Lease:
-        lease = Lease(next(self._epochs), vehicle_id, task, time.monotonic() + duration)
+        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        lease = Lease(epoch, vehicle_id, task, time.monotonic() + duration)
         self._by_epoch[lease.epoch] = lease
         self._by_vehicle[vehicle_id].add(lease.epoch)
         heapq.heappush(self._deadlines, (lease.deadline, lease.epoch))
         return lease
+
+    def quoted(self, epoch: int) -> None:
+        """A car's pull quoted ``epoch`` as the highest it has received from this gateway.
+        Leases granted from now on are above it, as the pull's accounting needs (a car
+        counts only leases after its quote as in flight); after a restart on a clock
+        stepped back, new epochs would otherwise all be below it, none counted, and the
+        car flooded with work it must refuse."""
+        if self._next_epoch <= epoch <= self._wall_us() + MAX_QUOTED_AHEAD_US:
+            self._next_epoch = epoch + 1
 
     def get(self, epoch: int) -> Lease | None:
         return self._by_epoch.get(epoch)

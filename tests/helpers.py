@@ -230,13 +230,15 @@ def hold_lease(
     vehicle_id: str = "holder",
     gateway_id: str = "gw1",
     box_key: bytes = b"",
+    seen: int = 0,
 ) -> LeaseHolder:
     """Script a vehicle that asks ``gateway_id`` for one task and holds its lease; with a
-    ``box_key`` it may be sent confidential tasks."""
+    ``box_key`` it may be sent confidential tasks; ``seen``: the highest epoch its pull
+    says it received from that gateway."""
     car = RawMqtt(conn, f"{vehicle_id}-{topics.namespace}")
     car.subscribe(topics.task(vehicle_id))
     caps = Capabilities("numpy", tuple(REGISTRY), box_key=box_key)
-    pull = PullRequest(vehicle_id, 1, caps, {}, {gateway_id: 1})
+    pull = PullRequest(vehicle_id, 1, caps, {gateway_id: seen} if seen else {}, {gateway_id: 1})
     car.publish(topics.pull(vehicle_id, gateway_id), encode(pull))
     message = wait_for(lambda: first_assignment(car), 30, f"{vehicle_id}'s lease")
     assignment = decode(message.payload, Assignment)

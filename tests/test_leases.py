@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
+import pytest
 
-from parkpool.gateway.leases import LeaseTable
+from parkpool.gateway.leases import MAX_QUOTED_AHEAD_US, LeaseTable
 from parkpool.gateway.tasks import PendingTask
-from parkpool.schemas import TaskChunk
+from parkpool.producer.client import ParkpoolClient
+from parkpool.runtime.settings import MqttConnection
+from parkpool.schemas import MqttTopics, TaskChunk
+from tests.conftest import RunningGateway
+from tests.helpers import hold_lease
 
 
 def pending_task(chunk_id: int = 0, n_chunks: int = 8, offset: int = 0) -> PendingTask:
@@ -51,6 +57,36 @@ class TestEpochs:
         new_epochs = [new.grant("car1", pending_task(i), 30).epoch for i in range(5)]
         # Then all its epochs are above the old ones, so an old result cannot match
         assert min(new_epochs) > max(old_epochs)
+
+    def test_a_restart_on_a_clock_stepped_back_stays_above_what_cars_quote(self) -> None:
+        # Given an old gateway whose last lease to a car had the highest epoch it saw
+        old = LeaseTable()
+        last = [old.grant("car1", pending_task(i), 30).epoch for i in range(5)][-1]
+        # When the gateway restarts on a clock stepped back by a minute, and the car's
+        # pull quotes that epoch as the highest it received from this gateway
+        back_us = 60 * 1_000_000
+        new = LeaseTable(wall_us=lambda: time.time_ns() // 1000 - back_us)
+        assert new.grant("car2", pending_task(), 30).epoch < last  # the hazard itself
+        new.quoted(last)
+        # Then every lease from then on is above it: the car counts them as in flight
+        assert new.grant("car1", pending_task(1), 30).epoch == last + 1
+        assert new.grant("car1", pending_task(2), 30).epoch == last + 2
+
+    def test_a_quote_below_the_next_epoch_changes_nothing(self) -> None:
+        table = LeaseTable()
+        first = table.grant("car1", pending_task(), 30).epoch
+        table.quoted(first - 1000)
+        table.quoted(0)
+        assert table.grant("car1", pending_task(1), 30).epoch == first + 1
+
+    def test_an_absurd_quote_is_ignored(self) -> None:
+        """Only a car's word: a quote past the wall clock by more than a day could push
+        every later epoch towards the end of the range, and is not taken."""
+        table = LeaseTable()
+        first = table.grant("car1", pending_task(), 30).epoch
+        table.quoted(first + MAX_QUOTED_AHEAD_US * 2)
+        table.quoted(2**63 - 1)
+        assert table.grant("car1", pending_task(1), 30).epoch == first + 1
 
     def test_ended_epoch_is_not_reissued(self) -> None:
         table = LeaseTable()
@@ -191,3 +227,26 @@ class TestExtension:
         for _ in range(10_000):
             table.extend(lease.epoch, 10)
         assert len(table._deadlines) == 1
+
+
+@pytest.mark.integration
+class TestQuotedEpochs:
+    """A gateway's leases stay above the epoch a car's pull quotes, whatever its clock."""
+
+    def test_a_lease_after_a_quoting_pull_is_above_the_quote(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+    ) -> None:
+        # Given a gateway, and a job for it
+        gateway_factory()
+        client.submit("reduce", {"x": np.ones(8), "op": "sum"})
+        # When a car pulls quoting an epoch an hour ahead of the gateway's clock (one it
+        # got from this gateway before a restart on a clock since stepped back)
+        quoted = time.time_ns() // 1000 + 3600 * 1_000_000
+        holder = hold_lease(mqtt_conn, mqtt_topics, seen=quoted)
+        # Then its lease is above the quote, so the car counts it as in flight
+        assert holder.assignment.epoch > quoted
+        holder.close()
