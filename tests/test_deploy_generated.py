@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import inspect
 import math
+import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from deploy.gen.__main__ import drifted, generated
+from parkpool.app.capacity_inputs import stored_inputs
+from parkpool.app.capacity_model import Capacities, Scenario, new_design
 from parkpool.broker_config.auth import ACL
 from parkpool.broker_config.topics import load_specs
+from parkpool.gateway.fleet_stats import FleetStats
 from parkpool.gateway.gateway import Gateway
 from parkpool.gateway.settings import GatewaySettings
-from parkpool.runtime.settings import DEFAULT_MQTT_MAX_MESSAGE_BYTES
+from parkpool.runtime.settings import DEFAULT_MQTT_MAX_MESSAGE_BYTES, MqttConnection
+from parkpool.worker.held import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -159,6 +166,61 @@ class TestSourcesOfTruth:
             pod = sts["spec"]["template"]["spec"]
             assert pod["serviceAccountName"] in accounts
             assert pod["automountServiceAccountToken"] is False  # no Kubernetes API use
+
+
+class TestAutoscaling:
+    """Each cell's gateways follow its cars: a cell's share of the task partitions is its
+    share of the gateways, so a fixed count per cell let a cell with few cars hold as
+    much of every job as one with many."""
+
+    def test_every_cells_gateways_are_autoscaled_and_name_no_count(self) -> None:
+        scalers = {
+            h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind("HorizontalPodAutoscaler")
+        }
+        for sts in of_kind("StatefulSet"):
+            assert (
+                scalers[sts["metadata"]["name"]]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+            )
+            # A count here would undo the autoscaler's at every apply
+            assert "replicas" not in sts["spec"]
+
+    def test_bounds_keep_each_car_its_gateways_and_each_gateway_a_partition(self) -> None:
+        toml = tomllib.loads((DEPLOY / "kafka_topics.production.toml").read_text())
+        partitions = toml["topics"]["tasks"]["partitions"]
+        scalers = of_kind("HorizontalPodAutoscaler")
+        k = WorkerSettings("car", MqttConnection("h", 1), "ns").gateways_per_vehicle
+        budgets = {b["metadata"]["name"]: b["spec"] for b in of_kind("PodDisruptionBudget")}
+        for scaler in scalers:
+            spec = scaler["spec"]
+            unavailable = budgets[scaler["metadata"]["name"]]["maxUnavailable"]
+            assert spec["minReplicas"] - unavailable >= k
+        assert sum(s["spec"]["maxReplicas"] for s in scalers) <= partitions
+
+    def test_the_metric_is_the_adapters_and_counts_connected_cars_per_gateway(self) -> None:
+        values = yaml.safe_load(
+            (KUBE / "monitoring" / "prometheus-adapter-values.yaml").read_text()
+        )
+        (rule,) = values["rules"]["custom"]
+        series = rule["seriesQuery"].split("{")[0]
+        # The series is the gauge a gateway exports of the cars it knows, by state
+        (gauge,) = [m for m in FleetStats(CollectorRegistry()).vehicles.describe()]
+        assert series == gauge.name
+        assert 'state!="offline"' in rule["metricsQuery"]
+        assert {"namespace", "pod"} == set(rule["resources"]["overrides"])
+        for scaler in of_kind("HorizontalPodAutoscaler"):
+            (metric,) = scaler["spec"]["metrics"]
+            assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+
+    def test_the_target_is_what_the_capacity_model_sizes_a_gateway_for(self) -> None:
+        inputs = stored_inputs()
+        capacities = Capacities(**{f.name: inputs[f.name].value for f in fields(Capacities)})
+        full_cell = new_design(Scenario(vehicles=Scenario.cell_vehicles), capacities)
+        for scaler in of_kind("HorizontalPodAutoscaler"):
+            (metric,) = scaler["spec"]["metrics"]
+            target = int(metric["pods"]["target"]["averageValue"])
+            assert target == math.floor(full_cell.vehicles_known_per_gateway)
+            # At that target a full cell runs the gateways the model sizes it with
+            assert math.ceil(2 * Scenario.cell_vehicles / target) >= full_cell.gateways_per_cell
 
 
 class TestComposeStack:

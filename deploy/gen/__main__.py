@@ -59,6 +59,10 @@ def kubernetes_files() -> dict[str, str]:
         "monitoring/dashboard.yaml": documents(
             sources.header("deploy/grafana/parkpool-dashboard.json"), [kube.dashboard()]
         ),
+        # Not a resource of the kustomization: Helm values for the Prometheus Adapter,
+        # which the SRE installs (deploy/README.md, "Kubernetes").
+        "monitoring/prometheus-adapter-values.yaml": sources.header("deploy/gen/kube.py")
+        + to_yaml(kube.adapter_values()),
     }
     for cell in compose.CELLS:
         files[f"cells/{cell}/kustomization.yaml"] = _kustomization(["emqx.yaml", "gateways.yaml"])
@@ -67,7 +71,7 @@ def kubernetes_files() -> dict[str, str]:
         )
         files[f"cells/{cell}/gateways.yaml"] = documents(
             sources.header(SRC_SETTINGS, "deploy/gen/strimzi.py", "deploy/gen/emqx.py"),
-            kube.gateways(cell),
+            kube.gateways(cell, len(compose.CELLS)),
         )
     return {f"kubernetes/{path}": text for path, text in files.items()}
 

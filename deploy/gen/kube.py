@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The gateways of a cell (StatefulSet, Services, PodDisruptionBudget) and the
-monitoring resources (ServiceMonitor, PrometheusRule, the Grafana dashboard)."""
+"""The gateways of a cell (StatefulSet, Services, PodDisruptionBudget, the autoscaler)
+and the monitoring resources (ServiceMonitor, PrometheusRule, the Grafana dashboard, and
+the Prometheus Adapter rule the autoscalers read)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ GATEWAY_MQTT_TLS = "parkpool-gateway-mqtt-tls"
 GATEWAY_KEYS = "parkpool-gateway-keys"
 VEHICLE_KEYS = "parkpool-vehicle-keys"
 STORE = "parkpool-store"
+# A cell never runs fewer gateways than a car talks to (K = 2) plus one, so that one
+# gateway's restart or eviction leaves every car K to pull from.
+MIN_GATEWAYS = 3
+# What the autoscalers scale on, per gateway pod: the cars it knows that are connected
+# (every state but offline), served by the Prometheus Adapter rule below.
+CARS_METRIC = "parkpool_cars_connected"
 
 
 def gateway_name(cell: str) -> str:
@@ -122,9 +129,12 @@ def _container() -> dict[str, Any]:
     }
 
 
-def gateways(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
+def gateways(cell: str, cells: int) -> list[dict[str, Any]]:
     """One cell's gateways. Their pod names (``parkpool-gateway-<cell>-<n>``) are their
-    gateway ids, so each keeps its persistent MQTT session across restarts."""
+    gateway ids, so each keeps its persistent MQTT session across restarts. How many
+    there are is the autoscaler's to say, so the StatefulSet names no replica count: one
+    here would undo the autoscaler's at every apply, and each change of the count moves
+    partitions between every gateway of every cell."""
     name, labels = gateway_name(cell), _labels(cell)
     volumes, mounts = _volumes()
     container = {**_container(), "env": _env(cell), "volumeMounts": mounts}
@@ -151,7 +161,6 @@ def gateways(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
         "metadata": meta(name, labels),
         "spec": {
             "serviceName": name,
-            "replicas": replicas,
             # Gateways need no ordered start; parallel makes a rollout of many quicker.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": labels},
@@ -174,7 +183,73 @@ def gateways(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
         "metadata": meta(name, labels),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
     }
-    return [statefulset, service, budget]
+    return [statefulset, service, budget, autoscaler(cell, cells)]
+
+
+def autoscaler(cell: str, cells: int) -> dict[str, Any]:
+    """Gateways follow the cell's cars. Every gateway of every cell is one member of the
+    task group, so a cell's share of the partitions, and of the work, is its share of
+    the gateways: with a fixed count per cell, a cell with few cars held as many
+    partitions as one with many, and finished last. Scaled on the cars each gateway
+    knows, to what `parkpool capacity` sizes a gateway for, a cell's gateways, and so
+    its partitions, follow its cars."""
+    name = gateway_name(cell)
+    # Every cell at its largest still leaves each gateway a partition of the tasks topic.
+    most = max(MIN_GATEWAYS, sources.task_partitions() // cells)
+    per_pod = {"type": "AverageValue", "averageValue": str(sources.cars_known_per_gateway())}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta(name, _labels(cell)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name},
+            "minReplicas": MIN_GATEWAYS,
+            "maxReplicas": most,
+            "metrics": [
+                {"type": "Pods", "pods": {"metric": {"name": CARS_METRIC}, "target": per_pod}}
+            ],
+            # Each change moves partitions (a rebalance of the whole task group) and
+            # about K/N of the cell's cars: up at once when cars arrive, down slowly and
+            # a quarter at a time, so that cars leaving at dawn do not set off a
+            # rebalance a minute.
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 60,
+                    "policies": [{"type": "Percent", "value": 100, "periodSeconds": 60}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 900,
+                    "policies": [{"type": "Percent", "value": 25, "periodSeconds": 300}],
+                },
+            },
+        },
+    }
+
+
+def adapter_values() -> dict[str, Any]:
+    """Helm values for the Prometheus Adapter (prometheus-community/prometheus-adapter):
+    the custom metric the autoscalers read, per gateway pod. The ServiceMonitor's
+    targets carry ``namespace`` and ``pod``, which the adapter maps to the pods."""
+    series = f'parkpool_fleet_vehicles{{job="{sources.GATEWAY_JOB}",namespace!="",pod!=""}}'
+    return {
+        "rules": {
+            "custom": [
+                {
+                    "seriesQuery": series,
+                    "resources": {
+                        "overrides": {
+                            "namespace": {"resource": "namespace"},
+                            "pod": {"resource": "pod"},
+                        }
+                    },
+                    "name": {"matches": "^parkpool_fleet_vehicles$", "as": CARS_METRIC},
+                    "metricsQuery": (
+                        'sum(<<.Series>>{<<.LabelMatchers>>,state!="offline"}) by (<<.GroupBy>>)'
+                    ),
+                }
+            ]
+        }
+    }
 
 
 def service_monitor() -> dict[str, Any]:

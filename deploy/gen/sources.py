@@ -7,7 +7,7 @@ import inspect
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from parkpool.app.capacity_inputs import stored_inputs
+from parkpool.app.capacity_model import Capacities, Scenario, new_design
 from parkpool.broker_config.auth import ACL
 from parkpool.broker_config.topics import TopicSpec, load_specs
 from parkpool.gateway.gateway import Gateway
@@ -78,6 +79,21 @@ def shutdown_timeout_s() -> float:
 def termination_grace_s() -> int:
     """Longer than the drain plus the flush that follows it, with 10 s for exit."""
     return math.ceil(gateway_defaults().drain_seconds + shutdown_timeout_s()) + 10
+
+
+def cars_known_per_gateway() -> int:
+    """The cars one gateway knows (each car talks to K of its cell's gateways) when
+    `parkpool capacity` sizes a full cell at its default workload: what a gateway carries
+    at the model's headroom, so the autoscaler's target."""
+    inputs = stored_inputs()
+    capacities = Capacities(**{f.name: inputs[f.name].value for f in fields(Capacities)})
+    cell = Scenario(vehicles=Scenario.cell_vehicles)
+    return math.floor(new_design(cell, capacities).vehicles_known_per_gateway)
+
+
+def task_partitions() -> int:
+    (tasks,) = [spec for spec in topic_specs() if spec.name == "tasks"]
+    return tasks.partitions
 
 
 def gateway_memory_limit_mib() -> int:
