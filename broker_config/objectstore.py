@@ -341,15 +341,16 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         target = self._object_path(bucket, key)
         expected = self.headers.get("If-Match")
         create_only = self.headers.get("If-None-Match", "").strip() == "*"  # S3's only form
-        if create_only and target.exists():
-            raise self._precondition_failed_error()  # before a body that would be dropped
+        # Checked once before the body is staged, so that a write bound to be refused
+        # costs no file, and again under the lock, where the answer holds.
+        self._check_preconditions(target, expected, create_only)
         conditional = expected is not None or create_only
         lock = _locks.hold((bucket, key)) if conditional else contextlib.nullcontext()
         with store_writes.staged(target, write) as (temp, etag), lock:  # staged, then locked
-            if expected is not None:
-                current = _current_etag(target)
-                if current is None or not localbucket.etag_matches(expected, current):
-                    raise self._precondition_failed_error()
+            self._check_preconditions(target, expected, create_only=False)
+            # The staged file's identity, size and time survive the move: the ETag is
+            # cached against them, not against whatever the path names a moment later.
+            staged = os.stat(temp)
             if create_only:
                 try:
                     os.link(temp, target)  # fails where a racing write got there first
@@ -357,8 +358,16 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                     raise self._precondition_failed_error() from None
             else:
                 os.replace(temp, target)
-            store_etags.remember_etag(target, etag)
+            store_etags.remember_etag(target, etag, store_etags.signature(staged))
         return etag
+
+    def _check_preconditions(self, target: Path, expected: str | None, create_only: bool) -> None:
+        if create_only and target.exists():
+            raise self._precondition_failed_error()
+        if expected is not None:
+            current = _current_etag(target)
+            if current is None or not localbucket.etag_matches(expected, current):
+                raise self._precondition_failed_error()
 
     def _put(self, bucket: str, key: str) -> None:
         length = self._streamed_length(key)

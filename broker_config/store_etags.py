@@ -35,6 +35,7 @@ __all__ = [
     "install",
     "note_verified",
     "object_etag",
+    "signature",
 ]
 
 _BLOCK = 1024 * 1024
@@ -74,18 +75,23 @@ def forget_verified() -> None:
     _verified.entry = None
 
 
+def signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What a cached ETag is kept against: the file's identity, size and mtime."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 def object_etag(path: Path | str, stat: os.stat_result | None = None) -> str:
     """A stored file's ETag, cached while its identity, size and mtime are unchanged
     (``stat``: the file's, when the caller has just taken it)."""
     stat = stat or os.stat(path)
-    signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    signature_now = signature(stat)
     with _cache_lock:
         cached = _cache.get(str(path))
-    if cached and cached[0] == signature:
+    if cached and cached[0] == signature_now:
         return cached[1]
     with open(path, "rb") as file:
         etag = etag_of_fd(file.fileno())
-    remember_etag(path, etag, signature)
+    remember_etag(path, etag, signature_now)
     return etag
 
 

@@ -38,7 +38,9 @@ def temp_beside(target: Path) -> tuple[int, str]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             return tempfile.mkstemp(dir=target.parent, prefix=localbucket.TEMP_PREFIX)
-        except FileNotFoundError:  # a delete removed a folder on the way, just emptied
+        # A delete removed a folder on the way, just emptied: under mkstemp, or between
+        # mkdir's failed create and its check that the folder is there (FileExistsError).
+        except (FileNotFoundError, FileExistsError):
             if attempt == ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")  # the loop returns or raises
