@@ -998,8 +998,15 @@ class ParkpoolClient:
     def _unreadable(self, handle: JobHandle[Any], result: Result, exc: DecodeError) -> None:
         """Outputs missing, not the bytes the car named, or sealed to no key of ours: the
         car's word failed, as a wrong number would; checked jobs redo the chunk
-        elsewhere. Never hang on it."""
-        if self._checks is not None and handle.job_id not in self._attached:
+        elsewhere. Never hang on it.
+
+        A job this client attached to is only followed (it is counted, by the caller):
+        its submitter judges the chunk, and redoes it where its checks are on (the
+        default), so failing it here would end this view of the job FAILED before the
+        redo's result arrives."""
+        if handle.job_id in self._attached:
+            return
+        if self._checks is not None:
             self._checks.unusable(handle, result, str(exc))
         else:
             handle.refused(result.chunk_id, f"outputs_unreadable: {exc}")

@@ -259,18 +259,23 @@ class TestSdkRefusals:
     client redoes it (checks on) or fails it by name (checks off)."""
 
     @staticmethod
-    def _forge(client: ParkpoolClient, kafka_conn: KafkaConnection) -> JobHandle[Any]:
-        """A confidential job of two chunks, with no gateway to run it, and a result for
-        chunk 0 sealed to a key that is not the client's, sent twice (at-least-once)."""
-        handle = client.submit(
-            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
-        )
+    def _forge(
+        client: ParkpoolClient, kafka_conn: KafkaConnection, job_id: str | None = None
+    ) -> JobHandle[Any]:
+        """A confidential job of two chunks, with no gateway to run it (or ``job_id``'s,
+        followed), and a result for chunk 0 sealed to a key that is not the client's,
+        sent twice (at-least-once)."""
+        if job_id is None:
+            handle = client.submit(
+                "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+            )
+            job_id = handle.job_id
         now = time.time()
-        plain = Result(handle.job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, now, now)
+        plain = Result(job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, now, now)
         forged = encode(seal_outputs(plain, BoxKey.generate().public))
         producer = Producer(producer_config(kafka_conn))
         for _ in range(2):
-            producer.produce(client.reply_topic, forged, key=handle.job_id)
+            producer.produce(client.reply_topic, forged, key=job_id)
         assert producer.flush(10) == 0
         refused = "parkpool_sdk_results_refused_total"
         wait_for(
@@ -278,7 +283,9 @@ class TestSdkRefusals:
             30,
             "both copies to be refused as unsealable",
         )
-        return handle
+        followed = client.handle(job_id)
+        assert followed is not None
+        return followed
 
     def test_a_result_the_client_cannot_open_is_counted_and_its_chunk_redone(
         self, sealing_client: ParkpoolClient, kafka_conn: KafkaConnection
@@ -311,6 +318,34 @@ class TestSdkRefusals:
                 handle.wait(timeout=10)
             assert "outputs_unreadable" in failed.value.reasons[0]
             assert "unsealable: wrong key" in failed.value.reasons[0]
+
+    def test_a_follower_counts_a_result_it_cannot_open_and_waits_for_the_redo(
+        self, namespace: str, kafka_conn: KafkaConnection, box_key: tuple[Path, Path]
+    ) -> None:
+        reply_key, _ = generate_box_key(box_key[0].parent, "reply")
+        settings = ProducerSettings(
+            kafka_conn, namespace, gateway_box_key=box_key[1], reply_box_key=reply_key
+        )
+        with ParkpoolClient(settings) as submitter, ParkpoolClient(settings) as follower:
+            handle = submitter.submit(
+                "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+            )
+            followed = follower.attach(handle.job_id, timeout=30)
+            # Given a follower, When a result it cannot open comes for chunk 0
+            self._forge(follower, kafka_conn, handle.job_id)
+            # Then its view of chunk 0 has not failed: the submitter redoes it
+            assert (followed.progress.done, followed.progress.dead_lettered) == (0, 0)
+            # And the redo's result, sealed to the submitter's key, is taken when it comes
+            now = time.time()
+            plain = Result(
+                handle.job_id, 0, 2, "car2", "gw1", 2, 2, {"v": np.ones(1)}, 0.1, now, now
+            )
+            producer = Producer(producer_config(kafka_conn))
+            sealed = seal_outputs(plain, BoxKey.load(reply_key).public)
+            producer.produce(submitter.reply_topic, encode(sealed), key=handle.job_id)
+            assert producer.flush(10) == 0
+            wait_for(lambda: followed.progress.done == 1, 30, "the redo's result")
+            assert followed.progress.dead_lettered == 0
 
 
 class TestSdkConfiguration:
