@@ -21,6 +21,11 @@ from parkpool.gateway.tasks import PendingTask
 # back by up to a day is made up for, and a car that quotes an absurd epoch (it is only
 # a car's word) cannot push this gateway's epochs towards the end of their range.
 MAX_QUOTED_AHEAD_US = 24 * 3600 * 1_000_000
+# A lift goes this far past the quote: the gateway's previous run may have granted
+# epochs above it to other cars (the quoting car saw only its own), and reissuing one
+# would reopen a lease's write-once output key. No run grants 2^30 leases between one
+# car's last one and its restart.
+LIFT_GAP = 1 << 30
 
 
 @dataclass(slots=True)
@@ -59,8 +64,11 @@ class LeaseTable:
         counts only leases after its quote as in flight); after a restart on a clock
         stepped back, new epochs would otherwise all be below it, none counted, and the
         car flooded with work it must refuse."""
-        if self._next_epoch <= epoch <= self._wall_us() + MAX_QUOTED_AHEAD_US:
-            self._next_epoch = epoch + 1
+        ceiling = self._wall_us() + MAX_QUOTED_AHEAD_US
+        if self._next_epoch <= epoch <= ceiling:
+            # Never past the ceiling: a lift from a car quoting at it must leave honest
+            # cars' later quotes (a few leases above) acceptable after a restart.
+            self._next_epoch = min(epoch + 1 + LIFT_GAP, ceiling + 1)
 
     def get(self, epoch: int) -> Lease | None:
         return self._by_epoch.get(epoch)

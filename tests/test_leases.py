@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from parkpool.gateway.leases import MAX_QUOTED_AHEAD_US, LeaseTable
+from parkpool.gateway.leases import LIFT_GAP, MAX_QUOTED_AHEAD_US, LeaseTable
 from parkpool.gateway.tasks import PendingTask
 from parkpool.producer.client import ParkpoolClient
 from parkpool.runtime.settings import MqttConnection
@@ -69,8 +69,26 @@ class TestEpochs:
         assert new.grant("car2", pending_task(), 30).epoch < last  # the hazard itself
         new.quoted(last)
         # Then every lease from then on is above it: the car counts them as in flight
-        assert new.grant("car1", pending_task(1), 30).epoch == last + 1
-        assert new.grant("car1", pending_task(2), 30).epoch == last + 2
+        lifted = new.grant("car1", pending_task(1), 30).epoch
+        assert lifted > last
+        # And above what the old run may have granted other cars since (they all
+        # quote epochs the quoting car never saw): a gap, not the next number
+        assert lifted == last + 1 + LIFT_GAP
+        assert new.grant("car1", pending_task(2), 30).epoch == lifted + 1
+
+    def test_a_lift_stops_at_the_ceiling_so_later_quotes_still_count(self) -> None:
+        """A car quoting at the very ceiling cannot lift epochs past it: honest cars'
+        quotes, a few leases above its epoch, must still be taken after a restart."""
+        now_us = [time.time_ns() // 1000]
+        table = LeaseTable(wall_us=lambda: now_us[0])
+        ceiling = now_us[0] + MAX_QUOTED_AHEAD_US
+        table.quoted(ceiling)
+        granted = [table.grant("car1", pending_task(i), 30).epoch for i in range(3)]
+        assert granted[0] == ceiling + 1
+        now_us[0] += 1_000_000  # a restart a second later, the clock where it was
+        restarted = LeaseTable(wall_us=lambda: now_us[0])
+        restarted.quoted(granted[-1])  # an honest car's quote of what it received
+        assert restarted.grant("car2", pending_task(), 30).epoch > granted[-1]
 
     def test_a_quote_below_the_next_epoch_changes_nothing(self) -> None:
         table = LeaseTable()
