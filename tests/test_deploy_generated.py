@@ -27,7 +27,9 @@ from parkpool.broker_config.topics import load_specs
 from parkpool.gateway.fleet_stats import FleetStats
 from parkpool.gateway.gateway import Gateway
 from parkpool.gateway.settings import GatewaySettings
+from parkpool.gateway.vehicles import VehicleView
 from parkpool.runtime.settings import DEFAULT_MQTT_MAX_MESSAGE_BYTES, MqttConnection
+from parkpool.schemas import VehicleState
 from parkpool.worker.held import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +204,7 @@ class TestAutoscaling:
         )
         (rule,) = values["rules"]["custom"]
         series = rule["seriesQuery"].split("{")[0]
-        # The series is the gauge a gateway exports of the cars it knows, by state
+        # The series is the gauge a gateway exports of the cars it counts, by state
         (gauge,) = [m for m in FleetStats(CollectorRegistry()).vehicles.describe()]
         assert series == gauge.name
         assert 'state!="offline"' in rule["metricsQuery"]
@@ -211,6 +213,31 @@ class TestAutoscaling:
             (metric,) = scaler["spec"]["metrics"]
             assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
 
+    def test_a_cells_gateways_count_each_connected_car_once(self) -> None:
+        """The target is cars per gateway counted once: the gauge must sum, over a cell's
+        gateways, to the cell's cars, whichever K = 2 of them each car talks to."""
+        views = []
+        for i in range(5):
+            for rank, gateway in enumerate(("gw1", "gw2")):  # every car talks to both
+                view = VehicleView(f"car{i}")
+                view.state, view.primary = VehicleState.ONLINE, rank == (i % 2)
+                views.append((gateway, view))
+        offline = VehicleView("gone")
+        offline.state, offline.primary = VehicleState.OFFLINE, True
+        views.append(("gw1", offline))
+        counted = 0.0
+        for gateway in ("gw1", "gw2"):
+            stats = FleetStats(CollectorRegistry())
+            mine = [v for g, v in views if g == gateway]
+            stats.count(mine, computing=lambda _: False, available=lambda _: 0)
+            counted += sum(
+                s.value
+                for m in stats.vehicles.collect()
+                for s in m.samples
+                if s.labels["state"] != "offline"
+            )
+        assert counted == 5
+
     def test_the_target_is_what_the_capacity_model_sizes_a_gateway_for(self) -> None:
         inputs = stored_inputs()
         capacities = Capacities(**{f.name: inputs[f.name].value for f in fields(Capacities)})
@@ -218,9 +245,8 @@ class TestAutoscaling:
         for scaler in of_kind("HorizontalPodAutoscaler"):
             (metric,) = scaler["spec"]["metrics"]
             target = int(metric["pods"]["target"]["averageValue"])
-            assert target == math.floor(full_cell.vehicles_known_per_gateway)
             # At that target a full cell runs the gateways the model sizes it with
-            assert math.ceil(2 * Scenario.cell_vehicles / target) >= full_cell.gateways_per_cell
+            assert math.ceil(Scenario.cell_vehicles / target) == full_cell.gateways_per_cell
 
 
 class TestComposeStack:

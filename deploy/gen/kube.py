@@ -24,8 +24,10 @@ STORE = "parkpool-store"
 # A cell never runs fewer gateways than a car talks to (K = 2) plus one, so that one
 # gateway's restart or eviction leaves every car K to pull from.
 MIN_GATEWAYS = 3
-# What the autoscalers scale on, per gateway pod: the cars it knows that are connected
-# (every state but offline), served by the Prometheus Adapter rule below.
+# What the autoscalers scale on, per gateway pod: the connected cars (every state but
+# offline) it counts in its fleet gauge, which counts each car at the first of its K
+# gateways only, so the cell's gateways sum to its cars. Served by the Prometheus
+# Adapter rule below.
 CARS_METRIC = "parkpool_cars_connected"
 
 
@@ -190,13 +192,13 @@ def autoscaler(cell: str, cells: int) -> dict[str, Any]:
     """Gateways follow the cell's cars. Every gateway of every cell is one member of the
     task group, so a cell's share of the partitions, and of the work, is its share of
     the gateways: with a fixed count per cell, a cell with few cars held as many
-    partitions as one with many, and finished last. Scaled on the cars each gateway
-    knows, to what `parkpool capacity` sizes a gateway for, a cell's gateways, and so
+    partitions as one with many, and finished last. Scaled on the cell's cars per
+    gateway, to what `parkpool capacity` sizes a gateway for, a cell's gateways, and so
     its partitions, follow its cars."""
     name = gateway_name(cell)
     # Every cell at its largest still leaves each gateway a partition of the tasks topic.
     most = max(MIN_GATEWAYS, sources.task_partitions() // cells)
-    per_pod = {"type": "AverageValue", "averageValue": str(sources.cars_known_per_gateway())}
+    per_pod = {"type": "AverageValue", "averageValue": str(sources.cars_per_gateway())}
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",

@@ -81,14 +81,15 @@ def termination_grace_s() -> int:
     return math.ceil(gateway_defaults().drain_seconds + shutdown_timeout_s()) + 10
 
 
-def cars_known_per_gateway() -> int:
-    """The cars one gateway knows (each car talks to K of its cell's gateways) when
-    `parkpool capacity` sizes a full cell at its default workload: what a gateway carries
-    at the model's headroom, so the autoscaler's target."""
+def cars_per_gateway() -> int:
+    """A full cell's cars over the gateways `parkpool capacity` sizes it with, at its
+    default workload: each car counted once, as a gateway's fleet gauge counts it (at the
+    first of its K gateways), so the autoscaler's target per gateway."""
     inputs = stored_inputs()
     capacities = Capacities(**{f.name: inputs[f.name].value for f in fields(Capacities)})
-    cell = Scenario(vehicles=Scenario.cell_vehicles)
-    return math.floor(new_design(cell, capacities).vehicles_known_per_gateway)
+    cell = new_design(Scenario(vehicles=Scenario.cell_vehicles), capacities)
+    # Rounded up: a full cell then runs exactly the gateways the model sizes it with.
+    return math.ceil(cell.vehicles_per_cell / cell.gateways_per_cell)
 
 
 def task_partitions() -> int:
