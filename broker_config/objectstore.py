@@ -341,13 +341,19 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
         target = self._object_path(bucket, key)
         expected = self.headers.get("If-Match")
         create_only = self.headers.get("If-None-Match", "").strip() == "*"  # S3's only form
-        # Checked once before the body is staged, so that a write bound to be refused
-        # costs no file, and again under the lock, where the answer holds.
-        self._check_preconditions(target, expected, create_only)
         conditional = expected is not None or create_only
+        # An object that is there (If-None-Match) or is not (If-Match) refuses the write
+        # before its body is staged: no file, and no folder for a key that does not
+        # exist. Only a stat: Tansu's every produce is an If-Match write, and its ETag
+        # is compared once, under the lock, where the answer holds.
+        if conditional and target.exists() == create_only:
+            raise self._precondition_failed_error()
         lock = _locks.hold((bucket, key)) if conditional else contextlib.nullcontext()
         with store_writes.staged(target, write) as (temp, etag), lock:  # staged, then locked
-            self._check_preconditions(target, expected, create_only=False)
+            if expected is not None:
+                current = _current_etag(target)
+                if current is None or not localbucket.etag_matches(expected, current):
+                    raise self._precondition_failed_error()
             # The staged file's identity, size and time survive the move: the ETag is
             # cached against them, not against whatever the path names a moment later.
             staged = os.stat(temp)
@@ -360,14 +366,6 @@ class VerifyingHandler(localbucket.S3Handler):  # type: ignore[misc]
                 os.replace(temp, target)
             store_etags.remember_etag(target, etag, store_etags.signature(staged))
         return etag
-
-    def _check_preconditions(self, target: Path, expected: str | None, create_only: bool) -> None:
-        if create_only and target.exists():
-            raise self._precondition_failed_error()
-        if expected is not None:
-            current = _current_etag(target)
-            if current is None or not localbucket.etag_matches(expected, current):
-                raise self._precondition_failed_error()
 
     def _put(self, bucket: str, key: str) -> None:
         length = self._streamed_length(key)
