@@ -64,8 +64,10 @@ class LeaseTable:
         counts only leases after its quote as in flight); after a restart on a clock
         stepped back, new epochs would otherwise all be below it, none counted, and the
         car flooded with work it must refuse."""
+        if epoch < self._next_epoch:  # every pull but those after such a restart
+            return
         ceiling = self._wall_us() + MAX_QUOTED_AHEAD_US
-        if self._next_epoch <= epoch <= ceiling:
+        if epoch <= ceiling:
             # Never past the ceiling: a lift from a car quoting at it must leave honest
             # cars' later quotes (a few leases above) acceptable after a restart.
             self._next_epoch = min(epoch + 1 + LIFT_GAP, ceiling + 1)
