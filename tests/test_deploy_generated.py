@@ -208,7 +208,7 @@ class TestAutoscaling:
         (gauge,) = [m for m in FleetStats(CollectorRegistry()).vehicles.describe()]
         assert series == gauge.name
         assert 'state!="offline"' in rule["metricsQuery"]
-        assert {"namespace", "pod"} == set(rule["resources"]["overrides"])
+        assert {"namespace", "instance"} == set(rule["resources"]["overrides"])
         for scaler in of_kind("HorizontalPodAutoscaler"):
             (metric,) = scaler["spec"]["metrics"]
             assert metric["pods"]["metric"]["name"] == rule["name"]["as"]

@@ -10,6 +10,7 @@ missing binary fails the test: it must never pass as a skip.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -39,6 +40,7 @@ PROMETHEUS = Path("/usr/bin/prometheus")
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "parkpool-dashboard.json"
+MONITORING = DEPLOY / "kubernetes" / "monitoring"
 # Grafana's own variables, as Grafana would substitute them for a 15 s scrape interval.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s"}
 SHIPPED_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
@@ -145,12 +147,18 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Prometheus]]:
-    """Start Prometheus scraping the given targets; stopped (and checked gone) at the end."""
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """Start Prometheus scraping the given targets, its config changed by ``adjust`` if
+    given; stopped (and checked gone) at the end."""
     started: list[Prometheus] = []
 
-    def start(targets: dict[str, str]) -> Prometheus:
-        server = Prometheus(tmp_path, scrape_config(targets))
+    def start(
+        targets: dict[str, str], adjust: Callable[[dict[str, Any]], None] | None = None
+    ) -> Prometheus:
+        config = scrape_config(targets)
+        if adjust is not None:
+            adjust(config)
+        server = Prometheus(tmp_path, config)
         started.append(server)
         server.wait_ready()
         return server
@@ -161,14 +169,11 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Pr
         assert server.process.poll() is not None, "prometheus still running"
 
 
-@pytest.fixture
-def gateway_status(
-    gateway_factory: Callable[..., RunningGateway],
-) -> Iterator[StatusServer]:
-    """A gateway with its status server on a free port, wired as ``parkpool gateway`` does."""
-    gateway = gateway_factory().gateway
+def serve_status(running: RunningGateway) -> StatusServer:
+    """The gateway's status server on a free port, wired as ``parkpool gateway`` does."""
+    gateway = running.gateway
     registry = gateway.metrics.registry
-    server = StatusServer(
+    return StatusServer(
         LOOPBACK,
         0,
         registry,
@@ -177,6 +182,14 @@ def gateway_status(
         requests=request_counter(registry),
         status=gateway.status_snapshot,
     ).start()
+
+
+@pytest.fixture
+def gateway_status(
+    gateway_factory: Callable[..., RunningGateway],
+) -> Iterator[StatusServer]:
+    """A gateway with its status server on a free port."""
+    server = serve_status(gateway_factory())
     yield server
     server.close()
 
@@ -203,7 +216,7 @@ class TestPrometheusScrapesAJob:
         gateway_status: StatusServer,
         sdk: ParkpoolClient,
         fleet_factory: Callable[..., Fleet],
-        prometheus_factory: Callable[[dict[str, str]], Prometheus],
+        prometheus_factory: Callable[..., Prometheus],
     ) -> None:
         # Given a gateway, an SDK client and three cars, scraped by a real Prometheus
         fleet_factory(3)
@@ -263,9 +276,7 @@ class TestPrometheusScrapesAJob:
 class TestDashboardQueries:
     """Every query of the Grafana dashboard is PromQL that a real Prometheus runs."""
 
-    def test_every_panel_query_runs(
-        self, prometheus_factory: Callable[[dict[str, str]], Prometheus]
-    ) -> None:
+    def test_every_panel_query_runs(self, prometheus_factory: Callable[..., Prometheus]) -> None:
         # Given a Prometheus with the rules loaded and nothing to scrape
         prometheus = prometheus_factory({})
         panels = json.loads(DASHBOARD.read_text())["panels"]
@@ -275,3 +286,107 @@ class TestDashboardQueries:
             # When it runs each query, Then it accepts it (api() fails on a refused one)
             result = prometheus.api("query", query=substitute_grafana_variables(expr))
             assert result["resultType"] == "vector", expr
+
+
+def generated(path: Path, kind: str) -> dict[str, Any]:
+    """The one resource of ``kind`` in a generated manifest."""
+    (resource,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == kind]
+    return dict(resource)
+
+
+def relabel_config(relabeling: dict[str, Any]) -> dict[str, Any]:
+    """A ServiceMonitor relabeling as the Operator writes it into prometheus.yml."""
+    return {re.sub("[A-Z]", lambda m: "_" + m[0].lower(), k): v for k, v in relabeling.items()}
+
+
+def operator_target(address: str, namespace: str, cell: str, pod: str) -> dict[str, Any]:
+    """A gateway pod's target as the Prometheus Operator's own relabelings leave it, before
+    the ServiceMonitor's run: the labels it sets from Kubernetes service discovery, and
+    the discovery's meta labels that the ServiceMonitor's relabelings may read."""
+    service = f"{GATEWAY_JOB}-{cell}"
+    labels = {
+        "namespace": namespace,
+        "service": service,
+        "pod": pod,
+        "container": "gateway",
+        "endpoint": "status",
+        "job": service,
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_label_parkpool_io_cell": cell,
+    }
+    return {"targets": [address], "labels": labels}
+
+
+class TestKubernetesTargetLabels:
+    """On Kubernetes, the Operator labels each target with its pod, container, endpoint
+    and (per cell) Service. With the generated ServiceMonitor's relabelings, the rules
+    still sum over a cell's gateways, and the adapter still finds each pod's cars."""
+
+    def test_rules_sum_a_cells_pods_and_the_adapter_sees_each_pod(
+        self,
+        namespace: str,
+        gateway_factory: Callable[..., RunningGateway],
+        fleet_factory: Callable[..., Fleet],
+        prometheus_factory: Callable[..., Prometheus],
+    ) -> None:
+        # Given two gateways of cell "a" with four cars between them
+        servers = [serve_status(gateway_factory(name)) for name in ("gw1", "gw2")]
+        pods = [f"{GATEWAY_JOB}-a-{i}" for i in range(len(servers))]
+        fleet_factory(4)
+        # And a Prometheus that scrapes them as the Operator would, with the
+        # ServiceMonitor's relabelings
+        (endpoint,) = generated(MONITORING / "servicemonitor.yaml", "ServiceMonitor")["spec"][
+            "endpoints"
+        ]
+        targets = [
+            operator_target(f"{LOOPBACK}:{server.port}", namespace, "a", pod)
+            for server, pod in zip(servers, pods, strict=True)
+        ]
+
+        def as_operator_writes_it(config: dict[str, Any]) -> None:
+            (job,) = config["scrape_configs"]
+            job["static_configs"] = targets
+            job["relabel_configs"] = [relabel_config(r) for r in endpoint["relabelings"]]
+
+        try:
+            prometheus = prometheus_factory({GATEWAY_JOB: "unused:1"}, as_operator_writes_it)
+            up = f'sum(up{{job="{GATEWAY_JOB}"}})'
+            wait_for(lambda: prometheus.value(up) == 2, 30, "both pods scraped")
+            # When the rules sum the cars the cell's gateways count, Then they add up
+            # to one series for the cell, with no label of the pod, its container or its
+            # Service left
+            known = "job:parkpool_fleet_vehicles_known:sum"
+            wait_for(lambda: prometheus.value(known) == 4, 30, "4 cars in one series")
+            (series,) = prometheus.query(known)
+            assert series["metric"] == {
+                "__name__": known,
+                "job": GATEWAY_JOB,
+                "namespace": namespace,
+                "cell": "a",
+            }
+            # And the adapter's query, as it runs it for the autoscaler of cell a, gives
+            # each pod its own count of connected cars, together the cell's
+            self._assert_adapter_sees_each_pod(prometheus, namespace, pods, cars=4)
+        finally:
+            for server in servers:
+                server.close()
+
+    @staticmethod
+    def _assert_adapter_sees_each_pod(
+        prometheus: Prometheus, namespace: str, pods: list[str], cars: int
+    ) -> None:
+        values = yaml.safe_load((MONITORING / "prometheus-adapter-values.yaml").read_text())
+        (rule,) = values["rules"]["custom"]
+        by_resource = {v["resource"]: k for k, v in rule["resources"]["overrides"].items()}
+        pod_label, namespace_label = by_resource["pod"], by_resource["namespace"]
+        assert prometheus.query(rule["seriesQuery"]), "the adapter would find no series"
+        matchers = f'{namespace_label}="{namespace}",{pod_label}=~"{"|".join(pods)}"'
+        query = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+            .replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", pod_label)
+        )
+        result = prometheus.query(query)
+        assert {r["metric"][pod_label] for r in result} == set(pods)
+        assert sum(float(r["value"][1]) for r in result) == cars

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy.gen import sources
-from deploy.gen.render import meta
+from deploy.gen.render import CELL_LABEL, meta
 
 API = "apps.emqx.io/v2beta1"
 IMAGE = "emqx/emqx:5.8.6"
@@ -92,7 +92,7 @@ def hocon() -> str:
 
 
 def cell_broker(cell: str, replicas: int = 3) -> list[dict[str, Any]]:
-    labels = {"parkpool.io/cell": cell}
+    labels = {CELL_LABEL: cell}
     acl = {
         "apiVersion": "v1",
         "kind": "ConfigMap",

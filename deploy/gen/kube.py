@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy.gen import emqx, sources, strimzi
-from deploy.gen.render import meta
+from deploy.gen.render import CELL_LABEL, CELL_META, meta
 
 APP = "parkpool-gateway"
 IMAGE = "parkpool"  # kustomization.yaml's `images:` sets the registry and tag
@@ -36,7 +36,7 @@ def gateway_name(cell: str) -> str:
 
 
 def _labels(cell: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": APP, "parkpool.io/cell": cell}
+    return {"app.kubernetes.io/name": APP, CELL_LABEL: cell}
 
 
 def _env(cell: str) -> list[dict[str, Any]]:
@@ -230,9 +230,9 @@ def autoscaler(cell: str, cells: int) -> dict[str, Any]:
 
 def adapter_values() -> dict[str, Any]:
     """Helm values for the Prometheus Adapter (prometheus-community/prometheus-adapter):
-    the custom metric the autoscalers read, per gateway pod. The ServiceMonitor's
-    targets carry ``namespace`` and ``pod``, which the adapter maps to the pods."""
-    series = f'parkpool_fleet_vehicles{{job="{sources.GATEWAY_JOB}",namespace!="",pod!=""}}'
+    the custom metric the autoscalers read, per gateway pod. The ServiceMonitor names
+    each target's ``instance`` after its pod, which the adapter maps to the pods."""
+    series = f'parkpool_fleet_vehicles{{job="{sources.GATEWAY_JOB}",namespace!="",instance!=""}}'
     return {
         "rules": {
             "custom": [
@@ -241,7 +241,7 @@ def adapter_values() -> dict[str, Any]:
                     "resources": {
                         "overrides": {
                             "namespace": {"resource": "namespace"},
-                            "pod": {"resource": "pod"},
+                            "instance": {"resource": "pod"},
                         }
                     },
                     "name": {"matches": "^parkpool_fleet_vehicles$", "as": CARS_METRIC},
@@ -254,9 +254,19 @@ def adapter_values() -> dict[str, Any]:
     }
 
 
+# Labels the Prometheus Operator puts on every target of a ServiceMonitor, besides
+# namespace, job and instance. The rules sum `without (instance)`, as over any other
+# Prometheus' targets, so these would keep one sum per pod. The pod's name becomes
+# `instance` instead (it names a gateway better than an address that changes with each
+# restart), and the cell, which the per-cell Service stood for, is kept as `cell`, as
+# `site` is on file_sd targets.
+OPERATOR_TARGET_LABELS = ("pod", "service", "container", "endpoint", "node")
+
+
 def service_monitor() -> dict[str, Any]:
-    """prometheus.yml's parkpool-gateway job, for the Prometheus Operator. The job label
-    is set to that job's name, which every rule selects by."""
+    """prometheus.yml's parkpool-gateway job, for the Prometheus Operator: its targets
+    end up with the labels a file_sd target has (job, instance, namespace) and the cell.
+    The job label is set to that job's name, which every rule selects by."""
     scrape = sources.gateway_scrape()
     return {
         "apiVersion": "monitoring.coreos.com/v1",
@@ -275,7 +285,18 @@ def service_monitor() -> dict[str, Any]:
                             "action": "replace",
                             "targetLabel": "job",
                             "replacement": scrape["job_name"],
-                        }
+                        },
+                        {
+                            "action": "replace",
+                            "sourceLabels": ["__meta_kubernetes_pod_name"],
+                            "targetLabel": "instance",
+                        },
+                        {
+                            "action": "replace",
+                            "sourceLabels": [CELL_META],
+                            "targetLabel": "cell",
+                        },
+                        {"action": "labeldrop", "regex": "|".join(OPERATOR_TARGET_LABELS)},
                     ],
                 }
             ],

@@ -41,3 +41,7 @@ def meta(name: str, labels: dict[str, str] | None = None, **extra: Any) -> dict[
 
 
 PART_OF = {"app.kubernetes.io/part-of": "parkpool"}
+# What a cell's pods are labelled with, and the name Kubernetes service discovery gives
+# that pod label (characters other than letters, digits and `_` become `_`).
+CELL_LABEL = "parkpool.io/cell"
+CELL_META = "__meta_kubernetes_pod_label_parkpool_io_cell"
