@@ -24,7 +24,7 @@ from parkpool.producer.verify import Accept, Action, Fail, JobVerifier, Judged, 
 from parkpool.runtime import logs
 from parkpool.runtime.reputation import ReputationBook, ReputationReader, ReputationWriter
 from parkpool.runtime.settings import KafkaConnection
-from parkpool.schemas import BrokerError, ParkpoolError, Result, TaskChunk
+from parkpool.schemas import BrokerError, ParkpoolError, Result, TaskChunk, ValidationError
 from parkpool.schemas.kernels import spec as kernel_spec
 from parkpool.schemas.messages import MAX_AVOIDED
 from parkpool.schemas.reputation import Level
@@ -143,8 +143,7 @@ class ResultChecks:
     def _act(self, handle: JobHandle[Any], job: _Job, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Accept):
-                if handle.deliver(action.result, time.time(), action.level):
-                    self.metrics.chunks_verified.labels(action.level.value).inc()
+                self._accept(handle, job, action)
             elif isinstance(action, Judged):
                 self._judged(action)
             elif isinstance(action, Redo):
@@ -152,7 +151,26 @@ class ResultChecks:
             elif isinstance(action, Fail):
                 self.failed(handle, action.chunk_id, action.reason)
             elif isinstance(action, Misfit):
-                handle.deliver(action.result, time.time(), Level.UNCHECKED)
+                handle.count_rejected()
+                self._misfit(handle, job, action.result, action.detail)
+
+    def _accept(self, handle: JobHandle[Any], job: _Job, accept: Accept) -> None:
+        try:
+            if handle.deliver(accept.result, time.time(), accept.level):
+                self.metrics.chunks_verified.labels(accept.level.value).inc()
+        except ValidationError as exc:  # the job's assembler refused its outputs
+            self._misfit(handle, job, accept.result, str(exc))
+
+    def _misfit(self, handle: JobHandle[Any], job: _Job, result: Result, detail: str) -> None:
+        log.warning(
+            "result_misfit",
+            job_id=handle.job_id,
+            chunk_id=result.chunk_id,
+            vehicle_id=result.vehicle_id,
+            detail=detail,
+        )
+        self.metrics.results_refused.labels("misfit").inc()
+        self._act(handle, job, job.verifier.misfit(result, detail))
 
     def _judged(self, verdict: Judged) -> None:
         outcome = {True: "valid", False: "invalid", None: "unchecked"}[verdict.valid]

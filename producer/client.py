@@ -955,14 +955,32 @@ class ParkpoolClient:
         return self._checks.wants(handle, result)
 
     def _take(self, handle: JobHandle[Any], result: Result) -> None:
-        """A result with its outputs in clear: checked, then handed to the job."""
-        if handle.job_id in self._attached:
-            if not self._quarantined(result):
+        """A result with its outputs in clear: checked, then handed to the job. Checks
+        deal with outputs that do not fit the job themselves, as with a wrong number."""
+        try:
+            if handle.job_id in self._attached:
+                if not self._quarantined(result):
+                    handle.deliver(result, time.time())
+            elif self._checks is None:
                 handle.deliver(result, time.time())
-        elif self._checks is None:
-            handle.deliver(result, time.time())
-        else:
-            self._checks.take(handle, result)
+            else:
+                self._checks.take(handle, result)
+        except ValidationError as exc:
+            self._misfit(handle, result, exc)
+
+    def _misfit(self, handle: JobHandle[Any], result: Result, exc: ValidationError) -> None:
+        """Outputs the job's assembler refused: the chunk fails by name, as unreadable
+        ones do without checks; an attached job waits for its submitter's redo."""
+        log.warning(
+            "result_misfit",
+            job_id=handle.job_id,
+            chunk_id=result.chunk_id,
+            vehicle_id=result.vehicle_id,
+            detail=str(exc),
+        )
+        self.metrics.results_refused.labels("misfit").inc()
+        if handle.job_id not in self._attached:
+            handle.refused(result.chunk_id, f"outputs_misfit: {exc}")
 
     def _quarantined(self, result: Result) -> bool:
         """An attached job's result from a car the fleet quarantined: the submitter

@@ -47,7 +47,7 @@ class Progress:
     total: int
     duplicates: int
     dead_lettered: int
-    rejected: int  # results that did not fit the job (wrong shape), counted and dropped
+    rejected: int  # results that did not fit the job (wrong shape): redone or failed
 
     @property
     def fraction(self) -> float:
@@ -305,8 +305,10 @@ class JobHandle(Generic[R]):
         self._after_change()
 
     def deliver(self, result: Result, received_at: float, level: Level = Level.UNCHECKED) -> bool:
-        """Take a result, verified to ``level``; False when it is a duplicate or does not
-        fit the job."""
+        """Take a result, verified to ``level``; False when it is a duplicate or not of
+        this job. Outputs the job's assembler refuses (a wrong name, shape or kind) are
+        counted and raise its ValidationError: the gateway has passed the chunk on, so
+        the caller must have it redone or failed, or the job would wait for ever."""
         with self._lock:
             if self._state is not JobState.RUNNING or result.n_chunks != self.n_chunks:
                 return False
@@ -314,8 +316,7 @@ class JobHandle(Generic[R]):
                 self._duplicates += 1
                 self._observer.chunk_duplicate()
                 return False
-            if not self._assemble(result):
-                return False
+            self._assemble(result)
             self._seen[result.chunk_id] = 1
             # A result beats a dead letter: another gateway may have redone the chunk
             # after the one that gave up on it crashed before committing.
@@ -341,6 +342,13 @@ class JobHandle(Generic[R]):
             running = self._state is JobState.RUNNING
             return running and 0 <= chunk_id < self.n_chunks and not self._seen[chunk_id]
 
+    def count_rejected(self) -> None:
+        """A result whose outputs a check found not to fit the job, before its assembler
+        saw them."""
+        with self._lock:
+            self._rejected += 1
+            self._changed_locked()
+
     def refused(self, chunk_id: int, reason: str) -> None:
         """A result came back whose outputs cannot be used (their bytes are not what the
         car named): the chunk counts as failed with ``reason`` unless another attempt's
@@ -363,15 +371,15 @@ class JobHandle(Generic[R]):
             self._changed_locked()
         self._after_change()
 
-    def _assemble(self, result: Result) -> bool:
+    def _assemble(self, result: Result) -> None:
         if self._assembler is None:
-            return True
+            return
         try:
             self._assembler.add(result.chunk_id, result.outputs)
         except ValidationError:
             self._rejected += 1
-            return False
-        return True
+            self._changed_locked()
+            raise
 
     def _end(self, state: JobState) -> None:
         self._state = state

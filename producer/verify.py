@@ -86,10 +86,11 @@ class Fail:
 
 @dataclass(frozen=True)
 class Misfit:
-    """Outputs that do not fit the chunk (no ``c``, a wrong shape): not checkable, so
-    left to the job's assembler, which refuses and counts them."""
+    """Outputs that do not fit the chunk (no ``c``, a wrong shape): not checkable, and
+    no answer; the verifier's ``misfit`` says what becomes of the chunk."""
 
     result: Result
+    detail: str
 
 
 Action = Accept | Redo | Judged | Fail | Misfit
@@ -198,18 +199,36 @@ class JobVerifier:
         answer, held against the car (not proof of a wrong number, so no quarantine),
         and the chunk redone on another car; it fails after ``max_opinions`` of these."""
         with self._lock:
+            return self._unusable(result, f"outputs_unreadable: {detail}", "unusable_outputs")
+
+    def misfit(self, result: Result, detail: str) -> list[Action]:
+        """Outputs that do not fit the chunk (an output missing, or of the wrong shape
+        or kind), whether this verifier or the job's assembler found it: no answer, and
+        dealt with as unusable outputs are. A chunk settled on them (a first opinion
+        taken on its car's record, or cars agreeing on the same misfit) is unsettled
+        first: the gateway has passed the chunk on, so unless it is redone here the job
+        waits for it for ever."""
+        with self._lock:
             chunk = self._chunks[result.chunk_id]
-            if result.vehicle_id in chunk.unusable:
-                return []  # the same record again (at-least-once): already held against it
-            chunk.unusable.append(result.vehicle_id)
-            actions: list[Action] = [Judged(result.vehicle_id, False)]
-            if chunk.settled is not None:  # a ringer's: the caller's answer stands
-                chunk.ringer_out = False
-                return actions
-            if len(chunk.unusable) >= self.policy.max_opinions:
-                return [*actions, Fail(result.chunk_id, f"outputs_unreadable: {detail}")]
-            redo = Redo(result.chunk_id, self._avoid(chunk, result), "unusable_outputs")
-            return [*actions, redo]
+            if chunk.settled is result:
+                chunk.settled, chunk.ringer_out = None, False
+                chunk.opinions = [r for r in chunk.opinions if not self._same(r, result)]
+                if self._check is not None:
+                    self._check.forget(result.chunk_id)
+            return self._unusable(result, f"outputs_misfit: {detail}", "misfit_outputs")
+
+    def _unusable(self, result: Result, reason: str, why: str) -> list[Action]:
+        chunk = self._chunks[result.chunk_id]
+        if result.vehicle_id in chunk.unusable:
+            return []  # the same record again (at-least-once): already held against it
+        chunk.unusable.append(result.vehicle_id)
+        actions: list[Action] = [Judged(result.vehicle_id, False)]
+        if chunk.settled is not None:  # a ringer's: the caller's answer stands
+            chunk.ringer_out = False
+            return actions
+        if len(chunk.unusable) >= self.policy.max_opinions:
+            return [*actions, Fail(result.chunk_id, reason)]
+        return [*actions, Redo(result.chunk_id, self._avoid(chunk, result), why)]
 
     def wants(self, chunk_id: int) -> bool:
         """Whether a result would still be used: its chunk unsettled, or a ringer's."""
@@ -235,8 +254,10 @@ class JobVerifier:
     def _algebraic(self, result: Result) -> list[Action]:
         assert self._check is not None
         value = result.outputs.get(self._check.output)
-        if value is None or value.shape != self._check.shape(result.chunk_id):
-            return [Misfit(result)]
+        want = self._check.shape(result.chunk_id)
+        if value is None or value.shape != want:
+            got = "none" if value is None else f"shape {value.shape}"
+            return [Misfit(result, f"{self._check.output!r}: {got}, want shape {want}")]
         self._chunks[result.chunk_id].opinions.append(result)
         verdicts = self._check.add(result.chunk_id, value)
         actions: list[Action] = []

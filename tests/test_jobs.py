@@ -13,7 +13,7 @@ import pytest
 
 from parkpool.producer.jobs import JobFailed, JobHandle, JobState, Progress
 from parkpool.producer.splitters import plan_map, plan_reduce
-from parkpool.schemas import DeadLetter, Result
+from parkpool.schemas import DeadLetter, Result, ValidationError
 
 JOB = "job-7"
 X = np.arange(10, dtype=np.float64)
@@ -169,9 +169,12 @@ class TestDuplicates:
     def test_result_that_does_not_fit_is_rejected_not_done(self) -> None:
         job = sum_job()
         # When a result has the wrong output name, then a wrong shape
-        assert not job.deliver(result(0, {"y": np.zeros(4)}), received_at=CREATED_AT)
-        assert not job.deliver(result(0, {"value": np.zeros(4)}), received_at=CREATED_AT)
-        # Then both are rejected and the chunk is still missing
+        # Then each raises the assembler's error, for the caller to redo or fail the chunk
+        with pytest.raises(ValidationError, match="missing_output"):
+            job.deliver(result(0, {"y": np.zeros(4)}), received_at=CREATED_AT)
+        with pytest.raises(ValidationError, match="bad_shape"):
+            job.deliver(result(0, {"value": np.zeros(4)}), received_at=CREATED_AT)
+        # And both are counted as rejected, and the chunk is still missing
         progress = job.progress
         assert (progress.done, progress.rejected, progress.duplicates) == (0, 2, 0)
         # And a correct result for that chunk is still taken

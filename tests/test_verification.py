@@ -364,6 +364,29 @@ class TestQuorum:
         v = self.verifier(trusted_book("old"), minimum=Level.QUORUM)
         assert v.take(result(0, 3, "old", y=np.array([6.0]))) == [Redo(0, ("old",))]
 
+    def test_an_answer_its_assembler_refuses_is_unsettled_and_redone(self) -> None:
+        v = self.verifier(trusted_book("old", "older"))
+        # Given a trusted car's misfit, taken on its record and handed to the caller
+        misfit = result(0, 3, "old", z=np.array([6.0]))
+        accepted = v.take(misfit)[1]
+        assert isinstance(accepted, Accept) and accepted.result is misfit
+        # When the job's assembler refuses it
+        actions = v.misfit(misfit, "missing_output: no 'y'")
+        # Then it is held against the car and the chunk redone elsewhere, not left settled
+        assert actions == [Judged("old", False), Redo(0, ("old",), "misfit_outputs")]
+        assert v.wants(0)
+        # And a fitting result settles the chunk again
+        assert isinstance(v.take(result(0, 3, "older", y=np.array([6.0])))[1], Accept)
+
+    def test_misfits_fail_the_chunk_by_name_after_the_most_opinions(self) -> None:
+        v = self.verifier(trusted_book(*(f"car{i}" for i in range(3))))
+        actions: list = []
+        for i in range(AdaptivePolicy().max_opinions):
+            misfit = result(1, 3, f"car{i}", y=np.zeros((2, 2)))
+            v.take(misfit)
+            actions = v.misfit(misfit, "bad_shape")
+        assert actions[-1] == Fail(1, "outputs_misfit: bad_shape")
+
     def test_a_quarantined_cars_result_is_redone_elsewhere(self) -> None:
         book = ReputationBook()
         book.apply(QuarantineNotice("bad", CarState.QUARANTINED, 0, 1.0, "sdk", "wrong_result"))
@@ -424,13 +447,17 @@ class TestAlgebraicVerifier:
         last = v.unusable(result(0, 1, "car3"), "not in the store")
         assert last == [Judged("car3", False), Fail(0, "outputs_unreadable: not in the store")]
 
-    def test_a_tile_of_the_wrong_shape_goes_to_the_assembler(self) -> None:
+    def test_a_tile_of_the_wrong_shape_is_a_misfit_and_redone(self) -> None:
         rng = np.random.default_rng(9)
         a, b = operands(rng, 64, 32, 64)
         chunks = tiles(a, b, 64)
         v = JobVerifier("job1", spec("gemm"), specs(chunks), ReputationBook())
         odd = result(0, 1, "car", c=np.zeros((3, 3), np.float32))
-        assert v.take(odd) == [Misfit(odd)]
+        assert v.take(odd) == [Misfit(odd, "'c': shape (3, 3), want shape (64, 64)")]
+        assert v.misfit(odd, "") == [Judged("car", False), Redo(0, ("car",), "misfit_outputs")]
+        # And the redo's honest tile is checked and accepted
+        actions = v.take(result(0, 1, "good", c=honest(chunks[0])))
+        assert isinstance(actions[-1], Accept) and actions[-1].level is Level.ALGEBRAIC
 
 
 class TestReputationBook:
