@@ -317,6 +317,7 @@ class Gateway:
         for task in self.delayed.pop_due(now):
             if self.log.owns(task.tp):
                 self.ready.push_front(task)
+        self.vehicles.wake_due(now)
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now

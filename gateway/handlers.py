@@ -48,6 +48,10 @@ from parkpool.schemas import (
 from parkpool.schemas.kernels import BUILTIN
 
 M = TypeVar("M")
+
+# How long a car whose fetch the store failed waits for its next task here: long enough
+# that a store outage costs a few messages a car, short enough that a blip costs little.
+FETCH_PAUSE_S = 5.0
 Handler = Callable[[MqttEvent], bool]  # True: the message was handed on, acked later
 
 
@@ -273,8 +277,12 @@ class VehicleHandlers:
         if nack is None or lease is None:
             return False
         self.leases.end(lease.epoch)
-        if nack.reason in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK):
-            # The car tried and its slot is free; after "busy" or "released" it is not.
+        if nack.reason is NackReason.FETCH_FAILED:
+            # Its slot is free, but the store failed it: at once, it would fail the
+            # next task too, and every car of the gateway would spin through the queue
+            # in messages for as long as the store is out.
+            self.vehicles.wake_later(event.vehicle_id, time.monotonic() + FETCH_PAUSE_S)
+        elif nack.reason.frees_slot:
             self.vehicles.wake(event.vehicle_id)
         self.metrics.redelivered.labels("nack").inc()
         self.outcomes.requeue(

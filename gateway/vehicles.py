@@ -69,6 +69,7 @@ class VehicleBook:
         # Cars told "no work here", to be told again when work comes: only those.
         self._waiting: dict[str, None] = {}
         self._fresh: dict[str, None] = {}  # asked (a pull) or woke since the last turn
+        self._naps: list[tuple[float, str]] = []  # (when, vehicle): wakes put off
         # (last heard, vehicle): checked from the oldest, so finding the silent ones costs
         # what they are, not a pass over the fleet. Stale entries are skipped when met.
         self._silence: list[tuple[float, str]] = []
@@ -190,6 +191,14 @@ class VehicleBook:
             # As good as a pull: with no work here the car must hear so, or its slot
             # stays granted to this gateway while another of its gateways has work.
             self._fresh[vehicle_id] = None
+
+    def wake_later(self, vehicle_id: str, at: float) -> None:
+        """``wake`` at monotonic time ``at`` (by ``wake_due``), if the car is still here."""
+        heapq.heappush(self._naps, (at, vehicle_id))
+
+    def wake_due(self, now: float) -> None:
+        while self._naps and self._naps[0][0] <= now:
+            self.wake(heapq.heappop(self._naps)[1])
 
     def told(self, view: VehicleView, queued: int) -> None:
         """Note the backlog the car was just told; "none" puts it on the waiting list."""

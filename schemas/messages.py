@@ -156,6 +156,13 @@ class NackReason(enum.StrEnum):
         return self is NackReason.INVALID_TASK
 
     @property
+    def frees_slot(self) -> bool:
+        """True when the car's slot is free again: it tried, or could not start, this
+        task. After "busy" it had no slot for it; after "released" it is stopping or its
+        owner took it back."""
+        return self not in (NackReason.BUSY, NackReason.RELEASED)
+
+    @property
     def counts_as_failure(self) -> bool:
         """True when the attempt counts towards the task's maximum attempts."""
         return self in (NackReason.KERNEL_ERROR, NackReason.INVALID_TASK, NackReason.BAD_DATA)

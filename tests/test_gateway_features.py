@@ -260,6 +260,62 @@ def hand_back(holder: LeaseHolder, topics: MqttTopics, vehicle_id: str, why: Nac
     holder.car.publish(topics.nack(vehicle_id, "gw1"), encode(nack))
 
 
+def assignments(holder: LeaseHolder) -> int:
+    return sum(peek_type(m.payload) == Assignment.TYPE for m in holder.car.received)
+
+
+class TestSlotsFreedByANack:
+    """A nack that leaves the car's slot free gets it the next task without a pull: the
+    car does not pull for a slot it already granted, so otherwise it would sit idle."""
+
+    @pytest.mark.parametrize("why", [r for r in NackReason if r.frees_slot])
+    def test_the_car_is_sent_its_next_task(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+        why: NackReason,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # (a shorter pause after a failed fetch, so that the test waits less)
+        monkeypatch.setattr("parkpool.gateway.handlers.FETCH_PAUSE_S", 2.0)
+        gateway_factory(drain_seconds=0.5)  # (its shutdown need not wait for the lease)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(2))
+        # Given a car that granted one slot and holds a lease in it
+        holder = hold_lease(mqtt_conn, topics)
+        # When it hands the task back for a reason that leaves its slot free
+        handed_back = time.monotonic()
+        hand_back(holder, topics, "holder", why)
+        # Then it is sent the other chunk, without asking again; after a fetch the store
+        # failed, only after a pause
+        wait_for(lambda: assignments(holder) == 2, 10, "the next task")
+        waited = time.monotonic() - handed_back
+        if why is NackReason.FETCH_FAILED:
+            assert waited >= 2.0
+        holder.close()
+
+    @pytest.mark.parametrize("why", [r for r in NackReason if not r.frees_slot])
+    def test_a_car_without_a_free_slot_is_sent_nothing(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+        why: NackReason,
+    ) -> None:
+        gateway = gateway_factory(drain_seconds=0.5)
+        topics = MqttTopics(namespace)
+        client.publish("reduce", small_chunks(2))
+        holder = hold_lease(mqtt_conn, topics)
+        hand_back(holder, topics, "holder", why)
+        wait_for(lambda: gateway.metric(REDELIVERED, cause="nack") == 1, 10, "the nack")
+        time.sleep(1.0)
+        assert assignments(holder) == 1
+        holder.close()
+
+
 class TestUntrustedNacks:
     """One car's word does not end a task; a task's record of attempts stays bounded."""
 
