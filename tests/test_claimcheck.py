@@ -38,6 +38,7 @@ from parkpool.schemas import (
     BrokerError,
     DecodeError,
     MqttTopics,
+    Preempted,
     Result,
     TaskChunk,
     ValidationError,
@@ -734,6 +735,36 @@ def test_a_result_upload_whose_answer_was_lost_is_tried_again() -> None:
         upload(f"http://127.0.0.1:{server.server_port}/out", b"r" * 100_000, 5)
         # Then the upload is tried again, and the 412 (already written) is success
         assert _DropsFirstPut.puts == [1, 1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _StallsPut(http.server.BaseHTTPRequestHandler):
+    """A store that takes a PUT's first bytes, then stops reading: a weak link."""
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_PUT(self) -> None:
+        self.rfile.read(1)
+        time.sleep(30)
+
+
+def test_a_result_upload_stops_once_its_task_is_let_go() -> None:
+    # Given a store that stops reading a result's upload part way
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallsPut)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cancel = Cancel()
+    try:
+        # When the task is let go (the owner is back, or it was revoked) 0.5 s into it
+        threading.Timer(0.5, cancel.set).start()
+        started = time.monotonic()
+        # Then the upload stops at once, as the task's downloads do, and says why
+        with pytest.raises(Preempted):
+            upload(f"http://127.0.0.1:{server.server_port}/out", b"r" * (8 << 20), 60, cancel)
+        assert time.monotonic() - started < 10  # not the 60 s (and more) it may take
     finally:
         server.shutdown()
         server.server_close()

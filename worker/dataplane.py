@@ -118,12 +118,15 @@ class CarData:
             raise DecodeError("bad_data", detail)
         return data
 
-    def offload(self, result: Result, assignment: Assignment) -> Result:
+    def offload(
+        self, result: Result, assignment: Assignment, cancel: Cancel | None = None
+    ) -> Result:
         """The result with large outputs (sealed or not) uploaded under the lease's URL
         and named by hash; unchanged when small, or when the gateway gave no URL.
 
         Raises ValidationError ``too_large``, before uploading, for outputs larger than
-        the SDK reads back: every car's outputs for the task would be as large."""
+        the SDK reads back: every car's outputs for the task would be as large; and
+        Preempted once ``cancel`` is set (the task let go) while uploading."""
         if not assignment.upload_url or result.refs:
             return result
         sealed = bool(result.sealed_outputs)
@@ -135,7 +138,7 @@ class CarData:
             detail = f"outputs of {len(blob):,} bytes; the SDK reads {most:,} at most"
             raise ValidationError("too_large", detail)
         digest = hashlib.sha256(blob).hexdigest()
-        upload(assignment.upload_url, blob, self.timeout_s)
+        upload(assignment.upload_url, blob, self.timeout_s, cancel)
         ref = BlobRef(SEALED_OUTPUTS_BLOB if sealed else OUTPUTS_BLOB, digest, len(blob))
         return replace(result, outputs={}, sealed_outputs=b"", refs=(ref,))
 
@@ -210,13 +213,15 @@ def fetch(url: str, ref: BlobRef, timeout_s: float, cancel: Cancel | None = None
     return data
 
 
-def upload(url: str, blob: bytes, timeout_s: float) -> None:
+def upload(url: str, blob: bytes, timeout_s: float, cancel: Cancel | None = None) -> None:
     """PUT one blob to a write-once URL. 412 means this lease already wrote it: a retry
-    after a lost answer; the reader checks the hash either way."""
+    after a lost answer; the reader checks the hash either way. Cut at once, raising
+    Preempted, when ``cancel`` is set: the car's link is its owner's, as for downloads."""
     limit_s = _limit(timeout_s, len(blob))
+    cancel = cancel or Cancel()
     try:
         # A connection dropped after the body landed is tried again, and answered 412.
-        with_retries(lambda: send(url, blob, timeout_s, limit_s, Cancel()))
+        with_retries(lambda: send(url, blob, timeout_s, limit_s, cancel), cancel)
     except TooSlowError:
         raise BrokerError(f"the result upload took longer than {limit_s:.1f} s") from None
     except BadURLError as exc:

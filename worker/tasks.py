@@ -102,9 +102,23 @@ class TaskLine:
         task = self._readable(assignment)
         if task is not None:
             self.held.add(assignment, task)
+            if self._taken_back(assignment, task):
+                return assignment
             self._log.debug("task_received", **task_context(assignment, task))
             self._pool.submit(self._run, assignment.epoch)
         return assignment
+
+    def _taken_back(self, assignment: Assignment, task: TaskChunk) -> bool:
+        """Whether the owner took the car back while the task was being opened. The
+        guard's stop hands back the tasks it finds held; one added after it looked would
+        stay held for good, its lease kept alive by heartbeats and its slot lost. Asked
+        after ``add``: a stop either found the task, or its decision is seen here."""
+        decision = self._decision()
+        if decision.runs:
+            return False
+        if self.held.pop(assignment.epoch) is not None:
+            self.nack(assignment, NackReason.RELEASED, f"owner policy: {decision.reason}", task)
+        return True
 
     def _readable(self, assignment: Assignment) -> TaskChunk | None:
         """The task in clear, or None once it has been nacked as unreadable."""
@@ -178,7 +192,10 @@ class TaskLine:
             return  # released or revoked meanwhile
         try:
             answer = self._answer(item, inputs)
-        except Preempted:
+        except Preempted as exc:
+            # The guard's stop has handed every held task back, this one too, unless it
+            # still holds it: then it is handed back here, not left held for good.
+            self._finish(epoch, nack=(NackReason.RELEASED, exc.reason))
             self._on_preempted()
             return
         if isinstance(answer, Result):
@@ -205,7 +222,7 @@ class TaskLine:
     def _offloaded(self, item: Held, result: Result) -> Result | Refusal:
         """The result with large outputs in the store, or why they cannot go there."""
         try:
-            return self._data.offload(result, item.assignment)
+            return self._data.offload(result, item.assignment, item.cancel)
         except BrokerError as exc:
             return NackReason.FETCH_FAILED, f"outputs: {exc}"
         except ValidationError as exc:

@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A car's task line against its owner's guard: what the car holds when the owner comes
+back at an awkward moment. The guard, its policy and the kernels are the car's own; the
+store and the MQTT outbox are stand-ins that record what the car would send."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from parkpool.schemas import Assignment, Nack, Result, TaskChunk, encode
+from parkpool.schemas.messages import NackReason
+from parkpool.worker.admission import Admission
+from parkpool.worker.backend import numpy_backend
+from parkpool.worker.carstate import SimulatedBus
+from parkpool.worker.grants import GatewayBook
+from parkpool.worker.guard import OwnerGuard
+from parkpool.worker.policy import Decision, Mode, OwnerPolicy
+from parkpool.worker.runner import TaskRunner
+from parkpool.worker.tasks import TaskLine
+
+
+class StoreBypass:
+    """Tasks here carry no stored inputs, and results stay inline."""
+
+    def hydrate(self, _assignment: Assignment, task: TaskChunk, _cancel: Any) -> TaskChunk:
+        return task
+
+    def offload(self, result: Result, _assignment: Assignment, _cancel: Any) -> Result:
+        return result
+
+
+class Outbox:
+    """What the car sends its gateway."""
+
+    too_large = 0
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.nacks: list[Nack] = []
+
+    def result(self, result: Result) -> None:
+        self.results.append(result)
+
+    def nack(self, nack: Nack) -> None:
+        self.nacks.append(nack)
+
+
+class Car:
+    """A task line whose owner's guard hands back every held task on a suspension, as
+    ``VehicleWorker`` does."""
+
+    def __init__(self) -> None:
+        self.bus = SimulatedBus()
+        self.outbox = Outbox()
+        self.admission = Admission()
+        self.pool = ThreadPoolExecutor(4)
+        self.guard = OwnerGuard(self.bus, OwnerPolicy(), self._on_policy)
+        self.line = TaskLine(
+            "car",
+            capacity=2,
+            concurrency=1,
+            admission=self.admission,
+            gateways=GatewayBook("car"),
+            runner=TaskRunner(numpy_backend(), self.guard, threading.Event()),
+            data=StoreBypass(),
+            outbox=self.outbox,
+            pool=self.pool,
+            stopping=threading.Event(),
+            decision=lambda: self.guard.decision,
+            on_room=lambda: None,
+            on_preempted=lambda: None,
+        )
+
+    def _on_policy(self, _previous: Decision, decision: Decision) -> None:
+        if decision.mode is Mode.SUSPEND:
+            with self.line.held.releasing() as held:
+                for item in held:
+                    self.line.nack(item.assignment, NackReason.RELEASED, "owner", item.task)
+
+    def assign(self, epoch: int) -> None:
+        now = time.time()
+        task = TaskChunk(
+            "job", 0, 1, "monte_carlo_pi", {"seed": 1, "samples": 1000}, {}, "r", now + 600, now
+        )
+        self.line.receive(encode(Assignment("gw", "car", epoch, 1, now + 30, encode(task))))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def car() -> Iterator[Car]:
+    made = Car()
+    made.guard.start()
+    yield made
+    made.close()
+
+
+class TestOwnerReturnsWhileATaskArrives:
+    def test_a_task_opened_as_the_owner_returns_is_handed_back_not_held(self, car: Car) -> None:
+        # Given an owner who pauses the car while an assignment is being opened, after
+        # the car decided it could take it and before it holds it
+        opened = car.admission.open
+
+        def owner_pauses_meanwhile(assignment: Assignment, task: TaskChunk) -> TaskChunk:
+            car.bus.set(owner_paused=True)
+            return opened(assignment, task)
+
+        car.admission.open = owner_pauses_meanwhile  # type: ignore[method-assign]
+        # When the assignment arrives
+        car.assign(7)
+        car.pool.shutdown(wait=True)
+        # Then the car holds nothing, and hands the task back once, as released
+        assert car.guard.decision.mode is Mode.SUSPEND
+        assert len(car.line.held) == 0
+        assert [(n.epoch, n.reason) for n in car.outbox.nacks] == [(7, NackReason.RELEASED)]
+        # And once the owner lets it run again, no heartbeat keeps that lease alive
+        car.bus.set(owner_paused=False)
+        assert car.line.held.due_beats(time.time() + 3600) == []
+        assert car.outbox.results == []
+
+    def test_a_task_held_when_its_kernel_is_stopped_is_handed_back(self, car: Car) -> None:
+        # Given a task the guard's stop did not see (it is held, the owner has the car)
+        car.bus.set(owner_paused=True)
+        assert car.guard.decision.mode is Mode.SUSPEND
+        now = time.time()
+        task = TaskChunk(
+            "job", 0, 1, "monte_carlo_pi", {"seed": 1, "samples": 1000}, {}, "r", now + 600, now
+        )
+        car.line.held.add(Assignment("gw", "car", 3, 1, now + 30, encode(task)), task)
+        # When its kernel starts and is stopped at once
+        car.line._run(3)
+        # Then it is handed back, not held for good
+        assert len(car.line.held) == 0
+        assert [(n.epoch, n.reason) for n in car.outbox.nacks] == [(3, NackReason.RELEASED)]
