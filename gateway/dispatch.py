@@ -320,7 +320,7 @@ class Dispatcher:
         """The next ready task, checking cancellation and deadline at dispatch time, and,
         for a car that does not run its kernel (``runs``), whether any car here does."""
         while (task := self.ready.pop(accept, prefer=prefer)) is not None:
-            if task.task.job_id in self.cancelled:
+            if self.cancelled.covers(task.task):
                 self.outcomes.skip_cancelled(task)
             elif task.task.deadline < time.time():
                 detail = "the job's deadline passed in the queue"

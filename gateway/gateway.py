@@ -223,7 +223,7 @@ class Gateway:
         for item in items:
             if isinstance(item, CancelRecord):
                 self._cancel_guarded(item)
-            elif item.task.job_id in self.cancelled:
+            elif self.cancelled.covers(item.task):
                 self.outcomes.skip_cancelled(item)
             else:
                 self.ready.push(item)
@@ -260,12 +260,13 @@ class Gateway:
 
     def _cancel(self, record: CancelRecord) -> None:
         job_id = record.cancel.job_id
-        self.cancelled.add(job_id)
-        for task in self.ready.remove_where(lambda t: t.task.job_id == job_id):
+        self.cancelled.add(job_id, record.cancel.requested_at)
+        covered = self.cancelled.covers
+        for task in self.ready.remove_where(lambda t: covered(t.task)):
             self.outcomes.skip_cancelled(task)
-        for task in self.delayed.remove_where(lambda t: t.task.job_id == job_id):
+        for task in self.delayed.remove_where(lambda t: covered(t.task)):
             self.outcomes.skip_cancelled(task)
-        for lease in self.leases.where(lambda lease: lease.task.task.job_id == job_id):
+        for lease in self.leases.where(lambda lease: covered(lease.task.task)):
             self.leases.end(lease.epoch)
             self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "job_cancelled")
             self.vehicles.wake(lease.vehicle_id)  # it drops the task: its slot is free

@@ -105,6 +105,26 @@ class TestCancel:
         # And every task record, cancels included, is committed: nothing is left behind
         wait_committed_to_end(kafka_conn, f"{namespace}.gateways", client.topics.tasks)
 
+    def test_a_job_submitted_again_under_a_cancelled_jobs_id_runs(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+    ) -> None:
+        # Given a job cancelled while its chunks were queued at the gateway
+        gateway = gateway_factory()
+        first = client.publish("reduce", small_chunks(4), job_id="again")
+        wait_for(lambda: gateway.metric(TASKS, status="consumed") == 4, 30, "the job queued")
+        first.cancel()
+        wait_for(lambda: gateway.metric(TASKS, status="cancelled") == 4, 30, "its chunks skipped")
+        # When the caller submits a job again under its id (an idempotent retry, say)
+        again = client.publish("reduce", small_chunks(4), job_id="again")
+        fleet_factory(2)
+        # Then the new job's chunks run: the cancel covers the tasks made before it
+        again.wait(timeout=60)
+        assert (again.state, again.progress.done) == (JobState.DONE, 4)
+        assert gateway.metric(TASKS, status="cancelled") == 4
+
 
 class TestPriorities:
     """High-priority work drains before batch work that was queued earlier."""
