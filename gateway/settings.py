@@ -8,6 +8,8 @@ from pathlib import Path
 
 from parkpool.runtime.kafka import TASK_FETCH_WAIT_MS
 from parkpool.runtime.settings import KafkaConnection, MqttConnection, StoreConnection
+from parkpool.schemas import ConfigError
+from parkpool.schemas.messages import MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ class GatewaySettings:
     # After a start, how long to wait for cars to announce a plugin kernel before its
     # tasks count as ones no car here runs (gateway.kernel_routes).
     kernel_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            # A larger batch is no message a car accepts: refused here, not on the first
+            # car with that many credits, where it stopped the gateway's loop.
+            detail = f"max_batch must be 1 to {MAX_BATCH} (one AssignmentBatch), not "
+            raise ConfigError(detail + repr(self.max_batch))
 
     @property
     def group(self) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from parkpool.gateway.settings import GatewaySettings
 from parkpool.runtime.settings import (
     KafkaConnection,
     MqttConnection,
@@ -25,6 +26,7 @@ from parkpool.runtime.settings import (
     redact,
 )
 from parkpool.schemas.errors import ConfigError
+from parkpool.schemas.messages import MAX_BATCH
 from parkpool.worker.cli import parse_cells
 
 PASSWORD = "hunter2-s3cr3t"
@@ -289,3 +291,19 @@ class TestStoreUrlsInClear:
     ) -> None:
         conn = StoreConnection(endpoint, public_endpoint=public)
         assert conn.urls_in_clear is in_clear
+
+
+class TestGatewayBatch:
+    """A batch is one AssignmentBatch message: at most 64 assignments."""
+
+    @staticmethod
+    def settings(max_batch: int) -> GatewaySettings:
+        kafka = KafkaConnection("127.0.0.1:9092")
+        return GatewaySettings("gw1", kafka, MqttConnection(), max_batch=max_batch)
+
+    def test_a_batch_no_car_accepts_is_refused_by_name(self) -> None:
+        with pytest.raises(ConfigError, match="max_batch must be 1 to 64"):
+            self.settings(MAX_BATCH + 1)
+        with pytest.raises(ConfigError):
+            self.settings(0)
+        assert self.settings(MAX_BATCH).max_batch == MAX_BATCH
