@@ -159,6 +159,15 @@ class ParkpoolClient:
         self._deleting: dict[str, int] = {}  # job id -> its deletes queued or running
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        try:
+            self._start(settings)
+        except BaseException:
+            self._stop_started()
+            raise
+
+    def _start(self, settings: ProducerSettings) -> None:
+        """What runs beside the caller: the checks' reputation reader, the result
+        reader, the status server and the pools."""
         # Before the result reader, which hands what it reads to the checks.
         self._checks = (
             ResultChecks(
@@ -181,6 +190,23 @@ class ParkpoolClient:
         # the reader's thread.
         self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="pp-cleanup")
         self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="pp-outputs")
+
+    def _stop_started(self) -> None:
+        """A constructor that failed part way (Kafka out of reach, the metrics port
+        taken, bad store credentials) stops what it had started: a service that retries
+        making its client while Kafka is down would otherwise leak threads and Kafka
+        clients on every try. Only what exists by then is there to stop."""
+        self._closed.set()
+        status = getattr(self, "_status", None)
+        if status is not None:
+            status.close()
+        reader = getattr(self, "_reader", None)
+        if reader is not None and reader.is_alive():
+            reader.join(timeout=10)  # it closes its consumer as it ends
+        checks = getattr(self, "_checks", None)
+        if checks is not None:
+            checks.close()
+        self._producer.flush(1)
 
     def _new_producer(self) -> Producer:
         made: list[Producer] = []
@@ -302,13 +328,24 @@ class ParkpoolClient:
             )
 
     def _follow(self, job_id: str, handle: JobHandle[Any]) -> None:
-        """Route a job's results to ``handle``. Refused once the client closed, checked
-        under the lock ``_end_running`` takes: a close() since ``_need_reader`` would
-        leave the job with nobody to hear it end."""
+        """Route a job's results to ``handle``. Refused once the client closed or its
+        reader stopped, checked under the lock ``_end_running`` and ``_broker_lost``
+        take: either happening since ``_need_reader`` (a submit uploads for seconds)
+        would leave the job with nobody to hear it end."""
         with self._lock:
-            if self._closed.is_set():
-                raise BrokerError("the client is closed")
+            self._still_reading_locked()
             self._handles[job_id] = handle
+
+    def _still_reading_locked(self) -> None:
+        """The reader sets its failure before it ends every job it knows of, under the
+        lock: a job registered under the lock either is one of them or is refused."""
+        if self._closed.is_set():
+            raise BrokerError("the client is closed")
+        if self._reader.failure:
+            raise BrokerError(
+                f"the result reader stopped ({self._reader.failure}): "
+                "this client cannot follow a job; make a new one"
+            )
 
     def _end_running(self) -> None:
         """Jobs still running when the client closes: their waiters are told now rather
@@ -906,8 +943,7 @@ class ParkpoolClient:
             other = self._handles.get(job_id)
             if other is not None:
                 return other  # attached by another thread meanwhile
-            if self._closed.is_set():  # as in ``publish``: nobody would hear it end
-                raise BrokerError("the client is closed")
+            self._still_reading_locked()  # as in ``publish``: nobody would hear it end
             self._attached.add(job_id)
             self._handles[job_id] = handle  # before the rewind: the live reader goes on
         self._reader.rewind(job_id, starts, timeout)
@@ -1123,7 +1159,11 @@ class _ResultReader(threading.Thread):
         self.consumer = self._open(client)
         # Where each partition is read next; moved back by an attach (``rewind``) and
         # for a hole (``_reread_holes``).
-        ends = high_watermarks(self.consumer, topics)
+        try:
+            ends = high_watermarks(self.consumer, topics)
+        except BaseException:  # no thread will run to close it
+            self.consumer.close()
+            raise
         self._next = {(tp.topic, tp.partition): end for tp, end in ends.items()}
         # Which offsets were had: a record read again goes to an attached job only.
         self._ledger = OffsetLedger()

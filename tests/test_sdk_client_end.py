@@ -5,10 +5,12 @@ client closes, nor when its result reader meets an error it did not expect."""
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +23,9 @@ from parkpool.schemas import BrokerError, ParkpoolError
 from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
 from tests.conftest import RunningGateway
+from tests.helpers import wait_for
+
+READER_THREADS = {"parkpool-results", "parkpool-reputation"}
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +80,56 @@ def test_a_result_reader_that_fails_fails_the_jobs_instead_of_hanging_them(
         # And a job submitted after is refused by name, not left to wait for ever
         with pytest.raises(BrokerError, match="result reader stopped"):
             client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+
+
+def test_a_job_submitted_as_the_reader_stops_is_refused_not_left_waiting(
+    kafka_conn: KafkaConnection, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _client(kafka_conn, namespace) as client:
+        # Given a submit that passed the check that results can be read, and whose
+        # result reader then meets an error nobody expected while the job is prepared
+        # (hashing and uploading take seconds for a large one)
+        def broken(_self: object, _client: object) -> None:
+            raise RuntimeError("an unexpected bug")
+
+        prepare = client_module.ParkpoolClient._tasks
+
+        def reader_dies_meanwhile(self: Any, *args: Any) -> Any:
+            monkeypatch.setattr(client_module._ResultReader, "_check_stalls", broken)
+            wait_for(lambda: bool(self._reader.failure), 10, "the reader to stop")
+            return prepare(self, *args)
+
+        monkeypatch.setattr(client_module.ParkpoolClient, "_tasks", reader_dies_meanwhile)
+        # When the job is registered, Then it is refused by name, rather than left with
+        # nobody to read its results
+        with pytest.raises(BrokerError, match="result reader stopped"):
+            client.submit("reduce", {"x": np.ones(8), "op": "sum"}, chunk_elems=4)
+        assert client.metrics.value("parkpool_sdk_jobs_total", status="submitted") == 0
+
+
+def test_a_client_that_fails_to_start_leaves_no_thread_behind(
+    kafka_conn: KafkaConnection, namespace: str
+) -> None:
+    before = _reader_threads()
+    # Given a metrics port another process holds
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ProducerSettings(
+            kafka_conn, namespace, metrics_port=port, metrics_addr="127.0.0.1"
+        )
+        # When a client is made that would serve its metrics there, five times (a
+        # service retrying), Then each attempt fails, by the port
+        for _ in range(5):
+            with pytest.raises(OSError):
+                ParkpoolClient(settings)
+    # And none leaves its result or reputation reader running
+    assert _reader_threads() == before
+
+
+def _reader_threads() -> int:
+    return sum(t.name in READER_THREADS for t in threading.enumerate())
 
 
 def test_a_long_lived_client_keeps_no_ended_job(
