@@ -414,7 +414,13 @@ class JobHandle(Generic[R]):
     def _settle(self, state: JobState) -> None:
         if state is JobState.CANCELLED:
             self._future.cancel()
-        elif self._error is not None:
+            return
+        # From here a cancel() of the future returns False, as for a finished call in
+        # concurrent.futures, rather than cancel an answer being assembled and leave
+        # the future unsettled. False: a cancel won the race (the job is told, in vain).
+        if not self._future.set_running_or_notify_cancel():
+            return
+        if self._error is not None:
             self._future.set_exception(self._error)
         elif state is JobState.FAILED:
             self._future.set_exception(JobFailed(self.job_id, self._dead))

@@ -303,6 +303,33 @@ class TestFuture:
         assert job.state is JobState.CANCELLED and cancelled == [JOB]
         assert job.wait(timeout=0) is None
 
+    def test_a_future_cancelled_while_its_answer_is_assembled_keeps_the_answer(self) -> None:
+        # Given a job whose answer takes a while to assemble
+        assembling, go_on = threading.Event(), threading.Event()
+        assembler = plan_reduce(X, "sum", chunk_elems=CHUNK_ELEMS).make_assembler()
+        finish = assembler.result
+
+        def slow_result() -> float:
+            assembling.set()
+            go_on.wait(10)
+            return finish()
+
+        assembler.result = slow_result  # type: ignore[method-assign]
+        job = JobHandle(JOB, N_CHUNKS, assembler)
+        for chunk_id in range(N_CHUNKS - 1):
+            job.deliver(result(chunk_id), received_at=CREATED_AT)
+        last = threading.Thread(target=job.deliver, args=(result(N_CHUNKS - 1), CREATED_AT))
+        last.start()
+        assert assembling.wait(10)
+        # When its caller cancels the future meanwhile (after wait(FIRST_COMPLETED), say)
+        # Then, as for a call that already ran, the cancel is refused
+        assert not job.future.cancel()
+        go_on.set()
+        last.join(10)
+        # And the answer is there
+        assert job.future.result(timeout=10) == X.sum()
+        assert job.state is JobState.DONE
+
     def test_wait_times_out_with_a_timeout_error_naming_the_progress(self) -> None:
         job = sum_job()
         job.deliver(result(0), received_at=CREATED_AT)
