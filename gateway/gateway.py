@@ -167,7 +167,9 @@ class Gateway:
         self._sweep()
         if not self._draining:
             self.dispatcher.dispatch()
-        self.log.flow(starving=self._starving() or self._holding_enough())
+        # A draining gateway dispatches nothing more: reading on would only take in
+        # tasks for the next owner to read again.
+        self.log.flow(starving=self._draining or self._starving() or self._holding_enough())
         self._update_gauges()
         if not busy:
             self._idle(0.005)
@@ -179,10 +181,11 @@ class Gateway:
         deadline = time.monotonic() + self.settings.drain_seconds
         while len(self.leases) and time.monotonic() < deadline:
             self.step()
-        for lease in self.leases.all():
+        revoked = self.leases.all()
+        for lease in revoked:
             self.leases.end(lease.epoch)
             self.mqtt.send_revoke(lease.vehicle_id, lease.epoch, "gateway_shutdown")
-        self.events.info("gateway_drained", revoked=len(self.leases))
+        self.events.info("gateway_drained", revoked=len(revoked))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.events.info("gateway_stopping", leases=len(self.leases))

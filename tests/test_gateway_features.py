@@ -552,6 +552,26 @@ class TestScaleOutAndShutdown:
         ids = [c.chunk_id for c in handle.chunks(timeout=1)]
         assert sorted(ids) == list(range(120))
 
+    def test_a_draining_gateway_reads_no_more_tasks(
+        self,
+        gateway_factory: GatewayFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a gateway whose drain waits for a lease a car holds
+        running = gateway_factory(drain_seconds=4)
+        client.publish("reduce", small_chunks(1))
+        holder = hold_lease(mqtt_conn, MqttTopics(namespace))
+        # When it starts to drain, and tasks arrive meanwhile
+        running.gateway.stopping.set()
+        wait_for(lambda: running.gateway.draining, 10, "the drain to start")
+        client.publish("reduce", small_chunks(5))
+        time.sleep(2.0)
+        # Then it reads none of them: they are the next owner's
+        assert running.metric(TASKS, status="consumed") == 1
+        holder.close()
+
     def test_sigterm_drains_and_exits_in_bounded_time(
         self,
         gateway_procs: Callable[..., tuple[subprocess.Popen[bytes], int]],
