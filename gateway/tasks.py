@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 from parkpool.schemas import AttemptRecord, Priority, TaskChunk
 from parkpool.schemas.kernels import BUILTIN
 
-# How many tasks at the head of each priority's queue a pull looks at for one that fits
-# the car and ranks best: bounds a pull's cost whatever the queue's length.
+# How many tasks a pull ranks, of those at the head of each priority's queue that fit
+# the car: bounds the cost of ranking whatever the queue's length.
 SCAN = 32
+# How far a pull looks, past tasks the car may not take (a plugin kernel it does not
+# run, a confidential task it cannot open, a redo that avoids it, one too long for its
+# stay), for those: when only the first 32 were looked at, 32 such tasks at the head
+# left every other car idle however much it could run behind them.
+SCAN_LIMIT = 1024
 # A car shunned by a task again and again is shunned at most 2**4 = 16 base shuns (leases)
 # at a time: long enough to leave the task to any other car, short enough that a car
 # wrongly thought at fault is not locked out of a job's last task for good.
@@ -121,10 +126,11 @@ class ReadyQueue:
         scan: int = SCAN,
         prefer: Callable[[PendingTask], float] | None = None,
     ) -> PendingTask | None:
-        """The next task by priority; with ``accept``, the first of the next ``scan`` in
-        each queue that it accepts (a vehicle about to leave takes only short tasks);
-        with ``prefer``, the one of those it ranks highest, the first of equals (a car's
-        cached inputs; a bool ranks True over False)."""
+        """The next task by priority; with ``accept``, the first in each queue that it
+        accepts (a vehicle about to leave takes only short tasks), looking no further
+        than SCAN_LIMIT tasks; with ``prefer``, the one it ranks highest of the first
+        ``scan`` it accepts, the first of equals (a car's cached inputs; a bool ranks
+        True over False)."""
         high, batch = self._queues[Priority.HIGH], self._queues[Priority.BATCH]
         batch_turn = bool(batch) and self._high_streak >= self._high_burst
         order = (batch, high) if batch_turn else (high, batch)
@@ -165,8 +171,9 @@ def _take(
         return queue.popleft()
     best: int | None = None
     best_rank = 0.0
-    for index in range(min(scan, len(queue))):
-        task = queue[index]
+    ranked = 0
+    look = scan if accept is None else SCAN_LIMIT
+    for index, task in enumerate(itertools.islice(queue, look)):
         if accept is not None and not accept(task):
             continue
         if prefer is None:
@@ -175,6 +182,9 @@ def _take(
         rank = prefer(task)
         if best is None or rank > best_rank:  # ties keep the queue's order
             best, best_rank = index, rank
+        ranked += 1
+        if ranked == scan:
+            break
     if best is None:
         return None
     task = queue[best]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from parkpool.gateway import dispatch
-from parkpool.gateway.tasks import MAX_SHUN_DOUBLINGS, PendingTask, ReadyQueue
+from parkpool.gateway.tasks import MAX_SHUN_DOUBLINGS, SCAN_LIMIT, PendingTask, ReadyQueue
 from parkpool.gateway.vehicles import VehicleBook
 from parkpool.schemas import BlobRef, Priority, TaskChunk
 from parkpool.schemas.sealing import KEY_BYTES, WRAPPED_KEY_BYTES
@@ -164,13 +164,35 @@ class TestAccept:
         assert task is not None and task.offset == 1
         assert [t.offset for t in drain(queue)] == [0, 2, 3, 4]
 
-    def test_nothing_acceptable_leaves_the_queue_untouched(self) -> None:
+    def test_tasks_the_car_may_not_take_do_not_hide_those_behind_them(self) -> None:
+        # Given 40 tasks at the head that the car may not take (a plugin kernel it does
+        # not run, say), and one it may take behind them
         queue = ReadyQueue()
-        for offset in range(40):
+        for offset in range(41):
             queue.push(batch(offset))
-        # An acceptable task beyond the scan window is not looked for
-        assert queue.pop(lambda t: t.offset == 39, scan=32) is None
-        assert len(queue) == 40
+        # When it pulls, Then it gets the one behind them, the rest in their order
+        task = queue.pop(lambda t: t.offset == 40, scan=32)
+        assert task is not None and task.offset == 40
+        assert [t.offset for t in drain(queue)] == list(range(40))
+
+    def test_a_pull_looks_as_far_as_the_limit_and_then_leaves_the_queue_untouched(
+        self,
+    ) -> None:
+        queue = ReadyQueue()
+        for offset in range(SCAN_LIMIT + 1):
+            queue.push(batch(offset))
+        assert queue.pop(lambda t: t.offset == SCAN_LIMIT) is None
+        assert len(queue) == SCAN_LIMIT + 1
+        assert queue.pop(lambda t: t.offset == SCAN_LIMIT - 1) is not None
+
+    def test_ranking_weighs_only_the_first_tasks_the_car_may_take(self) -> None:
+        # Given tasks the car may not take, then 40 it may, the last of which it prefers
+        queue = ReadyQueue()
+        for offset in range(50):
+            queue.push(batch(offset))
+        task = queue.pop(lambda t: t.offset >= 10, scan=32, prefer=lambda t: t.offset == 49)
+        # Then it gets the first it may take: the preferred one is past the 32 it ranks
+        assert task is not None and task.offset == 10
 
     def test_falls_back_to_the_other_priority(self) -> None:
         queue = ReadyQueue()
