@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from parkpool.schemas import Assignment, Nack, Result, TaskChunk, encode
+from parkpool.schemas import Assignment, Nack, Result, Revoke, TaskChunk, encode
 from parkpool.schemas.messages import NackReason
 from parkpool.worker.admission import Admission
 from parkpool.worker.backend import numpy_backend
@@ -23,6 +23,7 @@ from parkpool.worker.guard import OwnerGuard
 from parkpool.worker.policy import Decision, Mode, OwnerPolicy
 from parkpool.worker.runner import TaskRunner
 from parkpool.worker.tasks import TaskLine
+from tests.helpers import wait_for
 
 
 class StoreBypass:
@@ -55,7 +56,7 @@ class Car:
     """A task line whose owner's guard hands back every held task on a suspension, as
     ``VehicleWorker`` does."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_s: float = 0.0) -> None:
         self.bus = SimulatedBus()
         self.outbox = Outbox()
         self.admission = Admission()
@@ -67,7 +68,9 @@ class Car:
             concurrency=1,
             admission=self.admission,
             gateways=GatewayBook("car"),
-            runner=TaskRunner(numpy_backend(), self.guard, threading.Event()),
+            runner=TaskRunner(
+                numpy_backend(), self.guard, threading.Event(), simulated_delay_s=kernel_s
+            ),
             data=StoreBypass(),
             outbox=self.outbox,
             pool=self.pool,
@@ -139,3 +142,24 @@ class TestOwnerReturnsWhileATaskArrives:
         # Then it is handed back, not held for good
         assert len(car.line.held) == 0
         assert [(n.epoch, n.reason) for n in car.outbox.nacks] == [(3, NackReason.RELEASED)]
+
+
+class TestRevokedWhileRunning:
+    def test_a_revoked_tasks_kernel_stops_and_sends_nothing(self) -> None:
+        # Given a car 0.5 s into a 30 s kernel
+        car = Car(kernel_s=30.0)
+        car.guard.start()
+        try:
+            car.assign(5)
+            wait_for(lambda: bool(car.line.held.due_beats(time.time() + 3600)), 10, "a run")
+            time.sleep(0.5)
+            # When the gateway revokes its lease (the job was cancelled)
+            revoked = time.monotonic()
+            car.line.revoke(encode(Revoke("gw", "car", 5, "job_cancelled")))
+            car.pool.shutdown(wait=True)
+            # Then the kernel stops within a checkpoint, not after its 30 s
+            assert time.monotonic() - revoked < 5
+            # And nothing is sent for it: the gateway took it back
+            assert (car.outbox.results, car.outbox.nacks) == ([], [])
+        finally:
+            car.close()

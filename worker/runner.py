@@ -10,6 +10,7 @@ from typing import Any
 
 from parkpool.schemas import Preempted, TaskChunk
 from parkpool.worker.backend import Backend
+from parkpool.worker.cancel import Cancel
 from parkpool.worker.guard import OwnerGuard
 from parkpool.worker.kernels import execute
 
@@ -35,14 +36,15 @@ class TaskRunner:
         self._stopping = stopping
         self._simulated_delay_s = simulated_delay_s
 
-    def run(self, task: TaskChunk) -> tuple[dict[str, Any], float]:
-        """Outputs and seconds; raises Preempted if the owner took the car back meanwhile,
-        and the kernel's own errors (ValidationError, KernelError, ...) otherwise."""
+    def run(self, task: TaskChunk, cancel: Cancel | None = None) -> tuple[dict[str, Any], float]:
+        """Outputs and seconds; raises Preempted if the owner took the car back meanwhile
+        or the task was let go (``cancel``: revoked, say), and the kernel's own errors
+        (ValidationError, KernelError, ...) otherwise."""
         generation = self.guard.kernel_started() if self.guard else 0
         started = time.perf_counter()
         try:
-            checkpoint = self._checkpoint(generation)
-            self._simulated_delay(checkpoint, generation)
+            checkpoint = self._checkpoint(generation, cancel)
+            self._simulated_delay(checkpoint, generation, cancel is not None)
             outputs = execute(
                 task.kernel, task.params, task.inputs, self.backend, checkpoint=checkpoint
             )
@@ -52,12 +54,16 @@ class TaskRunner:
         self._learn_rate(task, seconds)
         return outputs, seconds
 
-    def _checkpoint(self, generation: int) -> Any:
+    def _checkpoint(self, generation: int, cancel: Cancel | None) -> Any:
         def checkpoint() -> None:
             if self._stopping.is_set():
                 raise Preempted("worker stopping")
             if self.guard is not None:
                 self.guard.checkpoint(generation)
+            if cancel is not None and cancel.is_set():
+                # Its lease was revoked (the job cancelled, the gateway shutting down):
+                # the rest of the run would be the owner's energy spent on nothing.
+                raise Preempted("task let go")
 
         return checkpoint
 
@@ -75,9 +81,10 @@ class TaskRunner:
             last = self.gflops_per_s or rate
             self.gflops_per_s = (1 - RATE_SMOOTHING) * last + RATE_SMOOTHING * rate
 
-    def _simulated_delay(self, checkpoint: Any, generation: int) -> None:
+    def _simulated_delay(self, checkpoint: Any, generation: int, cancellable: bool) -> None:
         """Take ``simulated_delay_s`` as a kernel would, and stop as one would: at once
-        when the owner's stop ends the generation. It sleeps on events rather than polling,
+        when the owner's stop ends the generation, and within a poll when the worker
+        stops or the task is let go. It sleeps on events rather than polling fast,
         because a simulated fleet runs a thousand of these in one process."""
         if self._simulated_delay_s <= 0:
             return
@@ -86,6 +93,8 @@ class TaskRunner:
             wake, slice_s = self._stopping, self._simulated_delay_s
         else:
             wake, slice_s = self.guard.generation_over(generation), WORKER_STOP_POLL_S
+        if cancellable:
+            slice_s = min(slice_s, WORKER_STOP_POLL_S)
         while (left := deadline - time.monotonic()) > 0:
             wake.wait(min(slice_s, left))
             checkpoint()

@@ -194,9 +194,11 @@ class TaskLine:
             answer = self._answer(item, inputs)
         except Preempted as exc:
             # The guard's stop has handed every held task back, this one too, unless it
-            # still holds it: then it is handed back here, not left held for good.
+            # still holds it: then it is handed back here, not left held for good. A
+            # task let go otherwise (revoked) was taken out by whoever let it go.
             self._finish(epoch, nack=(NackReason.RELEASED, exc.reason))
-            self._on_preempted()
+            if not self._decision().runs:
+                self._on_preempted()
             return
         if isinstance(answer, Result):
             self._finish(epoch, result=answer)
@@ -208,7 +210,7 @@ class TaskLine:
         if not isinstance(task, TaskChunk):
             return task
         try:
-            outputs, seconds = self._runner.run(task)
+            outputs, seconds = self._runner.run(task, item.cancel)
         except (ValidationError, Reject) as exc:
             return NackReason.INVALID_TASK, str(exc)
         except (KernelError, Retry) as exc:
