@@ -117,6 +117,20 @@ class HeldTasks:
                 held.next_beat = now + held.beat_every
         return due
 
+    def unstarted_past(self, now: float) -> list[Held]:
+        """Take out the tasks still waiting for a kernel slot whose lease has less than
+        a heartbeat's time left: the kernel before them ran long, and no heartbeat keeps
+        a lease that has not started alive."""
+        with self._lock:
+            late = [
+                epoch
+                for epoch, h in self._items.items()
+                if not h.running and h.assignment.lease_deadline - now < h.beat_every
+            ]
+            items = [self._items.pop(epoch) for epoch in late]
+        _let_go(items)
+        return items
+
     def take_all(self) -> list[Held]:
         with self._lock:
             items = list(self._items.values())

@@ -118,7 +118,9 @@ class VehicleWorker:
         self._owns_network = network is None
         self._network = network or NetworkLoop(retry_log_level=logging.WARNING).start()
         self._owns_pool = pool is None
-        self._pool = pool or ThreadPoolExecutor(settings.concurrency, f"veh-{self.vehicle_id}")
+        # A thread for every task held, not only for every kernel: a prefetched task's
+        # inputs download while the kernel before it runs, and it then waits for a slot.
+        self._pool = pool or ThreadPoolExecutor(settings.capacity, f"veh-{self.vehicle_id}")
         self._log = log.bind(vehicle_id=self.vehicle_id)
         will = VehicleStatus(self.vehicle_id, VehicleState.OFFLINE, time.time(), "connection_lost")
         self._client = new_client(
@@ -303,10 +305,16 @@ class VehicleWorker:
             self._next_heartbeat = time.monotonic() + self.settings.heartbeat_s
 
     def _beat_leases(self) -> None:
-        """Keep the leases of running tasks alive, however long the kernel takes."""
+        """Keep the leases of running tasks alive, however long the kernel takes; hand
+        back, uncounted, a prefetched task that could not start before its lease ran out.
+        Kept, its lease would expire at the gateway as a failed attempt, and the car
+        would run it for a result nobody takes."""
         now = time.time()
         for held in self.tasks.held.due_beats(now):
             self.outbox.heartbeat(heartbeat_of(held, self.vehicle_id, now))
+        for held in self.tasks.held.unstarted_past(now):
+            detail = "its lease ran out before a kernel slot freed"
+            self.tasks.nack(held.assignment, NackReason.EXPIRED, detail, held.task)
 
     # ---------------------------------------------------------------- receiving
 
