@@ -217,6 +217,28 @@ class TestLeaseHeartbeats:
         assert gateway.metric(REDELIVERED, cause="lease_expired") == 0
         assert gateway.metric(TASKS, status="dispatched") == 1
 
+    def test_a_cars_lease_heartbeats_are_qos_0(
+        self,
+        gateway_factory: GatewayFactory,
+        fleet_factory: FleetFactory,
+        client: ParkpoolClient,
+        mqtt_conn: MqttConnection,
+        namespace: str,
+    ) -> None:
+        # Given a listener on the gateway's heartbeat topic, at QoS 1 as the gateway is
+        topics = MqttTopics(namespace)
+        listener = RawMqtt(mqtt_conn, f"listener-{namespace}")
+        listener.subscribe(topics.heartbeats_for("gw1"))
+        # When a car runs a task longer than a third of its lease
+        gateway_factory(lease_seconds=3)
+        fleet_factory(1, simulated_delay_s=3.0)
+        client.publish("reduce", small_chunks(1)).wait(timeout=60)
+        # Then its lease heartbeats came at QoS 0: none can wait in the broker's
+        # in-flight window behind results the gateway has not yet acknowledged
+        assert listener.received, "no lease heartbeat"
+        assert {m.qos for m in listener.received} == {0}
+        listener.close()
+
     def test_heartbeats_cannot_hold_a_lease_past_its_limit(
         self,
         gateway_factory: GatewayFactory,
