@@ -105,8 +105,13 @@ class HeldTasks:
         with self._lock:
             item = self._items.get(epoch)
             if item is not None:
+                now = time.time()
                 item.running = True
-                item.next_beat = time.time() + item.beat_every
+                item.next_beat = now + item.beat_every
+                if item.assignment.lease_deadline - now < 2 * item.beat_every:
+                    # A prefetched task that waited: its first beat would come too near
+                    # the deadline (or after it) to keep the lease. Beat now.
+                    item.next_beat = now
             return item
 
     def due_beats(self, now: float) -> list[Held]:

@@ -39,6 +39,9 @@ from parkpool.worker.replies import nack_of, result_of
 from parkpool.worker.runner import TaskRunner
 
 Refusal = tuple[NackReason, str]
+# How often a task waiting for a kernel slot looks whether it was let go: a simulated
+# fleet has a thousand such waits, so they poll slowly rather than hook every cancel.
+SLOT_POLL_S = 0.25
 
 
 class TaskLine:
@@ -169,8 +172,12 @@ class TaskLine:
             return  # released or revoked meanwhile
         try:
             inputs = self._inputs(item)
-            with self._slots:
+            if not self._slot_for(item):
+                return  # let go while it waited: its thread is free for the next task
+            try:
                 self._run_held(epoch, inputs)
+            finally:
+                self._slots.release()
         except Preempted as exc:
             # Its inputs' download was cut because the task was let go (revoked, handed
             # back, the car stopping): whoever let it go said what there was to say, and
@@ -185,6 +192,15 @@ class TaskLine:
             # slot short for good and the gateway would wait out the lease. Hand it back.
             self._log.exception("task_crashed", **task_context(item.assignment, item.task))
             self._finish(epoch, nack=(NackReason.KERNEL_ERROR, f"car fault: {exc!r}"[:512]))
+
+    def _slot_for(self, item: Held) -> bool:
+        """Wait for a kernel slot; False once the task is let go meanwhile (revoked,
+        handed back), so that a task no longer held does not keep a pool thread, which
+        the next prefetched task needs for its downloads, until the kernel ends."""
+        while not self._slots.acquire(timeout=SLOT_POLL_S):
+            if item.cancel.is_set() or self._stopping.is_set():
+                return False
+        return True
 
     def _run_held(self, epoch: int, inputs: TaskChunk | Refusal) -> None:
         item = self.held.start(epoch)
