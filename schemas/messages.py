@@ -142,7 +142,9 @@ class NackReason(enum.StrEnum):
     RELEASED = "released"  # the worker is stopping or was preempted by its owner
     KERNEL_ERROR = "kernel_error"  # the kernel raised: maybe this task, maybe this car
     INVALID_TASK = "invalid_task"  # the task can never run (bad params, unknown kernel)
-    EXPIRED = "expired"  # the lease deadline passed before the task could start
+    # The lease ran out, or was about to, before the task could start: it reached the car
+    # late, or waited as a prefetched task behind a long kernel.
+    EXPIRED = "expired"
     BUSY = "busy"  # the vehicle got more than it asked for
     # The store could not be reached, refused the URL or failed: another try may work.
     FETCH_FAILED = "fetch_failed"
@@ -157,10 +159,12 @@ class NackReason(enum.StrEnum):
 
     @property
     def frees_slot(self) -> bool:
-        """True when the car's slot is free again: it tried, or could not start, this
-        task. After "busy" it had no slot for it; after "released" it is stopping or its
-        owner took it back."""
-        return self not in (NackReason.BUSY, NackReason.RELEASED)
+        """True when the car's slot is free for another task now: it tried this one, or
+        could not fetch it. After "busy" it had no slot for it; after "released" it is
+        stopping or its owner took it back; after "expired" its kernel is busy with a
+        long task (or its clock is off), and its next result refills the slot: another
+        task now would only wait, and be handed back, in turn."""
+        return self not in (NackReason.BUSY, NackReason.RELEASED, NackReason.EXPIRED)
 
     @property
     def counts_as_failure(self) -> bool:
