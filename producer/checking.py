@@ -143,7 +143,10 @@ class ResultChecks:
     def _act(self, handle: JobHandle[Any], job: _Job, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Accept):
-                self._accept(handle, job, action)
+                if not self._accept(handle, job, action):
+                    # The rest (verdicts of cars that agreed, a ringer) stood on an
+                    # answer that turned out to be no answer: the misfit said it all.
+                    return
             elif isinstance(action, Judged):
                 self._judged(action)
             elif isinstance(action, Redo):
@@ -154,12 +157,15 @@ class ResultChecks:
                 handle.count_rejected()
                 self._misfit(handle, job, action.result, action.detail)
 
-    def _accept(self, handle: JobHandle[Any], job: _Job, accept: Accept) -> None:
+    def _accept(self, handle: JobHandle[Any], job: _Job, accept: Accept) -> bool:
+        """Hand the answer to the job; False when its assembler refused it."""
         try:
             if handle.deliver(accept.result, time.time(), accept.level):
                 self.metrics.chunks_verified.labels(accept.level.value).inc()
-        except ValidationError as exc:  # the job's assembler refused its outputs
+        except ValidationError as exc:
             self._misfit(handle, job, accept.result, str(exc))
+            return False
+        return True
 
     def _misfit(self, handle: JobHandle[Any], job: _Job, result: Result, detail: str) -> None:
         log.warning(

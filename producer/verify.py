@@ -210,12 +210,17 @@ class JobVerifier:
         waits for it for ever."""
         with self._lock:
             chunk = self._chunks[result.chunk_id]
+            agreed: list[str] = []
             if chunk.settled is result:
                 chunk.settled, chunk.ringer_out = None, False
+                same = [r for r in chunk.opinions if r is not result and self._same(r, result)]
                 chunk.opinions = [r for r in chunk.opinions if not self._same(r, result)]
+                agreed = [r.vehicle_id for r in same if r.vehicle_id not in chunk.unusable]
+                chunk.unusable.extend(agreed)  # as wrong as the one accepted: avoided too
                 if self._check is not None:
                     self._check.forget(result.chunk_id)
-            return self._unusable(result, f"outputs_misfit: {detail}", "misfit_outputs")
+            actions = self._unusable(result, f"outputs_misfit: {detail}", "misfit_outputs")
+            return [*(Judged(car, False) for car in agreed), *actions]
 
     def _unusable(self, result: Result, reason: str, why: str) -> list[Action]:
         chunk = self._chunks[result.chunk_id]

@@ -378,6 +378,24 @@ class TestQuorum:
         # And a fitting result settles the chunk again
         assert isinstance(v.take(result(0, 3, "older", y=np.array([6.0])))[1], Accept)
 
+    def test_cars_agreeing_on_a_misfit_are_all_held_to_it_and_avoided(self) -> None:
+        v = self.verifier(ReputationBook())
+        # Given two new cars that agree on outputs the job cannot use
+        assert v.take(result(2, 3, "a", z=np.array([6.0]))) == [Redo(2, ("a",))]
+        actions = v.take(result(2, 3, "b", z=np.array([6.0])))
+        accepted = actions[0]
+        assert isinstance(accepted, Accept)
+        # When the assembler refuses the answer they agreed on
+        unsettled = v.misfit(accepted.result, "missing_output")
+        # Then both are held to it, and the redo avoids both
+        verdicts = [a for a in unsettled if isinstance(a, Judged)]
+        assert sorted(j.vehicle_id for j in verdicts) == ["a", "b"]
+        assert all(j.valid is False for j in verdicts)
+        redo = unsettled[-1]
+        assert isinstance(redo, Redo) and redo.why == "misfit_outputs"
+        assert set(redo.avoid) == {"a", "b"}
+        assert v.wants(2)
+
     def test_misfits_fail_the_chunk_by_name_after_the_most_opinions(self) -> None:
         v = self.verifier(trusted_book(*(f"car{i}" for i in range(3))))
         actions: list = []
