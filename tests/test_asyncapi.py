@@ -61,7 +61,7 @@ EXPECTED_CHANNELS: dict[str, Channel] = {
     MQTT.status("car-1", "gw-1"): both_ways("receive", m.VehicleStatus, qos=1),
     MQTT.result("car-1", "gw-1"): both_ways("receive", m.Result, qos=1),
     MQTT.nack("car-1", "gw-1"): both_ways("receive", m.Nack, qos=1),
-    MQTT.heartbeat("car-1", "gw-1"): both_ways("receive", m.LeaseHeartbeat, qos=1),
+    MQTT.heartbeat("car-1", "gw-1"): both_ways("receive", m.LeaseHeartbeat, qos=0),
     # The last will, the one thing a car sends that every gateway of its cell hears.
     MQTT.will("car-1"): both_ways("receive", m.VehicleStatus, qos=1),
     # Everything a gateway says to one car: leases, alone or batched, revokes, notices.
