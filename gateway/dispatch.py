@@ -39,6 +39,9 @@ from parkpool.schemas.blobref import input_key, output_key
 BATCH_OVERHEAD = 1024
 MAX_NOTICES_PER_TURN = 256
 QUIET_S = 2.0  # an empty queue for this long means "no work here", not a gap between reads
+# A car that found no task it may take looks again once a task arrives, or after this
+# long (a shun ends, its stay shortens): a look may pass over SCAN_LIMIT tasks.
+RESCAN_S = 1.0
 # Per car, the stored inputs last sent to it, for cache-aware picks: as 64-bit hash
 # prefixes, about 300 bytes a car, so 200,000 cars cost some 60 MB at most.
 BLOBS_REMEMBERED = 8
@@ -122,10 +125,24 @@ class Dispatcher:
                 vehicles.served(view.vehicle_id, False)
                 vehicles.refused(view.vehicle_id)
                 continue
+            if self._nothing_new_for(view):
+                vehicles.served(view.vehicle_id, True)
+                continue
             available = self.available(view)
             if available > 0:
                 available -= self._send(view, min(available, self.settings.max_batch))
             vehicles.served(view.vehicle_id, available > 0)
+
+    def _nothing_new_for(self, view: VehicleView) -> bool:
+        """Whether a car that lately found no task it may take would find none again: no
+        task came since, and too little time passed for a shun to end or its stay to
+        change. A look may pass over a thousand tasks; without this, a car that may take
+        none of them would pay for it on every turn of the loop."""
+        found = view.found_none
+        if found is None:
+            return False
+        arrivals, when = found
+        return arrivals == self.ready.arrivals and time.monotonic() - when < RESCAN_S
 
     def _tell_idle(self, fresh: list[VehicleView]) -> None:
         """Say "no work here" only once the queue stayed empty for ``QUIET_S``: between
@@ -176,9 +193,11 @@ class Dispatcher:
             )
             if task is None:
                 if len(self.ready):
+                    view.found_none = (self.ready.arrivals, time.monotonic())
                     why = _skip_reason(runs, self.ready.head(SKIP_SAMPLE), view, alone)
                     self.metrics.dispatch_skipped.labels(why).inc()
                 break
+            view.found_none = None
             if task.task.kernel in view.plugin_kernels:
                 self.vehicles.kernels.heard((task.task.kernel,))  # a car here runs it
             inputs_key = self._inputs_key_for(task, view)

@@ -107,6 +107,9 @@ class ReadyQueue:
         self._queues: dict[Priority, deque[PendingTask]] = {p: deque() for p in Priority}
         self._high_burst = high_burst
         self._high_streak = 0
+        # Tasks put in so far: a car that found nothing it may take is looked at again
+        # once this moves (gateway.dispatch), not on every turn of the loop.
+        self.arrivals = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -114,11 +117,13 @@ class ReadyQueue:
     def push(self, task: PendingTask) -> None:
         task.queued_at = time.monotonic()
         self._queues[task.task.priority].append(task)
+        self.arrivals += 1
 
     def push_front(self, task: PendingTask) -> None:
         """Redeliveries go first: they have waited longest."""
         task.queued_at = time.monotonic()
         self._queues[task.task.priority].appendleft(task)
+        self.arrivals += 1
 
     def pop(
         self,

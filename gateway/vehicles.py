@@ -40,6 +40,9 @@ class VehicleView:
     # Content hashes (their first 64 bits) of the stored inputs last sent to it, newest
     # last: what its cache likely holds, so dispatch can send it tasks that reuse them.
     blobs: tuple[int, ...] = ()
+    # (ReadyQueue.arrivals, monotonic time) when a look through the queue last found no
+    # task it may take; None since it was sent one or pulled again.
+    found_none: tuple[int, float] | None = None
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.
@@ -108,6 +111,7 @@ class VehicleBook:
         self.kernels.heard(view.plugin_kernels)
         view.dwell_s, view.dwell_at = pull.dwell_s, view.last_heard
         view.state = VehicleState.ONLINE
+        view.found_none = None  # what it may take may have changed (kernels, box key)
         if view.credits > 0 and not self._quarantined(pull.vehicle_id):
             self._granting[pull.vehicle_id] = None
         else:
