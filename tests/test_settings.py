@@ -100,8 +100,14 @@ class TestParseKafkaConfig:
         assert parse_kafka_config("") == {}
 
     def test_rejects_item_without_equals(self) -> None:
-        with pytest.raises(argparse.ArgumentTypeError, match="'oops' is not key=value"):
+        with pytest.raises(argparse.ArgumentTypeError, match="item 2 is not key=value"):
             parse_kafka_config("a=b,oops")
+
+    def test_a_bad_item_is_named_without_its_value(self) -> None:
+        # A typo away from a secret: the error must not repeat it
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            parse_kafka_config("sasl.username=u,sasl.password hunter2")
+        assert "hunter2" not in str(refused.value)
 
 
 class TestAddOption:
@@ -173,6 +179,18 @@ class TestBadEnvironment:
             parser.parse_args([])
         assert exit_info.value.code == 2
         assert "PARKPOOL_MQTT_PORT='abc' is invalid" in capsys.readouterr().err
+
+    def test_a_bad_client_config_is_named_without_its_secrets(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("PARKPOOL_KAFKA_CONFIG", "sasl.username=u,sasl.password=hunter2,oops")
+        parser = argparse.ArgumentParser()
+        add_kafka_options(parser)
+        with pytest.raises(SystemExit):
+            parser.parse_args([])
+        err = capsys.readouterr().err
+        assert "PARKPOOL_KAFKA_CONFIG is invalid" in err and "item 3" in err
+        assert "hunter2" not in err
 
     def test_a_flag_overrides_a_bad_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("PARKPOOL_MQTT_PORT", "abc")

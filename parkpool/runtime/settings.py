@@ -77,12 +77,20 @@ def _converter(cast: Callable[[str], Any]) -> Callable[[str], Any]:
                 raise  # argparse words it: "argument --x: invalid int value: 'abc'"
             kind = getattr(cast, "__name__", "value")
             detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"not {kind}"
+            shown = "" if _may_hold_secrets(value.variable) else f"={str(value)!r}"
             raise argparse.ArgumentTypeError(
-                f"environment variable {value.variable}={str(value)!r} is invalid: {detail}"
+                f"environment variable {value.variable}{shown} is invalid: {detail}"
             ) from None
 
     convert.__name__ = getattr(cast, "__name__", "value")
     return convert
+
+
+def _may_hold_secrets(variable: str) -> bool:
+    """A variable whose value an error must not repeat: a secret, or a pass-through
+    client config (``PARKPOOL_KAFKA_CONFIG`` carries SASL passwords)."""
+    lowered = variable.lower()
+    return "config" in lowered or any(marker in lowered for marker in SECRET_MARKERS)
 
 
 def add_option(
@@ -139,10 +147,11 @@ def byte_limit(text: str) -> int:
 def parse_kafka_config(items: str) -> dict[str, str]:
     """``key=value,key=value`` pass-through settings for librdkafka (SASL, TLS, tuning)."""
     config: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in items.split(","))):
+    for number, item in enumerate(filter(None, (p.strip() for p in items.split(","))), 1):
         key, sep, value = item.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"kafka config item {item!r} is not key=value")
+            # Named by position, not shown: "sasl.password hunter2" is one typo away.
+            raise argparse.ArgumentTypeError(f"kafka config item {number} is not key=value")
         config[key.strip()] = value.strip()
     return config
 
