@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class BrokerProcess:
     argv: list[str]
     port: int
     logs: tuple[Path, ...]  # the first receives stdout and stderr
-    env: dict[str, str] | None = None
+    env: dict[str, str] | None = field(default=None, repr=False)  # holds the store's keys
     stop_signal: signal.Signals = signal.SIGTERM
     # More listeners than ``port`` (Mosquitto's TLS one): each must accept before ready.
     more_ports: tuple[int, ...] = ()
@@ -132,14 +133,15 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
 def kill_stray(run_dir: str | os.PathLike[str], grace: float = 5.0) -> list[int]:
     """Kill broker processes a crashed run recorded in ``run_dir``; returns their pids.
 
-    A pid only counts if its command line still starts with the recorded binary, so a
-    recycled pid of some unrelated process is left alone.
+    A pid only counts if its command line is still the recorded one, whole, so a
+    recycled pid of some unrelated process is left alone: the store's binary is the
+    venv's Python, which a gateway, a test run or another run's store share.
     """
     try:
         record = json.loads(Path(run_dir, PIDS_FILE).read_text())
     except (OSError, ValueError):
         return []
-    stray = [e["pid"] for e in record.values() if is_running(e["pid"], e["argv"][0])]
+    stray = [e["pid"] for e in record.values() if is_running(e["pid"], e["argv"])]
     for pid in stray:
         signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -163,12 +165,13 @@ def catches(pid: int, sig: signal.Signals) -> bool:
     return False
 
 
-def is_running(pid: int, binary: str | None = None) -> bool:
-    """Whether ``pid`` is alive (not a zombie) and, if given, runs ``binary``."""
+def is_running(pid: int, argv: Sequence[str] | None = None) -> bool:
+    """Whether ``pid`` is alive (not a zombie) and, if given, runs exactly ``argv``."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
     alive = stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return alive and (binary is None or cmdline == binary)
+    cmdline = raw.decode(errors="replace").split("\0")[:-1]  # each argument ends in NUL
+    return alive and (argv is None or cmdline == list(argv))

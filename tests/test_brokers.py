@@ -155,7 +155,7 @@ def spawn_exec_done(process: BrokerProcess) -> int:
     process.spawn()
     assert process.popen is not None
     deadline = time.monotonic() + TIMEOUT
-    while not is_running(process.popen.pid, process.argv[0]):
+    while not is_running(process.popen.pid, process.argv):
         assert time.monotonic() < deadline, "the stand-in never showed its command line"
         time.sleep(0.01)
     return process.popen.pid
@@ -493,6 +493,20 @@ class TestBrokerProcess:
         assert killed == [pid]
         assert process.popen is not None
         assert process.popen.wait(TIMEOUT) == -signal.SIGTERM
+
+    def test_kill_stray_spares_another_process_of_the_same_binary(self, tmp_path: Path) -> None:
+        # Given a pid file whose pid now belongs to another program of the same
+        # interpreter (the store runs on the venv's Python, as gateways and tests do)
+        process = python_process(tmp_path, "import time; time.sleep(60)")
+        pid = spawn_exec_done(process)
+        recorded = [sys.executable, "-m", "parkpool.broker_config.objectstore", "--port", "1"]
+        (tmp_path / PIDS_FILE).write_text(json.dumps({"store": {"pid": pid, "argv": recorded}}))
+        try:
+            # When the run dir is cleaned up, Then it is left alone
+            assert kill_stray(tmp_path) == []
+            assert process.popen is not None and process.popen.poll() is None
+        finally:
+            process.stop(grace=TIMEOUT)
 
     def test_kill_stray_spares_recycled_pid(self, tmp_path: Path) -> None:
         # Given a pid file whose pid now belongs to a different program
