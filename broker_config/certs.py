@@ -78,6 +78,7 @@ def _write(
         serialization.NoEncryption(),
     )
     fd = os.open(directory / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies to a new file only, not one replaced
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
 

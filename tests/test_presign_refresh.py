@@ -12,16 +12,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import CredentialRetrievalError
 
+from parkpool.broker_config.process import BrokerProcess
 from parkpool.runtime.blobstore import BlobStore
 from parkpool.runtime.presign import Presigner
 from parkpool.runtime.settings import Secret, StoreConnection
-from parkpool.runtime.store_keys import MIN_LEFT_S, SigningKeys
+from parkpool.runtime.store_keys import MIN_LEFT_S, SigningKeys, Snapshot
 from parkpool.schemas.errors import BrokerError
 
 ENDPOINT = "http://127.0.0.1:9000"
@@ -412,3 +414,17 @@ def _refused(sign: Callable[[], str]) -> str:
     with pytest.raises(BrokerError) as caught:
         sign()
     return str(caught.value)
+
+
+class TestNothingShowsTheKeys:
+    def test_a_snapshots_repr_hides_its_credentials(self) -> None:
+        keys = Credentials(
+            "AKIDEXAMPLE", "wJalrXUtnFEMI-secret", "session-token"
+        ).get_frozen_credentials()
+        shown = repr(Snapshot(keys, None))
+        assert "wJalrXUtnFEMI-secret" not in shown and "session-token" not in shown
+
+    def test_a_broker_process_repr_hides_its_environment(self, tmp_path: Path) -> None:
+        env = {"PARKPOOL_STORE_SECRET_KEY": "store-secret", "AWS_SECRET_ACCESS_KEY": "aws-secret"}
+        process = BrokerProcess("store", ["store"], 1, (tmp_path / "log",), env=env)
+        assert "store-secret" not in repr(process) and "aws-secret" not in repr(process)

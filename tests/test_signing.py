@@ -78,6 +78,15 @@ class TestSignatures:
             TaskSigner.load(other[0]).sign(assignment())
         )
 
+    def test_a_key_written_over_a_readable_file_is_private(self, tmp_path: Path) -> None:
+        # Given a key file others may read (copied in with cp, say)
+        loose = tmp_path / "gateway.key"
+        loose.write_text("old\n")
+        loose.chmod(0o644)
+        # When a new key is generated over it, Then only its owner may read it
+        private, _public = generate(tmp_path, "gateway")
+        assert private == loose and stat.S_IMODE(private.stat().st_mode) == 0o600
+
     def test_key_files(self, keys: tuple[Path, Path], tmp_path: Path) -> None:
         assert stat.S_IMODE(keys[0].stat().st_mode) == 0o600
         assert "secret" in repr(TaskSigner.load(keys[0]))

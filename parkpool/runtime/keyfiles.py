@@ -20,6 +20,7 @@ def write_key_pair(directory: Path, name: str, private: bytes, public: bytes) ->
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies to a new file only, not one replaced
     with os.fdopen(fd, "w") as out:
         out.write(private.hex() + "\n")
     public_path.write_text(public.hex() + "\n")

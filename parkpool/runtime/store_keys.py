@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.credentials import RefreshableCredentials
@@ -51,7 +51,7 @@ STOP_WAIT_S = 2.0  # a thread stuck in a refresh is a daemon: the process does n
 class Snapshot:
     """Frozen keys and when they expire (UNIX seconds; None: never, static keys)."""
 
-    credentials: Any  # botocore's ReadOnlyCredentials
+    credentials: Any = field(repr=False)  # botocore's ReadOnlyCredentials: its repr shows them
     expires_at: float | None
 
     def left_s(self, now: float) -> float:
