@@ -20,6 +20,7 @@ from parkpool.worker.backend import numpy_backend
 from parkpool.worker.carstate import SimulatedBus
 from parkpool.worker.grants import GatewayBook
 from parkpool.worker.guard import OwnerGuard
+from parkpool.worker.held import HeldTasks
 from parkpool.worker.policy import Decision, Mode, OwnerPolicy
 from parkpool.worker.runner import TaskRunner
 from parkpool.worker.tasks import TaskLine
@@ -60,7 +61,8 @@ class Car:
         self.bus = SimulatedBus()
         self.outbox = Outbox()
         self.admission = Admission()
-        self.pool = ThreadPoolExecutor(4)
+        self.pool = ThreadPoolExecutor(2)  # a thread per task held, as a car has
+        self.stopping = threading.Event()
         self.guard = OwnerGuard(self.bus, OwnerPolicy(), self._on_policy)
         self.line = TaskLine(
             "car",
@@ -69,12 +71,12 @@ class Car:
             admission=self.admission,
             gateways=GatewayBook("car"),
             runner=TaskRunner(
-                numpy_backend(), self.guard, threading.Event(), simulated_delay_s=kernel_s
+                numpy_backend(), self.guard, self.stopping, simulated_delay_s=kernel_s
             ),
             data=StoreBypass(),
             outbox=self.outbox,
             pool=self.pool,
-            stopping=threading.Event(),
+            stopping=self.stopping,
             decision=lambda: self.guard.decision,
             on_room=lambda: None,
             on_preempted=lambda: None,
@@ -163,3 +165,39 @@ class TestRevokedWhileRunning:
             assert (car.outbox.results, car.outbox.nacks) == ([], [])
         finally:
             car.close()
+
+
+class TestPrefetchedTasks:
+    def test_a_task_let_go_while_it_waits_for_the_kernel_frees_its_thread(self) -> None:
+        # Given a car running a 30 s kernel with a second task waiting for the slot, on
+        # a pool with a thread per task held
+        car = Car(kernel_s=30.0)
+        car.guard.start()
+        try:
+            car.assign(5)
+            wait_for(lambda: bool(car.line.held.due_beats(time.time() + 3600)), 10, "a run")
+            car.assign(6)
+            wait_for(lambda: len(car.line.held) == 2, 10, "the second task held")
+            # When the waiting task is revoked
+            car.line.revoke(encode(Revoke("gw", "car", 6, "job_cancelled")))
+            # Then its thread is free at once for whatever comes next, not after the kernel
+            freed = threading.Event()
+            car.pool.submit(freed.set)
+            assert freed.wait(5), "the revoked task still holds its thread"
+        finally:
+            car.stopping.set()
+            car.close()
+
+    def test_a_task_that_starts_late_in_its_lease_beats_at_once(self) -> None:
+        held = HeldTasks()
+        now = time.time()
+        task = TaskChunk("job", 0, 1, "reduce", {"op": "sum"}, {}, "r", now + 600, now)
+        # Given a task received 20 s into a 30 s lease (it waited behind a long kernel)
+        assignment = Assignment("gw", "car", 1, 1, now + 10, encode(task))
+        held.add(assignment, task)
+        item = held.get(1)
+        assert item is not None
+        item.received_at = now - 20
+        # When it starts, Then its first lease heartbeat is due now, not at its deadline
+        held.start(1)
+        assert [h.assignment.epoch for h in held.due_beats(now + 0.01)] == [1]
