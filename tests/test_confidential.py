@@ -212,6 +212,33 @@ class TestWhoMayOpen:
         fleet_factory(1)
         assert handle.wait(timeout=60) == 512.0
 
+    def test_a_car_that_may_take_nothing_is_not_looked_at_on_every_turn(
+        self,
+        gateway_factory: Callable[..., RunningGateway],
+        sealing_client: ParkpoolClient,
+        box_key: tuple[Path, Path],
+        mqtt_conn: MqttConnection,
+        mqtt_topics: MqttTopics,
+    ) -> None:
+        # Given a car without a box key, hungry, and only confidential work queued
+        gateway = gateway_factory(box_keys=(box_key[0],))
+        car, pull = _scripted_car(mqtt_conn, mqtt_topics, "oldcar")
+        wait_for(gateway.gateway.readiness, 30, "the gateway to be ready")
+        sealing_client.submit(
+            "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
+        )
+        car.publish(mqtt_topics.pull("oldcar", "gw1"), pull)
+        skipped = "parkpool_gateway_dispatch_skipped_total"
+        wait_for(lambda: gateway.metric(skipped, reason="no_box_key") > 0, 30, "a first look")
+        # When two seconds pass with nothing new
+        before = gateway.metric(skipped, reason="no_box_key")
+        time.sleep(2.0)
+        # Then the gateway looked through the queue for it about once a second, not on
+        # each turn of its loop (hundreds a second), while it stays hungry
+        assert gateway.metric(skipped, reason="no_box_key") - before <= 4
+        assert "oldcar" in gateway.gateway.vehicles.hungry()
+        car.close()
+
 
 @pytest.mark.integration
 class TestGatewayRefusals:
