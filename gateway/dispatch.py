@@ -50,7 +50,7 @@ BLOBS_REMEMBERED = 8
 # most new inputs a task may need for it to be looked at (their subsets are counted).
 LOOKAHEAD_WEIGHT = 0.25
 LOOKAHEAD_MAX_NEW = 3
-SKIP_SAMPLE = 32  # the tasks a pull scans (ReadyQueue.pop), to name why none fit
+SKIP_SAMPLE = 32  # the head of the queue, sampled to name why none fit
 # After the store's credentials failed to presign, dispatch waits this long: they are
 # refused only once they are about to expire and refreshing them failed (an instance
 # role's, a container's). The refresh runs on its own thread (runtime/store_keys), which
@@ -397,8 +397,8 @@ def _holds_inputs(
 ) -> Callable[[PendingTask], float] | None:
     """Rank tasks for a car by the stored inputs it likely holds (sent to it lately):
     gemm tiles of one row or column block then share one download. Then, a quarter point
-    for each task of ``window()`` (the tasks a pull scans, read only when stored inputs
-    are about: it is asked for each task a pull picks) whose every missing input this
+    for each task of ``window()`` (the first SCAN queued tasks, read only when stored
+    inputs are about: it is asked for each task a pull picks) whose every missing input this
     task's download would bring: of two tiles that each need one new block, the car takes
     the one that makes a third tile free for it, so it grows a square of tiles rather
     than a line. Last, between tasks that reuse as much, the one whose other inputs fewer

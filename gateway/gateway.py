@@ -168,7 +168,8 @@ class Gateway:
         if not self._draining:
             self.dispatcher.dispatch()
         # A draining gateway dispatches nothing more: reading on would only take in
-        # tasks for the next owner to read again.
+        # tasks for the next owner to read again. (Nor does it read cancels then: the
+        # leases left when the drain ends are revoked anyway.)
         self.log.flow(starving=self._draining or self._starving() or self._holding_enough())
         self._update_gauges()
         if not busy:

@@ -101,7 +101,12 @@ class ResultChecks:
     def take(self, handle: JobHandle[Any], result: Result) -> None:
         job = self._job(handle.job_id)
         if job is None or not job.verifier.wants(result.chunk_id):
-            handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
+            try:
+                handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
+            except ValidationError:
+                # A misfit for a chunk already settled, whose answer may not have reached
+                # the job yet (another thread hands it over): that answer stands.
+                self.metrics.results_refused.labels("misfit").inc()
             return
         try:
             actions = job.verifier.take(result)
