@@ -123,9 +123,9 @@ class HeldTasks:
         return due
 
     def unstarted_past(self, now: float) -> list[Held]:
-        """Take out the tasks still waiting for a kernel slot whose lease has less than
-        a heartbeat's time left: the kernel before them ran long, and no heartbeat keeps
-        a lease that has not started alive."""
+        """Take out the tasks not started yet (waiting for a kernel slot, or for their
+        inputs) whose lease has less than a heartbeat's time left: the kernel before
+        them, or the download, ran long, and no heartbeat keeps an unstarted lease."""
         with self._lock:
             late = [
                 epoch
