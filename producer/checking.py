@@ -103,10 +103,10 @@ class ResultChecks:
         if job is None or not job.verifier.wants(result.chunk_id):
             try:
                 handle.deliver(result, time.time(), Level.UNCHECKED)  # counted as a duplicate
-            except ValidationError:
+            except ValidationError as exc:
                 # A misfit for a chunk already settled, whose answer may not have reached
                 # the job yet (another thread hands it over): that answer stands.
-                self.metrics.results_refused.labels("misfit").inc()
+                note_misfit(self.metrics, handle.job_id, result, str(exc))
             return
         try:
             actions = job.verifier.take(result)
@@ -173,14 +173,7 @@ class ResultChecks:
         return True
 
     def _misfit(self, handle: JobHandle[Any], job: _Job, result: Result, detail: str) -> None:
-        log.warning(
-            "result_misfit",
-            job_id=handle.job_id,
-            chunk_id=result.chunk_id,
-            vehicle_id=result.vehicle_id,
-            detail=detail,
-        )
-        self.metrics.results_refused.labels("misfit").inc()
+        note_misfit(self.metrics, handle.job_id, result, detail)
         self._act(handle, job, job.verifier.misfit(result, detail))
 
     def _judged(self, verdict: Judged) -> None:
@@ -216,6 +209,18 @@ class ResultChecks:
         if any(self.book.quarantined(car) for car in redo.avoid):
             return "quarantined_car"
         return "second_opinion"
+
+
+def note_misfit(metrics: SdkMetrics, job_id: str, result: Result, detail: str) -> None:
+    """Log and count outputs that do not fit their job, whatever becomes of the chunk."""
+    log.warning(
+        "result_misfit",
+        job_id=job_id,
+        chunk_id=result.chunk_id,
+        vehicle_id=result.vehicle_id,
+        detail=detail,
+    )
+    metrics.results_refused.labels("misfit").inc()
 
 
 def _closed(task: TaskChunk) -> None:

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from parkpool.producer import kernel_catalog
 from parkpool.producer.attach import CLOCK_SKEW_S, find_job, high_watermarks, job_starts
-from parkpool.producer.checking import ResultChecks
+from parkpool.producer.checking import ResultChecks, note_misfit
 from parkpool.producer.claimcheck import JobUploads, fetch_outputs
 from parkpool.producer.jobids import new_job_id
 from parkpool.producer.jobs import JobHandle, JobState
@@ -318,7 +318,9 @@ class ParkpoolClient:
 
     def _need_reader(self) -> None:
         """New work only while results can be read: a job whose end nobody could hear
-        would leave its waiter blocked for ever."""
+        would leave its waiter blocked for ever. Asked again under the lock as a job is
+        registered: the reader sets its failure before it ends, under that lock, every
+        job it knows of, so a job registered then either is one of them or is refused."""
         if self._closed.is_set():
             raise BrokerError("the client is closed")
         if self._reader.failure or not self._reader.is_alive():
@@ -333,19 +335,8 @@ class ParkpoolClient:
         take: either happening since ``_need_reader`` (a submit uploads for seconds)
         would leave the job with nobody to hear it end."""
         with self._lock:
-            self._still_reading_locked()
+            self._need_reader()
             self._handles[job_id] = handle
-
-    def _still_reading_locked(self) -> None:
-        """The reader sets its failure before it ends every job it knows of, under the
-        lock: a job registered under the lock either is one of them or is refused."""
-        if self._closed.is_set():
-            raise BrokerError("the client is closed")
-        if self._reader.failure:
-            raise BrokerError(
-                f"the result reader stopped ({self._reader.failure}): "
-                "this client cannot follow a job; make a new one"
-            )
 
     def _end_running(self) -> None:
         """Jobs still running when the client closes: their waiters are told now rather
@@ -943,7 +934,7 @@ class ParkpoolClient:
             other = self._handles.get(job_id)
             if other is not None:
                 return other  # attached by another thread meanwhile
-            self._still_reading_locked()  # as in ``publish``: nobody would hear it end
+            self._need_reader()  # as in ``publish``: nobody would hear it end
             self._attached.add(job_id)
             self._handles[job_id] = handle  # before the rewind: the live reader goes on
         self._reader.rewind(job_id, starts, timeout)
@@ -1007,14 +998,7 @@ class ParkpoolClient:
     def _misfit(self, handle: JobHandle[Any], result: Result, exc: ValidationError) -> None:
         """Outputs the job's assembler refused: the chunk fails by name, as unreadable
         ones do without checks; an attached job waits for its submitter's redo."""
-        log.warning(
-            "result_misfit",
-            job_id=handle.job_id,
-            chunk_id=result.chunk_id,
-            vehicle_id=result.vehicle_id,
-            detail=str(exc),
-        )
-        self.metrics.results_refused.labels("misfit").inc()
+        note_misfit(self.metrics, handle.job_id, result, str(exc))
         if handle.job_id not in self._attached:
             handle.refused(result.chunk_id, f"outputs_misfit: {exc}")
 
