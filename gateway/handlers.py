@@ -49,9 +49,6 @@ from parkpool.schemas.kernels import BUILTIN
 
 M = TypeVar("M")
 
-# How long a car whose fetch the store failed waits for its next task here: long enough
-# that a store outage costs a few messages a car, short enough that a blip costs little.
-FETCH_PAUSE_S = 5.0
 Handler = Callable[[MqttEvent], bool]  # True: the message was handed on, acked later
 
 
@@ -200,7 +197,7 @@ class VehicleHandlers:
             return False
         chunk = lease.task.task
         self.leases.end(lease.epoch)
-        self.vehicles.heard(event.vehicle_id)
+        self.vehicles.heard(event.vehicle_id).fetch_failures = 0  # the store serves it
         self.vehicles.wake(event.vehicle_id)  # its slot is free: refill without a pull
         if record_size(event.payload, chunk.job_id) > self.settings.kafka.max_record_bytes:
             # Kafka will never take it; another car may answer smaller (a padded result),
@@ -278,10 +275,7 @@ class VehicleHandlers:
             return False
         self.leases.end(lease.epoch)
         if nack.reason is NackReason.FETCH_FAILED:
-            # Its slot is free, but the store failed it: at once, it would fail the
-            # next task too, and every car of the gateway would spin through the queue
-            # in messages for as long as the store is out.
-            self.vehicles.wake_later(event.vehicle_id, time.monotonic() + FETCH_PAUSE_S)
+            self.vehicles.fetch_failed(event.vehicle_id, time.monotonic())
         elif nack.reason.frees_slot:
             self.vehicles.wake(event.vehicle_id)
         self.metrics.redelivered.labels("nack").inc()

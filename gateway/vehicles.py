@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from parkpool.gateway.kernel_routes import BUILT_IN, GRACE_S, KernelRoutes
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
 
+# After the store failed a car's fetch, its next task waits this long, doubled with each
+# failure in a row up to the most: a blip costs 5 s, an outage a message a minute a car.
+FETCH_PAUSE_S = 5.0
+FETCH_PAUSE_MAX_S = 60.0
+
 
 @dataclass(slots=True)
 class VehicleView:
@@ -43,6 +48,7 @@ class VehicleView:
     # (ReadyQueue.arrivals, monotonic time) when a look through the queue last found no
     # task it may take; None since it was sent one or pulled again.
     found_none: tuple[int, float] | None = None
+    fetch_failures: int = 0  # fetches the store failed for it in a row, since a result
 
     def fits(self, cost_gflop: float, now: float) -> bool:
         """Whether a task of this cost should finish before the car is expected to leave.
@@ -196,9 +202,18 @@ class VehicleBook:
             # stays granted to this gateway while another of its gateways has work.
             self._fresh[vehicle_id] = None
 
-    def wake_later(self, vehicle_id: str, at: float) -> None:
-        """``wake`` at monotonic time ``at`` (by ``wake_due``), if the car is still here."""
-        heapq.heappush(self._naps, (at, vehicle_id))
+    def fetch_failed(self, vehicle_id: str, now: float) -> None:
+        """The store failed the car's fetch: its slot is free, but at once it would fail
+        the next task too. It is woken after a pause that doubles with each failure in a
+        row, so that while the store is out a gateway's cars cost a few messages a
+        minute each, not a task every 5 s (240 assignments and nacks a second for a
+        gateway's 1,191 cars)."""
+        view = self._vehicles.get(vehicle_id)
+        if view is None:
+            return
+        view.fetch_failures += 1
+        pause = min(FETCH_PAUSE_MAX_S, FETCH_PAUSE_S * 2 ** min(view.fetch_failures - 1, 8))
+        heapq.heappush(self._naps, (now + pause, vehicle_id))
 
     def wake_due(self, now: float) -> None:
         while self._naps and self._naps[0][0] <= now:

@@ -321,7 +321,7 @@ class TestSlotsFreedByANack:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         # (a shorter pause after a failed fetch, so that the test waits less)
-        monkeypatch.setattr("parkpool.gateway.handlers.FETCH_PAUSE_S", 2.0)
+        monkeypatch.setattr("parkpool.gateway.vehicles.FETCH_PAUSE_S", 2.0)
         gateway_factory(drain_seconds=0.5)  # (its shutdown need not wait for the lease)
         topics = MqttTopics(namespace)
         client.publish("reduce", small_chunks(2))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from parkpool.gateway.vehicles import VehicleBook
+from parkpool.gateway.vehicles import FETCH_PAUSE_MAX_S, VehicleBook
 from parkpool.runtime.reputation import ReputationBook
 from parkpool.schemas import Capabilities, PullRequest, VehicleState
 from parkpool.schemas.reputation import CarState, QuarantineNotice
@@ -338,3 +338,36 @@ class TestDwellFit:
         assert self._view(gflops=0.0, dwell_s=60.0).fits(1e6, time.monotonic())
         assert self._view(gflops=10.0, dwell_s=0.0).fits(1e6, time.monotonic())
         assert self._view(gflops=10.0, dwell_s=1.0).fits(0.0, time.monotonic() + 99)
+
+
+class TestFetchFailures:
+    """A car the store fails is woken again after a pause that doubles, to a cap."""
+
+    def test_the_pause_doubles_with_each_failure_in_a_row_up_to_the_cap(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car", 1))
+        book.served("car", False)
+        assert FETCH_PAUSE_MAX_S == 60.0
+        for pause in (5.0, 10.0, 20.0, 40.0, 60.0, 60.0):
+            book.fetch_failed("car", 0.0)
+            # Not woken a moment before its pause ends; woken at its end
+            book.wake_due(pause - 0.01)
+            assert "car" not in book.hungry()
+            book.wake_due(pause)
+            assert book.hungry() == ["car"]
+            book.served("car", False)
+
+    def test_a_car_the_store_serves_again_starts_from_the_shortest_pause(self) -> None:
+        book = VehicleBook("gw1")
+        book.on_pull(pull("car", 1))
+        book.served("car", False)
+        for _ in range(3):
+            book.fetch_failed("car", 0.0)
+        book.wake_due(100.0)
+        book.served("car", False)
+        # When its next result comes (the gateway resets the count it keeps), Then the
+        # next failure waits the shortest pause again
+        book.heard("car").fetch_failures = 0
+        book.fetch_failed("car", 100.0)
+        book.wake_due(105.0)
+        assert book.hungry() == ["car"]
