@@ -18,6 +18,9 @@ RATE_SMOOTHING = 0.2  # weight of the newest task in the measured GFLOP/s
 # A simulated kernel under an owner guard sleeps on the guard's stop event, and looks at
 # the worker's own stop this often (stop() does not wait for kernels: latency is cheap).
 WORKER_STOP_POLL_S = 0.25
+# A simulated kernel without a guard looks this often whether its task was let go: the
+# car's energy it would spend is simulated, and a thousand cars poll in one process.
+CANCEL_POLL_S = 1.0
 
 
 class TaskRunner:
@@ -94,7 +97,7 @@ class TaskRunner:
         else:
             wake, slice_s = self.guard.generation_over(generation), WORKER_STOP_POLL_S
         if cancellable:
-            slice_s = min(slice_s, WORKER_STOP_POLL_S)
+            slice_s = min(slice_s, CANCEL_POLL_S)
         while (left := deadline - time.monotonic()) > 0:
             wake.wait(min(slice_s, left))
             checkpoint()
