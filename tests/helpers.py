@@ -149,10 +149,13 @@ def wait_committed_to_end(conn: KafkaConnection, group: str, topic: str) -> None
     committed offset as -1001 (none) rather than 0; that counts as at its end. Chunks are
     keyed by hash, so a small job leaves a partition empty now and then.
     """
-    ends = end_offsets(conn, topic)
+    ends: dict[int, int] = {}
     seen: dict[int, int] = {}
 
     def at_end() -> bool:
+        # Read again on each look: the durable embedded Kafka may list a partition's
+        # newest batch a moment late, and a stale end read once would never be met.
+        ends.update(end_offsets(conn, topic))
         seen.update({p: max(o, 0) for p, o in committed(conn, group, topic).items()})
         return seen == ends
 
