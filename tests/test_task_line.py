@@ -79,14 +79,20 @@ class Car:
             stopping=self.stopping,
             decision=lambda: self.guard.decision,
             on_room=lambda: None,
-            on_preempted=lambda: None,
+            on_preempted=self._hand_back_if_suspended,
         )
 
     def _on_policy(self, _previous: Decision, decision: Decision) -> None:
         if decision.mode is Mode.SUSPEND:
-            with self.line.held.releasing() as held:
-                for item in held:
-                    self.line.nack(item.assignment, NackReason.RELEASED, "owner", item.task)
+            self._hand_back_if_suspended()
+
+    def _hand_back_if_suspended(self) -> None:
+        """What the worker does on the guard's stop, and again after a stopped kernel."""
+        if self.guard.decision.runs:
+            return
+        with self.line.held.releasing() as held:
+            for item in held:
+                self.line.nack(item.assignment, NackReason.RELEASED, "owner", item.task)
 
     def assign(self, epoch: int) -> None:
         now = time.time()

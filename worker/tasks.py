@@ -209,11 +209,11 @@ class TaskLine:
             return  # released or revoked meanwhile
         try:
             answer = self._answer(item, inputs)
-        except Preempted as exc:
-            # The guard's stop has handed every held task back, this one too, unless it
-            # still holds it: then it is handed back here, not left held for good. A
-            # task let go otherwise (revoked) was taken out by whoever let it go.
-            self._finish(epoch, nack=(NackReason.RELEASED, exc.reason))
+        except Preempted:
+            # Stopped by the owner's guard: the worker hands back every task still held
+            # (the guard's stop, or its own look after, finds this one), counted as
+            # released once. A task let go otherwise (revoked) was taken out by whoever
+            # let it go, and handing it back here raced the guard's own hand-back.
             if not self._decision().runs:
                 self._on_preempted()
             return

@@ -342,10 +342,16 @@ class VehicleWorker:
 
     def _after_preemption(self) -> None:
         """A kernel stopped by the guard. The guard's stop hands every task back, then
-        says so. If that is done, say at once how long the stop took (its status could
-        not know yet); if not, its status will, and announcing before its nacks would
-        make them look stale."""
-        if self.guard is not None and self.guard.running == 0 and self.tasks.held.handed_back():
+        says so; a task held after it looked (one racing the owner's return) is handed
+        back here, or it would stay held for good. If that is done, say at once how long
+        the stop took (its status could not know yet); if not, its status will, and
+        announcing before its nacks would make them look stale."""
+        if self.guard is None:
+            return
+        decision = self.guard.decision
+        if not decision.runs:
+            self._release_all(decision.reason)  # whatever the guard's stop did not find
+        if self.guard.running == 0 and self.tasks.held.handed_back():
             self._announce()
 
     # ---------------------------------------------------------------- the owner's policy
