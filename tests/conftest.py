@@ -103,6 +103,7 @@ def store(store_conn: StoreConnection) -> BlobStore:
 # A short session timeout: a new group member waits about half of it to join on Tansu
 # (see FIELD_NOTES), and tests start and kill gateways often.
 TEST_SESSION_TIMEOUT_MS = 3000
+TEST_DRAIN_S = 3.0  # see gateway_factory
 
 
 class RunningGateway:
@@ -140,6 +141,10 @@ def gateway_factory(
 
     def make(gateway_id: str = "gw1", **overrides: Any) -> RunningGateway:
         overrides.setdefault("session_timeout_ms", TEST_SESSION_TIMEOUT_MS)
+        # A scripted car's lease never ends, and a real car's test chunk takes well under
+        # a second: at the default 20 s, each test that leaves a scripted lease would
+        # spend its teardown waiting on it. Tests of the drain set their own.
+        overrides.setdefault("drain_seconds", TEST_DRAIN_S)
         settings = GatewaySettings(gateway_id, kafka_conn, mqtt_conn, namespace, **overrides)
         gateway = RunningGateway(settings)
         running.append(gateway)

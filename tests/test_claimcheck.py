@@ -482,11 +482,14 @@ class TestClaimCheckJob:
             assert handle.n_chunks == 2
             holder = hold_lease(mqtt_conn, mqtt_topics)
             assignment: Assignment = holder.assignment
-            # When it names outputs it never uploaded, and an honest car is about
+            # When an honest car is about (started first: the slot the scripted car's
+            # result frees would otherwise be refilled with the other tile, which it
+            # would hold until its lease ran out), and the scripted car names outputs
+            # it never uploaded
+            fleet_factory(1, result_inline_bytes=SMALL_INLINE)
             ref = BlobRef("outputs", sha256_hex(b"the answer"), len(b"the answer"))
             result = holder.result({}, refs=(ref,))
             holder.car.publish(mqtt_topics.result(assignment.vehicle_id, "gw1"), encode(result))
-            fleet_factory(1, result_inline_bytes=SMALL_INLINE)
             # Then the tile is redone on the honest car, the job is right, and the check
             # of the tile sharing its block did not wait for ever
             answer = handle.wait(timeout=60)
