@@ -142,6 +142,7 @@ class DeadLetters:
             attempts=tuple(task.history[-MAX_ATTEMPTS_KEPT:]) if task else (),
             original_size=len(raw),
             original_sha256=hashlib.sha256(raw).hexdigest(),
+            task_created_at=task.task.created_at if task else 0.0,
         )
 
     def _produce(self, pending: _Letter) -> None:

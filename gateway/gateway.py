@@ -264,7 +264,7 @@ class Gateway:
 
     def _cancel(self, record: CancelRecord) -> None:
         job_id = record.cancel.job_id
-        self.cancelled.add(job_id, record.cancel.requested_at)
+        self.cancelled.add(record.cancel)
         covered = self.cancelled.covers
         for task in self.ready.remove_where(lambda t: covered(t.task)):
             self.outcomes.skip_cancelled(task)

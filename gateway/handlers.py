@@ -41,6 +41,7 @@ from parkpool.schemas import (
     NackReason,
     PullRequest,
     Result,
+    TaskChunk,
     VehicleState,
     VehicleStatus,
     decode,
@@ -189,6 +190,11 @@ class VehicleHandlers:
             # of a result already taken does the same, harmlessly.
             self.vehicles.wake(event.vehicle_id)
         if lease is None or result is None or not self._signed_by_its_vehicle(result):
+            return False
+        if not _answers(result, lease.task.task):
+            # The SDK takes a result as its submission's by these (a job id may be
+            # submitted again); a car must not make a chunk vanish by misnaming them.
+            self._refuse_result(result, "misnamed_submission")
             return False
         if lease.task.task.reply_key and not result.sealed:
             # The producer asked for sealed results: outputs in clear must not reach Kafka.
@@ -351,6 +357,11 @@ class VehicleHandlers:
             )
             return None
         return lease
+
+
+def _answers(result: Result, task: TaskChunk) -> bool:
+    """Whether the result names the leased task's submission, as every honest car's does."""
+    return result.task_created_at == task.created_at and result.n_chunks == task.n_chunks
 
 
 def _confirmed(task: PendingTask, vehicle_id: str, reason: NackReason) -> bool:

@@ -47,17 +47,37 @@ def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -
     try:
         ends = high_watermarks(consumer, [topic])
         starts = start_offsets(consumer, ends, since)
-        for record in read_until(consumer, starts, ends, timeout_s):
-            if record.key() == key:
-                try:
-                    return decode(record.value() or b"", JobSubmitted)
-                except DecodeError as exc:
-                    detail = f"job {job_id}'s record on {topic} is unreadable: {exc}"
-                    raise BrokerError(detail) from None
+        found = next(
+            (r for r in read_until(consumer, starts, ends, timeout_s) if r.key() == key), None
+        )
+        if found is not None:
+            found = _latest(consumer, found, ends, timeout_s)
+            try:
+                return decode(found.value() or b"", JobSubmitted)
+            except DecodeError as exc:
+                detail = f"job {job_id}'s record on {topic} is unreadable: {exc}"
+                raise BrokerError(detail) from None
     finally:
         consumer.close()
     where = "the topic's start" if since is None else f"its id's time ({since:.0f})"
     raise BrokerError(f"job {job_id} is not on {topic} (read from {where}); wrong id or namespace?")
+
+
+def _latest(
+    consumer: Consumer, first: Message, ends: dict[TopicPartition, int], timeout_s: float
+) -> Message:
+    """The last record with ``first``'s key: a job id submitted again (a retry, or after
+    its client was lost) has one record per submission, all in one partition (one key),
+    and a reader follows the latest. Only that partition's rest is read."""
+    topic, partition, offset = first.topic(), first.partition(), first.offset()
+    assert topic is not None and partition is not None and offset is not None  # as read
+    tp = TopicPartition(topic, partition)
+    rest = [TopicPartition(topic, partition, offset + 1)]
+    latest = first
+    for record in read_until(consumer, rest, {tp: ends[tp]}, timeout_s):
+        if record.key() == first.key():
+            latest = record
+    return latest
 
 
 def job_starts(conn: KafkaConnection, topics: list[str], since: float) -> list[TopicPartition]:

@@ -558,6 +558,7 @@ class ParkpoolClient:
             canceller=self.cancel,
             observer=self.metrics,
             on_end=self._job_ended,
+            created_at=tasks[0].created_at,
         )
         try:
             if self._checks is not None:
@@ -735,6 +736,7 @@ class ParkpoolClient:
             first.reply_topic,
             time.time(),
             sealed=bool(first.reply_key),
+            created_at=first.created_at,
         )
 
     def _publish_all(
@@ -771,7 +773,7 @@ class ParkpoolClient:
                 sent += 1
             remaining = producer.flush(self.settings.publish_timeout_s)
         except BaseException:  # Kafka's refusal, a failed upload, or the caller's Ctrl-C
-            self._withdrawn[job_id] = self._withdraw(job_id, sent)
+            self._withdrawn[job_id] = self._withdraw(job_id, header.created_at, sent)
             raise
         if remaining:  # stalled, as one a restarted broker forgot is: the next gets a new one
             self._renew(producer)
@@ -779,7 +781,7 @@ class ParkpoolClient:
             self.metrics.delivery_errors.inc(len(failures) + remaining)
             # Some may still land (or were written unconfirmed): gateways drop the job
             # rather than send cars after the objects about to be deleted.
-            self._withdrawn[job_id] = self._withdraw(job_id, len(records))
+            self._withdrawn[job_id] = self._withdraw(job_id, header.created_at, len(records))
             raise BrokerError(
                 f"{len(failures) + remaining} of {len(records) + 1} records not confirmed by "
                 f"Kafka: {failures[:3]}"
@@ -805,7 +807,7 @@ class ParkpoolClient:
         if refused is not None:
             raise BrokerError(f"redo of chunk {task.chunk_id} refused: {refused}")
 
-    def _withdraw(self, job_id: str, sent: int) -> bool:
+    def _withdraw(self, job_id: str, created_at: float, sent: int) -> bool:
         """A submit failed after part of the job went to Kafka: gateways are told to drop
         it, so no car is sent after objects about to be deleted. Whether that is known
         (nothing sent, or the cancel confirmed); if not, the objects are left to the
@@ -813,7 +815,7 @@ class ParkpoolClient:
         if not sent:
             return True
         try:
-            self._send_cancel(job_id, "submit_failed")
+            self._send_cancel(job_id, created_at, "submit_failed")
         except BrokerError as exc:
             log.warning("failed_job_not_withdrawn", job_id=job_id, reason=str(exc))
             return False
@@ -832,7 +834,10 @@ class ParkpoolClient:
             return
         sent = False
         try:
-            self._send_cancel(job_id, self._cancel_reasons.pop(job_id, reason))
+            # Without a handle, or with one of an older submitter's job (0.0), the cancel
+            # names no submission: gateways then drop the tasks created before it.
+            created_at = own.created_at if own is not None else 0.0
+            self._send_cancel(job_id, created_at, self._cancel_reasons.pop(job_id, reason))
             sent = True
         finally:
             # Forgotten either way (the handle has ended); its objects go only once
@@ -840,10 +845,11 @@ class ParkpoolClient:
             if self._forget(job_id) and sent:
                 self._delete_soon(job_id)
 
-    def _send_cancel(self, job_id: str, reason: str) -> None:
-        """One CancelJob record on each task partition, confirmed; BrokerError if not
-        (the job's objects then stay: chunks still queued would be sent after them)."""
-        record = encode(CancelJob(job_id, time.time(), reason))
+    def _send_cancel(self, job_id: str, created_at: float, reason: str) -> None:
+        """One CancelJob record on each task partition, for the submission stamped
+        ``created_at``, confirmed; BrokerError if not (the job's objects then stay:
+        chunks still queued would be sent after them)."""
+        record = encode(CancelJob(job_id, time.time(), reason, created_at))
         producer = self._live_producer()
         try:
             partitions = producer.list_topics(self.topics.tasks, timeout=10)
@@ -929,6 +935,7 @@ class ParkpoolClient:
             canceller=self.cancel,
             observer=self.metrics,
             on_end=self._job_ended,  # forgotten once ended; its objects are not ours
+            created_at=job.created_at,
         )
         with self._lock:
             other = self._handles.get(job_id)
@@ -961,11 +968,15 @@ class ParkpoolClient:
         with self._refusing(key, record.topic()):
             if record.topic() != self.reply_topic:
                 letter = decode(record.value() or b"", DeadLetter)
+                if letter.task_created_at and self._elsewhere(handle, letter.task_created_at):
+                    return
                 handle.dead_lettered(letter)
                 if self._checks is not None:
                     self._checks.abandoned(handle, letter.chunk_id)
                 return
             result = decode(record.value() or b"", Result)
+            if self._elsewhere(handle, result.task_created_at):
+                return
             if result.refs and self._wanted(handle, result):
                 # Read back off the reader's thread: one slow GET must not hold up
                 # every other job's results.
@@ -973,6 +984,15 @@ class ParkpoolClient:
                     self._fetcher.submit(self._deliver_stored, handle, result)
             else:
                 self._take(handle, self._opened(handle, result))
+
+    def _elsewhere(self, handle: JobHandle[Any], created_at: float) -> bool:
+        """A record of another submission under this job's id (one cancelled, or lost
+        with its client, whose cars finish late): counted, never taken for this one's."""
+        if handle.of_this_submission(created_at):
+            return False
+        self.metrics.results_refused.labels("other_submission").inc()
+        log.info("other_submission_skipped", job_id=handle.job_id, created_at=created_at)
+        return True
 
     def _wanted(self, handle: JobHandle[Any], result: Result) -> bool:
         if handle.job_id in self._attached:

@@ -109,6 +109,7 @@ class JobHandle(Generic[R]):
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
         on_end: Callable[[str, JobState, bool], None] | None = None,
+        created_at: float = 0.0,
     ) -> None: ...
 
     @overload
@@ -120,6 +121,7 @@ class JobHandle(Generic[R]):
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
         on_end: Callable[[str, JobState, bool], None] | None = None,
+        created_at: float = 0.0,
     ) -> None: ...
 
     def __init__(
@@ -130,6 +132,7 @@ class JobHandle(Generic[R]):
         canceller: Callable[[str], None] | None = None,
         observer: JobObserver | None = None,
         on_end: Callable[[str, JobState, bool], None] | None = None,
+        created_at: float = 0.0,
     ) -> None:
         self.job_id = job_id
         # Called once, as the job ends, with its state and whether the client stopped
@@ -140,6 +143,9 @@ class JobHandle(Generic[R]):
         self._canceller = canceller
         self.n_chunks = n_chunks
         self.submitted_at = time.time()
+        # Its tasks' created_at, which every result and letter of this submission carries
+        # (0.0: unknown, an older submitter's job followed by id; any is taken then).
+        self.created_at = created_at
         self._assembler = assembler
         self._seen = bytearray(n_chunks)
         self._done = 0
@@ -335,6 +341,12 @@ class JobHandle(Generic[R]):
             self._changed_locked()
         self._after_change()
         return True
+
+    def of_this_submission(self, created_at: float) -> bool:
+        """Whether a result or letter stamped ``created_at`` is of this submission, not
+        of another one under the same job id (an old one's late results would otherwise
+        be taken for this one's, inputs and all)."""
+        return not self.created_at or created_at == self.created_at
 
     def awaits(self, chunk_id: int) -> bool:
         """Whether a result for this chunk would still count (running, not yet seen)."""

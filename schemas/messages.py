@@ -579,6 +579,9 @@ class DeadLetter:
     attempts: tuple[AttemptRecord, ...] = ()
     original_size: int = -1  # bytes of the record as read; -1 on letters from before 0.2
     original_sha256: str = ""  # hex digest of those bytes; "" on letters from before 0.2
+    # The task's created_at, which names the submission it came from (a job id may be
+    # submitted again); 0.0 when no task was read, or on letters of an older writer.
+    task_created_at: float = 0.0
 
     @property
     def original_kept(self) -> bool:
@@ -607,6 +610,7 @@ class DeadLetter:
         if not all(isinstance(a, AttemptRecord) for a in self.attempts):
             raise _wrong("attempts must hold AttemptRecord records")
         object.__setattr__(self, "attempts", tuple(self.attempts))
+        require_float("task_created_at", self.task_created_at)
         self._check_original()
 
     def _check_original(self) -> None:
@@ -668,11 +672,17 @@ class CancelJob:
     job_id: str
     requested_at: float
     reason: str = "cancelled_by_caller"
+    # The created_at of the submission it stops (every task of one submission carries the
+    # same): the one clock its tasks were stamped by, so no two hosts' clocks are
+    # compared, and another submission under the same id runs. 0.0 from an older writer:
+    # it then stops the job's tasks created up to ``requested_at``.
+    created_at: float = 0.0
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
         require_float("requested_at", self.requested_at)
         require_name("reason", self.reason)
+        require_float("created_at", self.created_at)
 
 
 @dataclass(frozen=True)
@@ -692,6 +702,9 @@ class JobSubmitted:
     submitted_at: float  # the submitting client's clock, unix seconds
     # Outputs are sealed to the submitter's reply key: a reader needs that key to open them.
     sealed: bool = False
+    # Its tasks' created_at: results and letters of another submission under the same id
+    # carry another. 0.0 from an older writer (a reader then takes any).
+    created_at: float = 0.0
 
     def __post_init__(self) -> None:
         require_str("job_id", self.job_id, pattern=_ID)
@@ -700,6 +713,7 @@ class JobSubmitted:
         require_str("reply_topic", self.reply_topic, pattern=_TOPIC)
         require_float("submitted_at", self.submitted_at)
         require_bool("sealed", self.sealed)
+        require_float("created_at", self.created_at)
 
 
 class DlqActionKind(enum.StrEnum):

@@ -297,8 +297,11 @@ class TestSdkRefusals:
                 "reduce", {"x": np.ones(512), "op": "sum"}, chunk_elems=256, confidential=True
             )
             job_id = handle.job_id
-        now = time.time()
-        plain = Result(job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, now, now)
+        followed = client.handle(job_id)
+        assert followed is not None
+        # (stamped with the submission's created_at, as a car's result is)
+        created = followed.created_at
+        plain = Result(job_id, 0, 2, "car1", "gw1", 1, 1, {"v": np.ones(1)}, 0.1, created, created)
         forged = encode(seal_outputs(plain, BoxKey.generate().public))
         producer = Producer(producer_config(kafka_conn))
         for _ in range(2):
@@ -310,8 +313,6 @@ class TestSdkRefusals:
             30,
             "both copies to be refused as unsealable",
         )
-        followed = client.handle(job_id)
-        assert followed is not None
         return followed
 
     def test_a_result_the_client_cannot_open_is_counted_and_its_chunk_redone(
@@ -363,9 +364,9 @@ class TestSdkRefusals:
             # Then its view of chunk 0 has not failed: the submitter redoes it
             assert (followed.progress.done, followed.progress.dead_lettered) == (0, 0)
             # And the redo's result, sealed to the submitter's key, is taken when it comes
-            now = time.time()
+            created = handle.created_at
             plain = Result(
-                handle.job_id, 0, 2, "car2", "gw1", 2, 2, {"v": np.ones(1)}, 0.1, now, now
+                handle.job_id, 0, 2, "car2", "gw1", 2, 2, {"v": np.ones(1)}, 0.1, created, created
             )
             producer = Producer(producer_config(kafka_conn))
             sealed = seal_outputs(plain, BoxKey.load(reply_key).public)

@@ -9,7 +9,6 @@ whose kernel returned the wrong thing would have them written by its gateway.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -38,9 +37,12 @@ def reduce_job(client: ParkpoolClient) -> JobHandle[Any]:
 def send_result(
     client: ParkpoolClient, kafka: KafkaConnection, job_id: str, car: str, copies: int, **out: Any
 ) -> None:
-    """Chunk 0's result from ``car``, ``copies`` times (at-least-once)."""
-    now = time.time()
-    result = Result(job_id, 0, 2, car, "gw1", 1, 1, out, 0.1, now, now)
+    """Chunk 0's result from ``car``, ``copies`` times (at-least-once), stamped with the
+    submission's created_at, as a car's result is."""
+    handle = client.handle(job_id)
+    assert handle is not None
+    created = handle.created_at
+    result = Result(job_id, 0, 2, car, "gw1", 1, 1, out, 0.1, created, created)
     producer = Producer(producer_config(kafka))
     for _ in range(copies):
         producer.produce(client.reply_topic, encode(result), key=job_id)
