@@ -48,12 +48,15 @@ $(TOOLS_STAMP):
 demo: setup
 	$(PY) -m parkpool.app.demo
 
-# One worker per core, at most four, each with its own brokers; a file's tests stay on one
-# worker. TEST_WORKERS=0 runs them in this process, one after another.
-TEST_WORKERS ?= auto
+# Two workers per core, at most four, each with its own brokers; a file's tests stay on one
+# worker. Most tests wait on brokers, leases and timers rather than compute: with one
+# worker per core, a 2-core run kept its cores about a quarter busy, and two per core
+# took it from 9m25s to 5m10s (2026-12-08, docs/BENCHMARKS.md). TEST_WORKERS=0 runs them
+# in this process, one after another.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( 2 * n < 4 ? 2 * n : 4 )))
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 \
-	  -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+	  -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) -m tests.bench
