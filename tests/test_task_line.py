@@ -207,3 +207,24 @@ class TestPrefetchedTasks:
         # When it starts, Then its first lease heartbeat is due now, not at its deadline
         held.start(1)
         assert [h.assignment.epoch for h in held.due_beats(now + 0.01)] == [1]
+
+
+class TestHandBacks:
+    def test_tasks_are_counted_as_they_leave(self) -> None:
+        # Given two held tasks
+        held = HeldTasks()
+        now = time.time()
+        task = TaskChunk("job", 0, 1, "reduce", {"op": "sum"}, {}, "r", now + 600, now)
+        for epoch in (1, 2):
+            held.add(Assignment("gw", "car", epoch, 1, now + 30, encode(task)), task)
+        # When they are handed back, Then a reader that finds none held finds them
+        # counted, even while the nacks are still being sent (the worker's guard and a
+        # stopped kernel's thread both read and hand back)
+        with held.releasing() as items:
+            assert (len(held), held.released, held.handed_back()) == (0, 2, False)
+            assert len(items) == 2
+        assert (held.released, held.handed_back()) == (2, True)
+        # And a second hand-back with nothing held adds nothing
+        with held.releasing() as items:
+            assert items == []
+        assert held.released == 2

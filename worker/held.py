@@ -76,6 +76,9 @@ class HeldTasks:
         self._items: dict[int, Held] = {}
         self._lock = threading.Lock()
         self._releasing = 0  # hand-backs whose nacks are still being sent
+        # Tasks handed back in all, counted as they leave: a reader that sees none held
+        # sees them counted (the worker's guard and a kernel's thread both hand back).
+        self._released = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -156,12 +159,19 @@ class HeldTasks:
             items = list(self._items.values())
             self._items.clear()
             self._releasing += 1
+            self._released += len(items)
         _let_go(items)
         try:
             yield items
         finally:
             with self._lock:
                 self._releasing -= 1
+
+    @property
+    def released(self) -> int:
+        """Tasks taken out by ``releasing`` so far."""
+        with self._lock:
+            return self._released
 
     def handed_back(self) -> bool:
         """Nothing held, and every nack of a hand-back already sent."""

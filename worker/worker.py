@@ -91,7 +91,6 @@ class VehicleWorker:
         self.vehicle_id = settings.vehicle_id
         self.topics = MqttTopics(settings.namespace)
         self.backend = backend or select_backend(settings.backend)
-        self.released = 0  # tasks handed back because the owner policy stopped the car
         self.connected_at: float | None = None  # monotonic time of the latest CONNACK
         self.connections = 0  # CONNACKs so far: the first connection, then reconnections
         self.guard = (
@@ -253,6 +252,11 @@ class VehicleWorker:
         return len(self.tasks.held)
 
     @property
+    def released(self) -> int:
+        """Tasks handed back because the owner's policy stopped the car."""
+        return self.tasks.held.released
+
+    @property
     def completed(self) -> int:
         return self.tasks.completed
 
@@ -381,7 +385,6 @@ class VehicleWorker:
                 self._log.info(
                     "task_released", **task_context(item.assignment, item.task), reason=reason
                 )
-        self.released += len(held)
         if self.guard is not None and self.guard.running == 0:
             self.backend.free_memory()
 
