@@ -190,7 +190,10 @@ class TestPresignFailure:
             wait_for(lambda: running.metric(SKIPPED, reason="presign_failed") >= 1, 30, "it")
             assert running.error is None and running.thread.is_alive()
             assert not assignments(car)
-            [task] = running.gateway.ready.tasks()
+            # (read from the test's thread while the gateway's loop goes on: the metric
+            # is counted just before the task is put back, so wait for it there)
+            queued = wait_for(running.gateway.ready.tasks, 10, "the task back")
+            [task] = queued
             assert (task.failures, task.shunned_by, task.dispatches) == (0, "", 0)
             assert len(running.gateway.leases) == 0
             # When the source answers again, Then the waiting car gets the task, URLs
