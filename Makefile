@@ -51,7 +51,7 @@ demo: setup
 # Two workers per core, at most four, each with its own brokers; a file's tests stay on one
 # worker. Most tests wait on brokers, leases and timers rather than compute: with one
 # worker per core, a 2-core run kept its cores about a quarter busy, and two per core
-# took it from 9m25s to 5m10s (2026-12-08, docs/DECISIONS.md). TEST_WORKERS=0 runs them
+# took it from 9m35s to 5m12s (2026-12-08, docs/DECISIONS.md). TEST_WORKERS=0 runs them
 # in this process, one after another.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( 2 * n < 4 ? 2 * n : 4 )))
 test: setup
