@@ -39,7 +39,9 @@ def seeker(conn: KafkaConnection) -> Consumer:
 
 def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -> JobSubmitted:
     """The job's JobSubmitted record, read from the time in its id (or, for an id that
-    carries none, from the topic's start); BrokerError when it is not found in time."""
+    carries none, from the topic's start); BrokerError when it is not found in time. An
+    id submitted more than once has a record per submission: the latest is returned."""
+    deadline = time.monotonic() + timeout_s
     minted = id_time(job_id)
     since = None if minted is None else minted - ID_SLACK_S
     key = job_id.encode()
@@ -47,11 +49,10 @@ def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -
     try:
         ends = high_watermarks(consumer, [topic])
         starts = start_offsets(consumer, ends, since)
-        found = next(
-            (r for r in read_until(consumer, starts, ends, timeout_s) if r.key() == key), None
-        )
+        records = read_until(consumer, starts, ends, timeout_s)
+        found = next((r for r in records if r.key() == key), None)
         if found is not None:
-            found = _latest(consumer, found, ends, timeout_s)
+            found = _latest(consumer, found, ends, deadline)
             try:
                 return decode(found.value() or b"", JobSubmitted)
             except DecodeError as exc:
@@ -64,19 +65,27 @@ def find_job(conn: KafkaConnection, topic: str, job_id: str, timeout_s: float) -
 
 
 def _latest(
-    consumer: Consumer, first: Message, ends: dict[TopicPartition, int], timeout_s: float
+    consumer: Consumer, first: Message, ends: dict[TopicPartition, int], deadline: float
 ) -> Message:
-    """The last record with ``first``'s key: a job id submitted again (a retry, or after
-    its client was lost) has one record per submission, all in one partition (one key),
-    and a reader follows the latest. Only that partition's rest is read."""
+    """The last record up to the watermarks read at the start with ``first``'s key: a
+    job id submitted again (a retry, or after its client was lost) has a record per
+    submission, all in one partition (one key). Only the rest of that partition is read,
+    and only to where it ended when the lookup began: a busy topic never goes quiet. By
+    the deadline, the latest found so far."""
     topic, partition, offset = first.topic(), first.partition(), first.offset()
     assert topic is not None and partition is not None and offset is not None  # as read
-    tp = TopicPartition(topic, partition)
-    rest = [TopicPartition(topic, partition, offset + 1)]
+    last = ends[TopicPartition(topic, partition)] - 1  # Tansu's may be its last batch's first
     latest = first
-    for record in read_until(consumer, rest, {tp: ends[tp]}, timeout_s):
-        if record.key() == first.key():
-            latest = record
+    if offset >= last:
+        return latest
+    consumer.assign([TopicPartition(topic, partition, offset + 1)])
+    while time.monotonic() < deadline:
+        records = [r for r in _take(consumer, IDLE_S) if r.error() is None]
+        for record in records:
+            if record.key() == first.key() and (record.offset() or 0) > (latest.offset() or 0):
+                latest = record
+        if not records or any((r.offset() or 0) >= last for r in records):
+            break
     return latest
 
 

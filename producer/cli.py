@@ -353,18 +353,28 @@ def job_status(
 
 
 def _collect(records: Iterable[Message], job: JobSubmitted) -> tuple[set[int], dict[int, str]]:
+    """The job's chunks done and dead-lettered, by its latest submission's records only
+    (another submission under the id stamps its own created_at; 0: from an older writer,
+    counted)."""
     done: set[int] = set()
     dead: dict[int, str] = {}
     key = job.job_id.encode()
+
+    def ours(stamp: float) -> bool:
+        return not job.created_at or not stamp or stamp == job.created_at
+
     for record in records:
         if record.key() != key:
             continue
         try:
             if record.topic() == job.reply_topic:
-                done.add(decode(record.value() or b"", Result).chunk_id)
+                result = decode(record.value() or b"", Result)
+                if ours(result.task_created_at) and result.chunk_id < job.n_chunks:
+                    done.add(result.chunk_id)
             else:
                 letter = decode(record.value() or b"", DeadLetter)
-                dead[letter.chunk_id] = letter.reason
+                if ours(letter.task_created_at) and letter.chunk_id < job.n_chunks:
+                    dead[letter.chunk_id] = letter.reason
         except DecodeError:
             continue  # not this job's record after all, or damaged: it counts as neither
     return done, dead

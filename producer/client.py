@@ -593,6 +593,8 @@ class ParkpoolClient:
     ) -> list[TaskChunk]:
         """The job's task records, each checked against the kernel's contract."""
         kernel_spec(kernel)  # refused by name even when there are no chunks to check
+        if not chunks:
+            raise ValidationError("no_chunks", f"a {kernel} job needs at least one chunk")
         for spec in chunks:
             validate_task(kernel, spec.params, spec.inputs)
         now = time.time()
@@ -990,6 +992,8 @@ class ParkpoolClient:
         with its client, whose cars finish late): counted, never taken for this one's."""
         if handle.of_this_submission(created_at):
             return False
+        if handle.state is not JobState.RUNNING:
+            return True  # an ended job takes nothing: not worth a count per record
         self.metrics.results_refused.labels("other_submission").inc()
         log.info("other_submission_skipped", job_id=handle.job_id, created_at=created_at)
         return True

@@ -12,14 +12,19 @@ import pytest
 from confluent_kafka import Producer
 
 from parkpool.gateway.cancels import CancelledJobs
+from parkpool.producer.cli import _collect
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.producer.jobs import JobState
 from parkpool.runtime.kafka import producer_config
 from parkpool.runtime.settings import KafkaConnection, MqttConnection
 from parkpool.schemas import (
     CancelJob,
+    DeadLetter,
+    JobSubmitted,
     MqttTopics,
+    Result,
     TaskChunk,
+    ValidationError,
     VehicleState,
     VehicleStatus,
     encode,
@@ -70,6 +75,58 @@ class TestCancelledJobs:
         assert not cancelled.covers(task(900.0)) and len(cancelled) == 0
 
 
+class Record:
+    """A Kafka record as ``parkpool status`` reads one (pure logic: no broker needed)."""
+
+    def __init__(self, topic: str, job_id: str, value: bytes) -> None:
+        self._topic, self._key, self._value = topic, job_id.encode(), value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+
+class TestStatus:
+    def test_status_counts_the_latest_submissions_records_only(self) -> None:
+        # Given a job id's second submission of two chunks, one done, and late records
+        # of its first submission, of three chunks: two results and a dead letter
+        job = JobSubmitted("again", "reduce", 2, "ns.results", 2000.0, created_at=2000.0)
+
+        def result(chunk_id: int, created_at: float) -> Record:
+            r = Result(
+                "again",
+                chunk_id,
+                3 if created_at != 2000.0 else 2,
+                "car",
+                "gw",
+                1,
+                1,
+                {"value": np.array(1.0)},
+                0.1,
+                created_at + 5,
+                created_at,
+            )
+            return Record("ns.results", "again", encode(r))
+
+        letter = DeadLetter(
+            "poison", "", "ns.tasks", 0, 7, b"", 1990.0, "gw", "again", 0, task_created_at=1000.0
+        )
+        records = [
+            result(0, 2000.0),
+            result(1, 1000.0),
+            result(2, 1000.0),
+            Record("ns.deadletter", "again", encode(letter)),
+        ]
+        # When its status is read, Then only the second submission's chunk counts
+        done, dead = _collect(records, job)  # type: ignore[arg-type]
+        assert (done, dead) == ({0}, {})
+
+
 @pytest.mark.integration
 class TestSubmittedAgain:
     def test_a_lost_submissions_late_result_is_not_taken_for_the_new_ones(
@@ -116,6 +173,12 @@ class TestSubmittedAgain:
             assert (followed.state, followed.progress.done) == (JobState.DONE, 1)
             assert follower.metrics.value(REFUSED, reason="other_submission") == 1
         holder.close()
+
+    def test_a_job_of_no_chunks_is_refused_by_name(self, client: ParkpoolClient) -> None:
+        with pytest.raises(ValidationError) as refused:
+            client.publish("reduce", [])
+        assert refused.value.reason == "no_chunks" and "at least one chunk" in str(refused.value)
+        assert client.metrics.value("parkpool_sdk_jobs_refused_total", reason="no_chunks") == 1
 
     def test_a_result_that_misnames_its_submission_is_dropped_and_the_lease_kept(
         self,
