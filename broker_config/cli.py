@@ -140,7 +140,7 @@ def run_up(args: argparse.Namespace) -> int:
 
             Supervisor(brokers, on_restart=after_restart).run(stop)
             print("stopping brokers", file=sys.stderr)
-    except (ParkpoolError, ValueError) as exc:
+    except (ParkpoolError, ValueError, OSError) as exc:  # OSError: the run dir, a log file
         print(f"parkpool brokers up: {exc}", file=sys.stderr)
         return 1
     return 0

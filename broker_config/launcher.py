@@ -133,12 +133,17 @@ class EmbeddedBrokers:
         _live.add(self)
         try:
             deadline = time.monotonic() + self.start_timeout
-            self._store = self._launch(self._object_store(free_port()), deadline)
-            self._kafka = self._launch(self._tansu(free_port()), deadline)
+            # Each child is ours before it starts: one that fails to get ready (or a
+            # Ctrl-C while it does) is stopped with the rest, never left running.
+            self._store = self._object_store(free_port())
+            self._launch(self._store, deadline)
+            self._kafka = self._tansu(free_port())
+            self._launch(self._kafka, deadline)
             self._wait_kafka_api(deadline)
             if self.durable:
                 self._watch_groups()
-            self._mqtt = self._launch(self._mosquitto(free_port()), deadline)
+            self._mqtt = self._mosquitto(free_port())
+            self._launch(self._mqtt, deadline)
             for cell in range(1, self.cells):
                 broker = self._mosquitto(free_port(), cell)
                 self._more_cells.append(broker)
@@ -421,7 +426,11 @@ class EmbeddedBrokers:
         every = (*self._children(), extra)
         children = {c.name: c for c in every if c and c.popen}
         record = {n: {"pid": c.popen.pid, "argv": c.argv} for n, c in children.items() if c.popen}
-        (self.run_dir / PIDS_FILE).write_text(json.dumps(record, indent=2))
+        # Whole or not at all: a record cut by a crash would hide every stray from
+        # kill_stray, which then leaves their ports taken.
+        staged = self.run_dir / f"{PIDS_FILE}.tmp"
+        staged.write_text(json.dumps(record, indent=2))
+        os.replace(staged, self.run_dir / PIDS_FILE)
 
     @staticmethod
     def _require(child: BrokerProcess | None) -> BrokerProcess:

@@ -108,8 +108,9 @@ class BrokerProcess:
         except subprocess.TimeoutExpired:
             signal_group(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
-        finally:
-            self.popen = None
+        # Forgotten only once it is gone: a wait cut short (a second Ctrl-C, SIGTERM)
+        # leaves it for the exit-time cleanup to kill.
+        self.popen = None
 
     def failure(self, what: str) -> BrokerError:
         return BrokerError(f"{self.name} on port {self.port} {what}; log tail:\n{self.log_tail()}")
@@ -141,7 +142,7 @@ def kill_stray(run_dir: str | os.PathLike[str], grace: float = 5.0) -> list[int]
         record = json.loads(Path(run_dir, PIDS_FILE).read_text())
     except (OSError, ValueError):
         return []
-    stray = [e["pid"] for e in record.values() if is_running(e["pid"], e["argv"])]
+    stray = [pid for pid, argv in _recorded(record) if is_running(pid, argv)]
     for pid in stray:
         signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -150,6 +151,22 @@ def kill_stray(run_dir: str | os.PathLike[str], grace: float = 5.0) -> list[int]
     for pid in stray:
         signal_group(pid, signal.SIGKILL)
     return stray
+
+
+def _recorded(record: object) -> list[tuple[int, list[str]]]:
+    """The (pid, argv) entries of a pid record; anything else in it (a hand-edited or
+    foreign file) is passed over: no pid of it is ever signalled."""
+    entries = record.values() if isinstance(record, dict) else []
+    return [
+        (e["pid"], e["argv"])
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("pid"), int)
+        and e["pid"] > 0
+        and isinstance(e.get("argv"), list)
+        and e["argv"]
+        and all(isinstance(a, str) for a in e["argv"])
+    ]
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:

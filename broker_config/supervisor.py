@@ -5,7 +5,10 @@
 broker that exits (a crash, the OOM killer, a stray ``kill``) is logged, started again on
 the same port (the store over the same folder, so a durable Kafka keeps its log), and
 counted. One that keeps crashing fast is not restarted for ever: after ``max_crashes``
-exits within ``window_s`` the supervisor raises, naming it, with its log's tail.
+exits within ``window_s``, or ``max_crashes`` failed restarts in a row (one that fails
+slowly, waiting out its start timeout each time, never makes the window), the
+supervisor raises, naming it, with its log's tail. A stop asked for meanwhile is
+answered before the next restart, not after.
 """
 
 from __future__ import annotations
@@ -55,24 +58,35 @@ class Supervisor:
         self._crashes: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque
         )
+        self._failed = collections.Counter[str]()  # restarts failed since the last that worked
 
     def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
         """Check every ``interval_s`` until ``stop`` is set; raises BrokerError on giving up."""
         while not stop.wait(interval_s):
-            self.check()
+            self.check(stop)
 
-    def check(self) -> list[str]:
-        """Restart every broker that has exited, in start order; returns their names."""
+    def check(self, stop: threading.Event | None = None) -> list[str]:
+        """Restart every broker that has exited, in start order, unless ``stop`` is
+        set; returns their names."""
         restarted = []
         for name, status in self.brokers.exited().items():
+            if stop is not None and stop.is_set():
+                break  # (a signal to the whole group may be what killed it)
             self._count_crash(name, status)
             log.error("broker_died", broker=name, status=status, restarts=self.restarts[name])
             try:
                 self.brokers.revive(name)
             except BrokerError as exc:
-                # Still dead: the next check counts it again, until the limit says stop.
+                # Still dead: the next check counts it again, until a limit says stop.
                 log.warning("broker_restart_failed", broker=name, error=str(exc))
+                self._failed[name] += 1
+                if self._failed[name] >= self.max_crashes:
+                    raise BrokerError(
+                        f"{name} failed to restart {self._failed[name]} times in a row; "
+                        f"giving up. Last error: {exc}"
+                    ) from None
                 continue
+            self._failed[name] = 0
             self.restarts[name] += 1
             log.warning("broker_restarted", broker=name, restarts=self.restarts[name])
             self.on_restart(name)

@@ -437,6 +437,59 @@ class TestLifecycle:
         # Then the Tansu that did start has been stopped again
         assert children_named("tansu") == tansus_before
 
+    @pytest.mark.parametrize(
+        "record",
+        [
+            "[1, 2]",
+            '{"store": 7}',
+            '{"store": {"pid": "1"}}',
+            '{"store": {"pid": 0, "argv": ["x"]}}',
+            '{"store": {"pid": 1, "argv": "tansu"}}',
+            '{"store": {"argv": [3]}}',
+        ],
+    )
+    def test_a_pid_record_of_another_shape_is_passed_over(
+        self, tmp_path: Path, record: str
+    ) -> None:
+        # Given a pid record someone edited, or another tool's file
+        (tmp_path / PIDS_FILE).write_text(record)
+        # When a run starts there, Then nothing is signalled and nothing raises
+        assert kill_stray(tmp_path, grace=0.1) == []
+
+    def test_a_run_dir_that_cannot_be_made_is_named(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # Given a run dir path under a plain file
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        # When `parkpool brokers up` is pointed at it, Then it says why and exits 1
+        assert main(["brokers", "up", "--run-dir", str(blocker / "run")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("parkpool brokers up:") and "Traceback" not in err
+
+    def test_a_broker_not_ready_in_time_is_stopped_too(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Given brokers with no time to get ready, and a note of every process started
+        started: list[BrokerProcess] = []
+        spawn = BrokerProcess.spawn
+
+        def noted(child: BrokerProcess) -> None:
+            spawn(child)
+            started.append(child)
+
+        monkeypatch.setattr(BrokerProcess, "spawn", noted)
+        try:
+            # When they start, and the first is not ready in time
+            with pytest.raises(BrokerError, match="not ready in time"):
+                EmbeddedBrokers(run_dir=tmp_path, start_timeout=0.0).start()
+            # Then the brokers stopped it: no process they started is left
+            assert [c.name for c in started] == ["store"]
+            assert [c.name for c in started if c.popen is not None] == []
+        finally:
+            for child in started:
+                child.stop(5.0)
+
     def test_sigterm_to_a_harness_stops_its_brokers(self, tmp_path: Path) -> None:
         # Given a harness process (as make bench or make chaos) running embedded brokers
         code = (

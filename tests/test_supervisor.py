@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,39 @@ class TestSupervisor:
         with pytest.raises(BrokerError, match="store died 3 times"):
             supervisor.check()
         assert supervisor.restarts["store"] == 0
+
+    def test_restarts_that_fail_slowly_end_it_too(self) -> None:
+        # Given a Tansu whose every restart fails only after its 30 s start timeout, so
+        # that no two of its crashes fall in one 60 s window
+        brokers, clock = StubBrokers(), Clock()
+        brokers.fail_revive = True
+        supervisor = Supervisor(brokers, max_crashes=3, window_s=60, clock=clock)
+        brokers.dead = {"tansu": -9}
+        assert supervisor.check() == []
+        clock.now += 31
+        assert supervisor.check() == []
+        clock.now += 31
+        # When a third restart in a row fails, Then the supervisor gives up, naming it
+        with pytest.raises(BrokerError, match="tansu failed to restart 3 times in a row"):
+            supervisor.check()
+
+    def test_a_restart_that_works_clears_the_failures(self) -> None:
+        brokers, clock = StubBrokers(), Clock()
+        supervisor = Supervisor(brokers, max_crashes=3, window_s=60, clock=clock)
+        for fail in (True, True, False, True, True, False):
+            brokers.fail_revive = fail
+            brokers.dead = {"store": -9}
+            supervisor.check()
+            clock.now += 61
+        assert supervisor.restarts["store"] == 2
+
+    def test_nothing_is_restarted_once_a_stop_is_asked(self) -> None:
+        # Given brokers found dead just as a stop was asked (a signal to the whole group)
+        brokers, stop = StubBrokers(), threading.Event()
+        brokers.dead = {"store": -15, "tansu": -15}
+        stop.set()
+        # When the supervisor checks, Then it starts none of them again
+        assert Supervisor(brokers).check(stop) == [] and brokers.revived == []
 
 
 def read_pids(run_dir: Path) -> dict[str, int]:
