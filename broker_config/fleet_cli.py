@@ -20,7 +20,7 @@ from typing import Any
 
 from parkpool.broker_config.auth import AuthStore
 from parkpool.runtime.settings import add_option
-from parkpool.schemas.errors import ConfigError
+from parkpool.schemas.errors import BrokerError, ConfigError
 
 
 def add_parser(subparsers: Any) -> Any:
@@ -55,6 +55,7 @@ def add_parser(subparsers: Any) -> Any:
 def _store(args: argparse.Namespace) -> AuthStore:
     if not args.auth_dir:
         raise ConfigError("--auth-dir (or PARKPOOL_AUTH_DIR) is required")
+    _check_broker(args.broker_pid)  # before any credential changes
     store = AuthStore(Path(args.auth_dir)).init()
     if store.legacy_secrets is not None:
         print(
@@ -65,9 +66,29 @@ def _store(args: argparse.Namespace) -> AuthStore:
     return store
 
 
+def _check_broker(pid: int) -> None:
+    """A ``--broker-pid`` must name a running Mosquitto: SIGHUP's default action ends a
+    process, and -1 would signal every process of the user (a pid left from before a
+    supervisor restart may belong to anything now)."""
+    if not pid:
+        return
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip() if pid > 0 else ""
+    except OSError:
+        comm = ""
+    if not comm.startswith("mosquitto"):
+        raise ConfigError(f"--broker-pid {pid} is not a running Mosquitto; nothing was changed")
+
+
 def _reload(args: argparse.Namespace) -> None:
     if args.broker_pid:
-        os.kill(args.broker_pid, signal.SIGHUP)
+        try:
+            os.kill(args.broker_pid, signal.SIGHUP)
+        except OSError as exc:
+            raise BrokerError(
+                f"the credentials changed, but Mosquitto (pid {args.broker_pid}) was not "
+                f"told to reload: {exc}; send it SIGHUP"
+            ) from None
 
 
 def run_enroll(args: argparse.Namespace) -> int:

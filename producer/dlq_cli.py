@@ -73,7 +73,7 @@ def _action(
         "PARKPOOL_DLQ_IDLE_S",
         dlq.DEFAULT_IDLE_S,
         "the topic is read to its end once nothing arrives for this long",
-        float,
+        _seconds,
     )
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
     parser.set_defaults(func=run)
@@ -272,7 +272,12 @@ def original(letter: DeadLetter) -> dict[str, Any]:
 
 
 def _iso(unix: float) -> str:
-    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
+    """A record's time; one no calendar holds (a letter stamped by a broken clock, or
+    forged) is shown as the number it is, rather than ending the listing."""
+    try:
+        return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return repr(unix)
 
 
 # ---------------------------------------------------------------- text

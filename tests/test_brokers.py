@@ -47,6 +47,7 @@ from parkpool.broker_config.process import (
     kill_stray,
 )
 from parkpool.broker_config.topics import bootstrap, load_specs, with_task_partitions
+from parkpool.runtime import logs
 from parkpool.schemas.errors import BrokerError
 from parkpool.schemas.topics import KafkaTopics, MqttTopics
 
@@ -457,8 +458,9 @@ class TestLifecycle:
         assert kill_stray(tmp_path, grace=0.1) == []
 
     def test_a_run_dir_that_cannot_be_made_is_named(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        monkeypatch.setattr(logs, "configure", lambda *_a, **_k: None)  # (see test_dlq.py)
         # Given a run dir path under a plain file
         blocker = tmp_path / "file"
         blocker.write_text("")

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+
+from confluent_kafka import KafkaError, KafkaException
 
 from parkpool.app import capacity, demo, kernels_cli, keys_cli, quarantine_cli, store_cli, top
 from parkpool.broker_config import cli as brokers_cli
@@ -45,6 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except ParkpoolError as exc:
         print(f"parkpool {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KafkaException as exc:
+        # A Kafka client that refused its settings (--kafka-config) or got no answer
+        # where no role wrapped it: one line, as a BrokerError's.
+        error = exc.args[0] if exc.args else exc
+        detail = error.str() if isinstance(error, KafkaError) else str(error)
+        print(f"parkpool {args.command}: Kafka: {detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"parkpool {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Whoever read our output went away (`| head`): nothing more to say, and the
+        # exit-time flush of stdout must not raise again.
+        with contextlib.suppress(OSError, ValueError):  # (a stdout with no descriptor)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def as_dict(record: CarRecord) -> dict[str, Any]:
 
 
 def _line(row: dict[str, Any]) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["since"])) if row["since"] else "-"
+    since = _utc(row["since"]) if row["since"] else "-"
     counts = f"valid {row['valid']}, invalid {row['invalid']}, unchecked {row['unchecked']}"
     return f"{row['vehicle_id']:<24} {row['state']:<12} since {since}  {counts}"
 
@@ -144,3 +144,11 @@ def run_release(args: argparse.Namespace) -> int:
             f"{notice.generation}) and is checked closely until it earns trust"
         )
     return 0
+
+
+def _utc(unix: float) -> str:
+    """A notice's time; one no calendar holds (a broken clock's) is shown as its number."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(unix))
+    except (OverflowError, OSError, ValueError):
+        return repr(unix)
