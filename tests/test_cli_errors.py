@@ -93,3 +93,18 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
         err = proc.stderr.read().decode()
         proc.wait(60)
     assert "Traceback" not in err and proc.returncode in (0, 141)
+
+
+def test_a_key_pair_is_not_replaced_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the fleet's signing key pair
+    assert cli.main(["keys", "generate", str(tmp_path)]) == 0
+    first = (tmp_path / "task-signing.key").read_text()
+    # When the command runs again, Then it refuses, naming the file, and the key stays
+    assert cli.main(["keys", "generate", str(tmp_path)]) == 2
+    assert "task-signing.key exists" in capsys.readouterr().err
+    assert (tmp_path / "task-signing.key").read_text() == first
+    # And with --force it is replaced
+    assert cli.main(["keys", "generate", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "task-signing.key").read_text() != first
