@@ -108,3 +108,25 @@ def test_a_key_pair_is_not_replaced_unless_asked(
     # And with --force it is replaced
     assert cli.main(["keys", "generate", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "task-signing.key").read_text() != first
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "gemm", "--size", "-4"],
+        ["submit", "poly", "--coeffs", "1,a"],
+        ["submit", "poly", "--coeffs", "1,nan"],
+        ["submit", "reduce", "--timeout", "nan"],
+        ["wait", "job", "--timeout", "-1"],
+        ["status", "job", "--timeout", "inf"],
+    ],
+)
+def test_values_no_job_can_use_are_refused_by_flag(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (a nan timeout never expires: a wait on it would hang)
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[2] in err and "Traceback" not in err
