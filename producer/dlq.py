@@ -168,9 +168,9 @@ def read_records(
     """
     consumer = Consumer(reader_config(conn, **{"auto.offset.reset": "earliest"}))
     try:
-        floors = {p: _floor(consumer, topic, p) for p in _partitions(consumer, topic)}
-        consumer.assign([TopicPartition(topic, p, 0) for p in floors])
-        return _drain(consumer, floors, idle_s, stall_s)
+        bounds = {p: _bounds(consumer, topic, p) for p in _partitions(consumer, topic)}
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in bounds.items()])
+        return _drain(consumer, bounds, idle_s, stall_s)
     finally:
         consumer.close()
 
@@ -182,16 +182,22 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
     return sorted(metadata.partitions)
 
 
-def _floor(consumer: Consumer, topic: str, partition: int) -> int:
-    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-    return max(int(high), 0)
+def _bounds(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
+    """Where the partition's records begin (retention deletes from the start) and the
+    floor of where they end."""
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    return max(int(low), 0), max(int(high), 0)
 
 
 def _drain(
-    consumer: Consumer, floors: dict[int, int], idle_s: float, stall_s: float
+    consumer: Consumer, bounds: dict[int, tuple[int, int]], idle_s: float, stall_s: float
 ) -> list[RawRecord]:
+    """Read until every partition reached its floor and nothing came for ``idle_s``.
+    Counting starts where each partition's records begin: one whose records all expired
+    is caught up at once, rather than stalled waiting for offsets that are gone."""
     records: list[RawRecord] = []
-    reached = dict.fromkeys(floors, 0)
+    floors = {p: high for p, (_, high) in bounds.items()}
+    reached = {p: low for p, (low, _) in bounds.items()}
     progress_at = time.monotonic()
     while True:
         batch = consumer.consume(500, timeout=idle_s)

@@ -25,7 +25,7 @@ from parkpool.app import cli
 from parkpool.broker_config.launcher import EmbeddedBrokers
 from parkpool.producer import dlq, dlq_cli
 from parkpool.producer.client import ParkpoolClient
-from parkpool.producer.dlq import EntryState, OutcomeKind, Position
+from parkpool.producer.dlq import EntryState, OutcomeKind, Position, _drain
 from parkpool.runtime import logs
 from parkpool.runtime.kafka import producer_config
 from parkpool.runtime.sealing import BoxKey, seal_task
@@ -589,3 +589,20 @@ class TestEndToEnd:
         assert np.array_equal(result.outputs["y"], x * 2)
         # And the dead letter is no longer pending
         assert not dlq.pending(dlq.read_dead_letters(kafka_conn, namespace), job=task.job_id)
+
+
+class TestExpiredRecords:
+    """A partition whose letters all expired under retention (pure logic)."""
+
+    class Empty:
+        """A consumer with nothing more to give."""
+
+        def consume(self, _n: int, timeout: float) -> list[object]:
+            return []
+
+    def test_a_partition_whose_records_all_expired_is_caught_up(self) -> None:
+        # Given partition 0 holding nothing from offset 7 on (its first 7 deleted), and
+        # partition 1 empty
+        bounds = {0: (7, 7), 1: (0, 0)}
+        # When the topic is read, Then it is read to its end at once, not stalled
+        assert _drain(self.Empty(), bounds, idle_s=0.01, stall_s=0.2) == []  # type: ignore[arg-type]
