@@ -8,12 +8,13 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-from parkpool.app import cli, kernels_cli
+from parkpool.app import cli, kernels_cli, quarantine_cli
 from parkpool.app.quarantine_cli import _utc
 from parkpool.producer.dlq_cli import _iso
 from parkpool.runtime import logs
@@ -130,3 +131,27 @@ def test_values_no_job_can_use_are_refused_by_flag(
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert argv[2] in err and "Traceback" not in err
+
+
+class SlowReader:
+    """A reputation reader that has not reached the topic's end in the time allowed."""
+
+    def __init__(self, *_args: object) -> None:
+        self.caught_up = threading.Event()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_release_is_not_decided_on_part_of_the_fleets_records(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a reputation topic not read to its end in the time allowed
+    monkeypatch.setattr(quarantine_cli, "ReputationReader", SlowReader)
+    monkeypatch.setattr(quarantine_cli, "READ_TIMEOUT_S", 0.1)
+    # When a car is released, Then nothing is decided: not "not quarantined" (3)
+    assert cli.main(["fleet", "quarantine", "release", "car-1"]) == 2
+    assert "nothing was changed" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Any
 
 from parkpool.runtime.reputation import CarRecord, ReputationBook, ReputationReader, release
 from parkpool.runtime.settings import add_kafka_options, add_namespace_option, kafka_from_args
+from parkpool.schemas.errors import BrokerError
 from parkpool.schemas.topics import KafkaTopics
 
 NOT_FOUND = 3
@@ -45,16 +46,20 @@ def _action(actions: Any, name: str, what: str, func: Any) -> argparse.ArgumentP
     return parser
 
 
-def _book(args: argparse.Namespace) -> ReputationBook:
+def _book(args: argparse.Namespace, *, whole: bool = False) -> ReputationBook:
+    """The fleet's records as read from the topic; ``whole``: refuse to go on with less
+    than all of it (a release decided on part of it would answer "not quarantined"
+    wrongly, or write an old generation)."""
     book = ReputationBook()
     topic = KafkaTopics(args.namespace).reputation
     reader = ReputationReader(kafka_from_args(args), topic, book)
     reader.start()
     try:
         if not reader.caught_up.wait(READ_TIMEOUT_S):
-            print(
-                f"warning: {topic} not read to its end in {READ_TIMEOUT_S:.0f} s", file=sys.stderr
-            )
+            partial = f"{topic} not read to its end in {READ_TIMEOUT_S:.0f} s"
+            if whole:
+                raise BrokerError(f"{partial}; nothing was changed")
+            print(f"warning: {partial}", file=sys.stderr)
     finally:
         reader.stop()
     return book
@@ -129,7 +134,7 @@ def _user() -> str:
 
 
 def run_release(args: argparse.Namespace) -> int:
-    book = _book(args)
+    book = _book(args, whole=True)
     if not book.record(args.vehicle_id).quarantined:
         print(f"{args.vehicle_id} is not quarantined", file=sys.stderr)
         return NOT_FOUND
