@@ -42,6 +42,7 @@ ACTION_KEY = DLQ_ACTION_KEY
 DEFAULT_DEADLINE_S = 3600.0
 DEFAULT_IDLE_S = 1.0
 DELIVERY_TIMEOUT_S = 30.0
+REPORT_SLACK_S = 5.0  # for the reports of records that timed out to come
 
 RawRecord = tuple[int, int, bytes]  # partition, offset, value
 Header = tuple[str, str | bytes | None]
@@ -371,7 +372,7 @@ def _replay_tasks(
 ) -> dict[Position, Outcome]:
     if not tasks:
         return {}
-    producer = Producer(producer_config(conn))
+    producer = _producer(conn)
     sent = _send(
         producer,
         {
@@ -414,7 +415,7 @@ def purge(
     if dry_run or not chosen:
         done = {p: Outcome(p, OutcomeKind.WOULD_PURGE) for p in chosen}
     else:
-        producer = Producer(producer_config(conn))
+        producer = _producer(conn)
         noted = _note(producer, KafkaTopics(namespace), chosen, DlqActionKind.PURGED, note)
         done = {p: _purged(p, error) for p, error in noted.items()}
     return ActionReport(
@@ -456,6 +457,13 @@ def _action(action: DlqActionKind, position: Position, note: str) -> DlqAction:
     return DlqAction(action, position.partition, position.offset, time.time(), note)
 
 
+def _producer(conn: KafkaConnection) -> Producer:
+    """A producer that gives up on a record when ``_send`` stops waiting for it: by
+    librdkafka's default it would go on retrying for 5 minutes, and a replay reported
+    "not enqueued" could still land after it, unnoted, to be replayed again."""
+    return Producer(producer_config(conn, **{"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)}))
+
+
 def _send(producer: Producer, outgoing: dict[Position, Outgoing]) -> dict[Position, str | None]:
     """Produce each record and wait for its delivery report: None, or the error."""
     errors: dict[Position, str | None] = dict.fromkeys(outgoing, "not confirmed in time")
@@ -470,5 +478,6 @@ def _send(producer: Producer, outgoing: dict[Position, Outgoing]) -> dict[Positi
         refused = produce(producer, topic, value, key, reporter(position), headers)
         if refused is not None:  # too large, say: that entry fails, the others go on
             errors[position] = str(refused)
-    producer.flush(DELIVERY_TIMEOUT_S)
+    # Past its message timeout every record has its report: delivered, or failed.
+    producer.flush(DELIVERY_TIMEOUT_S + REPORT_SLACK_S)
     return errors
