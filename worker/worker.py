@@ -57,6 +57,8 @@ from parkpool.worker.tasks import TaskLine
 __all__ = ["VehicleWorker", "WorkerSettings"]
 
 log = logs.get_logger("parkpool.worker")
+# How long a suspension's status waits for hand-backs another thread is still sending.
+HAND_BACK_WAIT_S = 1.0
 
 
 _STATE_OF_MODE = {
@@ -366,6 +368,7 @@ class VehicleWorker:
             return  # start() announces the first decision itself
         if decision.mode is Mode.SUSPEND:
             self._release_all(decision.reason)
+            self._await_hand_backs()
         self._announce()
         if decision.runs:
             self.pull(refresh=True)
@@ -375,6 +378,15 @@ class VehicleWorker:
         if state.next_departure != self._departure:
             self._departure = state.next_departure
             self.pull(refresh=True)
+
+    def _await_hand_backs(self) -> None:
+        """A stopped kernel's thread may be sending the nacks of tasks it took first:
+        the status waits for them (briefly), or the gateway would hear the car is
+        suspended first and take the tasks back as from a car gone offline, dropping
+        their nacks as stale."""
+        deadline = time.monotonic() + HAND_BACK_WAIT_S
+        while not self.tasks.held.handed_back() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _release_all(self, reason: str) -> None:
         """Nack every held task at once, so the gateway redispatches without waiting."""
