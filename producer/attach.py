@@ -70,23 +70,37 @@ def _latest(
     """The last record up to the watermarks read at the start with ``first``'s key: a
     job id submitted again (a retry, or after its client was lost) has a record per
     submission, all in one partition (one key). Only the rest of that partition is read,
-    and only to where it ended when the lookup began: a busy topic never goes quiet. By
-    the deadline, the latest found so far."""
+    and only to where it ended when the lookup began: a busy topic never goes quiet.
+    BrokerError if that is not reached by the deadline."""
     topic, partition, offset = first.topic(), first.partition(), first.offset()
     assert topic is not None and partition is not None and offset is not None  # as read
     last = ends[TopicPartition(topic, partition)] - 1  # Tansu's may be its last batch's first
     latest = first
     if offset >= last:
         return latest
-    consumer.assign([TopicPartition(topic, partition, offset + 1)])
+    tp = TopicPartition(topic, partition, offset + 1)
+    consumer.assign([tp])
     while time.monotonic() < deadline:
         records = [r for r in _take(consumer, IDLE_S) if r.error() is None]
         for record in records:
             if record.key() == first.key() and (record.offset() or 0) > (latest.offset() or 0):
                 latest = record
-        if not records or any((r.offset() or 0) >= last for r in records):
-            break
-    return latest
+        if any((r.offset() or 0) >= last for r in records) or _past(consumer, tp, last):
+            return latest
+    # An older submission's record must not be taken for the latest: its reader would
+    # skip every result of the submission that runs.
+    detail = f"{topic} [{partition}] not read to offset {last} in time"
+    raise BrokerError(f"cannot tell whether {first.key()!r} was submitted again: {detail}")
+
+
+def _past(consumer: Consumer, tp: TopicPartition, last: int) -> bool:
+    """Whether the reader's position is past ``last`` (records compacted or deleted on
+    the way leave nothing to see at that offset)."""
+    try:
+        [where] = consumer.position([TopicPartition(tp.topic, tp.partition)])
+    except KafkaException:
+        return False
+    return bool(where.offset > last)
 
 
 def job_starts(conn: KafkaConnection, topics: list[str], since: float) -> list[TopicPartition]:

@@ -37,6 +37,8 @@ from parkpool.runtime.settings import (
     add_option,
     add_store_options,
     kafka_from_args,
+    positive_int,
+    positive_seconds,
     store_from_args,
 )
 from parkpool.schemas import (
@@ -50,27 +52,6 @@ from parkpool.schemas import (
     decode,
 )
 from parkpool.schemas.reputation import Level
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A finite, positive time: nan would never expire, and a wait would hang."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
 
 
 def _coefficients(text: str) -> str:
@@ -87,16 +68,18 @@ def add_parser(subparsers: Any) -> None:
     submit = subparsers.add_parser("submit", help="submit a job and follow it to the end")
     _connection(submit)
     submit.add_argument("kernel", choices=kernel_catalog.names())
-    submit.add_argument("--size", type=_positive, default=1024, help="matrix side or array length")
-    submit.add_argument("--tile", type=_positive, default=256, help="gemm tile side")
+    submit.add_argument(
+        "--size", type=positive_int, default=1024, help="matrix side or array length"
+    )
+    submit.add_argument("--tile", type=positive_int, default=256, help="gemm tile side")
     submit.add_argument(
         "--k-tile",
-        type=_positive,
+        type=positive_int,
         default=256,
         help="gemm chunk depth (256 x 256 blocks of both operands make 512 KiB chunks)",
     )
     submit.add_argument(
-        "--samples", type=_positive, default=10_000_000, help="monte_carlo_pi samples"
+        "--samples", type=positive_int, default=10_000_000, help="monte_carlo_pi samples"
     )
     submit.add_argument(
         "--chunk", type=int, default=0, help="elements/samples per chunk (0: the kernel's default)"
@@ -107,7 +90,7 @@ def add_parser(subparsers: Any) -> None:
     submit.add_argument("--op", default="sum", help="reduce operation")
     submit.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     _own_data(submit)
-    submit.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait")
+    submit.add_argument("--timeout", type=positive_seconds, default=600.0, help="seconds to wait")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
     submit.add_argument(
         "--json",
@@ -144,14 +127,16 @@ def add_parser(subparsers: Any) -> None:
     status = subparsers.add_parser("status", help="report a job's progress from the topics")
     _connection(status)
     status.add_argument("job_id")
-    status.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to find the job")
+    status.add_argument(
+        "--timeout", type=positive_seconds, default=60.0, help="seconds to find the job"
+    )
     status.set_defaults(func=run_status)
     wait = subparsers.add_parser(
         "wait", help="follow a job submitted elsewhere (or earlier) by its id, to its end"
     )
     _connection(wait)
     wait.add_argument("job_id")
-    wait.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait")
+    wait.add_argument("--timeout", type=positive_seconds, default=600.0, help="seconds to wait")
     wait.set_defaults(func=run_wait)
     for command in (status, wait):
         command.add_argument(

@@ -25,6 +25,7 @@ from parkpool.runtime.settings import (
     add_option,
     add_store_options,
     kafka_from_args,
+    positive_seconds,
     store_from_args,
 )
 from parkpool.schemas import DeadLetter, TaskChunk
@@ -56,7 +57,10 @@ def add_parser(subparsers: Any) -> None:
         act.add_argument("--note", default="", help="why, recorded with the action")
     replay_parser = actions.choices["replay"]
     replay_parser.add_argument(
-        "--deadline-s", type=_seconds, default=dlq.DEFAULT_DEADLINE_S, help="new deadline from now"
+        "--deadline-s",
+        type=positive_seconds,
+        default=dlq.DEFAULT_DEADLINE_S,
+        help="new deadline from now",
     )
 
 
@@ -73,7 +77,7 @@ def _action(
         "PARKPOOL_DLQ_IDLE_S",
         dlq.DEFAULT_IDLE_S,
         "the topic is read to its end once nothing arrives for this long",
-        _seconds,
+        positive_seconds,
     )
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
     parser.set_defaults(func=run)
@@ -83,16 +87,6 @@ def _action(
 def _filters(parser: argparse.ArgumentParser, suffix: str = "") -> None:
     parser.add_argument("--reason", help=f"only this reason{suffix}")
     parser.add_argument("--job", help=f"only this job id{suffix}")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
 
 
 def _position(text: str) -> Position:

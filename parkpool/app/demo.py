@@ -25,7 +25,12 @@ from parkpool.producer.cli import follow
 from parkpool.producer.client import ParkpoolClient, ProducerSettings
 from parkpool.runtime import logs
 from parkpool.runtime.sealing import generate_box_key
-from parkpool.runtime.settings import KafkaConnection, StoreConnection
+from parkpool.runtime.settings import (
+    KafkaConnection,
+    StoreConnection,
+    positive_int,
+    positive_seconds,
+)
 from parkpool.runtime.signals import exit_on_sigterm
 from parkpool.runtime.signing import generate
 
@@ -33,13 +38,15 @@ NAMESPACE = "demo"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, default=2048, help="side of the square matrices")
-    p.add_argument("--tile", type=int, default=256, help="side of an output tile")
+    p.add_argument("--size", type=positive_int, default=2048, help="side of the square matrices")
+    p.add_argument("--tile", type=positive_int, default=256, help="side of an output tile")
     # Each chunk carries a tile x k_tile block of both operands: 2 x 256 x 256 float32 is
     # 512 KiB, inside Apache Kafka's default 1 MiB record (docs/ARCHITECTURE.md).
-    p.add_argument("--k-tile", type=int, default=256, help="depth of one chunk's product")
-    p.add_argument("--vehicles", type=int, default=16, help="simulated vehicles")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
+    p.add_argument("--k-tile", type=positive_int, default=256, help="depth of one chunk's product")
+    p.add_argument("--vehicles", type=positive_int, default=16, help="simulated vehicles")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=600.0, help="seconds to wait for the job"
+    )
     p.add_argument("--plain", action="store_true", help="submit the job unsealed, to compare")
     p.add_argument("--run-dir", type=Path, default=Path(".run/demo"), help="logs and keys")
 

@@ -36,8 +36,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     name = args.name or ("gateway-box" if args.box else "task-signing")
-    _refuse_to_replace(args.directory, name, args.force)
     try:
+        _refuse_to_replace(args.directory, name, args.force)
         if args.box:
             private, public = generate_box_key(args.directory, name)
             uses = ("gateways: --box-key", "producers: --gateway-box-key")

@@ -19,11 +19,18 @@ def write_key_pair(directory: Path, name: str, private: bytes, public: bytes) ->
     """``NAME.key`` (the private bytes in hex, mode 0600) and ``NAME.pub`` beside it."""
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Both halves are written aside, then moved in: a failure between them (a full
+    # disk) must not leave a new private key beside the old public one.
+    staged_private, staged_public = (
+        p.with_name(f".{p.name}.new") for p in (private_path, public_path)
+    )
+    fd = os.open(staged_private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # the mode above applies to a new file only, not one replaced
     with os.fdopen(fd, "w") as out:
         out.write(private.hex() + "\n")
-    public_path.write_text(public.hex() + "\n")
+    staged_public.write_text(public.hex() + "\n")
+    os.replace(staged_public, public_path)
+    os.replace(staged_private, private_path)
     return private_path, public_path
 
 

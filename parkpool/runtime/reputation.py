@@ -163,13 +163,17 @@ class ReputationReader(threading.Thread):
                 f"topic {self.topic} does not exist; run `parkpool brokers bootstrap`"
             )
         ends: dict[int, int] = {}
+        starts: dict[int, int] = {}
         for partition in metadata.partitions:
-            _low, high = self.consumer.get_watermark_offsets(
+            low, high = self.consumer.get_watermark_offsets(
                 TopicPartition(self.topic, partition), timeout=10
             )
-            if high > 0:
+            # From where its records begin: a partition whose start was deleted would put
+            # offset 0 out of range, and the reader past the end, never caught up.
+            starts[partition] = max(low, 0)
+            if high > starts[partition]:
                 ends[partition] = high
-        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in metadata.partitions])
+        self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in starts.items()])
         if not ends:
             self.caught_up.set()
         return ends
