@@ -24,6 +24,7 @@ from parkpool.runtime.settings import (
     add_namespace_option,
     add_option,
     boolean,
+    positive_int,
 )
 from parkpool.runtime.signals import stop_event
 from parkpool.schemas.errors import BrokerError, ParkpoolError
@@ -102,18 +103,8 @@ def _add_topic_options(parser: argparse.ArgumentParser) -> None:
         "PARKPOOL_TASK_PARTITIONS",
         None,
         _TASK_PARTITIONS_HELP,
-        _partition_count,
+        positive_int,
     )
-
-
-def _partition_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a partition count (1 or more)")
-    return value
 
 
 def _specs(args: argparse.Namespace) -> tuple[TopicSpec, ...]:
