@@ -43,6 +43,7 @@ DEFAULT_DEADLINE_S = 3600.0
 DEFAULT_IDLE_S = 1.0
 DELIVERY_TIMEOUT_S = 30.0
 REPORT_SLACK_S = 5.0  # for the reports of records that timed out to come
+NOT_CONFIRMED = "not confirmed in time"
 
 RawRecord = tuple[int, int, bytes]  # partition, offset, value
 Header = tuple[str, str | bytes | None]
@@ -384,7 +385,12 @@ def _replay_tasks(
     noted = _note(producer, topics, enqueued, DlqActionKind.REPLAYED, note)
     outcomes: dict[Position, Outcome] = {}
     for p, task in tasks.items():
-        if sent[p] is not None:
+        if sent[p] is not None and _unsure(sent[p]):
+            # Sent, and never confirmed either way: Kafka may hold it. A second replay
+            # costs a car a redo at most; the caller sees each chunk once.
+            detail = f"task maybe enqueued, not confirmed ({sent[p]}): see the job before replaying"
+            outcomes[p] = Outcome(p, OutcomeKind.FAILED, detail)
+        elif sent[p] is not None:
             outcomes[p] = Outcome(p, OutcomeKind.FAILED, f"task not enqueued: {sent[p]}")
         elif noted[p] is not None:
             detail = f"task enqueued, but the note was not written ({noted[p]}): replays again"
@@ -393,6 +399,12 @@ def _replay_tasks(
             log.info("dlq_replayed", partition=p.partition, offset=p.offset, job_id=task.job_id)
             outcomes[p] = Outcome(p, OutcomeKind.REPLAYED, _task_text(task))
     return outcomes
+
+
+def _unsure(error: str | None) -> bool:
+    """A delivery that timed out (or whose report never came) may still have been
+    written; any other failure was refused."""
+    return error is not None and (error == NOT_CONFIRMED or "_MSG_TIMED_OUT" in error)
 
 
 def _task_text(task: TaskChunk) -> str:
@@ -466,7 +478,7 @@ def _producer(conn: KafkaConnection) -> Producer:
 
 def _send(producer: Producer, outgoing: dict[Position, Outgoing]) -> dict[Position, str | None]:
     """Produce each record and wait for its delivery report: None, or the error."""
-    errors: dict[Position, str | None] = dict.fromkeys(outgoing, "not confirmed in time")
+    errors: dict[Position, str | None] = dict.fromkeys(outgoing, NOT_CONFIRMED)
 
     def reporter(position: Position) -> Callable[[KafkaError | None, Message], None]:
         def report(err: KafkaError | None, _msg: Message) -> None:

@@ -606,3 +606,13 @@ class TestExpiredRecords:
         bounds = {0: (7, 7), 1: (0, 0)}
         # When the topic is read, Then it is read to its end at once, not stalled
         assert _drain(self.Empty(), bounds, idle_s=0.01, stall_s=0.2) == []  # type: ignore[arg-type]
+
+
+class TestUnsureDeliveries:
+    """Which failed replays may still have reached Kafka (pure logic)."""
+
+    def test_a_timed_out_or_unreported_delivery_is_called_unsure(self) -> None:
+        timed_out = 'KafkaError{code=_MSG_TIMED_OUT,val=-192,str="Local: Message timed out"}'
+        assert dlq._unsure(timed_out) and dlq._unsure(dlq.NOT_CONFIRMED)
+        refused = 'KafkaError{code=MSG_SIZE_TOO_LARGE,val=10,str="Broker: Message too large"}'
+        assert not dlq._unsure(refused) and not dlq._unsure(None)
