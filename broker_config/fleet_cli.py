@@ -115,9 +115,10 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     existed = _store(args).revoke(args.identity)
-    _reload(args)
+    # Said before the reload, as enroll does: the revocation stands even if that fails.
     if args.json:
-        print(json.dumps({"identity": args.identity, "revoked": existed}))
+        print(json.dumps({"identity": args.identity, "revoked": existed}), flush=True)
     elif not existed:
-        print(f"{args.identity} was not enrolled")
+        print(f"{args.identity} was not enrolled", flush=True)
+    _reload(args)
     return 0 if existed else 1
