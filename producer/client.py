@@ -995,7 +995,7 @@ class ParkpoolClient:
         if handle.state is not JobState.RUNNING:
             return True  # an ended job takes nothing: not worth a count per record
         self.metrics.results_refused.labels("other_submission").inc()
-        log.info("other_submission_skipped", job_id=handle.job_id, created_at=created_at)
+        log.debug("other_submission_skipped", job_id=handle.job_id, created_at=created_at)
         return True
 
     def _wanted(self, handle: JobHandle[Any], result: Result) -> bool:
