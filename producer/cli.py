@@ -50,6 +50,7 @@ from parkpool.schemas import (
     KafkaTopics,
     Result,
     decode,
+    same_submission,
 )
 from parkpool.schemas.reputation import Level
 
@@ -380,21 +381,23 @@ def _collect(records: Iterable[Message], job: JobSubmitted) -> tuple[set[int], d
     done: set[int] = set()
     dead: dict[int, str] = {}
     key = job.job_id.encode()
-
-    def ours(stamp: float) -> bool:
-        return not job.created_at or not stamp or stamp == job.created_at
-
     for record in records:
         if record.key() != key:
             continue
         try:
             if record.topic() == job.reply_topic:
                 result = decode(record.value() or b"", Result)
-                if ours(result.task_created_at) and result.chunk_id < job.n_chunks:
+                if (
+                    same_submission(job.created_at, result.task_created_at)
+                    and result.chunk_id < job.n_chunks
+                ):
                     done.add(result.chunk_id)
             else:
                 letter = decode(record.value() or b"", DeadLetter)
-                if ours(letter.task_created_at) and letter.chunk_id < job.n_chunks:
+                if (
+                    same_submission(job.created_at, letter.task_created_at)
+                    and letter.chunk_id < job.n_chunks
+                ):
                     dead[letter.chunk_id] = letter.reason
         except DecodeError:
             continue  # not this job's record after all, or damaged: it counts as neither

@@ -970,7 +970,7 @@ class ParkpoolClient:
         with self._refusing(key, record.topic()):
             if record.topic() != self.reply_topic:
                 letter = decode(record.value() or b"", DeadLetter)
-                if letter.task_created_at and self._elsewhere(handle, letter.task_created_at):
+                if self._elsewhere(handle, letter.task_created_at):
                     return
                 handle.dead_lettered(letter)
                 if self._checks is not None:

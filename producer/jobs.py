@@ -17,7 +17,7 @@ import numpy as np
 from parkpool.producer.plans import Assembler
 from parkpool.producer.streams import ChunkStream, ProgressStream, awaitable
 from parkpool.runtime import logs
-from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError
+from parkpool.schemas import DeadLetter, ParkpoolError, Result, ValidationError, same_submission
 from parkpool.schemas.reputation import Level
 
 log = logs.get_logger("parkpool.producer")
@@ -346,7 +346,7 @@ class JobHandle(Generic[R]):
         """Whether a result or letter stamped ``created_at`` is of this submission, not
         of another one under the same job id (an old one's late results would otherwise
         be taken for this one's, inputs and all)."""
-        return not self.created_at or created_at == self.created_at
+        return same_submission(self.created_at, created_at)
 
     def awaits(self, chunk_id: int) -> bool:
         """Whether a result for this chunk would still count (running, not yet seen)."""

@@ -38,6 +38,7 @@ from parkpool.schemas.messages import (
     TaskChunk,
     VehicleState,
     VehicleStatus,
+    same_submission,
 )
 from parkpool.schemas.topics import DEFAULT_NAMESPACE, KafkaTopics, MqttTopics
 
@@ -82,4 +83,5 @@ __all__ = [
     "decode",
     "encode",
     "peek_type",
+    "same_submission",
 ]

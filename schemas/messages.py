@@ -716,6 +716,13 @@ class JobSubmitted:
         require_float("created_at", self.created_at)
 
 
+def same_submission(mark: float, stamp: float) -> bool:
+    """Whether a record stamped ``stamp`` (a result's or letter's task_created_at) is of
+    the submission whose tasks' created_at is ``mark``. Either 0 (an older writer's, or
+    a letter for a record that did not decode) says nothing, and counts as the same."""
+    return not mark or not stamp or stamp == mark
+
+
 class DlqActionKind(enum.StrEnum):
     REPLAYED = "replayed"
     PURGED = "purged"

@@ -28,6 +28,7 @@ from parkpool.schemas import (
     VehicleState,
     VehicleStatus,
     encode,
+    same_submission,
 )
 from parkpool.schemas.reputation import Level
 from parkpool.worker.fleet import Fleet
@@ -41,6 +42,12 @@ REFUSED = "parkpool_sdk_results_refused_total"
 
 def task(created_at: float, job_id: str = "job") -> TaskChunk:
     return TaskChunk(job_id, 0, 1, "reduce", {"op": "sum"}, {}, "ns.results", 2e9, created_at)
+
+
+def test_a_stamp_of_0_says_nothing_about_the_submission() -> None:
+    assert same_submission(900.0, 900.0) and not same_submission(900.0, 950.0)
+    # An older writer's job (no mark), or a letter for a record that did not decode
+    assert same_submission(0.0, 950.0) and same_submission(900.0, 0.0)
 
 
 class TestCancelledJobs:
